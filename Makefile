@@ -1,0 +1,36 @@
+# The README's first two commands: `make demo` and `make test`. Both install what they need through `make setup`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.setup-done
+
+.PHONY: setup test test-fast lint demo bench upload clean
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): pyproject.toml scripts/setup-dev.sh bootstrap/install-criu.sh
+	bash scripts/setup-dev.sh
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not slurm" tests
+
+lint: setup
+	$(VENV)/bin/ruff check ckpt_agent tests bench
+	shellcheck bootstrap/*.sh scripts/*.sh .ci/run
+
+demo: setup
+	$(PY) -m ckpt_agent.demo
+
+bench: setup
+	$(PY) bench/checkpoint_bench.py
+
+upload: setup
+	@test -n "$(SITE)" || { echo "usage: make upload SITE=cluster-configs/site.yaml" >&2; exit 2; }
+	$(VENV)/bin/ckpt upload $(SITE)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,288 @@
+"""Capture and put back the files a checkpointed tool depends on: its working directory, extra configured paths,
+and every regular file it has open for writing, all while the tool is stopped so files and memory agree.
+
+CRIU records only the path, size and position of open files; on restore it refuses a file whose size changed
+("has bad size") or, worse, resumes against a file that already holds the future. Capturing the files with the
+images and putting them back before the restore removes both problems, and brings back a node-local scratch
+directory that no longer exists on the new machine.
+
+Unchanged files are not read again: a file whose inode, size, mtime and ctime match the previous checkpoint reuses
+its chunk list, so a large working directory costs little after the first checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from .chunkstore import ChunkRef, ChunkStore, WriteStats, restore_file, store_file
+
+log = logging.getLogger(__name__)
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+
+
+def ns_pids(init_pid: int) -> List[int]:
+    """Host pids of every process in the PID namespace whose init is `init_pid`."""
+    try:
+        ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError:
+        return []
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{name}/ns/pid") == ns:
+                pids.append(int(name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def tree_rss_bytes(pids: Iterable[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def open_writable_files(pids: Iterable[int]) -> Set[str]:
+    """Paths of regular files any of the processes has open for writing or mapped shared-writable."""
+    found: Set[str] = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+                if not target.startswith("/") or target.endswith(" (deleted)"):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                    flags = next((int(line.split()[1], 8) for line in fh if line.startswith("flags:")), 0)
+                if flags & _WRITE_FLAGS and stat.S_ISREG(os.stat(target).st_mode):
+                    found.add(target)
+            except (OSError, ValueError):
+                continue
+        try:
+            with open(f"/proc/{pid}/maps") as fh:
+                for line in fh:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6 and parts[1][1] == "w" and parts[1][3] == "s" and parts[5].startswith("/"):
+                        path = parts[5].strip()
+                        if not path.endswith(" (deleted)") and os.path.isfile(path):
+                            found.add(path)
+        except OSError:
+            continue
+    return found
+
+
+@dataclass
+class FileEntry:
+    path: str
+    kind: str  # "dir" | "file" | "symlink"
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int = 0
+    ino: int = 0
+    ctime_ns: int = 0
+    target: str = ""
+    chunks: Optional[List[ChunkRef]] = None
+
+    def to_json(self) -> dict:
+        d = {
+            "path": self.path, "kind": self.kind, "mode": self.mode, "uid": self.uid, "gid": self.gid,
+            "mtime_ns": self.mtime_ns,
+        }
+        if self.kind == "file":
+            d.update(size=self.size, ino=self.ino, ctime_ns=self.ctime_ns, chunks=[c.to_json() for c in self.chunks or []])
+        if self.kind == "symlink":
+            d["target"] = self.target
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FileEntry":
+        return cls(
+            path=d["path"], kind=d["kind"], mode=d["mode"], uid=d["uid"], gid=d["gid"], mtime_ns=d["mtime_ns"],
+            size=d.get("size", 0), ino=d.get("ino", 0), ctime_ns=d.get("ctime_ns", 0), target=d.get("target", ""),
+            chunks=[ChunkRef.from_json(c) for c in d.get("chunks", [])] if d["kind"] == "file" else None,
+        )
+
+
+def _excluded(path: str, exclude: Set[str]) -> bool:
+    return any(path == e or path.startswith(e.rstrip("/") + "/") for e in exclude)
+
+
+def _walk(root: str, exclude: Set[str]) -> Iterable[Tuple[str, os.stat_result]]:
+    """Every entry below root (root included), without following symbolic links."""
+    try:
+        st = os.lstat(root)
+    except OSError:
+        return
+    yield root, st
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            log.warning("cannot read directory %s: %s", d, e.strerror)
+            continue
+        for e in entries:
+            if _excluded(e.path, exclude):
+                continue
+            try:
+                est = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            yield e.path, est
+            if stat.S_ISDIR(est.st_mode):
+                stack.append(e.path)
+
+
+def capture(
+    chunks: ChunkStore,
+    pool: concurrent.futures.Executor,
+    roots: Iterable[str],
+    open_files: Iterable[str],
+    exclude: Set[str],
+    previous: Optional[Dict[str, FileEntry]] = None,
+) -> Tuple[List[FileEntry], WriteStats]:
+    previous = previous or {}
+    stats = WriteStats()
+    seen: Dict[str, FileEntry] = {}
+    items: List[Tuple[str, os.stat_result]] = []
+    for root in roots:
+        items.extend(_walk(os.path.abspath(root), exclude))
+    for path in sorted(set(open_files)):
+        if path in seen or _excluded(path, exclude):
+            continue
+        # parents first, so a restore can recreate a vanished scratch directory with its modes
+        parent = os.path.dirname(path)
+        chain = []
+        while parent and parent != "/":
+            chain.append(parent)
+            parent = os.path.dirname(parent)
+        for p in reversed(chain):
+            try:
+                items.append((p, os.lstat(p)))
+            except OSError:
+                pass
+        try:
+            items.append((path, os.lstat(path)))
+        except OSError:
+            continue
+    for path, st in items:
+        if path in seen:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        base = dict(path=path, mode=mode, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
+        if stat.S_ISDIR(st.st_mode):
+            seen[path] = FileEntry(kind="dir", **base)
+        elif stat.S_ISLNK(st.st_mode):
+            try:
+                seen[path] = FileEntry(kind="symlink", target=os.readlink(path), **base)
+            except OSError:
+                continue
+        elif stat.S_ISREG(st.st_mode):
+            prev = previous.get(path)
+            if (
+                prev is not None and prev.kind == "file" and prev.chunks is not None and prev.ino == st.st_ino
+                and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns and prev.ctime_ns == st.st_ctime_ns
+                and all(c.digest in chunks.known for c in prev.chunks)
+            ):
+                refs = prev.chunks
+                stats.bytes_in += prev.size
+                stats.chunks_reused += len(refs)
+            else:
+                try:
+                    refs, fstats, _ = store_file(chunks, path, pool)
+                except OSError as e:
+                    log.warning("cannot capture %s: %s", path, e.strerror)
+                    continue
+                stats.add(fstats)
+            seen[path] = FileEntry(
+                kind="file", size=st.st_size, ino=st.st_ino, ctime_ns=st.st_ctime_ns, chunks=refs, **base
+            )
+        # sockets, fifos and devices are recreated by CRIU or belong to the system: not captured
+    return list(seen.values()), stats
+
+
+def restore_files(
+    chunks: ChunkStore,
+    pool: concurrent.futures.Executor,
+    entries: Iterable[FileEntry],
+    set_owner: bool,
+) -> Tuple[int, int]:
+    """Put captured files back where they differ from the checkpoint; return (files written, files unchanged).
+
+    A file whose size and mtime equal the recorded ones is taken as unchanged (what rsync does); every other file
+    is rewritten from verified chunks, so the tool resumes against exactly the state it was checkpointed with.
+    """
+    entries = list(entries)
+    written = unchanged = 0
+    for e in sorted((e for e in entries if e.kind == "dir"), key=lambda e: e.path.count("/")):
+        if not os.path.isdir(e.path) or os.path.islink(e.path):
+            if os.path.lexists(e.path):
+                os.unlink(e.path)
+            os.makedirs(e.path, exist_ok=True)
+            os.chmod(e.path, e.mode)
+            if set_owner:
+                os.lchown(e.path, e.uid, e.gid)
+    for e in entries:
+        if e.kind == "file":
+            try:
+                st = os.lstat(e.path)
+                if stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
+                    unchanged += 1
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(e.path)
+            except FileNotFoundError:
+                pass
+            os.makedirs(os.path.dirname(e.path), exist_ok=True)
+            restore_file(chunks, e.chunks or [], e.path, pool, mode=e.mode, where=e.path)
+            os.chmod(e.path, e.mode)
+            if set_owner:
+                os.lchown(e.path, e.uid, e.gid)
+            os.utime(e.path, ns=(e.mtime_ns, e.mtime_ns))
+            written += 1
+        elif e.kind == "symlink":
+            try:
+                if os.readlink(e.path) == e.target:
+                    continue
+                os.unlink(e.path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if os.path.isdir(e.path) and not os.path.islink(e.path):
+                    continue
+                os.unlink(e.path)
+            os.symlink(e.target, e.path)
+            if set_owner:
+                os.lchown(e.path, e.uid, e.gid)
+    for e in entries:
+        if e.kind == "dir":
+            try:
+                os.utime(e.path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+            except OSError:
+                pass
+    return written, unchanged

@@ -1,0 +1,275 @@
+"""Content-addressed chunk storage inside one job directory of the checkpoint store.
+
+A chunk is up to CHUNK_BYTES of a file (a CRIU image or a captured file), named by the sha256 of its raw bytes and
+stored once per job under `chunks/<first two hex digits>/<sha256>` (raw) or `<sha256>.zst` (zstd-compressed, used
+only where compression saves space). A checkpoint writes only chunks the job has not stored before, which is what
+makes checkpoints incremental on every kernel (CRIU's own pre-dump needs soft-dirty tracking, which many kernels,
+this project's CI machine and all arm64 among them, lack).
+
+Chunk files appear under their final name only once complete (written to a temporary name, then renamed), so a
+crash never leaves a truncated chunk that a later checkpoint would reuse. Durability comes from one syncfs() of the
+store's file system before the manifest is committed, instead of one fsync per chunk.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import zstandard
+
+from .errors import DamagedCheckpointError, StoreError
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20  # 1 MiB: small enough that a local change rewrites little, large enough to keep file counts sane
+ZSTD_LEVEL = 1  # level 1 compresses netlist-like memory ~3x at the highest speed (field notes, section 4)
+COMPRESS_PROBE_BYTES = 64 << 10  # try compressing this much first; random data is stored raw without more effort
+COMPRESS_MIN_SAVING = 0.10  # store compressed only when it saves at least 10%
+WORKERS = max(2, min(8, os.cpu_count() or 2))
+ZERO_CHUNK_DIGEST = hashlib.sha256(bytes(CHUNK_BYTES)).hexdigest()
+
+CODEC_RAW = "r"
+CODEC_ZSTD = "z"
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    digest: str
+    size: int
+    codec: str
+
+    def to_json(self) -> list:
+        return [self.digest, self.size, self.codec]
+
+    @classmethod
+    def from_json(cls, value: Sequence) -> "ChunkRef":
+        digest, size, codec = value
+        return cls(str(digest), int(size), str(codec))
+
+
+@dataclass
+class WriteStats:
+    bytes_in: int = 0  # raw bytes looked at
+    bytes_new: int = 0  # raw bytes of chunks this job had not stored before
+    bytes_written: int = 0  # bytes actually written (after compression)
+    chunks_new: int = 0
+    chunks_reused: int = 0
+
+    def add(self, other: "WriteStats") -> None:
+        self.bytes_in += other.bytes_in
+        self.bytes_new += other.bytes_new
+        self.bytes_written += other.bytes_written
+        self.chunks_new += other.chunks_new
+        self.chunks_reused += other.chunks_reused
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: str) -> None:
+    """Flush the whole file system holding `path` (one call instead of an fsync per chunk file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise StoreError(f"{path}: syncfs failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class ChunkStore:
+    """The chunks of one job: `known` maps digests already stored (from kept manifests) to their codec."""
+
+    def __init__(self, root: str, compression: str = "zstd", known: Optional[Dict[str, str]] = None):
+        self.root = root
+        self.compress = compression == "zstd"
+        self.known: Dict[str, str] = dict(known or {})
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def path(self, ref: ChunkRef) -> str:
+        name = ref.digest + (".zst" if ref.codec == CODEC_ZSTD else "")
+        return os.path.join(self.root, ref.digest[:2], name)
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "cctx", None)
+        if c is None:
+            c = self._local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        return c
+
+    def _encode(self, data: bytes) -> Tuple[bytes, str]:
+        if not self.compress or len(data) < 512:
+            return data, CODEC_RAW
+        cctx = self._compressor()
+        probe = data[:COMPRESS_PROBE_BYTES]
+        if len(probe) == COMPRESS_PROBE_BYTES and len(cctx.compress(probe)) > len(probe) * (1 - COMPRESS_MIN_SAVING):
+            return data, CODEC_RAW
+        packed = cctx.compress(data)
+        if len(packed) > len(data) * (1 - COMPRESS_MIN_SAVING):
+            return data, CODEC_RAW
+        return packed, CODEC_ZSTD
+
+    def put(self, data: bytes) -> Tuple[ChunkRef, WriteStats]:
+        """Store one chunk unless the job already has it; return its reference."""
+        digest = hashlib.sha256(data).hexdigest()
+        stats = WriteStats(bytes_in=len(data))
+        with self._lock:
+            codec = self.known.get(digest)
+        if codec is not None:
+            stats.chunks_reused = 1
+            return ChunkRef(digest, len(data), codec), stats
+        payload, codec = self._encode(data)
+        ref = ChunkRef(digest, len(data), codec)
+        final = self.path(ref)
+        if not os.path.exists(final):
+            os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+            tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
+            with open(tmp, "wb") as fh:
+                fh.write(payload)
+            os.rename(tmp, final)
+            stats.bytes_written = len(payload)
+        stats.bytes_new = len(data)
+        stats.chunks_new = 1
+        with self._lock:
+            self.known[digest] = codec
+        return ref, stats
+
+    def get(self, ref: ChunkRef, where: str = "") -> bytes:
+        """Read, decompress and verify one chunk; DamagedCheckpointError names what is wrong."""
+        path = self.path(ref)
+        label = f"{where}: " if where else ""
+        try:
+            with open(path, "rb") as fh:
+                payload = fh.read()
+        except FileNotFoundError:
+            raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} is missing ({path})") from None
+        except OSError as e:
+            raise StoreError(f"{label}cannot read chunk {path}: {e.strerror}") from e
+        if ref.codec == CODEC_ZSTD:
+            try:
+                data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=ref.size)
+            except zstandard.ZstdError as e:
+                raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} is corrupt ({path}): {e}") from e
+        else:
+            data = payload
+        if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.digest:
+            raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} fails its checksum ({path})")
+        return data
+
+
+def file_ranges(size: int, cuts: Optional[Iterable[int]] = None) -> List[Tuple[int, int]]:
+    """Split [0, size) into chunk ranges: at the given cut offsets if any, and at most CHUNK_BYTES long."""
+    points = sorted({c for c in (cuts or ()) if 0 < c < size})
+    ranges = []
+    start = 0
+    for end in points + [size]:
+        while end - start > CHUNK_BYTES:
+            ranges.append((start, start + CHUNK_BYTES))
+            start += CHUNK_BYTES
+        if end > start:
+            ranges.append((start, end))
+            start = end
+    return ranges
+
+
+def store_file(
+    chunks: ChunkStore,
+    path: str,
+    pool: concurrent.futures.Executor,
+    cuts: Optional[Iterable[int]] = None,
+) -> Tuple[List[ChunkRef], WriteStats, int]:
+    """Chunk one file into the store in parallel; return its chunk list, stats and size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        ranges = file_ranges(size, cuts)
+
+        def one(rng: Tuple[int, int]) -> Tuple[ChunkRef, WriteStats]:
+            start, end = rng
+            data = os.pread(fd, end - start, start)
+            if len(data) != end - start:
+                raise StoreError(f"{path}: changed size while being stored")
+            return chunks.put(data)
+
+        results = list(pool.map(one, ranges))
+    finally:
+        os.close(fd)
+    total = WriteStats()
+    refs = []
+    for ref, st in results:
+        refs.append(ref)
+        total.add(st)
+    return refs, total, size
+
+
+def restore_file(
+    chunks: ChunkStore,
+    refs: Sequence[ChunkRef],
+    dest: str,
+    pool: concurrent.futures.Executor,
+    mode: int = 0o600,
+    where: str = "",
+) -> None:
+    """Write a file from its chunks (verified) to `dest` via a temporary name."""
+    tmp = f"{dest}.ckpt-tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        offsets = []
+        pos = 0
+        for ref in refs:
+            offsets.append(pos)
+            pos += ref.size
+        os.ftruncate(fd, pos)
+
+        def one(item: Tuple[int, ChunkRef]) -> None:
+            off, ref = item
+            if ref.size == CHUNK_BYTES and ref.digest == ZERO_CHUNK_DIGEST:
+                return  # leave all-zero chunks as holes: restored sparse files stay sparse
+            os.pwrite(fd, chunks.get(ref, where or dest), off)
+
+        for _ in pool.map(one, zip(offsets, refs)):
+            pass
+    except BaseException:
+        os.close(fd)
+        _unlink_quiet(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, dest)
+
+
+def verify_refs(chunks: ChunkStore, refs: Iterable[ChunkRef], pool: concurrent.futures.Executor, where: str) -> None:
+    for _ in pool.map(lambda r: chunks.get(r, where), refs):
+        pass
+
+
+def iter_chunk_files(root: str) -> Iterator[Tuple[str, str]]:
+    """(digest, path) of every chunk file under root, without following symbolic links."""
+    try:
+        prefixes = list(os.scandir(root))
+    except FileNotFoundError:
+        return
+    for prefix in prefixes:
+        if not prefix.is_dir(follow_symlinks=False):
+            continue
+        for entry in os.scandir(prefix.path):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            name = entry.name
+            if ".tmp-" in name:
+                yield "", entry.path
+                continue
+            yield name[:-4] if name.endswith(".zst") else name, entry.path
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,1 @@
+"""One module per `ckpt` subcommand: HELP, add_arguments(parser), main(args) -> exit code."""

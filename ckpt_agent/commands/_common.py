@@ -1,0 +1,58 @@
+"""Helpers shared by the subcommands: job ids, config, store and engine wiring (the only place adapters meet)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional
+
+from ..config import AgentConfig, load_agent_config, require_store
+from ..criu import Criu
+from ..engine import Engine
+from ..errors import UsageError
+from ..store import CheckpointStore, Signer, check_name
+
+
+def add_config_args(parser: argparse.ArgumentParser, store: bool = True) -> None:
+    parser.add_argument("--config", metavar="FILE", help="agent.yaml (default: $CKPT_CONFIG, /etc/ckpt-agent/agent.yaml)")
+    if store:
+        parser.add_argument("--store", metavar="DIR", help="checkpoint store root (default: $CKPT_STORE, config)")
+
+
+def add_job_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--job-id", metavar="ID", required=required,
+                        help="job id (default: $SLURM_JOB_ID; array tasks ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})")
+    parser.add_argument("--name", metavar="STEP", default="main", help="step name within the job (default: main)")
+
+
+def job_id_from_env(explicit: Optional[str]) -> str:
+    if explicit:
+        return check_name("job id", explicit)
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return check_name("job id", f"{array_job}_{task}")
+    if os.environ.get("SLURM_JOB_ID"):
+        return check_name("job id", os.environ["SLURM_JOB_ID"])
+    raise UsageError("no job id: pass --job-id ID or run inside a Slurm job ($SLURM_JOB_ID)")
+
+
+def load(args: argparse.Namespace) -> AgentConfig:
+    return load_agent_config(getattr(args, "config", None))
+
+
+def open_store(cfg: AgentConfig, args: argparse.Namespace) -> CheckpointStore:
+    root = require_store(cfg, getattr(args, "store", None))
+    return CheckpointStore(root, Signer.from_file(cfg.agent.key_file))
+
+
+def make_engine(cfg: AgentConfig, store: CheckpointStore) -> Engine:
+    criu = Criu(cfg.criu if os.path.sep in cfg.criu else _find_criu(cfg.criu))
+    criu.require_version()
+    return Engine(criu, store, cfg.checkpoint)
+
+
+def _find_criu(name: str) -> str:
+    """criu on PATH, else where install-criu.sh puts it (/usr/local/sbin is not on every user's PATH)."""
+    import shutil
+
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin") or name

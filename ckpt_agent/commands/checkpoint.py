@@ -1,0 +1,33 @@
+"""`ckpt checkpoint`: checkpoint a job that `ckpt run` is running on this machine."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import control
+from ..errors import CkptError
+from ..runner import find_registration
+from ._common import add_config_args, add_job_args, job_id_from_env, load
+
+HELP = "checkpoint a running job now (with --final: and stop it; the wrapper then exits 75)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_job_args(parser)
+    add_config_args(parser)
+    parser.add_argument("--final", action="store_true", help="stop the tool once the checkpoint is committed")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="give up on the dump after this long")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    job_id = job_id_from_env(args.job_id)
+    reg = find_registration(cfg.runtime_dir, job_id, args.name)
+    reply = control.request(reg["socket"], {"op": "checkpoint", "final": args.final, "reason": "manual",
+                                            "timeout": args.timeout})
+    if not reply.get("ok"):
+        err = CkptError(reply.get("error", "checkpoint failed"))
+        err.exit_code = int(reply.get("exit_code", 70))
+        raise err
+    print(reply["generation"])
+    return 0

@@ -1,0 +1,31 @@
+"""`ckpt validate SITE.yaml`: check an admin's site file strictly before anything is rendered or uploaded.
+
+Prints every problem on stdout, one a line, as `FILE:LINE: key.path: message`, and exits 2; exits 0 with a one-line
+summary when the file is valid. A file that is not YAML at all is a configuration error (exit 78).
+"""
+
+from __future__ import annotations
+
+from ..errors import EXIT_USAGE
+from ..site import SiteInvalid, load_site
+
+HELP = "check a site file (the admin YAML) and list every problem"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("site", metavar="SITE.yaml", help="the site file, e.g. cluster-configs/site.example.yaml")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
+
+
+def main(args) -> int:
+    try:
+        site = load_site(args.site)
+    except SiteInvalid as e:
+        for problem in e.problems:
+            print(problem)
+        return EXIT_USAGE
+    if not args.quiet:
+        queues = site["queues"]
+        spot = sum(1 for q in queues if q["capacity"] == "spot")
+        print(f"{args.site}: valid: cluster {site['cluster']['name']}, {len(queues)} queues ({spot} on Spot)")
+    return 0

@@ -1,0 +1,185 @@
+"""The node-side configuration, `agent.yaml`: what `ckpt run`, `ckpt agent` and `ckpt gc` read.
+
+`ckpt render` writes one per queue from the admin's site file. Every key has a default, so a machine with no file
+(tests, the demo) runs on defaults and the environment. Unknown keys and wrong types are errors naming the key path.
+
+Precedence, highest first: command-line flags, environment ($CKPT_STORE, $CKPT_RUNTIME_DIR,
+$AWS_EC2_METADATA_SERVICE_ENDPOINT), the file (--config, else $CKPT_CONFIG, else /etc/ckpt-agent/agent.yaml).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/ckpt-agent/agent.yaml"
+DEFAULT_RUNTIME_DIR = "/run/ckpt-agent"
+DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+
+
+@dataclass
+class CheckpointSettings:
+    interval: int = 900  # seconds between periodic checkpoints; 15 min bounds lost work at a few % of a long job
+    keep: int = 2  # committed generations kept per step: the newest plus one fallback if it turns out damaged
+    compression: str = "zstd"  # zstd | none; zstd is applied per chunk only where it saves space
+    staging_dir: str = "auto"  # where CRIU writes images before they enter the store; auto = tmpfs if RAM allows
+    extra_paths: list = field(default_factory=list)  # more directories captured with the working directory
+    ghost_limit: str = "1G"  # deleted-but-open temp files up to this size are saved (CRIU's default 1 MiB is too small)
+    tcp_close: bool = True  # restore TCP connections closed: a license-server client reconnects from the new IP
+
+
+@dataclass
+class AgentSettings:
+    poll_interval: float = 2.0  # IMDS polls per notice window: 2 s wastes under 2% of the 120 s notice
+    deadline_margin: int = 20  # seconds before the reclaim time reserved for unmounting FSx
+    rebalance_action: str = "checkpoint"  # checkpoint | drain | ignore
+    max_parallel: int = 4  # final checkpoints run at once; more only splits the store's bandwidth
+    imds_endpoint: str = DEFAULT_IMDS_ENDPOINT
+    socket: str = ""  # the agent's Unix socket; default <runtime_dir>/agent.sock
+    key_file: str = "/etc/ckpt-agent/node.key"  # HMAC key for manifests, readable by root only
+
+
+@dataclass
+class GcSettings:
+    grace: int = 3600
+    max_age: int = 14 * 24 * 3600
+    high_watermark: float = 85.0
+    low_watermark: float = 75.0
+
+
+@dataclass
+class AgentConfig:
+    store: str = ""
+    runtime_dir: str = DEFAULT_RUNTIME_DIR
+    queue: str = ""
+    criu: str = "criu"
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    gc: GcSettings = field(default_factory=GcSettings)
+    prices: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    source: str = "<defaults>"
+
+    @property
+    def socket_path(self) -> str:
+        return self.agent.socket or os.path.join(self.runtime_dir, "agent.sock")
+
+
+_ENUMS = {
+    "checkpoint.compression": ("zstd", "none"),
+    "agent.rebalance_action": ("checkpoint", "drain", "ignore"),
+}
+_MINIMUMS = {
+    "checkpoint.interval": 10,
+    "checkpoint.keep": 1,
+    "agent.poll_interval": 0.1,
+    "agent.deadline_margin": 0,
+    "agent.max_parallel": 1,
+    "gc.grace": 0,
+    "gc.max_age": 0,
+}
+
+
+def _apply(obj: Any, data: Any, path: str, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {path or 'top level'}: must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(obj) if f.name != "source"}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{source}: {where}: unknown key{extra}")
+        current = getattr(obj, key)
+        if hasattr(current, "__dataclass_fields__"):
+            _apply(current, value, where, source)
+            continue
+        setattr(obj, key, _coerce(current, value, where, source))
+
+
+def _coerce(current: Any, value: Any, where: str, source: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {where}: must be {expected}, got {value!r}")
+
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(current, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        if isinstance(current, int) and not isinstance(current, bool) and value != int(value):
+            raise bad("a whole number")
+        value = type(current)(value)
+        low = _MINIMUMS.get(where)
+        if low is not None and value < low:
+            raise ConfigError(f"{source}: {where}: must be >= {low:g}, got {value:g}")
+        return value
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+        allowed = _ENUMS.get(where)
+        if allowed and value not in allowed:
+            raise ConfigError(f"{source}: {where}: must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+    if isinstance(current, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return value
+    if isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return value
+    return value
+
+
+def load_agent_config(path: Optional[str] = None, *, required: bool = False) -> AgentConfig:
+    """Load agent.yaml from `path`, $CKPT_CONFIG or the default location; apply environment overrides.
+
+    A missing file is fine (defaults) unless the path was given explicitly or `required` is set.
+    """
+    explicit = path or os.environ.get("CKPT_CONFIG")
+    chosen = explicit or DEFAULT_CONFIG_PATH
+    cfg = AgentConfig()
+    try:
+        with open(chosen, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        if explicit or required:
+            raise ConfigError(f"{chosen}: configuration file not found") from None
+        text = None
+    except OSError as e:
+        raise ConfigError(f"{chosen}: cannot read configuration: {e.strerror}") from e
+    if text is not None:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{chosen}:{mark.line + 1}" if mark else chosen
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: malformed YAML: {problem}") from e
+        cfg.source = chosen
+        if data is not None:
+            _apply(cfg, data, "", chosen)
+    if os.environ.get("CKPT_STORE"):
+        cfg.store = os.environ["CKPT_STORE"]
+    if os.environ.get("CKPT_RUNTIME_DIR"):
+        cfg.runtime_dir = os.environ["CKPT_RUNTIME_DIR"]
+    if os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT"):
+        cfg.agent.imds_endpoint = os.environ["AWS_EC2_METADATA_SERVICE_ENDPOINT"]
+    return cfg
+
+
+def require_store(cfg: AgentConfig, flag_value: Optional[str]) -> str:
+    """The store root: --store, else $CKPT_STORE/config; a clear error when none is set."""
+    store = flag_value or cfg.store
+    if not store:
+        raise ConfigError(
+            f"no checkpoint store configured: pass --store DIR, set $CKPT_STORE, or set 'store' in {cfg.source}"
+        )
+    return store

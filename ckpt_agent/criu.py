@@ -1,0 +1,224 @@
+"""The CRIU adapter: dump and restore a process tree, with the options this product relies on.
+
+Facts behind the options (measured, see the project's CRIU field notes):
+- `--leave-stopped` at dump: the tree stays frozen so the files it writes can be captured as of the same instant.
+- `--manage-cgroups=ignore`: a restored tree stays in the caller's cgroup (the new Slurm job's), not the old one's.
+- `--tcp-close`: a connection to a license server is restored closed; the tool reconnects from the new address.
+- `--ghost-limit`: deleted-but-open temp files larger than CRIU's 1 MiB default are saved too.
+- `--cpu-cap=fpu,ins`: the image records the CPU's features; restore on a CPU lacking one is refused, not a crash.
+- restore with `-d -S --pidfile`: the restored root becomes a sibling of CRIU (our child) and CRIU returns at once;
+  in the foreground CRIU would return 0 whatever the tool's exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+from typing import Callable, Dict, List, Optional, Sequence
+
+from . import proc
+from .errors import CommandError, CriuError
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = (4, 2, 1)  # < 4.2 cannot dump any INET socket on kernels >= 6.16; 3.17 fails on >= 6.13 (vDSO)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CPU_CAPS = "fpu,ins"
+
+_PAGEMAP_MAGIC = 0x56084025
+_PE_PARENT = 1 << 0
+_PE_PRESENT = 1 << 2
+
+
+class Criu:
+    def __init__(self, binary: str = "criu", run: Callable = proc.run):
+        self.binary = binary
+        self.run = run
+        self._version: Optional[str] = None
+
+    def version(self) -> str:
+        if self._version is None:
+            try:
+                out = self.run([self.binary, "--version"], timeout=20).stdout
+            except CommandError as e:
+                raise CriuError(f"CRIU not usable ({self.binary}): {e}") from e
+            m = re.search(r"Version:\s*(\S+)", out)
+            if not m:
+                raise CriuError(f"cannot tell the version of {self.binary} from: {out.strip()[:80]}")
+            self._version = m.group(1)
+        return self._version
+
+    def require_version(self) -> str:
+        ver = self.version()
+        parts = tuple(int(p) for p in re.findall(r"\d+", ver)[:3])
+        if parts < MIN_VERSION:
+            need = ".".join(map(str, MIN_VERSION))
+            raise CriuError(f"{self.binary} is CRIU {ver}; need >= {need} (run bootstrap/install-criu.sh)")
+        return ver
+
+    def check(self) -> None:
+        try:
+            self.run([self.binary, "check"], timeout=60)
+        except CommandError as e:
+            raise CriuError(f"'criu check' fails on this machine: {e}") from e
+
+    def has_feature(self, feature: str) -> bool:
+        try:
+            self.run([self.binary, "check", "--feature", feature], timeout=60)
+            return True
+        except CommandError:
+            return False
+
+    def dump(
+        self,
+        pid: int,
+        images_dir: str,
+        *,
+        leave_stopped: bool = True,
+        tcp_close: bool = True,
+        ghost_limit: str = "1G",
+        timeout: Optional[float] = None,
+    ) -> None:
+        argv = [
+            self.binary, "dump", "-t", str(pid), "-D", images_dir, "-o", "dump.log", "-v2",
+            "--manage-cgroups=ignore", "--ext-unix-sk", "--file-locks", "--ghost-limit", ghost_limit,
+            f"--cpu-cap={CPU_CAPS}",
+        ]
+        if leave_stopped:
+            argv.append("--leave-stopped")
+        if tcp_close:
+            argv.append("--tcp-close")
+        self._run_logged(argv, images_dir, "dump.log", timeout)
+
+    def restore(
+        self,
+        images_dir: str,
+        *,
+        pidfile: str,
+        inherit_fds: Optional[Dict[int, str]] = None,
+        tcp_close: bool = True,
+        timeout: Optional[float] = None,
+    ) -> int:
+        """Restore detached as our child; return the restored root's host pid."""
+        argv = [
+            self.binary, "restore", "-D", images_dir, "-o", "restore.log", "-v2", "-d", "-S",
+            "--pidfile", pidfile, "--manage-cgroups=ignore", "--ext-unix-sk", "--file-locks",
+            f"--cpu-cap={CPU_CAPS}",
+        ]
+        if tcp_close:
+            argv.append("--tcp-close")
+        fds: List[int] = []
+        for fd, key in sorted((inherit_fds or {}).items()):
+            argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+            fds.append(fd)
+        self._run_logged(argv, images_dir, "restore.log", timeout, pass_fds=fds)
+        try:
+            with open(pidfile, encoding="ascii") as fh:
+                return int(fh.read().strip())
+        except (OSError, ValueError) as e:
+            raise CriuError(f"CRIU restored but wrote no pid to {pidfile}") from e
+
+    def cpuinfo_check(self, images_dir: str) -> None:
+        if not os.path.exists(os.path.join(images_dir, "cpuinfo.img")):
+            return
+        try:
+            self.run([self.binary, "cpuinfo", "check", "-D", images_dir, "-o", "cpuinfo.log"], timeout=60)
+        except CommandError as e:
+            detail = _log_errors(os.path.join(images_dir, "cpuinfo.log"))
+            raise CriuError(
+                "this machine's CPU lacks features the checkpointed tool uses; restore it on the same instance "
+                f"family{': ' + detail if detail else ''}"
+            ) from e
+
+    def _run_logged(
+        self, argv: List[str], images_dir: str, log_name: str, timeout: Optional[float], pass_fds: Sequence[int] = ()
+    ) -> None:
+        try:
+            self.run(argv, timeout=timeout, pass_fds=pass_fds)
+        except CommandError as e:
+            detail = _log_errors(os.path.join(images_dir, log_name)) or str(e)
+            raise CriuError(f"criu {argv[1]} failed: {detail} (log: {os.path.join(images_dir, log_name)})") from e
+
+
+def _log_errors(path: str) -> str:
+    """The first error CRIU logged, which names the real cause (later ones are consequences)."""
+    try:
+        with open(path, errors="replace") as fh:
+            for line in fh:
+                if "Error (" in line:
+                    return re.sub(r"^\(\s*[\d.]+\)\s*", "", line.strip())
+    except OSError:
+        pass
+    return ""
+
+
+def _varint(buf: bytes, pos: int):
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _pagemap_entries(buf: bytes):
+    """Yield (vaddr, nr_pages, flags, in_parent) from a CRIU pagemap image (protobuf entries, u32-size framed)."""
+    if len(buf) < 8 or struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
+        raise ValueError("not a pagemap image")
+    pos = 8
+    first = True
+    while pos + 4 <= len(buf):
+        (size,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        msg = buf[pos : pos + size]
+        pos += size
+        if first:  # pagemap_head {pages_id}
+            first = False
+            continue
+        fields = {1: 0, 2: 0, 3: 0, 4: None}
+        i = 0
+        while i < len(msg):
+            key, i = _varint(msg, i)
+            if key & 7 != 0:
+                raise ValueError("unexpected wire type in pagemap entry")
+            val, i = _varint(msg, i)
+            fields[key >> 3] = val
+        yield fields[1], fields[2], fields[4], bool(fields[3])
+
+
+def pages_cut_points(images_dir: str, pages_name: str, chunk_bytes: int) -> List[int]:
+    """Offsets in pages-N.img where chunks should end, so chunks follow virtual addresses.
+
+    Cutting at address multiples of the chunk size (not at file offsets) keeps a region's chunks identical between
+    checkpoints when other regions grow or shrink, so unchanged memory is stored once. Any parse problem only costs
+    deduplication, never correctness, so it falls back to plain fixed-size chunking.
+    """
+    m = re.match(r"pages-(\d+)\.img$", pages_name)
+    if not m:
+        return []
+    pagemap = os.path.join(images_dir, f"pagemap-{m.group(1)}.img")
+    try:
+        with open(pagemap, "rb") as fh:
+            buf = fh.read()
+        cuts: List[int] = []
+        offset = 0
+        for vaddr, nr_pages, flags, in_parent in _pagemap_entries(buf):
+            present = bool(flags & _PE_PRESENT) and not flags & _PE_PARENT if flags is not None else not in_parent
+            if not present or not nr_pages:
+                continue
+            start, length = vaddr, nr_pages * PAGE_SIZE
+            if length >= chunk_bytes or not cuts or offset - cuts[-1] >= chunk_bytes:
+                cuts.append(offset)  # a region of its own starts a chunk
+            addr = (start // chunk_bytes + 1) * chunk_bytes
+            while addr < start + length:
+                cuts.append(offset + (addr - start))
+                addr += chunk_bytes
+            offset += length
+        return cuts
+    except (OSError, ValueError, IndexError, struct.error):
+        log.debug("no usable pagemap for %s; fixed-size chunks", pages_name)
+        return []

@@ -1,0 +1,309 @@
+"""Take and restore checkpoints of one job step: CRIU images plus captured files, into the store.
+
+Checkpoint, numbered plan:
+  1. reserve the next generation (a partial directory) under the job's shared lock;
+  2. `criu dump --leave-stopped` into a staging directory: the tree is frozen from here on;
+  3. capture the working directory, extra paths and every file open for writing (incremental);
+  4. periodic: let the tool run again (SIGCONT) — it was frozen only for steps 2 and 3;
+  5. chunk the images into the store (only new chunks are written, compressed where it pays);
+  6. commit: sync the file system, write the manifest last, rename the generation into place;
+  7. final: kill the tree once the commit is durable; on any failure before that, the tool resumes instead;
+  8. drop generations beyond `keep` and chunks nothing references any more.
+
+Restore: newest generation first, falling back to older ones when one is damaged; images are rebuilt from
+verified chunks, files are put back, the CPU is checked, then `criu restore -d -S` with the new stdio pipes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from . import capture
+from .chunkstore import CHUNK_BYTES, WORKERS, ChunkRef, WriteStats, restore_file, store_file
+from .config import CheckpointSettings
+from .criu import Criu, pages_cut_points
+from .errors import CkptError, CriuError, DamagedCheckpointError, PermissionDenied
+from .store import FORMAT_VERSION, CheckpointStore, Generation, iso, utcnow
+
+log = logging.getLogger(__name__)
+
+SHM_HEADROOM_BYTES = 512 << 20  # keep this much RAM free beyond the images when staging them in tmpfs
+
+
+@dataclass
+class JobState:
+    """What the engine needs to know about a running job step."""
+
+    job_id: str
+    step: str
+    init_pid: int  # host pid of the namespace init (the root of the dumped tree)
+    cwd: str
+    argv: List[str]
+    pipe_inodes: Dict[str, int]  # "stdout"/"stderr"/"status" -> inode of the pipe the tree writes to
+    uid: int = 0
+    gid: int = 0
+    exclude: Set[str] = field(default_factory=set)
+    node: str = ""
+    instance: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointResult:
+    generation: int
+    final: bool
+    reason: str
+    bytes_in: int
+    bytes_written: int
+    bytes_new: int
+    frozen_seconds: float
+    total_seconds: float
+    created: str
+
+
+@dataclass
+class RestoreResult:
+    pid: int
+    generation: int
+    created: str
+    skipped: List[Tuple[int, str]]  # damaged generations passed over: (number, why)
+    seconds: float
+    files_written: int
+
+
+def _resume(pids: List[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def _kill(init_pid: int) -> None:
+    try:
+        os.kill(init_pid, signal.SIGKILL)  # the namespace dies with its init
+    except ProcessLookupError:
+        pass
+
+
+def machine_facts(criu: Criu) -> Dict[str, Any]:
+    return {
+        "criu_version": criu.version(),
+        "kernel": platform.release(),
+        "arch": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "host": socket.gethostname(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+class Engine:
+    def __init__(self, criu: Criu, store: CheckpointStore, settings: CheckpointSettings):
+        self.criu = criu
+        self.store = store
+        self.settings = settings
+
+    # --- checkpoint ---------------------------------------------------------------------------------------------
+    def checkpoint(self, job: JobState, *, final: bool, reason: str, timeout: Optional[float] = None) -> CheckpointResult:
+        t0 = time.monotonic()
+        store = self.store
+        store.ensure_job(job.job_id, job.step, job.uid, job.gid)
+        with store.job_lock(job.job_id), concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+            number, partial = store.begin(job.job_id, job.step)
+            previous = self._previous_manifest(job)
+            chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id))
+            stage = self._staging_dir(job)
+            stopped: List[int] = []
+            resumed = False
+            try:
+                self.criu.dump(
+                    job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
+                    ghost_limit=self.settings.ghost_limit, timeout=timeout,
+                )
+                stopped = capture.ns_pids(job.init_pid)
+                open_files = capture.open_writable_files(stopped)
+                roots = [job.cwd] + list(self.settings.extra_paths)
+                exclude = set(job.exclude) | {store.root, stage, os.path.dirname(stage)}
+                prev_files = {e["path"]: capture.FileEntry.from_json(e) for e in (previous or {}).get("files", [])}
+                files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files)
+                t_frozen = time.monotonic() - t0
+                if not final:
+                    _resume(stopped)
+                    resumed = True
+                images, istats = self._store_images(chunks, pool, stage)
+                stats = WriteStats()
+                stats.add(fstats)
+                stats.add(istats)
+                created = iso(utcnow())
+                manifest = {
+                    "format": FORMAT_VERSION,
+                    "job_id": job.job_id,
+                    "step": job.step,
+                    "generation": number,
+                    "created": created,
+                    "final": final,
+                    "reason": reason,
+                    "machine": machine_facts(self.criu),
+                    "node": job.node,
+                    "instance": job.instance,
+                    "cwd": job.cwd,
+                    "argv": job.argv,
+                    "uid": job.uid,
+                    "gid": job.gid,
+                    "pipes": job.pipe_inodes,
+                    "images": images,
+                    "files": [f.to_json() for f in files],
+                    "stats": {
+                        "bytes_in": stats.bytes_in, "bytes_new": stats.bytes_new,
+                        "bytes_written": stats.bytes_written, "chunks_new": stats.chunks_new,
+                        "chunks_reused": stats.chunks_reused, "frozen_seconds": round(t_frozen, 3),
+                    },
+                }
+                store.commit(partial, number, manifest)
+            except BaseException:
+                store.abort(partial)
+                if stopped and not resumed:
+                    _resume(stopped)  # a failed checkpoint never costs the running tool anything
+                raise
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        if final:
+            _kill(job.init_pid)
+        store.prune(job.job_id, job.step, self.settings.keep)
+        store.sweep_chunks(job.job_id)
+        return CheckpointResult(
+            generation=number, final=final, reason=reason, bytes_in=stats.bytes_in,
+            bytes_written=stats.bytes_written, bytes_new=stats.bytes_new, frozen_seconds=t_frozen,
+            total_seconds=time.monotonic() - t0, created=created,
+        )
+
+    def _previous_manifest(self, job: JobState) -> Optional[Dict[str, Any]]:
+        for gen in reversed(self.store.generations(job.job_id, job.step)):
+            try:
+                return self.store.load_manifest(gen)
+            except (DamagedCheckpointError, PermissionDenied):
+                continue
+        return None
+
+    def _staging_dir(self, job: JobState) -> str:
+        base = self.settings.staging_dir
+        if base == "auto":
+            need = capture.tree_rss_bytes(capture.ns_pids(job.init_pid)) + SHM_HEADROOM_BYTES
+            base = "/var/tmp/ckpt-agent"
+            try:
+                st = os.statvfs("/dev/shm")
+                if st.f_bavail * st.f_frsize > need and _mem_available() > need:
+                    base = "/dev/shm/ckpt-agent"
+            except OSError:
+                pass
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"{job.job_id}.{job.step}.", dir=base)
+
+    def _store_images(self, chunks, pool, stage: str) -> Tuple[List[Dict[str, Any]], WriteStats]:
+        images = []
+        total = WriteStats()
+        for name in sorted(os.listdir(stage)):
+            path = os.path.join(stage, name)
+            if not os.path.isfile(path) or name.endswith(".log"):
+                continue
+            cuts = pages_cut_points(stage, name, CHUNK_BYTES) if name.startswith("pages-") else None
+            refs, st, size = store_file(chunks, path, pool, cuts)
+            total.add(st)
+            images.append({"name": name, "size": size, "chunks": [r.to_json() for r in refs]})
+        return images, total
+
+    # --- restore ------------------------------------------------------------------------------------------------
+    def restore(
+        self,
+        job_id: str,
+        step: str,
+        pipe_fds: Dict[str, int],
+        *,
+        require_signature: bool = False,
+        set_owner: bool = True,
+        check_manifest: Optional[Callable[[Dict[str, Any]], None]] = None,
+    ) -> RestoreResult:
+        """Restore the newest intact generation; `pipe_fds` maps "stdout"/"stderr"/"status" to new pipe ends."""
+        t0 = time.monotonic()
+        gens = self.store.generations(job_id, step)
+        skipped: List[Tuple[int, str]] = []
+        for gen in reversed(gens):
+            try:
+                manifest = self.store.load_manifest(gen, require_signature=require_signature)
+                if check_manifest:
+                    check_manifest(manifest)
+                return self._restore_generation(gen, manifest, pipe_fds, skipped, set_owner, t0)
+            except DamagedCheckpointError as e:
+                log.warning("checkpoint %d of job %s step %s is damaged: %s", gen.number, job_id, step, e)
+                skipped.append((gen.number, str(e)))
+        if skipped:
+            raise DamagedCheckpointError(
+                f"no intact checkpoint of job {job_id} step {step}: " + "; ".join(f"#{n}: {w}" for n, w in skipped)
+            )
+        raise CkptError(f"no checkpoint of job {job_id} step {step}")
+
+    def _restore_generation(self, gen: Generation, manifest, pipe_fds, skipped, set_owner, t0) -> RestoreResult:
+        chunks = self.store.chunks_for(gen.job_id)
+        stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base())
+        try:
+            with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+                for img in manifest["images"]:
+                    name = os.path.basename(img["name"])
+                    refs = [ChunkRef.from_json(c) for c in img["chunks"]]
+                    restore_file(chunks, refs, os.path.join(stage, name), pool, where=f"image {name}")
+                self.criu.cpuinfo_check(stage)
+                entries = [capture.FileEntry.from_json(f) for f in manifest["files"]]
+                written, _ = capture.restore_files(chunks, pool, entries, set_owner)
+            inherit = {}
+            for key, ino in manifest.get("pipes", {}).items():
+                if key in pipe_fds:
+                    inherit[pipe_fds[key]] = f"pipe:[{ino}]"
+            pid = self.criu.restore(
+                stage, pidfile=os.path.join(stage, "restored.pid"), inherit_fds=inherit,
+                tcp_close=self.settings.tcp_close,
+            )
+        except CriuError:
+            log.error("restore failed; images kept in %s for inspection", stage)
+            raise
+        else:
+            shutil.rmtree(stage, ignore_errors=True)
+        return RestoreResult(
+            pid=pid, generation=gen.number, created=manifest["created"], skipped=skipped,
+            seconds=time.monotonic() - t0, files_written=written,
+        )
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _restore_base() -> str:
+    base = "/var/tmp/ckpt-agent"
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return base

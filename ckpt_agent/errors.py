@@ -1,0 +1,85 @@
+"""The error hierarchy and the exit codes the `ckpt` command documents.
+
+Every error a user can cause or meet in operation is a CkptError subclass; the CLI prints its message as one line
+and exits with its `exit_code`. Codes follow sysexits.h where one fits, so that they stay clear of the small codes
+tools commonly use. The tool's own exit status (0-255, 128+N for signal N) passes through `ckpt run` unchanged.
+"""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2  # bad command line, or `ckpt validate` found problems in a site file
+EXIT_DAMAGED = 65  # a checkpoint is damaged or tampered with and no good generation is left
+EXIT_NOT_FOUND = 66  # no such job, step or checkpoint
+EXIT_CRIU = 69  # CRIU is missing, too old, or a dump/restore failed
+EXIT_INTERNAL = 70  # a bug: an unexpected exception (traceback with --verbose)
+EXIT_STORE = 74  # the checkpoint store cannot be read or written
+EXIT_FINAL = 75  # the tool was stopped by a final checkpoint: run the same command again to resume
+EXIT_SLURM = 76  # Slurm could not be asked or refused a command
+EXIT_PERMISSION = 77  # the agent refused: not the job's owner, or a checkpoint not signed by the agent
+EXIT_CONFIG = 78  # a configuration file is missing, malformed or invalid
+EXIT_AGENT = 79  # the node agent cannot be reached
+EXIT_AWS = 80  # an AWS API call failed (upload, prices)
+
+
+class CkptError(Exception):
+    """Base of all errors the CLI reports as one line."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class UsageError(CkptError):
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(CkptError):
+    exit_code = EXIT_CONFIG
+
+
+class NotFoundError(CkptError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class CommandError(CkptError):
+    """A subprocess failed: carries the command, its exit code and the tail of its stderr."""
+
+    def __init__(self, argv, returncode, stderr="", message=""):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr or ""
+        tail = self.stderr.strip().splitlines()[-1:] if self.stderr.strip() else []
+        detail = message or f"{self.argv[0]} exited with {returncode}"
+        if tail:
+            detail += f": {tail[0]}"
+        super().__init__(detail)
+
+
+class CriuError(CkptError):
+    exit_code = EXIT_CRIU
+
+
+class StoreError(CkptError):
+    exit_code = EXIT_STORE
+
+
+class DamagedCheckpointError(StoreError):
+    exit_code = EXIT_DAMAGED
+
+
+class SlurmError(CkptError):
+    exit_code = EXIT_SLURM
+
+
+class ImdsError(CkptError):
+    pass
+
+
+class PermissionDenied(CkptError):
+    exit_code = EXIT_PERMISSION
+
+
+class AgentUnreachable(CkptError):
+    exit_code = EXIT_AGENT
+
+
+class AwsError(CkptError):
+    exit_code = EXIT_AWS

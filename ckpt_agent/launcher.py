@@ -1,0 +1,71 @@
+"""Start a tool in a new PID namespace under nsinit, with the given stdio and status pipes.
+
+The namespace is why a restore never collides with PIDs on the new machine: CRIU recreates the namespace, so the
+tool's own PIDs come back unchanged whatever runs on the host. It is created here, not with the `unshare` binary,
+so nothing but the tool ever writes to the job's output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from typing import Mapping, Sequence
+
+from .errors import CkptError
+
+CLONE_NEWPID = 0x20000000
+PR_SET_CHILD_SUBREAPER = 36
+NSINIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nsinit.py")
+STATUS_FD = 3  # where nsinit finds the status pipe
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def become_subreaper() -> None:
+    """Orphans of our children (the namespace init once its launcher exits) are reparented to us, not to pid 1."""
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise CkptError(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def launch(
+    argv: Sequence[str],
+    cwd: str,
+    env: Mapping[str, str],
+    stdout_fd: int,
+    stderr_fd: int,
+    status_fd: int,
+) -> int:
+    """Fork a launcher that unshares a PID namespace and forks nsinit as its pid 1; return nsinit's host pid.
+
+    The caller must be a child subreaper so that nsinit becomes its child when the launcher exits.
+    """
+    pid_r, pid_w = os.pipe()
+    launcher = os.fork()
+    if launcher == 0:  # the launcher: only async-signal-safe-ish work, then _exit
+        try:
+            os.close(pid_r)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(stdout_fd, 1)
+            os.dup2(stderr_fd, 2)
+            os.dup2(status_fd, STATUS_FD)
+            if _libc.unshare(CLONE_NEWPID) != 0:
+                os.write(2, f"ckpt: unshare(CLONE_NEWPID) failed: {os.strerror(ctypes.get_errno())}\n".encode())
+                os._exit(1)
+            init = os.fork()
+            if init == 0:
+                os.closerange(STATUS_FD + 1, 65536)  # no descriptor of the wrapper leaks into the job
+                os.chdir(cwd)
+                os.execve(sys.executable, [sys.executable, "-I", "-S", NSINIT, str(STATUS_FD), "--", *argv], dict(env))
+            os.write(pid_w, str(init).encode())
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    os.close(pid_w)
+    with os.fdopen(pid_r, "rb") as fh:
+        data = fh.read()
+    _, wstatus = os.waitpid(launcher, 0)
+    if not data or os.waitstatus_to_exitcode(wstatus) != 0:
+        raise CkptError("could not start the tool in a new PID namespace (needs root or CAP_SYS_ADMIN)")
+    return int(data)

@@ -1,0 +1,332 @@
+"""`ckpt run`: launch a tool, or resume it from its last checkpoint, and checkpoint it while it runs.
+
+The wrapper stays outside the checkpointed tree: the tool runs under nsinit in its own PID namespace and writes
+to pipes the wrapper relays to its own stdout/stderr (Slurm's output file). A restore hands CRIU new pipes
+(`--inherit-fd`), and CRIU does not refill inherited pipes with the data it saw in them at dump time (criu/pipes.c,
+open_pipe), so the wrapper simply relays everything the tool wrote up to the checkpoint, also after a final one:
+after a final checkpoint and resume, the output continues with no line lost and none repeated.
+
+The wrapper registers in the runtime directory (a JSON file and a control socket per job step), which is how
+`ckpt checkpoint` and the node agent reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from . import control, launcher
+from .engine import Engine, JobState
+from .errors import EXIT_FINAL, CkptError, NotFoundError
+from .events import emit, load_instance, node_name
+from .store import CheckpointStore, iso, utcnow, write_atomic
+
+log = logging.getLogger(__name__)
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
+RELAY_BUFFER_BYTES = 1 << 16
+
+
+def registration_dir(runtime_dir: str) -> str:
+    return os.path.join(runtime_dir, "jobs")
+
+
+def registration_paths(runtime_dir: str, job_id: str, step: str):
+    base = os.path.join(registration_dir(runtime_dir), f"{job_id}.{step}")
+    return base + ".json", base + ".sock"
+
+
+def find_registration(runtime_dir: str, job_id: str, step: str) -> Dict[str, Any]:
+    path, _ = registration_paths(runtime_dir, job_id, step)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise NotFoundError(f"job {job_id} step {step} is not running under ckpt run on this machine ({path})") from None
+    except (OSError, ValueError) as e:
+        raise CkptError(f"{path}: unreadable registration ({e})") from e
+
+
+def list_registrations(runtime_dir: str) -> List[Dict[str, Any]]:
+    out = []
+    d = registration_dir(runtime_dir)
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(d, name), encoding="utf-8") as fh:
+                    reg = json.load(fh)
+                reg["_owner_uid"] = os.stat(os.path.join(d, name)).st_uid
+                out.append(reg)
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+class Relay:
+    """Copies a pipe to one of our descriptors in a thread until the pipe's last writer is gone."""
+
+    def __init__(self, src: int, dst: int, name: str):
+        self.src, self.dst = src, dst
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"relay-{name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                data = os.read(self.src, RELAY_BUFFER_BYTES)
+                if not data:
+                    return
+                self._write_all(data)
+        finally:
+            self.done.set()
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.dst, view)
+            except BrokenPipeError:
+                return
+            except InterruptedError:
+                continue
+            view = view[n:]
+
+
+@dataclass
+class RunOptions:
+    job_id: str
+    step: str
+    argv: List[str]
+    interval: float
+    runtime_dir: str
+    cwd: str = field(default_factory=os.getcwd)
+
+
+class Runner:
+    def __init__(self, opts: RunOptions, store: CheckpointStore, engine: Engine):
+        self.opts = opts
+        self.store = store
+        self.engine = engine
+        self.node = node_name()
+        self.instance = load_instance(opts.runtime_dir)
+        self.job: Optional[JobState] = None
+        self._ckpt_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stopped_by_final = False
+        self._relays: List[Relay] = []
+        self._server: Optional[control.ControlServer] = None
+        self._reg_path = ""
+        self.last_checkpoint: Optional[int] = None
+
+    # --- main ---------------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        o = self.opts
+        done = self.store.result(o.job_id, o.step) if os.path.isdir(self.store.step_dir(o.job_id, o.step)) else None
+        if done is not None:
+            code = int(done["exit_status"])
+            print(f"ckpt: job {o.job_id} step {o.step} already finished with status {code}; not running it again",
+                  file=sys.stderr, flush=True)
+            return code
+        launcher.become_subreaper()
+        self.store.ensure_job(o.job_id, o.step, os.getuid(), os.getgid())
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        st_r, st_w = os.pipe()
+        pipes = {"stdout": out_w, "stderr": err_w, "status": st_w}
+        init_pid = self._start(pipes)
+        for fd in (out_w, err_w, st_w):
+            os.close(fd)
+        self.job = JobState(
+            job_id=o.job_id, step=o.step, init_pid=init_pid, cwd=o.cwd, argv=list(o.argv),
+            pipe_inodes={"stdout": os.fstat(out_r).st_ino, "stderr": os.fstat(err_r).st_ino,
+                         "status": os.fstat(st_r).st_ino},
+            uid=os.getuid(), gid=os.getgid(), exclude=self._excluded_paths(), node=self.node, instance=self.instance,
+        )
+        self._relays = [Relay(out_r, 1, "stdout"), Relay(err_r, 2, "stderr")]
+        for r in self._relays:
+            r.start()
+        self._install_signal_forwarding(init_pid)
+        self._register()
+        periodic = threading.Thread(target=self._periodic, name="periodic", daemon=True)
+        periodic.start()
+        try:
+            code = self._wait(st_r, init_pid)
+        finally:
+            self._stop.set()
+            self._unregister()
+        return self._finish(code)
+
+    def _start(self, pipes: Dict[str, int]) -> int:
+        o = self.opts
+        if self.store.generations(o.job_id, o.step):
+            res = self.engine.restore(o.job_id, o.step, pipes)
+            for number, why in res.skipped:
+                print(f"ckpt: checkpoint {number} is damaged ({why}); using an older one", file=sys.stderr)
+            restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+            print(f"ckpt: resumed job {o.job_id} step {o.step} from checkpoint {res.generation} taken {res.created} "
+                  f"(restart count {restart})", file=sys.stderr, flush=True)
+            self.last_checkpoint = res.generation
+            emit(self.store, o.job_id, "restored", node=self.node, instance=self.instance, step=o.step,
+                 generation=res.generation, checkpoint_time=res.created, seconds=round(res.seconds, 3),
+                 files_written=res.files_written, restart_count=int(restart or 0))
+            emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
+                 how="restored", generation=res.generation)
+            return res.pid
+        pid = launcher.launch(o.argv, o.cwd, os.environ, pipes["stdout"], pipes["stderr"], pipes["status"])
+        print(f"ckpt: started job {o.job_id} step {o.step}: no checkpoint yet", file=sys.stderr, flush=True)
+        emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
+             how="launched", argv=o.argv, cwd=o.cwd)
+        return pid
+
+    def _excluded_paths(self) -> set:
+        """Never capture (and so never put back) our own output files, the runtime dir or the store."""
+        out = {os.path.abspath(self.opts.runtime_dir)}
+        for fd in (1, 2):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith("/"):
+                    out.add(target)
+            except OSError:
+                pass
+        return out
+
+    def _wait(self, st_r: int, init_pid: int) -> Optional[int]:
+        """Block until the tree ends; return the tool's status, or None when it was killed without one."""
+        data = b""
+        while True:
+            part = os.read(st_r, 64)
+            if not part:
+                break
+            data += part
+        os.close(st_r)
+        try:
+            _, wstatus = os.waitpid(init_pid, 0)  # reap: the init is our child (launched or restored as sibling)
+            fallback = os.waitstatus_to_exitcode(wstatus)
+            fallback = 128 - fallback if fallback < 0 else fallback
+        except ChildProcessError:
+            fallback = None
+        text = data.decode(errors="replace").strip().splitlines()
+        if text:
+            try:
+                return int(text[-1])
+            except ValueError:
+                pass
+        return fallback
+
+    def _finish(self, code: Optional[int]) -> int:
+        o = self.opts
+        with self._ckpt_lock:  # a final checkpoint in flight kills the tree before it records that it did
+            stopped_by_final = self._stopped_by_final
+        for r in self._relays:  # everything the tool wrote reaches the output before we exit
+            r.done.wait(timeout=30)
+        if stopped_by_final:
+            emit(self.store, o.job_id, "segment_ended", node=self.node, instance=self.instance, step=o.step,
+                 how="interrupted", generation=self.last_checkpoint)
+            return EXIT_FINAL
+        status = 137 if code is None else code
+        self.store.record_result(o.job_id, o.step, status)
+        emit(self.store, o.job_id, "segment_ended", node=self.node, instance=self.instance, step=o.step,
+             how="completed" if status == 0 else "failed", exit_status=status)
+        # a finished step needs no checkpoint: free the space now rather than at job end
+        self.store.prune(o.job_id, o.step, 0)
+        self.store.sweep_chunks(o.job_id)
+        return status
+
+    # --- signals, registration, control -------------------------------------------------------------------------
+    def _install_signal_forwarding(self, init_pid: int) -> None:
+        def forward(signum, _frame):
+            try:
+                os.kill(init_pid, signum)
+            except ProcessLookupError:
+                pass
+
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, forward)
+
+    def _register(self) -> None:
+        o = self.opts
+        d = registration_dir(o.runtime_dir)
+        os.makedirs(d, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chmod(d, 0o1777)  # wrappers of ordinary users register here too; sticky like /tmp
+        self._reg_path, sock_path = registration_paths(o.runtime_dir, o.job_id, o.step)
+        self._server = control.ControlServer(sock_path, self._handle, mode=0o600).start()
+        reg = {
+            "job_id": o.job_id, "step": o.step, "pid": os.getpid(), "init_pid": self.job.init_pid,
+            "uid": os.getuid(), "gid": os.getgid(), "node": self.node, "socket": sock_path, "cwd": o.cwd,
+            "store": self.store.root, "started": iso(utcnow()), "argv": o.argv,
+        }
+        write_atomic(self._reg_path, json.dumps(reg).encode(), mode=0o644, durable=False)
+
+    def _unregister(self) -> None:
+        if self._server:
+            self._server.close()
+        if self._reg_path:
+            try:
+                os.unlink(self._reg_path)
+            except OSError:
+                pass
+
+    def _handle(self, req: Dict[str, Any], creds) -> Dict[str, Any]:
+        _, uid, _ = creds
+        if uid not in (0, os.getuid()):
+            return {"ok": False, "error": "only the job's owner or root may checkpoint it", "exit_code": 77}
+        op = req.get("op")
+        if op == "status":
+            return {"ok": True, "job_id": self.opts.job_id, "step": self.opts.step, "init_pid": self.job.init_pid,
+                    "last_checkpoint": self.last_checkpoint}
+        if op == "checkpoint":
+            res = self.checkpoint(final=bool(req.get("final")), reason=str(req.get("reason") or "manual"),
+                                  timeout=req.get("timeout"))
+            return {"ok": True, **res}
+        return {"ok": False, "error": f"unknown request {op!r}", "exit_code": 2}
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def checkpoint(self, *, final: bool, reason: str, timeout: Optional[float] = None) -> Dict[str, Any]:
+        o = self.opts
+        with self._ckpt_lock:
+            if self._stopped_by_final:
+                raise CkptError(f"job {o.job_id} step {o.step} was already stopped by a final checkpoint")
+            if self._stop.is_set():
+                raise CkptError(f"job {o.job_id} step {o.step} has already ended")
+            emit(self.store, o.job_id, "checkpoint_started", node=self.node, instance=self.instance, step=o.step,
+                 final=final, reason=reason)
+            try:
+                res = self.engine.checkpoint(self.job, final=final, reason=reason, timeout=timeout)
+            except CkptError as e:
+                emit(self.store, o.job_id, "checkpoint_failed", node=self.node, instance=self.instance, step=o.step,
+                     final=final, reason=reason, error=str(e))
+                print(f"ckpt: checkpoint of job {o.job_id} step {o.step} failed: {e}", file=sys.stderr, flush=True)
+                raise
+            if final:
+                self._stopped_by_final = True
+            self.last_checkpoint = res.generation
+            emit(self.store, o.job_id, "checkpoint_committed", node=self.node, instance=self.instance, step=o.step,
+                 generation=res.generation, final=final, reason=reason, bytes_in=res.bytes_in,
+                 bytes_written=res.bytes_written, bytes_new=res.bytes_new, frozen_seconds=round(res.frozen_seconds, 3),
+                 seconds=round(res.total_seconds, 3))
+            if final:
+                print(f"ckpt: job {o.job_id} step {o.step} stopped by final checkpoint {res.generation}; "
+                      "run the same command again to resume", file=sys.stderr, flush=True)
+            return {"generation": res.generation, "final": final, "bytes_written": res.bytes_written,
+                    "bytes_in": res.bytes_in, "seconds": round(res.total_seconds, 3), "created": res.created}
+
+    def _periodic(self) -> None:
+        while not self._stop.wait(self.opts.interval):
+            try:
+                self.checkpoint(final=False, reason="periodic")
+            except CkptError as e:
+                log.warning("periodic checkpoint failed: %s", e)
