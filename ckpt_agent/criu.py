@@ -165,29 +165,35 @@ def _varint(buf: bytes, pos: int):
         shift += 7
 
 
-def _pagemap_entries(buf: bytes):
-    """Yield (vaddr, nr_pages, flags, in_parent) from a CRIU pagemap image (protobuf entries, u32-size framed)."""
+def _fields(msg: bytes) -> Dict[int, int]:
+    out: Dict[int, int] = {}
+    i = 0
+    while i < len(msg):
+        key, i = _varint(msg, i)
+        if key & 7 != 0:
+            raise ValueError("unexpected wire type in pagemap image")
+        out[key >> 3], i = _varint(msg, i)
+    return out
+
+
+def _read_pagemap(buf: bytes):
+    """(pages_id, [(vaddr, nr_pages, flags, in_parent)]) from a CRIU pagemap image (u32-size-framed protobuf)."""
     if len(buf) < 8 or struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
         raise ValueError("not a pagemap image")
     pos = 8
-    first = True
+    head = None
+    entries = []
     while pos + 4 <= len(buf):
         (size,) = struct.unpack_from("<I", buf, pos)
         pos += 4
-        msg = buf[pos : pos + size]
+        f = _fields(buf[pos : pos + size])
         pos += size
-        if first:  # pagemap_head {pages_id}
-            first = False
+        if head is None:
+            head = f.get(1, 0)  # pagemap_head.pages_id: which pages-<id>.img holds the data
             continue
-        fields = {1: 0, 2: 0, 3: 0, 4: None}
-        i = 0
-        while i < len(msg):
-            key, i = _varint(msg, i)
-            if key & 7 != 0:
-                raise ValueError("unexpected wire type in pagemap entry")
-            val, i = _varint(msg, i)
-            fields[key >> 3] = val
-        yield fields[1], fields[2], fields[4], bool(fields[3])
+        # CRIU >= 4.0 keeps the page count in nr_pages (field 5); older images in compat_nr_pages (field 2)
+        entries.append((f.get(1, 0), f.get(5, f.get(2, 0)), f.get(4), bool(f.get(3, 0))))
+    return head, entries
 
 
 def pages_cut_points(images_dir: str, pages_name: str, chunk_bytes: int) -> List[int]:
@@ -200,24 +206,36 @@ def pages_cut_points(images_dir: str, pages_name: str, chunk_bytes: int) -> List
     m = re.match(r"pages-(\d+)\.img$", pages_name)
     if not m:
         return []
-    pagemap = os.path.join(images_dir, f"pagemap-{m.group(1)}.img")
     try:
-        with open(pagemap, "rb") as fh:
-            buf = fh.read()
+        entries = None
+        for name in os.listdir(images_dir):
+            if name.startswith("pagemap-") and name.endswith(".img"):
+                with open(os.path.join(images_dir, name), "rb") as fh:
+                    pages_id, found = _read_pagemap(fh.read())
+                if pages_id == int(m.group(1)):
+                    entries = found
+                    break
+        if entries is None:
+            return []
+        # one chunk per chunk-aligned window of the address space: its identity depends only on the pages in
+        # that window, however CRIU happens to split the mappings into pagemap entries this time
         cuts: List[int] = []
         offset = 0
-        for vaddr, nr_pages, flags, in_parent in _pagemap_entries(buf):
+        last_window = None
+        for vaddr, nr_pages, flags, in_parent in entries:
             present = bool(flags & _PE_PRESENT) and not flags & _PE_PARENT if flags is not None else not in_parent
             if not present or not nr_pages:
                 continue
-            start, length = vaddr, nr_pages * PAGE_SIZE
-            if length >= chunk_bytes or not cuts or offset - cuts[-1] >= chunk_bytes:
-                cuts.append(offset)  # a region of its own starts a chunk
-            addr = (start // chunk_bytes + 1) * chunk_bytes
-            while addr < start + length:
-                cuts.append(offset + (addr - start))
+            end = vaddr + nr_pages * PAGE_SIZE
+            window = vaddr // chunk_bytes
+            if window != last_window:
+                cuts.append(offset)
+            addr = (window + 1) * chunk_bytes
+            while addr < end:
+                cuts.append(offset + (addr - vaddr))
                 addr += chunk_bytes
-            offset += length
+            last_window = (end - 1) // chunk_bytes
+            offset += nr_pages * PAGE_SIZE
         return cuts
     except (OSError, ValueError, IndexError, struct.error):
         log.debug("no usable pagemap for %s; fixed-size chunks", pages_name)

@@ -1,0 +1,83 @@
+"""Helpers for tests that drive the real `ckpt` command with real CRIU (not fixtures: conftest.py is shared)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def criu_binary() -> str:
+    return shutil.which("criu") or shutil.which("criu", path="/usr/local/sbin:/usr/sbin") or ""
+
+
+def require_criu() -> None:
+    """CRIU tests need root and CRIU >= 4.2.1; in CI their absence is a failure, not a skip."""
+    if os.geteuid() != 0 or not criu_binary():
+        if os.environ.get("CI"):
+            pytest.fail("CRIU tests need root and criu (make setup installs it)")
+        pytest.skip("needs root and criu")
+
+
+def ckpt_env(store: Path, runtime: Path, **extra: str) -> Dict[str, str]:
+    env = dict(os.environ)
+    config = store.parent / "agent.yaml"  # an empty config: defaults plus the environment, whatever /etc holds
+    config.write_text("{}\n")
+    env.update(CKPT_STORE=str(store), CKPT_RUNTIME_DIR=str(runtime), CKPT_CONFIG=str(config))
+    env["PATH"] = "/usr/local/sbin:" + env.get("PATH", "")
+    for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def ckpt_cmd(*args: str) -> List[str]:
+    return [sys.executable, "-m", "ckpt_agent", *args]
+
+
+def run_ckpt(*args: str, env: Dict[str, str], cwd: Optional[Path] = None, timeout: float = 120,
+             stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run(ckpt_cmd(*args), env=env, cwd=cwd, timeout=timeout, stdout=stdout,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def start_ckpt(*args: str, env: Dict[str, str], cwd: Path, out: Path, err: Path) -> subprocess.Popen:
+    return subprocess.Popen(ckpt_cmd(*args), env=env, cwd=cwd, stdout=open(out, "ab"), stderr=open(err, "ab"),
+                            start_new_session=True)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def registered(runtime: Path, job: str, step: str = "main") -> bool:
+    return (runtime / "jobs" / f"{job}.{step}.json").exists()
+
+
+def kill_job(proc: subprocess.Popen, runtime: Path, job: str, step: str = "main") -> None:
+    """SIGKILL the wrapper and the whole tool tree at once, as when an instance is lost without notice."""
+    import json
+    import signal
+
+    reg = json.loads((runtime / "jobs" / f"{job}.{step}.json").read_text())
+    for pid in (reg["init_pid"], proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)  # killing the namespace init kills every process of the tool
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
