@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from .chunkstore import ChunkRef, ChunkStore, WriteStats, restore_file, store_file
+from .usercreds import Creds, fs_identity
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,14 @@ class FileEntry:
             "mtime_ns": self.mtime_ns,
         }
         if self.kind == "file":
-            d.update(size=self.size, ino=self.ino, ctime_ns=self.ctime_ns, chunks=[c.to_json() for c in self.chunks or []])
+            chunks = [c.to_json() for c in self.chunks or []]
+            d.update(size=self.size, ino=self.ino, ctime_ns=self.ctime_ns, chunks=chunks)
         if self.kind == "symlink":
             d["target"] = self.target
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "FileEntry":
+    def from_json(cls, d: dict) -> FileEntry:
         return cls(
             path=d["path"], kind=d["kind"], mode=d["mode"], uid=d["uid"], gid=d["gid"], mtime_ns=d["mtime_ns"],
             size=d.get("size", 0), ino=d.get("ino", 0), ctime_ns=d.get("ctime_ns", 0), target=d.get("target", ""),
@@ -165,7 +167,10 @@ def capture(
     open_files: Iterable[str],
     exclude: Set[str],
     previous: Optional[Dict[str, FileEntry]] = None,
+    owner_uid: Optional[int] = None,
 ) -> Tuple[List[FileEntry], WriteStats]:
+    """owner_uid: the agent capturing for an ordinary user takes only what that user owns, so root never copies
+    into a checkpoint (and so back into the user's hands) a file the user could not read."""
     previous = previous or {}
     stats = WriteStats()
     seen: Dict[str, FileEntry] = {}
@@ -192,6 +197,9 @@ def capture(
             continue
     for path, st in items:
         if path in seen:
+            continue
+        if owner_uid is not None and st.st_uid != owner_uid and not stat.S_ISDIR(st.st_mode):
+            log.info("not capturing %s: owned by uid %d, not the job's user", path, st.st_uid)
             continue
         mode = stat.S_IMODE(st.st_mode)
         base = dict(path=path, mode=mode, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
@@ -230,14 +238,20 @@ def restore_files(
     chunks: ChunkStore,
     pool: concurrent.futures.Executor,
     entries: Iterable[FileEntry],
-    set_owner: bool,
+    creds: Optional[Creds] = None,
 ) -> Tuple[int, int]:
     """Put captured files back where they differ from the checkpoint; return (files written, files unchanged).
 
     A file whose size and mtime equal the recorded ones is taken as unchanged (what rsync does); every other file
     is rewritten from verified chunks, so the tool resumes against exactly the state it was checkpointed with.
     """
-    entries = list(entries)
+    if creds is None or creds.uid == 0:
+        return _restore_files(chunks, pool, list(entries), set_owner=True)
+    with fs_identity(creds):  # chunks are read by pool threads as root; every path is touched as the user
+        return _restore_files(chunks, pool, list(entries), set_owner=False)
+
+
+def _restore_files(chunks, pool, entries: List[FileEntry], set_owner: bool) -> Tuple[int, int]:
     written = unchanged = 0
     for e in sorted((e for e in entries if e.kind == "dir"), key=lambda e: e.path.count("/")):
         if not os.path.isdir(e.path) or os.path.islink(e.path):

@@ -49,7 +49,7 @@ class ChunkRef:
         return [self.digest, self.size, self.codec]
 
     @classmethod
-    def from_json(cls, value: Sequence) -> "ChunkRef":
+    def from_json(cls, value: Sequence) -> ChunkRef:
         digest, size, codec = value
         return cls(str(digest), int(size), str(codec))
 
@@ -62,7 +62,7 @@ class WriteStats:
     chunks_new: int = 0
     chunks_reused: int = 0
 
-    def add(self, other: "WriteStats") -> None:
+    def add(self, other: WriteStats) -> None:
         self.bytes_in += other.bytes_in
         self.bytes_new += other.bytes_new
         self.bytes_written += other.bytes_written
@@ -87,8 +87,15 @@ def syncfs(path: str) -> None:
 class ChunkStore:
     """The chunks of one job: `known` maps digests already stored (from kept manifests) to their codec."""
 
-    def __init__(self, root: str, compression: str = "zstd", known: Optional[Dict[str, str]] = None):
+    def __init__(
+        self,
+        root: str,
+        compression: str = "zstd",
+        known: Optional[Dict[str, str]] = None,
+        owner: Optional[Tuple[int, int]] = None,
+    ):
         self.root = root
+        self.owner = owner  # (uid, gid) the agent gives chunks it writes for an ordinary user's job
         self.compress = compression == "zstd"
         self.known: Dict[str, str] = dict(known or {})
         self._lock = threading.Lock()
@@ -129,10 +136,16 @@ class ChunkStore:
         ref = ChunkRef(digest, len(data), codec)
         final = self.path(ref)
         if not os.path.exists(final):
-            os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+            prefix_dir = os.path.dirname(final)
+            if not os.path.isdir(prefix_dir):
+                os.makedirs(prefix_dir, mode=0o700, exist_ok=True)
+                if self.owner:
+                    os.chown(prefix_dir, *self.owner)
             tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
             with open(tmp, "wb") as fh:
                 fh.write(payload)
+                if self.owner:
+                    os.fchown(fh.fileno(), *self.owner)
             os.rename(tmp, final)
             stats.bytes_written = len(payload)
         stats.bytes_new = len(data)

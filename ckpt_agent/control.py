@@ -9,14 +9,15 @@ import os
 import socket
 import struct
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import AgentUnreachable, CkptError
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1 << 20
-Handler = Callable[[Dict[str, Any], Tuple[int, int, int]], Dict[str, Any]]
+MAX_FDS = 8
+Handler = Callable[[Dict[str, Any], Tuple[int, int, int], List[int]], Dict[str, Any]]
 
 
 def peer_credentials(conn: socket.socket) -> Tuple[int, int, int]:
@@ -25,8 +26,15 @@ def peer_credentials(conn: socket.socket) -> Tuple[int, int, int]:
     return struct.unpack("3i", data)
 
 
-def _read_line(conn: socket.socket) -> bytes:
-    buf = b""
+def _read_request(conn: socket.socket) -> Tuple[bytes, List[int]]:
+    """The request line and any descriptors sent with it (SCM_RIGHTS, e.g. a wrapper's stdio pipes)."""
+    buf, fds, _, _ = socket.recv_fds(conn, 65536, MAX_FDS)
+    if b"\n" not in buf and buf:
+        buf += _read_line(conn)
+    return buf.split(b"\n", 1)[0], list(fds)
+
+
+def _read_line(conn: socket.socket, buf: bytes = b"") -> bytes:
     while b"\n" not in buf:
         part = conn.recv(65536)
         if not part:
@@ -52,7 +60,7 @@ class ControlServer:
         self._closed = False
         self.thread = threading.Thread(target=self._serve, name=f"control:{os.path.basename(path)}", daemon=True)
 
-    def start(self) -> "ControlServer":
+    def start(self) -> ControlServer:
         self.thread.start()
         return self
 
@@ -65,18 +73,26 @@ class ControlServer:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
+        fds: List[int] = []
         with conn:
             try:
                 creds = peer_credentials(conn)
-                request = json.loads(_read_line(conn) or b"{}")
+                line, fds = _read_request(conn)
+                request = json.loads(line or b"{}")
                 if not isinstance(request, dict):
                     raise ValueError("request must be a JSON object")
-                response = self.handler(request, creds)
+                response = self.handler(request, creds, fds)
             except CkptError as e:
                 response = {"ok": False, "error": str(e), "exit_code": e.exit_code}
             except Exception as e:  # keep serving; report the failure to the caller
                 log.exception("control request failed")
                 response = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit_code": 70}
+            finally:
+                for fd in fds:  # handlers dup what they keep
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
             try:
                 conn.sendall(json.dumps(response).encode() + b"\n")
             except OSError:
@@ -93,8 +109,10 @@ class ControlServer:
                 pass
 
 
-def request(path: str, payload: Dict[str, Any], timeout: Optional[float] = None) -> Dict[str, Any]:
-    """Send one request and wait for its response (timeout None: as long as the checkpoint takes)."""
+def request(
+    path: str, payload: Dict[str, Any], timeout: Optional[float] = None, fds: Sequence[int] = ()
+) -> Dict[str, Any]:
+    """Send one request (with descriptors, if any) and wait for its response (timeout None: as long as it takes)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -102,7 +120,12 @@ def request(path: str, payload: Dict[str, Any], timeout: Optional[float] = None)
             sock.connect(path)
         except OSError as e:
             raise AgentUnreachable(f"cannot reach {path}: {e.strerror or e}") from e
-        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = json.dumps(payload).encode() + b"\n"
+        if fds:
+            sent = socket.send_fds(sock, [data], list(fds))
+            sock.sendall(data[sent:])
+        else:
+            sock.sendall(data)
         line = _read_line(sock)
     except socket.timeout as e:
         raise AgentUnreachable(f"no answer from {path} within {timeout:g} s") from e

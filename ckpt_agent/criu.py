@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import struct
+import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 from . import proc
@@ -100,19 +101,30 @@ class Criu:
         inherit_fds: Optional[Dict[int, str]] = None,
         tcp_close: bool = True,
         timeout: Optional[float] = None,
+        sibling: bool = True,
+        cgroup_pid: Optional[int] = None,
     ) -> int:
-        """Restore detached as our child; return the restored root's host pid."""
+        """Restore detached; return the restored root's host pid.
+
+        sibling=True (a root wrapper restoring its own job): the restored root becomes our child, to be waited for.
+        sibling=False (the agent restoring for a user): it is reparented to the system's init once CRIU exits.
+        cgroup_pid: CRIU runs in that process's cgroups, so with --manage-cgroups=ignore the tree lands there.
+        """
         argv = [
-            self.binary, "restore", "-D", images_dir, "-o", "restore.log", "-v2", "-d", "-S",
+            self.binary, "restore", "-D", images_dir, "-o", "restore.log", "-v2", "-d",
             "--pidfile", pidfile, "--manage-cgroups=ignore", "--ext-unix-sk", "--file-locks",
             f"--cpu-cap={CPU_CAPS}",
         ]
+        if sibling:
+            argv.append("-S")
         if tcp_close:
             argv.append("--tcp-close")
         fds: List[int] = []
         for fd, key in sorted((inherit_fds or {}).items()):
             argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
             fds.append(fd)
+        if cgroup_pid:
+            argv = [sys.executable, "-m", "ckpt_agent.cgexec", str(cgroup_pid), "--", *argv]
         self._run_logged(argv, images_dir, "restore.log", timeout, pass_fds=fds)
         try:
             with open(pidfile, encoding="ascii") as fh:
@@ -139,7 +151,8 @@ class Criu:
             self.run(argv, timeout=timeout, pass_fds=pass_fds)
         except CommandError as e:
             detail = _log_errors(os.path.join(images_dir, log_name)) or str(e)
-            raise CriuError(f"criu {argv[1]} failed: {detail} (log: {os.path.join(images_dir, log_name)})") from e
+            action = "dump" if "dump" in argv else "restore"
+            raise CriuError(f"criu {action} failed: {detail} (log: {os.path.join(images_dir, log_name)})") from e
 
 
 def _log_errors(path: str) -> str:

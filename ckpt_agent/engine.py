@@ -34,6 +34,7 @@ from .config import CheckpointSettings
 from .criu import Criu, pages_cut_points
 from .errors import CkptError, CriuError, DamagedCheckpointError, PermissionDenied
 from .store import FORMAT_VERSION, CheckpointStore, Generation, iso, utcnow
+from .usercreds import Creds
 
 log = logging.getLogger(__name__)
 
@@ -123,33 +124,44 @@ class Engine:
         self.settings = settings
 
     # --- checkpoint ---------------------------------------------------------------------------------------------
-    def checkpoint(self, job: JobState, *, final: bool, reason: str, timeout: Optional[float] = None) -> CheckpointResult:
+    def checkpoint(
+        self, job: JobState, *, final: bool, reason: str, timeout: Optional[float] = None
+    ) -> CheckpointResult:
         t0 = time.monotonic()
         store = self.store
         store.ensure_job(job.job_id, job.step, job.uid, job.gid)
         with store.job_lock(job.job_id), concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
             number, partial = store.begin(job.job_id, job.step)
             previous = self._previous_manifest(job)
-            chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id))
+            owner = (job.uid, job.gid) if job.uid != 0 and os.geteuid() == 0 else None
+            chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner)
             stage = self._staging_dir(job)
             stopped: List[int] = []
             resumed = False
+            timings: Dict[str, float] = {"prepare_seconds": time.monotonic() - t0}  # where a checkpoint's time goes
             try:
+                t_step = time.monotonic()
                 self.criu.dump(
                     job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
                     ghost_limit=self.settings.ghost_limit, timeout=timeout,
                 )
+                timings["dump_seconds"] = time.monotonic() - t_step
+                t_step = time.monotonic()
                 stopped = capture.ns_pids(job.init_pid)
                 open_files = capture.open_writable_files(stopped)
                 roots = [job.cwd] + list(self.settings.extra_paths)
                 exclude = set(job.exclude) | {store.root, stage, os.path.dirname(stage)}
                 prev_files = {e["path"]: capture.FileEntry.from_json(e) for e in (previous or {}).get("files", [])}
-                files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files)
+                files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files,
+                                                owner_uid=job.uid if owner else None)
+                timings["capture_seconds"] = time.monotonic() - t_step
                 t_frozen = time.monotonic() - t0
                 if not final:
                     _resume(stopped)
                     resumed = True
+                t_step = time.monotonic()
                 images, istats = self._store_images(chunks, pool, stage)
+                timings["store_images_seconds"] = time.monotonic() - t_step
                 stats = WriteStats()
                 stats.add(fstats)
                 stats.add(istats)
@@ -176,9 +188,10 @@ class Engine:
                         "bytes_in": stats.bytes_in, "bytes_new": stats.bytes_new,
                         "bytes_written": stats.bytes_written, "chunks_new": stats.chunks_new,
                         "chunks_reused": stats.chunks_reused, "frozen_seconds": round(t_frozen, 3),
+                        **{k: round(v, 3) for k, v in timings.items()},
                     },
                 }
-                store.commit(partial, number, manifest)
+                store.commit(partial, number, manifest, owner)
             except BaseException:
                 store.abort(partial)
                 if stopped and not resumed:
@@ -239,10 +252,16 @@ class Engine:
         pipe_fds: Dict[str, int],
         *,
         require_signature: bool = False,
-        set_owner: bool = True,
+        creds: Optional[Creds] = None,
         check_manifest: Optional[Callable[[Dict[str, Any]], None]] = None,
+        cgroup_pid: Optional[int] = None,
     ) -> RestoreResult:
-        """Restore the newest intact generation; `pipe_fds` maps "stdout"/"stderr"/"status" to new pipe ends."""
+        """Restore the newest intact generation; `pipe_fds` maps "stdout"/"stderr"/"status" to new pipe ends.
+
+        The root wrapper restores its own job as its child (creds None). The agent restoring for an ordinary user
+        passes the user's `creds` (files are put back with the user's file-system identity), requires the agent's
+        signature, checks the manifest against the requester, and restores into the wrapper's cgroups.
+        """
         t0 = time.monotonic()
         gens = self.store.generations(job_id, step)
         skipped: List[Tuple[int, str]] = []
@@ -251,7 +270,7 @@ class Engine:
                 manifest = self.store.load_manifest(gen, require_signature=require_signature)
                 if check_manifest:
                     check_manifest(manifest)
-                return self._restore_generation(gen, manifest, pipe_fds, skipped, set_owner, t0)
+                return self._restore_generation(gen, manifest, pipe_fds, skipped, creds, cgroup_pid, t0)
             except DamagedCheckpointError as e:
                 log.warning("checkpoint %d of job %s step %s is damaged: %s", gen.number, job_id, step, e)
                 skipped.append((gen.number, str(e)))
@@ -261,9 +280,10 @@ class Engine:
             )
         raise CkptError(f"no checkpoint of job {job_id} step {step}")
 
-    def _restore_generation(self, gen: Generation, manifest, pipe_fds, skipped, set_owner, t0) -> RestoreResult:
+    def _restore_generation(self, gen: Generation, manifest, pipe_fds, skipped, creds, cgroup_pid, t0) -> RestoreResult:
         chunks = self.store.chunks_for(gen.job_id)
-        stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base())
+        stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base(manifest))
+        keep_stage = False
         try:
             with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
                 for img in manifest["images"]:
@@ -272,20 +292,22 @@ class Engine:
                     restore_file(chunks, refs, os.path.join(stage, name), pool, where=f"image {name}")
                 self.criu.cpuinfo_check(stage)
                 entries = [capture.FileEntry.from_json(f) for f in manifest["files"]]
-                written, _ = capture.restore_files(chunks, pool, entries, set_owner)
+                written, _ = capture.restore_files(chunks, pool, entries, creds)
             inherit = {}
             for key, ino in manifest.get("pipes", {}).items():
                 if key in pipe_fds:
                     inherit[pipe_fds[key]] = f"pipe:[{ino}]"
             pid = self.criu.restore(
                 stage, pidfile=os.path.join(stage, "restored.pid"), inherit_fds=inherit,
-                tcp_close=self.settings.tcp_close,
+                tcp_close=self.settings.tcp_close, sibling=creds is None, cgroup_pid=cgroup_pid,
             )
         except CriuError:
+            keep_stage = True
             log.error("restore failed; images kept in %s for inspection", stage)
             raise
-        else:
-            shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            if not keep_stage:
+                shutil.rmtree(stage, ignore_errors=True)
         return RestoreResult(
             pid=pid, generation=gen.number, created=manifest["created"], skipped=skipped,
             seconds=time.monotonic() - t0, files_written=written,
@@ -303,7 +325,15 @@ def _mem_available() -> int:
     return 0
 
 
-def _restore_base() -> str:
+def _restore_base(manifest: Dict[str, Any]) -> str:
+    """Rebuild images in tmpfs when memory allows (CRIU reads them once, fast), else on local disk."""
+    need = sum(int(i.get("size", 0)) for i in manifest.get("images", [])) + SHM_HEADROOM_BYTES
     base = "/var/tmp/ckpt-agent"
+    try:
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize > need and _mem_available() > 2 * need:
+            base = "/dev/shm/ckpt-agent"
+    except OSError:
+        pass
     os.makedirs(base, mode=0o700, exist_ok=True)
     return base

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 from .errors import CkptError
+from .usercreds import Creds, drop_to, join_cgroups_of
 
 CLONE_NEWPID = 0x20000000
 PR_SET_CHILD_SUBREAPER = 36
@@ -35,10 +36,14 @@ def launch(
     stdout_fd: int,
     stderr_fd: int,
     status_fd: int,
+    creds: Optional[Creds] = None,
+    cgroup_pid: Optional[int] = None,
 ) -> int:
     """Fork a launcher that unshares a PID namespace and forks nsinit as its pid 1; return nsinit's host pid.
 
-    The caller must be a child subreaper so that nsinit becomes its child when the launcher exits.
+    A wrapper running as root is a child subreaper, so nsinit becomes its child when the launcher exits. The node
+    agent launching for an ordinary user passes the user's `creds` (nsinit drops to them before exec) and the
+    wrapper's pid as `cgroup_pid` (the job's cgroups, so Slurm limits, accounts and kills the tool with the job).
     """
     pid_r, pid_w = os.pipe()
     launcher = os.fork()
@@ -50,12 +55,16 @@ def launch(
             os.dup2(stdout_fd, 1)
             os.dup2(stderr_fd, 2)
             os.dup2(status_fd, STATUS_FD)
+            if cgroup_pid:
+                join_cgroups_of(cgroup_pid)
             if _libc.unshare(CLONE_NEWPID) != 0:
                 os.write(2, f"ckpt: unshare(CLONE_NEWPID) failed: {os.strerror(ctypes.get_errno())}\n".encode())
                 os._exit(1)
             init = os.fork()
             if init == 0:
                 os.closerange(STATUS_FD + 1, 65536)  # no descriptor of the wrapper leaks into the job
+                if creds is not None:
+                    drop_to(creds)
                 os.chdir(cwd)
                 os.execve(sys.executable, [sys.executable, "-I", "-S", NSINIT, str(STATUS_FD), "--", *argv], dict(env))
             os.write(pid_w, str(init).encode())

@@ -21,8 +21,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from . import control, launcher
-from .engine import Engine, JobState
+from . import control
+from .engine import JobState
 from .errors import EXIT_FINAL, CkptError, NotFoundError
 from .events import emit, load_instance, node_name
 from .store import CheckpointStore, iso, utcnow, write_atomic
@@ -48,7 +48,9 @@ def find_registration(runtime_dir: str, job_id: str, step: str) -> Dict[str, Any
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except FileNotFoundError:
-        raise NotFoundError(f"job {job_id} step {step} is not running under ckpt run on this machine ({path})") from None
+        raise NotFoundError(
+            f"job {job_id} step {step} is not running under ckpt run on this machine ({path})"
+        ) from None
     except (OSError, ValueError) as e:
         raise CkptError(f"{path}: unreadable registration ({e})") from e
 
@@ -116,10 +118,10 @@ class RunOptions:
 
 
 class Runner:
-    def __init__(self, opts: RunOptions, store: CheckpointStore, engine: Engine):
+    def __init__(self, opts: RunOptions, store: CheckpointStore, backend):
         self.opts = opts
         self.store = store
-        self.engine = engine
+        self.backend = backend  # backends.LocalBackend (root) or backends.AgentBackend (through the node agent)
         self.node = node_name()
         self.instance = load_instance(opts.runtime_dir)
         self.job: Optional[JobState] = None
@@ -140,7 +142,6 @@ class Runner:
             print(f"ckpt: job {o.job_id} step {o.step} already finished with status {code}; not running it again",
                   file=sys.stderr, flush=True)
             return code
-        launcher.become_subreaper()
         self.store.ensure_job(o.job_id, o.step, os.getuid(), os.getgid())
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -172,7 +173,7 @@ class Runner:
     def _start(self, pipes: Dict[str, int]) -> int:
         o = self.opts
         if self.store.generations(o.job_id, o.step):
-            res = self.engine.restore(o.job_id, o.step, pipes)
+            res = self.backend.restore(o.job_id, o.step, pipes)
             for number, why in res.skipped:
                 print(f"ckpt: checkpoint {number} is damaged ({why}); using an older one", file=sys.stderr)
             restart = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -185,7 +186,7 @@ class Runner:
             emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
                  how="restored", generation=res.generation)
             return res.pid
-        pid = launcher.launch(o.argv, o.cwd, os.environ, pipes["stdout"], pipes["stderr"], pipes["status"])
+        pid = self.backend.launch(o.argv, o.cwd, os.environ, pipes, o.job_id, o.step)
         print(f"ckpt: started job {o.job_id} step {o.step}: no checkpoint yet", file=sys.stderr, flush=True)
         emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
              how="launched", argv=o.argv, cwd=o.cwd)
@@ -280,7 +281,7 @@ class Runner:
             except OSError:
                 pass
 
-    def _handle(self, req: Dict[str, Any], creds) -> Dict[str, Any]:
+    def _handle(self, req: Dict[str, Any], creds, _fds) -> Dict[str, Any]:
         _, uid, _ = creds
         if uid not in (0, os.getuid()):
             return {"ok": False, "error": "only the job's owner or root may checkpoint it", "exit_code": 77}
@@ -302,10 +303,12 @@ class Runner:
                 raise CkptError(f"job {o.job_id} step {o.step} was already stopped by a final checkpoint")
             if self._stop.is_set():
                 raise CkptError(f"job {o.job_id} step {o.step} has already ended")
+            if not self.instance:  # the agent may have learnt the instance facts after we started
+                self.instance = self.job.instance = load_instance(o.runtime_dir)
             emit(self.store, o.job_id, "checkpoint_started", node=self.node, instance=self.instance, step=o.step,
                  final=final, reason=reason)
             try:
-                res = self.engine.checkpoint(self.job, final=final, reason=reason, timeout=timeout)
+                res = self.backend.checkpoint(self.job, final=final, reason=reason, timeout=timeout)
             except CkptError as e:
                 emit(self.store, o.job_id, "checkpoint_failed", node=self.node, instance=self.instance, step=o.step,
                      final=final, reason=reason, error=str(e))

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -107,7 +108,7 @@ class Signer:
         self.key = key
 
     @classmethod
-    def from_file(cls, path: str) -> "Signer":
+    def from_file(cls, path: str) -> Signer:
         try:
             with open(path, "rb") as fh:
                 key = fh.read().strip()
@@ -151,18 +152,34 @@ class CheckpointStore:
         return os.path.join(self.job_dir(job_id), "chunks")
 
     def ensure_job(self, job_id: str, step: str, uid: Optional[int] = None, gid: Optional[int] = None) -> str:
+        """Create the job's directories (mode 0700, owned by the job's user). A job directory that is a symbolic
+        link, or that belongs to somebody else than the job's user or root, is refused: the store may be writable
+        by every user, and nobody may plant a directory for another user's job."""
         if not os.path.isdir(self.root):
             raise StoreError(f"checkpoint store {self.root} does not exist or is not a directory")
         jd = self.job_dir(job_id)
         try:
-            os.makedirs(jd, mode=0o700, exist_ok=True)
-            os.makedirs(self.step_dir(job_id, step), mode=0o700, exist_ok=True)
-            os.makedirs(self.chunk_dir(job_id), mode=0o700, exist_ok=True)
-            if os.path.islink(jd):
-                raise StoreError(f"{jd} is a symbolic link; refusing to use it")
-            os.chmod(jd, 0o700)
-            if uid is not None and os.geteuid() == 0:
-                for p in (jd, self.step_dir(job_id, step), self.chunk_dir(job_id)):
+            if not os.path.lexists(jd):
+                try:
+                    os.mkdir(jd, 0o700)
+                except FileExistsError:
+                    pass
+            st = os.lstat(jd)
+            if os.path.islink(jd) or not os.path.isdir(jd):
+                raise StoreError(f"{jd} is not a directory (a symbolic link?); refusing to use it")
+            if uid is not None and st.st_uid not in (0, uid):
+                raise StoreError(f"{jd} belongs to uid {st.st_uid}, not to the job's user (uid {uid}); refusing it")
+            created = [jd]
+            for sub in (self.step_dir(job_id, step), self.chunk_dir(job_id)):
+                if not os.path.lexists(sub):
+                    os.makedirs(sub, mode=0o700, exist_ok=True)
+                    created.append(sub)
+                elif os.path.islink(sub):
+                    raise StoreError(f"{sub} is a symbolic link; refusing to use it")
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o700:
+                os.chmod(jd, 0o700)
+            if uid is not None and os.geteuid() == 0 and uid != 0:
+                for p in created:
                     os.chown(p, uid, gid if gid is not None else -1)
         except OSError as e:
             raise StoreError(f"cannot create {jd}: {e.strerror}") from e
@@ -171,7 +188,8 @@ class CheckpointStore:
     @contextlib.contextmanager
     def job_lock(self, job_id: str, exclusive: bool = False, blocking: bool = True) -> Iterator[bool]:
         path = os.path.join(self.job_dir(job_id), "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        # read-only is enough for flock, and lets the job's user share a lock file the root agent created
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             if not blocking:
@@ -240,7 +258,9 @@ class CheckpointStore:
             raise StoreError(f"cannot create {partial}: {e.strerror}") from e
         return number, partial
 
-    def commit(self, partial: str, number: int, manifest: Dict[str, Any]) -> Generation:
+    def commit(
+        self, partial: str, number: int, manifest: Dict[str, Any], owner: Optional[Tuple[int, int]] = None
+    ) -> Generation:
         """Write the manifest last, durably, then make the generation visible by renaming it."""
         from .chunkstore import syncfs
 
@@ -252,6 +272,9 @@ class CheckpointStore:
         envelope = {"manifest": manifest, "signature": signature} if signature else {"manifest": manifest}
         data = json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
         write_atomic(os.path.join(partial, MANIFEST), data)
+        if owner:  # readable by the job's user (`ckpt list`, `ckpt verify`); the signature guards against edits
+            os.chown(os.path.join(partial, MANIFEST), *owner)
+            os.chown(partial, *owner)
         final = os.path.join(step_dir, f"gen-{number:06d}")
         os.rename(partial, final)
         fsync_dir(step_dir)
@@ -278,8 +301,14 @@ class CheckpointStore:
             raise DamagedCheckpointError(f"{where}: unsupported manifest format {manifest.get('format')!r}")
         return manifest
 
-    def chunks_for(self, job_id: str, compression: str = "zstd", known: Optional[Dict[str, str]] = None) -> ChunkStore:
-        return ChunkStore(self.chunk_dir(job_id), compression, known)
+    def chunks_for(
+        self,
+        job_id: str,
+        compression: str = "zstd",
+        known: Optional[Dict[str, str]] = None,
+        owner: Optional[Tuple[int, int]] = None,
+    ) -> ChunkStore:
+        return ChunkStore(self.chunk_dir(job_id), compression, known, owner)
 
     def known_chunks(self, job_id: str) -> Dict[str, str]:
         """digest -> codec of every chunk referenced by a committed manifest of the job (what need not be rewritten)."""

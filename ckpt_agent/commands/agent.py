@@ -1,11 +1,82 @@
-"""`ckpt agent`: owned by the cluster-configuration work (issue 4); being written."""
+"""`ckpt agent`: the node daemon (run by systemd on every compute node of a checkpointing queue)."""
 
-HELP = "(in progress)"
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import socket
+
+from .. import control
+from ..agent import Agent, NoticeHandler
+from ..imds import ImdsClient
+from ..monitor import InterruptionMonitor
+from ..privileged import PrivilegedService
+from ..runner import registration_dir
+from ..slurm import Slurm
+from ..store import CheckpointStore, Signer
+from ._common import add_config_args, load, make_engine
+
+HELP = "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs"
+log = logging.getLogger(__name__)
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--node", metavar="NAME", help="Slurm node name (default: $SLURMD_NODENAME, else host name)")
+    parser.add_argument("--poll-interval", type=float, metavar="SECONDS", help="IMDS poll interval (default 2)")
 
 
-def main(args):
-    raise NotImplementedError("ckpt agent")
+def ensure_key(path: str) -> Signer:
+    """The manifest-signing key: readable by root only. Created on first start where the bootstrap placed none
+    (one node); a cluster's bootstrap distributes one key to every node so any node can restore any checkpoint."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+        log.warning("created a new signing key %s: copy it to every node that restores this node's checkpoints",
+                    path)
+    os.chmod(path, 0o600)
+    signer = Signer.from_file(path)
+    if not signer.key:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{path}: signing key is empty or unreadable")
+    return signer
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    if args.store:
+        cfg.store = args.store
+    if args.poll_interval is not None:
+        cfg.agent.poll_interval = args.poll_interval
+    node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    signer = ensure_key(cfg.agent.key_file)
+    store = CheckpointStore(cfg.store, signer) if cfg.store else None
+    slurm = Slurm()
+    imds = ImdsClient(cfg.agent.imds_endpoint)
+    os.makedirs(registration_dir(cfg.runtime_dir), exist_ok=True)
+    os.chmod(cfg.runtime_dir, 0o755)
+    os.chmod(registration_dir(cfg.runtime_dir), 0o1777)  # every user's wrapper registers here; sticky like /tmp
+
+    agent_holder = {}
+    handler = NoticeHandler(node, cfg.runtime_dir, slurm, store, cfg.agent,
+                            instance=lambda: agent_holder["agent"].instance)
+    agent = Agent(InterruptionMonitor(imds), handler, imds, cfg.runtime_dir, cfg.agent.poll_interval)
+    agent_holder["agent"] = agent
+    server = None
+    if store is not None:
+        service = PrivilegedService(make_engine(cfg, store), owner_of=lambda job: slurm.job_info(job).uid, node=node)
+        server = control.ControlServer(cfg.socket_path, service.handle, mode=0o666).start()
+    else:
+        log.warning("no checkpoint store configured: ordinary users' jobs cannot be checkpointed on this node")
+    agent.install_signal_handlers()
+    try:
+        agent.run()
+    finally:
+        if server:
+            server.close()
+    return 0

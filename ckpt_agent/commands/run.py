@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 
+from ..backends import choose_backend
 from ..errors import UsageError
-from ..runner import RunOptions, Runner
+from ..runner import Runner, RunOptions
 from ._common import add_config_args, add_job_args, job_id_from_env, load, make_engine, open_store
 
 HELP = "run CMD checkpointed, or resume it from the job's last checkpoint"
@@ -36,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     if interval <= 0:
         raise UsageError(f"--interval must be > 0, got {interval:g}")
     store = open_store(cfg, args)
-    engine = make_engine(cfg, store)
+    backend = choose_backend(lambda: make_engine(cfg, store), cfg.socket_path)
     opts = RunOptions(job_id=job_id, step=args.name, argv=cmd, interval=interval, runtime_dir=cfg.runtime_dir,
                       cwd=os.getcwd())
-    return Runner(opts, store, engine).run()
+    return Runner(opts, store, backend).run()

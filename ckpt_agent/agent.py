@@ -1,0 +1,225 @@
+"""`ckpt agent`: the node daemon. Turns EC2's 2-minute Spot interruption notice into saved work.
+
+On an interruption notice, once per notice:
+  1. drain the node, so Slurm starts nothing new here (and the requeued jobs go elsewhere);
+  2. take a final checkpoint of every job on the node, in parallel (bounded), against the deadline (the notice's
+     time minus a margin for unmounting FSx); each `ckpt run` wrapper then exits 75;
+  3. requeue every job, also those whose final checkpoint failed or ran out of time: they resume from their last
+     periodic checkpoint (a half-written checkpoint never replaces a good one).
+On a rebalance recommendation: the configured action (an immediate non-final checkpoint, drain, or nothing).
+
+The agent also serves the wrappers of ordinary users (privileged.py) on its Unix socket. IMDS errors are logged and
+retried; they never stop the agent. SIGTERM stops the loop after the handler in flight has finished.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, Dict, List, Optional
+
+from . import control
+from .config import AgentSettings
+from .errors import CkptError, ImdsError
+from .events import emit
+from .imds import ImdsClient, RebalanceNotice, SpotNotice
+from .monitor import InterruptionMonitor
+from .runner import list_registrations, registration_dir
+from .store import CheckpointStore, write_atomic
+
+log = logging.getLogger(__name__)
+
+REQUEST_SLACK_SECONDS = 5  # beyond the dump deadline, for the wrapper to answer
+
+
+class NoticeHandler:
+    """Decides and acts on notices: checkpoints through the wrappers, then Slurm drain and requeue."""
+
+    def __init__(self, node: str, runtime_dir: str, slurm, store: Optional[CheckpointStore],
+                 settings: AgentSettings, instance: Callable[[], Dict[str, Any]],
+                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+        self.node = node
+        self.runtime_dir = runtime_dir
+        self.slurm = slurm
+        self.store = store
+        self.settings = settings
+        self.instance = instance
+        self.now = now
+
+    def jobs_here(self) -> List[Dict[str, Any]]:
+        """Wrappers registered on this node. A registration must be owned by the uid it names (the directory is
+        sticky, so nobody can replace another user's), and its socket must sit in the registration directory."""
+        regs = []
+        d = os.path.realpath(registration_dir(self.runtime_dir))
+        for reg in list_registrations(self.runtime_dir):
+            if reg.get("node") != self.node:
+                continue
+            if reg.get("_owner_uid") not in (0, reg.get("uid")):
+                log.warning("ignoring registration of job %s: file not owned by uid %s", reg.get("job_id"),
+                            reg.get("uid"))
+                continue
+            if os.path.dirname(os.path.realpath(str(reg.get("socket", "")))) != d:
+                continue
+            regs.append(reg)
+        return regs
+
+    def _emit(self, job_id: str, event: str, **fields: Any) -> None:
+        emit(self.store, job_id, event, node=self.node, instance=self.instance(), **fields)
+
+    def checkpoint_all(self, regs: List[Dict[str, Any]], *, final: bool, reason: str,
+                       deadline: Optional[datetime]) -> Dict[str, Optional[int]]:
+        """Checkpoint every registered job step in parallel; return {job.step: generation or None on failure}."""
+
+        def one(reg: Dict[str, Any]) -> Optional[int]:
+            key = f"{reg['job_id']}.{reg['step']}"
+            remaining = None
+            if deadline is not None:
+                remaining = (deadline - self.now()).total_seconds()
+                if remaining <= 1:
+                    self._emit(reg["job_id"], "checkpoint_failed", step=reg["step"], final=final, reason=reason,
+                               error="no time left before the deadline")
+                    return None
+            try:
+                reply = control.request(reg["socket"], {"op": "checkpoint", "final": final, "reason": reason,
+                                                         "timeout": remaining},
+                                        timeout=None if remaining is None else remaining + REQUEST_SLACK_SECONDS)
+            except CkptError as e:
+                log.error("checkpoint of %s failed: %s", key, e)
+                return None
+            if not reply.get("ok"):
+                log.error("checkpoint of %s failed: %s", key, reply.get("error"))
+                return None
+            return int(reply["generation"])
+
+        results: Dict[str, Optional[int]] = {}
+        if not regs:
+            return results
+        with concurrent.futures.ThreadPoolExecutor(max(1, self.settings.max_parallel)) as pool:
+            futures = {pool.submit(one, r): f"{r['job_id']}.{r['step']}" for r in regs}
+            for fut, key in futures.items():
+                results[key] = fut.result()
+        return results
+
+    def on_spot(self, notice: SpotNotice) -> None:
+        deadline = notice.time.astimezone(timezone.utc) - _seconds(self.settings.deadline_margin)
+        regs = self.jobs_here()
+        job_ids = sorted({r["job_id"] for r in regs})
+        log.warning("spot interruption notice: %s at %s; %d job(s) on %s", notice.action, notice.time.isoformat(),
+                    len(job_ids), self.node)
+        for job_id in job_ids:
+            self._emit(job_id, "notice_received", action=notice.action, notice_time=_iso(notice.time),
+                       deadline=_iso(deadline))
+        reason = f"spot interruption: instance {notice.action} at {_iso(notice.time)}"
+        self._drain(reason, job_ids)
+        results = self.checkpoint_all(regs, final=True, reason="spot-interruption", deadline=deadline)
+        for key, gen in results.items():
+            if gen is None:
+                log.error("no final checkpoint for %s: it resumes from its last periodic checkpoint", key)
+        for job_id in job_ids:
+            try:
+                self.slurm.requeue(job_id)
+                self._emit(job_id, "requeued", reason="spot-interruption")
+            except CkptError as e:
+                log.error("requeue of job %s failed: %s", job_id, e)
+                self._emit(job_id, "requeue_failed", error=str(e))
+
+    def on_rebalance(self, notice: RebalanceNotice) -> None:
+        action = self.settings.rebalance_action
+        regs = self.jobs_here()
+        job_ids = sorted({r["job_id"] for r in regs})
+        log.warning("rebalance recommendation at %s: action %s for %d job(s)", _iso(notice.notice_time), action,
+                    len(job_ids))
+        for job_id in job_ids:
+            self._emit(job_id, "rebalance_received", notice_time=_iso(notice.notice_time), action=action)
+        if action == "checkpoint":
+            self.checkpoint_all(regs, final=False, reason="rebalance", deadline=None)
+        elif action == "drain":
+            self._drain(f"rebalance recommendation at {_iso(notice.notice_time)}", job_ids)
+
+    def _drain(self, reason: str, job_ids: List[str]) -> None:
+        try:
+            self.slurm.drain_node(self.node, reason)
+        except CkptError as e:
+            log.error("drain of %s failed: %s", self.node, e)
+            return
+        for job_id in job_ids:
+            self._emit(job_id, "drained", reason=reason)
+
+
+class Agent:
+    """A fixed-cadence loop: poll, hand each new notice to the handler, sleep the rest of the interval."""
+
+    def __init__(self, monitor: InterruptionMonitor, handler: NoticeHandler, imds: ImdsClient, runtime_dir: str,
+                 poll_interval: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Optional[Callable[[float], None]] = None):
+        self.monitor = monitor
+        self.handler = handler
+        self.imds = imds
+        self.runtime_dir = runtime_dir
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self._stop = threading.Event()
+        self.sleep = sleep or self._stop.wait
+        self.instance: Dict[str, Any] = {}
+
+    def stop(self, *_args) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def refresh_instance(self) -> None:
+        """Instance facts for events and for the wrappers (runtime_dir/instance.json); retried until IMDS answers."""
+        if self.instance:
+            return
+        try:
+            ident = self.imds.get_instance_identity()
+        except ImdsError as e:
+            log.warning("instance identity not available yet: %s", e)
+            return
+        self.instance = {"instance_id": ident.instance_id, "instance_type": ident.instance_type,
+                         "availability_zone": ident.availability_zone, "region": ident.region}
+        os.makedirs(self.runtime_dir, exist_ok=True)
+        write_atomic(os.path.join(self.runtime_dir, "instance.json"), json.dumps(self.instance).encode(),
+                     mode=0o644, durable=False)
+
+    def poll_once(self) -> None:
+        self.refresh_instance()
+        try:
+            notices = self.monitor.poll()
+        except ImdsError as e:
+            log.warning("IMDS poll failed (retrying): %s", e)
+            return
+        for notice in notices:
+            try:
+                if isinstance(notice, SpotNotice):
+                    self.handler.on_spot(notice)
+                else:
+                    self.handler.on_rebalance(notice)
+            except Exception:  # one bad notice must not stop the agent
+                log.exception("handling %r failed", notice)
+
+    def run(self) -> None:
+        log.info("ckpt agent polling %s every %g s on node %s", self.imds.base_url, self.poll_interval,
+                 self.handler.node)
+        while not self._stop.is_set():
+            started = self.clock()
+            self.poll_once()
+            self.sleep(max(0.0, self.poll_interval - (self.clock() - started)))
+
+
+def _seconds(n: float):
+    from datetime import timedelta
+
+    return timedelta(seconds=n)
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

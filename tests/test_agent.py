@@ -1,0 +1,164 @@
+"""The node agent against a loopback IMDSv2 server, real `ckpt run` wrappers and real CRIU; Slurm is a recorder
+here (the real-cluster path is in test_slurm_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from ckpt_helpers import DATA, ckpt_env, registered, require_criu, run_ckpt, start_ckpt, wait_for
+
+from ckpt_agent.agent import Agent, NoticeHandler
+from ckpt_agent.config import AgentSettings
+from ckpt_agent.devcluster.imds_server import ImdsServer
+from ckpt_agent.errors import SlurmError
+from ckpt_agent.imds import ImdsClient, SpotNotice
+from ckpt_agent.monitor import InterruptionMonitor
+from ckpt_agent.store import CheckpointStore
+
+TOOLS = DATA / "runner"
+
+
+class RecordingSlurm:
+    def __init__(self, fail_requeue=False):
+        self.calls = []
+        self.fail_requeue = fail_requeue
+
+    def drain_node(self, node, reason):
+        self.calls.append(("drain", node, reason))
+
+    def requeue(self, job_id):
+        self.calls.append(("requeue", job_id))
+        if self.fail_requeue:
+            raise SlurmError("scontrol requeue failed: slurmctld unreachable")
+
+
+@pytest.fixture
+def imds():
+    with ImdsServer(instance_id="i-0abc", instance_type="r6i.large") as server:
+        yield server
+
+
+def make_agent(imds, runtime, store, slurm, **settings):
+    s = AgentSettings(poll_interval=0.2, deadline_margin=settings.pop("deadline_margin", 20), **settings)
+    client = ImdsClient(imds.url)
+    holder = {}
+    handler = NoticeHandler("node1", str(runtime), slurm, CheckpointStore(str(store)), s,
+                            instance=lambda: holder["agent"].instance)
+    agent = Agent(InterruptionMonitor(client), handler, client, str(runtime), s.poll_interval)
+    holder["agent"] = agent
+    return agent
+
+
+@pytest.fixture
+def running_agent():
+    threads = []
+
+    def start(agent):
+        t = threading.Thread(target=agent.run, daemon=True)
+        t.start()
+        threads.append((agent, t))
+        return agent
+
+    yield start
+    for agent, t in threads:
+        agent.stop()
+        t.join(timeout=10)
+
+
+@pytest.mark.criu
+def test_spot_notice_checkpoints_drains_and_requeues(imds, tmp_path, running_agent):
+    require_criu()
+    store, runtime = tmp_path / "store", tmp_path / "run"
+    store.mkdir()
+    env = ckpt_env(store, runtime, SLURMD_NODENAME="node1")
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["python3", str(TOOLS / "appender.py"), "100", "0.05"]
+    procs = [start_ckpt("run", "--job-id", job, "--", *argv, env=env, cwd=work,
+                        out=tmp_path / f"{job}.out", err=tmp_path / f"{job}.err") for job in ("201",)]
+    other = tmp_path / "other"
+    other.mkdir()
+    procs.append(start_ckpt("run", "--job-id", "202", "--", "python3", str(TOOLS / "sigterm.py"), env=env,
+                            cwd=other, out=tmp_path / "202.out", err=tmp_path / "202.err"))
+    for job in ("201", "202"):
+        wait_for(lambda job=job: registered(runtime, job), 30, f"job {job} to register")
+    slurm = RecordingSlurm()
+    agent = running_agent(make_agent(imds, runtime, store, slurm))
+    time.sleep(0.5)
+    assert json.loads((runtime / "instance.json").read_text())["instance_type"] == "r6i.large"
+    imds.inject_spot_notice("terminate", seconds_from_now=120)
+    assert [p.wait(timeout=60) for p in procs] == [75, 75]
+    wait_for(lambda: [c for c in slurm.calls if c[0] == "requeue"] and len(slurm.calls) >= 3, 30, "requeues")
+    assert slurm.calls[0][:2] == ("drain", "node1")
+    assert "spot interruption" in slurm.calls[0][2]
+    assert sorted(c[1] for c in slurm.calls if c[0] == "requeue") == ["201", "202"]
+    events = [json.loads(line) for line in (store / "201" / "events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    for kind in ("notice_received", "drained", "checkpoint_committed", "requeued"):
+        assert kind in kinds, kinds
+    committed = next(e for e in events if e["event"] == "checkpoint_committed")
+    assert committed["final"] and committed["reason"] == "spot-interruption" and committed["bytes_written"] > 0
+    assert committed["instance_id"] == "i-0abc"
+    # the notice is handled once: no second round while it stays published
+    time.sleep(1.0)
+    assert len([c for c in slurm.calls if c[0] == "drain"]) == 1
+    assert agent.instance["instance_id"] == "i-0abc"
+    # and the job resumes from that checkpoint
+    res = run_ckpt("run", "--job-id", "201", "--", *argv, env=env, cwd=work)
+    assert res.returncode == 0, res.stderr
+    assert (work / "log.txt").read_text().splitlines() == [f"step {i}" for i in range(100)]
+
+
+@pytest.mark.criu
+def test_rebalance_takes_a_non_final_checkpoint(imds, tmp_path, running_agent):
+    require_criu()
+    store, runtime = tmp_path / "store", tmp_path / "run"
+    store.mkdir()
+    env = ckpt_env(store, runtime, SLURMD_NODENAME="node1")
+    proc = start_ckpt("run", "--job-id", "203", "--", "python3", str(TOOLS / "sigterm.py"), env=env,
+                      cwd=tmp_path, out=tmp_path / "o", err=tmp_path / "e")
+    wait_for(lambda: "waiting" in (tmp_path / "o").read_text(), 30, "the tool to start")
+    slurm = RecordingSlurm()
+    running_agent(make_agent(imds, runtime, store, slurm))
+    imds.inject_rebalance()
+    wait_for(lambda: list((store / "203" / "main").glob("gen-000001")), 30, "the rebalance checkpoint")
+    assert proc.poll() is None, "a rebalance checkpoint must leave the tool running"
+    assert slurm.calls == []
+    proc.terminate()
+    assert proc.wait(timeout=30) == 7
+
+
+def test_requeue_happens_even_without_time_for_a_checkpoint(imds, tmp_path):
+    """Past the deadline, no checkpoint is attempted but the job is still requeued (it resumes from its last
+    periodic checkpoint), and a failing requeue is recorded, not fatal."""
+    runtime = tmp_path / "run"
+    (runtime / "jobs").mkdir(parents=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "301").mkdir()
+    sock = str(runtime / "jobs" / "301.main.sock")
+    (runtime / "jobs" / "301.main.json").write_text(
+        json.dumps({"job_id": "301", "step": "main", "uid": 0, "node": "node1", "socket": sock}))
+    slurm = RecordingSlurm(fail_requeue=True)
+    agent = make_agent(imds, runtime, store, slurm, deadline_margin=20)
+    notice = SpotNotice("terminate", datetime.now(timezone.utc) + timedelta(seconds=5))  # deadline already passed
+    agent.handler.on_spot(notice)
+    assert [c[0] for c in slurm.calls] == ["drain", "requeue"]
+    kinds = [json.loads(line)["event"] for line in (store / "301" / "events.jsonl").read_text().splitlines()]
+    assert kinds == ["notice_received", "drained", "checkpoint_failed", "requeue_failed"]
+
+
+def test_imds_errors_never_stop_the_agent(imds, tmp_path, running_agent):
+    runtime, store = tmp_path / "run", tmp_path / "store"
+    store.mkdir()
+    slurm = RecordingSlurm()
+    imds.fail_next(8, status=503)
+    running_agent(make_agent(imds, runtime, store, slurm))
+    time.sleep(1.0)
+    imds.inject_spot_notice("stop", seconds_from_now=100)
+    wait_for(lambda: slurm.calls, 20, "the agent to act after IMDS recovered")
+    assert slurm.calls[0][0] == "drain" and "stop" in slurm.calls[0][2]
