@@ -14,14 +14,16 @@ from ..store import CheckpointStore, Signer, check_name
 
 
 def add_config_args(parser: argparse.ArgumentParser, store: bool = True) -> None:
-    parser.add_argument("--config", metavar="FILE", help="agent.yaml (default: $CKPT_CONFIG, /etc/ckpt-agent/agent.yaml)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="agent.yaml (default: $CKPT_CONFIG, /etc/ckpt-agent/agent.yaml)")
     if store:
         parser.add_argument("--store", metavar="DIR", help="checkpoint store root (default: $CKPT_STORE, config)")
 
 
 def add_job_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument("--job-id", metavar="ID", required=required,
-                        help="job id (default: $SLURM_JOB_ID; array tasks ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})")
+                        help="job id (default: $SLURM_JOB_ID; array tasks: "
+                             "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})")
     parser.add_argument("--name", metavar="STEP", default="main", help="step name within the job (default: main)")
 
 

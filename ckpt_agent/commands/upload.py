@@ -1,11 +1,56 @@
-"""`ckpt upload`: owned by the cluster-configuration work (issue 4); being written."""
+"""`ckpt upload SITE.yaml [--render-dir DIR]`: render, build the bootstrap bundle, upload it to the site's bucket and
+prefix, and print the `pcluster create-cluster` command to run.
 
-HELP = "(in progress)"
+Exit codes: 2 for an invalid site file (problems on stderr), 78 for a missing local file, 80 for AWS failures.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+
+from ..errors import EXIT_USAGE
+from ..render import render_site, write_tree
+from ..site import SiteInvalid, load_site
+from ..upload import S3Bundle, build_bundle
+from .render import default_out_dir
+
+HELP = "upload the bootstrap bundle to S3 and print the pcluster create-cluster command"
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser) -> None:
+    parser.add_argument("site", metavar="SITE.yaml", help="the site file")
+    parser.add_argument("--render-dir", metavar="DIR", help="render here (default: rendered/<cluster> next to SITE)")
+    parser.add_argument("--wheel", metavar="FILE", help="upload this ckpt_agent wheel instead of building one")
 
 
-def main(args):
-    raise NotImplementedError("ckpt upload")
+def _s3_client(region: str):
+    import boto3
+
+    return boto3.client("s3", region_name=region)
+
+
+def main(args) -> int:
+    try:
+        site = load_site(args.site)
+    except SiteInvalid as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    render_dir = args.render_dir or default_out_dir(args.site, site)
+    write_tree(render_dir, render_site(site, os.path.basename(args.site)))
+    target = S3Bundle(site["bundle"]["bucket"], site["bundle"]["prefix"], _s3_client(site["cluster"]["region"]))
+    with tempfile.TemporaryDirectory(prefix="ckpt-bundle-") as tmp:
+        files = build_bundle(site, args.site, render_dir, tmp, wheel=args.wheel)
+        target.upload(tmp, files)
+    print(f"uploaded {len(files)} files to {target.uri()}/", file=sys.stderr)
+    command = [
+        "pcluster", "create-cluster",
+        "--cluster-name", site["cluster"]["name"],
+        "--region", site["cluster"]["region"],
+        "--cluster-configuration", os.path.join(render_dir, "cluster.yaml"),
+    ]
+    print(" ".join(shlex.quote(c) for c in command))
+    return 0

@@ -2,9 +2,13 @@
 
 Prints every problem on stdout, one a line, as `FILE:LINE: key.path: message`, and exits 2; exits 0 with a one-line
 summary when the file is valid. A file that is not YAML at all is a configuration error (exit 78).
+With --pcluster, the cluster.yaml it renders is also checked against ParallelCluster's own schema (needs the
+optional aws-parallelcluster package; no AWS access).
 """
 
 from __future__ import annotations
+
+import os
 
 from ..errors import EXIT_USAGE
 from ..site import SiteInvalid, load_site
@@ -15,6 +19,9 @@ HELP = "check a site file (the admin YAML) and list every problem"
 def add_arguments(parser) -> None:
     parser.add_argument("site", metavar="SITE.yaml", help="the site file, e.g. cluster-configs/site.example.yaml")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
+    parser.add_argument(
+        "--pcluster", action="store_true", help="also check the rendered cluster.yaml with ParallelCluster's schema"
+    )
 
 
 def main(args) -> int:
@@ -24,8 +31,19 @@ def main(args) -> int:
         for problem in e.problems:
             print(problem)
         return EXIT_USAGE
+    if args.pcluster:
+        from ..pcluster_check import check_schema
+        from ..render import render_site
+
+        text = render_site(site, os.path.basename(args.site))["cluster.yaml"]
+        problems = check_schema(text, cluster_name=site["cluster"]["name"], region=site["cluster"]["region"])
+        for problem in problems:
+            print(f"{args.site}: rendered cluster.yaml: {problem}")
+        if problems:
+            return EXIT_USAGE
     if not args.quiet:
         queues = site["queues"]
         spot = sum(1 for q in queues if q["capacity"] == "spot")
-        print(f"{args.site}: valid: cluster {site['cluster']['name']}, {len(queues)} queues ({spot} on Spot)")
+        checked = " (and ParallelCluster's schema)" if args.pcluster else ""
+        print(f"{args.site}: valid{checked}: cluster {site['cluster']['name']}, {len(queues)} queues ({spot} on Spot)")
     return 0

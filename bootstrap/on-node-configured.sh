@@ -1,0 +1,351 @@
+#!/bin/bash
+# ParallelCluster OnNodeConfigured action for ckpt-agent, rendered into cluster.yaml by `ckpt render`.
+# Runs as root after shared storage is mounted and before slurmd starts; a non-zero exit fails the node.
+#
+# Plan, compute node (`compute QUEUE BUNDLE`):
+#   1. fetch the bundle (SHA256SUMS first, then every file it lists) and verify it;
+#   2. read nodes/QUEUE/node.env (what `ckpt render` decided for this queue);
+#   3. install CRIU: the head node's build on shared storage when it works here, else install-criu.sh;
+#   4. CRIU preflight (`criu check`): fail the node with a clear message if CRIU cannot work on it;
+#   5. copy the cluster's HMAC key from shared storage;
+#   6. install the agent wheel into its own virtual environment; put the queue's agent.yaml in place;
+#   7. install ckpt-agent.service; enable and start it under systemd.
+# Plan, head node (`head BUNDLE`):
+#   1-2. as above, with head/node.env;
+#   3. create the cluster's HMAC key once, and a root-only copy on shared storage for the compute nodes;
+#   4. build CRIU once for the cluster onto shared storage;
+#   5. install the agent; agent.yaml; create the checkpoint store directory;
+#   6. install a cron daemon where the OS lacks one (cronie on Amazon Linux 2023) and the cleanup cron entry.
+# Steps 3-7 only checkpointing queues; a queue with checkpointing off gets the agent and its config only.
+#
+# Idempotent: every file is compared before it is replaced, the venv is rebuilt only for a different wheel, the
+# key is never regenerated, and systemd is only asked for what is not already so. A second run changes nothing.
+set -euo pipefail
+shopt -s inherit_errexit
+# Functions called as `f && x` or `f || y` run without errexit, so every step that can fail says `|| die` itself.
+
+PROG="on-node-configured"
+ROOT="${CKPT_ROOT:-}"                  # prefix for every path written (tests); empty on a real node
+SYSTEMCTL="${CKPT_SYSTEMCTL:-}"        # systemctl to use; default systemctl, or none when ROOT is set
+AWS="${CKPT_AWS:-aws}"
+PIP_OPTS="${CKPT_PIP_OPTS:-}"          # extra pip options, e.g. --index-url for a site mirror
+INSTALL_CRIU="${CKPT_INSTALL_CRIU:-}"  # default: bash <bundle>/install-criu.sh
+CRIU_BIN="${CKPT_CRIU:-}"              # the criu the preflight checks; default the installed one
+PKG_INSTALL="${CKPT_PKG_INSTALL:-}"    # package installer command; default dnf or apt-get
+RETRIES="${CKPT_RETRIES:-4}"
+
+usage() {
+  cat <<EOF
+usage: on-node-configured.sh head BUNDLE
+       on-node-configured.sh compute QUEUE BUNDLE
+
+BUNDLE is where 'ckpt upload' put the bootstrap bundle: s3://BUCKET/PREFIX, or a local directory.
+Environment (tests, special images): CKPT_ROOT, CKPT_SYSTEMCTL, CKPT_AWS, CKPT_PIP_OPTS, CKPT_INSTALL_CRIU,
+CKPT_CRIU, CKPT_PKG_INSTALL, CKPT_PYTHON, CKPT_RETRIES.
+EOF
+}
+
+# Step logs go to stdout (ParallelCluster keeps it in cfn-init.log / cloud-init-output.log); errors go to stderr,
+# which ParallelCluster reports as the node's bootstrap failure, so they stay short.
+log() { printf '%s %s: %s\n' "$(date -u +%FT%TZ)" "$PROG" "$*"; }
+die() { printf '%s: ERROR: %s\n' "$PROG" "$*" >&2; exit 1; }
+
+retry() {
+  local n=0
+  until "$@"; do
+    n=$((n + 1))
+    [ "$n" -ge "$RETRIES" ] && return 1
+    log "retrying ($n/$((RETRIES - 1))): $*"
+    sleep $((n * 3))
+  done
+}
+
+# install_file SRC DEST MODE: replace DEST atomically only when its content or mode differs; true if it changed.
+install_file() {
+  local src="$1" dest="$2" mode="$3"
+  if [ -f "$dest" ] && cmp -s "$src" "$dest" && [ "$(stat -c %a "$dest")" = "${mode#0}" ]; then
+    return 1
+  fi
+  mkdir -p "$(dirname "$dest")" || die "cannot create $(dirname "$dest")"
+  install -m "$mode" "$src" "$dest.ckpt-new" || die "cannot write $dest"
+  mv -f "$dest.ckpt-new" "$dest" || die "cannot write $dest"
+  log "installed $dest"
+  return 0
+}
+
+systemctl_() {
+  if [ -n "$SYSTEMCTL" ]; then
+    "$SYSTEMCTL" "$@"
+  elif [ -z "$ROOT" ]; then
+    systemctl "$@"
+  else
+    log "CKPT_ROOT is set and CKPT_SYSTEMCTL is not: skipping 'systemctl $*'"
+  fi
+}
+
+pkg_install() {
+  log "installing packages: $*"
+  if [ -n "$PKG_INSTALL" ]; then
+    # shellcheck disable=SC2086  # CKPT_PKG_INSTALL is a command line by design
+    $PKG_INSTALL "$@"
+  elif command -v dnf >/dev/null 2>&1; then
+    retry dnf install -y -q "$@" >/dev/null
+  elif command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    retry apt-get update -q >/dev/null
+    retry apt-get install -y -q --no-install-recommends "$@" >/dev/null
+  else
+    die "neither dnf nor apt-get found to install $*"
+  fi
+}
+
+# ---- 1. the bundle -----------------------------------------------------------------------------------------------
+
+fetch() {
+  local rel="$1" dest="$2"
+  mkdir -p "$(dirname "$dest")"
+  case "$BUNDLE" in
+    s3://*) retry "$AWS" s3 cp --only-show-errors "$BUNDLE/$rel" "$dest" || die "cannot download $BUNDLE/$rel" ;;
+    *) cp "$BUNDLE/$rel" "$dest" || die "bundle file missing: $BUNDLE/$rel" ;;
+  esac
+}
+
+fetch_bundle() {
+  local rel
+  log "fetching the bundle from $BUNDLE"
+  fetch SHA256SUMS "$STAGE/SHA256SUMS"
+  # Only names from our own SHA256SUMS, and never outside the staging directory.
+  while read -r _ rel; do
+    case "$rel" in
+      /*|*..*) die "bad file name in $BUNDLE/SHA256SUMS: $rel" ;;
+    esac
+    fetch "$rel" "$STAGE/$rel"
+  done <"$STAGE/SHA256SUMS"
+  (cd "$STAGE" && sha256sum --quiet -c SHA256SUMS) || die "bundle at $BUNDLE fails its SHA256SUMS: upload it again"
+}
+
+read_node_env() {
+  local env_file="$1"
+  [ -f "$env_file" ] || die "no ${env_file#"$STAGE"/} in the bundle: is '$QUEUE' a queue of this cluster's site file?"
+  # node.env is generated by `ckpt render` with every value quoted by shlex.quote.
+  # shellcheck disable=SC1090
+  . "$env_file"
+  : "${CKPT_ROLE:?}" "${CKPT_VENV:?}" "${CKPT_CONFIG:?}" "${CKPT_KEY_FILE:?}" "${CKPT_SHARED_DIR:?}" "${CKPT_STORE:?}"
+  : "${CRIU_VERSION:?}" "${CKPT_CHECKPOINT_ENABLED:?}" "${CRIU_PREINSTALLED:?}"
+  [ "$CKPT_ROLE" = "$ROLE" ] || die "$env_file is for role $CKPT_ROLE, not $ROLE"
+}
+
+# ---- CRIU ---------------------------------------------------------------------------------------------------------
+
+criu_source_path() {
+  case "${CRIU_SOURCE:-}" in
+    "") echo "" ;;
+    bundle:*) echo "$STAGE/${CRIU_SOURCE#bundle:}" ;;
+    s3://*)
+      # stdout is this function's result: everything else goes to stderr.
+      retry "$AWS" s3 cp --only-show-errors "$CRIU_SOURCE" "$STAGE/criu-source.tar.xz" >&2 \
+        || die "cannot download $CRIU_SOURCE"
+      echo "$STAGE/criu-source.tar.xz" ;;
+    *) echo "$CRIU_SOURCE" ;;
+  esac
+}
+
+install_criu() {
+  if [ "$CRIU_PREINSTALLED" = 1 ]; then
+    log "CRIU is preinstalled on this image: not installing"
+    return 0
+  fi
+  local cache source
+  cache="$ROOT$CKPT_SHARED_DIR/criu/$(uname -m)"
+  source="$(criu_source_path)"
+  mkdir -p "$cache"
+  log "installing CRIU $CRIU_VERSION (shared build cache: $cache)"
+  local -a cmd=(bash "$STAGE/install-criu.sh")
+  if [ -n "$INSTALL_CRIU" ]; then
+    read -r -a cmd <<<"$INSTALL_CRIU"
+  fi
+  env CRIU_VERSION="$CRIU_VERSION" CRIU_CACHE_DIR="$cache" CRIU_PREFIX="$ROOT/usr/local" \
+    CRIU_BUILD_DIR="$ROOT/var/tmp/ckpt-criu-build" CRIU_SOURCE_URL="$source" \
+    ${CRIU_SHA256:+"CRIU_SHA256=$CRIU_SHA256"} "${cmd[@]}" || die "CRIU $CRIU_VERSION could not be installed"
+}
+
+criu_preflight() {
+  local criu="$CRIU_BIN" out
+  if [ -z "$criu" ]; then
+    if [ -x "$ROOT/usr/local/sbin/criu" ]; then criu="$ROOT/usr/local/sbin/criu"; else criu="$(command -v criu || true)"; fi
+  fi
+  [ -n "$criu" ] || die "no criu binary found after installing CRIU"
+  log "CRIU preflight: $criu check"
+  if ! out="$("$criu" check 2>&1)"; then
+    die "CRIU cannot checkpoint on this node (kernel $(uname -r)): $(printf '%s' "$out" | tail -n 3 | tr '\n' ' ')"
+  fi
+  log "CRIU preflight passed"
+}
+
+# ---- the agent ----------------------------------------------------------------------------------------------------
+
+find_python() {
+  local cand
+  for cand in ${CKPT_PYTHON:-} python3.13 python3.12 python3.11 python3.10 python3.9 python3; do
+    command -v "$cand" >/dev/null 2>&1 || continue
+    "$cand" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 9))' 2>/dev/null || continue
+    command -v "$cand"
+    return 0
+  done
+  return 1
+}
+
+install_agent() {
+  local venv="$ROOT$CKPT_VENV" wheel py sum
+  wheel="$(find "$STAGE/wheels" -maxdepth 1 -name 'ckpt_agent-*.whl' 2>/dev/null | head -n 1 || true)"
+  [ -n "$wheel" ] || die "no ckpt_agent wheel in the bundle's wheels/"
+  sum="$(sha256sum "$wheel" | cut -d' ' -f1)"
+  if [ -x "$venv/bin/ckpt" ] && [ "$(cat "$venv/.ckpt-wheel.sha256" 2>/dev/null)" = "$sum" ]; then
+    log "agent $(basename "$wheel") already installed in $venv"
+    return 1
+  fi
+  if [ ! -x "$venv/bin/python" ]; then
+    if ! py="$(find_python)"; then
+      if command -v dnf >/dev/null 2>&1; then pkg_install python3.11; else pkg_install python3-venv; fi
+      py="$(find_python)" || die "no Python >= 3.9 with venv on this node"
+    fi
+    log "creating $venv with $py"
+    "$py" -m venv "$venv" >/dev/null || die "cannot create a virtual environment at $venv"
+  fi
+  log "installing $(basename "$wheel") into $venv"
+  # shellcheck disable=SC2086  # PIP_OPTS holds several options
+  retry "$venv/bin/pip" install --quiet --disable-pip-version-check $PIP_OPTS --find-links "$STAGE/wheels" "$wheel" \
+    || die "cannot install the agent (pip install $(basename "$wheel")): does this node reach a package index?"
+  # shellcheck disable=SC2086
+  "$venv/bin/pip" install --quiet --disable-pip-version-check $PIP_OPTS --no-deps --force-reinstall "$wheel" \
+    >/dev/null || die "cannot install the agent (pip install --force-reinstall $(basename "$wheel"))"
+  [ -x "$venv/bin/ckpt" ] || die "the agent wheel did not install $CKPT_VENV/bin/ckpt"
+  printf '%s\n' "$sum" >"$venv/.ckpt-wheel.sha256" || die "cannot write $venv/.ckpt-wheel.sha256"
+  return 0
+}
+
+# ---- the cluster's HMAC key ---------------------------------------------------------------------------------------
+
+new_key() {
+  local tmp="$1"
+  (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$tmp")
+}
+
+setup_key_head() {
+  local key="$ROOT$CKPT_KEY_FILE" shared="$ROOT$CKPT_SHARED_DIR/secret"
+  install -d -m 0700 "$(dirname "$key")" "$shared"
+  chmod 0700 "$shared"
+  if [ ! -s "$key" ]; then
+    if [ -s "$shared/node.key" ]; then
+      install_file "$shared/node.key" "$key" 0600 || true
+    else
+      new_key "$STAGE/node.key"
+      install_file "$STAGE/node.key" "$key" 0600 || true
+      log "created the cluster's manifest signing key $CKPT_KEY_FILE"
+    fi
+  fi
+  install_file "$key" "$shared/node.key" 0600 || log "shared copy of the signing key is current"
+}
+
+setup_key_compute() {
+  local key="$ROOT$CKPT_KEY_FILE" shared="$ROOT$CKPT_SHARED_DIR/secret/node.key"
+  [ -s "$shared" ] || die "the cluster's signing key is missing at $CKPT_SHARED_DIR/secret/node.key: did the head node's OnNodeConfigured finish?"
+  install -d -m 0700 "$(dirname "$key")"
+  install_file "$shared" "$key" 0600 || log "signing key is current"
+}
+
+# ---- services -----------------------------------------------------------------------------------------------------
+
+# ensure_service NAME CHANGED: enable and start NAME if it is not; restart it if its files CHANGED (1).
+ensure_service() {
+  local name="$1" changed="$2"
+  if ! systemctl_ is-enabled --quiet "$name" 2>/dev/null; then
+    systemctl_ enable "$name"
+  fi
+  if ! systemctl_ is-active --quiet "$name" 2>/dev/null; then
+    systemctl_ start "$name"
+  elif [ "$changed" = 1 ]; then
+    systemctl_ restart "$name"
+  fi
+}
+
+install_agent_service() {
+  local changed=0
+  if install_file "$STAGE/systemd/ckpt-agent.service" "$ROOT/etc/systemd/system/ckpt-agent.service" 0644; then
+    systemctl_ daemon-reload
+    changed=1
+  fi
+  [ "$1" = 1 ] && changed=1
+  ensure_service ckpt-agent "$changed"
+}
+
+install_cron() {
+  local svc=""
+  if command -v crond >/dev/null 2>&1; then svc=crond; elif command -v cron >/dev/null 2>&1; then svc=cron; fi
+  if [ -z "$svc" ]; then
+    if command -v dnf >/dev/null 2>&1 || [ -n "$PKG_INSTALL" ]; then pkg_install cronie; else pkg_install cron; fi
+    if command -v crond >/dev/null 2>&1; then svc=crond; else svc=cron; fi
+  fi
+  install_file "$STAGE/head/ckpt-gc.cron" "$ROOT/etc/cron.d/ckpt-gc" 0644 || log "cleanup cron entry is current"
+  ensure_service "$svc" 0
+}
+
+# ---- roles --------------------------------------------------------------------------------------------------------
+
+run_compute() {
+  local node_dir="$STAGE/nodes/$QUEUE" changed=0
+  read_node_env "$node_dir/node.env"
+  # Cheap checks that can fail the node come first: a node that cannot checkpoint is replaced sooner.
+  if [ "$CKPT_CHECKPOINT_ENABLED" = 1 ]; then
+    install_criu
+    criu_preflight
+  fi
+  setup_key_compute
+  install_agent && changed=1
+  install_file "$node_dir/agent.yaml" "$ROOT$CKPT_CONFIG" 0644 && changed=1
+  if [ "$CKPT_CHECKPOINT_ENABLED" != 1 ]; then
+    log "checkpointing is off for queue $QUEUE: no CRIU, no agent service"
+    return 0
+  fi
+  install_agent_service "$changed"
+}
+
+run_head() {
+  read_node_env "$STAGE/head/node.env"
+  setup_key_head
+  if [ "$CKPT_CHECKPOINT_ENABLED" = 1 ]; then
+    install_criu
+  fi
+  install_agent || true
+  install_file "$STAGE/head/agent.yaml" "$ROOT$CKPT_CONFIG" 0644 || log "agent.yaml is current"
+  if [ ! -d "$ROOT$CKPT_STORE" ]; then
+    # every user's job creates its own 0700 directory here; sticky, so nobody removes another user's
+    install -d -m 1777 "$ROOT$CKPT_STORE"
+    log "created the checkpoint store $CKPT_STORE"
+  fi
+  install_cron
+}
+
+main() {
+  case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    head) [ "$#" -eq 2 ] || { usage >&2; exit 2; }; ROLE="head"; QUEUE=""; BUNDLE="$2" ;;
+    compute) [ "$#" -eq 3 ] || { usage >&2; exit 2; }; ROLE=compute; QUEUE="$2"; BUNDLE="$3" ;;
+    *) usage >&2; exit 2 ;;
+  esac
+  [[ "$QUEUE" =~ ^[a-z0-9-]*$ ]] || die "bad queue name: $QUEUE"
+  BUNDLE="${BUNDLE%/}"
+  BUNDLE="${BUNDLE#file://}"
+  [ -n "$ROOT" ] || [ "$(id -u)" = 0 ] || die "must run as root (ParallelCluster runs it so)"
+  # ParallelCluster's environment may lack sbin directories; a test's PATH is kept as it is.
+  [ -n "$ROOT" ] || export PATH="$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+  mkdir -p "$ROOT/var/lib/ckpt-agent"
+  STAGE="$(mktemp -d "$ROOT/var/lib/ckpt-agent/bundle.XXXXXX")"
+  trap 'rm -rf "$STAGE"' EXIT
+  log "starting: role $ROLE${QUEUE:+, queue $QUEUE}"
+  fetch_bundle
+  if [ "$ROLE" = head ]; then run_head; else run_compute; fi
+  log "done: role $ROLE${QUEUE:+, queue $QUEUE}"
+}
+
+main "$@"

@@ -1,0 +1,199 @@
+"""Render a validated site file into the ParallelCluster configuration and the files each node installs.
+
+Contract: `render_site(site, site_name)` returns {relative path: text} for
+    cluster.yaml                     the ParallelCluster 3 configuration (for `pcluster create-cluster`)
+    head/agent.yaml, head/node.env   the head node's agent config (for `ckpt gc`) and its bootstrap settings
+    head/ckpt-gc.cron                the cleanup cron entry, installed as /etc/cron.d/ckpt-gc
+    nodes/<queue>/agent.yaml         each queue's agent config, installed as /etc/ckpt-agent/agent.yaml
+    nodes/<queue>/node.env           each queue's bootstrap settings, sourced by bootstrap/on-node-configured.sh
+    systemd/ckpt-agent.service       the agent's unit
+and `write_tree(out_dir, files)` writes them atomically. Output depends only on the site data and the site file's
+base name, so committed renders can be compared byte for byte. Templates use StrictUndefined: a missing value is a
+bug, never an empty string. Values that reach a shell go through the `sh` filter (shlex.quote).
+
+Templates are looked up in $CKPT_TEMPLATES_DIR, then `ckpt_agent/templates` (package data, for installs from a wheel
+that ships them), then the repository's top-level `templates/` next to the package (source checkouts and editable
+installs, which is how admins run `ckpt render`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List
+
+import jinja2
+import yaml
+
+from .errors import ConfigError
+from .site import REQUIRED_SLURM_SETTINGS
+
+# Where things live on the nodes; the bootstrap script reads these from node.env, never hard-codes them twice.
+NODE_VENV = "/opt/ckpt-agent/venv"
+NODE_CONFIG = "/etc/ckpt-agent/agent.yaml"
+NODE_KEY_FILE = "/etc/ckpt-agent/node.key"
+NODE_RUNTIME_DIR = "/run/ckpt-agent"
+# The head node's /opt/parallelcluster/shared is NFS-exported to every compute node with no_root_squash, so a
+# root-only directory there can carry the cluster's HMAC key and the CRIU build.
+NODE_SHARED_DIR = "/opt/parallelcluster/shared/ckpt-agent"
+NODE_CRIU = "/usr/local/sbin/criu"  # install-criu.sh's default prefix
+SCRIPT_NAME = "on-node-configured.sh"
+COMPUTE_RESOURCE_NAME = "nodes"
+
+TEMPLATE_FILES = ("cluster.yaml.j2", "agent.yaml.j2", "node.env.j2", "ckpt-agent.service.j2", "ckpt-gc.cron.j2")
+
+
+def templates_dir() -> Path:
+    """The first directory that holds all templates: $CKPT_TEMPLATES_DIR, package data, the repository's."""
+    package = Path(__file__).resolve().parent
+    candidates: List[Path] = []
+    if os.environ.get("CKPT_TEMPLATES_DIR"):
+        candidates.append(Path(os.environ["CKPT_TEMPLATES_DIR"]))
+    candidates += [package / "templates", package.parent / "templates"]
+    for cand in candidates:
+        if all((cand / name).is_file() for name in TEMPLATE_FILES):
+            return cand
+    raise ConfigError(
+        f"templates not found (looked in {', '.join(str(c) for c in candidates)}); set CKPT_TEMPLATES_DIR to the "
+        "repository's templates/ directory"
+    )
+
+
+def yaml_scalar(value: Any) -> str:
+    """A value as YAML flow text, quoted only where YAML needs it ('4711' stays a string)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False)
+    for suffix in ("\n...\n", "\n"):
+        if text.endswith(suffix):
+            return text[: -len(suffix)]
+    return text
+
+
+def shell_quote(value: Any) -> str:
+    if isinstance(value, bool):
+        value = int(value)
+    return shlex.quote(str(value))
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["y"] = yaml_scalar
+    env.filters["sh"] = shell_quote
+    return env
+
+
+def bundle_uri(site: Dict[str, Any]) -> str:
+    return f"s3://{site['bundle']['bucket']}/{site['bundle']['prefix']}"
+
+
+def criu_source_in_bundle(site: Dict[str, Any]) -> str:
+    """How node.env names the CRIU tarball: a URL as given, `bundle:criu/<file>` for a local file, or empty."""
+    source = site["criu"].get("source") or ""
+    if not source or "://" in source:
+        return source
+    return f"bundle:criu/{os.path.basename(source)}"
+
+
+def _s3_buckets(site: Dict[str, Any]) -> List[Dict[str, str]]:
+    """Read access the nodes need: the bundle prefix, and the CRIU tarball's bucket when it is an s3:// URL."""
+    access = [{"bucket": site["bundle"]["bucket"], "key": site["bundle"]["prefix"] + "/*"}]
+    source = site["criu"].get("source") or ""
+    if source.startswith("s3://"):
+        bucket, _, key = source[len("s3://"):].partition("/")
+        if bucket != site["bundle"]["bucket"] or not key.startswith(site["bundle"]["prefix"] + "/"):
+            access.append({"bucket": bucket, "key": key})
+    return access
+
+
+def _context(site: Dict[str, Any], site_name: str) -> Dict[str, Any]:
+    storage = site["storage"]
+    store = f"{storage['mount_dir']}/{storage['checkpoint_dir']}"
+    return {
+        "header": f"generated from {site_name} by `ckpt render`; do not edit: edit {site_name} and render again",
+        "site": site,
+        "store": store,
+        "bundle_uri": bundle_uri(site),
+        "script_uri": f"{bundle_uri(site)}/{SCRIPT_NAME}",
+        "s3_access": _s3_buckets(site),
+        "slurm_settings": {**REQUIRED_SLURM_SETTINGS, **site["slurm"]["settings"]},
+        "compute_resource": COMPUTE_RESOURCE_NAME,
+        # The head node builds CRIU for the cluster only when some queue checkpoints.
+        "any_checkpointing": any(q["checkpoint"]["enabled"] for q in site["queues"]),
+        "criu_source": criu_source_in_bundle(site),
+        "paths": {
+            "venv": NODE_VENV,
+            "config": NODE_CONFIG,
+            "key_file": NODE_KEY_FILE,
+            "runtime_dir": NODE_RUNTIME_DIR,
+            "shared_dir": NODE_SHARED_DIR,
+            "criu": NODE_CRIU,
+        },
+    }
+
+
+def render_site(site: Dict[str, Any], site_name: str) -> Dict[str, str]:
+    """Every generated file for `site` as {relative path: text}, in a stable order."""
+    env = _environment()
+    ctx = _context(site, site_name)
+    files: Dict[str, str] = {"cluster.yaml": env.get_template("cluster.yaml.j2").render(ctx)}
+    prices = site["prices"]
+    files["head/agent.yaml"] = env.get_template("agent.yaml.j2").render(ctx, role="head", queue=None, prices=prices)
+    files["head/node.env"] = env.get_template("node.env.j2").render(ctx, role="head", queue=None)
+    files["head/ckpt-gc.cron"] = env.get_template("ckpt-gc.cron.j2").render(ctx)
+    for queue in site["queues"]:
+        own = {t: prices[t] for t in queue["instance_types"] if t in prices}
+        base = f"nodes/{queue['name']}"
+        files[f"{base}/agent.yaml"] = env.get_template("agent.yaml.j2").render(
+            ctx, role="compute", queue=queue, prices=own
+        )
+        files[f"{base}/node.env"] = env.get_template("node.env.j2").render(ctx, role="compute", queue=queue)
+    files["systemd/ckpt-agent.service"] = env.get_template("ckpt-agent.service.j2").render(ctx)
+    return files
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write `text` to `path` through a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_tree(out_dir: str, files: Dict[str, str]) -> List[str]:
+    """Write `files` under `out_dir`; remove generated files a previous render left for queues that are gone."""
+    root = Path(out_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for rel, text in files.items():
+            write_atomic(root / rel, text)
+        for stale in sorted(root.glob("nodes/*/*")):
+            rel = stale.relative_to(root).as_posix()
+            if rel not in files and stale.is_file() and _is_generated(stale):
+                stale.unlink()
+                if not any(stale.parent.iterdir()):
+                    stale.parent.rmdir()
+    except OSError as e:
+        raise ConfigError(f"{out_dir}: cannot write rendered files: {e.strerror or e}") from e
+    return sorted(files)
+
+
+def _is_generated(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return "by `ckpt render`; do not edit" in fh.readline()
