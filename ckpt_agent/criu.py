@@ -124,7 +124,7 @@ class Criu:
             argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
             fds.append(fd)
         if cgroup_pid:
-            argv = [sys.executable, "-m", "ckpt_agent.cgexec", str(cgroup_pid), "--", *argv]
+            argv = [sys.executable, "-m", "ckpt_agent.execas", "--cgroup-of", str(cgroup_pid), "--", *argv]
         self._run_logged(argv, images_dir, "restore.log", timeout, pass_fds=fds)
         try:
             with open(pidfile, encoding="ascii") as fh:
@@ -151,8 +151,16 @@ class Criu:
             self.run(argv, timeout=timeout, pass_fds=pass_fds)
         except CommandError as e:
             detail = _log_errors(os.path.join(images_dir, log_name)) or str(e)
+            if "Can't get rlimit" in detail:
+                detail += (" (CRIU reads the limits of another user's processes with prlimit(), which needs "
+                           "CAP_SYS_RESOURCE: root on this machine lacks it, see `grep Cap /proc/self/status`)")
             action = "dump" if "dump" in argv else "restore"
-            raise CriuError(f"criu {action} failed: {detail} (log: {os.path.join(images_dir, log_name)})") from e
+            kept = _keep_log(os.path.join(images_dir, log_name))
+            raise CriuError(f"criu {action} failed: {detail} (log: {kept})") from e
+
+
+# Logged on machines whose root lacks CAP_SYS_RESOURCE, then worked around by CRIU: never the cause of a failure.
+_HARMLESS = ("Can't setup RLIMIT_NOFILE",)
 
 
 def _log_errors(path: str) -> str:
@@ -160,11 +168,26 @@ def _log_errors(path: str) -> str:
     try:
         with open(path, errors="replace") as fh:
             for line in fh:
-                if "Error (" in line:
+                if "Error (" in line and not any(h in line for h in _HARMLESS):
                     return re.sub(r"^\(\s*[\d.]+\)\s*", "", line.strip())
     except OSError:
         pass
     return ""
+
+
+FAILED_LOG_DIR = "/var/tmp/ckpt-agent/failed"
+
+
+def _keep_log(path: str) -> str:
+    """Images are discarded after a failure; the log is kept where an admin finds it."""
+    try:
+        os.makedirs(FAILED_LOG_DIR, mode=0o700, exist_ok=True)
+        dest = os.path.join(FAILED_LOG_DIR, f"{os.path.basename(os.path.dirname(path))}.{os.path.basename(path)}")
+        with open(path, "rb") as src, open(dest, "wb") as out:
+            out.write(src.read())
+        return dest
+    except OSError:
+        return path
 
 
 def _varint(buf: bytes, pos: int):

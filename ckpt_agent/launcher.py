@@ -13,7 +13,8 @@ import sys
 from typing import Mapping, Optional, Sequence
 
 from .errors import CkptError
-from .usercreds import Creds, drop_to, join_cgroups_of
+from .usercreds import Creds, join_cgroups_of
+from .usercreds import fs_identity as user_fs
 
 CLONE_NEWPID = 0x20000000
 PR_SET_CHILD_SUBREAPER = 36
@@ -42,8 +43,9 @@ def launch(
     """Fork a launcher that unshares a PID namespace and forks nsinit as its pid 1; return nsinit's host pid.
 
     A wrapper running as root is a child subreaper, so nsinit becomes its child when the launcher exits. The node
-    agent launching for an ordinary user passes the user's `creds` (nsinit drops to them before exec) and the
-    wrapper's pid as `cgroup_pid` (the job's cgroups, so Slurm limits, accounts and kills the tool with the job).
+    agent launching for an ordinary user passes the user's `creds` (nsinit drops to them before it execs the
+    tool) and the wrapper's pid as `cgroup_pid` (the job's cgroups, so Slurm limits, accounts and kills the tool
+    with the job).
     """
     pid_r, pid_w = os.pipe()
     launcher = os.fork()
@@ -63,10 +65,17 @@ def launch(
             init = os.fork()
             if init == 0:
                 os.closerange(STATUS_FD + 1, 65536)  # no descriptor of the wrapper leaks into the job
-                if creds is not None:
-                    drop_to(creds)
-                os.chdir(cwd)
-                os.execve(sys.executable, [sys.executable, "-I", "-S", NSINIT, str(STATUS_FD), "--", *argv], dict(env))
+                as_user = []
+                if creds is not None:  # nsinit stays root (see nsinit.py); the tool runs as the job's user
+                    groups = ",".join(str(g) for g in creds.groups)
+                    as_user = ["--as", f"{creds.uid}:{creds.gid}:{groups}"]
+                    os.chdir("/")
+                    with user_fs(creds):
+                        os.chdir(cwd)  # checked with the user's rights: root never enters a directory for them
+                else:
+                    os.chdir(cwd)
+                nsinit_argv = [sys.executable, "-I", "-S", NSINIT, str(STATUS_FD), *as_user, "--", *argv]
+                os.execve(sys.executable, nsinit_argv, dict(env))
             os.write(pid_w, str(init).encode())
             os._exit(0)
         except BaseException:

@@ -110,16 +110,25 @@ class PrivilegedService:
 
     @staticmethod
     def _check_tree(init_pid: int, uid: int) -> None:
-        """The tree to dump must be one of our namespace inits, running as the requester, in its own namespace."""
+        """The tree to dump must be one of our namespace inits running a job of the requester: nsinit started with
+        `--as <requester's uid>` (or by root), in a PID namespace of its own."""
         try:
-            owner = creds_of(init_pid).uid
             with open(f"/proc/{init_pid}/cmdline", "rb") as fh:
                 cmdline = fh.read().split(b"\0")
             own_ns = os.readlink("/proc/self/ns/pid")
             its_ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+            init_uid = creds_of(init_pid).uid
         except OSError:
             raise PermissionDenied(f"process {init_pid} is not a running job") from None
-        if uid != 0 and owner != uid:
-            raise PermissionDenied(f"process {init_pid} belongs to uid {owner}, not to uid {uid}")
-        if its_ns == own_ns or not any(arg.endswith(b"nsinit.py") for arg in cmdline):
+        is_nsinit = len(cmdline) > 3 and cmdline[3].endswith(b"nsinit.py")
+        if its_ns == own_ns or not is_nsinit:
             raise PermissionDenied(f"process {init_pid} is not the init of a job started by ckpt run")
+        if uid == 0:
+            return
+        runs_as = None
+        if b"--as" in cmdline:
+            runs_as = int(cmdline[cmdline.index(b"--as") + 1].split(b":")[0])
+        elif init_uid != 0:
+            runs_as = init_uid
+        if runs_as != uid:
+            raise PermissionDenied(f"process {init_pid} runs a job of uid {runs_as}, not of uid {uid}")

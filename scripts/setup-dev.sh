@@ -14,7 +14,10 @@ log() { printf '%s setup: %s\n' "$(date -u +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 SYSTEM_PACKAGES=(slurmctld slurmd slurm-client munge ngspice iverilog shellcheck zstd procps iproute2 curl
-                 ca-certificates passwd)
+                 ca-certificates passwd python3 python3-venv util-linux)
+# Jobs run as ordinary users, so the local cluster needs a copy of the agent that everyone can run (a developer's
+# venv may live under a private directory): like a cluster node's /opt/ckpt-agent/venv, from the system's Python.
+SHARED_VENV="${CKPT_SHARED_VENV:-/opt/ckpt-agent-dev/venv}"
 
 install_system_packages() {
   [ "$(id -u)" = 0 ] || die "run as root: installs system packages, CRIU and starts no service yet"
@@ -53,10 +56,22 @@ install_venv() {
   "$VENV/bin/pip" install -q -e "$ROOT[dev,validate]"
 }
 
+install_shared_venv() {
+  if [ ! -x "$SHARED_VENV/bin/python" ]; then
+    log "creating $SHARED_VENV (for jobs of ordinary users in the local cluster)"
+    mkdir -p "$(dirname "$SHARED_VENV")"
+    /usr/bin/python3 -m venv "$SHARED_VENV"
+  fi
+  "$SHARED_VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$SHARED_VENV/bin/pip" install -q "$ROOT"
+  chmod -R a+rX "$(dirname "$SHARED_VENV")"
+}
+
 main() {
   install_system_packages
   install_criu
   install_venv
+  install_shared_venv
   log "done: $("$VENV/bin/ckpt" --version), $(/usr/local/sbin/criu --version 2>/dev/null | head -n1 || criu --version | head -n1)"
 }
 

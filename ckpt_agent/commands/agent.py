@@ -16,6 +16,7 @@ from ..privileged import PrivilegedService
 from ..runner import registration_dir
 from ..slurm import Slurm
 from ..store import CheckpointStore, Signer
+from ..usercreds import root_can_dump_other_users
 from ._common import add_config_args, load, make_engine
 
 HELP = "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs"
@@ -73,6 +74,9 @@ def main(args: argparse.Namespace) -> int:
         server = control.ControlServer(cfg.socket_path, service.handle, mode=0o666).start()
     else:
         log.warning("no checkpoint store configured: ordinary users' jobs cannot be checkpointed on this node")
+    if not root_can_dump_other_users():
+        log.warning("root lacks CAP_SYS_RESOURCE here: CRIU cannot checkpoint ordinary users' jobs on this machine "
+                    "(root's jobs work); EC2 instances grant it")
     agent.install_signal_handlers()
     try:
         agent.run()
