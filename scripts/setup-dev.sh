@@ -13,8 +13,9 @@ PYTHON="${PYTHON:-python3}"
 log() { printf '%s setup: %s\n' "$(date -u +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-SYSTEM_PACKAGES=(slurmctld slurmd slurm-client munge ngspice iverilog shellcheck zstd procps iproute2 curl
-                 ca-certificates passwd python3 python3-venv util-linux)
+# slurmdbd and mariadb-server: Slurm accounting, so `sacct` knows finished jobs (ckpt gc asks it).
+SYSTEM_PACKAGES=(slurmctld slurmd slurm-client slurmdbd mariadb-server munge ngspice iverilog shellcheck zstd procps
+                 iproute2 curl ca-certificates passwd python3 python3-venv util-linux)
 # Jobs run as ordinary users, so the local cluster needs a copy of the agent that everyone can run (a developer's
 # venv may live under a private directory): like a cluster node's /opt/ckpt-agent/venv, from the system's Python.
 SHARED_VENV="${CKPT_SHARED_VENV:-/opt/ckpt-agent-dev/venv}"
@@ -35,7 +36,7 @@ install_system_packages() {
   fi
   # Debian starts the daemons it installs where systemd runs; tests start their own, so stop the packaged ones.
   local svc
-  for svc in slurmctld slurmd munge; do
+  for svc in slurmctld slurmd slurmdbd munge mariadb; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
       systemctl stop "$svc" || true
     fi

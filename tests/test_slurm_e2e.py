@@ -14,56 +14,10 @@ import pytest
 from ckpt_helpers import REPO, require_criu, wait_for
 
 from ckpt_agent.devcluster import shared_venv
-from ckpt_agent.devcluster.imds_server import ImdsServer
+from ckpt_agent.devcluster.agents import NodeAgents
 from ckpt_agent.usercreds import root_can_dump_other_users
 
 pytestmark = [pytest.mark.slurm, pytest.mark.criu]
-
-
-class NodeAgents:
-    """One IMDS endpoint and one `ckpt agent` (from the shared venv, as on a cluster node) per Slurm node."""
-
-    def __init__(self, cluster, bin_dir: str):
-        self.cluster = cluster
-        self.bin_dir = bin_dir
-        self.imds = {}
-        self.procs = {}
-        self.key = Path(cluster.workdir) / "agent" / "node.key"
-
-    def start(self):
-        self.key.parent.mkdir(mode=0o700, exist_ok=True)
-        for i, node in enumerate(self.cluster.nodes):
-            imds = ImdsServer(instance_id=f"i-0{i + 1}{'0' * 15}", instance_type="r6i.large").start()
-            self.imds[node] = imds
-            cfg = Path(self.cluster.workdir) / "agent" / f"{node}.yaml"
-            cfg.write_text(json.dumps({
-                "store": self.cluster.store, "runtime_dir": self.cluster.runtime_dir(node),
-                "criu": shutil.which("criu", path="/usr/local/sbin:/usr/sbin:/usr/bin") or "criu",
-                "agent": {"poll_interval": 0.5, "key_file": str(self.key), "imds_endpoint": imds.url},
-            }))
-            env = self.cluster.env({"CKPT_CONFIG": str(cfg)})
-            for var in ("CKPT_STORE", "CKPT_RUNTIME_DIR", "AWS_EC2_METADATA_SERVICE_ENDPOINT"):
-                env.pop(var, None)
-            log = open(Path(self.cluster.workdir) / "log" / f"agent-{node}.log", "ab")
-            self.procs[node] = subprocess.Popen([f"{self.bin_dir}/ckpt", "agent", "--node", node], env=env,
-                                                stdout=log, stderr=subprocess.STDOUT)
-            sock = Path(self.cluster.runtime_dir(node)) / "agent.sock"
-            wait_for(lambda s=sock: s.exists(), 30, f"the agent of {node}")
-        return self
-
-    def stop(self):
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for imds in self.imds.values():
-            imds.stop()
-
-    def log(self, node):
-        return (Path(self.cluster.workdir) / "log" / f"agent-{node}.log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +77,7 @@ def test_spot_notice_moves_an_ngspice_job_to_another_node(cluster, agents, slurm
     agents.imds["node1"].inject_spot_notice("terminate", seconds_from_now=120)
     cluster.wait_node("node1", "DRAIN", timeout=60)
     done = cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=int(full * 3) + 60)
-    assert done.state == "COMPLETED", (done, (work / "job.err").read_text(), agents.log("node1")[-2000:])
+    assert done.state == "COMPLETED", (done, (work / "job.err").read_text(), agents.log_tail("node1"))
     assert done.restart_count == 1
     assert done.nodes == "node2"
     assert (work / "result.txt").read_bytes() == (ref / "result.txt").read_bytes()
@@ -186,7 +140,7 @@ def test_privilege_boundary_for_ordinary_users(cluster, agents, slurm_user, slur
     # restores: only a checkpoint the agent signed, for this user
     from ckpt_agent.store import CheckpointStore, Signer
 
-    signed = CheckpointStore(cluster.store, Signer(agents.key.read_bytes().strip()))
+    signed = CheckpointStore(cluster.store, Signer(Path(agents.key).read_bytes().strip()))
     step_dir = jobdir / "main"
 
     def plant(manifest_uid, sign=True, tamper=None):
