@@ -232,7 +232,9 @@ def restore_file(
 ) -> None:
     """Write a file from its chunks (verified) to `dest` via a temporary name."""
     tmp = f"{dest}.ckpt-tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # the name is predictable: never open through whatever already sits there (a link planted to another file)
+    _unlink_quiet(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         offsets = []
         pos = 0

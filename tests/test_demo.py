@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.criu, pytest.mark.slow]
 
 def test_demo_moves_the_job_and_matches_an_uninterrupted_run():
     require_criu()
-    res = subprocess.run([sys.executable, "-m", "ckpt_agent.demo", "--quick", "--interval", "5"], cwd=REPO,
+    res = subprocess.run([sys.executable, "-m", "ckpt_agent.demo", "--quick", "--interval", "10"], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-2000:]

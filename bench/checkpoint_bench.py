@@ -1,0 +1,376 @@
+"""Checkpoint/restore benchmark through the product path: `ckpt run` + `ckpt checkpoint`, real CRIU, real store.
+
+For each size and memory kind (random = incompressible, text = netlist-like, zeros = touched zero pages):
+  1. `ckpt run -- memhog.py MIB KIND 5` in an empty working directory; wait until its memory is filled;
+  2. `ckpt checkpoint` (full): wall time, the engine's own time, frozen_seconds and the time breakdown from the
+     manifest's stats, stored bytes;
+  3. the workload changes 5% of its memory; `ckpt checkpoint --final` (incremental): time and stored bytes;
+  4. `ckpt run` again: it restores from that checkpoint; restore time from the `restored` event;
+  5. `dd if=<same kind of data> of=<store fs> bs=1M conv=fsync` of as many bytes as the first checkpoint read,
+     timed in the same run (median of --dd-runs), so disk speed and checkpoint speed are compared on the same
+     machine at the same time; every time is printed next to it as a ratio.
+
+Targets (issue 2): a checkpoint of incompressible memory within 1.5x of the raw write; compressible memory faster
+than the raw write. The checkpoint time judged is the wall time of `ckpt checkpoint`, what a user waits for.
+
+A profile section then times the chunk pipeline's parts on the same kinds of data (sha256, the zstd decision and
+compression, chunk writes without sync, syncfs) with the engine's own code, to show where a checkpoint's time goes.
+
+Run as root (CRIU): `make bench`, or `python bench/checkpoint_bench.py --sizes 1,4 [--kinds random,text,zeros]`;
+`--quick` runs 256 MiB cases. One workload runs at a time; the store lives under --dir (default /var/tmp/ckpt-bench,
+on the real disk, not tmpfs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+from memhog import BLOCK, POOL_MIB, netlist_pool  # noqa: E402
+
+from ckpt_agent import chunkstore  # noqa: E402
+
+MIB = 1 << 20
+KINDS = ("random", "text", "zeros")
+INCOMPRESSIBLE_TARGET = 1.5  # checkpoint of random memory within 1.5x of the raw write (issue 2)
+COMPRESSIBLE_TARGET = 1.0  # compressible memory: faster than the raw write
+INCREMENTAL_TARGET = 0.15  # a 5% change stores under 15% of the first checkpoint's bytes (issue 2 tests)
+MEM_HEADROOM_BYTES = 2 << 30  # workload + tmpfs staging + restore staging must fit with this to spare
+PROFILE_MIB = 256  # data per kind for the chunk-pipeline profile: long enough to time, short enough to stay quick
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def ckpt(*args: str) -> List[str]:
+    return [sys.executable, "-m", "ckpt_agent", *args]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def sync() -> None:
+    subprocess.run(["sync"], check=True)
+
+
+def events(store: Path, job: str) -> List[Dict[str, Any]]:
+    path = store / job / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def manifest(store: Path, job: str, gen: int) -> Dict[str, Any]:
+    path = store / job / "main" / f"gen-{gen:06d}" / "manifest.json"
+    return json.loads(path.read_text())["manifest"]
+
+
+def write_kind(path: Path, kind: str, nbytes: int) -> None:
+    """`nbytes` of the same kind of data the workload holds, as a dd source (in tmpfs: reading it costs ~nothing)."""
+    rng = random.Random(2)
+    pool = netlist_pool(rng, POOL_MIB) if kind == "text" else b""
+    with open(path, "wb") as fh:
+        left = nbytes
+        while left > 0:
+            n = min(BLOCK, left)
+            if kind == "random":
+                fh.write(os.urandom(n))
+            elif kind == "text":
+                off = rng.randrange(len(pool) - BLOCK)
+                fh.write(pool[off:off + n])
+            else:
+                fh.write(bytes(n))
+            left -= n
+
+
+def time_dd(src: str, dest: Path, mib: int, runs: int) -> float:
+    """Median wall time of `dd ... conv=fsync` writing `mib` MiB to `dest`'s file system."""
+    times = []
+    for _ in range(runs):
+        dest.unlink(missing_ok=True)
+        sync()
+        t = time.monotonic()
+        subprocess.run(["dd", f"if={src}", f"of={dest}", "bs=1M", f"count={mib}", "conv=fsync"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.monotonic() - t)
+        dest.unlink()
+    return statistics.median(times)
+
+
+# --- one case -----------------------------------------------------------------------------------------------------
+def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, dd_runs: int) -> Dict[str, Any]:
+    job = f"bench-{kind}-{mib}m-{os.getpid()}"
+    work = base / f"work-{job}"
+    work.mkdir()
+    out = open(base / f"{job}.out", "ab")
+    argv = [sys.executable, str(BENCH / "memhog.py"), str(mib), kind, "5"]
+    r: Dict[str, Any] = {"kind": kind, "mib": mib}
+    try:
+        log(f"{kind} {mib} MiB: starting the workload under ckpt run")
+        proc = subprocess.Popen(ckpt("run", "--job-id", job, "--interval", "1000000", "--", *argv), env=env,
+                                cwd=work, stdout=out, stderr=out, start_new_session=True)
+        wait_for(lambda: (work / "ready").exists() or proc.poll() is not None, 60 + mib / 20, "the workload")
+        if proc.poll() is not None:
+            raise RuntimeError(f"ckpt run exited with {proc.returncode}; see {out.name}")
+
+        log(f"{kind} {mib} MiB: full checkpoint")
+        sync()
+        t = time.monotonic()
+        subprocess.run(ckpt("checkpoint", "--job-id", job), env=env, check=True, stdout=subprocess.DEVNULL)
+        r["ckpt_wall"] = time.monotonic() - t
+        m1 = manifest(store, job, 1)
+        r["stats1"] = m1["stats"]
+        r["ckpt_engine"] = next(e["seconds"] for e in events(store, job)
+                                if e["event"] == "checkpoint_committed" and e["generation"] == 1)
+
+        (work / "mutate").touch()
+        wait_for(lambda: (work / "mutated").exists(), 120, "the workload to change 5% of its memory")
+        log(f"{kind} {mib} MiB: incremental final checkpoint after a 5% change")
+        sync()
+        t = time.monotonic()
+        subprocess.run(ckpt("checkpoint", "--job-id", job, "--final"), env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        r["incr_wall"] = time.monotonic() - t
+        r["stats2"] = manifest(store, job, 2)["stats"]
+        code = proc.wait(timeout=60)
+        if code != 75:
+            raise RuntimeError(f"ckpt run exited with {code} after a final checkpoint, expected 75")
+
+        log(f"{kind} {mib} MiB: restore")
+        sync()
+        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)  # a cold restore
+        t = time.monotonic()
+        proc = subprocess.Popen(ckpt("run", "--job-id", job, "--", *argv), env=env, cwd=work, stdout=out,
+                                stderr=out, start_new_session=True)
+        restored = wait_for(lambda: [e for e in events(store, job) if e["event"] == "restored"]
+                            or proc.poll() is not None, 300, "the restore")
+        r["restore_wall"] = time.monotonic() - t
+        if proc.poll() is not None and not isinstance(restored, list):
+            raise RuntimeError(f"ckpt run exited with {proc.returncode} instead of restoring; see {out.name}")
+        r["restore_engine"] = restored[0]["seconds"]
+        (work / "stop").touch()
+        code = proc.wait(timeout=120)
+        if code != 0:
+            raise RuntimeError(f"the restored workload exited with {code}; see {out.name}")
+    finally:
+        out.close()
+        shutil.rmtree(store / job, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    raw = r["stats1"]["bytes_in"]
+    dd_mib = math.ceil(raw / MIB)
+    log(f"{kind} {mib} MiB: dd of {dd_mib} MiB to the store's file system, {dd_runs} run(s)")
+    if kind == "zeros":
+        r["dd"] = time_dd("/dev/zero", store / "dd.bin", dd_mib, dd_runs)
+    else:
+        fd, src = tempfile.mkstemp(prefix="ckpt-bench-dd.", dir="/dev/shm")
+        os.close(fd)
+        try:
+            write_kind(Path(src), kind, dd_mib * MIB)
+            r["dd"] = time_dd(src, store / "dd.bin", dd_mib, dd_runs)
+        finally:
+            os.unlink(src)
+    return r
+
+
+# --- profile of the chunk pipeline --------------------------------------------------------------------------------
+def profile_kind(kind: str, store_dir: Path, mib: int) -> Dict[str, float]:
+    """Seconds per GiB for each part of storing images, with the engine's own chunk code and worker count."""
+    fd, src = tempfile.mkstemp(prefix="ckpt-bench-prof.", dir="/dev/shm")
+    os.close(fd)
+    root = Path(tempfile.mkdtemp(prefix="prof-chunks.", dir=store_dir))
+    per_gib = (1 << 30) / (mib * MIB)
+    try:
+        write_kind(Path(src), kind, mib * MIB)
+        with open(src, "rb") as fh:
+            blocks = [fh.read(chunkstore.CHUNK_BYTES) for _ in range(mib * MIB // chunkstore.CHUNK_BYTES)]
+        res = {}
+        with concurrent.futures.ThreadPoolExecutor(chunkstore.WORKERS) as pool:
+            t = time.monotonic()
+            list(pool.map(lambda b: hashlib.sha256(b).hexdigest(), blocks))
+            res["sha256"] = (time.monotonic() - t) * per_gib
+            encoder = chunkstore.ChunkStore(str(root), "zstd")
+            t = time.monotonic()
+            encoded = list(pool.map(encoder._encode, blocks))
+            res["zstd_decision"] = (time.monotonic() - t) * per_gib
+            res["stored_ratio"] = sum(len(p) for p, _ in encoded) / (mib * MIB)
+            del encoded
+            sync()
+            t = time.monotonic()
+            chunkstore.store_file(chunkstore.ChunkStore(str(root), "zstd"), src, pool)
+            res["store_file_nosync"] = (time.monotonic() - t) * per_gib
+            t = time.monotonic()
+            chunkstore.syncfs(str(root))
+            res["syncfs"] = (time.monotonic() - t) * per_gib
+        return res
+    finally:
+        os.unlink(src)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def report(results: List[Dict[str, Any]], profile: Dict[str, Dict[str, float]]) -> int:
+    misses = 0
+    head = (f"{'case':<14} {'raw MiB':>8} {'dd s':>6} | {'ckpt s':>7} {'/dd':>6} {'engine s':>8} | "
+            f"{'frozen s':>8} {'/dd':>6} | {'restore s':>9} {'/dd':>6} | {'stored MiB':>10} {'/raw':>6} | "
+            f"{'incr s':>6} {'incr MiB':>8} {'/1st':>6} | target")
+    print()
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        s1, s2 = r["stats1"], r["stats2"]
+        raw, dd = s1["bytes_in"], r["dd"]
+        ratio = r["ckpt_wall"] / dd
+        limit = INCOMPRESSIBLE_TARGET if r["kind"] == "random" else COMPRESSIBLE_TARGET
+        ok = ratio <= limit if r["kind"] == "random" else ratio < limit
+        incr_share = s2["bytes_written"] / max(1, s1["bytes_written"])
+        r["target"] = ("<=" if r["kind"] == "random" else "<") + f" {limit:g}x dd"
+        r["pass"] = ok
+        misses += not ok
+        print(f"{r['kind'] + ' ' + str(r['mib']) + 'M':<14} {raw / MIB:>8.0f} {dd:>6.2f} | "
+              f"{r['ckpt_wall']:>7.2f} {fmt_ratio(ratio):>6} {r['ckpt_engine']:>8.2f} | "
+              f"{s1['frozen_seconds']:>8.2f} {fmt_ratio(s1['frozen_seconds'] / dd):>6} | "
+              f"{r['restore_engine']:>9.2f} {fmt_ratio(r['restore_engine'] / dd):>6} | "
+              f"{s1['bytes_written'] / MIB:>10.1f} {fmt_ratio(s1['bytes_written'] / raw):>6} | "
+              f"{r['incr_wall']:>6.2f} {s2['bytes_written'] / MIB:>8.1f} {incr_share * 100:>5.1f}% | "
+              f"{r['target']}: {'PASS' if ok else 'MISS'}")
+    print()
+    print("incremental (2nd checkpoint after a 5% change) stores < 15% of the first's bytes:")
+    for r in results:
+        share = r["stats2"]["bytes_written"] / max(1, r["stats1"]["bytes_written"])
+        # zeros store almost nothing the first time, so a share of that says little; judge absolute bytes there
+        ok = share < INCREMENTAL_TARGET or r["stats2"]["bytes_written"] < INCREMENTAL_TARGET * r["stats1"]["bytes_in"]
+        print(f"  {r['kind']} {r['mib']} MiB: {r['stats2']['bytes_written'] / MIB:.1f} MiB written "
+              f"({share * 100:.1f}% of the first checkpoint's, "
+              f"{r['stats2']['bytes_written'] / r['stats1']['bytes_in'] * 100:.1f}% of the raw memory) "
+              f"in {r['incr_wall']:.2f} s, frozen {r['stats2']['frozen_seconds']:.2f} s: {'PASS' if ok else 'MISS'}")
+    print()
+    print("where the full checkpoint's time goes (seconds, from the manifest's stats; rest = commit with syncfs, "
+          "prune, sweep, CLI):")
+    print(f"  {'case':<14} {'prepare':>8} {'dump':>7} {'capture':>8} {'store':>7} {'rest':>7} {'total':>7}")
+    for r in results:
+        s = r["stats1"]
+        parts = [s.get(k, 0.0) for k in ("prepare_seconds", "dump_seconds", "capture_seconds",
+                                         "store_images_seconds")]
+        rest = r["ckpt_wall"] - sum(parts)
+        print(f"  {r['kind'] + ' ' + str(r['mib']) + 'M':<14} " + " ".join(f"{p:>7.2f}" for p in parts[:1])
+              + " " + " ".join(f"{p:>7.2f}" for p in parts[1:2]) + f" {parts[2]:>8.2f} {parts[3]:>7.2f}"
+              f" {rest:>7.2f} {r['ckpt_wall']:>7.2f}")
+    if profile:
+        print()
+        print(f"chunk pipeline profile ({PROFILE_MIB} MiB per kind in tmpfs, {chunkstore.WORKERS} workers; "
+              "seconds per GiB):")
+        print(f"  {'kind':<8} {'sha256':>7} {'zstd+probe':>10} {'store_file':>10} {'syncfs':>7} {'stored/raw':>10}")
+        for kind, p in profile.items():
+            print(f"  {kind:<8} {p['sha256']:>7.2f} {p['zstd_decision']:>10.2f} {p['store_file_nosync']:>10.2f} "
+                  f"{p['syncfs']:>7.2f} {p['stored_ratio']:>10.2f}")
+        print("  (store_file = read + sha256 + zstd decision + write, without sync; dd of 1 GiB for comparison: "
+              + ", ".join(f"{r['kind']} {r['dd'] * (1 << 30) / r['stats1']['bytes_in']:.2f} s"
+                          for r in results if r["mib"] == max(x["mib"] for x in results)) + ")")
+    print()
+    print(f"targets: {len(results) - misses} PASS, {misses} MISS")
+    return misses
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1,4", help="process sizes in GiB, comma-separated (default 1,4 as in issue 2)")
+    p.add_argument("--quick", action="store_true", help="256 MiB cases only")
+    p.add_argument("--kinds", default=",".join(KINDS), help="memory kinds: random,text,zeros")
+    p.add_argument("--dir", default="/var/tmp/ckpt-bench", help="working directory on the disk under test")
+    p.add_argument("--dd-runs", type=int, default=3, help="dd runs per case; the median is used")
+    p.add_argument("--no-profile", action="store_true", help="skip the chunk pipeline profile")
+    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    p.add_argument("--keep", action="store_true", help="keep --dir afterwards")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("checkpoint_bench: needs root (CRIU)", file=sys.stderr)
+        return 2
+    sizes = [0.25] if args.quick else [float(s) for s in args.sizes.split(",") if s.strip()]
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        print(f"checkpoint_bench: unknown kind(s) {', '.join(bad)}; use {', '.join(KINDS)}", file=sys.stderr)
+        return 2
+    base = Path(args.dir)
+    base.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    store, runtime = base / "store", base / "run"
+    store.mkdir()
+    config = base / "agent.yaml"
+    config.write_text("{}\n")  # defaults (zstd, tmpfs staging when RAM allows), whatever /etc holds
+    env = dict(os.environ, CKPT_STORE=str(store), CKPT_RUNTIME_DIR=str(runtime), CKPT_CONFIG=str(config))
+    env["PATH"] = "/usr/local/sbin:" + env.get("PATH", "")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        env.pop(k, None)
+    fs = subprocess.run(["df", "-T", str(store)], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    log(f"store {store} on {fs[0]} ({fs[1]}); CPUs {os.cpu_count()}; workers {chunkstore.WORKERS}")
+    results = []
+    try:
+        for size in sizes:
+            mib = int(size * 1024)
+            for kind in kinds:
+                need = 3 * mib * MIB + MEM_HEADROOM_BYTES
+                if mem_available() < need:
+                    log(f"skipping {kind} {mib} MiB: needs {need >> 30} GiB of available memory")
+                    continue
+                results.append(run_case(base, store, env, mib, kind, args.dd_runs))
+        profile = {}
+        if not args.no_profile:
+            for kind in kinds:
+                log(f"profiling the chunk pipeline on {kind} data")
+                profile[kind] = profile_kind(kind, store, PROFILE_MIB)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "profile": profile}, indent=2))
+    if not results:
+        print("checkpoint_bench: no case ran", file=sys.stderr)
+        return 1
+    report(results, profile)
+    return 0  # a MISS is a measurement, not a failure of the benchmark
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""ckpt_agent.chunkstore: content-addressed chunks, compression only where it pays, damage named, sparse restore."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import random
+
+import pytest
+
+from ckpt_agent import chunkstore
+from ckpt_agent.chunkstore import (
+    CHUNK_BYTES,
+    CODEC_RAW,
+    CODEC_ZSTD,
+    ChunkRef,
+    ChunkStore,
+    file_ranges,
+    iter_chunk_files,
+    restore_file,
+    store_file,
+)
+from ckpt_agent.errors import EXIT_DAMAGED, DamagedCheckpointError
+
+MIB = 1 << 20
+
+
+def random_bytes(n: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(n) if hasattr(random.Random, "randbytes") else os.urandom(n)
+
+
+def text_bytes(n: int, seed: int = 2) -> bytes:
+    rng = random.Random(seed)
+    out = []
+    size = 0
+    while size < n:
+        line = f"M{size} net_{rng.randrange(1 << 20)} net_{rng.randrange(1 << 20)} vss nch W={rng.randrange(400)}u\n"
+        out.append(line)
+        size += len(line)
+    return "".join(out).encode()[:n]
+
+
+@pytest.fixture
+def pool():
+    with concurrent.futures.ThreadPoolExecutor(4) as p:
+        yield p
+
+
+@pytest.fixture
+def chunks(tmp_path):
+    return ChunkStore(str(tmp_path / "chunks"))
+
+
+def chunk_files(store: ChunkStore):
+    return sorted(p for _, p in iter_chunk_files(store.root))
+
+
+def test_put_get_round_trip_names_chunk_by_sha256(chunks):
+    data = random_bytes(300_000)
+    ref, stats = chunks.put(data)
+    assert ref.digest == hashlib.sha256(data).hexdigest()
+    assert ref.size == len(data)
+    assert chunks.get(ref) == data
+    assert os.path.exists(os.path.join(chunks.root, ref.digest[:2], ref.digest))
+    assert (stats.bytes_in, stats.bytes_new, stats.bytes_written, stats.chunks_new) == (len(data), len(data),
+                                                                                           len(data), 1)
+    assert ChunkRef.from_json(ref.to_json()) == ref
+
+
+def test_same_data_is_stored_once(chunks):
+    data = random_bytes(200_000)
+    ref1, first = chunks.put(data)
+    ref2, second = chunks.put(data)
+    assert ref1 == ref2
+    assert (second.chunks_reused, second.chunks_new, second.bytes_new, second.bytes_written) == (1, 0, 0, 0)
+    assert len(chunk_files(chunks)) == 1
+
+
+def test_chunk_already_on_disk_is_not_rewritten_by_a_new_writer(chunks, tmp_path):
+    data = random_bytes(100_000)
+    ref, _ = chunks.put(data)
+    mtime = os.stat(chunks.path(ref)).st_mtime_ns
+    again = ChunkStore(chunks.root)  # a later checkpoint that does not know the chunk from a manifest
+    _, stats = again.put(data)
+    assert stats.bytes_written == 0
+    assert os.stat(chunks.path(ref)).st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize(
+    "make, codec",
+    [
+        pytest.param(lambda: random_bytes(MIB), CODEC_RAW, id="random-stored-raw"),
+        pytest.param(lambda: bytes(MIB), CODEC_ZSTD, id="zeros-compressed"),
+        pytest.param(lambda: text_bytes(MIB), CODEC_ZSTD, id="text-compressed"),
+        pytest.param(lambda: bytes(100), CODEC_RAW, id="tiny-stored-raw"),
+    ],
+)
+def test_compression_only_where_it_pays(chunks, make, codec):
+    data = make()
+    ref, stats = chunks.put(data)
+    assert ref.codec == codec
+    assert chunks.get(ref) == data
+    on_disk = os.path.getsize(chunks.path(ref))
+    assert stats.bytes_written == on_disk
+    if codec == CODEC_ZSTD:
+        assert chunks.path(ref).endswith(".zst")
+        assert on_disk < 0.9 * len(data)
+    else:
+        assert on_disk == len(data)
+
+
+def test_random_head_with_compressible_tail_is_judged_by_the_probe(chunks):
+    """The probe decides: random first 64 KiB means raw, without compressing the rest (the cost it avoids)."""
+    data = random_bytes(chunkstore.COMPRESS_PROBE_BYTES) + bytes(MIB - chunkstore.COMPRESS_PROBE_BYTES)
+    ref, _ = chunks.put(data)
+    assert ref.codec == CODEC_RAW
+
+
+def test_compression_none_stores_everything_raw(tmp_path):
+    store = ChunkStore(str(tmp_path / "c"), compression="none")
+    ref, _ = store.put(bytes(MIB))
+    assert ref.codec == CODEC_RAW
+    assert os.path.getsize(store.path(ref)) == MIB
+
+
+def damage(path: str, how: str) -> None:
+    if how == "missing":
+        os.unlink(path)
+    elif how == "truncated":
+        with open(path, "r+b") as fh:
+            fh.truncate(os.path.getsize(path) // 2)
+    elif how == "flipped":
+        with open(path, "r+b") as fh:
+            fh.seek(os.path.getsize(path) // 2)
+            b = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("how, words", [("missing", "is missing"), ("truncated", "fails its checksum"),
+                                        ("flipped", "fails its checksum")])
+def test_damaged_raw_chunk_is_named(chunks, how, words):
+    ref, _ = chunks.put(random_bytes(MIB))
+    damage(chunks.path(ref), how)
+    with pytest.raises(DamagedCheckpointError) as exc:
+        chunks.get(ref, "image pages-1.img")
+    msg = str(exc.value)
+    assert msg.startswith("image pages-1.img: chunk " + ref.digest[:16])
+    assert words in msg
+    assert exc.value.exit_code == EXIT_DAMAGED
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "flipped"])
+def test_damaged_compressed_chunk_is_named(chunks, how):
+    ref, _ = chunks.put(text_bytes(MIB))
+    assert ref.codec == CODEC_ZSTD
+    damage(chunks.path(ref), how)
+    with pytest.raises(DamagedCheckpointError) as exc:
+        chunks.get(ref, "file /scratch/x")
+    assert ref.digest[:16] in str(exc.value)
+    assert "/scratch/x" in str(exc.value)
+
+
+def test_chunk_swapped_for_another_valid_chunk_fails_its_checksum(chunks):
+    a, _ = chunks.put(random_bytes(4096, seed=1))
+    b, _ = chunks.put(random_bytes(4096, seed=2))
+    os.replace(chunks.path(b), chunks.path(a))
+    with pytest.raises(DamagedCheckpointError, match="fails its checksum"):
+        chunks.get(a)
+
+
+@pytest.mark.parametrize(
+    "size, cuts, expected",
+    [
+        pytest.param(0, None, [], id="empty"),
+        pytest.param(10, None, [(0, 10)], id="small"),
+        pytest.param(CHUNK_BYTES, None, [(0, CHUNK_BYTES)], id="exactly-one"),
+        pytest.param(2 * CHUNK_BYTES + 5, None,
+                     [(0, CHUNK_BYTES), (CHUNK_BYTES, 2 * CHUNK_BYTES), (2 * CHUNK_BYTES, 2 * CHUNK_BYTES + 5)],
+                     id="split-at-chunk-size"),
+        pytest.param(3 * CHUNK_BYTES, [4096, 4096, 0, 3 * CHUNK_BYTES, 10 * CHUNK_BYTES],
+                     [(0, 4096), (4096, 4096 + CHUNK_BYTES), (4096 + CHUNK_BYTES, 4096 + 2 * CHUNK_BYTES),
+                      (4096 + 2 * CHUNK_BYTES, 3 * CHUNK_BYTES)],
+                     id="cuts-deduplicated-out-of-range-ignored"),
+        pytest.param(100, [90, 10, 50], [(0, 10), (10, 50), (50, 90), (90, 100)], id="unsorted-cuts"),
+    ],
+)
+def test_file_ranges(size, cuts, expected):
+    ranges = file_ranges(size, cuts)
+    assert ranges == expected
+    assert all(0 < end - start <= CHUNK_BYTES for start, end in ranges)
+
+
+def test_store_and_restore_file_round_trip_keeps_zero_chunks_sparse(chunks, pool, tmp_path):
+    src = tmp_path / "src.bin"
+    content = random_bytes(MIB + 123) + bytes(3 * MIB - 123) + text_bytes(MIB // 2)
+    src.write_bytes(content)
+    refs, stats, size = store_file(chunks, str(src), pool)
+    assert size == len(content)
+    assert [r.size for r in refs] == [MIB, MIB, MIB, MIB, MIB // 2]
+    assert stats.bytes_in == len(content)
+    assert stats.chunks_new + stats.chunks_reused == 5
+    assert refs[2] == refs[3]  # the two all-zero chunks are one chunk
+    assert len(chunk_files(chunks)) == 4
+
+    dest = tmp_path / "out" / "restored.bin"
+    dest.parent.mkdir()
+    restore_file(chunks, refs, str(dest), pool, mode=0o640)
+    assert dest.read_bytes() == content
+    assert dest.stat().st_mode & 0o777 == 0o640
+    allocated = dest.stat().st_blocks * 512
+    assert allocated <= len(content) - 2 * MIB + 64 * 1024, "two all-zero chunks must stay holes"
+    assert os.listdir(dest.parent) == ["restored.bin"]
+
+
+def test_restore_file_with_damaged_chunk_leaves_no_file(chunks, pool, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(random_bytes(2 * MIB))
+    refs, _, _ = store_file(chunks, str(src), pool)
+    damage(chunks.path(refs[1]), "flipped")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DamagedCheckpointError, match=refs[1].digest[:16]):
+        restore_file(chunks, refs, str(out / "f"), pool, where="file /x/f")
+    assert os.listdir(out) == []
+
+
+def test_restore_file_replaces_existing_file_atomically(chunks, pool, tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"new content")
+    refs, _, _ = store_file(chunks, str(src), pool)
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"old, longer content that must go entirely")
+    restore_file(chunks, refs, str(dest), pool)
+    assert dest.read_bytes() == b"new content"
+
+
+def test_temporary_chunk_names_never_count_as_chunks(chunks, monkeypatch):
+    """A writer killed between write and rename leaves a temp file: never visible under a final chunk name."""
+    data = random_bytes(50_000)
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(chunkstore.os, "rename", crash)
+    with pytest.raises(OSError):
+        chunks.put(data)
+    monkeypatch.undo()
+    digest = hashlib.sha256(data).hexdigest()
+    assert not os.path.exists(chunks.path(ChunkRef(digest, len(data), CODEC_RAW)))
+    assert digest not in chunks.known
+    leftovers = list(iter_chunk_files(chunks.root))
+    assert len(leftovers) == 1 and leftovers[0][0] == "", "a temp file must not be reported under a digest"
+
+    ref, stats = chunks.put(data)  # the next attempt writes the chunk for real
+    assert stats.bytes_written == len(data)
+    assert chunks.get(ref) == data
+
+
+def test_iter_chunk_files_reports_digests_without_codec_suffix(chunks):
+    raw, _ = chunks.put(random_bytes(10_000))
+    packed, _ = chunks.put(bytes(MIB))
+    found = {d for d, _ in iter_chunk_files(chunks.root)}
+    assert found == {raw.digest, packed.digest}
+
+
+def test_iter_chunk_files_on_missing_root_is_empty(tmp_path):
+    assert list(iter_chunk_files(str(tmp_path / "nope"))) == []

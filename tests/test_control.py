@@ -1,0 +1,164 @@
+"""ckpt_agent.control: one JSON request and response per connection over a Unix socket, peer credentials from the
+kernel, handler errors answered with their exit code, descriptors passed along, an unreachable peer named."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from ckpt_agent import control
+from ckpt_agent.errors import EXIT_AGENT, AgentUnreachable, NotFoundError
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "c.sock")
+
+
+@pytest.fixture
+def serve(sock_path):
+    servers = []
+
+    def start(handler, mode=0o600):
+        server = control.ControlServer(sock_path, handler, mode=mode).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def test_request_and_response_with_peer_credentials(serve, sock_path):
+    seen = {}
+
+    def handler(req, creds, fds):
+        seen.update(req=req, creds=creds, fds=fds)
+        return {"ok": True, "generation": 3}
+
+    serve(handler)
+    assert control.request(sock_path, {"op": "checkpoint", "final": True}, timeout=5) == {"ok": True,
+                                                                                           "generation": 3}
+    assert seen["req"] == {"op": "checkpoint", "final": True}
+    assert seen["creds"] == (os.getpid(), os.getuid(), os.getgid())
+    assert seen["fds"] == []
+
+
+def test_socket_is_created_with_the_requested_mode_and_removed_on_close(sock_path):
+    server = control.ControlServer(sock_path, lambda r, c, f: {"ok": True}, mode=0o600).start()
+    assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+    server.close()
+    assert not os.path.exists(sock_path)
+
+
+def test_stale_socket_file_is_replaced(sock_path, serve):
+    with open(sock_path, "w") as fh:
+        fh.write("left over by a crashed wrapper")
+    serve(lambda r, c, f: {"ok": True})
+    assert control.request(sock_path, {}, timeout=5)["ok"] is True
+
+
+def test_ckpt_error_in_handler_is_answered_with_its_exit_code(serve, sock_path):
+    def handler(req, creds, fds):
+        raise NotFoundError("no such job step")
+
+    serve(handler)
+    assert control.request(sock_path, {"op": "x"}, timeout=5) == {"ok": False, "error": "no such job step",
+                                                                   "exit_code": 66}
+
+
+def test_unexpected_error_in_handler_is_answered_as_internal(serve, sock_path):
+    def handler(req, creds, fds):
+        raise KeyError("boom")
+
+    serve(handler)
+    reply = control.request(sock_path, {}, timeout=5)
+    assert reply["ok"] is False and reply["exit_code"] == 70
+    assert "KeyError" in reply["error"]
+    assert control.request(sock_path, {}, timeout=5)["exit_code"] == 70, "the server keeps serving"
+
+
+def test_request_that_is_not_an_object_is_refused(serve, sock_path):
+    serve(lambda r, c, f: {"ok": True})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(sock_path)
+        s.sendall(b"[1, 2]\n")
+        reply = control._read_line(s)
+    assert b'"ok": false' in reply and b"JSON object" in reply
+
+
+def test_descriptors_travel_with_the_request(serve, sock_path):
+    def handler(req, creds, fds):
+        os.write(fds[0], b"written by the server")
+        return {"ok": True, "count": len(fds)}
+
+    serve(handler)
+    r, w = os.pipe()
+    try:
+        reply = control.request(sock_path, {"op": "attach"}, timeout=5, fds=[w])
+        os.close(w)
+        assert reply == {"ok": True, "count": 1}
+        assert os.read(r, 100) == b"written by the server"
+        assert os.read(r, 100) == b"", "the server closed its copy of the descriptor"
+    finally:
+        os.close(r)
+
+
+def test_large_request_arrives_whole(serve, sock_path):
+    serve(lambda r, c, f: {"ok": True, "n": len(r["blob"])})
+    assert control.request(sock_path, {"blob": "x" * 300_000}, timeout=5) == {"ok": True, "n": 300_000}
+
+
+def test_missing_socket_is_agent_unreachable(tmp_path):
+    with pytest.raises(AgentUnreachable) as exc:
+        control.request(str(tmp_path / "nobody.sock"), {"op": "status"}, timeout=1)
+    assert exc.value.exit_code == EXIT_AGENT == 79
+    assert "nobody.sock" in str(exc.value)
+
+
+def test_socket_without_listener_is_agent_unreachable(sock_path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(sock_path)  # bound, never listening: what a wrapper killed mid-way can leave
+        with pytest.raises(AgentUnreachable, match="cannot reach"):
+            control.request(sock_path, {}, timeout=1)
+
+
+def test_peer_that_closes_without_answer_is_agent_unreachable(sock_path):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(1)
+
+    def close_at_once():
+        conn, _ = listener.accept()
+        conn.recv(100)
+        conn.close()
+
+    t = threading.Thread(target=close_at_once)
+    t.start()
+    try:
+        with pytest.raises(AgentUnreachable, match="without an answer"):
+            control.request(sock_path, {"op": "status"}, timeout=5)
+    finally:
+        t.join(5)
+        listener.close()
+
+
+def test_slow_peer_times_out_as_agent_unreachable(serve, sock_path):
+    release = threading.Event()
+
+    def handler(req, creds, fds):
+        release.wait(10)
+        return {"ok": True}
+
+    serve(handler)
+    try:
+        with pytest.raises(AgentUnreachable, match="no answer .* within 0.2 s"):
+            control.request(sock_path, {}, timeout=0.2)
+    finally:
+        release.set()
