@@ -21,6 +21,7 @@ from .errors import ConfigError
 DEFAULT_CONFIG_PATH = "/etc/ckpt-agent/agent.yaml"
 DEFAULT_RUNTIME_DIR = "/run/ckpt-agent"
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+DEFAULT_PRICES_FILE = "/var/lib/ckpt-agent/prices.json"
 
 
 @dataclass
@@ -63,6 +64,8 @@ class AgentConfig:
     agent: AgentSettings = field(default_factory=AgentSettings)
     gc: GcSettings = field(default_factory=GcSettings)
     prices: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    # where `ckpt prices --update` writes the refreshed table and `ckpt report` reads it (over `prices`)
+    prices_file: str = DEFAULT_PRICES_FILE
     source: str = "<defaults>"
 
     @property

@@ -32,7 +32,7 @@ import shutil
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from .chunkstore import ChunkRef, ChunkStore
 from .errors import DamagedCheckpointError, NotFoundError, PermissionDenied, StoreError
@@ -45,7 +45,7 @@ EVENTS = "events.jsonl"
 FORMAT_VERSION = 1
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
 _PARTIAL_RE = re.compile(r"^gen-(\d{6,})\.partial-(\d+)$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 
 
 def utcnow() -> dt.datetime:
@@ -186,10 +186,14 @@ class CheckpointStore:
         return jd
 
     @contextlib.contextmanager
-    def job_lock(self, job_id: str, exclusive: bool = False, blocking: bool = True) -> Iterator[bool]:
-        path = os.path.join(self.job_dir(job_id), "lock")
+    def job_lock(
+        self, job_id: str, exclusive: bool = False, blocking: bool = True, dir_fd: Optional[int] = None
+    ) -> Iterator[bool]:
+        """flock on <job>/lock. `dir_fd`: the job directory, already opened without following links (`ckpt gc`),
+        so that a job directory swapped for a link never makes us create a lock file elsewhere."""
+        path = "lock" if dir_fd is not None else os.path.join(self.job_dir(job_id), "lock")
         # read-only is enough for flock, and lets the job's user share a lock file the root agent created
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
         try:
             flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             if not blocking:
@@ -335,34 +339,89 @@ class CheckpointStore:
             removed.append(gen.number)
         return removed
 
-    def sweep_chunks(self, job_id: str) -> Tuple[int, int]:
-        """Remove chunks no committed manifest references. Takes the job lock exclusively and skips (returns
-        (0, 0)) while any checkpoint of the job is being written. Returns (files removed, bytes freed)."""
-        from .chunkstore import iter_chunk_files
-
-        with self.job_lock(job_id, exclusive=True, blocking=False) as locked:
-            if not locked:
-                return 0, 0
-            referenced = set()
-            for step in self.steps(job_id):
-                for gen in self.generations(job_id, step):
-                    try:
-                        manifest = self.load_manifest(gen)
-                    except (DamagedCheckpointError, PermissionDenied):
-                        continue
-                    referenced.update(r.digest for r in manifest_refs(manifest))
-            removed = freed = 0
-            for digest, path in iter_chunk_files(self.chunk_dir(job_id)):
-                if digest and digest in referenced:
+    def referenced_digests(self, job_id: str, skip: Iterable[Tuple[str, int]] = (), strict: bool = False) -> Set[str]:
+        """Digests referenced by the job's committed manifests, leaving out the generations in `skip`
+        ((step, number) pairs that are about to be removed). `strict`: an unreadable manifest raises instead of
+        being ignored (`ckpt gc` then keeps all of the job's chunks)."""
+        leave_out = set(skip)
+        referenced: Set[str] = set()
+        for step in self.steps(job_id):
+            for gen in self.generations(job_id, step):
+                if (step, gen.number) in leave_out:
                     continue
                 try:
-                    size = os.lstat(path).st_size
-                    os.unlink(path)
-                    removed += 1
-                    freed += size
-                except OSError:
-                    pass
-            return removed, freed
+                    manifest = self.load_manifest(gen)
+                except (DamagedCheckpointError, PermissionDenied):
+                    if strict:
+                        raise
+                    continue
+                referenced.update(r.digest for r in manifest_refs(manifest))
+        return referenced
+
+    def sweep_chunks(
+        self,
+        job_id: str,
+        *,
+        referenced: Optional[Set[str]] = None,
+        locked: bool = False,
+        unlink: Optional[Callable[[int, str, int], None]] = None,
+        job_fd: Optional[int] = None,
+    ) -> Tuple[int, int]:
+        """Remove chunks no committed manifest references. Takes the job lock exclusively and skips (returns
+        (0, 0)) while any checkpoint of the job is being written. Returns (files removed, bytes freed).
+
+        The walk opens every directory relative to its parent without following symbolic links, so a `chunks`
+        directory or prefix directory replaced by a link to somewhere else is never entered.
+        For `ckpt gc`: `referenced` (what to keep) instead of the manifests on disk, `locked` when the caller already
+        holds the job lock exclusively, `unlink(dir_fd, name, size)` to remove (or only count) one file, `job_fd` the
+        job directory opened by the caller."""
+        if not locked:
+            with self.job_lock(job_id, exclusive=True, blocking=False) as got:
+                if not got:
+                    return 0, 0
+                return self.sweep_chunks(job_id, referenced=referenced, locked=True, unlink=unlink, job_fd=job_fd)
+        if referenced is None:
+            referenced = self.referenced_digests(job_id)
+        if unlink is None:
+            def unlink(dir_fd: int, name: str, size: int) -> None:
+                os.unlink(name, dir_fd=dir_fd)
+        own_fd = job_fd is None
+        if own_fd:
+            job_fd = open_dir_nofollow(self.job_dir(job_id))
+            if job_fd is None:
+                return 0, 0
+        removed = freed = 0
+        try:
+            chunks_fd = open_dir_nofollow("chunks", job_fd)
+            if chunks_fd is None:
+                return 0, 0
+            try:
+                for prefix in _scandir_fd(chunks_fd):
+                    prefix_fd = open_dir_nofollow(prefix, chunks_fd) if len(prefix) == 2 else None
+                    if prefix_fd is None:
+                        continue
+                    try:
+                        for name in _scandir_fd(prefix_fd):
+                            digest = "" if ".tmp-" in name else (name[:-4] if name.endswith(".zst") else name)
+                            if digest and digest in referenced:
+                                continue
+                            try:
+                                st = os.stat(name, dir_fd=prefix_fd, follow_symlinks=False)
+                                if not stat.S_ISREG(st.st_mode):
+                                    continue
+                                unlink(prefix_fd, name, st.st_size)
+                            except OSError:
+                                continue
+                            removed += 1
+                            freed += st.st_size
+                    finally:
+                        os.close(prefix_fd)
+            finally:
+                os.close(chunks_fd)
+        finally:
+            if own_fd:
+                os.close(job_fd)
+        return removed, freed
 
     # --- results and events -----------------------------------------------------------------------------------
     def result(self, job_id: str, step: str) -> Optional[Dict[str, Any]]:
@@ -419,3 +478,17 @@ def manifest_refs(manifest: Dict[str, Any]) -> Iterator[ChunkRef]:
     for item in manifest.get("files", []):
         for r in item.get("chunks", []) or []:
             yield ChunkRef.from_json(r)
+
+
+def open_dir_nofollow(name: str, dir_fd: Optional[int] = None) -> Optional[int]:
+    """A directory opened without following a symbolic link in its last component; None when `name` is missing,
+    not a directory or a link."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def _scandir_fd(dir_fd: int) -> List[str]:
+    with os.scandir(dir_fd) as it:
+        return sorted(e.name for e in it)

@@ -1,11 +1,52 @@
-"""`ckpt gc`: owned by the cluster-configuration work (issue 4); being written."""
+"""`ckpt gc [--config FILE] [--store DIR] [--grace SECONDS] [--dry-run]`: remove checkpoints nobody needs any more.
 
-HELP = "(in progress)"
+Run by the head node's cron entry. Exit codes: 0 done (also when another gc run holds the lock: this one does
+nothing), 74 some removals failed (listed), 76 Slurm could not be asked (nothing removed), 78 configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import EXIT_STORE, StoreError, UsageError
+from ..gc import DryRunActuator, GarbageCollector, GcLock, Policy, RemoveActuator, summary
+from ..slurm import Slurm
+from ._common import add_config_args, load, open_store
+
+HELP = "remove checkpoints of finished jobs and superseded generations (head node, from cron)"
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--grace", metavar="SECONDS", type=int,
+                        help="keep a finished job's checkpoints this long after it ended (default: config gc.grace)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
 
 
-def main(args):
-    raise NotImplementedError("ckpt gc")
+def main(args: argparse.Namespace) -> int:
+    if args.grace is not None and args.grace < 0:
+        raise UsageError(f"--grace {args.grace}: must be >= 0 seconds")
+    cfg = load(args)
+    store = open_store(cfg, args)
+    if not os.path.isdir(store.root):
+        raise StoreError(f"checkpoint store {store.root} does not exist or is not a directory")
+    g = cfg.gc
+    policy = Policy(grace=args.grace if args.grace is not None else g.grace, max_age=g.max_age,
+                    keep=cfg.checkpoint.keep, high_watermark=g.high_watermark, low_watermark=g.low_watermark)
+    lock = GcLock(os.path.join(cfg.runtime_dir, "gc.lock"))
+    if not lock.acquire():
+        print(f"ckpt gc: another gc run holds {lock.path}; nothing done", file=sys.stderr)
+        return 0
+    try:
+        actuator = DryRunActuator() if args.dry_run else RemoveActuator()
+        out = GarbageCollector(store, Slurm(), policy, actuator).run()
+    finally:
+        lock.release()
+    for what, why in out.skipped:
+        print(f"skipped {what}: {why}")
+    for err in out.errors:
+        print(f"ckpt gc: could not remove {err}", file=sys.stderr)
+    print(summary(out, args.dry_run))
+    return EXIT_STORE if out.errors else 0
