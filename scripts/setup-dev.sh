@@ -54,7 +54,7 @@ install_venv() {
   fi
   log "installing the package with its dev and validate extras"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e "$ROOT[dev,validate]"
+  "$VENV/bin/pip" install -q -e "${ROOT}[dev,validate]"
 }
 
 install_shared_venv() {
