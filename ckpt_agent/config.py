@@ -12,11 +12,10 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional
-
-import yaml
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError
+from .yamlschema import Lines, load_yaml_with_lines
 
 DEFAULT_CONFIG_PATH = "/etc/ckpt-agent/agent.yaml"
 DEFAULT_RUNTIME_DIR = "/run/ckpt-agent"
@@ -88,26 +87,46 @@ _MINIMUMS = {
 }
 
 
-def _apply(obj: Any, data: Any, path: str, source: str) -> None:
+class _Problems:
+    """Every problem found in one file, each as `FILE:LINE: key.path: message` (STYLE.md: report them together)."""
+
+    def __init__(self, source: str, lines: Optional[Lines]):
+        self.source = source
+        self.lines = lines
+        self.items: List[str] = []
+
+    def add(self, path: Tuple[str, ...], message: str, key: bool = False) -> None:
+        where = self.source
+        if self.lines is not None:
+            line = self.lines.of_key(path) if key else self.lines.of_value(path)
+            where = f"{self.source}:{line}"
+        self.items.append(f"{where}: {'.'.join(path) or 'top level'}: {message}")
+
+
+def _apply(obj: Any, data: Any, path: Tuple[str, ...], problems: _Problems) -> None:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {path or 'top level'}: must be a mapping, got {type(data).__name__}")
+        problems.add(path, f"must be a mapping, got {type(data).__name__}")
+        return
     known = {f.name: f for f in fields(obj) if f.name != "source"}
     for key, value in data.items():
-        where = f"{path}.{key}" if path else str(key)
+        where = path + (str(key),)
         if key not in known:
             hint = difflib.get_close_matches(str(key), list(known), n=1)
-            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"{source}: {where}: unknown key{extra}")
+            problems.add(where, "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""), key=True)
+            continue
         current = getattr(obj, key)
         if hasattr(current, "__dataclass_fields__"):
-            _apply(current, value, where, source)
+            _apply(current, value, where, problems)
             continue
-        setattr(obj, key, _coerce(current, value, where, source))
+        try:
+            setattr(obj, key, _coerce(current, value, ".".join(where)))
+        except ValueError as e:
+            problems.add(where, str(e))
 
 
-def _coerce(current: Any, value: Any, where: str, source: str) -> Any:
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: {where}: must be {expected}, got {value!r}")
+def _coerce(current: Any, value: Any, where: str) -> Any:
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"must be {expected}, got {value!r}")
 
     if isinstance(current, bool):
         if not isinstance(value, bool):
@@ -121,14 +140,14 @@ def _coerce(current: Any, value: Any, where: str, source: str) -> Any:
         value = type(current)(value)
         low = _MINIMUMS.get(where)
         if low is not None and value < low:
-            raise ConfigError(f"{source}: {where}: must be >= {low:g}, got {value:g}")
+            raise ValueError(f"must be >= {low:g}, got {value:g}")
         return value
     if isinstance(current, str):
         if not isinstance(value, str):
             raise bad("a string")
         allowed = _ENUMS.get(where)
         if allowed and value not in allowed:
-            raise ConfigError(f"{source}: {where}: must be one of {', '.join(allowed)}, got {value!r}")
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
         return value
     if isinstance(current, list):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -159,16 +178,13 @@ def load_agent_config(path: Optional[str] = None, *, required: bool = False) -> 
     except OSError as e:
         raise ConfigError(f"{chosen}: cannot read configuration: {e.strerror}") from e
     if text is not None:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{chosen}:{mark.line + 1}" if mark else chosen
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{where}: malformed YAML: {problem}") from e
+        data, lines = load_yaml_with_lines(text, chosen)  # malformed YAML: ConfigError naming FILE:LINE
         cfg.source = chosen
         if data is not None:
-            _apply(cfg, data, "", chosen)
+            problems = _Problems(chosen, lines)
+            _apply(cfg, data, (), problems)
+            if problems.items:
+                raise ConfigError("; ".join(problems.items))
     if os.environ.get("CKPT_STORE"):
         cfg.store = os.environ["CKPT_STORE"]
     if os.environ.get("CKPT_RUNTIME_DIR"):

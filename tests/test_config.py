@@ -227,8 +227,9 @@ def test_require_store_message_says_how_to_set_one(tmp_path):
     assert "--store" in message and "$CKPT_STORE" in message and str(tmp_path / "agent.yaml") in message
 
 
-@pytest.mark.xfail(strict=True, reason="config stops at the first problem; STYLE.md asks to collect every problem "
-                                       "with its path (and line) and report them together")
 def test_every_problem_is_reported_together(tmp_path):
     message = load_error(tmp_path, "stor: /fsx\ncheckpoint:\n  interval: 5\n  compression: lz4\n")
     assert "stor" in message and "checkpoint.interval" in message and "checkpoint.compression" in message
+    assert "agent.yaml:1: stor: unknown key (did you mean 'store'?)" in message
+    assert "agent.yaml:3: checkpoint.interval: must be >= 10" in message
+    assert "agent.yaml:4: checkpoint.compression: must be one of zstd, none" in message
