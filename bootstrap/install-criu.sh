@@ -158,8 +158,11 @@ build() {
 fill_cache() {
   [ -n "$CRIU_CACHE_DIR" ] || return 0
   mkdir -p "$CRIU_CACHE_DIR"
-  install -m 0755 "$CRIU_PREFIX/sbin/criu" "$CRIU_CACHE_DIR/criu.new"
-  mv -f "$CRIU_CACHE_DIR/criu.new" "$CRIU_CACHE_DIR/criu-${CRIU_VERSION}"
+  # a name of our own: several nodes may fill a shared cache at once
+  local tmp
+  tmp="$CRIU_CACHE_DIR/.criu.new.$$.$(hostname)"
+  install -m 0755 "$CRIU_PREFIX/sbin/criu" "$tmp"
+  mv -f "$tmp" "$CRIU_CACHE_DIR/criu-${CRIU_VERSION}"
   log "cached build at $CRIU_CACHE_DIR/criu-${CRIU_VERSION}"
 }
 
@@ -168,8 +171,8 @@ from_cache() {
   local cached="$CRIU_CACHE_DIR/criu-${CRIU_VERSION}"
   [ -x "$cached" ] || return 1
   install_runtime_libs
-  install -D -m 0755 "$cached" "$CRIU_PREFIX/sbin/criu.new"
-  mv -f "$CRIU_PREFIX/sbin/criu.new" "$CRIU_PREFIX/sbin/criu"
+  install -D -m 0755 "$cached" "$CRIU_PREFIX/sbin/criu.new.$$"
+  mv -f "$CRIU_PREFIX/sbin/criu.new.$$" "$CRIU_PREFIX/sbin/criu"
   usable "$CRIU_PREFIX/sbin/criu" || { log "cached build at $cached does not work here"; return 1; }
   log "installed cached build from $cached"
 }
