@@ -24,3 +24,25 @@ def test_demo_moves_the_job_and_matches_an_uninterrupted_run():
     assert out.index("FINAL checkpoint") < out.index("job requeued") < out.index("restored on node2")
     leftovers = subprocess.run(["pgrep", "-f", "ckpt-demo-"], capture_output=True, text=True).stdout.split()
     assert not leftovers, f"the demo left processes behind: {leftovers}"
+
+
+def test_ctrl_c_stops_everything_the_demo_started():
+    require_criu()
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ckpt_agent.demo", "--quick"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait until the job runs on the cluster, then press Ctrl-C
+        lines.append(line)
+        if "is RUNNING on node1" in line:
+            break
+    workdir = lines[0].split(" in ")[-1].strip()
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + out
+    assert "interrupted" in out and "stopping the cluster" in out
+    left = subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of {workdir} survived Ctrl-C: {left}"
