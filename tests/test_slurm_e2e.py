@@ -91,6 +91,7 @@ def test_spot_notice_moves_an_ngspice_job_to_another_node(cluster, agents, slurm
     assert kinds.index("checkpoint_committed") < kinds.index("requeued") < kinds.index("restored")
     restored = next(e for e in events if e["event"] == "restored")
     assert restored["node"] == "node2" and restored["instance_id"] == agents.imds["node2"].instance_id
+    agents.imds["node1"].clear()
 
 
 def test_privilege_boundary_for_ordinary_users(cluster, agents, slurm_user, slurm_user2, tmp_path):
@@ -100,10 +101,10 @@ def test_privilege_boundary_for_ordinary_users(cluster, agents, slurm_user, slur
     work = user_workdir(cluster, slurm_user, "long")
     tool = f"python3 {REPO / 'tests' / 'data' / 'runner' / 'appender.py'} 600 0.1"
     job = cluster.sbatch(job_script(agents.bin_dir, work, tool), user=slurm_user, cwd=str(work))
-    cluster.wait_job(job, "RUNNING", timeout=60)
-    rt1 = cluster.runtime_dir("node1")
+    node = cluster.wait_job(job, "RUNNING", timeout=60).nodes
+    rt1 = cluster.runtime_dir(node)
     reg_path = Path(rt1) / "jobs" / f"{job}.main.json"
-    wait_for(reg_path.exists, 30, "registration")
+    wait_for(reg_path.exists, 60, f"registration on {node}")
     reg = json.loads(reg_path.read_text())
     wrapper = _status(reg["pid"])
     tool_pid = wait_for(lambda: _children(reg["init_pid"]), 30, "the tool")[0]
