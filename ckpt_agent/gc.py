@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import CkptError, PermissionDenied, SlurmError, StoreError
 from .store import _GEN_RE, _PARTIAL_RE, _SAFE_NAME, EVENTS, MANIFEST, RESULT, CheckpointStore, open_dir_nofollow
+from .units import human_bytes
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("ckpt.events")
@@ -558,14 +559,6 @@ def _has_manifest(step_fd: int, gen: str) -> bool:
 
 def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 class GcLock:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from .store import EVENTS, CheckpointStore
+from .units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +374,7 @@ def render_text(report: Dict[str, Any]) -> str:
                              f"{s['checkpoints']:>5} {usd(s['spot_cost']):>9} {usd(s['ondemand_cost']):>10}")
             lines.append(f"  {step['step']}: {step['checkpoints']} checkpoint(s) "
                          f"({step['checkpoint_seconds']:.1f} s, {step['frozen_seconds']:.1f} s frozen, "
-                         f"{_bytes(step['bytes_written'])} written), {step['checkpoints_failed']} failed, "
+                         f"{human_bytes(step['bytes_written'])} written), {step['checkpoints_failed']} failed, "
                          f"{step['restores']} restore(s) ({step['restore_seconds']:.1f} s)")
         lines.append(f"  net runtime {hours(job['net_runtime_seconds'])} vs wall clock "
                      f"{hours(job['wall_clock_seconds'])}; work lost {hours(job['work_lost_seconds'])}; "
@@ -384,21 +385,13 @@ def render_text(report: Dict[str, Any]) -> str:
     s = report["summary"]
     lines.append(f"summary {s['from'] or '-'} .. {s['to'] or '-'}: {s['jobs']} job(s), {s['segments']} segment(s), "
                  f"{s['interruptions']} interruption(s), {s['checkpoints']} checkpoint(s) "
-                 f"({_bytes(s['bytes_written'])}), {s['restores']} restore(s)")
+                 f"({human_bytes(s['bytes_written'])}), {s['restores']} restore(s)")
     lines.append(f"  compute {s['compute_hours']:.2f} h, work lost {s['work_lost_hours']:.2f} h, net runtime "
                  f"{s['net_runtime_hours']:.2f} h, wall clock {s['wall_clock_hours']:.2f} h")
     pct = f" ({s['savings_percent']:.1f}%)" if s["savings_percent"] is not None else ""
     lines.append(f"  Spot {usd(s['spot_cost'])} vs On-Demand {usd(s['ondemand_cost'])}: saved {usd(s['savings'])}"
                  f"{pct} over {s['jobs_priced']} priced job(s)")
     return "\n".join(lines)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 # --- CloudWatch --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 
 from ..errors import DamagedCheckpointError, NotFoundError, PermissionDenied, StoreError
 from ..store import CheckpointStore, check_name
+from ..units import human_bytes
 from ._common import add_config_args, load, open_store
 
 HELP = "list the checkpoints in the store"
@@ -39,14 +40,6 @@ def collect(store: CheckpointStore, job_ids: List[str]) -> List[Dict[str, Any]]:
     return rows
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def main(args: argparse.Namespace) -> int:
     store = open_store(load(args), args)
     if args.job_id:
@@ -73,5 +66,5 @@ def main(args: argparse.Namespace) -> int:
                 continue
             kind = "final" if g["final"] else g["reason"]
             print(f"{row['job_id']:<16} {row['step']:<10} {g['generation']:>4}  {g['created']:<24} {kind:<9} "
-                  f"{_size(g['bytes']):>10} {_size(g['bytes_written']):>10}  {g['node']}")
+                  f"{human_bytes(g['bytes']):>10} {human_bytes(g['bytes_written']):>10}  {g['node']}")
     return 0
