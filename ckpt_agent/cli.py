@@ -1,6 +1,9 @@
 """`ckpt`: one command with a subcommand per job. Each subcommand lives in `ckpt_agent.commands.<name>` and
 provides HELP, add_arguments(parser) and main(args) -> exit code.
 
+Only the chosen subcommand's module is imported (all of them take ~0.3 s, which every `ckpt checkpoint` would
+pay); the `ckpt --help` listing comes from the COMMANDS table, whose texts repeat each module's HELP.
+
 User errors print one line `ckpt: <message>` and exit with the error's documented code; a traceback is shown only
 with --verbose (or CKPT_DEBUG=1).
 """
@@ -12,33 +15,49 @@ import importlib
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 from . import __version__
 from .errors import EXIT_INTERNAL, CkptError
 
-COMMANDS = [
-    "run",
-    "checkpoint",
-    "list",
-    "verify",
-    "agent",
-    "validate",
-    "render",
-    "upload",
-    "gc",
-    "report",
-    "prices",
-]
+# subcommand -> its module's HELP, for the `ckpt --help` listing without importing every module
+COMMANDS = {
+    "run": "run CMD checkpointed, or resume it from the job's last checkpoint",
+    "checkpoint": "checkpoint a running job now (with --final: and stop it; the wrapper then exits 75)",
+    "list": "list the checkpoints in the store",
+    "verify": "verify the newest checkpoint of a job (exit 0 when intact, 65 naming the damaged part otherwise)",
+    "agent": "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs",
+    "validate": "check a site file (the admin YAML) and list every problem",
+    "render": "render the ParallelCluster config and node files from a site file",
+    "upload": "upload the bootstrap bundle to S3 and print the pcluster create-cluster command",
+    "gc": "remove checkpoints of finished jobs and superseded generations (head node, from cron)",
+    "report": "report run segments, checkpoints, work lost, net vs wall-clock runtime and Spot savings per job",
+    "prices": "show the Spot/On-Demand price table, or refresh it from AWS with --update",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: List[str]) -> Optional[str]:
+    """The subcommand named on the command line: the first word that is not a top-level option (none takes a value)."""
+    for arg in argv:
+        if arg == "--":
+            break
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of `commands` (default: every subcommand; their modules are imported)."""
+    load = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(prog="ckpt", description="Checkpoint/restore for batch jobs on EC2 Spot.")
     parser.add_argument("--version", action="version", version=f"ckpt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS:
+    for name, text in COMMANDS.items():
+        if name not in load:
+            sub.add_parser(name, help=text, description=text)  # listed in --help; not the one being parsed
+            continue
         module = importlib.import_module(f"ckpt_agent.commands.{name.replace('-', '_')}")
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
@@ -55,7 +74,10 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    chosen = chosen_command(argv)
+    parser = build_parser([chosen] if chosen else [])
     args = parser.parse_args(argv)
     verbose = args.verbose or os.environ.get("CKPT_DEBUG") == "1"
     if getattr(args, "_configure_logging", True):

@@ -6,6 +6,7 @@ import concurrent.futures
 import hashlib
 import os
 import random
+import threading
 
 import pytest
 
@@ -267,3 +268,81 @@ def test_iter_chunk_files_reports_digests_without_codec_suffix(chunks):
 
 def test_iter_chunk_files_on_missing_root_is_empty(tmp_path):
     assert list(iter_chunk_files(str(tmp_path / "nope"))) == []
+
+
+def test_all_zero_chunk_is_recognised_without_hashing(chunks, monkeypatch):
+    """A full all-zero chunk gets the sha256 of zeros by a compare (the fast path); anything else is hashed."""
+    calls = []
+    real = hashlib.sha256
+
+    def counting(data=b""):
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(chunkstore.hashlib, "sha256", counting)
+    ref, _ = chunks.put(bytes(CHUNK_BYTES))
+    assert ref.digest == real(bytes(CHUNK_BYTES)).hexdigest() == chunkstore.ZERO_CHUNK_DIGEST
+    assert calls == []
+    assert chunks.get(ref) == bytes(CHUNK_BYTES)
+    almost = bytearray(CHUNK_BYTES)
+    almost[-1] = 1
+    other, _ = chunks.put(bytes(almost))
+    short, _ = chunks.put(bytes(CHUNK_BYTES - 1))
+    assert other.digest == real(bytes(almost)).hexdigest()
+    assert short.digest == real(bytes(CHUNK_BYTES - 1)).hexdigest()
+    assert calls == [CHUNK_BYTES, CHUNK_BYTES - 1]
+
+
+def test_zero_chunk_with_wrong_content_fails_its_checksum(chunks):
+    ref, _ = chunks.put(bytes(CHUNK_BYTES))
+    with open(chunks.path(ref), "wb") as fh:  # a damaged chunk file that still decompresses
+        fh.write(chunkstore.zstandard.ZstdCompressor().compress(b"\1" + bytes(CHUNK_BYTES - 1)))
+    with pytest.raises(DamagedCheckpointError, match="fails its checksum"):
+        chunks.get(ref)
+
+
+def test_writeback_starts_for_every_chunk_written(chunks, monkeypatch):
+    started = []
+    monkeypatch.setattr(chunkstore, "start_writeback", lambda fd: started.append(os.readlink(f"/proc/self/fd/{fd}")))
+    a, _ = chunks.put(random_bytes(10_000, seed=3))
+    chunks.put(random_bytes(10_000, seed=3))  # known: nothing written, no writeback
+    b, _ = chunks.put(text_bytes(MIB))
+    assert len(started) == 2
+    assert all(".tmp-" in p for p in started), "writeback is started before the rename, on the temp file"
+    assert os.path.exists(chunks.path(a)) and os.path.exists(chunks.path(b))
+
+
+def test_start_writeback_is_harmless_on_any_file(tmp_path):
+    path = tmp_path / "f"
+    with open(path, "wb") as fh:
+        fh.write(b"x" * 10_000)
+        chunkstore.start_writeback(fh.fileno())
+    assert path.read_bytes() == b"x" * 10_000
+
+
+def test_chunk_is_stored_raw_instead_of_waiting_for_a_busy_cpu(chunks, monkeypatch):
+    """With every compression slot taken, a compressible chunk is stored raw (and reads back), never waits."""
+    monkeypatch.setattr(chunkstore, "_compress_slots", threading.BoundedSemaphore(1))
+    assert chunkstore._compress_slots.acquire(blocking=False)
+    try:
+        busy, _ = chunks.put(text_bytes(MIB, seed=5))
+    finally:
+        chunkstore._compress_slots.release()
+    free, _ = chunks.put(text_bytes(MIB, seed=6))
+    assert (busy.codec, free.codec) == (CODEC_RAW, CODEC_ZSTD)
+    assert chunks.get(busy) == text_bytes(MIB, seed=5)
+    assert os.path.getsize(chunks.path(busy)) == MIB
+
+
+def test_temp_chunk_name_planted_as_a_link_is_not_written_through(chunks, tmp_path):
+    data = random_bytes(20_000, seed=7)
+    digest = hashlib.sha256(data).hexdigest()
+    final = chunks.path(ChunkRef(digest, len(data), CODEC_RAW))
+    os.makedirs(os.path.dirname(final))
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    os.symlink(victim, f"{final}.tmp-{os.getpid()}-{threading.get_ident()}")  # put() runs in this thread
+    with pytest.raises(OSError):
+        chunks.put(data)
+    assert victim.read_bytes() == b"keep"
+    assert not os.path.exists(final)

@@ -107,3 +107,14 @@ def test_no_subcommand_is_a_usage_error(env, tmp_path):
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert "usage: ckpt" in res.stderr
+
+
+def test_help_listing_matches_every_subcommand_module():
+    """`ckpt --help` lists subcommands from cli.COMMANDS without importing them: the texts must stay in step."""
+    import importlib
+
+    from ckpt_agent import cli
+
+    for name, text in cli.COMMANDS.items():
+        module = importlib.import_module(f"ckpt_agent.commands.{name}")
+        assert module.HELP == text, name
