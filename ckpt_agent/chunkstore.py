@@ -136,6 +136,7 @@ class ChunkStore:
         self.compress = compression == "zstd"
         self.known: Dict[str, str] = dict(known or {})
         self._lock = threading.Lock()
+        self._pending: Dict[str, threading.Event] = {}  # digests being written by one thread right now
         self._local = threading.local()
 
     def path(self, ref: ChunkRef) -> str:
@@ -170,40 +171,61 @@ class ChunkStore:
         return packed, CODEC_ZSTD
 
     def put(self, data: bytes) -> Tuple[ChunkRef, WriteStats]:
-        """Store one chunk unless the job already has it; return its reference."""
+        """Store one chunk unless the job already has it; return its reference.
+
+        Identical chunks met by several threads at once (zero pages, repeated blocks) are written once: the first
+        thread claims the digest, the others wait for it and reuse its codec.
+        """
         digest = chunk_digest(data)
         stats = WriteStats(bytes_in=len(data))
-        with self._lock:
-            codec = self.known.get(digest)
-        if codec is not None:
-            stats.chunks_reused = 1
-            return ChunkRef(digest, len(data), codec), stats
+        while True:
+            with self._lock:
+                codec = self.known.get(digest)
+                waiter = self._pending.get(digest) if codec is None else None
+                if codec is None and waiter is None:
+                    self._pending[digest] = threading.Event()
+            if codec is not None:
+                stats.chunks_reused = 1
+                return ChunkRef(digest, len(data), codec), stats
+            if waiter is None:
+                break
+            waiter.wait()  # then reuse what the claiming thread stored, or claim it ourselves if it failed
+        ref: Optional[ChunkRef] = None
+        try:
+            ref, written = self._write(digest, data)
+        finally:
+            with self._lock:
+                if ref is not None:
+                    self.known[digest] = ref.codec
+                self._pending.pop(digest).set()
+        stats.bytes_written = written
+        stats.bytes_new = len(data)
+        stats.chunks_new = 1
+        return ref, stats
+
+    def _write(self, digest: str, data: bytes) -> Tuple[ChunkRef, int]:
         payload, codec = self._encode(data, wait=False)
         ref = ChunkRef(digest, len(data), codec)
         final = self.path(ref)
-        if not os.path.exists(final):
-            prefix_dir = os.path.dirname(final)
-            if not os.path.isdir(prefix_dir):
-                os.makedirs(prefix_dir, mode=0o700, exist_ok=True)
-                if self.owner:
-                    os.chown(prefix_dir, *self.owner)
-            tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
-            # never write through a link planted under the temp name (a user's job directory, the root agent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-            try:
-                _write_all(fd, payload)
-                if self.owner:
-                    os.fchown(fd, *self.owner)
-                start_writeback(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-            stats.bytes_written = len(payload)
-        stats.bytes_new = len(data)
-        stats.chunks_new = 1
-        with self._lock:
-            self.known[digest] = codec
-        return ref, stats
+        if os.path.exists(final):
+            return ref, 0
+        prefix_dir = os.path.dirname(final)
+        if not os.path.isdir(prefix_dir):
+            os.makedirs(prefix_dir, mode=0o700, exist_ok=True)
+            if self.owner:
+                os.chown(prefix_dir, *self.owner)
+        tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
+        # never write through a link planted under the temp name (a user's job directory, the root agent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            _write_all(fd, payload)
+            if self.owner:
+                os.fchown(fd, *self.owner)
+            start_writeback(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        return ref, len(payload)
 
     def get(self, ref: ChunkRef, where: str = "") -> bytes:
         """Read, decompress and verify one chunk; DamagedCheckpointError names what is wrong."""
