@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import List, Optional, Tuple
 
 from ..errors import EXIT_USAGE
 from ..render import render_site, write_tree
@@ -25,15 +26,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", metavar="DIR", help="output directory (default: rendered/<cluster> next to SITE)")
 
 
-def main(args) -> int:
+def render_to(site_path: str, out: Optional[str]) -> Optional[Tuple[dict, str, List[str]]]:
+    """Validate and render a site file: (site, output dir, files written); None after printing every problem."""
     try:
-        site = load_site(args.site)
+        site = load_site(site_path)
     except SiteInvalid as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
+        return None
+    out = out or default_out_dir(site_path, site)
+    return site, out, write_tree(out, render_site(site, os.path.basename(site_path)))
+
+
+def main(args) -> int:
+    rendered = render_to(args.site, args.out)
+    if rendered is None:
         return EXIT_USAGE
-    out = args.out or default_out_dir(args.site, site)
-    files = write_tree(out, render_site(site, os.path.basename(args.site)))
+    _, out, files = rendered
     for rel in files:
         print(os.path.join(out, rel))
     return 0

@@ -12,10 +12,8 @@ import sys
 import tempfile
 
 from ..errors import EXIT_USAGE
-from ..render import render_site, write_tree
-from ..site import SiteInvalid, load_site
 from ..upload import S3Bundle, build_bundle
-from .render import default_out_dir
+from .render import render_to
 
 HELP = "upload the bootstrap bundle to S3 and print the pcluster create-cluster command"
 
@@ -33,14 +31,10 @@ def _s3_client(region: str):
 
 
 def main(args) -> int:
-    try:
-        site = load_site(args.site)
-    except SiteInvalid as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
+    rendered = render_to(args.site, args.render_dir)
+    if rendered is None:
         return EXIT_USAGE
-    render_dir = args.render_dir or default_out_dir(args.site, site)
-    write_tree(render_dir, render_site(site, os.path.basename(args.site)))
+    site, render_dir, _ = rendered
     target = S3Bundle(site["bundle"]["bucket"], site["bundle"]["prefix"], _s3_client(site["cluster"]["region"]))
     with tempfile.TemporaryDirectory(prefix="ckpt-bundle-") as tmp:
         files = build_bundle(site, args.site, render_dir, tmp, wheel=args.wheel)
