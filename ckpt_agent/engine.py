@@ -132,7 +132,7 @@ class Engine:
         store.ensure_job(job.job_id, job.step, job.uid, job.gid)
         with store.job_lock(job.job_id), concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
             number, partial = store.begin(job.job_id, job.step)
-            previous = self._previous_manifest(job)
+            previous = self._previous_manifest(job, signed_only=job.uid != 0 and os.geteuid() == 0)
             owner = (job.uid, job.gid) if job.uid != 0 and os.geteuid() == 0 else None
             chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner)
             stage = self._staging_dir(job)
@@ -209,10 +209,12 @@ class Engine:
             total_seconds=time.monotonic() - t0, created=created,
         )
 
-    def _previous_manifest(self, job: JobState) -> Optional[Dict[str, Any]]:
+    def _previous_manifest(self, job: JobState, signed_only: bool = False) -> Optional[Dict[str, Any]]:
+        """The newest readable manifest, whose file entries let unchanged files skip re-reading. For a user's job
+        (whose directory the user can write) only one the agent signed is trusted."""
         for gen in reversed(self.store.generations(job.job_id, job.step)):
             try:
-                return self.store.load_manifest(gen)
+                return self.store.load_manifest(gen, require_signature=signed_only)
             except (DamagedCheckpointError, PermissionDenied):
                 continue
         return None
