@@ -354,7 +354,9 @@ def hours(seconds: Optional[float]) -> str:
 
 
 def usd(v: Optional[float]) -> str:
-    return "-" if v is None else f"${v:,.2f}"
+    if v is None:
+        return "-"
+    return f"${v:,.2f}" if abs(v) >= 1 or v == 0 else f"${v:.4f}"  # short jobs cost fractions of a cent
 
 
 def render_text(report: Dict[str, Any]) -> str:
