@@ -16,6 +16,7 @@
   the `cluster` fixture below does that for them.
 - `cluster`: the session's `local_cluster`, after a check that both nodes are IDLE (resumes drained nodes and
   cancels leftover jobs from an earlier test) and with per-node extras reset.
+- `pool`: a 4-thread executor for chunk work; `chunks`: an empty `ChunkStore` in the test's tmp dir.
 - `slurm_user`: the name of an ordinary local user ("ckpt-user1", created if missing) for submitting jobs;
   `slurm_user2` a second one ("ckpt-user2").
 
@@ -24,12 +25,14 @@ Tests needing the cluster skip (with the reason) when not root or when Slurm/mun
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import tempfile
 
 import pytest
 
+from ckpt_agent.chunkstore import ChunkStore
 from ckpt_agent.devcluster.imds_server import ImdsServer
 from ckpt_agent.imds import ImdsClient
 
@@ -111,3 +114,14 @@ def slurm_user(local_cluster):
 def slurm_user2(local_cluster):
     local_cluster.ensure_user("ckpt-user2")
     return "ckpt-user2"
+
+
+@pytest.fixture
+def pool():
+    with concurrent.futures.ThreadPoolExecutor(4) as p:
+        yield p
+
+
+@pytest.fixture
+def chunks(tmp_path):
+    return ChunkStore(str(tmp_path / "chunks"))

@@ -3,7 +3,6 @@ exactly (a vanished scratch directory recreated with its modes; planted symlinks
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import shutil
 import stat
@@ -17,17 +16,6 @@ from ckpt_agent.capture import FileEntry, open_writable_files, restore_files
 from ckpt_agent.chunkstore import ChunkStore
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-def pool():
-    with concurrent.futures.ThreadPoolExecutor(4) as p:
-        yield p
-
-
-@pytest.fixture
-def chunks(tmp_path):
-    return ChunkStore(str(tmp_path / "chunks"))
 
 
 @pytest.fixture

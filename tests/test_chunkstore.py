@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import os
 import random
@@ -40,17 +39,6 @@ def text_bytes(n: int, seed: int = 2) -> bytes:
         out.append(line)
         size += len(line)
     return "".join(out).encode()[:n]
-
-
-@pytest.fixture
-def pool():
-    with concurrent.futures.ThreadPoolExecutor(4) as p:
-        yield p
-
-
-@pytest.fixture
-def chunks(tmp_path):
-    return ChunkStore(str(tmp_path / "chunks"))
 
 
 def chunk_files(store: ChunkStore):
