@@ -91,9 +91,11 @@ class Demo:
     def narrate(self, job: str) -> None:
         path = Path(self.cluster.store) / job / "events.jsonl"
         try:
-            lines = path.read_text().splitlines()
+            text = path.read_text()
         except OSError:
             return
+        # only complete lines: an event being appended right now is read on the next pass, not skipped
+        lines = text[: text.rfind("\n") + 1].splitlines()
         for line in lines[self.seen:]:
             try:
                 text = describe(json.loads(line))
