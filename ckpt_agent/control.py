@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import socket
 import struct
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .errors import AgentUnreachable, CkptError
+from .errors import AgentUnreachable, CkptError, PermissionDenied, error_for_exit_code
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ def request(
     try:
         try:
             sock.connect(path)
+        except PermissionError as e:
+            raise PermissionDenied(f"{path} belongs to {owner_of_path(path)}: only that user or root may use it") \
+                from e
         except OSError as e:
             raise AgentUnreachable(f"cannot reach {path}: {e.strerror or e}") from e
         data = json.dumps(payload).encode() + b"\n"
@@ -134,3 +138,22 @@ def request(
     if not line:
         raise AgentUnreachable(f"{path} closed the connection without an answer")
     return json.loads(line)
+
+
+def raise_for_reply(reply: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """The reply when it says ok; else the remote error, raised as the subclass that owns its exit code."""
+    if reply.get("ok"):
+        return reply
+    raise error_for_exit_code(int(reply.get("exit_code", 70)), prefix + str(reply.get("error", "request failed")))
+
+
+def owner_of_path(path: str) -> str:
+    """'user NAME (uid N)' for the owner of a file, for refusals that must name whose it is."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return "another user"
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"

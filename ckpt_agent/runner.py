@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from . import control
 from .engine import JobState
-from .errors import EXIT_FINAL, CkptError, NotFoundError
+from .errors import EXIT_FINAL, CkptError, NotFoundError, PermissionDenied
 from .events import emit, load_instance, node_name
 from .store import CheckpointStore, iso, utcnow, write_atomic
 
@@ -51,6 +51,9 @@ def find_registration(runtime_dir: str, job_id: str, step: str) -> Dict[str, Any
         raise NotFoundError(
             f"job {job_id} step {step} is not running under ckpt run on this machine ({path})"
         ) from None
+    except PermissionError:
+        raise PermissionDenied(f"job {job_id} step {step} belongs to {control.owner_of_path(path)}: only its owner "
+                               "or root may act on it") from None
     except (OSError, ValueError) as e:
         raise CkptError(f"{path}: unreadable registration ({e})") from e
 

@@ -121,9 +121,10 @@ def _set_thread_groups(groups: Tuple[int, ...]) -> None:
 CAP_SYS_RESOURCE = 24
 
 
-def root_can_dump_other_users() -> bool:
+def root_has_cap_sys_resource() -> bool:
     """CRIU reads every task's resource limits with prlimit(); for another user's task that needs CAP_SYS_RESOURCE.
-    Root has it on EC2 instances; some containers and microVMs (this project's CI machine among them) withhold it."""
+    Root has it on EC2 instances; some containers and microVMs (this project's CI machine among them) withhold it,
+    where only a CRIU with our patch 0001 can dump ordinary users' jobs (`Criu.can_dump_other_users`)."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("CapEff:"):
