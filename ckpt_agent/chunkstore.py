@@ -34,6 +34,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import zstandard
 
 from .errors import DamagedCheckpointError, StoreError
+from .usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,10 @@ class ChunkStore:
         owner: Optional[Tuple[int, int]] = None,
     ):
         self.root = root
-        self.owner = owner  # (uid, gid) the agent gives chunks it writes for an ordinary user's job
+        self.owner = owner  # (uid, gid) of an ordinary user's job the agent writes chunks for
+        # ... with the user's file-system identity: chunks are the user's, and a link the user plants in the job
+        # directory leads only where the user could write anyway
+        self._creds = Creds(owner[0], owner[1], (owner[1],)) if owner else None
         self.compress = compression == "zstd"
         self.known: Dict[str, str] = dict(known or {})
         self._lock = threading.Lock()
@@ -207,24 +211,21 @@ class ChunkStore:
         payload, codec = self._encode(data, wait=False)
         ref = ChunkRef(digest, len(data), codec)
         final = self.path(ref)
-        if os.path.exists(final):
-            return ref, 0
-        prefix_dir = os.path.dirname(final)
-        if not os.path.isdir(prefix_dir):
-            os.makedirs(prefix_dir, mode=0o700, exist_ok=True)
-            if self.owner:
-                os.chown(prefix_dir, *self.owner)
-        tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
-        # never write through a link planted under the temp name (a user's job directory, the root agent)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        try:
-            _write_all(fd, payload)
-            if self.owner:
-                os.fchown(fd, *self.owner)
-            start_writeback(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
+        with acting_as(self._creds):
+            if os.path.exists(final):
+                return ref, 0
+            prefix_dir = os.path.dirname(final)
+            if not os.path.isdir(prefix_dir):
+                os.makedirs(prefix_dir, mode=0o700, exist_ok=True)
+            tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
+            # never write through a link planted under the temp name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            try:
+                _write_all(fd, payload)
+                start_writeback(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
         return ref, len(payload)
 
     def get(self, ref: ChunkRef, where: str = "") -> bytes:

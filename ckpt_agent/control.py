@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pwd
 import socket
 import struct
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import AgentUnreachable, CkptError, PermissionDenied, error_for_exit_code
+from .usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +146,3 @@ def raise_for_reply(reply: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         return reply
     raise error_for_exit_code(int(reply.get("exit_code", 70)), prefix + str(reply.get("error", "request failed")))
 
-
-def owner_of_path(path: str) -> str:
-    """'user NAME (uid N)' for the owner of a file, for refusals that must name whose it is."""
-    try:
-        uid = os.stat(path).st_uid
-    except OSError:
-        return "another user"
-    try:
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"

@@ -17,6 +17,7 @@ verified chunks, files are put back, the CPU is checked, then `criu restore -d -
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import platform
@@ -34,7 +35,7 @@ from .config import CheckpointSettings
 from .criu import Criu, pages_cut_points
 from .errors import CkptError, CriuError, DamagedCheckpointError, PermissionDenied
 from .store import FORMAT_VERSION, CheckpointStore, Generation, iso, utcnow
-from .usercreds import Creds
+from .usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class JobState:
     pipe_inodes: Dict[str, int]  # "stdout"/"stderr"/"status" -> inode of the pipe the tree writes to
     uid: int = 0
     gid: int = 0
+    groups: Tuple[int, ...] = ()  # the user's supplementary groups (what the agent reads the user's files with)
     exclude: Set[str] = field(default_factory=set)
     node: str = ""
     instance: Dict[str, Any] = field(default_factory=dict)
@@ -130,10 +132,14 @@ class Engine:
         t0 = time.monotonic()
         store = self.store
         store.ensure_job(job.job_id, job.step, job.uid, job.gid)
-        with store.job_lock(job.job_id), concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-            number, partial = store.begin(job.job_id, job.step)
-            previous = self._previous_manifest(job, signed_only=job.uid != 0 and os.geteuid() == 0)
-            owner = (job.uid, job.gid) if job.uid != 0 and os.geteuid() == 0 else None
+        owner = (job.uid, job.gid) if job.uid != 0 and os.geteuid() == 0 else None
+        # The root agent touches a user's job directory (which the user can fill with links) only as the user.
+        user = Creds(job.uid, job.gid, tuple(job.groups) or (job.gid,)) if owner else None
+        with contextlib.ExitStack() as held, concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+            with acting_as(user):
+                held.enter_context(store.job_lock(job.job_id))
+                number, partial = store.begin(job.job_id, job.step)
+            previous = self._previous_manifest(job, signed_only=owner is not None)
             chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner)
             stage = self._staging_dir(job)
             stopped: List[int] = []
@@ -152,8 +158,9 @@ class Engine:
                 roots = [job.cwd] + list(self.settings.extra_paths)
                 exclude = set(job.exclude) | {store.root, stage, os.path.dirname(stage)}
                 prev_files = {e["path"]: capture.FileEntry.from_json(e) for e in (previous or {}).get("files", [])}
-                files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files,
-                                                owner_uid=job.uid if owner else None)
+                with acting_as(user):  # never read, as root, what a link swapped in by the user points to
+                    files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files,
+                                                    owner_uid=job.uid if owner else None)
                 timings["capture_seconds"] = time.monotonic() - t_step
                 t_frozen = time.monotonic() - t0
                 if not final:
@@ -191,9 +198,11 @@ class Engine:
                         **{k: round(v, 3) for k, v in timings.items()},
                     },
                 }
-                store.commit(partial, number, manifest, owner)
+                with acting_as(user):
+                    store.commit(partial, number, manifest, owner)
             except BaseException:
-                store.abort(partial)
+                with acting_as(user):
+                    store.abort(partial)
                 if stopped and not resumed:
                     _resume(stopped)  # a failed checkpoint never costs the running tool anything
                 raise
@@ -201,8 +210,9 @@ class Engine:
                 shutil.rmtree(stage, ignore_errors=True)
         if final:
             _kill(job.init_pid)
-        store.prune(job.job_id, job.step, self.settings.keep)
-        store.sweep_chunks(job.job_id)
+        with acting_as(user):
+            store.prune(job.job_id, job.step, self.settings.keep)
+            store.sweep_chunks(job.job_id)
         return CheckpointResult(
             generation=number, final=final, reason=reason, bytes_in=stats.bytes_in,
             bytes_written=stats.bytes_written, bytes_new=stats.bytes_new, frozen_seconds=t_frozen,

@@ -26,6 +26,7 @@ from .engine import JobState
 from .errors import EXIT_FINAL, CkptError, NotFoundError, PermissionDenied
 from .events import emit, load_instance, node_name
 from .store import CheckpointStore, iso, utcnow, write_atomic
+from .usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,32 @@ def find_registration(runtime_dir: str, job_id: str, step: str) -> Dict[str, Any
             f"job {job_id} step {step} is not running under ckpt run on this machine ({path})"
         ) from None
     except PermissionError:
-        raise PermissionDenied(f"job {job_id} step {step} belongs to {control.owner_of_path(path)}: only its owner "
+        raise PermissionDenied(f"job {job_id} step {step} belongs to {owner_of_path(path)}: only its owner "
                                "or root may act on it") from None
     except (OSError, ValueError) as e:
         raise CkptError(f"{path}: unreadable registration ({e})") from e
 
 
+def process_start_time(pid: Any) -> Optional[int]:
+    """When a process started (clock ticks after boot, /proc/PID/stat field 22), or None when there is no such
+    process: with the pid, it names one process for good, whatever pids the kernel reuses later."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii", errors="replace") as fh:
+            data = fh.read()
+        return int(data.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+def registration_alive(reg: Dict[str, Any]) -> bool:
+    """The wrapper that wrote a registration still runs. A wrapper killed outright (SIGKILL at `scancel`'s KillWait,
+    a node's OOM killer) leaves its registration behind: acting on it would requeue a job that has ended."""
+    started = process_start_time(reg.get("pid"))
+    return started is not None and reg.get("pid_start") in (None, started)
+
+
 def list_registrations(runtime_dir: str) -> List[Dict[str, Any]]:
+    """Registrations of wrappers that still run on this node, each with `_owner_uid` (who wrote the file)."""
     out = []
     d = registration_dir(runtime_dir)
     try:
@@ -71,9 +91,12 @@ def list_registrations(runtime_dir: str) -> List[Dict[str, Any]]:
                 with open(os.path.join(d, name), encoding="utf-8") as fh:
                     reg = json.load(fh)
                 reg["_owner_uid"] = os.stat(os.path.join(d, name)).st_uid
-                out.append(reg)
             except (OSError, ValueError):
                 continue
+            if isinstance(reg, dict) and registration_alive(reg):
+                out.append(reg)
+            else:
+                log.info("ignoring %s: its wrapper is gone", name)
     return out
 
 
@@ -269,7 +292,8 @@ class Runner:
         self._reg_path, sock_path = registration_paths(o.runtime_dir, o.job_id, o.step)
         self._server = control.ControlServer(sock_path, self._handle, mode=0o600).start()
         reg = {
-            "job_id": o.job_id, "step": o.step, "pid": os.getpid(), "init_pid": self.job.init_pid,
+            "job_id": o.job_id, "step": o.step, "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+            "init_pid": self.job.init_pid,
             "uid": os.getuid(), "gid": os.getgid(), "node": self.node, "socket": sock_path, "cwd": o.cwd,
             "store": self.store.root, "started": iso(utcnow()), "argv": o.argv,
         }

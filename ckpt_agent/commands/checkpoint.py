@@ -7,6 +7,7 @@ import argparse
 from .. import control
 from ..errors import PermissionDenied
 from ..runner import find_registration
+from ..usercreds import owner_of_path
 from ._common import add_config_args, add_job_args, job_id_from_env, load
 
 HELP = "checkpoint a running job now (with --final: and stop it; the wrapper then exits 75)"
@@ -27,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
         reply = control.request(reg["socket"], {"op": "checkpoint", "final": args.final, "reason": "manual",
                                                 "timeout": args.timeout})
     except PermissionDenied:
-        raise PermissionDenied(f"job {job_id} step {args.name} belongs to {control.owner_of_path(reg['socket'])}: "
+        raise PermissionDenied(f"job {job_id} step {args.name} belongs to {owner_of_path(reg['socket'])}: "
                                f"only its owner or root may checkpoint it") from None
     print(control.raise_for_reply(reply)["generation"])
     return 0
