@@ -1,14 +1,20 @@
-"""Lifecycle events as JSON lines with fixed snake_case keys: appended to the job's events file in the store (the
-report and the demo read them) and logged (to the journal when the agent runs under systemd)."""
+"""Lifecycle events as JSON lines with fixed snake_case keys: logged at once (to the journal when the agent runs
+under systemd), then appended to the job's events file in the store (the report and the demo read them) by a
+background writer, so that a slow or hung store never delays what has a deadline."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import queue
 import socket
-from typing import Any, Dict, Optional
+import threading
+import time
+from typing import Any, Dict, Optional, Tuple
 
+from .errors import CkptError
 from .store import CheckpointStore, iso, utcnow
 
 log = logging.getLogger("ckpt.events")
@@ -44,8 +50,62 @@ def emit(
     record.update(fields)
     log.info("%s", json.dumps(record, sort_keys=True))
     if store is not None and job_id:
-        try:
-            store.append_event(job_id, record)
-        except OSError as e:
-            log.warning("cannot record event %s for job %s: %s", event, job_id, e.strerror)
+        WRITER.submit(store, job_id, record)
     return record
+
+
+class EventWriter:
+    """Appends events to the store (FSx, which can hang like any network file system) from one background thread,
+    so that nothing with a deadline (a drain, a final checkpoint's start, a requeue) ever waits for it. The queue is
+    bounded: when the store stalls and it fills, further events are dropped and counted (they are in the log
+    already). One thread keeps each process's events in order."""
+
+    def __init__(self, max_queued: int = 10000):
+        self._queue: queue.Queue[Tuple[Any, str, Dict[str, Any]]] = queue.Queue(max_queued)
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self.dropped = 0
+
+    def submit(self, store: Any, job_id: str, record: Dict[str, Any]) -> bool:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="event-writer", daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait((store, job_id, record))
+            return True
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+                dropped = self.dropped
+            if dropped == 1 or dropped % 100 == 0:
+                log.warning("the checkpoint store is not keeping up: %d event(s) not recorded in it so far "
+                            "(they are in this log)", dropped)
+            return False
+
+    def _run(self) -> None:
+        while True:
+            store, job_id, record = self._queue.get()
+            try:
+                store.append_event(job_id, record)
+            except (OSError, CkptError) as e:
+                log.warning("cannot record event %s for job %s: %s", record.get("event"), job_id,
+                            getattr(e, "strerror", None) or e)
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait (at most `timeout`) until every submitted event was written or failed; False when the store is too
+        slow. Called at exit, so a short-lived command's events reach the store unless it hangs."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        return True
+
+
+WRITER = EventWriter()
+atexit.register(WRITER.flush, 10.0)

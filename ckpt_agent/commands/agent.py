@@ -20,6 +20,9 @@ from ._common import add_config_args, load, make_engine
 
 HELP = "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs"
 log = logging.getLogger(__name__)
+# On SIGTERM, requests in progress (a checkpoint or restore for a user's job) get this long to finish: less than
+# systemd's default stop timeout (90 s), after which it would SIGKILL the agent anyway.
+STOP_WAIT_SECONDS = 60
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,5 +86,7 @@ def main(args: argparse.Namespace) -> int:
         agent.run()
     finally:
         if server:
-            server.close()
+            left = server.close(wait=STOP_WAIT_SECONDS)
+            if left:
+                log.error("stopping with %d request(s) for jobs still in progress after %d s", left, STOP_WAIT_SECONDS)
     return 0
