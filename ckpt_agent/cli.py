@@ -33,6 +33,7 @@ COMMANDS = {
     "gc": "remove checkpoints of finished jobs and superseded generations (head node, from cron)",
     "report": "report run segments, checkpoints, work lost, net vs wall-clock runtime and Spot savings per job",
     "prices": "show the Spot/On-Demand price table, or refresh it from AWS with --update",
+    "plan": "predict each queue's final-checkpoint time against the Spot notice, and the FSx throughput that would fit",
 }
 
 
