@@ -344,8 +344,10 @@ class Runner:
                  bytes_written=res.bytes_written, bytes_new=res.bytes_new, frozen_seconds=round(res.frozen_seconds, 3),
                  seconds=round(res.total_seconds, 3))
             if final:
-                print(f"ckpt: job {o.job_id} step {o.step} stopped by final checkpoint {res.generation}; "
-                      "run the same command again to resume", file=sys.stderr, flush=True)
+                then = ("it resumes when Slurm requeues the job" if o.mode == "transparent"
+                        else "run the same command again to resume")
+                print(f"ckpt: job {o.job_id} step {o.step} stopped by final checkpoint {res.generation}; {then}",
+                      file=sys.stderr, flush=True)
             return {"generation": res.generation, "final": final, "bytes_written": res.bytes_written,
                     "bytes_in": res.bytes_in, "seconds": round(res.total_seconds, 3), "created": res.created}
 

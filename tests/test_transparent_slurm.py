@@ -175,6 +175,8 @@ def test_unmodified_script_is_moved_by_a_spot_notice_and_finishes_the_same(tc, t
     resumed = [ln for ln in lines if ln.startswith(f"ckpt: resumed by transparent checkpointing (job {job}, "
                                                    "step batch) from checkpoint ")]
     assert len(resumed) == 1 and "(restart count 1)" in resumed[0], err
+    assert any(ln.startswith(f"ckpt: job {job} step batch stopped by final checkpoint ") and
+               ln.endswith("; it resumes when Slurm requeues the job") for ln in lines), err
     evs = events(cluster, job)
     assert {e["step"] for e in evs if e.get("step")} == {"batch"}, "one checkpointed tree: the whole script"
     started = [e for e in evs if e["event"] == "segment_started"]
