@@ -180,6 +180,8 @@ def test_head_node_first_run(head, bundle):
     cron = root / "etc/cron.d/ckpt-gc"
     assert cron.read_bytes() == (bundle / "head/ckpt-gc.cron").read_bytes() and mode(cron) == 0o644
     assert (root / "fsx/ckpt").is_dir()
+    plugin = root / "opt/slurm/etc/job_submit.lua"  # transparent mode (also installed at OnNodeStart)
+    assert plugin.read_bytes() == (bundle / "head/job_submit.lua").read_bytes() and mode(plugin) == 0o644
     venv = root / "opt/ckpt-agent/venv"
     assert (venv / "bin/ckpt").is_file()
     assert list((venv / "lib").glob("python3*/site-packages/ckpt_agent/site.py"))
