@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 import socket
 
 from .. import control
@@ -29,25 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-interval", type=float, metavar="SECONDS", help="IMDS poll interval (default 2)")
 
 
-def ensure_key(path: str) -> Signer:
-    """The manifest-signing key: readable by root only. Created on first start where the bootstrap placed none
-    (one node); a cluster's bootstrap distributes one key to every node so any node can restore any checkpoint."""
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32) + "\n")
-        log.warning("created a new signing key %s: copy it to every node that restores this node's checkpoints",
-                    path)
-    os.chmod(path, 0o600)
-    signer = Signer.from_file(path)
-    if not signer.key:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"{path}: signing key is empty or unreadable")
-    return signer
-
-
 def main(args: argparse.Namespace) -> int:
     cfg = load(args)
     if args.store:
@@ -55,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
     if args.poll_interval is not None:
         cfg.agent.poll_interval = args.poll_interval
     node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    signer = ensure_key(cfg.agent.key_file)
+    # created where the bootstrap placed none (one node); a cluster's bootstrap distributes one key to every node
+    signer = Signer.ensure(cfg.agent.key_file, cfg.source)
     store = CheckpointStore(cfg.store, signer) if cfg.store else None
     slurm = Slurm()
     imds = ImdsClient(cfg.agent.imds_endpoint)

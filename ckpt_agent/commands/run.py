@@ -9,6 +9,7 @@ import os
 from ..backends import choose_backend
 from ..errors import UsageError
 from ..runner import Runner, RunOptions
+from ..store import Signer
 from ._common import add_config_args, add_job_args, job_id_from_env, load, make_engine, open_store
 
 HELP = "run CMD checkpointed, or resume it from the job's last checkpoint"
@@ -37,6 +38,8 @@ def main(args: argparse.Namespace) -> int:
     if interval <= 0:
         raise UsageError(f"--interval must be > 0, got {interval:g}")
     store = open_store(cfg, args)
+    if os.geteuid() == 0:  # root checkpoints its own jobs: they are signed too, with a key created at first use
+        store.signer = Signer.ensure(cfg.agent.key_file, cfg.source)
     backend = choose_backend(lambda: make_engine(cfg, store), cfg.socket_path)
     opts = RunOptions(job_id=job_id, step=args.name, argv=cmd, interval=interval, runtime_dir=cfg.runtime_dir,
                       cwd=os.getcwd())
