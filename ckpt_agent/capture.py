@@ -297,15 +297,20 @@ def _plan(entries: List[FileEntry], roots: Sequence[str], trusted: bool) -> _Pla
         elif trusted and e.kind == "file":
             plan.entries.append(e)
             outside_files.append(e.path)
-        elif trusted and e.kind == "dir":
+        elif e.kind == "dir":  # a parent of what is put back: used only to create it if missing
             outside_dirs[e.path] = e
         else:
             raise DamagedCheckpointError(
                 f"checkpoint names {e.path[:200]} ({e.kind}), outside the job's directories ({', '.join(norm)})")
+    parents = {os.path.dirname(p) for p in outside_files + norm}
+    for p in list(parents):
+        while p not in ("/", ""):
+            p = os.path.dirname(p)
+            parents.add(p)
     for path, e in outside_dirs.items():
-        if not any(f.startswith(path.rstrip("/") + "/") for f in outside_files):
+        if path not in parents:
             raise DamagedCheckpointError(f"checkpoint names directory {path[:200]}, outside the job's directories "
-                                         f"({', '.join(norm)}) and holding no file the job had open")
+                                         f"({', '.join(norm)}) and above no file it puts back")
         plan.dirs[path] = e
     return plan
 

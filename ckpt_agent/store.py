@@ -41,8 +41,9 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
-from .chunkstore import CHUNK_BYTES, CODEC_RAW, CODEC_ZSTD, ChunkRef, ChunkStore, NotRegularFile, read_regular
+from .chunkstore import CHUNK_BYTES, CODEC_RAW, CODEC_ZSTD, ChunkRef, ChunkStore
 from .errors import ConfigError, DamagedCheckpointError, NotFoundError, PermissionDenied, StoreError, UsageError
+from .safeio import NotRegularFile, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ MAX_SUMMARY_BYTES = 64 << 10  # a handful of fields
 MAX_RESULT_BYTES = 64 << 10
 MAX_EVENTS_BYTES = 64 << 20  # ~300,000 events: far beyond any job's lifetime
 MAX_KEY_BYTES = 4096
-SUMMARY_KEYS = ("generation", "created", "final", "reason", "node", "bytes_in", "bytes_written")
+_SUMMARY_TYPES = {"generation": int, "created": str, "final": bool, "reason": str, "node": str, "bytes_in": int,
+                  "bytes_written": int}
+SUMMARY_KEYS = tuple(_SUMMARY_TYPES)
 
 
 def utcnow() -> dt.datetime:
@@ -417,7 +420,7 @@ class CheckpointStore:
         summary that is not well formed) from its manifest. Not an integrity check: `ckpt verify` is."""
         try:
             data = json.loads(read_regular(os.path.join(gen.path, SUMMARY), MAX_SUMMARY_BYTES))
-            if isinstance(data, dict) and all(k in data for k in SUMMARY_KEYS):
+            if isinstance(data, dict) and all(isinstance(data.get(k), t) for k, t in _SUMMARY_TYPES.items()):
                 return {k: data[k] for k in SUMMARY_KEYS}
         except (OSError, ValueError):
             pass
@@ -601,11 +604,15 @@ class CheckpointStore:
 
 
 def summary_of(manifest: Dict[str, Any]) -> Dict[str, Any]:
-    stats = manifest.get("stats") or {}
-    return {"generation": manifest.get("generation"), "created": manifest.get("created"),
-            "final": bool(manifest.get("final")), "reason": manifest.get("reason", ""),
-            "node": manifest.get("node", ""), "bytes_in": stats.get("bytes_in", 0),
-            "bytes_written": stats.get("bytes_written", 0)}
+    stats = manifest.get("stats") if isinstance(manifest.get("stats"), dict) else {}
+
+    def num(v: Any) -> int:
+        return v if type(v) is int else 0
+
+    return {"generation": num(manifest.get("generation")), "created": str(manifest.get("created", "")),
+            "final": bool(manifest.get("final")), "reason": str(manifest.get("reason", "")),
+            "node": str(manifest.get("node", "")), "bytes_in": num(stats.get("bytes_in")),
+            "bytes_written": num(stats.get("bytes_written"))}
 
 
 def _check_refs(refs: Any, where: str) -> int:

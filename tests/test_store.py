@@ -10,7 +10,14 @@ import stat
 import pytest
 
 from ckpt_agent import chunkstore
-from ckpt_agent.errors import EXIT_DAMAGED, DamagedCheckpointError, NotFoundError, PermissionDenied, StoreError, UsageError
+from ckpt_agent.errors import (
+    EXIT_DAMAGED,
+    DamagedCheckpointError,
+    NotFoundError,
+    PermissionDenied,
+    StoreError,
+    UsageError,
+)
 from ckpt_agent.store import FORMAT_VERSION, MANIFEST, CheckpointStore, Signer, check_name
 
 JOB, STEP = "4242", "main"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Optional
 
@@ -20,15 +21,44 @@ def add_config_args(parser: argparse.ArgumentParser, store: bool = True) -> None
         parser.add_argument("--store", metavar="DIR", help="checkpoint store root (default: $CKPT_STORE, config)")
 
 
+# the longest wait or interval a flag takes: a year (1e300 or inf would overflow timers and kill threads)
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def seconds_arg(text: str) -> float:
+    """argparse type: a finite number of seconds, > 0 and at most MAX_SECONDS (nan, inf and 1e300 refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, > 0 and <= {MAX_SECONDS:.0f}, "
+                                         f"got {text!r}")
+    return value
+
+
+def name_arg(kind: str):
+    """argparse type: a job id or step name as the store accepts it (no path tricks, at most 128 characters)."""
+    def check(text: str) -> str:
+        try:
+            return check_name(kind, text)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    check.__name__ = kind  # argparse names the type in its messages
+    return check
+
+
 def add_job_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--job-id", metavar="ID", required=required,
+    parser.add_argument("--job-id", metavar="ID", required=required, type=name_arg("job id"),
                         help="job id (default: $SLURM_JOB_ID; array tasks: "
                              "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})")
-    parser.add_argument("--name", metavar="STEP", default="main", help="step name within the job (default: main)")
+    parser.add_argument("--name", metavar="STEP", default="main", type=name_arg("step name"),
+                        help="step name within the job (default: main)")
 
 
 def job_id_from_env(explicit: Optional[str]) -> str:
-    if explicit:
+    if explicit is not None:
         return check_name("job id", explicit)
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and task:

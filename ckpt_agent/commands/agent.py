@@ -16,7 +16,7 @@ from ..runner import registration_dir
 from ..slurm import Slurm
 from ..store import CheckpointStore, Signer
 from ..usercreds import root_can_dump_other_users
-from ._common import add_config_args, load, make_engine
+from ._common import add_config_args, load, make_engine, seconds_arg
 
 HELP = "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs"
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
     parser.add_argument("--node", metavar="NAME", help="Slurm node name (default: $SLURMD_NODENAME, else host name)")
-    parser.add_argument("--poll-interval", type=float, metavar="SECONDS", help="IMDS poll interval (default 2)")
+    parser.add_argument("--poll-interval", type=seconds_arg, metavar="SECONDS", help="IMDS poll interval (default 2)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from ..backends import choose_backend
 from ..errors import UsageError
 from ..runner import Runner, RunOptions
 from ..store import Signer
-from ._common import add_config_args, add_job_args, job_id_from_env, load, make_engine, open_store
+from ._common import add_config_args, add_job_args, job_id_from_env, load, make_engine, open_store, seconds_arg
 
 HELP = "run CMD checkpointed, or resume it from the job's last checkpoint"
 
@@ -18,7 +18,7 @@ HELP = "run CMD checkpointed, or resume it from the job's last checkpoint"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_args(parser)
     add_config_args(parser)
-    parser.add_argument("--interval", type=float, metavar="SECONDS",
+    parser.add_argument("--interval", type=seconds_arg, metavar="SECONDS",
                         help="seconds between periodic checkpoints (default: config, 900)")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
