@@ -87,7 +87,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv = sys.argv[1:]
     chosen = chosen_command(argv)
     parser = build_parser([chosen] if chosen else [])
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, printed), --help or --version
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     verbose = args.verbose or os.environ.get("CKPT_DEBUG") == "1"
     if getattr(args, "_configure_logging", True):
         setup_logging(verbose)
