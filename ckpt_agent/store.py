@@ -318,7 +318,8 @@ class CheckpointStore:
         for name in names:
             m = _GEN_RE.match(name)
             path = os.path.join(sd, name)
-            if m and not os.path.islink(path) and os.path.isfile(os.path.join(path, MANIFEST)):
+            # listed when its manifest exists at all: whatever stands there is then checked (and maybe damaged)
+            if m and not os.path.islink(path) and os.path.isdir(path) and os.path.lexists(os.path.join(path, MANIFEST)):
                 gens.append(Generation(job_id, step, int(m.group(1)), path))
         return sorted(gens, key=lambda g: g.number)
 
@@ -618,12 +619,12 @@ def summary_of(manifest: Dict[str, Any]) -> Dict[str, Any]:
 def _check_refs(refs: Any, where: str) -> int:
     """Chunk references as stored ([sha256 hex, raw size, codec]); returns their total size."""
     if not isinstance(refs, list):
-        raise DamagedCheckpointError(f"{where}: chunk list is not a list")
+        raise DamagedCheckpointError(f"{where}: malformed manifest: a chunk list is not a list")
     total = 0
     for r in refs:
         if not (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and _DIGEST_RE.match(r[0])
                 and type(r[1]) is int and 0 < r[1] <= CHUNK_BYTES and r[2] in (CODEC_RAW, CODEC_ZSTD)):
-            raise DamagedCheckpointError(f"{where}: malformed chunk reference {str(r)[:100]}")
+            raise DamagedCheckpointError(f"{where}: malformed manifest: bad chunk reference {str(r)[:100]}")
         total += r[1]
     return total
 
