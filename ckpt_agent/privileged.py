@@ -22,6 +22,7 @@ from . import launcher
 from .engine import Engine, JobState
 from .errors import PermissionDenied, UsageError
 from .store import check_name
+from .units import check_seconds
 from .usercreds import creds_of
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,12 @@ class PrivilegedService:
             node=str(req.get("node", self.node)), instance=dict(req.get("instance") or {}),
         )
         timeout = req.get("timeout")
+        try:
+            timeout = check_seconds(timeout, "timeout") if timeout is not None else None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         res = self.engine.checkpoint(job, final=bool(req.get("final")), reason=str(req.get("reason", "manual")),
-                                     timeout=float(timeout) if timeout else None)
+                                     timeout=timeout)
         out = asdict(res)
         out["ok"] = True
         return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from typing import Optional
 
@@ -12,6 +11,7 @@ from ..criu import Criu
 from ..engine import Engine
 from ..errors import UsageError
 from ..store import CheckpointStore, Signer, check_name
+from ..units import check_seconds
 
 
 def add_config_args(parser: argparse.ArgumentParser, store: bool = True) -> None:
@@ -21,20 +21,12 @@ def add_config_args(parser: argparse.ArgumentParser, store: bool = True) -> None
         parser.add_argument("--store", metavar="DIR", help="checkpoint store root (default: $CKPT_STORE, config)")
 
 
-# the longest wait or interval a flag takes: a year (1e300 or inf would overflow timers and kill threads)
-MAX_SECONDS = 365 * 24 * 3600.0
-
-
 def seconds_arg(text: str) -> float:
-    """argparse type: a finite number of seconds, > 0 and at most MAX_SECONDS (nan, inf and 1e300 refused)."""
+    """argparse type: a finite number of seconds, > 0 and at most a year (nan, inf and 1e300 refused)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, > 0 and <= {MAX_SECONDS:.0f}, "
-                                         f"got {text!r}")
-    return value
+        return check_seconds(text, "seconds")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 def name_arg(kind: str):
