@@ -170,3 +170,15 @@ def test_a_checkpoint_name_never_reaches_a_file_outside_the_runtime_dir(env, tmp
     rel = os.path.relpath(evil / "evil", Path(env["CKPT_RUNTIME_DIR"]) / "jobs")
     res = run(["checkpoint", "--job-id", "7", "--name", rel], env, tmp_path)
     assert res.returncode == EXIT_USAGE and "--name" in one_line(res)
+
+
+@pytest.mark.parametrize("timeout", ["nan", float("inf"), 1e300, -1, "soon", True])
+def test_the_agent_refuses_a_timeout_that_is_not_finite_seconds(timeout):
+    """A raw request to the agent's socket gets the same check as `ckpt checkpoint --timeout`, before any dump."""
+    from ckpt_agent.errors import UsageError
+    from ckpt_agent.privileged import PrivilegedService
+
+    service = PrivilegedService(engine=None, owner_of=lambda job: 0)
+    with pytest.raises(UsageError, match="timeout"):
+        service.handle({"op": "checkpoint", "job_id": "7", "step": "main", "timeout": timeout, "init_pid": 1},
+                       (1, 0, 0), [])
