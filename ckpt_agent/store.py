@@ -56,6 +56,7 @@ _GEN_RE = re.compile(r"^gen-(\d{6,})$")
 _PARTIAL_RE = re.compile(r"^gen-(\d{6,})\.partial-(\d+)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_CODECS = (CODEC_RAW, CODEC_ZSTD)
 _IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
 # read bounds: a manifest lists ~85 bytes per MiB of image (1 MiB for 12 GiB), so 256 MiB covers 3 TiB of memory
 MAX_MANIFEST_BYTES = 256 << 20
@@ -622,43 +623,48 @@ def _check_refs(refs: Any, where: str) -> int:
         raise DamagedCheckpointError(f"{where}: malformed manifest: a chunk list is not a list")
     total = 0
     for r in refs:
-        if not (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and _DIGEST_RE.match(r[0])
-                and type(r[1]) is int and 0 < r[1] <= CHUNK_BYTES and r[2] in (CODEC_RAW, CODEC_ZSTD)):
+        if not (type(r) is list and len(r) == 3 and type(r[1]) is int and 0 < r[1] <= CHUNK_BYTES
+                and r[2] in _CODECS and type(r[0]) is str and _DIGEST_RE.match(r[0])):
             raise DamagedCheckpointError(f"{where}: malformed manifest: bad chunk reference {str(r)[:100]}")
         total += r[1]
     return total
 
 
 def check_manifest(manifest: Dict[str, Any], where: str) -> None:
-    """The shape every reader relies on; anything else is a damaged generation (never a KeyError later)."""
-    def need(cond: bool, what: str) -> None:
-        if not cond:
-            raise DamagedCheckpointError(f"{where}: malformed manifest: {what}")
+    """The shape every reader relies on; anything else is a damaged generation (never a KeyError later).
+    Messages are built only on failure: a manifest of a large process lists ~12,000 chunks per 12 GiB."""
+    def bad(what: str) -> DamagedCheckpointError:
+        return DamagedCheckpointError(f"{where}: malformed manifest: {what}")
 
-    need(isinstance(manifest.get("created"), str), "'created' is missing or not a string")
+    if not isinstance(manifest.get("created"), str):
+        raise bad("'created' is missing or not a string")
     images, files = manifest.get("images"), manifest.get("files")
-    need(isinstance(images, list), "'images' is missing or not a list")
-    need(isinstance(files, list), "'files' is missing or not a list")
+    if not isinstance(images, list):
+        raise bad("'images' is missing or not a list")
+    if not isinstance(files, list):
+        raise bad("'files' is missing or not a list")
     for img in images:
-        need(isinstance(img, dict) and isinstance(img.get("name"), str) and bool(_IMAGE_NAME_RE.match(img["name"]))
-             and type(img.get("size")) is int, f"bad image entry {str(img)[:100]}")
-        need(_check_refs(img.get("chunks"), where) == img["size"], f"image {img['name']}: size and chunks disagree")
+        if not (isinstance(img, dict) and isinstance(img.get("name"), str) and _IMAGE_NAME_RE.match(img["name"])
+                and type(img.get("size")) is int):
+            raise bad(f"bad image entry {str(img)[:100]}")
+        if _check_refs(img.get("chunks"), where) != img["size"]:
+            raise bad(f"image {img['name']}: size and chunks disagree")
     for f in files:
-        need(isinstance(f, dict) and isinstance(f.get("path"), str) and f.get("kind") in ("dir", "file", "symlink")
-             and all(type(f.get(k)) is int for k in ("mode", "uid", "gid", "mtime_ns")),
-             f"bad file entry {str(f)[:100]}")
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and f.get("kind") in ("dir", "file", "symlink")
+                and all(type(f.get(k)) is int for k in ("mode", "uid", "gid", "mtime_ns"))):
+            raise bad(f"bad file entry {str(f)[:100]}")
         path = f["path"]
-        need(path.startswith("/") and os.path.normpath(path) == path and "\0" not in path,
-             f"file path {path[:100]!r} is not absolute and normal")
-        if f["kind"] == "file":
-            need(type(f.get("size")) is int and _check_refs(f.get("chunks"), where) == f["size"],
-                 f"file {path[:100]}: size and chunks disagree")
-        if f["kind"] == "symlink":
-            need(isinstance(f.get("target"), str) and "\0" not in f["target"], f"symlink {path[:100]}: bad target")
-    for key in ("cwd",):
-        if key in manifest:
-            need(isinstance(manifest[key], str), f"'{key}' is not a string")
-    need(isinstance(manifest.get("pipes", {}), dict), "'pipes' is not a mapping")
+        if not (path.startswith("/") and os.path.normpath(path) == path and "\0" not in path):
+            raise bad(f"file path {path[:100]!r} is not absolute and normal")
+        if f["kind"] == "file" and not (type(f.get("size")) is int
+                                        and _check_refs(f.get("chunks"), where) == f["size"]):
+            raise bad(f"file {path[:100]}: size and chunks disagree")
+        if f["kind"] == "symlink" and not (isinstance(f.get("target"), str) and "\0" not in f["target"]):
+            raise bad(f"symlink {path[:100]}: bad target")
+    if "cwd" in manifest and not isinstance(manifest["cwd"], str):
+        raise bad("'cwd' is not a string")
+    if not isinstance(manifest.get("pipes", {}), dict):
+        raise bad("'pipes' is not a mapping")
 
 
 def manifest_refs(manifest: Dict[str, Any]) -> Iterator[ChunkRef]:
