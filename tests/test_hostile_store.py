@@ -18,7 +18,7 @@ from ckpt_agent.config import CheckpointSettings
 from ckpt_agent.criu import Criu
 from ckpt_agent.engine import Engine
 from ckpt_agent.errors import DamagedCheckpointError
-from ckpt_agent.store import MANIFEST, SUMMARY, CheckpointStore
+from ckpt_agent.store import SUMMARY, CheckpointStore
 
 JOB, STEP = "5150", "main"
 TIMEOUT = 60  # a safety net: a hang would otherwise stall the suite
@@ -222,5 +222,12 @@ def test_list_in_a_shared_store_skips_jobs_the_caller_may_not_read(env, store):
             assert [r["job_id"] for r in json.loads(res.stdout)] == ["6000"]
 
 
-def test_manifest_file_name_is_the_one_read():
-    assert MANIFEST == "manifest.json"
+def test_a_linked_chunk_prefix_directory_is_damage(env, store, tmp_path):
+    _, chunk = commit(store)
+    prefix = os.path.dirname(chunk)
+    copy = _elsewhere(tmp_path, prefix)
+    shutil.rmtree(prefix)
+    os.symlink(copy, prefix)
+    res = verify(env)
+    assert res.returncode == 65
+    assert "symbolic link" in one_line(res)
