@@ -234,7 +234,9 @@ new_key() {
 
 setup_key_head() {
   local key="$ROOT$CKPT_KEY_FILE" shared="$ROOT$CKPT_SHARED_DIR/secret"
-  install -d -m 0700 "$(dirname "$key")" "$shared"
+  # the key file alone is private (0600): its directory also holds agent.yaml, which every user's `ckpt run` reads
+  install -d -m 0755 "$(dirname "$key")"
+  install -d -m 0700 "$shared"
   chmod 0700 "$shared"
   if [ ! -s "$key" ]; then
     if [ -s "$shared/node.key" ]; then
@@ -251,7 +253,7 @@ setup_key_head() {
 setup_key_compute() {
   local key="$ROOT$CKPT_KEY_FILE" shared="$ROOT$CKPT_SHARED_DIR/secret/node.key"
   [ -s "$shared" ] || die "the cluster's signing key is missing at $CKPT_SHARED_DIR/secret/node.key: did the head node's OnNodeConfigured finish?"
-  install -d -m 0700 "$(dirname "$key")"
+  install -d -m 0755 "$(dirname "$key")"  # the key is 0600; agent.yaml next to it must stay readable
   install_file "$shared" "$key" 0600 || log "signing key is current"
 }
 

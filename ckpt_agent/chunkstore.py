@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -34,6 +36,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import zstandard
 
 from .errors import DamagedCheckpointError, StoreError
+from .safeio import NotRegularFile, read_regular
 from .usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ ZERO_CHUNK = bytes(CHUNK_BYTES)
 ZERO_CHUNK_DIGEST = hashlib.sha256(ZERO_CHUNK).hexdigest()
 # sync_file_range(2) flag: start writeback of the file's dirty pages without waiting for it
 SYNC_FILE_RANGE_WRITE = 2
+# zstd frames are never stored unless they save 10%; this slack only covers frame headers of tiny chunks
+ZSTD_SLACK_BYTES = 1024
 
 CODEC_RAW = "r"
 CODEC_ZSTD = "z"
@@ -142,6 +147,16 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._pending: Dict[str, threading.Event] = {}  # digests being written by one thread right now
         self._local = threading.local()
+        self._checked: set = set()  # prefix directories found to be real directories
+
+    def _check_prefix(self, prefix: str) -> None:
+        """A chunk prefix directory is read only when it is a directory, not a link (checked once per store)."""
+        if prefix in self._checked:
+            return
+        st = os.lstat(prefix)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotRegularFile(errno.ENOTDIR, f"{prefix} is not a directory (a symbolic link?)")
+        self._checked.add(prefix)
 
     def path(self, ref: ChunkRef) -> str:
         name = ref.digest + (".zst" if ref.codec == CODEC_ZSTD else "")
@@ -232,11 +247,15 @@ class ChunkStore:
         """Read, decompress and verify one chunk; DamagedCheckpointError names what is wrong."""
         path = self.path(ref)
         label = f"{where}: " if where else ""
+        # a regular file of the size the manifest records, never a link, FIFO or device put in its place
+        bound = ref.size + (ZSTD_SLACK_BYTES if ref.codec == CODEC_ZSTD else 0)
         try:
-            with open(path, "rb") as fh:
-                payload = fh.read()
+            self._check_prefix(os.path.dirname(path))
+            payload = read_regular(path, bound)
         except FileNotFoundError:
             raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} is missing ({path})") from None
+        except NotRegularFile as e:
+            raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]}: {e.strerror}") from None
         except OSError as e:
             raise StoreError(f"{label}cannot read chunk {path}: {e.strerror}") from e
         if ref.codec == CODEC_ZSTD:
@@ -303,13 +322,16 @@ def restore_file(
     pool: concurrent.futures.Executor,
     mode: int = 0o600,
     where: str = "",
+    dir_fd: Optional[int] = None,
 ) -> None:
-    """Write a file from its chunks (verified) to `dest` via a temporary name."""
+    """Write a file from its chunks (verified) to `dest` via a temporary name, with exactly `mode`.
+    `dir_fd`: `dest` is a name in that directory (opened by the caller without following links)."""
     tmp = f"{dest}.ckpt-tmp-{os.getpid()}"
     # the name is predictable: never open through whatever already sits there (a link planted to another file)
-    _unlink_quiet(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    _unlink_quiet(tmp, dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
+        os.fchmod(fd, mode)
         offsets = []
         pos = 0
         for ref in refs:
@@ -327,10 +349,10 @@ def restore_file(
             pass
     except BaseException:
         os.close(fd)
-        _unlink_quiet(tmp)
+        _unlink_quiet(tmp, dir_fd)
         raise
     os.close(fd)
-    os.rename(tmp, dest)
+    os.rename(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def verify_refs(chunks: ChunkStore, refs: Iterable[ChunkRef], pool: concurrent.futures.Executor, where: str) -> None:
@@ -363,8 +385,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _unlink_quiet(path: str) -> None:
+def _unlink_quiet(path: str, dir_fd: Optional[int] = None) -> None:
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except OSError:
         pass

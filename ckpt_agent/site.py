@@ -32,6 +32,7 @@ from .yamlschema import (
     Scalar,
     Str,
     load_yaml_with_lines,
+    read_config_text,
     validate,
 )
 
@@ -400,14 +401,9 @@ SITE = Map(
 
 def read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
+        return read_config_text(path, "site file")
     except FileNotFoundError:
         raise ConfigError(f"{path}: site file not found") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read site file: {e.strerror}") from e
 
 
 def check_site_text(text: str, source: str):

@@ -175,6 +175,7 @@ def test_head_node_first_run(head, bundle):
     shared_key = root / SHARED / "secret/node.key"
     assert shared_key.read_bytes() == key.read_bytes() and mode(shared_key) == 0o600
     assert mode(root / SHARED / "secret") == 0o700
+    assert mode(root / "etc/ckpt-agent") == 0o755, "users' ckpt run reads agent.yaml here (issue 10)"
     assert (root / "etc/ckpt-agent/agent.yaml").read_bytes() == (bundle / "head/agent.yaml").read_bytes()
     assert load_agent_config(str(root / "etc/ckpt-agent/agent.yaml")).store == "/fsx/ckpt"
     cron = root / "etc/cron.d/ckpt-gc"
@@ -218,6 +219,7 @@ def test_compute_node_first_run(compute, head, bundle):
     root = compute.root
     assert (root / "etc/ckpt-agent/node.key").read_bytes() == (head.root / "etc/ckpt-agent/node.key").read_bytes()
     assert mode(root / "etc/ckpt-agent/node.key") == 0o600
+    assert mode(root / "etc/ckpt-agent") == 0o755, "users' ckpt run reads agent.yaml here (issue 10)"
     assert (root / "etc/ckpt-agent/agent.yaml").read_bytes() == (bundle / "nodes/sim-spot/agent.yaml").read_bytes()
     assert load_agent_config(str(root / "etc/ckpt-agent/agent.yaml")).queue == "sim-spot"
     unit = root / "etc/systemd/system/ckpt-agent.service"

@@ -10,7 +10,8 @@ import sys
 from ..backends import choose_backend
 from ..errors import UsageError
 from ..runner import Runner, RunOptions, enclosing_step
-from ._common import add_config_args, add_job_args, job_id_from_env, load, make_engine, open_store
+from ..store import Signer
+from ._common import add_config_args, add_job_args, job_id_from_env, load, make_engine, open_store, seconds_arg
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ HELP = "run CMD checkpointed, or resume it from the job's last checkpoint"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_args(parser)
     add_config_args(parser)
-    parser.add_argument("--interval", type=float, metavar="SECONDS",
+    parser.add_argument("--interval", type=seconds_arg, metavar="SECONDS",
                         help="seconds between periodic checkpoints (default: config, 900)")
     parser.add_argument("--transparent", action="store_true",
                         help="say so on stderr and in the job's events: the cluster's job_submit plugin runs whole "
@@ -48,6 +49,8 @@ def main(args: argparse.Namespace) -> int:
     if interval <= 0:
         raise UsageError(f"--interval must be > 0, got {interval:g}")
     store = open_store(cfg, args)
+    if os.geteuid() == 0:  # root checkpoints its own jobs: they are signed too, with a key created at first use
+        store.signer = Signer.ensure(cfg.agent.key_file, cfg.source)
     backend = choose_backend(lambda: make_engine(cfg, store), cfg.socket_path)
     opts = RunOptions(job_id=job_id, step=args.name, argv=cmd, interval=interval, runtime_dir=cfg.runtime_dir,
                       cwd=os.getcwd(), mode="transparent" if args.transparent else "explicit")
