@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -25,12 +26,18 @@ from . import control
 from .engine import JobState
 from .errors import EXIT_FINAL, CkptError, NotFoundError
 from .events import emit, load_instance, node_name
+from .requeue import read_marker
 from .store import CheckpointStore, iso, utcnow, write_atomic
 
 log = logging.getLogger(__name__)
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
 RELAY_BUFFER_BYTES = 1 << 16
+# After a final checkpoint the node agent asked for, the wrapper waits for the agent's requeue before it exits 75
+# (requeue.py). The agent's requeue is one scontrol call (20 s timeout in slurm.py); 60 s covers a slow controller,
+# and the instance is gone 120 s after the notice anyway.
+REQUEUE_WAIT_SECONDS = 60
+REQUEUE_POLL_SECONDS = 0.1
 
 
 def registration_dir(runtime_dir: str) -> str:
@@ -128,6 +135,7 @@ class Runner:
         self._ckpt_lock = threading.Lock()
         self._stop = threading.Event()
         self._stopped_by_final = False
+        self._await_requeue = False  # the final checkpoint came from the agent, which requeues the job next
         self._relays: List[Relay] = []
         self._server: Optional[control.ControlServer] = None
         self._reg_path = ""
@@ -236,6 +244,8 @@ class Runner:
         if stopped_by_final:
             emit(self.store, o.job_id, "segment_ended", node=self.node, instance=self.instance, step=o.step,
                  how="interrupted", generation=self.last_checkpoint)
+            if self._await_requeue:
+                self._wait_for_requeue()
             return EXIT_FINAL
         status = 137 if code is None else code
         self.store.record_result(o.job_id, o.step, status)
@@ -245,6 +255,27 @@ class Runner:
         self.store.prune(o.job_id, o.step, 0)
         self.store.sweep_chunks(o.job_id)
         return status
+
+    def _wait_for_requeue(self) -> None:
+        """Exit only once the agent has requeued the job (its marker), or Slurm ends us for that requeue: were the
+        batch script to end first, Slurm would record the job FAILED (mail, `afterok` dependents, accounting)."""
+        job_id = self.opts.job_id
+        ended = threading.Event()
+        for s in FORWARDED_SIGNALS:  # the tool is gone: nothing to forward; Slurm's SIGTERM means "requeued"
+            signal.signal(s, lambda *_: ended.set())
+        deadline = time.monotonic() + REQUEUE_WAIT_SECONDS
+        while not ended.is_set():
+            marker = read_marker(self.opts.runtime_dir, job_id)
+            if marker is not None:
+                if not marker.get("ok"):
+                    print(f"ckpt: the node agent could not requeue job {job_id}: {marker.get('error', '?')}",
+                          file=sys.stderr, flush=True)
+                return
+            if time.monotonic() > deadline:
+                print(f"ckpt: job {job_id} was not requeued within {REQUEUE_WAIT_SECONDS} s of its final checkpoint",
+                      file=sys.stderr, flush=True)
+                return
+            ended.wait(REQUEUE_POLL_SECONDS)
 
     # --- signals, registration, control -------------------------------------------------------------------------
     def _install_signal_forwarding(self, init_pid: int) -> None:
@@ -290,6 +321,8 @@ class Runner:
             return {"ok": True, "job_id": self.opts.job_id, "step": self.opts.step, "init_pid": self.job.init_pid,
                     "last_checkpoint": self.last_checkpoint}
         if op == "checkpoint":
+            if req.get("final") and req.get("await_requeue") and uid == 0:
+                self._await_requeue = True  # only root (the agent) requeues; set before the tool can end
             res = self.checkpoint(final=bool(req.get("final")), reason=str(req.get("reason") or "manual"),
                                   timeout=req.get("timeout"))
             return {"ok": True, **res}

@@ -1,0 +1,195 @@
+"""The requeue after a Spot notice, on a real local Slurm cluster with Slurm's default cred_expire (120 s):
+
+- jobs never show FAILED on their way back to the queue, also with several jobs on the node and a slow
+  `scontrol requeue`; an `afterok` dependent job runs once, after the moved job completed;
+- a requeued job starts again long before Slurm's own requeue hold (cred_expire + 1 s) would have let it;
+- a requeued job lands only on a node of its CPU family (node features stand for CPU families here: node1 and
+  node3 are "cpu-a", node2, which the scheduler would prefer, is "cpu-b").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from ckpt_helpers import DATA, require_criu, wait_for
+
+from ckpt_agent.requeue import combine_features, family_constraint
+
+REQUEUE_DELAY_SECONDS = 4  # each `scontrol requeue` of the agents takes this long (a slow controller)
+SLURM_DEFAULT_REQUEUE_HOLD_SECONDS = 121  # cred_expire (120 s) + 1: batch_requeue_fini() in job_mgr.c
+FAMILIES = ["cpu-a", "cpu-b"]
+NODE_FEATURES = {"node1": "cpu-a", "node2": "cpu-b", "node3": "cpu-a"}
+
+
+# ---- the policy, without Slurm ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("features,expected", [
+    (["dynamic", "r6i.4xlarge"], "r6i.4xlarge|r6i.8xlarge"),
+    (["static", "r6a.4xlarge"], "r6a.4xlarge"),
+    (["dynamic", "m6i.large"], None),
+], ids=["intel", "amd", "no-family"])
+def test_family_of_a_node(features, expected):
+    assert family_constraint(features, ["r6i.4xlarge|r6i.8xlarge", "r6a.4xlarge"]) == expected
+
+
+@pytest.mark.parametrize("current,family,expected", [
+    ("(null)", "cpu-a", "cpu-a"),
+    ("bigmem", "cpu-a", "bigmem&cpu-a"),
+    ("bigmem&cpu-b", "cpu-a", "bigmem&cpu-a"),  # an earlier requeue's family is replaced, the user's kept
+    ("", "a.x|a.y", "(a.x|a.y)"),
+], ids=["none", "user-constraint", "replaces-ours", "alternatives"])
+def test_constraint_keeps_the_users_own(current, family, expected):
+    assert combine_features(current, family, FAMILIES + ["a.x|a.y"]) == expected
+
+
+# ---- on a real cluster -----------------------------------------------------------------------------------------
+
+def _slurm_missing() -> str:
+    if os.geteuid() != 0:
+        return "the local Slurm cluster needs root"
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "scontrol", "sbatch")
+               if not shutil.which(b, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+    return f"not installed: {', '.join(missing)}" if missing else ""
+
+
+@pytest.fixture(scope="module")
+def rq(request):
+    """A 3-node cluster with Slurm's default cred_expire, node features for CPU families, accounting when
+    installed, and node agents whose `scontrol requeue` is slow."""
+    if _slurm_missing():
+        pytest.skip(_slurm_missing())
+    require_criu()
+    from ckpt_agent.devcluster import accounting, shared_venv
+    from ckpt_agent.devcluster.agents import NodeAgents
+    from ckpt_agent.devcluster.slurm_cluster import LocalCluster
+
+    workdir = tempfile.mkdtemp(prefix="ckpt-requeue-", dir="/tmp")
+    os.chmod(workdir, 0o755)
+    slow = Path(workdir) / "slow-scontrol"
+    slow.mkdir()
+    real = shutil.which("scontrol")
+    (slow / "scontrol").write_text(
+        "#!/bin/bash\nset -euo pipefail\n"
+        f'if [ "${{1:-}}" = requeue ]; then sleep {REQUEUE_DELAY_SECONDS}; fi\n'
+        f'exec {real} "$@"\n')
+    (slow / "scontrol").chmod(0o755)
+    cluster = LocalCluster(workdir, nodes=tuple(NODE_FEATURES), cpus_per_node=4, cred_expire=None,
+                           node_features=NODE_FEATURES, accounting=not accounting.missing_binaries())
+    agents = None
+    try:
+        cluster.start()
+        bin_dir = shared_venv.refresh()
+        agents = NodeAgents(cluster, bin_dir, extra_config={"agent": {"cpu_families": FAMILIES}},
+                            extra_env={"PATH": f"{slow}:{os.environ.get('PATH', '/usr/bin:/bin')}"}).start()
+        yield cluster, agents
+    finally:
+        if agents is not None:
+            agents.stop()
+        cluster.stop()
+        if request.session.testsfailed or os.environ.get("CKPT_KEEP_CLUSTER") == "1":
+            print(f"\nrequeue cluster kept for inspection: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _script(bin_dir: str, work: Path, steps: int) -> str:
+    return f"""#!/bin/bash
+#SBATCH --requeue --open-mode=append -o job.out -e job.err
+set -euo pipefail
+cd {work}
+{bin_dir}/ckpt run --interval 3600 -- python3 {DATA / 'runner' / 'appender.py'} {steps} 0.25
+"""
+
+
+def _events(cluster, job: str) -> list:
+    return [json.loads(x) for x in (Path(cluster.store) / job / "events.jsonl").read_text().splitlines()]
+
+
+def _t(event: dict) -> datetime:
+    return datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
+
+
+def _sacct_states(cluster, job: str) -> list:
+    out = subprocess.run(["sacct", "-j", job, "--duplicates", "-X", "-n", "-P", "-o", "JobID,State"],
+                         env=cluster.env(), capture_output=True, text=True, timeout=30, check=True).stdout
+    return [line.split("|")[1] for line in out.splitlines() if line.startswith(job + "|")]
+
+
+def _jobcomp_states(cluster, job: str) -> list:
+    path = Path(cluster.log_dir) / "jobcomp.txt"
+    if not path.exists():
+        return []
+    return [word.split("=", 1)[1] for line in path.read_text().splitlines() if f"JobId={job} " in line
+            for word in line.split() if word.startswith("JobState=")]
+
+
+@pytest.mark.slurm
+@pytest.mark.criu
+def test_moved_jobs_never_fail_restart_at_once_and_keep_their_cpu_family(rq, tmp_path):
+    cluster, agents = rq
+    jobs, works = [], {}
+    for i in range(3):
+        work = Path(cluster.workdir) / "home" / "root" / f"sim{i}"
+        work.mkdir(parents=True)
+        job = cluster.sbatch(_script(agents.bin_dir, work, 80), cwd=str(work))
+        jobs.append(job)
+        works[job] = work
+    dep_out = Path(cluster.workdir) / "home" / "root" / "dependent.out"
+    dependent = cluster.sbatch(f"#!/bin/bash\necho \"ran after {jobs[0]}\" >> {dep_out}\n",
+                               extra_args=[f"--dependency=afterok:{jobs[0]}", "-o", "/dev/null"])
+    for job in jobs:
+        assert cluster.wait_job(job, "RUNNING", timeout=60).nodes == "node1"
+        reg = Path(cluster.runtime_dir("node1")) / "jobs" / f"{job}.main.json"
+        wait_for(reg.exists, 60, f"job {job}'s wrapper to register on node1")
+        wait_for(lambda w=works[job]: (w / "log.txt").exists(), 60, f"job {job}'s tool to start")
+
+    agents.imds["node1"].inject_spot_notice("terminate", seconds_from_now=120)
+    for job in jobs:
+        done = cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=110)
+        assert done.state == "COMPLETED", (job, done, (works[job] / "job.err").read_text(),
+                                           agents.log_tail("node1"))
+        assert done.restart_count == 1
+        # node2 weighs less (the scheduler's first choice) but is cpu-b: only node3 shares node1's CPU family
+        assert done.nodes == "node3", done
+        assert (works[job] / "log.txt").read_text().splitlines() == [f"step {i}" for i in range(80)]
+
+    for job in jobs:
+        err = (works[job] / "job.err").read_text()
+        assert "was not requeued" not in err and "could not requeue" not in err, err
+        events = _events(cluster, job)
+        kinds = [e["event"] for e in events]
+        requeued = next(e for e in events if e["event"] == "requeued")
+        assert requeued["features"] == "cpu-a"
+        restored = next(e for e in events if e["event"] == "restored")
+        assert restored["node"] == "node3"
+        assert kinds.index("checkpoint_committed") < kinds.index("requeued") < kinds.index("restored")
+        assert "requeue_expedited" in kinds, kinds
+        # Slurm's own hold would have kept the job pending for 121 s after the requeue
+        waited = (_t(restored) - _t(requeued)).total_seconds()
+        assert waited < SLURM_DEFAULT_REQUEUE_HOLD_SECONDS / 2, (job, waited)
+        # the completion log and accounting: requeued, then completed; never FAILED
+        comp = _jobcomp_states(cluster, job)
+        assert "FAILED" not in comp, (job, comp)
+        if cluster.accounting:
+            states = wait_for(lambda j=job: (s := _sacct_states(cluster, j)) and "COMPLETED" in s and s, 60,
+                              f"accounting of job {job}")
+            assert "FAILED" not in states and "REQUEUED" in states, (job, states)
+
+    dep = cluster.wait_job(dependent, ("COMPLETED", "FAILED", "CANCELLED", "PENDING"), timeout=60)
+    dep = cluster.wait_job(dependent, ("COMPLETED", "FAILED", "CANCELLED"), timeout=60) \
+        if dep.state == "PENDING" and dep.reason != "DependencyNeverSatisfied" else dep
+    assert dep.state == "COMPLETED", dep
+    assert dep_out.read_text().splitlines() == [f"ran after {jobs[0]}"]
+    first = cluster.job_info(jobs[0])
+    assert dep.start_time >= first.end_time
+    if cluster.accounting:
+        assert _sacct_states(cluster, dependent) == ["COMPLETED"]
+    agents.imds["node1"].clear()
+    cluster.slurm().resume_node("node1")
