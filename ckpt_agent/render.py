@@ -40,7 +40,6 @@ NODE_RUNTIME_DIR = "/run/ckpt-agent"
 NODE_SHARED_DIR = "/opt/parallelcluster/shared/ckpt-agent"
 NODE_CRIU = "/usr/local/sbin/criu"  # install-criu.sh's default prefix
 SCRIPT_NAME = "on-node-configured.sh"
-COMPUTE_RESOURCE_NAME = "nodes"
 
 TEMPLATE_FILES = ("cluster.yaml.j2", "agent.yaml.j2", "node.env.j2", "ckpt-agent.service.j2", "ckpt-gc.cron.j2")
 
@@ -102,6 +101,25 @@ def criu_source_in_bundle(site: Dict[str, Any]) -> str:
     return f"bundle:criu/{os.path.basename(source)}"
 
 
+def cpu_family(instance_type: str) -> str:
+    """The instance family ("r6i" for r6i.4xlarge): all sizes of a family run on one processor model, so a
+    checkpoint taken on one restores on any (CRIU's --cpu-cap=fpu,ins check passes); across families (Intel r6i,
+    AMD r6a, older Intel r5) it may not."""
+    return instance_type.split(".", 1)[0]
+
+
+def compute_resources(queue: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One compute resource per CPU family of the queue, named after the family. ParallelCluster gives every node
+    its compute resource's name as a Slurm feature (cookbook config_renderer.py: Feature=dynamic,...,<name>), so the
+    agent can constrain a requeued job to its family (agent.cpu_families). Static nodes (min_count) go to the
+    first family; max_count applies to each family."""
+    families: Dict[str, List[str]] = {}
+    for itype in queue["instance_types"]:
+        families.setdefault(cpu_family(itype), []).append(itype)
+    return [{"name": name, "instance_types": types, "min_count": queue["min_count"] if i == 0 else 0,
+             "max_count": queue["max_count"]} for i, (name, types) in enumerate(families.items())]
+
+
 def _s3_buckets(site: Dict[str, Any]) -> List[Dict[str, str]]:
     """Read access the nodes need: the bundle prefix, and the CRIU tarball's bucket when it is an s3:// URL."""
     access = [{"bucket": site["bundle"]["bucket"], "key": site["bundle"]["prefix"] + "/*"}]
@@ -124,7 +142,7 @@ def _context(site: Dict[str, Any], site_name: str) -> Dict[str, Any]:
         "script_uri": f"{bundle_uri(site)}/{SCRIPT_NAME}",
         "s3_access": _s3_buckets(site),
         "slurm_settings": {**REQUIRED_SLURM_SETTINGS, **site["slurm"]["settings"]},
-        "compute_resource": COMPUTE_RESOURCE_NAME,
+        "compute_resources": {q["name"]: compute_resources(q) for q in site["queues"]},
         # The head node builds CRIU for the cluster only when some queue checkpoints.
         "any_checkpointing": any(q["checkpoint"]["enabled"] for q in site["queues"]),
         "criu_source": criu_source_in_bundle(site),
