@@ -135,7 +135,8 @@ class NoticeHandler:
                 pending[job_id] -= 1
                 if pending[job_id] == 0:
                     # constrained to this CPU only when every step's newest checkpoint was taken here
-                    self.requeuer.requeue(job_id, reason="spot-interruption", constrain=all_final[job_id])
+                    family = self.requeuer.node_family() if all_final[job_id] else None
+                    self.requeuer.requeue(job_id, reason="spot-interruption", family=family)
 
     def on_spot(self, notice: SpotNotice) -> None:
         deadline = notice.time.astimezone(timezone.utc) - _seconds(self.settings.deadline_margin)

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from . import control, launcher
 from .engine import CheckpointResult, Engine, JobState, RestoreResult
-from .errors import CkptError
+from .errors import CkptError, IncompatibleCpuError
 
 PIPE_ORDER = ("stdout", "stderr", "status")
 
@@ -46,6 +46,8 @@ class AgentBackend:
     def _call(self, payload: Dict[str, Any], fds=()) -> Dict[str, Any]:
         reply = control.request(self.socket_path, payload, fds=fds)
         if not reply.get("ok"):
+            if reply.get("kind") == IncompatibleCpuError.kind:
+                raise IncompatibleCpuError(f"node agent: {reply.get('error')}")
             err = CkptError(f"node agent: {reply.get('error', 'request failed')}")
             err.exit_code = int(reply.get("exit_code", 70))
             raise err

@@ -84,6 +84,8 @@ class ControlServer:
                 response = self.handler(request, creds, fds)
             except CkptError as e:
                 response = {"ok": False, "error": str(e), "exit_code": e.exit_code}
+                if getattr(e, "kind", ""):
+                    response["kind"] = e.kind
             except Exception as e:  # keep serving; report the failure to the caller
                 log.exception("control request failed")
                 response = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit_code": 70}

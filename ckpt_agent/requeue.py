@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .errors import CkptError
 from .slurm import JobNotFound
@@ -102,6 +102,7 @@ class Requeuer:
         self.clock = clock
         self.sleep = sleep
         self._family: Optional[str] = None
+        self.last_features: Optional[str] = None
         self.threads: List[threading.Thread] = []
 
     def forget(self, job_id: str) -> None:
@@ -122,8 +123,9 @@ class Requeuer:
                           self.node, ", ".join(self.cpu_families))
         return self._family
 
-    def requeue(self, job_id: str, *, reason: str, constrain: bool) -> bool:
-        """Steps 1-4 of the module's plan; True when Slurm took the job back."""
+    def requeue(self, job_id: str, *, reason: str, family: Optional[str]) -> bool:
+        """Steps 1-4 of the module's plan, constrained to `family` (a cpu_families entry) unless None; True when
+        Slurm took the job back."""
         try:
             self.slurm.requeue(job_id)
         except CkptError as e:
@@ -133,7 +135,6 @@ class Requeuer:
             return False
         requeued_at = self.clock()
         self._mark(job_id, ok=True)
-        family = self.node_family() if constrain else None
         features = None
         if family:
             try:
@@ -144,11 +145,28 @@ class Requeuer:
                 log.error("cannot constrain job %s to CPU family %s: %s", job_id, family, e)
                 features = None
         self.emit(job_id, "requeued", reason=reason, features=features or "")
+        self.last_features = features
         t = threading.Thread(target=self.expedite, args=(job_id, requeued_at), name=f"expedite-{job_id}",
                              daemon=True)
         t.start()
         self.threads.append(t)
         return True
+
+    def requeue_to_checkpoint_family(self, job_id: str, checkpoint_node: str) -> Dict[str, Any]:
+        """A wrapper's restore was refused on this node's CPU: requeue its job to the family of the node its
+        checkpoint was taken on. The wrapper cannot do it itself: a job's constraint can change only once the job
+        is pending, and by then Slurm has ended the batch script and every process of the job. Raises CkptError
+        when that family cannot be told (the job must then fail loudly rather than start from zero)."""
+        if not self.cpu_families:
+            raise CkptError("no CPU families configured (agent.cpu_families): no node known to restore it")
+        family = family_constraint(self.slurm.node_features(checkpoint_node), self.cpu_families)
+        if family is None:
+            raise CkptError(f"node {checkpoint_node}, where the checkpoint was taken, has none of the CPU-family "
+                            f"features {', '.join(self.cpu_families)}")
+        self.forget(job_id)
+        if not self.requeue(job_id, reason="incompatible-cpu", family=family):
+            raise CkptError(f"requeue of job {job_id} failed")
+        return {"features": self.last_features or "", "family": family, "checkpoint_node": checkpoint_node}
 
     def expedite(self, job_id: str, requeued_at: float) -> None:
         """Once the old batch step is gone, let the job start at once instead of after cred_expire + 1 s."""

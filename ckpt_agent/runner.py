@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 from . import control
 from .engine import JobState
-from .errors import EXIT_FINAL, CkptError, NotFoundError
+from .errors import EXIT_FINAL, CkptError, IncompatibleCpuError, NotFoundError
 from .events import emit, load_instance, node_name
 from .requeue import read_marker
 from .store import CheckpointStore, iso, utcnow, write_atomic
@@ -122,6 +122,7 @@ class RunOptions:
     interval: float
     runtime_dir: str
     cwd: str = field(default_factory=os.getcwd)
+    agent_socket: str = ""  # the node agent, which requeues a job whose restore this CPU refused
 
 
 class Runner:
@@ -155,7 +156,12 @@ class Runner:
         err_r, err_w = os.pipe()
         st_r, st_w = os.pipe()
         pipes = {"stdout": out_w, "stderr": err_w, "status": st_w}
-        init_pid = self._start(pipes)
+        try:
+            init_pid = self._start(pipes)
+        except IncompatibleCpuError as e:
+            for fd in (out_r, out_w, err_r, err_w, st_r, st_w):
+                os.close(fd)
+            return self._requeue_to_compatible_cpu(e)
         for fd in (out_w, err_w, st_w):
             os.close(fd)
         self.job = JobState(
@@ -256,13 +262,41 @@ class Runner:
         self.store.sweep_chunks(o.job_id)
         return status
 
-    def _wait_for_requeue(self) -> None:
+    def _requeue_to_compatible_cpu(self, refused: IncompatibleCpuError) -> int:
+        """CRIU refused the restore on this CPU: never start from zero, never fail. The node agent requeues the
+        job to nodes of its checkpoint's CPU family (requeue.py); we wait for that as after a final checkpoint and
+        exit 75. When the agent cannot, the refusal stands (exit 69) with its reason."""
+        o = self.opts
+        print(f"ckpt: this node ({self.node}) cannot restore job {o.job_id} step {o.step}: {refused}; asking the "
+              "node agent to requeue the job to nodes of its checkpoint's CPU family", file=sys.stderr, flush=True)
+        ended = self._ignore_job_signals()  # the requeue ends the batch script: we still report what happened
+        try:
+            reply = control.request(o.agent_socket, {"op": "requeue", "job_id": o.job_id, "step": o.step})
+        except CkptError as e:
+            raise IncompatibleCpuError(f"{refused}; the node agent could not be asked to requeue job {o.job_id} "
+                                       f"to a compatible node: {e}") from e
+        if not reply.get("ok"):
+            raise IncompatibleCpuError(f"{refused}; job {o.job_id} could not be requeued to a compatible node: "
+                                       f"{reply.get('error')}")
+        print(f"ckpt: checkpoint {reply['generation']} of job {o.job_id} step {o.step} was taken on "
+              f"{reply['checkpoint_node']}, whose CPU this node ({self.node}) lacks; job requeued to nodes with "
+              f"features {reply['features']}", file=sys.stderr, flush=True)
+        self._wait_for_requeue(ended)
+        return EXIT_FINAL
+
+    @staticmethod
+    def _ignore_job_signals() -> threading.Event:
+        """The tool is gone: nothing to forward. Slurm's SIGTERM now means "requeued"; the event records it."""
+        ended = threading.Event()
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, lambda *_: ended.set())
+        return ended
+
+    def _wait_for_requeue(self, ended: Optional[threading.Event] = None) -> None:
         """Exit only once the agent has requeued the job (its marker), or Slurm ends us for that requeue: were the
         batch script to end first, Slurm would record the job FAILED (mail, `afterok` dependents, accounting)."""
         job_id = self.opts.job_id
-        ended = threading.Event()
-        for s in FORWARDED_SIGNALS:  # the tool is gone: nothing to forward; Slurm's SIGTERM means "requeued"
-            signal.signal(s, lambda *_: ended.set())
+        ended = ended or self._ignore_job_signals()
         deadline = time.monotonic() + REQUEUE_WAIT_SECONDS
         while not ended.is_set():
             marker = read_marker(self.opts.runtime_dir, job_id)

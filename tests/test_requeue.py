@@ -4,7 +4,11 @@
   `scontrol requeue`; an `afterok` dependent job runs once, after the moved job completed;
 - a requeued job starts again long before Slurm's own requeue hold (cred_expire + 1 s) would have let it;
 - a requeued job lands only on a node of its CPU family (node features stand for CPU families here: node1 and
-  node3 are "cpu-a", node2, which the scheduler would prefer, is "cpu-b").
+  node3 are "cpu-a", node2, which the scheduler would prefer, is "cpu-b");
+- a job that lands on a CPU that cannot restore it anyway (requeued by Slurm itself, without a constraint) is
+  requeued to its family (its wrapper asks the node agent), and resumes there: it neither fails nor starts from
+  zero. node2's "CPU"
+  refusing is CRIU's own `cpuinfo check` failing there (its criu is a wrapper that fails that one command).
 """
 
 from __future__ import annotations
@@ -80,12 +84,28 @@ def rq(request):
         f'if [ "${{1:-}}" = requeue ]; then sleep {REQUEUE_DELAY_SECONDS}; fi\n'
         f'exec {real} "$@"\n')
     (slow / "scontrol").chmod(0o755)
+    real_criu = shutil.which("criu", path="/usr/local/sbin:/usr/sbin:/usr/bin")
+    other_cpu = Path(workdir) / "other-cpu"  # node2's CRIU: its CPU check fails, as on another CPU family
+    other_cpu.mkdir()
+    (other_cpu / "criu").write_text(
+        "#!/bin/bash\nset -euo pipefail\n"
+        'if [ "${1:-}" = cpuinfo ] && [ "${2:-}" = check ]; then\n'
+        '  echo "Error (criu/cpuinfo.c:1): cpu: stand-in for a CPU of another family" > "$4/$6"; exit 1\n'
+        "fi\n"
+        f'exec {real_criu} "$@"\n')
+    (other_cpu / "criu").chmod(0o755)
     cluster = LocalCluster(workdir, nodes=tuple(NODE_FEATURES), cpus_per_node=4, cred_expire=None,
                            node_features=NODE_FEATURES, accounting=not accounting.missing_binaries())
     agents = None
     try:
         cluster.start()
         bin_dir = shared_venv.refresh()
+        for node in NODE_FEATURES:  # what the jobs' wrappers read (agent.yaml on a real node)
+            config = Path(workdir) / "etc" / f"ckpt-{node}.yaml"
+            criu = other_cpu / "criu" if node == "node2" else real_criu
+            config.write_text(json.dumps({"criu": str(criu)}))
+            config.chmod(0o644)
+            cluster.set_node_env(node, {"CKPT_CONFIG": str(config)})
         agents = NodeAgents(cluster, bin_dir, extra_config={"agent": {"cpu_families": FAMILIES}},
                             extra_env={"PATH": f"{slow}:{os.environ.get('PATH', '/usr/bin:/bin')}"}).start()
         yield cluster, agents
@@ -193,3 +213,50 @@ def test_moved_jobs_never_fail_restart_at_once_and_keep_their_cpu_family(rq, tmp
         assert _sacct_states(cluster, dependent) == ["COMPLETED"]
     agents.imds["node1"].clear()
     cluster.slurm().resume_node("node1")
+
+
+@pytest.mark.slurm
+@pytest.mark.criu
+def test_a_restore_refused_on_the_wrong_cpu_requeues_to_the_right_family(rq):
+    cluster, agents = rq
+    slurm = cluster.slurm()
+    for node in NODE_FEATURES:  # after the previous test: every node idle and responding
+        wait_for(lambda n=node: slurm.node_state(n) == "IDLE", 60, f"{node} to be IDLE")
+    work = Path(cluster.workdir) / "home" / "root" / "wrong-cpu"
+    work.mkdir(parents=True)
+    script = _script(agents.bin_dir, work, 120).replace("--interval 3600", "--interval 2")
+    job = cluster.sbatch(script, cwd=str(work))
+    assert cluster.wait_job(job, "RUNNING", timeout=60).nodes == "node1"
+    wait_for(lambda: [g for g in (Path(cluster.store) / job / "main").glob("gen-*") if "partial" not in g.name], 60,
+             "a committed periodic checkpoint")
+    # node1 is lost without a notice: Slurm requeues the job itself, with no constraint
+    slurm.drain_node("node1", "lost")
+    slurm.requeue(job)
+
+    def start_when_held(expected_features: str) -> None:
+        """Stand in for Slurm's requeue hold (cred_expire + 1 s): nobody expedites a requeue the agent did not do."""
+        info = wait_for(lambda: (i := cluster.job_info(job)).state == "PENDING" and i.reason == "BeginTime" and i,
+                        60, f"job {job} to be pending after its requeue")
+        assert info.raw.get("Features") == expected_features, info.raw.get("Features")
+        slurm.start_now(job)
+
+    start_when_held("(null)")
+    # node2 (cpu-b, the scheduler's first choice) refuses the restore; its agent sends the job to cpu-a at once
+    done = cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=SLURM_DEFAULT_REQUEUE_HOLD_SECONDS - 20)
+    err = (work / "job.err").read_text()
+    assert done.state == "COMPLETED" and done.nodes == "node3", (done, err)
+    assert done.restart_count == 2
+    assert "ckpt: this node (node2) cannot restore job" in err and "CPU lacks features" in err, err
+    assert "ckpt: started job" in err and err.count("ckpt: started job") == 1, "never restarted from zero"
+    assert f"ckpt: resumed job {job} step main from checkpoint" in err
+    assert (work / "log.txt").read_text().splitlines() == [f"step {i}" for i in range(120)]
+    events = _events(cluster, job)
+    moved = next(e for e in events if e["event"] == "requeued")
+    assert (moved["reason"], moved["node"], moved["features"]) == ("incompatible-cpu", "node2", "cpu-a")
+    assert "requeue_expedited" in [e["event"] for e in events]
+    assert next(e for e in events if e["event"] == "restored")["node"] == "node3"
+    assert "FAILED" not in _jobcomp_states(cluster, job)
+    if cluster.accounting:
+        states = wait_for(lambda: (s := _sacct_states(cluster, job)) and "COMPLETED" in s and s, 60, "accounting")
+        assert "FAILED" not in states, states
+    slurm.resume_node("node1")

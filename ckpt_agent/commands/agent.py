@@ -70,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     agent_holder["agent"] = agent
     server = None
     if store is not None:
-        service = PrivilegedService(make_engine(cfg, store), owner_of=lambda job: slurm.job_info(job).uid, node=node)
+        service = PrivilegedService(make_engine(cfg, store), owner_of=lambda job: slurm.job_info(job).uid, node=node,
+                                    requeuer=handler.requeuer)
         server = control.ControlServer(cfg.socket_path, service.handle, mode=0o666).start()
     else:
         log.warning("no checkpoint store configured: ordinary users' jobs cannot be checkpointed on this node")

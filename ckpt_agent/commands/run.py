@@ -39,5 +39,5 @@ def main(args: argparse.Namespace) -> int:
     store = open_store(cfg, args)
     backend = choose_backend(lambda: make_engine(cfg, store), cfg.socket_path)
     opts = RunOptions(job_id=job_id, step=args.name, argv=cmd, interval=interval, runtime_dir=cfg.runtime_dir,
-                      cwd=os.getcwd())
+                      cwd=os.getcwd(), agent_socket=cfg.socket_path)
     return Runner(opts, store, backend).run()
