@@ -28,7 +28,7 @@ import jinja2
 import yaml
 
 from .errors import ConfigError
-from .site import REQUIRED_SLURM_SETTINGS
+from .site import REQUIRED_SLURM_SETTINGS, cpu_family
 
 # Where things live on the nodes; the bootstrap script reads these from node.env, never hard-codes them twice.
 NODE_VENV = "/opt/ckpt-agent/venv"
@@ -99,13 +99,6 @@ def criu_source_in_bundle(site: Dict[str, Any]) -> str:
     if not source or "://" in source:
         return source
     return f"bundle:criu/{os.path.basename(source)}"
-
-
-def cpu_family(instance_type: str) -> str:
-    """The instance family ("r6i" for r6i.4xlarge): all sizes of a family run on one processor model, so a
-    checkpoint taken on one restores on any (CRIU's --cpu-cap=fpu,ins check passes); across families (Intel r6i,
-    AMD r6a, older Intel r5) it may not."""
-    return instance_type.split(".", 1)[0]
 
 
 def compute_resources(queue: Dict[str, Any]) -> List[Dict[str, Any]]:
