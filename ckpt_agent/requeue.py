@@ -11,10 +11,16 @@ Plan for one job:
      (`Features=`), so it is restored only where CRIU's CPU check (`--cpu-cap=fpu,ins`) passes;
   4. in the background, once the old batch step is gone: `StartTime=now` (see `expedite`).
 
-Why not `RequeueExit=75` in slurm.conf: slurmctld would requeue any batch script of the cluster that exits 75
-(EX_TEMPFAIL, which tools use for their own temporary failures), also after a `ckpt checkpoint --final` a user
-meant as "stop here"; and a script that runs `ckpt run ... || true` would never be requeued. The agent knows which
-jobs it moved, so it requeues exactly those.
+A restore that CRIU still refuses on a node's CPU (a job Slurm requeued by itself, without our constraint) comes
+back here through the agent's socket: `requeue_to_checkpoint_family` requeues the job to the family of the node its
+checkpoint was taken on (the wrapper cannot: a constraint changes only on a pending job, and by then Slurm has ended
+every process of the job).
+
+Why not `RequeueExit=75` in slurm.conf (ParallelCluster allows it in CustomSlurmSettings): slurmctld would put
+back PENDING any batch job of the cluster whose script exits 75 (`_set_job_requeue_exit_value()` in job_mgr.c;
+`RequeueExitHold` would hold it instead; `--no-requeue` overrides both), EX_TEMPFAIL which tools use for their own
+temporary failures, also after a `ckpt checkpoint --final` a user meant as "stop here"; and a script that runs
+`ckpt run ... || true` would never be requeued. The agent knows which jobs it moved, so it requeues exactly those.
 
 Why `StartTime=now` (and not a short `AuthInfo=cred_expire`): slurmctld makes a requeued batch job wait
 cred_expire + 1 s (default 121 s; `batch_requeue_fini()` in job_mgr.c) so that a new launch credential is newer
@@ -25,8 +31,9 @@ step is gone (the job is PENDING without COMPLETING, which is when slurmctld ran
 REVOKE_MARGIN_SECONDS after the requeue, and the old node is drained, so the job starts elsewhere with a fresh
 credential. `cred_expire` stays as it is: it is also the window in which slurmd remembers credentials to refuse
 replays, and it bounds how long a launch may take (a prolog longer than it fails), so it is not ours to shorten
-cluster-wide. Slurm 25.11's `SchedulerParameters=requeue_delay=` would do the same, but ParallelCluster writes
-SchedulerParameters itself, and a CustomSlurmSettings line would replace its value.
+cluster-wide. Slurm 25.11's `SchedulerParameters=requeue_delay=` sets that wait apart from cred_expire, but
+ParallelCluster writes SchedulerParameters itself (nohold_on_prolog_fail): a CustomSlurmSettings line would have to
+repeat its value and follow its changes, and would shorten the wait also for jobs the agent did not move.
 """
 
 from __future__ import annotations
@@ -149,7 +156,7 @@ class Requeuer:
         t = threading.Thread(target=self.expedite, args=(job_id, requeued_at), name=f"expedite-{job_id}",
                              daemon=True)
         t.start()
-        self.threads.append(t)
+        self.threads = [x for x in self.threads if x.is_alive()] + [t]
         return True
 
     def requeue_to_checkpoint_family(self, job_id: str, checkpoint_node: str) -> Dict[str, Any]:
