@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 from ckpt_helpers import DATA, require_criu, wait_for
 
-from ckpt_agent.requeue import combine_features, family_constraint
+from ckpt_agent.errors import SlurmError
+from ckpt_agent.requeue import REVOKE_MARGIN_SECONDS, Requeuer, combine_features, family_constraint, read_marker
+from ckpt_agent.slurm import JobInfo
 
 REQUEUE_DELAY_SECONDS = 4  # each `scontrol requeue` of the agents takes this long (a slow controller)
 SLURM_DEFAULT_REQUEUE_HOLD_SECONDS = 121  # cred_expire (120 s) + 1: batch_requeue_fini() in job_mgr.c
@@ -51,6 +53,85 @@ def test_family_of_a_node(features, expected):
 ], ids=["none", "user-constraint", "replaces-ours", "alternatives"])
 def test_constraint_keeps_the_users_own(current, family, expected):
     assert combine_features(current, family, FAMILIES + ["a.x|a.y"]) == expected
+
+
+class FakeSlurm:
+    """Job states in order, one per `scontrol show job`; records the updates."""
+
+    def __init__(self, states, fail_requeue=False):
+        self.states = list(states)
+        self.calls = []
+        self.fail_requeue = fail_requeue
+
+    def requeue(self, job_id):
+        self.calls.append(("requeue", job_id))
+        if self.fail_requeue:
+            raise SlurmError("scontrol requeue 7: Requested operation is presently disabled (exit 1)")
+
+    def job_info(self, job_id):
+        state, reason = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        return JobInfo(job_id=job_id, state=state, user="u", uid=1, gid=1, nodes="", restart_count=1,
+                       submit_time=None, start_time=None, end_time=None, requeue=True, exit_code="0:0",
+                       reason=reason, raw={"JobState": state, "Features": "(null)"})
+
+    def set_job_features(self, job_id, features):
+        self.calls.append(("features", job_id, features))
+
+    def start_now(self, job_id):
+        self.calls.append(("start_now", job_id))
+
+    def node_features(self, node):
+        return ["cpu-a"]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.t += seconds
+
+
+def _requeuer(tmp_path, slurm, events):
+    clock = Clock()
+    return Requeuer("node1", str(tmp_path), slurm, FAMILIES, emit=lambda job, event, **f: events.append(event),
+                    clock=clock, sleep=clock.sleep)
+
+
+@pytest.mark.parametrize("states,expected", [
+    ([("COMPLETING", "None"), ("REQUEUED", "None"), ("PENDING", "BeginTime")], "start_now"),
+    ([("PENDING", "JobHeldUser")], None),  # held by someone: not ours to release
+    ([("RUNNING", "None")], None),  # already started again
+    ([("COMPLETING", "None")], None),  # the old step never goes: Slurm's own delay applies
+], ids=["after-the-old-step", "held", "started", "stuck"])
+def test_expedite_only_a_job_waiting_for_its_requeue_delay(tmp_path, states, expected):
+    slurm, events = FakeSlurm(states), []
+    r = _requeuer(tmp_path, slurm, events)
+    r.expedite("7", requeued_at=0.0)
+    assert [c[0] for c in slurm.calls] == ([expected] if expected else [])
+    if expected:
+        assert r.clock() >= REVOKE_MARGIN_SECONDS  # never within the old credential's revocation second
+
+
+def test_requeue_marks_constrains_and_reports(tmp_path):
+    slurm, events = FakeSlurm([("PENDING", "Priority")]), []
+    r = _requeuer(tmp_path, slurm, events)
+    assert r.requeue("7", reason="spot-interruption", family=r.node_family())
+    assert read_marker(str(tmp_path), "7")["ok"] is True
+    assert slurm.calls[:2] == [("requeue", "7"), ("features", "7", "cpu-a")]
+    assert events == ["requeued"]
+
+
+def test_a_failed_requeue_releases_the_waiting_wrapper(tmp_path):
+    slurm, events = FakeSlurm([("RUNNING", "None")], fail_requeue=True), []
+    r = _requeuer(tmp_path, slurm, events)
+    assert not r.requeue("7", reason="spot-interruption", family="cpu-a")
+    marker = read_marker(str(tmp_path), "7")
+    assert marker["ok"] is False and "presently disabled" in marker["error"]
+    assert events == ["requeue_failed"] and slurm.calls == [("requeue", "7")]
 
 
 # ---- on a real cluster -----------------------------------------------------------------------------------------
