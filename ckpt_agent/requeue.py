@@ -170,6 +170,9 @@ class Requeuer:
         if family is None:
             raise CkptError(f"node {checkpoint_node}, where the checkpoint was taken, has none of the CPU-family "
                             f"features {', '.join(self.cpu_families)}")
+        if family == self.node_family():  # sending it back to this family would bring it back here, again and again
+            raise CkptError(f"this node ({self.node}) is of the checkpoint's CPU family {family}, yet CRIU refused: "
+                            "agent.cpu_families groups CPUs that differ")
         self.forget(job_id)
         if not self.requeue(job_id, reason="incompatible-cpu", family=family):
             raise CkptError(f"requeue of job {job_id} failed")

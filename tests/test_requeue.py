@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from ckpt_helpers import DATA, require_criu, wait_for
 
-from ckpt_agent.errors import SlurmError
+from ckpt_agent.errors import CkptError, SlurmError
 from ckpt_agent.requeue import REVOKE_MARGIN_SECONDS, Requeuer, combine_features, family_constraint, read_marker
 from ckpt_agent.slurm import JobInfo
 
@@ -132,6 +132,14 @@ def test_a_failed_requeue_releases_the_waiting_wrapper(tmp_path):
     marker = read_marker(str(tmp_path), "7")
     assert marker["ok"] is False and "presently disabled" in marker["error"]
     assert events == ["requeue_failed"] and slurm.calls == [("requeue", "7")]
+
+
+def test_a_refused_restore_is_not_sent_back_to_the_same_family(tmp_path):
+    slurm, events = FakeSlurm([("RUNNING", "None")]), []
+    r = _requeuer(tmp_path, slurm, events)  # node1 and the checkpoint's node are both cpu-a
+    with pytest.raises(CkptError, match="is of the checkpoint's CPU family cpu-a, yet CRIU refused"):
+        r.requeue_to_checkpoint_family("7", "node3")
+    assert slurm.calls == []
 
 
 # ---- on a real cluster -----------------------------------------------------------------------------------------
