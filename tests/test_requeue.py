@@ -189,14 +189,15 @@ def rq(request):
     try:
         cluster.start()
         bin_dir = shared_venv.refresh()
+        agents = NodeAgents(cluster, bin_dir, extra_config={"agent": {"cpu_families": FAMILIES}},
+                            extra_env={"PATH": f"{slow}:{os.environ.get('PATH', '/usr/bin:/bin')}"}).start()
         for node in NODE_FEATURES:  # what the jobs' wrappers read (agent.yaml on a real node)
             config = Path(workdir) / "etc" / f"ckpt-{node}.yaml"
             criu = other_cpu / "criu" if node == "node2" else real_criu
-            config.write_text(json.dumps({"criu": str(criu)}))
+            # the cluster's one signing key, as on a real cluster: the agents verify what root's wrappers sign
+            config.write_text(json.dumps({"criu": str(criu), "agent": {"key_file": agents.key}}))
             config.chmod(0o644)
             cluster.set_node_env(node, {"CKPT_CONFIG": str(config)})
-        agents = NodeAgents(cluster, bin_dir, extra_config={"agent": {"cpu_families": FAMILIES}},
-                            extra_env={"PATH": f"{slow}:{os.environ.get('PATH', '/usr/bin:/bin')}"}).start()
         yield cluster, agents
     finally:
         if agents is not None:
