@@ -44,6 +44,9 @@ class AgentSettings:
     imds_endpoint: str = DEFAULT_IMDS_ENDPOINT
     socket: str = ""  # the agent's Unix socket; default <runtime_dir>/agent.sock
     key_file: str = "/etc/ckpt-agent/node.key"  # HMAC key for manifests, readable by root only
+    # Slurm node features that stand for one CPU family each ("r6i.4xlarge|r6i.8xlarge"): a job requeued after a
+    # final checkpoint here is constrained to this node's family, where CRIU's CPU check passes. Empty: no constraint.
+    cpu_families: list = field(default_factory=list)
 
 
 @dataclass

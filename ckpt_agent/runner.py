@@ -23,13 +23,15 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from . import control
 from .engine import JobState
-from .errors import EXIT_FINAL, CkptError, NotFoundError, PermissionDenied
+from .errors import EXIT_FINAL, CkptError, IncompatibleCpuError, NotFoundError, PermissionDenied
 from .events import emit, load_instance, node_name
+from .requeue import read_marker
 from .store import CheckpointStore, iso, utcnow, write_atomic
 from .usercreds import owner_of_path
 
@@ -46,6 +48,11 @@ def enclosing_step(job_id: str, environ=None) -> Optional[str]:
     value = (os.environ if environ is None else environ).get(NESTED_ENV, "")
     job, _, step = value.rpartition("/")
     return step if job == job_id and step else None
+# After a final checkpoint the node agent asked for, the wrapper waits for the agent's requeue before it exits 75
+# (requeue.py). The agent's requeue is one scontrol call (20 s timeout in slurm.py); 60 s covers a slow controller,
+# and the instance is gone 120 s after the notice anyway.
+REQUEUE_WAIT_SECONDS = 60
+REQUEUE_POLL_SECONDS = 0.1
 
 
 def registration_dir(runtime_dir: str) -> str:
@@ -156,6 +163,7 @@ class RunOptions:
     runtime_dir: str
     cwd: str = field(default_factory=os.getcwd)
     mode: str = "explicit"  # one of MODES
+    agent_socket: str = ""  # the node agent, which requeues a job whose restore this CPU refused
 
 
 class Runner:
@@ -169,6 +177,7 @@ class Runner:
         self._ckpt_lock = threading.Lock()
         self._stop = threading.Event()
         self._stopped_by_final = False
+        self._await_requeue = False  # the final checkpoint came from the agent, which requeues the job next
         self._relays: List[Relay] = []
         self._server: Optional[control.ControlServer] = None
         self._reg_path = ""
@@ -188,7 +197,12 @@ class Runner:
         err_r, err_w = os.pipe()
         st_r, st_w = os.pipe()
         pipes = {"stdout": out_w, "stderr": err_w, "status": st_w}
-        init_pid = self._start(pipes)
+        try:
+            init_pid = self._start(pipes)
+        except IncompatibleCpuError as e:
+            for fd in (out_r, out_w, err_r, err_w, st_r, st_w):
+                os.close(fd)
+            return self._requeue_to_compatible_cpu(e)
         for fd in (out_w, err_w, st_w):
             os.close(fd)
         self.job = JobState(
@@ -284,6 +298,8 @@ class Runner:
         if stopped_by_final:
             emit(self.store, o.job_id, "segment_ended", node=self.node, instance=self.instance, step=o.step,
                  how="interrupted", generation=self.last_checkpoint)
+            if self._await_requeue:
+                self._wait_for_requeue()
             return EXIT_FINAL
         status = 137 if code is None else code
         self.store.record_result(o.job_id, o.step, status)
@@ -293,6 +309,55 @@ class Runner:
         self.store.prune(o.job_id, o.step, 0)
         self.store.sweep_chunks(o.job_id)
         return status
+
+    def _requeue_to_compatible_cpu(self, refused: IncompatibleCpuError) -> int:
+        """CRIU refused the restore on this CPU: never start from zero, never fail. The node agent requeues the
+        job to nodes of its checkpoint's CPU family (requeue.py); we wait for that as after a final checkpoint and
+        exit 75. When the agent cannot, the refusal stands (exit 69) with its reason."""
+        o = self.opts
+        print(f"ckpt: this node ({self.node}) cannot restore job {o.job_id} step {o.step}: {refused}; asking the "
+              "node agent to requeue the job to nodes of its checkpoint's CPU family", file=sys.stderr, flush=True)
+        ended = self._ignore_job_signals()  # the requeue ends the batch script: we still report what happened
+        try:
+            reply = control.request(o.agent_socket, {"op": "requeue", "job_id": o.job_id, "step": o.step})
+        except CkptError as e:
+            raise IncompatibleCpuError(f"{refused}; the node agent could not be asked to requeue job {o.job_id} "
+                                       f"to a compatible node: {e}") from e
+        if not reply.get("ok"):
+            raise IncompatibleCpuError(f"{refused}; job {o.job_id} could not be requeued to a compatible node: "
+                                       f"{reply.get('error')}")
+        print(f"ckpt: checkpoint {reply['generation']} of job {o.job_id} step {o.step} was taken on "
+              f"{reply['checkpoint_node']}, whose CPU this node ({self.node}) lacks; job requeued to nodes with "
+              f"features {reply['features']}", file=sys.stderr, flush=True)
+        self._wait_for_requeue(ended)
+        return EXIT_FINAL
+
+    @staticmethod
+    def _ignore_job_signals() -> threading.Event:
+        """The tool is gone: nothing to forward. Slurm's SIGTERM now means "requeued"; the event records it."""
+        ended = threading.Event()
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, lambda *_: ended.set())
+        return ended
+
+    def _wait_for_requeue(self, ended: Optional[threading.Event] = None) -> None:
+        """Exit only once the agent has requeued the job (its marker), or Slurm ends us for that requeue: were the
+        batch script to end first, Slurm would record the job FAILED (mail, `afterok` dependents, accounting)."""
+        job_id = self.opts.job_id
+        ended = ended or self._ignore_job_signals()
+        deadline = time.monotonic() + REQUEUE_WAIT_SECONDS
+        while not ended.is_set():
+            marker = read_marker(self.opts.runtime_dir, job_id)
+            if marker is not None:
+                if not marker.get("ok"):
+                    print(f"ckpt: the node agent could not requeue job {job_id}: {marker.get('error', '?')}",
+                          file=sys.stderr, flush=True)
+                return
+            if time.monotonic() > deadline:
+                print(f"ckpt: job {job_id} was not requeued within {REQUEUE_WAIT_SECONDS} s of its final checkpoint",
+                      file=sys.stderr, flush=True)
+                return
+            ended.wait(REQUEUE_POLL_SECONDS)
 
     # --- signals, registration, control -------------------------------------------------------------------------
     def _install_signal_forwarding(self, init_pid: int) -> None:
@@ -339,6 +404,8 @@ class Runner:
             return {"ok": True, "job_id": self.opts.job_id, "step": self.opts.step, "init_pid": self.job.init_pid,
                     "last_checkpoint": self.last_checkpoint}
         if op == "checkpoint":
+            if req.get("final") and req.get("await_requeue") and uid == 0:
+                self._await_requeue = True  # only root (the agent) requeues; set before the tool can end
             res = self.checkpoint(final=bool(req.get("final")), reason=str(req.get("reason") or "manual"),
                                   timeout=req.get("timeout"))
             return {"ok": True, **res}

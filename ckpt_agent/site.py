@@ -46,6 +46,14 @@ FSX_DEPLOYMENT_TYPES = ("SCRATCH_1", "SCRATCH_2", "PERSISTENT_1", "PERSISTENT_2"
 FSX_THROUGHPUTS = {"PERSISTENT_1": (50, 100, 200), "PERSISTENT_2": (125, 250, 500, 1000)}
 MAX_QUEUES = 50  # ParallelCluster's MAX_NUMBER_OF_QUEUES
 QUEUE_NAME_MAX = 25  # ParallelCluster's NAME_MAX_LENGTH for queues and compute resources
+MAX_COMPUTE_RESOURCES = 50  # ParallelCluster's MAX_NUMBER_OF_COMPUTE_RESOURCES_PER_CLUSTER
+
+
+def cpu_family(instance_type: str) -> str:
+    """The instance family ("r6i" for r6i.4xlarge): all sizes of a family run on one processor model, so a
+    checkpoint taken on one restores on any (CRIU's --cpu-cap=fpu,ins check passes); across families (Intel r6i,
+    AMD r6a, older Intel r5) it may not. `ckpt render` makes one compute resource per family of a queue."""
+    return instance_type.split(".", 1)[0]
 
 # Slurm settings the product relies on, written into slurm.conf through CustomSlurmSettings:
 #   JobRequeue=1     a batch job interrupted by a reclaimed node goes back to the queue (and resumes from its
@@ -219,8 +227,13 @@ def _rule_site(d: Dict[str, Any], path: Path, ctx: Context) -> None:
                 ctx.error(("slurm", "settings", key), f"set by ckpt to {value} for transparent checkpointing (queue "
                                                       f"{transparent[0]}); remove this key")
     queue_types = set()
+    resources = 0
     for q in d.get("queues") or []:
         queue_types.update(q.get("instance_types") or [])
+        resources += len({cpu_family(t) for t in q.get("instance_types") or []})
+    if resources > MAX_COMPUTE_RESOURCES:
+        ctx.error(("queues",), f"{resources} compute resources (one per queue and instance family); ParallelCluster "
+                               f"allows at most {MAX_COMPUTE_RESOURCES}")
     for itype in d.get("prices") or {}:
         if queue_types and itype not in queue_types:
             ctx.error(("prices", itype), "not an instance type of any queue")

@@ -58,6 +58,7 @@ def test_every_agent_yaml_loads_with_the_agent_config_loader(tmp_path):
     assert spot.checkpoint.interval == 900 and spot.checkpoint.keep == 2
     assert spot.checkpoint.extra_paths == ["/scratch"]
     assert spot.agent.poll_interval == 2.0 and spot.agent.rebalance_action == "checkpoint"
+    assert spot.agent.cpu_families == ["r6i", "r6a", "r5"]
     assert spot.prices == {"r6i.4xlarge": {"spot": 0.41, "ondemand": 1.008},
                            "r6a.4xlarge": {"spot": 0.37, "ondemand": 0.9072}}
     xl = load_agent_config(str(tmp_path / "nodes/sim-spot-xl/agent.yaml"))
@@ -81,8 +82,11 @@ def test_cluster_yaml_content():
         assert q["CustomActions"] == {
             "OnNodeConfigured": {"Script": f"{uri}/on-node-configured.sh", "Args": ["compute", name, uri]}}
         assert q["Iam"]["S3Access"] == access
-    assert [i["InstanceType"] for i in queues["sim-spot"]["ComputeResources"][0]["Instances"]] == [
-        "r6i.4xlarge", "r6a.4xlarge", "r5.4xlarge"]
+    # one compute resource per CPU family: its name becomes the nodes' Slurm feature (agent.cpu_families)
+    crs = queues["sim-spot"]["ComputeResources"]
+    assert [(c["Name"], [i["InstanceType"] for i in c["Instances"]]) for c in crs] == [
+        ("r6i", ["r6i.4xlarge"]), ("r6a", ["r6a.4xlarge"]), ("r5", ["r5.4xlarge"])]
+    assert [(c["MinCount"], c["MaxCount"]) for c in crs] == [(0, 40)] * 3
     assert cfg["Scheduling"]["SlurmSettings"]["CustomSlurmSettings"] == [
         {"JobRequeue": 1}, {"JobFileAppend": 1}, {"JobSubmitPlugins": "lua"}, {"KillWait": 60}]
     fsx = cfg["SharedStorage"][0]

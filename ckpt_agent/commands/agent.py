@@ -54,7 +54,8 @@ def main(args: argparse.Namespace) -> int:
     server = None
     if store is not None:
         engine = make_engine(cfg, store)
-        service = PrivilegedService(engine, owner_of=lambda job: slurm.job_info(job).uid, node=node)
+        service = PrivilegedService(engine, owner_of=lambda job: slurm.job_info(job).uid, node=node,
+                                    requeuer=handler.requeuer)
         server = control.ControlServer(cfg.socket_path, service.handle, mode=0o666).start()
         if not engine.criu.can_dump_other_users():
             log.warning("root lacks CAP_SYS_RESOURCE here and %s lacks this project's patch 0001: CRIU cannot "

@@ -53,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
         store.signer = Signer.ensure(cfg.agent.key_file, cfg.source)
     backend = choose_backend(lambda: make_engine(cfg, store), cfg.socket_path)
     opts = RunOptions(job_id=job_id, step=args.name, argv=cmd, interval=interval, runtime_dir=cfg.runtime_dir,
-                      cwd=os.getcwd(), mode="transparent" if args.transparent else "explicit")
+                      cwd=os.getcwd(), mode="transparent" if args.transparent else "explicit",
+                      agent_socket=cfg.socket_path)
     return Runner(opts, store, backend).run()
 
 
