@@ -143,8 +143,9 @@ stop_root_processes() {
   done
 }
 
+# mounts_under DIR: DIR itself and every mount point below it.
 mounts_under() {
-  awk -v d="$1/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo
+  awk -v d="$1" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo
 }
 
 # remove_root WORKDIR: unmounts everything under WORKDIR/root (reverse order), then deletes WORKDIR. Refuses to
@@ -153,9 +154,14 @@ remove_root() {
   local work="$1" root="$1/root" m
   stop_root_processes "$root"
   local -a left=()
-  mapfile -t left < <(mounts_under "$root" | sort -r)
-  for m in "${left[@]}"; do
-    umount -R "$m" 2>/dev/null || umount -R -l "$m" 2>/dev/null || true
+  local _pass
+  # A mount point can be stacked (mounted twice): a few passes, deepest first.
+  for _pass in 1 2 3; do
+    mapfile -t left < <(mounts_under "$root" | sort -r)
+    [ "${#left[@]}" -gt 0 ] || break
+    for m in "${left[@]}"; do
+      umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    done
   done
   if [ -n "$(mounts_under "$root")" ]; then
     log "ERROR: still mounted under $root, not removing it: $(mounts_under "$root" | tr '\n' ' ')"
@@ -231,8 +237,9 @@ make_root() {
   WORK="$(realpath "$WORK")"
   ROOT="$WORK/root"
   # No mirror argument: mmdebstrap takes this machine's apt sources. The hooks fill the root's apt archives from the
-  # .deb cache and save what was downloaded, before mmdebstrap empties them.
+  # .deb cache and save what was downloaded; essential/unlink keeps the essential packages there until then.
   interruptible "$WORK/mmdebstrap.log" mmdebstrap --quiet --variant=apt --include=ca-certificates \
+    --skip=essential/unlink \
     --setup-hook="mkdir -p \"\$1/var/cache/apt/archives\"" \
     --setup-hook="sync-in $FRESH_ROOT_CACHE/archives /var/cache/apt/archives" \
     --customize-hook="sync-out /var/cache/apt/archives $FRESH_ROOT_CACHE/archives" \
@@ -270,7 +277,7 @@ copy_checkout() {
 }
 
 bind_mount() {
-  local src="$1" dst="$ROOT$2"
+  local src="$1" dst="$ROOT${2%/}"
   mkdir -p "$dst"
   mount --rbind "$src" "$dst"
   MOUNTS+=("$dst")
@@ -279,6 +286,9 @@ bind_mount() {
 }
 
 mount_all() {
+  # The root is a mount point of its own, as / is on a machine: CRIU reads mountinfo and, in a plain chroot, finds
+  # no parent for the mounts below it ("No parent found for mountpoint"), so `criu check` would fail.
+  bind_mount "$ROOT" /
   bind_mount /proc /proc
   bind_mount /sys /sys
   bind_mount /dev /dev
