@@ -25,6 +25,9 @@ CRIU_MIN_VERSION="${CRIU_MIN_VERSION:-4.2.1}"
 CRIU_PATCH_LINE="Patches: ckpt-agent-0001"
 FRESH_ROOT_CACHE="${FRESH_ROOT_CACHE:-/var/cache/ckpt-fresh-root}"
 FRESH_ROOT_WORKDIR="${FRESH_ROOT_WORKDIR:-/var/tmp}"
+# The root lives on a tmpfs of at most this size (it grows to about 1.5 GiB): dpkg's many fsyncs and the removal of
+# tens of thousands of files cost minutes on a loaded disk mounted with `discard`, nothing in memory. 0: on disk.
+FRESH_ROOT_TMPFS_SIZE="${FRESH_ROOT_TMPFS_SIZE:-6G}"
 # A safety net against a hung download or build, not a performance target: setup builds CRIU from source, which took
 # about 5-10 min on 2 loaded cores.
 SETUP_TIMEOUT_SECONDS="${SETUP_TIMEOUT_SECONDS:-2400}"
@@ -55,6 +58,7 @@ Prints timings per phase and a one-line verdict; exits non-zero on failure. Run 
 Environment:
   FRESH_ROOT_CACHE        .deb packages kept between runs, nothing else (default ${FRESH_ROOT_CACHE})
   FRESH_ROOT_WORKDIR      where the temporary root is built (default ${FRESH_ROOT_WORKDIR})
+  FRESH_ROOT_TMPFS_SIZE   size limit of the tmpfs holding the root, 0 to build it on disk (default ${FRESH_ROOT_TMPFS_SIZE})
   SETUP_TIMEOUT_SECONDS   safety limit for \`make setup\` in the root (default ${SETUP_TIMEOUT_SECONDS})
 EOF
 }
@@ -148,8 +152,8 @@ mounts_under() {
   awk -v d="$1" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo
 }
 
-# remove_root WORKDIR: unmounts everything under WORKDIR/root (reverse order), then deletes WORKDIR. Refuses to
-# delete while anything is still mounted there: a bound /dev must never be removed through the root.
+# remove_root WORKDIR: unmounts everything under WORKDIR (deepest first, the tmpfs last), then deletes WORKDIR.
+# Refuses to delete while anything is still mounted there: a bound /dev must never be removed through the root.
 remove_root() {
   local work="$1" root="$1/root" m
   stop_root_processes "$root"
@@ -157,40 +161,53 @@ remove_root() {
   local _pass
   # A mount point can be stacked (mounted twice): a few passes, deepest first.
   for _pass in 1 2 3; do
-    mapfile -t left < <(mounts_under "$root" | sort -r)
+    mapfile -t left < <(mounts_under "$work" | sort -r)
     [ "${#left[@]}" -gt 0 ] || break
     for m in "${left[@]}"; do
       umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
   done
-  if [ -n "$(mounts_under "$root")" ]; then
-    log "ERROR: still mounted under $root, not removing it: $(mounts_under "$root" | tr '\n' ' ')"
+  if [ -n "$(mounts_under "$work")" ]; then
+    log "ERROR: still mounted under $work, not removing it: $(mounts_under "$work" | tr '\n' ' ')"
     return 1
   fi
   rm -rf --one-file-system "$work"
 }
 
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
+# teardown: stops what runs in the root, unmounts our mounts newest first (each with whatever was mounted below it),
+# removes the root. Runs at the end of a good run and from the EXIT trap on every other path.
+teardown() {
   # A long command interrupted by a signal: TERM lets mmdebstrap undo its own mounts, `timeout` passes it on.
   if [ -n "$BG_PID" ]; then
     kill -s TERM "$BG_PID" 2>/dev/null || true
     wait "$BG_PID" 2>/dev/null || true
+    BG_PID=""
   fi
   if [ -n "$TAIL_PID" ]; then
     kill "$TAIL_PID" 2>/dev/null || true
+    TAIL_PID=""
   fi
-  if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-    local m i
-    stop_root_processes "$ROOT"
-    # Our own mounts, newest first, each with whatever was mounted below it; remove_root checks that none is left.
-    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
-      m="${MOUNTS[$i]}"
-      umount -R "$m" 2>/dev/null || umount -R -l "$m" 2>/dev/null || log "cannot unmount $m"
-    done
-    remove_root "$WORK" || rc=1
+  [ -n "$WORK" ] && [ -d "$WORK" ] || return 0
+  local m i
+  stop_root_processes "$ROOT"
+  for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
+    m="${MOUNTS[$i]}"
+    umount -R "$m" 2>/dev/null || umount -R -l "$m" 2>/dev/null || log "cannot unmount $m"
+  done
+  MOUNTS=()
+  remove_root "$WORK" || return 1
+  WORK=""
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT
+  # A second Ctrl-C must not leave a root with /dev bound inside it.
+  trap '' INT TERM
+  if [ -n "$WORK" ]; then
+    log "cleaning up: unmounting and removing $WORK"
   fi
+  teardown || rc=1
   exit "$rc"
 }
 
@@ -235,6 +252,10 @@ make_root() {
   WORK="$(mktemp -d "$FRESH_ROOT_WORKDIR/ckpt-fresh-root.XXXXXX")"
   # the canonical path: it is compared with /proc/PID/root to find processes running in the root
   WORK="$(realpath "$WORK")"
+  if [ "$FRESH_ROOT_TMPFS_SIZE" != 0 ]; then
+    mount -t tmpfs -o "size=$FRESH_ROOT_TMPFS_SIZE,mode=0755" ckpt-fresh-root "$WORK" \
+      || fail "cannot mount a tmpfs on $WORK"
+  fi
   ROOT="$WORK/root"
   # No mirror argument: mmdebstrap takes this machine's apt sources. The hooks fill the root's apt archives from the
   # .deb cache and save what was downloaded; essential/unlink keeps the essential packages there until then.
@@ -331,6 +352,10 @@ check_root() {
   log "criu check: $out"
 }
 
+teardown_or_fail() {
+  teardown || fail "cannot remove the root $WORK: something is still mounted there"
+}
+
 main() {
   case "${1:-}" in
     -h|--help) usage; exit 0 ;;
@@ -349,6 +374,7 @@ main() {
   phase install-make install_make
   phase make-setup run_setup
   phase checks check_root
+  phase teardown teardown_or_fail
   print_timings
   echo "fresh-root check: PASS in $(fmt_seconds $((SECONDS - START_SECONDS))): make setup in a clean Debian 12 root" \
     "gives ${CKPT_VERSION}, CRIU ${CRIU_VERSION_SEEN} with ${CRIU_PATCH_LINE}, criu check OK"
