@@ -31,6 +31,8 @@ FRESH_ROOT_TMPFS_SIZE="${FRESH_ROOT_TMPFS_SIZE:-6G}"
 # A safety net against a hung download or build, not a performance target: setup builds CRIU from source, which took
 # about 5-10 min on 2 loaded cores.
 SETUP_TIMEOUT_SECONDS="${SETUP_TIMEOUT_SECONDS:-2400}"
+# How long an interrupted mmdebstrap or setup gets to stop after SIGTERM before SIGKILL.
+STOP_GRACE_SECONDS=10
 # Where the checkout lands inside the root.
 SRC_IN_ROOT=/src/ckpt-agent
 ROOT_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -67,12 +69,23 @@ log() { printf '%s fresh-root: %s\n' "$(date -u +%T)" "$*" >&2; }
 
 fmt_seconds() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
 
-# fail CAUSE: the verdict line for a failure, then exit (the EXIT trap cleans up).
+# fail CAUSE: cleans up, then prints the verdict line for a failure (last, where CI shows it) and exits 1.
 fail() {
   log "ERROR: $*"
   print_timings
-  echo "fresh-root check: FAIL in phase '${PHASE}' after $(fmt_seconds $((SECONDS - START_SECONDS))): $*"
-  exit 1
+  finish 1 "FAIL in phase '${PHASE}' after $(fmt_seconds $((SECONDS - START_SECONDS))): $*"
+}
+
+# finish CODE VERDICT: removes the root, prints the verdict, exits with CODE.
+finish() {
+  trap - EXIT
+  trap '' INT TERM # a second Ctrl-C must not leave a root with /dev bound inside it
+  if [ -n "$WORK" ]; then
+    log "cleaning up: unmounting and removing $WORK"
+    teardown || log "ERROR: cannot remove $WORK: something is still mounted there"
+  fi
+  echo "fresh-root check: $2"
+  exit "$1"
 }
 
 print_timings() {
@@ -111,13 +124,14 @@ in_root() {
   "${ROOT_ARGV[@]}" "$@"
 }
 
-# interruptible LOG COMMAND...: runs a long command in the background with its output in LOG, shown as it comes,
-# and waits for it. A trapped SIGTERM or SIGINT interrupts `wait` at once (a foreground child would delay the trap
-# until it ends); cleanup then stops BG_PID.
+# interruptible LOG COMMAND...: runs a long command in the background, in a process group of its own, with its output
+# in LOG shown as it comes, and waits for it. A trapped SIGTERM or SIGINT interrupts `wait` at once (a foreground
+# child would delay the trap until it ends); teardown then stops that process group.
 interruptible() {
   local logfile="$1" rc=0
   shift
-  "$@" >"$logfile" 2>&1 </dev/null &
+  : >"$logfile" # exists before tail opens it
+  setsid "$@" >>"$logfile" 2>&1 </dev/null &
   BG_PID=$!
   tail -n +1 -f --pid="$BG_PID" "$logfile" &
   TAIL_PID=$!
@@ -177,15 +191,22 @@ remove_root() {
 # teardown: stops what runs in the root, unmounts our mounts newest first (each with whatever was mounted below it),
 # removes the root. Runs at the end of a good run and from the EXIT trap on every other path.
 teardown() {
-  # A long command interrupted by a signal: TERM lets mmdebstrap undo its own mounts, `timeout` passes it on.
-  if [ -n "$BG_PID" ]; then
-    kill -s TERM "$BG_PID" 2>/dev/null || true
-    wait "$BG_PID" 2>/dev/null || true
-    BG_PID=""
-  fi
+  # A long command interrupted by a signal: its process group gets TERM, then KILL after a grace period (mmdebstrap
+  # finishes the apt run in progress before it reacts to TERM). What it mounted, remove_root unmounts.
   if [ -n "$TAIL_PID" ]; then
     kill "$TAIL_PID" 2>/dev/null || true
     TAIL_PID=""
+  fi
+  if [ -n "$BG_PID" ]; then
+    kill -s TERM -- "-$BG_PID" 2>/dev/null || true
+    local waited=0
+    while kill -0 -- "-$BG_PID" 2>/dev/null && [ "$waited" -lt "$STOP_GRACE_SECONDS" ]; do
+      sleep 1
+      waited=$((waited + 1))
+    done
+    kill -s KILL -- "-$BG_PID" 2>/dev/null || true
+    wait "$BG_PID" 2>/dev/null || true
+    BG_PID=""
   fi
   [ -n "$WORK" ] && [ -d "$WORK" ] || return 0
   local m i
@@ -199,22 +220,17 @@ teardown() {
   WORK=""
 }
 
+# cleanup: the EXIT trap, for a command that failed outside `fail` (set -e) and for a good run's exit.
 cleanup() {
   local rc=$?
-  trap - EXIT
-  # A second Ctrl-C must not leave a root with /dev bound inside it.
-  trap '' INT TERM
-  if [ -n "$WORK" ]; then
-    log "cleaning up: unmounting and removing $WORK"
-  fi
-  teardown || rc=1
-  exit "$rc"
+  [ "$rc" = 0 ] && [ -z "$WORK" ] && return 0
+  [ "$rc" = 0 ] && rc=1
+  finish "$rc" "FAIL in phase '${PHASE}' after $(fmt_seconds $((SECONDS - START_SECONDS))): exit status $rc (see above)"
 }
 
 on_signal() {
-  log "interrupted by SIG$1, cleaning up"
-  echo "fresh-root check: FAIL in phase '${PHASE}': interrupted by SIG$1"
-  exit "$2"
+  log "interrupted by SIG$1"
+  finish "$2" "FAIL in phase '${PHASE}' after $(fmt_seconds $((SECONDS - START_SECONDS))): interrupted by SIG$1"
 }
 
 # --- phases ------------------------------------------------------------------------------------------------------
