@@ -45,6 +45,7 @@ ROOT_ARGV=() # see root_argv
 BG_PID=""    # the long command `interruptible` waits for
 TAIL_PID=""  # the tail showing its output
 PHASE="start"
+PHASE_START=""          # set while a phase runs
 CKPT_VERSION=""        # what the checks saw, for the verdict
 CRIU_VERSION_SEEN=""
 START_SECONDS="$SECONDS"
@@ -93,16 +94,18 @@ print_timings() {
   for t in "${TIMINGS[@]}"; do
     log "timing: ${t% *} $(fmt_seconds "${t##* }")"
   done
+  [ -z "$PHASE_START" ] || log "timing: ${PHASE} $(fmt_seconds $((SECONDS - PHASE_START))) (stopped)"
 }
 
 # phase NAME COMMAND...: runs one phase, records its duration.
 phase() {
   PHASE="$1"
   shift
-  local t0="$SECONDS"
+  PHASE_START="$SECONDS"
   log "== $PHASE"
   "$@"
-  TIMINGS+=("$PHASE $((SECONDS - t0))")
+  TIMINGS+=("$PHASE $((SECONDS - PHASE_START))")
+  PHASE_START=""
 }
 
 # root_argv: sets ROOT_ARGV to the prefix that runs a command inside the root with a clean environment. No host
@@ -339,14 +342,17 @@ install_make() {
 }
 
 run_setup() {
-  local rc=0 cause
+  local rc=0 cause first
   root_argv
   interruptible "$WORK/setup.log" \
     timeout -k 30 "$SETUP_TIMEOUT_SECONDS" "${ROOT_ARGV[@]}" make -C "$SRC_IN_ROOT" setup || rc=$?
   [ "$rc" = 0 ] && return 0
   [ "$rc" = 124 ] && fail "make setup did not finish within ${SETUP_TIMEOUT_SECONDS} s"
-  # The first error a script reported is the cause; make's own "Error" line only repeats the exit status.
+  # The first error a script reported is the cause; make's own "Error" line only repeats the exit status. A failed
+  # build also names its first error (the build log it points to goes with the root).
   cause="$(grep -m1 -E 'ERROR:|^E: ' "$WORK/setup.log" || tail -n1 "$WORK/setup.log")"
+  first="$(grep -m1 -E '\*\*\* .*Stop\.$|: (fatal )?error: ' "$WORK/setup.log" || true)"
+  [ -z "$first" ] || cause="$cause; first build error: $first"
   fail "make setup exits $rc in a clean $SUITE root: ${cause}"
 }
 
