@@ -283,12 +283,14 @@ make_root() {
     --setup-hook="mkdir -p \"\$1/var/cache/apt/archives\"" \
     --setup-hook="sync-in $FRESH_ROOT_CACHE/archives /var/cache/apt/archives" \
     --customize-hook="sync-out /var/cache/apt/archives $FRESH_ROOT_CACHE/archives" \
-    "$SUITE" "$ROOT" || fail "mmdebstrap could not build a $SUITE root"
+    "$SUITE" "$ROOT" \
+    || fail "mmdebstrap could not build a $SUITE root: $(grep -m1 '^E: ' "$WORK/mmdebstrap.log" || echo 'see above')"
   [ -x "$ROOT/usr/bin/apt-get" ] || fail "mmdebstrap left no apt-get in $ROOT"
 }
 
 copy_host_config() {
   # pip reaches the same index as on this machine through its configuration files, never a host name in this repo.
+  # Not root's own ~/.config/pip: like PIP_FIND_LINKS, it names wheel directories that exist on this machine only.
   local f
   if [ -d /etc/xdg/pip ]; then
     mkdir -p "$ROOT/etc/xdg"
