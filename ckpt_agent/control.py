@@ -152,7 +152,8 @@ def request(
         data = json.dumps(payload).encode() + b"\n"
         if fds:
             sent = socket.send_fds(sock, [data], list(fds))
-            sock.sendall(data[sent:])
+            if sent < len(data):  # sendall(b"") to a peer that already answered and closed raises EPIPE
+                sock.sendall(data[sent:])
         else:
             sock.sendall(data)
         line = _read_line(sock)
