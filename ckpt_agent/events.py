@@ -7,11 +7,25 @@ import json
 import logging
 import os
 import socket
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .store import CheckpointStore, iso, utcnow
 
 log = logging.getLogger("ckpt.events")
+
+# Observers of every record (CloudWatch metrics, notifications): each must return at once (queue and go), so that
+# no external system ever delays or fails the checkpoint that emitted the event. See sinks.py.
+Sink = Callable[[Dict[str, Any]], None]
+_sinks: List[Sink] = []
+
+
+def add_sink(sink: Sink) -> None:
+    _sinks.append(sink)
+
+
+def remove_sink(sink: Sink) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
 
 
 def node_name() -> str:
@@ -48,4 +62,9 @@ def emit(
             store.append_event(job_id, record)
         except OSError as e:
             log.warning("cannot record event %s for job %s: %s", event, job_id, e.strerror)
+    for sink in list(_sinks):
+        try:
+            sink(record)
+        except Exception:  # an observer's bug must not fail the lifecycle step that emitted the event
+            log.exception("event sink %r failed on %s", sink, event)
     return record

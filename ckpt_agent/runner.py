@@ -199,7 +199,12 @@ class Runner:
     def _start(self, pipes: Dict[str, int]) -> int:
         o = self.opts
         if self.store.generations(o.job_id, o.step):
-            res = self.backend.restore(o.job_id, o.step, pipes)
+            try:
+                res = self.backend.restore(o.job_id, o.step, pipes)
+            except CkptError as e:
+                emit(self.store, o.job_id, "restore_failed", node=self.node, instance=self.instance, step=o.step,
+                     error=str(e), restart_count=_restart_count())
+                raise
             for number, why in res.skipped:
                 print(f"ckpt: checkpoint {number} is damaged ({why}); using an older one", file=sys.stderr)
             restart = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -208,14 +213,15 @@ class Runner:
             self.last_checkpoint = res.generation
             emit(self.store, o.job_id, "restored", node=self.node, instance=self.instance, step=o.step,
                  generation=res.generation, checkpoint_time=res.created, seconds=round(res.seconds, 3),
-                 files_written=res.files_written, restart_count=int(restart or 0))
+                 files_written=res.files_written, restart_count=int(restart or 0),
+                 fell_back_from=[number for number, _ in res.skipped])
             emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
                  how="restored", generation=res.generation)
             return res.pid
         pid = self.backend.launch(o.argv, o.cwd, os.environ, pipes, o.job_id, o.step)
         print(f"ckpt: started job {o.job_id} step {o.step}: no checkpoint yet", file=sys.stderr, flush=True)
         emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
-             how="launched", argv=o.argv, cwd=o.cwd)
+             how="launched", argv=o.argv, cwd=o.cwd, restart_count=_restart_count())
         return pid
 
     def _excluded_paths(self) -> set:
@@ -360,3 +366,9 @@ class Runner:
                 self.checkpoint(final=False, reason="periodic")
             except CkptError as e:
                 log.warning("periodic checkpoint failed: %s", e)
+
+
+def _restart_count() -> int:
+    """Slurm's SLURM_RESTART_COUNT: how often this job was requeued (0 outside Slurm)."""
+    text = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(text) if text.isdigit() else 0

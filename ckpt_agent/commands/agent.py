@@ -17,6 +17,7 @@ from ..runner import registration_dir
 from ..slurm import Slurm
 from ..store import CheckpointStore, Signer
 from ._common import add_config_args, load, make_engine
+from ._observe import install_sinks
 
 HELP = "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs"
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
         cfg.agent.poll_interval = args.poll_interval
     node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     signer = ensure_key(cfg.agent.key_file)
+    install_sinks(cfg)
     store = CheckpointStore(cfg.store, signer) if cfg.store else None
     slurm = Slurm()
     imds = ImdsClient(cfg.agent.imds_endpoint)

@@ -10,6 +10,7 @@ from ..backends import choose_backend
 from ..errors import UsageError
 from ..runner import Runner, RunOptions
 from ._common import add_config_args, add_job_args, job_id_from_env, load, make_engine, open_store
+from ._observe import install_sinks
 
 HELP = "run CMD checkpointed, or resume it from the job's last checkpoint"
 
@@ -37,6 +38,7 @@ def main(args: argparse.Namespace) -> int:
     if interval <= 0:
         raise UsageError(f"--interval must be > 0, got {interval:g}")
     store = open_store(cfg, args)
+    install_sinks(cfg)
     backend = choose_backend(lambda: make_engine(cfg, store), cfg.socket_path)
     opts = RunOptions(job_id=job_id, step=args.name, argv=cmd, interval=interval, runtime_dir=cfg.runtime_dir,
                       cwd=os.getcwd())
