@@ -1,6 +1,6 @@
 """Wiring for the entry points that emit events (`ckpt agent`, `ckpt run`): the CloudWatch publisher and the
-notifier become event sinks when the configuration enables them. At exit each gets `monitoring.timeout` seconds to
-flush what is queued; a process never waits longer than that for an external system."""
+notifier become event sinks when the configuration enables them. At exit each gets at most EXIT_FLUSH seconds (or
+`monitoring.timeout`, if shorter) to flush what is queued: a wrapper never waits longer for an external system."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any, List
 from .. import events
 
 log = logging.getLogger(__name__)
+
+EXIT_FLUSH = 3.0
 
 
 def install_sinks(cfg: Any) -> List[Any]:
@@ -29,5 +31,5 @@ def install_sinks(cfg: Any) -> List[Any]:
         log.warning("monitoring disabled: %s", e)
     for sink in sinks:
         events.add_sink(sink)
-        atexit.register(sink.close, m.timeout)
+        atexit.register(sink.close, min(m.timeout, EXIT_FLUSH))
     return sinks

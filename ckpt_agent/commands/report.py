@@ -1,5 +1,6 @@
 """`ckpt report [--job-id ID] [--since DATE] [--json] [--html FILE] [--cloudwatch NAMESPACE]`: per job and
-step, the run segments, checkpoints, restores, work lost, net runtime against wall-clock time, and what Spot cost against On-Demand.
+step, the run segments, checkpoints, restores, work lost, net runtime against wall-clock time, and what Spot cost
+against On-Demand.
 
 Slurm is optional: when it answers, a job's submission time and state come from it; otherwise the first event
 stands for the submission. `--html FILE` also writes the report as one self-contained page (report_html.py).
