@@ -108,3 +108,65 @@ class DirectoryGrowth:
 
     def grown(self) -> int:
         return max(0, self.size() - self.base)
+
+
+RESTORE_BASES = ("/dev/shm/ckpt-agent", "/var/tmp/ckpt-agent")  # engine._restore_base's choices
+
+
+class RestoreProgress:
+    """While a restore runs: on a terminal, the bytes of images rebuilt in the restore's staging directory against
+    the newest checkpoint's image sizes. A context manager; it draws nothing when `stream` is not a terminal (the
+    wrapper's one `ckpt: resumed ...` line is the summary) or the staging directory is not readable (the agent
+    restores an ordinary user's job in a directory only root reads)."""
+
+    def __init__(self, stream: TextIO, job_id: str, step: str, total: Optional[float], tick: float = 0.5,
+                 bases=RESTORE_BASES) -> None:
+        self.line = ProgressLine(stream, f"restoring job {job_id} step {step}", total)
+        self.pattern = f"{job_id}.{step}.restore."
+        self.tick = tick
+        self.bases = bases
+        self._stop = None
+        self._thread = None
+
+    def _stage_bytes(self) -> int:
+        total = 0
+        for base in self.bases:
+            try:
+                names = [n for n in os.listdir(base) if n.startswith(self.pattern)]
+            except OSError:
+                continue
+            for name in names:
+                total += DirectoryGrowth(os.path.join(base, name)).base
+        return total
+
+    def _run(self) -> None:
+        self.line.sample(0)
+        while not self._stop.wait(self.tick):
+            self.line.sample(self._stage_bytes())
+
+    def __enter__(self) -> RestoreProgress:
+        import threading
+
+        if self.line.tty:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="restore-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(5)
+            self.line.clear()
+
+
+def newest_image_bytes(store, job_id: str, step: str) -> Optional[float]:
+    """The newest generation's image sizes (what a restore rebuilds); None when it cannot be read."""
+    try:
+        gens = store.generations(job_id, step)
+        if not gens:
+            return None
+        manifest = store.load_manifest(gens[-1])
+        return float(sum(int(i.get("size", 0)) for i in manifest.get("images", [])))
+    except Exception:  # an estimate only: a damaged newest generation is the restore's business
+        return None

@@ -25,6 +25,7 @@ from . import control
 from .engine import JobState
 from .errors import EXIT_FINAL, CkptError, NotFoundError, PermissionDenied
 from .events import emit, load_instance, node_name
+from .progress import RestoreProgress, newest_image_bytes
 from .store import CheckpointStore, iso, utcnow, write_atomic
 from .usercreds import owner_of_path
 
@@ -200,7 +201,9 @@ class Runner:
         o = self.opts
         if self.store.generations(o.job_id, o.step):
             try:
-                res = self.backend.restore(o.job_id, o.step, pipes)
+                total = newest_image_bytes(self.store, o.job_id, o.step) if sys.stderr.isatty() else None
+                with RestoreProgress(sys.stderr, o.job_id, o.step, total):
+                    res = self.backend.restore(o.job_id, o.step, pipes)
             except CkptError as e:
                 emit(self.store, o.job_id, "restore_failed", node=self.node, instance=self.instance, step=o.step,
                      error=str(e), restart_count=_restart_count())
@@ -209,7 +212,7 @@ class Runner:
                 print(f"ckpt: checkpoint {number} is damaged ({why}); using an older one", file=sys.stderr)
             restart = os.environ.get("SLURM_RESTART_COUNT", "0")
             print(f"ckpt: resumed job {o.job_id} step {o.step} from checkpoint {res.generation} taken {res.created} "
-                  f"(restart count {restart})", file=sys.stderr, flush=True)
+                  f"(restart count {restart}, {res.seconds:.1f} s)", file=sys.stderr, flush=True)
             self.last_checkpoint = res.generation
             emit(self.store, o.job_id, "restored", node=self.node, instance=self.instance, step=o.step,
                  generation=res.generation, checkpoint_time=res.created, seconds=round(res.seconds, 3),

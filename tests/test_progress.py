@@ -104,3 +104,50 @@ def test_checkpoint_progress_on_a_terminal_and_a_summary_line_otherwise(tmp_path
                                                                         "generation 2, ")
     finally:
         kill_job(proc, runtime, "611")
+
+
+def _read_pty(master: int) -> str:
+    shown = b""
+    while True:
+        try:
+            part = os.read(master, 65536)
+        except OSError:  # EIO: every writer has closed
+            break
+        if not part:
+            break
+        shown += part
+    return shown.decode(errors="replace")
+
+
+def test_restore_from_the_command_line_shows_progress_on_a_terminal(tmp_path):
+    require_criu()
+    root, runtime, work = tmp_path / "store", tmp_path / "run", tmp_path / "work"
+    root.mkdir()
+    work.mkdir()
+    env = ckpt_env(root, runtime)
+    tool = "import time\nfor i in range(40):\n    print(i, flush=True)\n    time.sleep(0.05)\n"
+    first = start_ckpt("run", "--job-id", "612", "--interval", "1000", "--", sys.executable, "-c", tool, env=env,
+                       cwd=work, out=tmp_path / "out", err=tmp_path / "err")
+    try:
+        wait_for(lambda: registered(runtime, "612") and b"1\n" in (tmp_path / "out").read_bytes(), 60,
+                 "the tool to start")
+        assert run_ckpt("checkpoint", "--job-id", "612", "--final", env=env).returncode == 0
+        assert first.wait(timeout=60) == 75
+    finally:
+        if first.poll() is None:
+            kill_job(first, runtime, "612")
+    master, slave = pty.openpty()
+    try:
+        res = subprocess.run(ckpt_cmd("run", "--job-id", "612", "--", sys.executable, "-c", tool), env=env,
+                             cwd=work, stdout=subprocess.PIPE, stderr=slave, timeout=120)
+        os.close(slave)
+        slave = -1
+        text = _read_pty(master)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert res.returncode == 0, text
+    assert "\rrestoring job 612 step main: " in text and "of ~" in text
+    assert "ckpt: resumed job 612 step main from checkpoint 1 taken " in text
+    assert res.stdout.decode().split()[-1] == "39"
