@@ -122,3 +122,36 @@ def test_aws_error_is_one_line(site):
 
     with pytest.raises(AwsError, match="CloudWatch dashboard ckpt-eda-spot: AccessDenied: not allowed"):
         CloudWatchDashboard(Refusing()).put("ckpt-eda-spot", dashboard_body(site))
+
+
+def test_nodes_policy_arn_is_attached_to_every_node_and_passes_the_pcluster_schema(site):
+    import yaml
+
+    from ckpt_agent.render import render_site
+
+    arn = "arn:aws:iam::123456789012:policy/ckpt-eda-spot-monitoring"
+    with_policy = {**site, "monitoring": {**site["monitoring"], "nodes_policy_arn": arn}}
+    text = render_site(with_policy, "site.example.yaml")["cluster.yaml"]
+    cluster = yaml.safe_load(text)
+    assert cluster["HeadNode"]["Iam"]["AdditionalIamPolicies"] == [{"Policy": arn}]
+    for queue in cluster["Scheduling"]["SlurmQueues"]:
+        assert queue["Iam"]["AdditionalIamPolicies"] == [{"Policy": arn}]
+    assert "AdditionalIamPolicies" not in render_site(site, "site.example.yaml")["cluster.yaml"]
+    pytest.importorskip("pcluster")
+    from ckpt_agent import pcluster_check
+
+    assert pcluster_check.check_schema(text) == []
+
+
+def test_site_monitoring_problems_are_located(tmp_path):
+    from ckpt_agent.site import SiteInvalid
+
+    text = EXAMPLE.read_text().replace("  dedupe_window: 1h", "  dedupe_window: 1h\n  event_bus: ops")
+    text = text.replace("  namespace: CkptAgent", "  namespace: 'bad namespace!'")
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(SiteInvalid) as e:
+        load_site(str(path))
+    problems = "\n".join(map(str, e.value.problems))
+    assert "monitoring: set at most one of 'sns_topic_arn' and 'event_bus'" in problems
+    assert "monitoring.namespace" in problems
