@@ -113,3 +113,29 @@ def test_hanging_cloudwatch_neither_blocks_emit_nor_grows_without_bound(monkeypa
         t0 = time.monotonic()
         assert pub.close(0.5) is False  # gives up at its bound
         assert time.monotonic() - t0 < 5.0
+
+
+def test_install_sinks_from_config_and_never_fails_the_entry_point(monkeypatch, caplog):
+    from ckpt_agent.commands._observe import install_sinks
+    from ckpt_agent.config import AgentConfig
+    from ckpt_agent.notify import Notifier
+
+    for k, v in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    cfg = AgentConfig(queue="spot")
+    assert install_sinks(cfg) == []  # nothing enabled: nothing registered
+    cfg.monitoring.metrics, cfg.monitoring.region, cfg.monitoring.cluster = True, "us-east-1", "eda"
+    cfg.monitoring.event_bus = "ops"
+    sinks = install_sinks(cfg)
+    try:
+        assert [type(s) for s in sinks] == [CloudWatchPublisher, Notifier]
+        assert all(s in events._sinks for s in sinks) and sinks[0].queue_name == "spot"
+    finally:
+        for s in sinks:
+            events.remove_sink(s)
+            s.close(0.1)
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    cfg.monitoring.region = ""
+    assert install_sinks(cfg) == []  # no region anywhere: botocore refuses the client; the job still runs
+    assert "monitoring disabled" in caplog.text
