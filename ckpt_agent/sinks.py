@@ -78,7 +78,9 @@ class BackgroundSink:
                     self.sent += len(batch)
                 except Exception as e:  # the external system's problem stays here
                     self.failures += 1
-                    log.warning("%s: sending %d item(s) failed: %s", self.name, len(batch), e)
+                    # once as a warning: a wrapper's warnings land in the job's own output file
+                    (log.warning if self.failures == 1 else log.info)(
+                        "%s: sending %d item(s) failed: %s", self.name, len(batch), e)
                 for _ in batch:
                     self.queue.task_done()
             if self._stop.is_set() and self.queue.empty():
