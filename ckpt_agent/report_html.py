@@ -8,7 +8,8 @@ events, the instants the text report only counts: checkpoints (ticks), interrupt
   - a timeline per job on one time axis: a bar per run segment on its node (coloured by how it ended), checkpoints as
     ticks, notices as red markers, restores as green markers, work lost shaded;
   - a table of jobs.
-Sizes stay small: one path per job for its ticks, short class names, no per-element styles (1,000 jobs < 1 MiB).
+Sizes stay small: one path of relative moves per job for its ticks (at most one per pixel), short class names, no
+per-element styles (1,000 jobs < 1 MiB).
 """
 
 from __future__ import annotations
@@ -185,8 +186,10 @@ def timeline(report: Dict[str, Any], marks: Dict[str, Dict[str, List[dt.datetime
         if job["job_id"] not in seen_job:  # job-level instants go on the job's first row
             seen_job.add(job["job_id"])
             m = marks.get(job["job_id"], {})
-            ticks = "".join(f"M{scale(t)} {top - 1}v{ROW - 4}" for t in m.get("checkpoint", []))
-            if ticks:
+            xs = sorted({round(scale(t)) for t in m.get("checkpoint", [])})  # one tick per pixel at most
+            if xs:
+                h_ = ROW - 4
+                ticks = f"M{xs[0]} {top - 1}v{h_}" + "".join(f"m{b - a}-{h_}v{h_}" for a, b in zip(xs, xs[1:]))
                 out.append(f'<path class="tk" d="{ticks}"/>')
             for t in m.get("notice", []):
                 out.append(f'<path class="n" d="M{scale(t)} {top + ROW - 3}l4 -7h-8z"/>')
