@@ -183,3 +183,37 @@ def test_real_final_checkpoint_completes_while_the_endpoints_hang(tmp_path):
                 kill_job(proc, runtime, "901")
     evs = [json.loads(line)["event"] for line in (root / "901" / "events.jsonl").read_text().splitlines()]
     assert "checkpoint_committed" in evs and evs[-1] == "segment_ended"
+
+
+def test_real_run_restarted_from_zero_notifies_and_publishes(monkeypatch, tmp_path):
+    """The wiring end to end: a requeued job (SLURM_RESTART_COUNT=1) that finds no checkpoint starts from zero; its
+    `ckpt run` wrapper, configured by agent.yaml's monitoring section, tells SNS (read back through SQS) and puts
+    RestartsFromZero and the checkpoint metrics in CloudWatch before it exits."""
+    require_criu()
+    aws(monkeypatch)
+    root, runtime, work = tmp_path / "store", tmp_path / "run", tmp_path / "work"
+    root.mkdir()
+    work.mkdir()
+    with MotoEndpoint() as url:
+        sns = boto3.client("sns", region_name="us-east-1", endpoint_url=url)
+        sqs = boto3.client("sqs", region_name="us-east-1", endpoint_url=url)
+        topic = sns.create_topic(Name="ckpt")["TopicArn"]
+        q = sqs.create_queue(QueueName="inbox")["QueueUrl"]
+        qarn = sqs.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=qarn, Attributes={"RawMessageDelivery": "true"})
+        config = tmp_path / "observe.yaml"
+        config.write_text(f"queue: spot\nmonitoring:\n  cluster: eda\n  region: us-east-1\n  metrics: true\n"
+                          f"  namespace: CkptE2E\n  sns_topic_arn: {topic}\n  endpoint_url: {url}\n")
+        env = ckpt_env(root, runtime, CKPT_CONFIG=str(config), SLURM_RESTART_COUNT="1", **FAKE_CREDENTIALS)
+        tool = "import time\nfor i in range(30):\n    print(i, flush=True)\n    time.sleep(0.05)\n"
+        res = run_ckpt("run", "--job-id", "902", "--interval", "1", "--", "python3", "-c", tool, env=env, cwd=work)
+        assert res.returncode == 0, res.stderr
+        (line,) = sqs_messages(sqs, q, 1)
+        assert line.startswith(f"ckpt [eda]: job 902 (user {ME}) on node ")
+        assert line.endswith("step main restarted from zero after 1 restart(s): no checkpoint to resume from")
+        cw = boto3.client("cloudwatch", region_name="us-east-1", endpoint_url=url)
+        names = {m["MetricName"] for m in cw.list_metrics(Namespace="CkptE2E")["Metrics"]}
+        assert "RestartsFromZero" in names
+        queues = {d["Value"] for m in cw.list_metrics(Namespace="CkptE2E")["Metrics"] for d in m["Dimensions"]
+                  if d["Name"] == "Queue"}
+        assert queues == {"spot"}
