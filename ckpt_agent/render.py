@@ -20,6 +20,7 @@ installs, which is how admins run `ckpt render`).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import tempfile
@@ -206,7 +207,21 @@ def render_site(site: Dict[str, Any], site_name: str) -> Dict[str, str]:
             header=ctx["header"], partitions=transparent_queues(site), default_partition=site["queues"][0]["name"],
             ckpt=f"{NODE_VENV}/bin/ckpt", opt_out_comment=site["transparent"]["opt_out_comment"],
             opt_out_env=site["transparent"]["opt_out_env"])
+    files.update(_monitoring_files(site))
     return files
+
+
+def _monitoring_files(site: Dict[str, Any]) -> Dict[str, str]:
+    """The CloudWatch dashboard body (`ckpt upload` puts it) and the IAM policies monitoring needs (JSON carries no
+    comment: iam/README names their source)."""
+    from .dashboard import dashboard_json, nodes_policy, uploader_policy
+
+    out: Dict[str, str] = {}
+    if site["monitoring"]["dashboard"]:
+        out["dashboard.json"] = dashboard_json(site)
+    out["iam/nodes-monitoring-policy.json"] = json.dumps(nodes_policy(site), indent=2) + "\n"
+    out["iam/uploader-dashboard-policy.json"] = json.dumps(uploader_policy(site), indent=2) + "\n"
+    return out
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:

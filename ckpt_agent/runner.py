@@ -31,6 +31,7 @@ from . import control
 from .engine import JobState
 from .errors import EXIT_FINAL, CkptError, IncompatibleCpuError, NotFoundError, PermissionDenied
 from .events import emit, load_instance, node_name
+from .progress import RestoreProgress, newest_image_bytes
 from .requeue import read_marker
 from .store import CheckpointStore, iso, utcnow, write_atomic
 from .usercreds import owner_of_path
@@ -228,18 +229,26 @@ class Runner:
     def _start(self, pipes: Dict[str, int]) -> int:
         o = self.opts
         if self.store.generations(o.job_id, o.step):
-            res = self.backend.restore(o.job_id, o.step, pipes)
+            try:
+                total = newest_image_bytes(self.store, o.job_id, o.step) if sys.stderr.isatty() else None
+                with RestoreProgress(sys.stderr, o.job_id, o.step, total):
+                    res = self.backend.restore(o.job_id, o.step, pipes)
+            except CkptError as e:
+                emit(self.store, o.job_id, "restore_failed", node=self.node, instance=self.instance, step=o.step,
+                     error=str(e), restart_count=_restart_count())
+                raise
             for number, why in res.skipped:
                 print(f"ckpt: checkpoint {number} is damaged ({why}); using an older one", file=sys.stderr)
             restart = os.environ.get("SLURM_RESTART_COUNT", "0")
             what = (f"by transparent checkpointing (job {o.job_id}, step {o.step})" if o.mode == "transparent"
                     else f"job {o.job_id} step {o.step}")
             print(f"ckpt: resumed {what} from checkpoint {res.generation} taken {res.created} "
-                  f"(restart count {restart})", file=sys.stderr, flush=True)
+                  f"(restart count {restart}, {res.seconds:.1f} s)", file=sys.stderr, flush=True)
             self.last_checkpoint = res.generation
             emit(self.store, o.job_id, "restored", node=self.node, instance=self.instance, step=o.step,
                  generation=res.generation, checkpoint_time=res.created, seconds=round(res.seconds, 3),
-                 files_written=res.files_written, restart_count=int(restart or 0))
+                 files_written=res.files_written, restart_count=int(restart or 0),
+                 fell_back_from=[number for number, _ in res.skipped])
             emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
                  how="restored", generation=res.generation, mode=o.mode)
             return res.pid
@@ -251,7 +260,7 @@ class Runner:
         else:
             print(f"ckpt: started job {o.job_id} step {o.step}: no checkpoint yet", file=sys.stderr, flush=True)
         emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
-             how="launched", argv=o.argv, cwd=o.cwd, mode=o.mode)
+             how="launched", argv=o.argv, cwd=o.cwd, mode=o.mode, restart_count=_restart_count())
         return pid
 
     def _excluded_paths(self) -> set:
@@ -451,3 +460,9 @@ class Runner:
                 self.checkpoint(final=False, reason="periodic")
             except CkptError as e:
                 log.warning("periodic checkpoint failed: %s", e)
+
+
+def _restart_count() -> int:
+    """Slurm's SLURM_RESTART_COUNT: how often this job was requeued (0 outside Slurm)."""
+    text = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(text) if text.isdigit() else 0

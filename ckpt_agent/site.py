@@ -239,6 +239,11 @@ def _rule_site(d: Dict[str, Any], path: Path, ctx: Context) -> None:
             ctx.error(("prices", itype), "not an instance type of any queue")
 
 
+def _rule_monitoring(d: Dict[str, Any], path: Path, ctx: Context) -> None:
+    if d.get("sns_topic_arn") and d.get("event_bus"):
+        ctx.error(path, "set at most one of 'sns_topic_arn' and 'event_bus' for notifications")
+
+
 # ---- the schema ------------------------------------------------------------------------------------------------
 
 _NAME = Str(pattern=r"[a-z][a-z0-9-]*", pattern_help="lowercase letters, digits and '-', starting with a letter",
@@ -302,6 +307,25 @@ TRANSPARENT = Map(
             default="CKPT_TRANSPARENT",
         ),
     }
+)
+
+# CloudWatch metrics and dashboard, notifications (metrics.py, dashboard.py, notify.py)
+MONITORING = Map(
+    {
+        "metrics": Field(Bool(), default=True),
+        "namespace": Field(Str(pattern=r"[A-Za-z0-9._/#:-]{1,255}", pattern_help="a CloudWatch namespace"),
+                           default="CkptAgent"),
+        "dashboard": Field(Bool(), default=True),
+        "sns_topic_arn": Field(Str(pattern=r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?",
+                                   pattern_help="an SNS topic ARN")),
+        "event_bus": Field(Str(pattern=r"[A-Za-z0-9._/-]{1,256}|arn:aws[a-z-]*:events:[a-z0-9-]+:\d{12}:"
+                                       r"event-bus/[A-Za-z0-9._/-]{1,256}",
+                               pattern_help="an EventBridge bus name or ARN")),
+        "dedupe_window": Field(Duration(min=0, max=7 * 86400), default=3600),
+        "nodes_policy_arn": Field(Str(pattern=r"arn:aws[a-z-]*:iam::(\d{12}|aws):policy/[A-Za-z0-9+=,.@_/-]+",
+                                      pattern_help="an IAM policy ARN")),
+    },
+    rules=[_rule_monitoring],
 )
 
 SITE = Map(
@@ -407,6 +431,7 @@ SITE = Map(
         ),
         "transparent": Field(TRANSPARENT),
         "queues": Field(List(QUEUE, min_items=1, max_items=MAX_QUEUES), required=True),
+        "monitoring": Field(MONITORING),
     },
     rules=[_rule_site],
 )

@@ -16,6 +16,7 @@ from ..runner import registration_dir
 from ..slurm import Slurm
 from ..store import CheckpointStore, Signer
 from ._common import add_config_args, load, make_engine, seconds_arg
+from ._observe import install_sinks
 
 HELP = "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs"
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     # created where the bootstrap placed none (one node); a cluster's bootstrap distributes one key to every node
     signer = Signer.ensure(cfg.agent.key_file, cfg.source)
+    install_sinks(cfg)
     store = CheckpointStore(cfg.store, signer) if cfg.store else None
     slurm = Slurm()
     imds = ImdsClient(cfg.agent.imds_endpoint)
