@@ -196,8 +196,10 @@ class Demo:
         ref.mkdir()
         (ref / "circuit.cir").write_text(netlist)
         with open(ref / "job.out", "wb") as ref_out:  # the reference's stdout, to compare with the job's output
+            # its own session: Ctrl-C reaches the demo, which stops it; SLURM_CONF in its environment marks it as
+            # the cluster's, for the watchdog should the demo be killed
             self.reference = subprocess.Popen(["ngspice", "-b", "circuit.cir"], cwd=ref, env=self.cluster.env(),
-                                              stdout=ref_out, stderr=subprocess.DEVNULL)
+                                              stdout=ref_out, stderr=subprocess.DEVNULL, start_new_session=True)
 
         say(f"    submitting it as the ordinary user '{user}' (uid {uid}), not root: sbatch ... ckpt run -- ngspice; "
             "the node agent (root) checkpoints the user's job with CRIU")

@@ -34,8 +34,9 @@ class Demo:
     """The demo as a child process whose output lines are read as they come."""
 
     def __init__(self, *args: str):
+        # a process group of its own, as in a terminal: Ctrl-C there signals the whole foreground group
         self.proc = subprocess.Popen([*DEMO, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+                                     text=True, start_new_session=True)
         self.lines: list = []
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -77,6 +78,10 @@ class Demo:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a child of the demo still in its group (a calibration run)
+        except ProcessLookupError:
+            pass
         if workdir:
             reaper.stop_workdir(workdir)
 
@@ -125,7 +130,7 @@ def test_ctrl_c_stops_everything_the_demo_started():
         workdir = workdir_of(demo.wait_line("1/7 starting a local Slurm cluster"))
         demo.wait_line("job started on node1")  # the job's first event: cluster, agents, job and tool all run
         assert processes_of(workdir)
-        demo.proc.send_signal(signal.SIGINT)
+        os.killpg(demo.proc.pid, signal.SIGINT)  # Ctrl-C: the demo and every child still in its process group
         out = demo.finish()
     finally:
         demo.kill(workdir)
