@@ -54,6 +54,8 @@ _before_key = pytest.StashKey()  # (this session's mark, the daemons that ran be
 
 def _pgrep(*args: str) -> Set[int]:
     res = subprocess.run(["pgrep", *args], capture_output=True, text=True, timeout=30)
+    if res.returncode not in (0, 1):  # 1: nothing matched
+        raise RuntimeError(f"pgrep {' '.join(args)} failed: {res.stderr.strip()}")
     return {int(p) for p in res.stdout.split()}
 
 

@@ -140,3 +140,21 @@ def test_stop_by_workdir_kills_what_the_cluster_started(local_cluster, slurm_use
         cluster.stop()  # idempotent after the reaper: nothing left to stop
     assert processes_of(workdir) == []
     shutil.rmtree(workdir)
+
+
+def test_the_reaper_never_hits_a_reused_pid(tmp_path):
+    """A recorded pid counts only while the process with that pid has the recorded start time."""
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        reaper.record(str(tmp_path), "munged", sleeper.pid)
+        with open(tmp_path / reaper.PIDS_FILE, "a", encoding="utf-8") as fh:
+            fh.write(f"slurmd-gone {os.getpid()} 1\n")  # a live pid, but not the process recorded under it
+        assert reaper.recorded(str(tmp_path)) == [("munged", sleeper.pid)]
+        assert reaper.processes(str(tmp_path)) == [sleeper.pid]
+        result = reaper.stop_workdir(str(tmp_path), grace=5)
+        assert result == {"killed": [], "survivors": []}  # `sleep` ends on SIGTERM, within the grace period
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+        assert reaper.recorded(str(tmp_path)) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
