@@ -41,7 +41,7 @@ from .errors import CkptError
 REPO = Path(__file__).resolve().parent.parent
 NETLIST = REPO / "examples" / "ringosc.cir"
 DEMO_USER = "ckpt-demo"  # an ordinary local user, created by the demo (LocalCluster.ensure_user) when missing
-CALIBRATION_NS = 150  # simulated time of the calibration run: about 2 s of ngspice on this project's CI machine
+CALIBRATION_NS = 150  # simulated time of the calibration run: 2-4 s of ngspice on the 2-core development machine
 # How many checkpoint intervals the simulation should last here: the notice comes after the first periodic
 # checkpoint, and with a simulation half as long as planned (--sim-scale 0.5, or a calibration that ran on a loaded
 # machine) it must still be running by then.
