@@ -28,7 +28,7 @@ class NodeAgents:
         self.extra_config = dict(extra_config or {})  # top-level keys replace ours; "agent" keys are merged
         self.extra_env = dict(extra_env or {})  # e.g. a PATH whose scontrol is slow, for the agents only
         self.dir = os.path.join(cluster.workdir, "agent")
-        self.key = os.path.join(self.dir, "node.key")  # one key for the cluster: any node restores any checkpoint
+        self.key = cluster.key_file  # one key for the cluster: any node restores any checkpoint
         self.imds: Dict[str, ImdsServer] = {}
         self.procs: Dict[str, subprocess.Popen] = {}
 

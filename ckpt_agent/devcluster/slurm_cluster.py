@@ -41,6 +41,7 @@ CKPT_STORE=<store> and any extra variables; set_node_env() rewrites it at runtim
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import pwd
@@ -189,9 +190,18 @@ class LocalCluster:
     def job_info(self, job_id) -> JobInfo:
         return self.slurm().job_info(job_id)
 
+    @property
+    def job_config(self) -> str:
+        return os.path.join(self.workdir, "etc", "ckpt-job.yaml")
+
+    @property
+    def key_file(self) -> str:
+        """The cluster's manifest-signing key (created by the node agents, or by a root job's first `ckpt run`)."""
+        return os.path.join(self.workdir, "agent", "node.key")
+
     def node_env(self, node: str) -> Dict[str, str]:
         """What jobs on `node` get in their environment from the TaskProlog."""
-        env = {"CKPT_RUNTIME_DIR": self.runtime_dir(node), "CKPT_STORE": self.store}
+        env = {"CKPT_RUNTIME_DIR": self.runtime_dir(node), "CKPT_STORE": self.store, "CKPT_CONFIG": self.job_config}
         env.update(self._node_env.get(node, {}))
         return env
 
@@ -381,6 +391,9 @@ class LocalCluster:
             _mkdir(os.path.join(self.runtime_dir(node), "jobs"), 0o1777)  # `ckpt run` registrations, any user
         if not os.path.isdir(self.store):
             _mkdir(self.store, 0o1777)
+        # jobs' `ckpt run` config: the cluster's signing key (node agents use the same one, devcluster/agents.py),
+        # so a root job never creates one in this machine's /etc
+        _write(self.job_config, json.dumps({"agent": {"key_file": self.key_file}}) + "\n", 0o644)
         # 2. munge key: 1 KiB random, readable by root only, as munged insists
         key = os.path.join(self.workdir, "munge", "key", "munge.key")
         if not os.path.exists(key):
