@@ -39,7 +39,8 @@ def test_per_node_environment_reaches_the_batch_script(cluster, slurm_user):
         f"CKPT_STORE={cluster.store}",
         "CKPT_TEST_MARK=node2 only",
     ]
-    assert cluster.node_env("node1") == {"CKPT_RUNTIME_DIR": cluster.runtime_dir("node1"), "CKPT_STORE": cluster.store}
+    assert cluster.node_env("node1") == {"CKPT_RUNTIME_DIR": cluster.runtime_dir("node1"), "CKPT_STORE": cluster.store,
+                                         "CKPT_CONFIG": cluster.job_config}
 
 
 @pytest.mark.slurm
