@@ -35,6 +35,7 @@ def test_per_node_environment_reaches_the_batch_script(cluster, slurm_user):
         lines = fh.read().splitlines()
     assert lines == [
         "AWS_EC2_METADATA_SERVICE_ENDPOINT=http://x",
+        f"CKPT_CONFIG={cluster.job_config}",
         f"CKPT_RUNTIME_DIR={cluster.runtime_dir('node2')}",
         f"CKPT_STORE={cluster.store}",
         "CKPT_TEST_MARK=node2 only",
