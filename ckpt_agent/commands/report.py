@@ -84,10 +84,10 @@ def main(args: argparse.Namespace) -> int:
     if args.job_id and not events:
         raise NotFoundError(f"no events of job {args.job_id} in {store.root}")
     prices, _ = effective_prices(cfg.prices, cfg.prices_file)
-    facts = None if args.no_slurm else slurm_facts(Slurm())
+    facts = None if args.no_slurm else slurm_facts(Slurm.from_config(cfg))
     report = build_report(events, prices, since=since, now=now, slurm_facts=facts)
     if args.cloudwatch:
-        put_metrics(_cloudwatch(args.region), args.cloudwatch, report, socket.gethostname())
+        put_metrics(_cloudwatch(args.region), args.cloudwatch, report, cfg.cluster or socket.gethostname())
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0
 

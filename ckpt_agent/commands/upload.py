@@ -1,5 +1,6 @@
-"""`ckpt upload SITE.yaml [--render-dir DIR]`: render, build the bootstrap bundle, upload it to the site's bucket and
-prefix, and print the `pcluster create-cluster` command to run.
+"""`ckpt upload SITE.yaml [--render-dir DIR]`: render, build the bootstrap bundle (with its wheelhouse: this needs a
+package index here, never on the nodes), upload it to s3://BUCKET/PREFIX/<bundle version>, and print the
+`pcluster create-cluster` command to run (for a running cluster: `pcluster update-cluster`, see docs/cluster-setup.md).
 
 Exit codes: 2 for an invalid site file (problems on stderr), 78 for a missing local file, 80 for AWS failures.
 """
@@ -31,11 +32,13 @@ def _s3_client(region: str):
 
 
 def main(args) -> int:
-    rendered = render_to(args.site, args.render_dir)
+    rendered = render_to(args.site, args.render_dir, args.wheel)
     if rendered is None:
         return EXIT_USAGE
-    site, render_dir, _ = rendered
-    target = S3Bundle(site["bundle"]["bucket"], site["bundle"]["prefix"], _s3_client(site["cluster"]["region"]))
+    site, render_dir, _, version = rendered
+    # A new version gets a new prefix: cluster.yaml names it, so `pcluster update-cluster` sees the change.
+    target = S3Bundle(site["bundle"]["bucket"], f"{site['bundle']['prefix']}/{version}",
+                      _s3_client(site["cluster"]["region"]))
     with tempfile.TemporaryDirectory(prefix="ckpt-bundle-") as tmp:
         files = build_bundle(site, args.site, render_dir, tmp, wheel=args.wheel)
         target.upload(tmp, files)
