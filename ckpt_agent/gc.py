@@ -166,7 +166,8 @@ def _prune(job: JobView, now: float, policy: Policy) -> List[Action]:
         else:
             keep = policy.keep_for(job.partition)
             doomed = step.generations[: max(0, len(step.generations) - keep)]
-            why = f"superseded (keep {keep}{', queue ' + job.partition if job.partition in policy.keep_by_queue else ''})"
+            queue = f", queue {job.partition}" if job.partition in policy.keep_by_queue else ""
+            why = f"superseded (keep {keep}{queue})"
         for number, mtime in doomed:
             out.append(Action(job.job_id, "generation", why, step.name, f"gen-{number:06d}", mtime))
         for name, mtime in step.partials:  # reached only with the job lock free: nobody is writing them

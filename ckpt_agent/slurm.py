@@ -182,7 +182,7 @@ class Slurm:
         self.env = dict(env) if env else None
 
     @classmethod
-    def from_config(cls, cfg) -> "Slurm":
+    def from_config(cls, cfg) -> Slurm:
         """The controller as agent.yaml (`slurm_bin_dir`) places its commands."""
         return cls(bin_dir=slurm_bin_dir(getattr(cfg, "slurm_bin_dir", "") or ""))
 

@@ -28,6 +28,7 @@ import base64
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -80,6 +81,18 @@ def pinned(names: Iterable[str]) -> List[str]:
     return out
 
 
+def requirements_of(names: Iterable[str]) -> List[str]:
+    """The agent's own requirement for each package (e.g. `PyYAML>=5.4`), from its installed metadata."""
+    wanted = {n.lower() for n in names}
+    found = []
+    for req in importlib.metadata.requires(DIST_NAME) or []:
+        spec = req.split(";")[0].strip()
+        name = re.split(r"[<>=!~\[ ]", spec, maxsplit=1)[0]
+        if name.lower() in wanted and "extra" not in req:
+            found.append(spec.replace(" ", ""))
+    return found or list(names)
+
+
 def _pip_download(dest: Path, requirements: List[str], python: str, platforms: Tuple[str, ...]) -> None:
     """Binary wheels of `requirements` and their dependencies for one (Python, platform) into `dest`."""
     argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
@@ -105,7 +118,12 @@ def build_wheelhouse(dest: Path, pythons: Iterable[str], architectures: Iterable
     pythons = list(pythons)
     for arch in architectures:
         for python in pythons:
-            download(dest, core, python, PLATFORM_TAGS[arch])
+            try:
+                download(dest, core, python, PLATFORM_TAGS[arch])
+            except ConfigError:
+                # The version installed here has no wheel for this Python (e.g. too new for 3.9): the newest one
+                # that has, within the agent's own requirement.
+                download(dest, requirements_of(NODE_PACKAGES), python, PLATFORM_TAGS[arch])
     # boto3 and its dependencies are pure Python: one download, for the oldest Python, serves them all.
     download(dest, pinned(HEAD_PACKAGES), min(pythons, key=lambda v: tuple(map(int, v.split(".")))), ("any",))
     return sorted(p.name for p in dest.glob("*.whl"))
@@ -135,6 +153,12 @@ def _local_criu_source(site: Dict[str, Any], site_path: str) -> Optional[Path]:
     return local
 
 
+def _checked_wheel(wheel: str) -> Path:
+    if not Path(wheel).is_file() or not Path(wheel).name.startswith("ckpt_agent-"):
+        raise ConfigError(f"{wheel}: not a ckpt_agent wheel")
+    return Path(wheel)
+
+
 def bundle_version(site: Dict[str, Any], node_files: Dict[str, str], wheel: Optional[str] = None) -> str:
     """`b-<12 hex>`: a hash of everything the bundle carries (see the module docstring)."""
     h = hashlib.sha256()
@@ -148,7 +172,7 @@ def bundle_version(site: Dict[str, Any], node_files: Dict[str, str], wheel: Opti
     for rel, path in sorted(bootstrap_sources(site["criu"]["version"]).items()):
         add(rel, path.read_bytes())
     if wheel:
-        add("wheel", Path(wheel).read_bytes())
+        add("wheel", _checked_wheel(wheel).read_bytes())
     else:
         with tempfile.TemporaryDirectory(prefix="ckpt-wheel-") as tmp:
             add("wheel", build_wheel(Path(tmp)).read_bytes())
@@ -213,6 +237,7 @@ def build_bundle(
     download: Downloader = _pip_download,
 ) -> List[str]:
     """Assemble the bundle in `out_dir` (emptied first); return its files, SHA256SUMS last."""
+    local = _local_criu_source(site, site_path)  # a missing file is reported before any download
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -222,14 +247,12 @@ def build_bundle(
         shutil.copyfile(src, out / rel)
         os.chmod(out / rel, 0o755 if rel in BOOTSTRAP_FILES else 0o644)
     if wheel:
-        if not Path(wheel).is_file() or not Path(wheel).name.startswith("ckpt_agent-"):
-            raise ConfigError(f"{wheel}: not a ckpt_agent wheel")
+        _checked_wheel(wheel)
         (out / "wheels").mkdir()
         shutil.copyfile(wheel, out / "wheels" / Path(wheel).name)
     else:
         build_wheel(out / "wheels")
     build_wheelhouse(out / "wheels", site["bundle"]["pythons"], site["bundle"]["architectures"], download)
-    local = _local_criu_source(site, site_path)
     if local is not None:
         (out / "criu").mkdir()
         shutil.copyfile(local, out / "criu" / local.name)

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
-    parser.add_argument("--node", metavar="NAME", help="Slurm node name (default: $SLURMD_NODENAME, else ParallelCluster's "
-                        f"{PCLUSTER_NODENAME_FILE}, else the host name)")
+    parser.add_argument("--node", metavar="NAME",
+                        help="Slurm node name (default: $SLURMD_NODENAME, else ParallelCluster's "
+                             f"{PCLUSTER_NODENAME_FILE}, else the host name)")
     parser.add_argument("--poll-interval", type=float, metavar="SECONDS", help="IMDS poll interval (default 2)")
 
 
