@@ -1,7 +1,8 @@
 """`ckpt gc [--config FILE] [--store DIR] [--grace SECONDS] [--dry-run]`: remove checkpoints nobody needs any more.
 
 Run by the head node's systemd timer (ckpt-gc.timer). Exit codes: 0 done (also when another gc run holds the lock:
-this one does nothing), 74 some removals failed (listed), 76 Slurm could not be asked (nothing removed), 78 configuration.
+this one does nothing), 74 some removals failed (listed), 76 Slurm could not be asked (nothing removed), 78
+configuration.
 """
 
 from __future__ import annotations
