@@ -128,27 +128,27 @@ pkg_install() {
 
 # ---- 1. the bundle -----------------------------------------------------------------------------------------------
 
-fetch() {
-  local rel="$1" dest="$2"
-  mkdir -p "$(dirname "$dest")"
-  case "$BUNDLE" in
-    s3://*) retry "$AWS" s3 cp --only-show-errors "$BUNDLE/$rel" "$dest" || die "cannot download $BUNDLE/$rel" ;;
-    *) cp "$BUNDLE/$rel" "$dest" || die "bundle file missing: $BUNDLE/$rel" ;;
-  esac
-}
-
+# fetch_bundle: the whole versioned prefix in one `aws s3 cp --recursive` (one CLI start, not one per file), then
+# every file checked against SHA256SUMS; a file the manifest does not list is removed, never used.
 fetch_bundle() {
   local rel
   log "fetching the bundle from $BUNDLE"
-  fetch SHA256SUMS "$STAGE/SHA256SUMS"
+  case "$BUNDLE" in
+    s3://*) retry "$AWS" s3 cp --recursive --only-show-errors "$BUNDLE/" "$STAGE/" \
+              || die "cannot download $BUNDLE/ (does this node's instance role grant s3:GetObject there?)" ;;
+    *) cp -R "$BUNDLE/." "$STAGE/" || die "cannot copy the bundle from $BUNDLE" ;;
+  esac
+  [ -f "$STAGE/SHA256SUMS" ] || die "no SHA256SUMS in $BUNDLE: upload it again with 'ckpt upload'"
   # Only names from our own SHA256SUMS, and never outside the staging directory.
   while read -r _ rel; do
     case "$rel" in
       /*|*..*) die "bad file name in $BUNDLE/SHA256SUMS: $rel" ;;
     esac
-    fetch "$rel" "$STAGE/$rel"
   done <"$STAGE/SHA256SUMS"
   (cd "$STAGE" && sha256sum --quiet -c SHA256SUMS) || die "bundle at $BUNDLE fails its SHA256SUMS: upload it again"
+  (cd "$STAGE" && find . -type f ! -name SHA256SUMS -printf '%P\n' | sort \
+     | comm -23 - <(awk '{print $2}' SHA256SUMS | sort) | xargs -r rm -f --) \
+    || die "cannot clean the staged bundle in $STAGE"
 }
 
 read_node_env() {
