@@ -101,7 +101,7 @@ class EmulatedNode:
     # -- building -------------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls) -> "EmulatedNode":
+    def build(cls) -> EmulatedNode:
         kept = os.environ.get("CKPT_TEST_NODE_ROOT")  # working on this test: a root built (and mounted) before
         if kept:
             node = cls(kept)

@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 import pytest
+from node_emulation import NODE_NAME, QUEUE, TEST_BIN, USER, EmulatedNode, unit_command, wait
 
 from ckpt_agent import proc
 from ckpt_agent.commands.render import render_to
 from ckpt_agent.devcluster.imds_server import ImdsServer
 from ckpt_agent.upload import build_bundle
-
-from node_emulation import NODE_NAME, QUEUE, SLURM_BIN, TEST_BIN, USER, EmulatedNode, unit_command, wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.criu]
 
@@ -132,9 +131,10 @@ def bootstrap(node, site, *args):
     step = {"port": free_port(), "bucket": BUCKET, "prefix": site["prefix"], "bundle": str(site["bundle"]),
             "root": node.root, "aws": f"{TEST_BIN}/aws", "systemctl": f"{TEST_BIN}/systemctl",
             "args": [*args, f"s3://{BUCKET}/{site['prefix']}"]}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_SESSION_TOKEN": "testing"}
     out = proc.run(["unshare", "-n", "--", sys.executable, "-c", STEP, json.dumps(step)],
-                   timeout=BOOTSTRAP_TIMEOUT_SECONDS, env={**os.environ, "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"}).stdout
+                   timeout=BOOTSTRAP_TIMEOUT_SECONDS, env=env).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["rc"] == 0, result["stdout"][-3000:] + result["stderr"]
     return result
