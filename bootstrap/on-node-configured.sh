@@ -275,7 +275,9 @@ new_key() {
 
 setup_key_head() {
   local key="$ROOT$CKPT_KEY_FILE" shared="$ROOT$CKPT_SHARED_DIR/secret"
-  install -d -m 0700 "$(dirname "$key")" "$shared"
+  # The config directory stays readable: every user's `ckpt run` reads agent.yaml there; the key itself is 0600.
+  { install -d -m 0755 "$(dirname "$key")" && chmod 0755 "$(dirname "$key")"; } || die "cannot create $(dirname "$key")"
+  install -d -m 0700 "$shared"
   chmod 0700 "$shared"
   if [ ! -s "$key" ]; then
     if [ -s "$shared/node.key" ]; then
@@ -292,7 +294,7 @@ setup_key_head() {
 setup_key_compute() {
   local key="$ROOT$CKPT_KEY_FILE" shared="$ROOT$CKPT_SHARED_DIR/secret/node.key"
   [ -s "$shared" ] || die "the cluster's signing key is missing at $CKPT_SHARED_DIR/secret/node.key: did the head node's OnNodeConfigured finish?"
-  install -d -m 0700 "$(dirname "$key")"
+  { install -d -m 0755 "$(dirname "$key")" && chmod 0755 "$(dirname "$key")"; } || die "cannot create $(dirname "$key")"
   install_file "$shared" "$key" 0600 || log "signing key is current"
 }
 

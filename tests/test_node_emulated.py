@@ -201,6 +201,7 @@ def test_a_users_batch_job_is_checkpointed_and_requeued_on_a_spot_notice(node, a
                                   f"job.out: {(home / 'job.out').read_text() if (home / 'job.out').exists() else ''})",
          node)
     assert json.loads(registration.read_text())["node"] == NODE_NAME
+    assert oct(node.path("/etc/ckpt-agent/node.key").stat().st_mode & 0o777) == "0o600"
     assert node.chroot(["hostname"]).stdout.strip() != NODE_NAME, "the host name must differ from the node name"
 
     imds.inject_spot_notice("terminate", seconds_from_now=120)
