@@ -43,6 +43,9 @@ def main(args) -> int:
         files = build_bundle(site, args.site, render_dir, tmp, wheel=args.wheel)
         target.upload(tmp, files)
     print(f"uploaded {len(files)} files to {target.uri()}/", file=sys.stderr)
+    print(f"bundle version {version}; for a running cluster: pcluster update-cluster --cluster-name "
+          f"{shlex.quote(site['cluster']['name'])} --cluster-configuration "
+          f"{shlex.quote(os.path.join(render_dir, 'cluster.yaml'))}", file=sys.stderr)
     command = [
         "pcluster", "create-cluster",
         "--cluster-name", site["cluster"]["name"],
