@@ -364,3 +364,16 @@ def test_criu_source_from_s3(tmp_path):
     calls = node.calls()
     assert any(c.startswith("aws s3 cp --only-show-errors s3://tools-mirror/criu/c.tar.xz ") for c in calls), calls
     assert " source_exists=yes " in [c for c in calls if c.startswith("install-criu")][0]
+
+
+def test_head_node_without_systemd_falls_back_to_cron(tmp_path, bundle):
+    """Only where no timer can run (no systemd) does the cleanup go to cron, installing a cron daemon if needed."""
+    node = Node(tmp_path)
+    _preinstalled_agent(node, bundle, "[aws]")
+    proc = node.run("head", str(bundle), CKPT_SYSTEMCTL="")
+    cron = node.root / "etc/cron.d/ckpt-gc"
+    assert cron.read_bytes() == (bundle / "head/ckpt-gc.cron").read_bytes() and mode(cron) == 0o644
+    assert "PATH=/opt/slurm/bin:" in cron.read_text()
+    assert not (node.root / "etc/systemd/system/ckpt-gc.timer").exists()
+    assert "pkg-install cronie" in node.calls()
+    assert "the cleanup runs from cron instead of ckpt-gc.timer" in proc.stdout
