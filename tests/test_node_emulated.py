@@ -143,7 +143,12 @@ def bootstrap(node, site, *args):
 @pytest.fixture(scope="module")
 def booted(node, site):
     head = bootstrap(node, site, "head")
+    # One root plays both nodes: the compute node starts without the head node's venv and CRIU, as a new instance.
+    shutil.rmtree(node.path("/opt/ckpt-agent/venv"))
+    for f in ("/usr/local/sbin/criu", "/usr/local/sbin/.criu-patches"):
+        node.path(f).unlink()
     compute = bootstrap(node, site, "compute", QUEUE)
+    assert "installed cached build" in compute["stdout"], "CRIU must come from the cluster's build"
     # The closing note of issue 12 quotes these (cache warm, offline).
     print(f"\nbootstrap time, offline, CRIU cache warm: head {head['seconds']:.1f} s, "
           f"compute {compute['seconds']:.1f} s")
