@@ -82,15 +82,26 @@ def pinned(names: Iterable[str]) -> List[str]:
 
 
 def requirements_of(names: Iterable[str]) -> List[str]:
-    """The agent's own requirement for each package (e.g. `PyYAML>=5.4`), from its installed metadata."""
+    """The agent's own requirement for each package (e.g. `PyYAML>=5.4`, `boto3>=1.28` of an extra), from its
+    installed metadata."""
     wanted = {n.lower() for n in names}
-    found = []
+    found: Dict[str, str] = {}
     for req in importlib.metadata.requires(DIST_NAME) or []:
         spec = req.split(";")[0].strip()
         name = re.split(r"[<>=!~\[ ]", spec, maxsplit=1)[0]
-        if name.lower() in wanted and "extra" not in req:
-            found.append(spec.replace(" ", ""))
-    return found or list(names)
+        if name.lower() in wanted:
+            found.setdefault(name.lower(), spec.replace(" ", ""))
+    return list(found.values()) or list(names)
+
+
+def _download_pinned(download: Downloader, dest: Path, names: Tuple[str, ...], python: str,
+                     platforms: Tuple[str, ...]) -> None:
+    """The versions installed here; where they have no wheel for `python` (too new for 3.9, say), the newest that
+    has, within the agent's own requirements."""
+    try:
+        download(dest, pinned(names), python, platforms)
+    except ConfigError:
+        download(dest, requirements_of(names), python, platforms)
 
 
 def _pip_download(dest: Path, requirements: List[str], python: str, platforms: Tuple[str, ...]) -> None:
@@ -114,18 +125,13 @@ def build_wheelhouse(dest: Path, pythons: Iterable[str], architectures: Iterable
                      download: Downloader = _pip_download) -> List[str]:
     """Download every wheel a node installs into `dest` (flat: pip picks by tags). Returns the wheel names."""
     dest.mkdir(parents=True, exist_ok=True)
-    core = pinned(NODE_PACKAGES)
     pythons = list(pythons)
     for arch in architectures:
         for python in pythons:
-            try:
-                download(dest, core, python, PLATFORM_TAGS[arch])
-            except ConfigError:
-                # The version installed here has no wheel for this Python (e.g. too new for 3.9): the newest one
-                # that has, within the agent's own requirement.
-                download(dest, requirements_of(NODE_PACKAGES), python, PLATFORM_TAGS[arch])
+            _download_pinned(download, dest, NODE_PACKAGES, python, PLATFORM_TAGS[arch])
     # boto3 and its dependencies are pure Python: one download, for the oldest Python, serves them all.
-    download(dest, pinned(HEAD_PACKAGES), min(pythons, key=lambda v: tuple(map(int, v.split(".")))), ("any",))
+    oldest = min(pythons, key=lambda v: tuple(map(int, v.split("."))))
+    _download_pinned(download, dest, HEAD_PACKAGES, oldest, ("any",))
     return sorted(p.name for p in dest.glob("*.whl"))
 
 

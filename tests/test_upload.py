@@ -197,3 +197,14 @@ def test_upload_with_a_given_wheel(s3, site_dir, tmp_path, capsys):
     not_wheel.write_bytes(b"x")
     assert cli.main(["upload", str(site_dir / "site.yaml"), "--wheel", str(not_wheel)]) == EXIT_CONFIG
     assert "not a ckpt_agent wheel" in capsys.readouterr().err
+
+
+def test_wheelhouse_serves_an_older_python_than_the_installed_versions_support(tmp_path):
+    """A real `pip download` for Python 3.9 (Amazon Linux 2023's): where the versions installed here have no wheel
+    for it (boto3 dropped 3.9), the newest that has one, within the agent's requirements."""
+    names = upload.build_wheelhouse(tmp_path / "w", ["3.9"], ["aarch64"])
+    lowered = [n.lower() for n in names]
+    for package in ("pyyaml", "zstandard", "boto3", "botocore"):
+        assert any(n.startswith(package + "-") for n in lowered), (package, names)
+    binary = [n for n in lowered if not n.endswith("-none-any.whl")]
+    assert binary and all("cp39" in n and "aarch64" in n for n in binary), binary
