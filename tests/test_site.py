@@ -139,3 +139,16 @@ def test_read_errors_are_config_errors(tmp_path):
     path.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_site(str(path))
+
+
+def test_issue_12_keys_are_checked():
+    prefix = "  prefix: ckpt-agent/eda-spot\n"
+    text = EXAMPLE.read_text().replace(prefix, prefix + "  pythons: ['2.7']\n  architectures: [ppc64le]\n")
+    text = text.replace("  instance_type: m6i.xlarge", "  instance_type: m6i.xlarge\n  custom_actions:\n"
+                        "    on_node_configured: {before: [{script: /local/file.sh}]}\n"
+                        "  iam: {additional_policies: [not-an-arn]}")
+    found = "\n".join(problems_of(text))
+    assert "bundle.pythons[0]: must be one of 3.9, 3.10, 3.11, 3.12, 3.13, got '2.7'" in found, found
+    assert "bundle.architectures[0]" in found
+    assert "head_node.custom_actions.on_node_configured.before[0].script" in found
+    assert "head_node.iam.additional_policies[0]" in found
