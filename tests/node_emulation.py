@@ -9,6 +9,8 @@ The layout that matters (aws-parallelcluster-cookbook, see docs/cluster-setup.md
 - no systemd: units are run by a small runner that reads them (`unit_command`).
 
 Downloaded .debs are cached in DEB_CACHE (never anything built); the root itself lives for one test session.
+Working on the test: CKPT_TEST_NODE_ROOT=<a root built and mounted by an earlier `EmulatedNode.build()`> reuses it
+(and keeps it).
 Every mount is undone (lazily, then checked against /proc/self/mountinfo) before the root is removed.
 """
 
