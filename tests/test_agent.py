@@ -219,7 +219,8 @@ def test_a_registration_under_another_node_name_is_checkpointed_and_logged(imds,
     store.mkdir()
     sock = str(runtime / "jobs" / "302.main.sock")
     (runtime / "jobs" / "302.main.json").write_text(
-        json.dumps({"job_id": "302", "step": "main", "uid": 0, "node": "ip-10-0-1-23", "socket": sock}))
+        json.dumps({"job_id": "302", "step": "main", "uid": 0, "node": "ip-10-0-1-23", "socket": sock,
+                    "pid": os.getpid()}))
     agent = make_agent(imds, runtime, store, RecordingSlurm())
     with caplog.at_level("ERROR", logger="ckpt_agent.agent"):
         regs = agent.handler.jobs_here()
