@@ -12,6 +12,8 @@ The wrapper registers in the runtime directory (a JSON file and a control socket
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from . import control
 from .engine import JobState
-from .errors import EXIT_FINAL, CkptError, NotFoundError
+from .errors import EXIT_FINAL, AlreadyRunning, CkptError, NotFoundError, StoreError
 from .events import emit, load_instance, node_name
 from .store import CheckpointStore, iso, utcnow, write_atomic
 
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
 RELAY_BUFFER_BYTES = 1 << 16
+RUN_LOCK = "run.lock"  # <store>/<job>/<step>/run.lock: held (flock) by the one live wrapper of the step
+# a failed periodic checkpoint (a full store...) is retried after this, doubling up to the interval
+RETRY_FIRST_SECONDS = 15.0
 
 
 def registration_dir(runtime_dir: str) -> str:
@@ -72,6 +77,64 @@ def list_registrations(runtime_dir: str) -> List[Dict[str, Any]]:
             except (OSError, ValueError):
                 continue
     return out
+
+
+class StepLock:
+    """One live wrapper per job step: an exclusive flock on <step>/run.lock in the store, held for the wrapper's life.
+
+    The store is the one place every node of the cluster shares, so a second wrapper is refused wherever it runs
+    (FSx for Lustre and NFSv4 grant flock cluster-wide). Stale-lock rule: the kernel (or the file system's lock
+    manager, which evicts a node that stops answering) releases the lock when its holder dies, so a crashed wrapper
+    or a lost node never blocks the step for good; the holder's pid, node and start time are written into the file
+    only to name it in the refusal.
+    """
+
+    def __init__(self, store: CheckpointStore, job_id: str, step: str):
+        self.path = os.path.join(store.step_dir(job_id, step), RUN_LOCK)
+        self.job_id, self.step = job_id, step
+        self.fd: Optional[int] = None
+
+    def acquire(self, node: str, cwd: str) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot open {self.path}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_small(fd)
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StoreError(f"cannot lock {self.path}: {e.strerror}") from e
+            who = ""
+            try:
+                h = json.loads(holder)
+                who = f" (pid {h['pid']} on node {h['node']}, started {h['started']} in {h['cwd']})"
+            except (ValueError, KeyError, TypeError):
+                pass
+            raise AlreadyRunning(
+                f"job {self.job_id} step {self.step} is already running under another ckpt run{who}; "
+                f"refusing to start a second copy (lock {self.path})"
+            ) from None
+        self.fd = fd
+        info = {"pid": os.getpid(), "node": node, "started": iso(utcnow()), "cwd": cwd}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError as e:  # only informative: the lock itself is held
+            log.warning("cannot record the lock holder in %s: %s", self.path, e.strerror)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # the flock goes with the last descriptor
+            self.fd = None
+
+
+def _read_small(fd: int) -> str:
+    try:
+        return os.pread(fd, 4096, 0).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class Relay:
@@ -135,14 +198,27 @@ class Runner:
 
     # --- main ---------------------------------------------------------------------------------------------------
     def run(self) -> int:
+        """1. take the step's run lock (a second live wrapper is refused here, before it touches anything);
+        2. a finished step returns its recorded status; 3. sweep partial checkpoints dead wrappers left;
+        4. launch or restore, relay, register, checkpoint periodically until the tree ends."""
         o = self.opts
-        done = self.store.result(o.job_id, o.step) if os.path.isdir(self.store.step_dir(o.job_id, o.step)) else None
+        self.store.ensure_job(o.job_id, o.step, os.getuid(), os.getgid())
+        lock = StepLock(self.store, o.job_id, o.step)
+        lock.acquire(self.node, o.cwd)
+        try:
+            return self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> int:
+        o = self.opts
+        done = self.store.result(o.job_id, o.step)
         if done is not None:
             code = int(done["exit_status"])
             print(f"ckpt: job {o.job_id} step {o.step} already finished with status {code}; not running it again",
                   file=sys.stderr, flush=True)
             return code
-        self.store.ensure_job(o.job_id, o.step, os.getuid(), os.getgid())
+        self._sweep_partials()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         st_r, st_w = os.pipe()
@@ -192,6 +268,19 @@ class Runner:
              how="launched", argv=o.argv, cwd=o.cwd)
         return pid
 
+    def _sweep_partials(self) -> None:
+        """Partial checkpoints of this step can only be debris of a dead wrapper now that we hold its run lock;
+        they go when nobody writes to the job (its lock is free). Ones we may not remove (an agent's, for a user's
+        job) are left to `ckpt gc`."""
+        o = self.opts
+        with self.store.job_lock(o.job_id, exclusive=True, blocking=False) as got:
+            if not got:
+                return
+            for partial in self.store.partials(o.job_id, o.step):
+                self.store.abort(partial)
+                if not os.path.exists(partial):
+                    log.info("removed %s, left by a checkpoint that did not finish", partial)
+
     def _excluded_paths(self) -> set:
         """Never capture (and so never put back) our own output files, the runtime dir or the store."""
         out = {os.path.abspath(self.opts.runtime_dir)}
@@ -238,12 +327,23 @@ class Runner:
                  how="interrupted", generation=self.last_checkpoint)
             return EXIT_FINAL
         status = 137 if code is None else code
-        self.store.record_result(o.job_id, o.step, status)
+        try:
+            self.store.record_result(o.job_id, o.step, status)
+        except (OSError, CkptError) as e:  # the tool's status is the answer, whatever happens to the store
+            where = getattr(e, "filename", None) or self.store.step_dir(o.job_id, o.step)
+            why = getattr(e, "strerror", None) or str(e)
+            print(f"ckpt: cannot record that job {o.job_id} step {o.step} finished with status {status} "
+                  f"({where}: {why}); a rerun would resume it from its last checkpoint", file=sys.stderr, flush=True)
+            log.error("cannot record the result of job %s step %s: %s: %s", o.job_id, o.step, where, why)
+            return status
         emit(self.store, o.job_id, "segment_ended", node=self.node, instance=self.instance, step=o.step,
              how="completed" if status == 0 else "failed", exit_status=status)
-        # a finished step needs no checkpoint: free the space now rather than at job end
-        self.store.prune(o.job_id, o.step, 0)
-        self.store.sweep_chunks(o.job_id)
+        # a finished step needs no checkpoint: free the space now rather than at job end (gc does it otherwise)
+        try:
+            self.store.prune(o.job_id, o.step, 0)
+            self.store.sweep_chunks(o.job_id)
+        except (OSError, CkptError) as e:
+            log.warning("cannot remove the checkpoints of finished job %s step %s: %s", o.job_id, o.step, e)
         return status
 
     # --- signals, registration, control -------------------------------------------------------------------------
@@ -308,7 +408,10 @@ class Runner:
             emit(self.store, o.job_id, "checkpoint_started", node=self.node, instance=self.instance, step=o.step,
                  final=final, reason=reason)
             try:
-                res = self.backend.checkpoint(self.job, final=final, reason=reason, timeout=timeout)
+                try:
+                    res = self.backend.checkpoint(self.job, final=final, reason=reason, timeout=timeout)
+                except OSError as e:  # the engine names paths; this is the net under it
+                    raise StoreError(f"{e.filename or self.store.root}: {e.strerror or e}") from e
             except CkptError as e:
                 emit(self.store, o.job_id, "checkpoint_failed", node=self.node, instance=self.instance, step=o.step,
                      final=final, reason=reason, error=str(e))
@@ -328,8 +431,23 @@ class Runner:
                     "bytes_in": res.bytes_in, "seconds": round(res.total_seconds, 3), "created": res.created}
 
     def _periodic(self) -> None:
-        while not self._stop.wait(self.opts.interval):
+        """Checkpoint every interval for as long as the tool runs. No failure ends this thread: a failed checkpoint
+        (a full or read-only store, a CRIU error, a bug) is recorded as a `checkpoint_failed` event, then retried
+        after RETRY_FIRST_SECONDS, doubling up to the interval, so checkpoints resume as soon as the store does."""
+        failures = 0
+        delay = self.opts.interval
+        while not self._stop.wait(delay):
             try:
                 self.checkpoint(final=False, reason="periodic")
-            except CkptError as e:
-                log.warning("periodic checkpoint failed: %s", e)
+                failures = 0
+            except CkptError as e:  # already recorded and reported by checkpoint()
+                failures += 1
+                log.warning("periodic checkpoint failed (%d in a row): %s", failures, e)
+            except Exception as e:  # a bug: record it too, never let it end the periodic checkpoints
+                failures += 1
+                log.exception("periodic checkpoint failed with an internal error")
+                emit(self.store, self.opts.job_id, "checkpoint_failed", node=self.node, instance=self.instance,
+                     step=self.opts.step, final=False, reason="periodic", error=f"{type(e).__name__}: {e}")
+            delay = self.opts.interval
+            if failures:
+                delay = min(self.opts.interval, RETRY_FIRST_SECONDS * 2 ** (failures - 1))

@@ -42,6 +42,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         actuator = DryRunActuator() if args.dry_run else RemoveActuator()
         out = GarbageCollector(store, Slurm(), policy, actuator).run()
+        if not args.dry_run:  # this node's staging images of checkpointers that died (RAM in /dev/shm)
+            from ..engine import STAGING_BASES, sweep_staging
+
+            extra = () if cfg.checkpoint.staging_dir == "auto" else (cfg.checkpoint.staging_dir,)
+            for path in sweep_staging(STAGING_BASES + extra):
+                print(f"removed {path}: staging images of a checkpointer that died")
     finally:
         lock.release()
     for what, why in out.skipped:
