@@ -291,7 +291,8 @@ class Engine:
                     "stats": {
                         "bytes_in": stats.bytes_in, "bytes_new": stats.bytes_new,
                         "bytes_written": stats.bytes_written, "chunks_new": stats.chunks_new,
-                        "chunks_reused": stats.chunks_reused, "frozen_seconds": round(t_frozen, 3),
+                        "chunks_reused": stats.chunks_reused, "chunks_verified": stats.chunks_verified,
+                        "chunks_repaired": stats.chunks_repaired, "frozen_seconds": round(t_frozen, 3),
                         **{k: round(v, 3) for k, v in timings.items()},
                     },
                 }

@@ -1,5 +1,9 @@
 """Lifecycle events as JSON lines with fixed snake_case keys: appended to the job's events file in the store (the
-report and the demo read them) and logged (to the journal when the agent runs under systemd)."""
+report and the demo read them) and logged (to the journal when the agent runs under systemd).
+
+An event the store cannot take (a full or read-only file system, a vanished job directory) is logged and kept in
+memory, at most MAX_UNWRITTEN_EVENTS per job, and written before the job's next event once the store takes writes
+again: a `checkpoint_failed` on a full disk reaches events.jsonl, with its own time, when space returns."""
 
 from __future__ import annotations
 
@@ -7,11 +11,17 @@ import json
 import logging
 import os
 import socket
-from typing import Any, Dict, Optional
+import threading
+from typing import Any, Dict, List, Optional, Tuple
 
+from .errors import CkptError
 from .store import CheckpointStore, iso, utcnow
 
 log = logging.getLogger("ckpt.events")
+
+MAX_UNWRITTEN_EVENTS = 1000  # per job: a few hours of failed periodic checkpoints; older ones are only in the log
+_unwritten: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}  # (store root, job id) -> events not yet in the store
+_unwritten_lock = threading.Lock()
 
 
 def node_name() -> str:
@@ -44,8 +54,23 @@ def emit(
     record.update(fields)
     log.info("%s", json.dumps(record, sort_keys=True))
     if store is not None and job_id:
-        try:
-            store.append_event(job_id, record)
-        except OSError as e:
-            log.warning("cannot record event %s for job %s: %s", event, job_id, e.strerror)
+        _append(store, job_id, record)
     return record
+
+
+def _append(store: CheckpointStore, job_id: str, record: Dict[str, Any]) -> None:
+    """Append the job's unwritten events, oldest first, then this one; keep what the store refuses."""
+    key = (store.root, job_id)
+    with _unwritten_lock:
+        queue = _unwritten.setdefault(key, [])
+        queue.append(record)
+        try:
+            while queue:
+                store.append_event(job_id, queue[0])
+                queue.pop(0)
+        except (OSError, CkptError) as e:
+            log.warning("cannot record event %s for job %s (%d kept to retry): %s", record["event"], job_id,
+                        len(queue), getattr(e, "strerror", None) or e)
+            del queue[:-MAX_UNWRITTEN_EVENTS]
+        if not queue:
+            del _unwritten[key]

@@ -440,9 +440,9 @@ class Runner:
             try:
                 self.checkpoint(final=False, reason="periodic")
                 failures = 0
-            except CkptError as e:  # already recorded and reported by checkpoint()
+            except CkptError as e:  # already recorded and reported (one stderr line) by checkpoint()
                 failures += 1
-                log.warning("periodic checkpoint failed (%d in a row): %s", failures, e)
+                log.debug("periodic checkpoint failed (%d in a row): %s", failures, e)
             except Exception as e:  # a bug: record it too, never let it end the periodic checkpoints
                 failures += 1
                 log.exception("periodic checkpoint failed with an internal error")

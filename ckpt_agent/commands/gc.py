@@ -40,14 +40,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"ckpt gc: another gc run holds {lock.path}; nothing done", file=sys.stderr)
         return 0
     try:
-        actuator = DryRunActuator() if args.dry_run else RemoveActuator()
-        out = GarbageCollector(store, Slurm(), policy, actuator).run()
         if not args.dry_run:  # this node's staging images of checkpointers that died (RAM in /dev/shm)
             from ..engine import STAGING_BASES, sweep_staging
 
             extra = () if cfg.checkpoint.staging_dir == "auto" else (cfg.checkpoint.staging_dir,)
             for path in sweep_staging(STAGING_BASES + extra):
                 print(f"removed {path}: staging images of a checkpointer that died")
+        actuator = DryRunActuator() if args.dry_run else RemoveActuator()
+        out = GarbageCollector(store, Slurm(), policy, actuator).run()
     finally:
         lock.release()
     for what, why in out.skipped:
