@@ -239,7 +239,10 @@ def test_job_directory_removed_during_a_checkpoint_gives_74(ck, tmp_path):
 
 
 # --- defect 6: a wrapper killed mid-checkpoint ----------------------------------------------------------------------
-def test_wrapper_killed_during_a_checkpoint_leaves_no_frozen_tool_and_no_debris(ck, tmp_path):
+@pytest.mark.parametrize("final", [False, True], ids=["periodic", "final"])
+def test_wrapper_killed_during_a_checkpoint_leaves_no_frozen_tool_and_no_debris(ck, tmp_path, final):
+    """kill -9 of the wrapper while CRIU dumps: CRIU finishes with the tree stopped (--leave-stopped) and nobody
+    is left to resume it but the dump guard. Nothing committed: the tool must run on, whatever the kind."""
     env, store, runtime = ck
     work = tmp_path / "work"
     work.mkdir()
@@ -251,8 +254,8 @@ def test_wrapper_killed_during_a_checkpoint_leaves_no_frozen_tool_and_no_debris(
         wait_for(lambda: (work / "ready").exists() and registered(runtime, "305"), 60, "the tool to fill memory")
         assert run_ckpt("checkpoint", "--job-id", "305", env=env).returncode == 0
         init_pid = json.loads((runtime / "jobs" / "305.main.json").read_text())["init_pid"]
-        checkpoint = subprocess.Popen(ckpt_cmd("checkpoint", "--job-id", "305"), env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        checkpoint = subprocess.Popen(ckpt_cmd("checkpoint", "--job-id", "305", *(["--final"] if final else [])),
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # the dump has started: CRIU is writing images into the wrapper's staging directory
         wait_for(lambda: any(any(d.glob("pages-*.img")) for d in staging_dirs(proc.pid)), 60, "the dump to start")
         os.kill(proc.pid, signal.SIGKILL)  # only the wrapper: the tool and CRIU live on
