@@ -49,7 +49,8 @@ from .usercreds import Creds
 log = logging.getLogger(__name__)
 
 SHM_HEADROOM_BYTES = 512 << 20  # keep this much RAM free beyond the images when staging them in tmpfs
-STAGING_BASES = ("/dev/shm/ckpt-agent", "/var/tmp/ckpt-agent")  # where dump images are staged ("auto")
+SHM_STAGING, DISK_STAGING = "/dev/shm/ckpt-agent", "/var/tmp/ckpt-agent"  # images in RAM when it fits, else disk
+STAGING_BASES = (SHM_STAGING, DISK_STAGING)  # where dump images are staged (staging_dir "auto")
 _DUMP_STAGE_RE = re.compile(r"^dump\.(\d+)\.")  # dump.<checkpointer pid>.<job>.<step>.<random>
 # a periodic checkpoint verifies the reused chunks whose digest falls in one of this many slices, in turn: every
 # chunk at rest is re-read at least once per SCRUB_SLICES periodic checkpoints, at 1/SCRUB_SLICES of the cost of
@@ -340,11 +341,11 @@ class Engine:
         base = self.settings.staging_dir
         if base == "auto":
             need = capture.tree_rss_bytes(capture.ns_pids(job.init_pid)) + SHM_HEADROOM_BYTES
-            base = "/var/tmp/ckpt-agent"
+            base = DISK_STAGING
             try:
                 st = os.statvfs("/dev/shm")
                 if st.f_bavail * st.f_frsize > need and _mem_available() > need:
-                    base = "/dev/shm/ckpt-agent"
+                    base = SHM_STAGING
             except OSError:
                 pass
         os.makedirs(base, mode=0o700, exist_ok=True)
@@ -447,11 +448,11 @@ def _mem_available() -> int:
 def _restore_base(manifest: Dict[str, Any]) -> str:
     """Rebuild images in tmpfs when memory allows (CRIU reads them once, fast), else on local disk."""
     need = sum(int(i.get("size", 0)) for i in manifest.get("images", [])) + SHM_HEADROOM_BYTES
-    base = "/var/tmp/ckpt-agent"
+    base = DISK_STAGING
     try:
         st = os.statvfs("/dev/shm")
         if st.f_bavail * st.f_frsize > need and _mem_available() > 2 * need:
-            base = "/dev/shm/ckpt-agent"
+            base = SHM_STAGING
     except OSError:
         pass
     os.makedirs(base, mode=0o700, exist_ok=True)

@@ -62,11 +62,13 @@ def _append(store: CheckpointStore, job_id: str, record: Dict[str, Any]) -> None
     """Append the job's unwritten events, oldest first, then this one; keep what the store refuses."""
     key = (store.root, job_id)
     with _unwritten_lock:
+        failed_before = key in _unwritten  # the failed write may have left half a line
         queue = _unwritten.setdefault(key, [])
         queue.append(record)
         try:
             while queue:
-                store.append_event(job_id, queue[0])
+                store.append_event(job_id, queue[0], new_line=failed_before)
+                failed_before = False
                 queue.pop(0)
         except (OSError, CkptError) as e:
             log.warning("cannot record event %s for job %s (%d kept to retry): %s", record["event"], job_id,
