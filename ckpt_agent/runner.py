@@ -412,10 +412,12 @@ class Runner:
                     res = self.backend.checkpoint(self.job, final=final, reason=reason, timeout=timeout)
                 except OSError as e:  # the engine names paths; this is the net under it
                     raise StoreError(f"{e.filename or self.store.root}: {e.strerror or e}") from e
-            except CkptError as e:
+            except Exception as e:  # whatever failed (a bug too) is recorded; the tool runs on
+                error = str(e) if isinstance(e, CkptError) else f"internal error: {type(e).__name__}: {e}"
                 emit(self.store, o.job_id, "checkpoint_failed", node=self.node, instance=self.instance, step=o.step,
-                     final=final, reason=reason, error=str(e))
-                print(f"ckpt: checkpoint of job {o.job_id} step {o.step} failed: {e}", file=sys.stderr, flush=True)
+                     final=final, reason=reason, error=error)
+                print(f"ckpt: checkpoint of job {o.job_id} step {o.step} failed: {error}", file=sys.stderr,
+                      flush=True)
                 raise
             if final:
                 self._stopped_by_final = True
@@ -440,14 +442,9 @@ class Runner:
             try:
                 self.checkpoint(final=False, reason="periodic")
                 failures = 0
-            except CkptError as e:  # already recorded and reported (one stderr line) by checkpoint()
+            except Exception as e:  # recorded and reported (one stderr line) by checkpoint(); never ends the loop
                 failures += 1
-                log.debug("periodic checkpoint failed (%d in a row): %s", failures, e)
-            except Exception as e:  # a bug: record it too, never let it end the periodic checkpoints
-                failures += 1
-                log.exception("periodic checkpoint failed with an internal error")
-                emit(self.store, self.opts.job_id, "checkpoint_failed", node=self.node, instance=self.instance,
-                     step=self.opts.step, final=False, reason="periodic", error=f"{type(e).__name__}: {e}")
+                log.debug("periodic checkpoint failed (%d in a row): %s", failures, e, exc_info=True)
             delay = self.opts.interval
             if failures:
                 delay = min(self.opts.interval, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
