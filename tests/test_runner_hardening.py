@@ -307,3 +307,45 @@ def test_staging_of_a_dead_checkpointer_is_swept_at_the_next_start_and_by_gc(ck,
     finally:
         shutil.rmtree(debris, ignore_errors=True)
         shutil.rmtree(live, ignore_errors=True)
+
+
+def criu_dumping(init_pid: int):
+    """The pid of the `criu dump` of this tree, once it runs."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"criu") and b"dump" in argv and str(init_pid).encode() in argv:
+            return int(name)
+    return None
+
+
+def test_criu_killed_during_the_dump_leaves_the_tool_running(ck, tmp_path):
+    env, store, runtime = ck
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["python3", str(TOOLS / "memtool.py"), "256", "5"]
+    proc = start_ckpt("run", "--job-id", "307", "--interval", "1000", "--", *argv, env=env, cwd=work,
+                      out=tmp_path / "o", err=tmp_path / "e")
+    try:
+        wait_for(lambda: (work / "ready").exists() and registered(runtime, "307"), 60, "the tool to fill memory")
+        init_pid = json.loads((runtime / "jobs" / "307.main.json").read_text())["init_pid"]
+        checkpoint = subprocess.Popen(ckpt_cmd("checkpoint", "--job-id", "307"), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+        criu = wait_for(lambda: criu_dumping(init_pid), 60, "criu dump to start")
+        wait_for(lambda: any(any(d.glob("pages-*.img")) for d in staging_dirs(proc.pid)), 60, "pages being dumped")
+        os.kill(criu, signal.SIGKILL)
+        _, err = checkpoint.communicate(timeout=60)
+        assert checkpoint.returncode == 69, err
+        assert "criu dump failed" in err and len(err.strip().splitlines()) == 1
+        wait_for(lambda: process_state(init_pid) not in ("T", "t"), 30, "the tool to run again")
+        assert not staging_dirs(proc.pid) and not list((store / "307" / "main").glob("gen-*"))
+        (work / "mutate").touch()
+        (work / "stop").touch()
+        assert proc.wait(timeout=60) == 0
+        assert (tmp_path / "o").read_text().startswith("checksum ")
+    finally:
+        stop_all(proc, runtime, "307")
