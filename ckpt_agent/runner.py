@@ -27,7 +27,7 @@ from . import control
 from .engine import JobState
 from .errors import EXIT_FINAL, AlreadyRunning, CkptError, NotFoundError, StoreError
 from .events import emit, load_instance, node_name
-from .store import CheckpointStore, iso, utcnow, write_atomic
+from .store import CheckpointStore, iso, parse_iso, utcnow, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ RELAY_BUFFER_BYTES = 1 << 16
 RUN_LOCK = "run.lock"  # <store>/<job>/<step>/run.lock: held (flock) by the one live wrapper of the step
 # a failed periodic checkpoint (a full store...) is retried after this, doubling up to the interval
 RETRY_FIRST_SECONDS = 15.0
+BOOT_TIME_SLACK_SECONDS = 2.0  # /proc/stat's btime is whole seconds: process start times are this exact at best
 
 
 def registration_dir(runtime_dir: str) -> str:
@@ -130,6 +131,22 @@ class StepLock:
             self.fd = None
 
 
+def _is_job_init(pid: int, registered_at: float) -> bool:
+    """Whether `pid` is still the namespace init a registration written at `registered_at` names: an nsinit that
+    started before the registration (a recycled pid started later)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            start_ticks = int(fh.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith(b"btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    started = boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    return len(argv) > 3 and argv[3].endswith(b"nsinit.py") and started <= registered_at + BOOT_TIME_SLACK_SECONDS
+
+
 def _read_small(fd: int) -> str:
     try:
         return os.pread(fd, 4096, 0).decode(errors="replace")
@@ -218,6 +235,7 @@ class Runner:
             print(f"ckpt: job {o.job_id} step {o.step} already finished with status {code}; not running it again",
                   file=sys.stderr, flush=True)
             return code
+        self._refuse_orphaned_tool()
         self._sweep_partials()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -267,6 +285,22 @@ class Runner:
         emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
              how="launched", argv=o.argv, cwd=o.cwd)
         return pid
+
+    def _refuse_orphaned_tool(self) -> None:
+        """A wrapper killed on this node can leave its tool running (outside Slurm nothing ends it): restoring the
+        step under it would put its files back in time, so the step is refused until that tool is stopped."""
+        o = self.opts
+        try:
+            reg = find_registration(o.runtime_dir, o.job_id, o.step)
+            init_pid = int(reg.get("init_pid") or 0)
+            started = parse_iso(str(reg.get("started"))).timestamp()
+        except (CkptError, ValueError, TypeError):
+            return
+        if init_pid > 0 and _is_job_init(init_pid, started):
+            raise AlreadyRunning(
+                f"job {o.job_id} step {o.step}: the tool of a ckpt run that ended (pid {reg.get('pid')}) still runs "
+                f"as namespace init {init_pid}; stop it (kill -9 {init_pid}) before running the step again"
+            )
 
     def _sweep_partials(self) -> None:
         """Partial checkpoints of this step can only be debris of a dead wrapper now that we hold its run lock;

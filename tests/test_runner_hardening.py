@@ -267,9 +267,13 @@ def test_wrapper_killed_during_a_checkpoint_leaves_no_frozen_tool_and_no_debris(
         assert process_state(init_pid) != "gone"
         assert list((store / "305" / "main").glob("gen-*.partial-*")), "the dead wrapper's partial is left"
 
+        # the tool runs on without its wrapper: running the step again now would restore under it
+        again = run_ckpt("run", "--job-id", "305", "--", *argv, env=env, cwd=work, timeout=60)
+        assert again.returncode == EXIT_BUSY, again.stderr
+        assert f"still runs as namespace init {init_pid}" in again.stderr
+        assert len(again.stderr.strip().splitlines()) == 1
         # Slurm would end the job step now; the requeued job starts again and sweeps what the dead wrapper left
-        for pid in (init_pid,):
-            os.kill(pid, signal.SIGKILL)
+        os.kill(init_pid, signal.SIGKILL)
         wait_for(lambda: process_state(init_pid) == "gone", 30, "the tool to end")
         (work / "mutate").touch()
         (work / "stop").touch()
