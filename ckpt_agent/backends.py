@@ -10,7 +10,6 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from . import control, launcher
 from .engine import CheckpointResult, Engine, JobState, RestoreResult
-from .errors import CkptError
 
 PIPE_ORDER = ("stdout", "stderr", "status")
 
@@ -45,12 +44,7 @@ class AgentBackend:
         self.socket_path = socket_path
 
     def _call(self, payload: Dict[str, Any], fds=()) -> Dict[str, Any]:
-        reply = control.request(self.socket_path, payload, fds=fds)
-        if not reply.get("ok"):
-            err = CkptError(f"node agent: {reply.get('error', 'request failed')}")
-            err.exit_code = int(reply.get("exit_code", 70))
-            raise err
-        return reply
+        return control.raise_for_reply(control.request(self.socket_path, payload, fds=fds), "node agent: ")
 
     def launch(self, argv: List[str], cwd: str, env: Mapping[str, str], pipes: Dict[str, int], job_id: str,
                step: str) -> int:

@@ -41,6 +41,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import zstandard
 
 from .errors import DamagedCheckpointError, StoreError
+from .usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,10 @@ class ChunkStore:
         owner: Optional[Tuple[int, int]] = None,
     ):
         self.root = root
-        self.owner = owner  # (uid, gid) the agent gives chunks it writes for an ordinary user's job
+        self.owner = owner  # (uid, gid) of an ordinary user's job the agent writes chunks for
+        # ... with the user's file-system identity: chunks are the user's, and a link the user plants in the job
+        # directory leads only where the user could write anyway
+        self._creds = Creds(owner[0], owner[1], (owner[1],)) if owner else None
         self.compress = compression == "zstd"
         self.known: Dict[str, str] = dict(known or {})
         self._lock = threading.Lock()
@@ -240,7 +244,8 @@ class ChunkStore:
 
     def _stored_equals(self, ref: ChunkRef, data: bytes) -> bool:
         try:
-            fd = os.open(self.path(ref), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with acting_as(self._creds):
+                fd = os.open(self.path(ref), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return False
         try:
@@ -265,34 +270,31 @@ class ChunkStore:
         with self._lock:
             self._verified.add(digest)
         final = self.path(ref)
-        if os.path.exists(final):
-            return ref, 0
-        return ref, self._write_file(final, payload)
+        with acting_as(self._creds):
+            if os.path.exists(final):
+                return ref, 0
+            return ref, self._write_file(final, payload)
 
     def _write_file(self, final: str, payload: bytes, replace: bool = False) -> int:
-        """Write a chunk file under a temporary name, then rename it into place (over a rotten one: `replace`)."""
-        prefix_dir = os.path.dirname(final)
-        if not os.path.isdir(prefix_dir):
-            os.makedirs(prefix_dir, mode=0o700, exist_ok=True)
-            if self.owner:
-                os.chown(prefix_dir, *self.owner)
+        """Write a chunk file under a temporary name, then rename it into place (over a rotten one: `replace`),
+        with the user's file-system identity when acting for a user's job."""
         tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
-        try:
-            # never write through a link planted under the temp name (a user's job directory, the root agent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with acting_as(self._creds):
             try:
-                _write_all(fd, payload)
-                if self.owner:
-                    os.fchown(fd, *self.owner)
-                start_writeback(fd)
-            finally:
-                os.close(fd)
-            if replace and os.path.islink(final):
-                os.unlink(final)
-            os.rename(tmp, final)
-        except OSError as e:  # a full or read-only store: name the chunk, leave no temporary file behind
-            _unlink_quiet(tmp)
-            raise StoreError(f"cannot write chunk {final}: {e.strerror or e}") from e
+                prefix_dir = os.path.dirname(final)
+                if not os.path.isdir(prefix_dir):
+                    os.makedirs(prefix_dir, mode=0o700, exist_ok=True)
+                # never write through a link planted under the temp name
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+                try:
+                    _write_all(fd, payload)
+                    start_writeback(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, final)  # over a rotten chunk, or a link planted in its place, not through it
+            except OSError as e:  # a full or read-only store: name the chunk, leave no temporary file behind
+                _unlink_quiet(tmp)
+                raise StoreError(f"cannot write chunk {final}: {e.strerror or e}") from e
         return len(payload)
 
     def get(self, ref: ChunkRef, where: str = "") -> bytes:

@@ -9,9 +9,11 @@ import os
 import socket
 import struct
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from .errors import AgentUnreachable, CkptError
+from .errors import AgentUnreachable, CkptError, PermissionDenied, error_for_exit_code
+from .usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class ControlServer:
         self.sock.listen(16)
         self._closed = False
         self.thread = threading.Thread(target=self._serve, name=f"control:{os.path.basename(path)}", daemon=True)
+        self._inflight: Set[threading.Thread] = set()
+        self._inflight_lock = threading.Lock()
 
     def start(self) -> ControlServer:
         self.thread.start()
@@ -70,9 +74,19 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            t = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            with self._inflight_lock:
+                self._inflight.add(t)
+            t.start()
 
     def _handle(self, conn: socket.socket) -> None:
+        try:
+            self._answer(conn)
+        finally:
+            with self._inflight_lock:
+                self._inflight.discard(threading.current_thread())
+
+    def _answer(self, conn: socket.socket) -> None:
         fds: List[int] = []
         with conn:
             try:
@@ -98,7 +112,9 @@ class ControlServer:
             except OSError:
                 pass
 
-    def close(self) -> None:
+    def close(self, wait: float = 0.0) -> int:
+        """Stop accepting requests; then wait up to `wait` seconds for the requests in progress (a checkpoint or
+        restore the agent is doing for a job) to finish and answer. Returns how many were still running."""
         self._closed = True
         try:
             self.sock.close()
@@ -107,6 +123,14 @@ class ControlServer:
                 os.unlink(self.path)
             except OSError:
                 pass
+        deadline = time.monotonic() + wait
+        while True:
+            with self._inflight_lock:
+                running = [t for t in self._inflight if t.is_alive()]
+            left = deadline - time.monotonic()
+            if not running or left <= 0:
+                return len(running)
+            running[0].join(min(left, 0.5))
 
 
 def request(
@@ -118,6 +142,9 @@ def request(
     try:
         try:
             sock.connect(path)
+        except PermissionError as e:
+            raise PermissionDenied(f"{path} belongs to {owner_of_path(path)}: only that user or root may use it") \
+                from e
         except OSError as e:
             raise AgentUnreachable(f"cannot reach {path}: {e.strerror or e}") from e
         data = json.dumps(payload).encode() + b"\n"
@@ -134,3 +161,11 @@ def request(
     if not line:
         raise AgentUnreachable(f"{path} closed the connection without an answer")
     return json.loads(line)
+
+
+def raise_for_reply(reply: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """The reply when it says ok; else the remote error, raised as the subclass that owns its exit code."""
+    if reply.get("ok"):
+        return reply
+    raise error_for_exit_code(int(reply.get("exit_code", 70)), prefix + str(reply.get("error", "request failed")))
+

@@ -21,12 +21,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import proc
 from .errors import CommandError, CriuError
+from .usercreds import root_has_cap_sys_resource
 
 log = logging.getLogger(__name__)
 
 MIN_VERSION = (4, 2, 1)  # < 4.2 cannot dump any INET socket on kernels >= 6.16; 3.17 fails on >= 6.13 (vDSO)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CPU_CAPS = "fpu,ins"
+RLIMITS_PATCH = "ckpt-agent-0001-rlimits-from-proc"  # bootstrap/patches/criu-4.2.1/0001-rlimits-from-proc.patch
 
 _PAGEMAP_MAGIC = 0x56084025
 _PE_PARENT = 1 << 0
@@ -39,17 +41,32 @@ class Criu:
         self.run = run
         self._version: Optional[str] = None
 
-    def version(self) -> str:
+    def _version_text(self) -> str:
         if self._version is None:
             try:
-                out = self.run([self.binary, "--version"], timeout=20).stdout
+                self._version = self.run([self.binary, "--version"], timeout=20).stdout
             except CommandError as e:
                 raise CriuError(f"CRIU not usable ({self.binary}): {e}") from e
-            m = re.search(r"Version:\s*(\S+)", out)
-            if not m:
-                raise CriuError(f"cannot tell the version of {self.binary} from: {out.strip()[:80]}")
-            self._version = m.group(1)
         return self._version
+
+    def version(self) -> str:
+        out = self._version_text()
+        m = re.search(r"Version:\s*(\S+)", out)
+        if not m:
+            raise CriuError(f"cannot tell the version of {self.binary} from: {out.strip()[:80]}")
+        return m.group(1)
+
+    def patches(self) -> List[str]:
+        """The patches this project carries that the binary was built with (bootstrap/patches/), from the
+        `Patches:` line each of them adds to `criu --version`."""
+        m = re.search(r"^Patches:\s*(.+)$", self._version_text(), re.M)
+        return m.group(1).split() if m else []
+
+    def can_dump_other_users(self) -> bool:
+        """CRIU reads every task's resource limits with prlimit(); for another user's task that needs
+        CAP_SYS_RESOURCE, which root lacks in some containers and microVMs. Our patch 0001 reads them from
+        /proc/PID/limits instead, so a patched CRIU dumps ordinary users' jobs either way."""
+        return root_has_cap_sys_resource() or RLIMITS_PATCH in self.patches()
 
     def require_version(self) -> str:
         ver = self.version()
@@ -155,7 +172,8 @@ class Criu:
             detail = _log_errors(os.path.join(images_dir, log_name)) or str(e)
             if "Can't get rlimit" in detail:
                 detail += (" (CRIU reads the limits of another user's processes with prlimit(), which needs "
-                           "CAP_SYS_RESOURCE: root on this machine lacks it, see `grep Cap /proc/self/status`)")
+                           "CAP_SYS_RESOURCE: root on this machine lacks it; install CRIU with "
+                           "bootstrap/install-criu.sh, whose patch 0001 reads them from /proc/PID/limits)")
             action = "dump" if "dump" in argv else "restore"
             kept = _keep_log(os.path.join(images_dir, log_name))
             raise CriuError(f"criu {action} failed: {detail} (log: {kept})") from e

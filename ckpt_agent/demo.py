@@ -30,7 +30,6 @@ from .devcluster import shared_venv
 from .devcluster.agents import NodeAgents
 from .devcluster.slurm_cluster import LocalCluster
 from .errors import CkptError
-from .usercreds import root_can_dump_other_users
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_USER = "ckpt-demo"
@@ -117,13 +116,8 @@ class Demo:
             ", ".join(f"{n} -> {i.url}" for n, i in self.agents.imds.items()))
         say(f"    shared checkpoint store (FSx stand-in): {self.cluster.store}")
 
-        if root_can_dump_other_users():
-            user = DEMO_USER
-            self.cluster.ensure_user(user)
-        else:
-            user = "root"
-            say("    note: root lacks CAP_SYS_RESOURCE on this machine, so CRIU cannot checkpoint another user's "
-                "processes here; the demo job runs as root (EC2 instances grant it; see README)")
+        user = DEMO_USER
+        self.cluster.ensure_user(user)
         work = Path(self.cluster.user_dir(user)) / "sim"
         work.mkdir(parents=True, exist_ok=True)
         shutil.copy(self.netlist, work / "circuit.cir")

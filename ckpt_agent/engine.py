@@ -24,6 +24,7 @@ verified chunks, files are put back, the CPU is checked, then `criu restore -d -
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import platform
@@ -44,7 +45,7 @@ from .config import CheckpointSettings
 from .criu import Criu, pages_cut_points
 from .errors import CkptError, CriuError, DamagedCheckpointError, PermissionDenied, StoreError
 from .store import FORMAT_VERSION, CheckpointStore, Generation, iso, utcnow
-from .usercreds import Creds
+from .usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class JobState:
     pipe_inodes: Dict[str, int]  # "stdout"/"stderr"/"status" -> inode of the pipe the tree writes to
     uid: int = 0
     gid: int = 0
+    groups: Tuple[int, ...] = ()  # the user's supplementary groups (what the agent reads the user's files with)
     exclude: Set[str] = field(default_factory=set)
     node: str = ""
     instance: Dict[str, Any] = field(default_factory=dict)
@@ -229,11 +231,15 @@ class Engine:
         t0 = time.monotonic()
         store = self.store
         store.ensure_job(job.job_id, job.step, job.uid, job.gid)
+        owner = (job.uid, job.gid) if job.uid != 0 and os.geteuid() == 0 else None
+        # The root agent touches a user's job directory (which the user can fill with links) only as the user.
+        user = Creds(job.uid, job.gid, tuple(job.groups) or (job.gid,)) if owner else None
         guard: Optional[DumpGuard] = None
-        with store.job_lock(job.job_id), concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-            number, partial = store.begin(job.job_id, job.step)
-            previous = self._previous_manifest(job, signed_only=job.uid != 0 and os.geteuid() == 0)
-            owner = (job.uid, job.gid) if job.uid != 0 and os.geteuid() == 0 else None
+        with contextlib.ExitStack() as held, concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+            with acting_as(user):
+                held.enter_context(store.job_lock(job.job_id))
+                number, partial = store.begin(job.job_id, job.step)
+            previous = self._previous_manifest(job, signed_only=owner is not None)
             chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner)
             # a final checkpoint (the one a resume will use) never reuses a rotten chunk; periodic ones scrub a slice
             chunks.verify_reused = (lambda _d: True) if final else (
@@ -256,8 +262,9 @@ class Engine:
                 roots = [job.cwd] + list(self.settings.extra_paths)
                 exclude = set(job.exclude) | {store.root, stage, os.path.dirname(stage)}
                 prev_files = {e["path"]: capture.FileEntry.from_json(e) for e in (previous or {}).get("files", [])}
-                files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files,
-                                                owner_uid=job.uid if owner else None)
+                with acting_as(user):  # never read, as root, what a link swapped in by the user points to
+                    files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files,
+                                                    owner_uid=job.uid if owner else None)
                 timings["capture_seconds"] = time.monotonic() - t_step
                 t_frozen = time.monotonic() - t0
                 if not final:
@@ -297,11 +304,13 @@ class Engine:
                         **{k: round(v, 3) for k, v in timings.items()},
                     },
                 }
-                store.commit(partial, number, manifest, owner)
+                with acting_as(user):
+                    store.commit(partial, number, manifest, owner)
                 if final:
                     guard.tell(DumpGuard.KILL)
             except BaseException as e:
-                store.abort(partial)
+                with acting_as(user):
+                    store.abort(partial)
                 if not resumed:  # a failed checkpoint never costs the running tool anything, even a failed dump
                     _resume(stopped or capture.ns_pids(job.init_pid))
                 if guard is not None:
@@ -316,8 +325,9 @@ class Engine:
             _kill(job.init_pid)
         guard.close()
         try:
-            store.prune(job.job_id, job.step, self.settings.keep)
-            store.sweep_chunks(job.job_id)
+            with acting_as(user):
+                store.prune(job.job_id, job.step, self.settings.keep)
+                store.sweep_chunks(job.job_id)
         except (OSError, CkptError) as e:  # the checkpoint is committed; gc reclaims what is left
             log.warning("checkpoint %d of job %s committed, but cleaning up older ones failed: %s", number,
                         job.job_id, e)

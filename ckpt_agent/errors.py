@@ -90,3 +90,13 @@ class AgentUnreachable(CkptError):
 
 class AwsError(CkptError):
     exit_code = EXIT_AWS
+
+
+def error_for_exit_code(code: int, message: str) -> CkptError:
+    """The error a remote side (the node agent, a wrapper's control socket) reported by its exit code, as the
+    subclass that documents that code; a code no subclass owns is reported as a bug (70)."""
+    for cls in (UsageError, DamagedCheckpointError, NotFoundError, CriuError, StoreError, SlurmError,
+                PermissionDenied, ConfigError, AgentUnreachable, AwsError):
+        if cls.exit_code == code:
+            return cls(message)
+    return CkptError(message)

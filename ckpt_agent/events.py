@@ -1,17 +1,21 @@
-"""Lifecycle events as JSON lines with fixed snake_case keys: appended to the job's events file in the store (the
-report and the demo read them) and logged (to the journal when the agent runs under systemd).
+"""Lifecycle events as JSON lines with fixed snake_case keys: logged at once (to the journal when the agent runs
+under systemd), then appended to the job's events file in the store (the report and the demo read them) by a
+background writer, so that a slow or hung store never delays what has a deadline.
 
-An event the store cannot take (a full or read-only file system, a vanished job directory) is logged and kept in
-memory, at most MAX_UNWRITTEN_EVENTS per job, and written before the job's next event once the store takes writes
-again: a `checkpoint_failed` on a full disk reaches events.jsonl, with its own time, when space returns."""
+An event the store refuses (a full or read-only file system, a vanished job directory) is kept, at most
+MAX_UNWRITTEN_EVENTS per job, and written before the job's next event once the store takes writes again: a
+`checkpoint_failed` on a full disk reaches events.jsonl, with its own time, when space returns."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import queue
 import socket
 import threading
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import CkptError
@@ -19,9 +23,7 @@ from .store import CheckpointStore, iso, utcnow
 
 log = logging.getLogger("ckpt.events")
 
-MAX_UNWRITTEN_EVENTS = 1000  # per job: a few hours of failed periodic checkpoints; older ones are only in the log
-_unwritten: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}  # (store root, job id) -> events not yet in the store
-_unwritten_lock = threading.Lock()
+MAX_UNWRITTEN_EVENTS = 1000  # per job: hours of failed periodic checkpoints; older ones are in the log only
 
 
 def node_name() -> str:
@@ -54,25 +56,79 @@ def emit(
     record.update(fields)
     log.info("%s", json.dumps(record, sort_keys=True))
     if store is not None and job_id:
-        _append(store, job_id, record)
+        WRITER.submit(store, job_id, record)
     return record
 
 
-def _append(store: CheckpointStore, job_id: str, record: Dict[str, Any]) -> None:
-    """Append the job's unwritten events, oldest first, then this one; keep what the store refuses."""
-    key = (store.root, job_id)
-    with _unwritten_lock:
-        failed_before = key in _unwritten  # the failed write may have left half a line
-        queue = _unwritten.setdefault(key, [])
-        queue.append(record)
+class EventWriter:
+    """Appends events to the store (FSx, which can hang like any network file system) from one background thread,
+    so that nothing with a deadline (a drain, a final checkpoint's start, a requeue) ever waits for it. The queue is
+    bounded: when the store stalls and it fills, further events are dropped and counted (they are in the log
+    already). One thread keeps each process's events in order."""
+
+    def __init__(self, max_queued: int = 10000):
+        self._queue: queue.Queue[Tuple[Any, str, Dict[str, Any]]] = queue.Queue(max_queued)
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self.dropped = 0
+        # (store root, job id) -> events the store refused, oldest first (touched by the writer thread only)
+        self.unwritten: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+
+    def submit(self, store: Any, job_id: str, record: Dict[str, Any]) -> bool:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="event-writer", daemon=True)
+                self._thread.start()
         try:
-            while queue:
-                store.append_event(job_id, queue[0], new_line=failed_before)
+            self._queue.put_nowait((store, job_id, record))
+            return True
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+                dropped = self.dropped
+            if dropped == 1 or dropped % 100 == 0:
+                log.warning("the checkpoint store is not keeping up: %d event(s) not recorded in it so far "
+                            "(they are in this log)", dropped)
+            return False
+
+    def _run(self) -> None:
+        while True:
+            store, job_id, record = self._queue.get()
+            try:
+                self._append(store, job_id, record)
+            finally:
+                self._queue.task_done()
+
+    def _append(self, store: Any, job_id: str, record: Dict[str, Any]) -> None:
+        """Append the job's refused events, oldest first, then this one; keep what the store refuses again."""
+        key = (store.root, job_id)
+        failed_before = key in self.unwritten  # the failed write may have left half a line
+        pending = self.unwritten.setdefault(key, [])
+        pending.append(record)
+        try:
+            while pending:
+                store.append_event(job_id, pending[0], new_line=failed_before)
                 failed_before = False
-                queue.pop(0)
+                pending.pop(0)
         except (OSError, CkptError) as e:
-            log.warning("cannot record event %s for job %s (%d kept to retry): %s", record["event"], job_id,
-                        len(queue), getattr(e, "strerror", None) or e)
-            del queue[:-MAX_UNWRITTEN_EVENTS]
-        if not queue:
-            del _unwritten[key]
+            log.warning("cannot record event %s for job %s (%d kept to retry): %s", record.get("event"), job_id,
+                        len(pending), getattr(e, "strerror", None) or e)
+            del pending[:-MAX_UNWRITTEN_EVENTS]
+        if not pending:
+            del self.unwritten[key]
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait (at most `timeout`) until every submitted event was written or failed; False when the store is too
+        slow. Called at exit, so a short-lived command's events reach the store unless it hangs."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        return True
+
+
+WRITER = EventWriter()
+atexit.register(WRITER.flush, 10.0)

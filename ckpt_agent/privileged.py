@@ -100,7 +100,7 @@ class PrivilegedService:
             job_id=job_id, step=step, init_pid=init_pid, cwd=str(req.get("cwd", "/")),
             argv=[str(a) for a in req.get("argv", [])],
             pipe_inodes={k: int(v) for k, v in (req.get("pipe_inodes") or {}).items() if k in PIPE_KEYS},
-            uid=user.uid, gid=user.gid, exclude={str(p) for p in req.get("exclude", [])},
+            uid=user.uid, gid=user.gid, groups=user.groups, exclude={str(p) for p in req.get("exclude", [])},
             node=str(req.get("node", self.node)), instance=dict(req.get("instance") or {}),
         )
         timeout = req.get("timeout")

@@ -25,9 +25,10 @@ from typing import Any, Dict, List, Optional
 
 from . import control
 from .engine import JobState
-from .errors import EXIT_FINAL, AlreadyRunning, CkptError, NotFoundError, StoreError
+from .errors import EXIT_FINAL, AlreadyRunning, CkptError, NotFoundError, PermissionDenied, StoreError
 from .events import emit, load_instance, node_name
-from .store import CheckpointStore, iso, parse_iso, utcnow, write_atomic
+from .store import CheckpointStore, iso, utcnow, write_atomic
+from .usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ RELAY_BUFFER_BYTES = 1 << 16
 RUN_LOCK = "run.lock"  # <store>/<job>/<step>/run.lock: held (flock) by the one live wrapper of the step
 # a failed periodic checkpoint (a full store...) is retried after this, doubling up to the interval
 RETRY_FIRST_SECONDS = 15.0
-BOOT_TIME_SLACK_SECONDS = 2.0  # /proc/stat's btime is whole seconds: process start times are this exact at best
 
 
 def registration_dir(runtime_dir: str) -> str:
@@ -57,11 +57,33 @@ def find_registration(runtime_dir: str, job_id: str, step: str) -> Dict[str, Any
         raise NotFoundError(
             f"job {job_id} step {step} is not running under ckpt run on this machine ({path})"
         ) from None
+    except PermissionError:
+        raise PermissionDenied(f"job {job_id} step {step} belongs to {owner_of_path(path)}: only its owner "
+                               "or root may act on it") from None
     except (OSError, ValueError) as e:
         raise CkptError(f"{path}: unreadable registration ({e})") from e
 
 
+def process_start_time(pid: Any) -> Optional[int]:
+    """When a process started (clock ticks after boot, /proc/PID/stat field 22), or None when there is no such
+    process: with the pid, it names one process for good, whatever pids the kernel reuses later."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii", errors="replace") as fh:
+            data = fh.read()
+        return int(data.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+def registration_alive(reg: Dict[str, Any]) -> bool:
+    """The wrapper that wrote a registration still runs. A wrapper killed outright (SIGKILL at `scancel`'s KillWait,
+    a node's OOM killer) leaves its registration behind: acting on it would requeue a job that has ended."""
+    started = process_start_time(reg.get("pid"))
+    return started is not None and reg.get("pid_start") in (None, started)
+
+
 def list_registrations(runtime_dir: str) -> List[Dict[str, Any]]:
+    """Registrations of wrappers that still run on this node, each with `_owner_uid` (who wrote the file)."""
     out = []
     d = registration_dir(runtime_dir)
     try:
@@ -74,9 +96,12 @@ def list_registrations(runtime_dir: str) -> List[Dict[str, Any]]:
                 with open(os.path.join(d, name), encoding="utf-8") as fh:
                     reg = json.load(fh)
                 reg["_owner_uid"] = os.stat(os.path.join(d, name)).st_uid
-                out.append(reg)
             except (OSError, ValueError):
                 continue
+            if isinstance(reg, dict) and registration_alive(reg):
+                out.append(reg)
+            else:
+                log.info("ignoring %s: its wrapper is gone", name)
     return out
 
 
@@ -129,22 +154,6 @@ class StepLock:
         if self.fd is not None:
             os.close(self.fd)  # the flock goes with the last descriptor
             self.fd = None
-
-
-def _is_job_init(pid: int, registered_at: float) -> bool:
-    """Whether `pid` is still the namespace init a registration written at `registered_at` names: an nsinit that
-    started before the registration (a recycled pid started later)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = fh.read().split(b"\0")
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            start_ticks = int(fh.read().rsplit(b")", 1)[1].split()[19])
-        with open("/proc/stat", "rb") as fh:
-            boot = next(int(line.split()[1]) for line in fh if line.startswith(b"btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return False
-    started = boot + start_ticks / os.sysconf("SC_CLK_TCK")
-    return len(argv) > 3 and argv[3].endswith(b"nsinit.py") and started <= registered_at + BOOT_TIME_SLACK_SECONDS
 
 
 def _read_small(fd: int) -> str:
@@ -292,11 +301,10 @@ class Runner:
         o = self.opts
         try:
             reg = find_registration(o.runtime_dir, o.job_id, o.step)
-            init_pid = int(reg.get("init_pid") or 0)
-            started = parse_iso(str(reg.get("started"))).timestamp()
-        except (CkptError, ValueError, TypeError):
+        except CkptError:
             return
-        if init_pid > 0 and _is_job_init(init_pid, started):
+        init_pid = reg.get("init_pid")
+        if reg.get("init_start") is not None and process_start_time(init_pid) == reg["init_start"]:
             raise AlreadyRunning(
                 f"job {o.job_id} step {o.step}: the tool of a ckpt run that ended (pid {reg.get('pid')}) still runs "
                 f"as namespace init {init_pid}; stop it (kill -9 {init_pid}) before running the step again"
@@ -400,7 +408,8 @@ class Runner:
         self._reg_path, sock_path = registration_paths(o.runtime_dir, o.job_id, o.step)
         self._server = control.ControlServer(sock_path, self._handle, mode=0o600).start()
         reg = {
-            "job_id": o.job_id, "step": o.step, "pid": os.getpid(), "init_pid": self.job.init_pid,
+            "job_id": o.job_id, "step": o.step, "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+            "init_pid": self.job.init_pid, "init_start": process_start_time(self.job.init_pid),
             "uid": os.getuid(), "gid": os.getgid(), "node": self.node, "socket": sock_path, "cwd": o.cwd,
             "store": self.store.root, "started": iso(utcnow()), "argv": o.argv,
         }

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from .chunkstore import ChunkRef, ChunkStore
-from .errors import DamagedCheckpointError, NotFoundError, PermissionDenied, StoreError
+from .errors import CkptError, DamagedCheckpointError, NotFoundError, PermissionDenied, StoreError
+from .usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class CheckpointStore:
         except FileNotFoundError:
             return []
         except OSError as e:
-            raise StoreError(f"cannot list {sd}: {e.strerror}") from e
+            raise self._read_error(job_id, sd, e) from e
         gens = []
         for name in names:
             m = _GEN_RE.match(name)
@@ -225,6 +226,14 @@ class CheckpointStore:
             if m and not os.path.islink(path) and os.path.isfile(os.path.join(path, MANIFEST)):
                 gens.append(Generation(job_id, step, int(m.group(1)), path))
         return sorted(gens, key=lambda g: g.number)
+
+    def _read_error(self, job_id: str, path: str, e: OSError) -> CkptError:
+        """A job's directory is its user's alone (0700): another user's refusal names the owner (77); any other
+        failure to read the store is a store error (74) naming the path."""
+        if isinstance(e, PermissionError) and os.geteuid() != 0:
+            return PermissionDenied(f"job {job_id} belongs to {owner_of_path(self.job_dir(job_id))}: only its owner "
+                                    f"or root may read its checkpoints ({path})")
+        return StoreError(f"cannot list {path}: {e.strerror}")
 
     def partials(self, job_id: str, step: str) -> List[str]:
         sd = self.step_dir(job_id, step)
@@ -246,6 +255,8 @@ class CheckpointStore:
             entries = sorted(os.scandir(jd), key=lambda e: e.name)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise self._read_error(job_id, jd, e) from e
         return [e.name for e in entries if e.is_dir(follow_symlinks=False) and e.name != "chunks"]
 
     def begin(self, job_id: str, step: str) -> Tuple[int, str]:

@@ -9,8 +9,9 @@ import ctypes
 import logging
 import os
 import platform
+import pwd
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import ContextManager, Iterator, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,12 @@ def drop_to(creds: Creds) -> None:
     os.setuid(creds.uid)
 
 
+def acting_as(creds: Optional[Creds]) -> ContextManager[None]:
+    """fs_identity(creds) when acting for a user, else nothing: what the root agent wraps around every file
+    operation inside a user's job directory, which the user can write and so fill with links."""
+    return fs_identity(creds) if creds is not None else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def fs_identity(creds: Creds) -> Iterator[None]:
     """File-system identity of the user for the calling thread only (setfsuid/setfsgid and the thread's groups)."""
@@ -121,11 +128,24 @@ def _set_thread_groups(groups: Tuple[int, ...]) -> None:
 CAP_SYS_RESOURCE = 24
 
 
-def root_can_dump_other_users() -> bool:
+def root_has_cap_sys_resource() -> bool:
     """CRIU reads every task's resource limits with prlimit(); for another user's task that needs CAP_SYS_RESOURCE.
-    Root has it on EC2 instances; some containers and microVMs (this project's CI machine among them) withhold it."""
+    Root has it on EC2 instances; some containers and microVMs (this project's CI machine among them) withhold it,
+    where only a CRIU with our patch 0001 can dump ordinary users' jobs (`Criu.can_dump_other_users`)."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("CapEff:"):
                 return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
     return False
+
+
+def owner_of_path(path: str) -> str:
+    """'user NAME (uid N)' for the owner of a file, for refusals that must name whose it is."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return "another user"
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"

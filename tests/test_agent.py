@@ -4,6 +4,7 @@ here (the real-cluster path is in test_slurm_e2e.py)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -11,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from ckpt_helpers import DATA, ckpt_env, registered, require_criu, run_ckpt, start_ckpt, wait_for
 
+from ckpt_agent import events
 from ckpt_agent.agent import Agent, NoticeHandler
 from ckpt_agent.config import AgentSettings
 from ckpt_agent.devcluster.imds_server import ImdsServer
@@ -96,11 +98,12 @@ def test_spot_notice_checkpoints_drains_and_requeues(imds, tmp_path, running_age
     assert slurm.calls[0][:2] == ("drain", "node1")
     assert "spot interruption" in slurm.calls[0][2]
     assert sorted(c[1] for c in slurm.calls if c[0] == "requeue") == ["201", "202"]
-    events = [json.loads(line) for line in (store / "201" / "events.jsonl").read_text().splitlines()]
-    kinds = [e["event"] for e in events]
+    assert events.WRITER.flush(10)
+    records = [json.loads(line) for line in (store / "201" / "events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in records]
     for kind in ("notice_received", "drained", "checkpoint_committed", "requeued"):
         assert kind in kinds, kinds
-    committed = next(e for e in events if e["event"] == "checkpoint_committed")
+    committed = next(e for e in records if e["event"] == "checkpoint_committed")
     assert committed["final"] and committed["reason"] == "spot-interruption" and committed["bytes_written"] > 0
     assert committed["instance_id"] == "i-0abc"
     # the notice is handled once: no second round while it stays published
@@ -141,13 +144,14 @@ def test_requeue_happens_even_without_time_for_a_checkpoint(imds, tmp_path):
     store.mkdir()
     (store / "301").mkdir()
     sock = str(runtime / "jobs" / "301.main.sock")
-    (runtime / "jobs" / "301.main.json").write_text(
-        json.dumps({"job_id": "301", "step": "main", "uid": 0, "node": "node1", "socket": sock}))
+    (runtime / "jobs" / "301.main.json").write_text(  # a live wrapper (this process) whose socket is gone
+        json.dumps({"job_id": "301", "step": "main", "uid": 0, "node": "node1", "socket": sock, "pid": os.getpid()}))
     slurm = RecordingSlurm(fail_requeue=True)
     agent = make_agent(imds, runtime, store, slurm, deadline_margin=20)
     notice = SpotNotice("terminate", datetime.now(timezone.utc) + timedelta(seconds=5))  # deadline already passed
     agent.handler.on_spot(notice)
     assert [c[0] for c in slurm.calls] == ["drain", "requeue"]
+    assert events.WRITER.flush(10)
     kinds = [json.loads(line)["event"] for line in (store / "301" / "events.jsonl").read_text().splitlines()]
     assert kinds == ["notice_received", "drained", "checkpoint_failed", "requeue_failed"]
 
@@ -162,3 +166,41 @@ def test_imds_errors_never_stop_the_agent(imds, tmp_path, running_agent):
     imds.inject_spot_notice("stop", seconds_from_now=100)
     wait_for(lambda: slurm.calls, 20, "the agent to act after IMDS recovered")
     assert slurm.calls[0][0] == "drain" and "stop" in slurm.calls[0][2]
+
+
+class StalledStore(CheckpointStore):
+    """A store on a file system that has hung: every event append blocks until the test ends."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.release = threading.Event()
+        self.appends = 0
+
+    def append_event(self, job_id, event):
+        self.appends += 1
+        self.release.wait(60)
+
+
+def test_a_hung_store_never_delays_the_drain_or_the_requeue(imds, tmp_path):
+    """FSx that hangs (as NFS-like file systems do) must not hold up what has a deadline: the drain, the final
+    checkpoints' start and the requeue all happen within 2 s of the notice, and the events are logged."""
+    runtime = tmp_path / "run"
+    (runtime / "jobs").mkdir(parents=True)
+    store = StalledStore(str(tmp_path / "store"))
+    for job in ("401", "402"):
+        (runtime / "jobs" / f"{job}.main.json").write_text(json.dumps(
+            {"job_id": job, "step": "main", "uid": 0, "node": "node1", "pid": os.getpid(),
+             "socket": str(runtime / "jobs" / f"{job}.main.sock")}))
+    slurm = RecordingSlurm()
+    s = AgentSettings(poll_interval=0.2, deadline_margin=20)
+    handler = NoticeHandler("node1", str(runtime), slurm, store, s, instance=lambda: {})
+    try:
+        t0 = time.monotonic()
+        handler.on_spot(SpotNotice("terminate", datetime.now(timezone.utc) + timedelta(seconds=120)))
+        took = time.monotonic() - t0
+        assert [c[0] for c in slurm.calls] == ["drain", "requeue", "requeue"]
+        assert took < 2.0, f"the notice took {took:.1f} s with the store hung"
+        wait_for(lambda: store.appends >= 1, 30, "the event writer to block in the store, as the test intends")
+    finally:
+        store.release.set()
+        assert events.WRITER.flush(30)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import sys
 import threading
 
 import pytest
@@ -162,3 +163,76 @@ def test_slow_peer_times_out_as_agent_unreachable(serve, sock_path):
             control.request(sock_path, {}, timeout=0.2)
     finally:
         release.set()
+
+
+def test_close_waits_for_requests_in_progress(sock_path):
+    """On SIGTERM the agent closes its socket but lets a checkpoint it is doing for a job finish and answer."""
+    started, release = threading.Event(), threading.Event()
+
+    def handler(req, creds, fds):
+        started.set()
+        release.wait(30)
+        return {"ok": True, "generation": 7}
+
+    server = control.ControlServer(sock_path, handler).start()
+    replies = []
+    t = threading.Thread(target=lambda: replies.append(control.request(sock_path, {"op": "checkpoint"}, timeout=30)))
+    t.start()
+    assert started.wait(30)
+    threading.Timer(0.2, release.set).start()
+    assert server.close(wait=30) == 0
+    t.join(30)
+    assert replies == [{"ok": True, "generation": 7}]
+    assert not os.path.exists(sock_path)
+
+
+def test_close_gives_up_on_a_request_after_its_bound(sock_path):
+    release = threading.Event()
+    server = control.ControlServer(sock_path, lambda r, c, f: release.wait(60) and {"ok": True}).start()
+    threading.Thread(target=lambda: control.request(sock_path, {}, timeout=60), daemon=True).start()
+    try:
+        wait_until_inflight = 30
+        while not server._inflight and wait_until_inflight > 0:
+            wait_until_inflight -= 0.05
+            threading.Event().wait(0.05)
+        assert server.close(wait=0.3) == 1
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("code, cls", [(2, "UsageError"), (65, "DamagedCheckpointError"), (66, "NotFoundError"),
+                                       (69, "CriuError"), (74, "StoreError"), (76, "SlurmError"),
+                                       (77, "PermissionDenied"), (78, "ConfigError"), (79, "AgentUnreachable"),
+                                       (80, "AwsError"), (70, "CkptError"), (12, "CkptError")])
+def test_remote_errors_are_raised_as_the_class_that_owns_their_code(code, cls):
+    with pytest.raises(Exception) as exc:
+        control.raise_for_reply({"ok": False, "error": "it failed", "exit_code": code}, "node agent: ")
+    assert type(exc.value).__name__ == cls
+    assert exc.value.exit_code == (code if cls != "CkptError" else 70)
+    assert str(exc.value) == "node agent: it failed"
+    assert control.raise_for_reply({"ok": True, "x": 1}) == {"ok": True, "x": 1}
+
+
+def test_a_socket_of_another_user_is_a_refusal_naming_its_owner():
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    d = tempfile.mkdtemp(dir="/tmp")  # every user may look up names here, as in the runtime directory
+    os.chmod(d, 0o755)
+    path = os.path.join(d, "job.sock")
+    server = control.ControlServer(path, lambda r, c, f: {"ok": True}, mode=0o600).start()
+    try:
+        code = ("import sys\nfrom ckpt_agent import control\nfrom ckpt_agent.errors import PermissionDenied\n"
+                "try:\n    control.request(sys.argv[1], {})\nexcept PermissionDenied as e:\n"
+                "    print(e.exit_code, e)\n")
+        nobody = pwd.getpwnam("nobody")
+        res = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+                              sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(control.__file__))})
+        assert res.stdout.startswith("77 "), res.stdout + res.stderr
+        assert "belongs to user root (uid 0)" in res.stdout
+    finally:
+        server.close()
+        shutil.rmtree(d, ignore_errors=True)

@@ -57,6 +57,64 @@ def test_too_old_version_is_refused(out):
     assert "install-criu.sh" in str(exc.value)
 
 
+@pytest.mark.parametrize("out, patched", [
+    ("Version: 4.2.1\nPatches: ckpt-agent-0001-rlimits-from-proc\n", True),
+    ("Version: 4.2.1\nGitID: v4.2.1\n", False),
+    ("Version: 4.2.1\nPatches: ckpt-agent-0002-something-else\n", False),
+])
+def test_patches_are_read_from_the_version_line(out, patched, monkeypatch):
+    c = Criu("criu", run=FakeRun(out))
+    assert (criu_mod.RLIMITS_PATCH in c.patches()) is patched
+    monkeypatch.setattr(criu_mod, "root_has_cap_sys_resource", lambda: False)
+    assert c.can_dump_other_users() is patched
+    monkeypatch.setattr(criu_mod, "root_has_cap_sys_resource", lambda: True)
+    assert c.can_dump_other_users() is True, "with the capability, any CRIU >= 4.2.1 dumps other users' jobs"
+    assert len(c.run.calls) == 1, "criu --version is run once"
+
+
+def test_installed_criu_can_dump_other_users_here():
+    """install-criu.sh builds with the patches, so this machine (root lacks CAP_SYS_RESOURCE) dumps users' jobs."""
+    require_criu()
+    assert Criu(criu_binary()).can_dump_other_users()
+
+
+def test_root_dumps_and_restores_another_users_process(tmp_path):
+    """The capability patch 0001 stands in for, for real: root dumps a tree owned by 'nobody' (prlimit() of it is
+    refused here) and restores it with its limits."""
+    require_criu()
+    images = tmp_path / "img"
+    images.mkdir()
+    tool = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                             "setsid", "sh", "-c", "ulimit -S -n 321; exec sleep 600"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "Max open files            321" in _limits(tool.pid), 30, "the tool's limits")
+        Criu(criu_binary()).dump(tool.pid, str(images), leave_stopped=False)  # the tree is killed after the dump
+        tool.wait(timeout=30)
+        restored = subprocess.run([criu_binary(), "restore", "-d", "-D", str(images), "--cpu-cap=fpu,ins",
+                                   "--tcp-close", "--pidfile", str(images / "pid"), "-o", "restore.log"],
+                                  capture_output=True, timeout=60)
+        assert restored.returncode == 0, (images / "restore.log").read_text()[-2000:]
+        pid = int((images / "pid").read_text())
+        try:
+            assert "Max open files            321" in _limits(pid)
+            assert os.stat(f"/proc/{pid}").st_uid != 0
+        finally:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+
+
+def _limits(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/limits") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
 def test_unparseable_version_is_a_criu_error():
     with pytest.raises(CriuError, match="cannot tell the version"):
         Criu("criu", run=FakeRun("criu: something else\n")).version()

@@ -16,11 +16,13 @@ from ..privileged import PrivilegedService
 from ..runner import registration_dir
 from ..slurm import Slurm
 from ..store import CheckpointStore, Signer
-from ..usercreds import root_can_dump_other_users
 from ._common import add_config_args, load, make_engine
 
 HELP = "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs"
 log = logging.getLogger(__name__)
+# On SIGTERM, requests in progress (a checkpoint or restore for a user's job) get this long to finish: less than
+# systemd's default stop timeout (90 s), after which it would SIGKILL the agent anyway.
+STOP_WAIT_SECONDS = 60
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,17 +72,21 @@ def main(args: argparse.Namespace) -> int:
     agent_holder["agent"] = agent
     server = None
     if store is not None:
-        service = PrivilegedService(make_engine(cfg, store), owner_of=lambda job: slurm.job_info(job).uid, node=node)
+        engine = make_engine(cfg, store)
+        service = PrivilegedService(engine, owner_of=lambda job: slurm.job_info(job).uid, node=node)
         server = control.ControlServer(cfg.socket_path, service.handle, mode=0o666).start()
+        if not engine.criu.can_dump_other_users():
+            log.warning("root lacks CAP_SYS_RESOURCE here and %s lacks this project's patch 0001: CRIU cannot "
+                        "checkpoint ordinary users' jobs on this machine (install it with install-criu.sh)",
+                        engine.criu.binary)
     else:
         log.warning("no checkpoint store configured: ordinary users' jobs cannot be checkpointed on this node")
-    if not root_can_dump_other_users():
-        log.warning("root lacks CAP_SYS_RESOURCE here: CRIU cannot checkpoint ordinary users' jobs on this machine "
-                    "(root's jobs work); EC2 instances grant it")
     agent.install_signal_handlers()
     try:
         agent.run()
     finally:
         if server:
-            server.close()
+            left = server.close(wait=STOP_WAIT_SECONDS)
+            if left:
+                log.error("stopping with %d request(s) for jobs still in progress after %d s", left, STOP_WAIT_SECONDS)
     return 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from .. import control
-from ..errors import CkptError
+from ..errors import PermissionDenied
 from ..runner import find_registration
+from ..usercreds import owner_of_path
 from ._common import add_config_args, add_job_args, job_id_from_env, load
 
 HELP = "checkpoint a running job now (with --final: and stop it; the wrapper then exits 75)"
@@ -23,11 +24,11 @@ def main(args: argparse.Namespace) -> int:
     cfg = load(args)
     job_id = job_id_from_env(args.job_id)
     reg = find_registration(cfg.runtime_dir, job_id, args.name)
-    reply = control.request(reg["socket"], {"op": "checkpoint", "final": args.final, "reason": "manual",
-                                            "timeout": args.timeout})
-    if not reply.get("ok"):
-        err = CkptError(reply.get("error", "checkpoint failed"))
-        err.exit_code = int(reply.get("exit_code", 70))
-        raise err
-    print(reply["generation"])
+    try:
+        reply = control.request(reg["socket"], {"op": "checkpoint", "final": args.final, "reason": "manual",
+                                                "timeout": args.timeout})
+    except PermissionDenied:
+        raise PermissionDenied(f"job {job_id} step {args.name} belongs to {owner_of_path(reg['socket'])}: "
+                               f"only its owner or root may checkpoint it") from None
+    print(control.raise_for_reply(reply)["generation"])
     return 0

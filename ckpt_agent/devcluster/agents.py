@@ -51,14 +51,29 @@ class NodeAgents:
             config.update(self.extra_config)
             with open(self.config_path(node), "w") as fh:
                 json.dump(config, fh)
-            env = self.cluster.env({"CKPT_CONFIG": self.config_path(node)})
-            for var in ("CKPT_STORE", "CKPT_RUNTIME_DIR", "AWS_EC2_METADATA_SERVICE_ENDPOINT"):
-                env.pop(var, None)
-            log = open(self.log_path(node), "ab")
+            self._spawn(node)
+        return self
+
+    def _spawn(self, node: str) -> None:
+        env = self.cluster.env({"CKPT_CONFIG": self.config_path(node)})
+        for var in ("CKPT_STORE", "CKPT_RUNTIME_DIR", "AWS_EC2_METADATA_SERVICE_ENDPOINT"):
+            env.pop(var, None)
+        with open(self.log_path(node), "ab") as log:
             self.procs[node] = subprocess.Popen([os.path.join(self.bin_dir, "ckpt"), "agent", "--node", node],
                                                 env=env, stdout=log, stderr=subprocess.STDOUT)
-            self._wait_socket(node)
-        return self
+        self._wait_socket(node)
+
+    def restart(self, node: str) -> None:
+        """Stop one node's agent (SIGTERM, as systemd does) and start it again with the same configuration, the
+        way `systemctl restart` or `Restart=` does on a node: its runtime directory is kept."""
+        proc = self.procs[node]
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._spawn(node)
 
     def _wait_socket(self, node: str) -> None:
         sock = os.path.join(self.cluster.runtime_dir(node), "agent.sock")
