@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from typing import Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from .errors import CkptError
 from .usercreds import Creds, join_cgroups_of
@@ -74,8 +74,7 @@ def launch(
                         os.chdir(cwd)  # checked with the user's rights: root never enters a directory for them
                 else:
                     os.chdir(cwd)
-                nsinit_argv = [sys.executable, "-I", "-S", NSINIT, str(STATUS_FD), *as_user, "--", *argv]
-                os.execve(sys.executable, nsinit_argv, dict(env))
+                os.execve(sys.executable, nsinit_command(STATUS_FD, as_user, argv), dict(env))
             os.write(pid_w, str(init).encode())
             os._exit(0)
         except BaseException:
@@ -87,3 +86,24 @@ def launch(
     if not data or os.waitstatus_to_exitcode(wstatus) != 0:
         raise CkptError("could not start the tool in a new PID namespace (needs root or CAP_SYS_ADMIN)")
     return int(data)
+
+
+def nsinit_command(status_fd: int, as_user: Sequence[str], argv: Sequence[str]) -> List[str]:
+    """The namespace init's command line. Its shape is how the agent recognises one of our inits among a node's
+    processes (`nsinit_runs_as`): keep both here."""
+    return [sys.executable, "-I", "-S", NSINIT, str(status_fd), *as_user, "--", *argv]
+
+
+def nsinit_runs_as(cmdline: Sequence[bytes]) -> Tuple[bool, Optional[int]]:
+    """(is one of our namespace inits, the uid it runs its job as: None for a root job) from /proc/PID/cmdline."""
+    if len(cmdline) < 6 or cmdline[1:3] != [b"-I", b"-S"] or os.path.basename(cmdline[3]) != b"nsinit.py":
+        return False, None
+    if not cmdline[4].isdigit():
+        return False, None
+    rest = list(cmdline[5:])
+    if rest[:1] == [b"--as"]:
+        try:
+            return rest[2:3] == [b"--"], int(rest[1].split(b":")[0])
+        except (IndexError, ValueError):
+            return False, None
+    return rest[:1] == [b"--"], None

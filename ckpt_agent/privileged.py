@@ -122,15 +122,12 @@ class PrivilegedService:
             init_uid = creds_of(init_pid).uid
         except OSError:
             raise PermissionDenied(f"process {init_pid} is not a running job") from None
-        is_nsinit = len(cmdline) > 3 and cmdline[3].endswith(b"nsinit.py")
+        is_nsinit, runs_as = launcher.nsinit_runs_as(cmdline)
         if its_ns == own_ns or not is_nsinit:
             raise PermissionDenied(f"process {init_pid} is not the init of a job started by ckpt run")
         if uid == 0:
             return
-        runs_as = None
-        if b"--as" in cmdline:
-            runs_as = int(cmdline[cmdline.index(b"--as") + 1].split(b":")[0])
-        elif init_uid != 0:
+        if runs_as is None and init_uid != 0:
             runs_as = init_uid
         if runs_as != uid:
             raise PermissionDenied(f"process {init_pid} runs a job of uid {runs_as}, not of uid {uid}")

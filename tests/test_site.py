@@ -58,24 +58,28 @@ def test_validate_valid_file_exits_zero(capsys):
 
 
 @pytest.mark.parametrize(
-    "text, code, fragment",
+    "text, fragment",
     [
-        ("cluster: [\n", EXIT_CONFIG, "bad.yaml:2: malformed YAML"),
-        ("a: 1\na: 2\n", EXIT_CONFIG, "bad.yaml:2: a: duplicate key"),
+        ("cluster: [\n", "bad.yaml:2: malformed YAML"),
+        ("a: 1\na: 2\n", "bad.yaml:2: a: duplicate key"),
     ],
     ids=["malformed", "duplicate-key"],
 )
-def test_unparsable_files_are_config_errors(tmp_path, capsys, text, code, fragment):
+def test_unparsable_files_are_problems_validate_lists(tmp_path, capsys, text, fragment):
+    """`ckpt validate` exits 2 for every problem in the site file, YAML syntax included (render and upload, which
+    cannot go on, call the same file a configuration error: 78)."""
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    assert cli.main(["validate", str(path)]) == code
-    err = capsys.readouterr().err
-    assert fragment in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["validate", str(path)]) == EXIT_USAGE
+    out = capsys.readouterr().out
+    assert fragment in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
+    assert cli.main(["render", str(path), "--out", str(tmp_path / "out")]) == EXIT_CONFIG
+    assert fragment in capsys.readouterr().err
 
 
 def test_missing_file(tmp_path, capsys):
-    assert cli.main(["validate", str(tmp_path / "nope.yaml")]) == EXIT_CONFIG
-    assert "site file not found" in capsys.readouterr().err
+    assert cli.main(["validate", str(tmp_path / "nope.yaml")]) == EXIT_USAGE
+    assert "site file not found" in capsys.readouterr().out
 
 
 def test_load_site_raises_with_all_problems(tmp_path):

@@ -1,7 +1,8 @@
 """`ckpt validate SITE.yaml`: check an admin's site file strictly before anything is rendered or uploaded.
 
 Prints every problem on stdout, one a line, as `FILE:LINE: key.path: message`, and exits 2; exits 0 with a one-line
-summary when the file is valid. A file that is not YAML at all is a configuration error (exit 78).
+summary when the file is valid. A file that cannot be read or is not YAML at all is one such problem (exit 2 too:
+`ckpt validate` answers "is this site file good", whatever is wrong with it).
 With --pcluster, the cluster.yaml it renders is also checked against ParallelCluster's own schema (needs the
 optional aws-parallelcluster package; no AWS access).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import EXIT_USAGE
+from ..errors import EXIT_USAGE, ConfigError
 from ..site import SiteInvalid, load_site
 
 HELP = "check a site file (the admin YAML) and list every problem"
@@ -30,6 +31,9 @@ def main(args) -> int:
     except SiteInvalid as e:
         for problem in e.problems:
             print(problem)
+        return EXIT_USAGE
+    except ConfigError as e:  # unreadable, or not YAML: the file's one problem
+        print(e)
         return EXIT_USAGE
     if args.pcluster:
         from ..pcluster_check import check_schema
