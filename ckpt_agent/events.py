@@ -107,13 +107,19 @@ class EventWriter:
         pending.append(record)
         try:
             while pending:
-                store.append_event(job_id, pending[0], new_line=failed_before)
+                if failed_before:
+                    store.append_event(job_id, pending[0], new_line=True)
+                else:
+                    store.append_event(job_id, pending[0])
                 failed_before = False
                 pending.pop(0)
         except (OSError, CkptError) as e:
             log.warning("cannot record event %s for job %s (%d kept to retry): %s", record.get("event"), job_id,
                         len(pending), getattr(e, "strerror", None) or e)
             del pending[:-MAX_UNWRITTEN_EVENTS]
+        except Exception:  # a bug must not end the writer: every later event would be lost
+            log.exception("cannot record event %s for job %s", record.get("event"), job_id)
+            pending.clear()
         if not pending:
             del self.unwritten[key]
 

@@ -75,6 +75,15 @@ def process_start_time(pid: Any) -> Optional[int]:
         return None
 
 
+def process_state(pid: Any) -> Optional[str]:
+    """A process's state letter (/proc/PID/stat field 3: R, S, D, T, Z...), or None when there is no such process."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
 def registration_alive(reg: Dict[str, Any]) -> bool:
     """The wrapper that wrote a registration still runs. A wrapper killed outright (SIGKILL at `scancel`'s KillWait,
     a node's OOM killer) leaves its registration behind: acting on it would requeue a job that has ended."""
@@ -304,7 +313,8 @@ class Runner:
         except CkptError:
             return
         init_pid = reg.get("init_pid")
-        if reg.get("init_start") is not None and process_start_time(init_pid) == reg["init_start"]:
+        if (reg.get("init_start") is not None and process_start_time(init_pid) == reg["init_start"]
+                and process_state(init_pid) not in ("Z", "X", None)):  # a dead init not yet reaped is gone
             raise AlreadyRunning(
                 f"job {o.job_id} step {o.step}: the tool of a ckpt run that ended (pid {reg.get('pid')}) still runs "
                 f"as namespace init {init_pid}; stop it (kill -9 {init_pid}) before running the step again"
