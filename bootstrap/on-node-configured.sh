@@ -37,6 +37,7 @@ RETRIES="${CKPT_RETRIES:-4}"
 usage() {
   cat <<EOF
 usage: on-node-configured.sh head BUNDLE
+       on-node-configured.sh head-start BUNDLE   (OnNodeStart: only the Slurm job_submit plugin)
        on-node-configured.sh compute QUEUE BUNDLE
 
 BUNDLE is where 'ckpt upload' put the bootstrap bundle: s3://BUCKET/PREFIX, or a local directory.
@@ -233,7 +234,9 @@ new_key() {
 
 setup_key_head() {
   local key="$ROOT$CKPT_KEY_FILE" shared="$ROOT$CKPT_SHARED_DIR/secret"
-  install -d -m 0700 "$(dirname "$key")" "$shared"
+  # the key file alone is private (0600): its directory also holds agent.yaml, which every user's `ckpt run` reads
+  install -d -m 0755 "$(dirname "$key")"
+  install -d -m 0700 "$shared"
   chmod 0700 "$shared"
   if [ ! -s "$key" ]; then
     if [ -s "$shared/node.key" ]; then
@@ -250,7 +253,7 @@ setup_key_head() {
 setup_key_compute() {
   local key="$ROOT$CKPT_KEY_FILE" shared="$ROOT$CKPT_SHARED_DIR/secret/node.key"
   [ -s "$shared" ] || die "the cluster's signing key is missing at $CKPT_SHARED_DIR/secret/node.key: did the head node's OnNodeConfigured finish?"
-  install -d -m 0700 "$(dirname "$key")"
+  install -d -m 0755 "$(dirname "$key")"  # the key is 0600; agent.yaml next to it must stay readable
   install_file "$shared" "$key" 0600 || log "signing key is current"
 }
 
@@ -290,6 +293,17 @@ install_cron() {
   ensure_service "$svc" 0
 }
 
+# Transparent checkpointing: the Slurm job_submit plugin goes next to slurm.conf (head/job_submit.lua exists only
+# when some queue is transparent). slurmctld refuses to start with JobSubmitPlugins=lua and no script, and
+# ParallelCluster starts it before OnNodeConfigured, so the head node's OnNodeStart (`head-start BUNDLE`) installs
+# it first; OnNodeConfigured and OnNodeUpdated install it again (slurmctld reloads a changed script by itself).
+install_job_submit_plugin() {
+  local src="$STAGE/head/job_submit.lua"
+  [ -f "$src" ] || return 0
+  : "${CKPT_SLURM_ETC:?}"
+  install_file "$src" "$ROOT$CKPT_SLURM_ETC/job_submit.lua" 0644 || log "job_submit.lua is current"
+}
+
 # ---- roles --------------------------------------------------------------------------------------------------------
 
 run_compute() {
@@ -324,12 +338,13 @@ run_head() {
     log "created the checkpoint store $CKPT_STORE"
   fi
   install_cron
+  install_job_submit_plugin
 }
 
 main() {
   case "${1:-}" in
     -h|--help) usage; exit 0 ;;
-    head) [ "$#" -eq 2 ] || { usage >&2; exit 2; }; ROLE="head"; QUEUE=""; BUNDLE="$2" ;;
+    head|head-start) [ "$#" -eq 2 ] || { usage >&2; exit 2; }; ROLE="head"; QUEUE=""; BUNDLE="$2" ;;
     compute) [ "$#" -eq 3 ] || { usage >&2; exit 2; }; ROLE=compute; QUEUE="$2"; BUNDLE="$3" ;;
     *) usage >&2; exit 2 ;;
   esac
@@ -344,7 +359,8 @@ main() {
   trap 'rm -rf "$STAGE"' EXIT
   log "starting: role $ROLE${QUEUE:+, queue $QUEUE}"
   fetch_bundle
-  if [ "$ROLE" = head ]; then run_head; else run_compute; fi
+  if [ "$1" = head-start ]; then read_node_env "$STAGE/head/node.env"; install_job_submit_plugin
+  elif [ "$ROLE" = head ]; then run_head; else run_compute; fi
   log "done: role $ROLE${QUEUE:+, queue $QUEUE}"
 }
 

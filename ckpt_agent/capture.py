@@ -13,11 +13,12 @@ its chunk list, so a large working directory costs little after the first checkp
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .chunkstore import ChunkRef, ChunkStore, WriteStats, restore_file, store_file
 from .usercreds import Creds, fs_identity
@@ -239,64 +240,188 @@ def restore_files(
     pool: concurrent.futures.Executor,
     entries: Iterable[FileEntry],
     creds: Optional[Creds] = None,
+    roots: Optional[Sequence[str]] = None,
+    trusted: bool = True,
 ) -> Tuple[int, int]:
     """Put captured files back where they differ from the checkpoint; return (files written, files unchanged).
 
     A file whose size and mtime equal the recorded ones is taken as unchanged (what rsync does); every other file
     is rewritten from verified chunks, so the tool resumes against exactly the state it was checkpointed with.
+
+    Confinement (a manifest is data, not orders): entries are put back only under `roots` (the job's working
+    directory and configured extra paths; default "/"). A `trusted` (signed) checkpoint may also put back the
+    files the tool had open outside them, creating missing parent directories but never changing existing ones.
+    Anything else outside is a damaged checkpoint, refused before anything is written. Every path is walked from
+    "/" one directory at a time without following symbolic links: a link (or other non-directory) where a
+    directory is needed is replaced only inside the roots and only where the checkpoint recorded a directory;
+    elsewhere the restore is refused.
     """
+    plan = _plan(list(entries), ["/"] if roots is None else roots, trusted)
     if creds is None or creds.uid == 0:
-        return _restore_files(chunks, pool, list(entries), set_owner=True)
+        return _restore_files(chunks, pool, plan, set_owner=True)
     with fs_identity(creds):  # chunks are read by pool threads as root; every path is touched as the user
-        return _restore_files(chunks, pool, list(entries), set_owner=False)
+        return _restore_files(chunks, pool, plan, set_owner=False)
 
 
-def _restore_files(chunks, pool, entries: List[FileEntry], set_owner: bool) -> Tuple[int, int]:
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _inside(path: str, root: str) -> bool:
+    return root == "/" or path == root or path.startswith(root + "/")
+
+
+@dataclass
+class _Plan:
+    roots: List[str]
+    entries: List[FileEntry]  # what is put back
+    dirs: Dict[str, FileEntry]  # recorded directories (inside the roots, and parents of outside open files)
+
+    def in_roots(self, path: str) -> bool:
+        return any(_inside(path, r) for r in self.roots)
+
+
+def _plan(entries: List[FileEntry], roots: Sequence[str], trusted: bool) -> _Plan:
+    from .errors import DamagedCheckpointError
+
+    norm = [os.path.normpath(os.path.abspath(r)) for r in roots]
+    plan = _Plan(norm, [], {})
+    outside_dirs: Dict[str, FileEntry] = {}
+    outside_files: List[str] = []
+    for e in entries:
+        if not e.path.startswith("/") or os.path.normpath(e.path) != e.path:
+            raise DamagedCheckpointError(f"checkpoint names a path that is not absolute and normal: {e.path[:200]!r}")
+        if plan.in_roots(e.path):
+            plan.entries.append(e)
+            if e.kind == "dir":
+                plan.dirs[e.path] = e
+        elif trusted and e.kind == "file":
+            plan.entries.append(e)
+            outside_files.append(e.path)
+        elif e.kind == "dir":  # a parent of what is put back: used only to create it if missing
+            outside_dirs[e.path] = e
+        else:
+            raise DamagedCheckpointError(
+                f"checkpoint names {e.path[:200]} ({e.kind}), outside the job's directories ({', '.join(norm)})")
+    parents = {os.path.dirname(p) for p in outside_files + norm}
+    for p in list(parents):
+        while p not in ("/", ""):
+            p = os.path.dirname(p)
+            parents.add(p)
+    for path, e in outside_dirs.items():
+        if path not in parents:
+            raise DamagedCheckpointError(f"checkpoint names directory {path[:200]}, outside the job's directories "
+                                         f"({', '.join(norm)}) and above no file it puts back")
+        plan.dirs[path] = e
+    return plan
+
+
+class _Walker:
+    """Opens the parent directory of a path from "/" one component at a time (O_NOFOLLOW), creating missing
+    directories; keeps the last parent open (entries of one directory come together)."""
+
+    def __init__(self, plan: _Plan, set_owner: bool):
+        self.plan = plan
+        self.set_owner = set_owner
+        self._cached: Tuple[Optional[str], int] = (None, -1)
+
+    def parent(self, path: str) -> int:
+        parent = os.path.dirname(path)
+        if self._cached[0] == parent:
+            return self._cached[1]
+        fd = os.open("/", _DIR_OPEN)
+        cur = ""
+        try:
+            for comp in [c for c in parent.split("/") if c]:
+                cur += "/" + comp
+                nfd = self.step(fd, comp, cur)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        self.close()
+        self._cached = (parent, fd)
+        return fd
+
+    def step(self, fd: int, name: str, path: str) -> int:
+        """The directory `name` in `fd` (whose path is `path`), opened; created or put back where needed."""
+        from .errors import PermissionDenied
+
+        try:
+            return os.open(name, _DIR_OPEN, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            if path not in self.plan.dirs or not self.plan.in_roots(path):
+                raise PermissionDenied(f"refusing to restore below {path}: it is not a directory (a symbolic "
+                                       "link?) and the checkpoint does not own it") from None
+            os.unlink(name, dir_fd=fd)  # a link or file planted where the checkpoint has a directory
+        entry = self.plan.dirs.get(path)
+        os.mkdir(name, entry.mode if entry else 0o755, dir_fd=fd)
+        nfd = os.open(name, _DIR_OPEN, dir_fd=fd)
+        if entry is not None:
+            os.fchmod(nfd, entry.mode)
+            if self.set_owner:
+                os.fchown(nfd, entry.uid, entry.gid)
+        return nfd
+
+    def close(self) -> None:
+        if self._cached[1] >= 0:
+            os.close(self._cached[1])
+        self._cached = (None, -1)
+
+
+def _restore_files(chunks, pool, plan: _Plan, set_owner: bool) -> Tuple[int, int]:
+    from .errors import StoreError
+
     written = unchanged = 0
-    for e in sorted((e for e in entries if e.kind == "dir"), key=lambda e: e.path.count("/")):
-        if not os.path.isdir(e.path) or os.path.islink(e.path):
-            if os.path.lexists(e.path):
-                os.unlink(e.path)
-            os.makedirs(e.path, exist_ok=True)
-            os.chmod(e.path, e.mode)
-            if set_owner:
-                os.lchown(e.path, e.uid, e.gid)
-    for e in entries:
-        if e.kind == "file":
-            try:
-                st = os.lstat(e.path)
-                if stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
-                    unchanged += 1
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    raise IsADirectoryError(e.path)
-            except FileNotFoundError:
-                pass
-            os.makedirs(os.path.dirname(e.path), exist_ok=True)
-            restore_file(chunks, e.chunks or [], e.path, pool, mode=e.mode, where=e.path)
-            os.chmod(e.path, e.mode)
-            if set_owner:
-                os.lchown(e.path, e.uid, e.gid)
-            os.utime(e.path, ns=(e.mtime_ns, e.mtime_ns))
-            written += 1
-        elif e.kind == "symlink":
-            try:
-                if os.readlink(e.path) == e.target:
-                    continue
-                os.unlink(e.path)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                if os.path.isdir(e.path) and not os.path.islink(e.path):
-                    continue
-                os.unlink(e.path)
-            os.symlink(e.target, e.path)
-            if set_owner:
-                os.lchown(e.path, e.uid, e.gid)
-    for e in entries:
-        if e.kind == "dir":
-            try:
-                os.utime(e.path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
-            except OSError:
-                pass
+    walk = _Walker(plan, set_owner)
+    entries = plan.entries
+    try:
+        for e in sorted((e for e in entries if e.kind == "dir" and e.path != "/"), key=lambda e: e.path.count("/")):
+            os.close(walk.step(walk.parent(e.path), os.path.basename(e.path), e.path))
+        for e in entries:
+            if e.kind == "dir" or e.path == "/":
+                continue
+            pfd, name = walk.parent(e.path), os.path.basename(e.path)
+            if e.kind == "file":
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
+                        unchanged += 1
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        raise StoreError(f"cannot restore file {e.path}: a directory now stands in its place")
+                except FileNotFoundError:
+                    pass
+                restore_file(chunks, e.chunks or [], name, pool, mode=e.mode, where=e.path, dir_fd=pfd)
+                if set_owner:
+                    os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+                os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+                written += 1
+            elif e.kind == "symlink":
+                try:
+                    if os.readlink(name, dir_fd=pfd) == e.target:
+                        continue
+                    os.unlink(name, dir_fd=pfd)
+                except FileNotFoundError:
+                    pass
+                except OSError:  # not a link: a directory stays, anything else is replaced
+                    if stat.S_ISDIR(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode):
+                        continue
+                    os.unlink(name, dir_fd=pfd)
+                os.symlink(e.target, name, dir_fd=pfd)
+                if set_owner:
+                    os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+        for e in entries:
+            if e.kind == "dir" and e.path != "/":
+                try:
+                    os.utime(os.path.basename(e.path), ns=(e.mtime_ns, e.mtime_ns), dir_fd=walk.parent(e.path),
+                             follow_symlinks=False)
+                except OSError:
+                    pass
+    finally:
+        walk.close()
     return written, unchanged

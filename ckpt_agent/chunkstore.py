@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -41,6 +42,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import zstandard
 
 from .errors import DamagedCheckpointError, StoreError
+from .safeio import NotRegularFile, read_regular
 from .usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ ZERO_CHUNK = bytes(CHUNK_BYTES)
 ZERO_CHUNK_DIGEST = hashlib.sha256(ZERO_CHUNK).hexdigest()
 # sync_file_range(2) flag: start writeback of the file's dirty pages without waiting for it
 SYNC_FILE_RANGE_WRITE = 2
+# zstd frames are never stored unless they save 10%; this slack only covers frame headers of tiny chunks
+ZSTD_SLACK_BYTES = 1024
 
 CODEC_RAW = "r"
 CODEC_ZSTD = "z"
@@ -156,6 +160,16 @@ class ChunkStore:
         # digest -> whether a reused chunk must be re-read and compared before it is referenced again
         self.verify_reused: Optional[Callable[[str], bool]] = None
         self._verified: Set[str] = set()  # digests already checked (or written) in this checkpoint
+        self._checked: set = set()  # prefix directories found to be real directories
+
+    def _check_prefix(self, prefix: str) -> None:
+        """A chunk prefix directory is read only when it is a directory, not a link (checked once per store)."""
+        if prefix in self._checked:
+            return
+        st = os.lstat(prefix)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotRegularFile(errno.ENOTDIR, f"{prefix} is not a directory (a symbolic link?)")
+        self._checked.add(prefix)
 
     def path(self, ref: ChunkRef) -> str:
         name = ref.digest + (".zst" if ref.codec == CODEC_ZSTD else "")
@@ -243,20 +257,13 @@ class ChunkStore:
         stats.chunks_repaired = 1
 
     def _stored_equals(self, ref: ChunkRef, data: bytes) -> bool:
+        """Whether the stored chunk holds exactly `data`: anything unreadable, misplaced or different is rotten."""
+        bound = ref.size + (ZSTD_SLACK_BYTES if ref.codec == CODEC_ZSTD else 0)
         try:
             with acting_as(self._creds):
-                fd = os.open(self.path(ref), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                payload = read_regular(self.path(ref), bound)
         except OSError:
             return False
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted there is rotten too
-                return False
-            limit = ref.size + 1 if ref.codec == CODEC_RAW else ref.size + (ref.size >> 3) + (64 << 10)
-            payload = _read_at_most(fd, limit)
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
         if ref.codec == CODEC_ZSTD:
             try:
                 payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=ref.size)
@@ -301,11 +308,15 @@ class ChunkStore:
         """Read, decompress and verify one chunk; DamagedCheckpointError names what is wrong."""
         path = self.path(ref)
         label = f"{where}: " if where else ""
+        # a regular file of the size the manifest records, never a link, FIFO or device put in its place
+        bound = ref.size + (ZSTD_SLACK_BYTES if ref.codec == CODEC_ZSTD else 0)
         try:
-            with open(path, "rb") as fh:
-                payload = fh.read()
+            self._check_prefix(os.path.dirname(path))
+            payload = read_regular(path, bound)
         except FileNotFoundError:
             raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} is missing ({path})") from None
+        except NotRegularFile as e:
+            raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]}: {e.strerror}") from None
         except OSError as e:
             raise StoreError(f"{label}cannot read chunk {path}: {e.strerror}") from e
         if ref.codec == CODEC_ZSTD:
@@ -372,13 +383,16 @@ def restore_file(
     pool: concurrent.futures.Executor,
     mode: int = 0o600,
     where: str = "",
+    dir_fd: Optional[int] = None,
 ) -> None:
-    """Write a file from its chunks (verified) to `dest` via a temporary name."""
+    """Write a file from its chunks (verified) to `dest` via a temporary name, with exactly `mode`.
+    `dir_fd`: `dest` is a name in that directory (opened by the caller without following links)."""
     tmp = f"{dest}.ckpt-tmp-{os.getpid()}"
     # the name is predictable: never open through whatever already sits there (a link planted to another file)
-    _unlink_quiet(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    _unlink_quiet(tmp, dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
+        os.fchmod(fd, mode)
         offsets = []
         pos = 0
         for ref in refs:
@@ -396,10 +410,10 @@ def restore_file(
             pass
     except BaseException:
         os.close(fd)
-        _unlink_quiet(tmp)
+        _unlink_quiet(tmp, dir_fd)
         raise
     os.close(fd)
-    os.rename(tmp, dest)
+    os.rename(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def verify_refs(chunks: ChunkStore, refs: Iterable[ChunkRef], pool: concurrent.futures.Executor, where: str) -> None:
@@ -426,27 +440,14 @@ def iter_chunk_files(root: str) -> Iterator[Tuple[str, str]]:
             yield name[:-4] if name.endswith(".zst") else name, entry.path
 
 
-def _read_at_most(fd: int, limit: int) -> bytes:
-    """Up to `limit` bytes of a file: a chunk replaced by something huge is never read whole."""
-    parts = []
-    left = limit
-    while left > 0:
-        part = os.read(fd, min(left, CHUNK_BYTES))
-        if not part:
-            break
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
 
 
-def _unlink_quiet(path: str) -> None:
+def _unlink_quiet(path: str, dir_fd: Optional[int] = None) -> None:
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except OSError:
         pass

@@ -18,7 +18,7 @@ import sys
 from typing import Iterable, List, Optional
 
 from . import __version__
-from .errors import EXIT_INTERNAL, CkptError
+from .errors import EXIT_INTERNAL, EXIT_USAGE, CkptError
 
 # subcommand -> its module's HELP, for the `ckpt --help` listing without importing every module
 COMMANDS = {
@@ -33,6 +33,7 @@ COMMANDS = {
     "gc": "remove checkpoints of finished jobs and superseded generations (head node, from cron)",
     "report": "report run segments, checkpoints, work lost, net vs wall-clock runtime and Spot savings per job",
     "prices": "show the Spot/On-Demand price table, or refresh it from AWS with --update",
+    "plan": "predict each queue's final-checkpoint time against the Spot notice, and the FSx throughput that would fit",
 }
 
 
@@ -46,10 +47,19 @@ def chosen_command(argv: List[str]) -> Optional[str]:
     return None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Command-line mistakes as one line `ckpt: <where>: <what>` and exit 2 (argparse prints usage and a second
+    line); subcommand parsers inherit the class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        where = self.prog[len("ckpt"):].strip()
+        self.exit(EXIT_USAGE, f"ckpt: {where + ': ' if where else ''}{message} (see '{self.prog} --help')\n")
+
+
 def build_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
     """The parser, with the arguments of `commands` (default: every subcommand; their modules are imported)."""
     load = set(COMMANDS if commands is None else commands)
-    parser = argparse.ArgumentParser(prog="ckpt", description="Checkpoint/restore for batch jobs on EC2 Spot.")
+    parser = OneLineParser(prog="ckpt", description="Checkpoint/restore for batch jobs on EC2 Spot.")
     parser.add_argument("--version", action="version", version=f"ckpt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -78,7 +88,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv = sys.argv[1:]
     chosen = chosen_command(argv)
     parser = build_parser([chosen] if chosen else [])
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, printed), --help or --version
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     verbose = args.verbose or os.environ.get("CKPT_DEBUG") == "1"
     if getattr(args, "_configure_logging", True):
         setup_logging(verbose)

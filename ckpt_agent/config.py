@@ -10,12 +10,13 @@ $AWS_EC2_METADATA_SERVICE_ENDPOINT), the file (--config, else $CKPT_CONFIG, else
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError
-from .yamlschema import Lines, load_yaml_with_lines
+from .yamlschema import Lines, load_yaml_with_lines, read_config_text
 
 DEFAULT_CONFIG_PATH = "/etc/ckpt-agent/agent.yaml"
 DEFAULT_RUNTIME_DIR = "/run/ckpt-agent"
@@ -87,6 +88,15 @@ _MINIMUMS = {
 }
 
 
+# upper bounds: a year for every interval and duration (larger values overflow timers and kill threads)
+_MAX_NUMBER = 365 * 24 * 3600
+_MAXIMUMS = {
+    "agent.max_parallel": 1024,
+    "gc.high_watermark": 100.0,
+    "gc.low_watermark": 100.0,
+}
+
+
 class _Problems:
     """Every problem found in one file, each as `FILE:LINE: key.path: message` (STYLE.md: report them together)."""
 
@@ -135,12 +145,17 @@ def _coerce(current: Any, value: Any, where: str) -> Any:
     if isinstance(current, (int, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
         if isinstance(current, int) and not isinstance(current, bool) and value != int(value):
             raise bad("a whole number")
         value = type(current)(value)
         low = _MINIMUMS.get(where)
         if low is not None and value < low:
             raise ValueError(f"must be >= {low:g}, got {value:g}")
+        high = _MAXIMUMS.get(where, _MAX_NUMBER)
+        if value > high:
+            raise ValueError(f"must be <= {high:g}, got {value:g}")
         return value
     if isinstance(current, str):
         if not isinstance(value, str):
@@ -156,6 +171,13 @@ def _coerce(current: Any, value: Any, where: str) -> Any:
     if isinstance(current, dict):
         if not isinstance(value, dict):
             raise bad("a mapping")
+        if where == "prices":
+            for itype, p in value.items():
+                if not isinstance(p, dict) or not all(
+                        k in ("spot", "ondemand") and not isinstance(v, bool) and isinstance(v, (int, float))
+                        and math.isfinite(v) and v >= 0 for k, v in p.items()):
+                    raise ValueError(f"{itype}: must be a mapping of spot and ondemand to finite prices >= 0, "
+                                     f"got {p!r}")
         return value
     return value
 
@@ -169,14 +191,11 @@ def load_agent_config(path: Optional[str] = None, *, required: bool = False) -> 
     chosen = explicit or DEFAULT_CONFIG_PATH
     cfg = AgentConfig()
     try:
-        with open(chosen, encoding="utf-8") as fh:
-            text = fh.read()
+        text: Optional[str] = read_config_text(chosen)  # regular, bounded, UTF-8: else one ConfigError line
     except FileNotFoundError:
         if explicit or required:
             raise ConfigError(f"{chosen}: configuration file not found") from None
         text = None
-    except OSError as e:
-        raise ConfigError(f"{chosen}: cannot read configuration: {e.strerror}") from e
     if text is not None:
         data, lines = load_yaml_with_lines(text, chosen)  # malformed YAML: ConfigError naming FILE:LINE
         cfg.source = chosen

@@ -422,7 +422,11 @@ class Engine:
                     restore_file(chunks, refs, os.path.join(stage, name), pool, where=f"image {name}")
                 self.criu.cpuinfo_check(stage)
                 entries = [capture.FileEntry.from_json(f) for f in manifest["files"]]
-                written, _ = capture.restore_files(chunks, pool, entries, creds)
+                # only below the job's working directory and extra paths; a signed checkpoint (whenever the store
+                # holds a key, every one) may also put back files the tool had open elsewhere
+                roots = [p for p in [manifest.get("cwd")] + list(self.settings.extra_paths) if p]
+                written, _ = capture.restore_files(chunks, pool, entries, creds, roots=roots,
+                                                   trusted=bool(self.store.signer.key))
             inherit = {}
             for key, ino in manifest.get("pipes", {}).items():
                 if key in pipe_fds:

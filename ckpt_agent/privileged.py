@@ -22,6 +22,7 @@ from . import launcher
 from .engine import Engine, JobState
 from .errors import PermissionDenied, UsageError
 from .store import check_name
+from .units import check_seconds
 from .usercreds import creds_of
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,11 @@ class PrivilegedService:
         return out
 
     def _checkpoint(self, req: Dict[str, Any], job_id: str, step: str, pid: int, uid: int) -> Dict[str, Any]:
+        timeout = req.get("timeout")
+        try:  # checked before anything is frozen: nan or inf would fail only after the dump started
+            timeout = check_seconds(timeout, "timeout") if timeout is not None else None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         init_pid = int(req.get("init_pid", 0))
         self._check_tree(init_pid, uid)
         user = creds_of(pid)
@@ -103,9 +109,8 @@ class PrivilegedService:
             uid=user.uid, gid=user.gid, groups=user.groups, exclude={str(p) for p in req.get("exclude", [])},
             node=str(req.get("node", self.node)), instance=dict(req.get("instance") or {}),
         )
-        timeout = req.get("timeout")
         res = self.engine.checkpoint(job, final=bool(req.get("final")), reason=str(req.get("reason", "manual")),
-                                     timeout=float(timeout) if timeout else None)
+                                     timeout=timeout)
         out = asdict(res)
         out["ok"] = True
         return out

@@ -7,6 +7,8 @@ Contract: `render_site(site, site_name)` returns {relative path: text} for
     nodes/<queue>/agent.yaml         each queue's agent config, installed as /etc/ckpt-agent/agent.yaml
     nodes/<queue>/node.env           each queue's bootstrap settings, sourced by bootstrap/on-node-configured.sh
     systemd/ckpt-agent.service       the agent's unit
+    head/job_submit.lua              only when some queue has transparent checkpointing: the Slurm job_submit
+                                     plugin the head node installs next to slurm.conf (`render_job_submit`)
 and `write_tree(out_dir, files)` writes them atomically. Output depends only on the site data and the site file's
 base name, so committed renders can be compared byte for byte. Templates use StrictUndefined: a missing value is a
 bug, never an empty string. Values that reach a shell go through the `sh` filter (shlex.quote).
@@ -28,7 +30,7 @@ import jinja2
 import yaml
 
 from .errors import ConfigError
-from .site import REQUIRED_SLURM_SETTINGS
+from .site import REQUIRED_SLURM_SETTINGS, TRANSPARENT_SLURM_SETTINGS
 
 # Where things live on the nodes; the bootstrap script reads these from node.env, never hard-codes them twice.
 NODE_VENV = "/opt/ckpt-agent/venv"
@@ -39,10 +41,14 @@ NODE_RUNTIME_DIR = "/run/ckpt-agent"
 # root-only directory there can carry the cluster's HMAC key and the CRIU build.
 NODE_SHARED_DIR = "/opt/parallelcluster/shared/ckpt-agent"
 NODE_CRIU = "/usr/local/sbin/criu"  # install-criu.sh's default prefix
+NODE_SLURM_ETC = "/opt/slurm/etc"  # ParallelCluster's slurm.conf directory: slurmctld looks for job_submit.lua there
 SCRIPT_NAME = "on-node-configured.sh"
+# Transparent mode runs a whole batch script as this step of `ckpt run`.
+TRANSPARENT_STEP = "batch"
 COMPUTE_RESOURCE_NAME = "nodes"
 
-TEMPLATE_FILES = ("cluster.yaml.j2", "agent.yaml.j2", "node.env.j2", "ckpt-agent.service.j2", "ckpt-gc.cron.j2")
+TEMPLATE_FILES = ("cluster.yaml.j2", "agent.yaml.j2", "node.env.j2", "ckpt-agent.service.j2", "ckpt-gc.cron.j2",
+                  "job_submit.lua.j2")
 
 
 def templates_dir() -> Path:
@@ -76,6 +82,15 @@ def shell_quote(value: Any) -> str:
     return shlex.quote(str(value))
 
 
+def lua_string(value: Any) -> str:
+    """A Lua string literal for `value` (every byte outside printable ASCII, quotes and backslash escaped)."""
+    out = []
+    for byte in str(value).encode("utf-8"):
+        ch = chr(byte)
+        out.append(ch if 32 <= byte < 127 and ch not in '"\\' else f"\\{byte:03d}")
+    return '"' + "".join(out) + '"'
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
@@ -87,6 +102,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["y"] = yaml_scalar
     env.filters["sh"] = shell_quote
+    env.filters["lua"] = lua_string
     return env
 
 
@@ -123,11 +139,14 @@ def _context(site: Dict[str, Any], site_name: str) -> Dict[str, Any]:
         "bundle_uri": bundle_uri(site),
         "script_uri": f"{bundle_uri(site)}/{SCRIPT_NAME}",
         "s3_access": _s3_buckets(site),
-        "slurm_settings": {**REQUIRED_SLURM_SETTINGS, **site["slurm"]["settings"]},
+        "slurm_settings": {**REQUIRED_SLURM_SETTINGS,
+                           **(TRANSPARENT_SLURM_SETTINGS if transparent_queues(site) else {}),
+                           **site["slurm"]["settings"]},
         "compute_resource": COMPUTE_RESOURCE_NAME,
         # The head node builds CRIU for the cluster only when some queue checkpoints.
         "any_checkpointing": any(q["checkpoint"]["enabled"] for q in site["queues"]),
         "criu_source": criu_source_in_bundle(site),
+        "transparent": bool(transparent_queues(site)),
         "paths": {
             "venv": NODE_VENV,
             "config": NODE_CONFIG,
@@ -135,8 +154,22 @@ def _context(site: Dict[str, Any], site_name: str) -> Dict[str, Any]:
             "runtime_dir": NODE_RUNTIME_DIR,
             "shared_dir": NODE_SHARED_DIR,
             "criu": NODE_CRIU,
+            "slurm_etc": NODE_SLURM_ETC,
         },
     }
+
+
+def transparent_queues(site: Dict[str, Any]) -> List[str]:
+    return [q["name"] for q in site["queues"] if q["checkpoint"]["enabled"] and q["checkpoint"]["transparent"]]
+
+
+def render_job_submit(*, header: str, partitions: List[str], default_partition: str, ckpt: str,
+                      opt_out_comment: str, opt_out_env: str) -> str:
+    """job_submit.lua: batch jobs on `partitions` (a job naming none runs on `default_partition`) run under
+    `ckpt` (the path of the `ckpt` command on the nodes). The local cluster renders its own with this too."""
+    return _environment().get_template("job_submit.lua.j2").render(
+        header=header, partitions=partitions, default_partition=default_partition, ckpt=ckpt,
+        opt_out_comment=opt_out_comment, opt_out_env=opt_out_env, step=TRANSPARENT_STEP)
 
 
 def render_site(site: Dict[str, Any], site_name: str) -> Dict[str, str]:
@@ -156,6 +189,12 @@ def render_site(site: Dict[str, Any], site_name: str) -> Dict[str, str]:
         )
         files[f"{base}/node.env"] = env.get_template("node.env.j2").render(ctx, role="compute", queue=queue)
     files["systemd/ckpt-agent.service"] = env.get_template("ckpt-agent.service.j2").render(ctx)
+    if transparent_queues(site):
+        # ParallelCluster makes the first queue the default partition
+        files["head/job_submit.lua"] = render_job_submit(
+            header=ctx["header"], partitions=transparent_queues(site), default_partition=site["queues"][0]["name"],
+            ckpt=f"{NODE_VENV}/bin/ckpt", opt_out_comment=site["transparent"]["opt_out_comment"],
+            opt_out_env=site["transparent"]["opt_out_env"])
     return files
 
 

@@ -103,11 +103,13 @@ class StepReport:
     restores: int = 0
     restore_seconds: float = 0.0
     status: str = ""  # the last segment's end
+    mode: str = "explicit"  # runner.MODES: `ckpt run` in the job script, or the whole script (transparent mode)
 
     def to_json(self) -> Dict[str, Any]:
         compute = sum(s.seconds for s in self.segments)
         lost = sum(s.lost_seconds for s in self.segments)
-        return {"step": self.step, "status": self.status, "segments": [s.to_json() for s in self.segments],
+        return {"step": self.step, "mode": self.mode, "status": self.status,
+                "segments": [s.to_json() for s in self.segments],
                 "checkpoints": self.checkpoints, "checkpoints_failed": self.checkpoints_failed,
                 "checkpoint_seconds": round(self.checkpoint_seconds, 3),
                 "frozen_seconds": round(self.frozen_seconds, 3), "bytes_written": self.bytes_written,
@@ -126,6 +128,11 @@ class JobReport:
     interruptions: int
     requeues: int
     state: str = ""
+
+    @property
+    def mode(self) -> str:
+        """transparent when the job_submit plugin ran the whole script under `ckpt run`, else explicit."""
+        return "transparent" if any(st.mode == "transparent" for st in self.steps) else "explicit"
 
     def totals(self) -> Dict[str, Any]:
         segs = [s for st in self.steps for s in st.segments]
@@ -151,7 +158,7 @@ class JobReport:
             t[k] = None if t[k] is None else round(t[k], 3)
         return {"job_id": self.job_id, "state": self.state, "submitted": _iso(self.submitted),
                 "submitted_from": self.submitted_from, "finished": _iso(self.finished),
-                "interruptions": self.interruptions, "requeues": self.requeues, **t,
+                "interruptions": self.interruptions, "requeues": self.requeues, "mode": self.mode, **t,
                 "steps": [s.to_json() for s in self.steps]}
 
 
@@ -241,6 +248,7 @@ def build_job(job_id: str, events: List[Dict[str, Any]], now: dt.datetime, price
         if seg is not None:
             seg.last_event = t
         if kind == "segment_started":
+            step.mode = e.get("mode") or step.mode
             seg = open_seg[step.step] = Segment(step.step, e.get("node", ""), e.get("instance_id", ""),
                                                 e.get("instance_type", ""), t, e.get("how", "launched"),
                                                 last_event=t)
@@ -365,6 +373,8 @@ def render_text(report: Dict[str, Any]) -> str:
         lines.append(f"job {job['job_id']}{' (' + job['state'] + ')' if job['state'] else ''}: submitted "
                      f"{job['submitted'] or '-'} ({job['submitted_from']}), finished {job['finished'] or '-'}; "
                      f"{job['interruptions']} interruption(s), {job['requeues']} requeue(s)")
+        lines.append("  mode: " + ("transparent (the job_submit plugin ran the whole batch script under ckpt run)"
+                                   if job["mode"] == "transparent" else "explicit (ckpt run in the job script)"))
         if any(step["segments"] for step in job["steps"]):
             lines.append(f"  {'STEP':<8} {'NODE':<10} {'INSTANCE':<20} {'TYPE':<12} {'START':<20} {'END':<20} "
                          f"{'ENDED':<11} {'RUN':>9} {'LOST':>8} {'CKPTS':>5} {'SPOT':>9} {'ON-DEMAND':>10}")

@@ -6,6 +6,11 @@ to pipes the wrapper relays to its own stdout/stderr (Slurm's output file). A re
 open_pipe), so the wrapper simply relays everything the tool wrote up to the checkpoint, also after a final one:
 after a final checkpoint and resume, the output continues with no line lost and none repeated.
 
+Nesting: the wrapper puts NESTED_ENV=<job id>/<step> into the tool's environment. A `ckpt run` that finds it naming
+its own job is inside a checkpointed tree already (a script that calls `ckpt run` itself, run by transparent mode's
+`ckpt run --name batch`): the inner one runs its tool plainly (exec), and the outer one checkpoints the whole tree.
+Another job's value (a job submitted from inside a checkpointed one inherits the environment) does not count.
+
 The wrapper registers in the runtime directory (a JSON file and a control socket per job step), which is how
 `ckpt checkpoint` and the node agent reach it.
 """
@@ -37,6 +42,15 @@ RELAY_BUFFER_BYTES = 1 << 16
 RUN_LOCK = "run.lock"  # <store>/<job>/<step>/run.lock: held (flock) by the one live wrapper of the step
 # a failed periodic checkpoint (a full store...) is retried after this, doubling up to the interval
 RETRY_FIRST_SECONDS = 15.0
+NESTED_ENV = "CKPT_PROTECTED_BY"  # set in the tool's environment: "<job id>/<step>" of the enclosing `ckpt run`
+MODES = ("explicit", "transparent")  # `ckpt run -- tool` in a job script | the job_submit plugin's whole-script run
+
+
+def enclosing_step(job_id: str, environ=None) -> Optional[str]:
+    """The step of an enclosing `ckpt run` of the same job, from NESTED_ENV; None when there is none."""
+    value = (os.environ if environ is None else environ).get(NESTED_ENV, "")
+    job, _, step = value.rpartition("/")
+    return step if job == job_id and step else None
 
 
 def registration_dir(runtime_dir: str) -> str:
@@ -213,6 +227,7 @@ class RunOptions:
     interval: float
     runtime_dir: str
     cwd: str = field(default_factory=os.getcwd)
+    mode: str = "explicit"  # one of MODES
 
 
 class Runner:
@@ -289,19 +304,26 @@ class Runner:
             for number, why in res.skipped:
                 print(f"ckpt: checkpoint {number} is damaged ({why}); using an older one", file=sys.stderr)
             restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-            print(f"ckpt: resumed job {o.job_id} step {o.step} from checkpoint {res.generation} taken {res.created} "
+            what = (f"by transparent checkpointing (job {o.job_id}, step {o.step})" if o.mode == "transparent"
+                    else f"job {o.job_id} step {o.step}")
+            print(f"ckpt: resumed {what} from checkpoint {res.generation} taken {res.created} "
                   f"(restart count {restart})", file=sys.stderr, flush=True)
             self.last_checkpoint = res.generation
             emit(self.store, o.job_id, "restored", node=self.node, instance=self.instance, step=o.step,
                  generation=res.generation, checkpoint_time=res.created, seconds=round(res.seconds, 3),
                  files_written=res.files_written, restart_count=int(restart or 0))
             emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
-                 how="restored", generation=res.generation)
+                 how="restored", generation=res.generation, mode=o.mode)
             return res.pid
-        pid = self.backend.launch(o.argv, o.cwd, os.environ, pipes, o.job_id, o.step)
-        print(f"ckpt: started job {o.job_id} step {o.step}: no checkpoint yet", file=sys.stderr, flush=True)
+        env = {**os.environ, NESTED_ENV: f"{o.job_id}/{o.step}"}
+        pid = self.backend.launch(o.argv, o.cwd, env, pipes, o.job_id, o.step)
+        if o.mode == "transparent":
+            print(f"ckpt: protected by transparent checkpointing (job {o.job_id}, step {o.step})", file=sys.stderr,
+                  flush=True)
+        else:
+            print(f"ckpt: started job {o.job_id} step {o.step}: no checkpoint yet", file=sys.stderr, flush=True)
         emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
-             how="launched", argv=o.argv, cwd=o.cwd)
+             how="launched", argv=o.argv, cwd=o.cwd, mode=o.mode)
         return pid
 
     def _refuse_orphaned_tool(self) -> None:
@@ -480,8 +502,10 @@ class Runner:
                  bytes_written=res.bytes_written, bytes_new=res.bytes_new, frozen_seconds=round(res.frozen_seconds, 3),
                  seconds=round(res.total_seconds, 3))
             if final:
-                print(f"ckpt: job {o.job_id} step {o.step} stopped by final checkpoint {res.generation}; "
-                      "run the same command again to resume", file=sys.stderr, flush=True)
+                then = ("it resumes when Slurm requeues the job" if o.mode == "transparent"
+                        else "run the same command again to resume")
+                print(f"ckpt: job {o.job_id} step {o.step} stopped by final checkpoint {res.generation}; {then}",
+                      file=sys.stderr, flush=True)
             return {"generation": res.generation, "final": final, "bytes_written": res.bytes_written,
                     "bytes_in": res.bytes_in, "seconds": round(res.total_seconds, 3), "created": res.created}
 

@@ -32,6 +32,7 @@ from .yamlschema import (
     Scalar,
     Str,
     load_yaml_with_lines,
+    read_config_text,
     validate,
 )
 
@@ -51,6 +52,9 @@ QUEUE_NAME_MAX = 25  # ParallelCluster's NAME_MAX_LENGTH for queues and compute 
 #                    checkpoint) instead of failing; Slurm's default, made explicit so a site default cannot drop it.
 #   JobFileAppend=1  a requeued job appends to its output file instead of truncating what the first run wrote.
 REQUIRED_SLURM_SETTINGS = {"JobRequeue": 1, "JobFileAppend": 1}
+# Added when some queue has transparent checkpointing: slurmctld runs the rendered job_submit.lua (next to slurm.conf)
+# on every submission. Not on ParallelCluster's deny list.
+TRANSPARENT_SLURM_SETTINGS = {"JobSubmitPlugins": "lua"}
 
 # ParallelCluster 3.16.1 refuses these at slurm.conf level (pcluster/validators/slurm_settings_validator.py,
 # SLURM_SETTINGS_DENY_LIST["SlurmConf"]["Global"]); a test compares this copy with the installed package.
@@ -186,6 +190,9 @@ def _rule_queue(d: Dict[str, Any], path: Path, ctx: Context) -> None:
     low, high = d.get("min_count"), d.get("max_count")
     if low is not None and high is not None and low > high:
         ctx.error(path + ("min_count",), f"must be <= max_count ({high}), got {low}")
+    ckpt = d.get("checkpoint") or {}
+    if ckpt.get("transparent") and ckpt.get("enabled") is False:
+        ctx.error(path + ("checkpoint", "transparent"), "needs checkpointing: set checkpoint.enabled: true")
     if d.get("checkpoint") and capacity == "ondemand" and d["checkpoint"].get("rebalance_action") == "drain":
         ctx.error(path + ("checkpoint", "rebalance_action"), "On-Demand nodes get no rebalance recommendations")
 
@@ -205,6 +212,12 @@ def _rule_site(d: Dict[str, Any], path: Path, ctx: Context) -> None:
         if name in seen:
             ctx.error(("queues", i, "name"), f"duplicate queue name {name!r} (first at queues[{seen[name]}])")
         seen.setdefault(name, i)
+    transparent = [q.get("name") for q in d.get("queues") or [] if (q.get("checkpoint") or {}).get("transparent")]
+    for key in (d.get("slurm") or {}).get("settings") or {}:
+        for name, value in TRANSPARENT_SLURM_SETTINGS.items():
+            if transparent and key.lower() == name.lower():
+                ctx.error(("slurm", "settings", key), f"set by ckpt to {value} for transparent checkpointing (queue "
+                                                      f"{transparent[0]}); remove this key")
     queue_types = set()
     for q in d.get("queues") or []:
         queue_types.update(q.get("instance_types") or [])
@@ -222,6 +235,8 @@ _INSTANCE_TYPE = Str(pattern=r"[a-z0-9]+[a-z0-9-]*\.[a-z0-9-]+", pattern_help="a
 CHECKPOINT = Map(
     {
         "enabled": Field(Bool(), default=True),
+        # Transparent mode: the job_submit plugin runs every batch script of this queue under `ckpt run`.
+        "transparent": Field(Bool(), default=False),
         "interval": Field(Duration(min=60, max=7 * 86400), default=900),
         "keep": Field(Int(min=1, max=10), default=2),
         "compression": Field(Str(choices=("zstd", "none")), default="zstd"),
@@ -258,6 +273,22 @@ FSX_NEW = Map(
         "deletion_policy": Field(Str(choices=("Delete", "Retain")), default="Retain"),
     },
     rules=[_rule_fsx_new],
+)
+
+# How users opt a job out of transparent mode (rendered into job_submit.lua): this keyword anywhere in the job's
+# comment (`sbatch --comment=ckpt:off`, also as an #SBATCH line), or this variable set to 0/off/no/false in the
+# environment sbatch exports.
+TRANSPARENT = Map(
+    {
+        "opt_out_comment": Field(
+            Str(pattern=r"[A-Za-z0-9_.:=+-]+", pattern_help="letters, digits and _.:=+- (no spaces)", max_len=64),
+            default="ckpt:off",
+        ),
+        "opt_out_env": Field(
+            Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*", pattern_help="an environment variable name", max_len=64),
+            default="CKPT_TRANSPARENT",
+        ),
+    }
 )
 
 SITE = Map(
@@ -361,6 +392,7 @@ SITE = Map(
                                         "ondemand": Field(Float(min=0), required=True)})),
             default=dict,
         ),
+        "transparent": Field(TRANSPARENT),
         "queues": Field(List(QUEUE, min_items=1, max_items=MAX_QUEUES), required=True),
     },
     rules=[_rule_site],
@@ -369,14 +401,9 @@ SITE = Map(
 
 def read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
+        return read_config_text(path, "site file")
     except FileNotFoundError:
         raise ConfigError(f"{path}: site file not found") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read site file: {e.strerror}") from e
 
 
 def check_site_text(text: str, source: str):

@@ -8,13 +8,20 @@ Layout (job directories are mode 0700):
         chunks/<xx>/<sha256>[.zst]    content-addressed data shared by all steps and generations of the job
         <step>/
             gen-000003/manifest.json  a committed checkpoint; a generation directory appears only when complete
+            gen-000003/summary.json   a few facts of the generation for `ckpt list` (written before the manifest)
             gen-000004.partial-<pid>/ a checkpoint being written (never read by restore)
             result.json               the step finished: its exit status; a rerun returns it without running
 
 A checkpoint becomes visible only when complete and durable: chunks are written and the file system synced, then
 the manifest is written and fsynced inside the partial directory, which is then renamed to its final name.
 A crash at any moment leaves the previous generation intact. Manifests carry the checksums of every chunk and,
-where a key is configured, an HMAC-SHA256 over the manifest made with a key that users cannot read.
+where a key exists, an HMAC-SHA256 over the manifest made with a key that users cannot read.
+
+Reading is defensive, because a job's user owns (and can rearrange) the job's directory: every file is opened
+without following a symbolic link, only when it is a regular file, and read only up to a bound (a manifest, a
+summary, a step result, events; chunks are bounded by the sizes their manifest records). A job, step or `chunks`
+directory that is a symbolic link is refused. Whenever the reader holds a key, a manifest without a valid signature
+is a damaged generation, as is one that does not have the manifest's shape (`check_manifest`).
 """
 
 from __future__ import annotations
@@ -35,19 +42,41 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
-from .chunkstore import ChunkRef, ChunkStore
-from .errors import CkptError, DamagedCheckpointError, NotFoundError, PermissionDenied, StoreError
+from .chunkstore import CHUNK_BYTES, CODEC_RAW, CODEC_ZSTD, ChunkRef, ChunkStore
+from .errors import (
+    CkptError,
+    ConfigError,
+    DamagedCheckpointError,
+    NotFoundError,
+    PermissionDenied,
+    StoreError,
+    UsageError,
+)
+from .safeio import NotRegularFile, read_regular
 from .usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
 RESULT = "result.json"
 EVENTS = "events.jsonl"
 FORMAT_VERSION = 1
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
 _PARTIAL_RE = re.compile(r"^gen-(\d{6,})\.partial-(\d+)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_CODECS = (CODEC_RAW, CODEC_ZSTD)
+_IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
+# read bounds: a manifest lists ~85 bytes per MiB of image (1 MiB for 12 GiB), so 256 MiB covers 3 TiB of memory
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_SUMMARY_BYTES = 64 << 10  # a handful of fields
+MAX_RESULT_BYTES = 64 << 10
+MAX_EVENTS_BYTES = 64 << 20  # ~300,000 events: far beyond any job's lifetime
+MAX_KEY_BYTES = 4096
+_SUMMARY_TYPES = {"generation": int, "created": str, "final": bool, "reason": str, "node": str, "bytes_in": int,
+                  "bytes_written": int}
+SUMMARY_KEYS = tuple(_SUMMARY_TYPES)
 
 
 def utcnow() -> dt.datetime:
@@ -64,8 +93,10 @@ def parse_iso(s: str) -> dt.datetime:
 
 def check_name(kind: str, value: str) -> str:
     """Job ids and step names become directory names: refuse anything that could escape the store."""
-    if not _SAFE_NAME.match(value or "") or value in (".", ".."):
-        raise StoreError(f"invalid {kind} {value!r}: use letters, digits, '_', '-', '.', '+'")
+    if not isinstance(value, str) or not _SAFE_NAME.match(value) or value in (".", ".."):
+        shown = value if not isinstance(value, str) or len(value) <= 80 else value[:80] + "..."
+        raise UsageError(f"invalid {kind} {shown!r}: use up to 128 letters, digits, '_', '-', '.', '+' "
+                         "(not starting with '.', '-' or '+')")
     return value
 
 
@@ -104,7 +135,11 @@ class Generation:
 
 
 class Signer:
-    """HMAC-SHA256 over manifest bytes with a key only root can read (the node agent's key file)."""
+    """HMAC-SHA256 over manifest bytes with a key only root can read (the node agent's key file).
+
+    Whenever a key is held, every manifest must carry a valid signature: a missing or wrong one makes the generation
+    damaged (restore falls back to an older intact one). Without a key (an ordinary user's `ckpt list`/`verify`),
+    signatures cannot be checked, and a caller that requires one is refused."""
 
     def __init__(self, key: Optional[bytes]):
         self.key = key
@@ -112,13 +147,56 @@ class Signer:
     @classmethod
     def from_file(cls, path: str) -> Signer:
         try:
-            with open(path, "rb") as fh:
-                key = fh.read().strip()
-        except FileNotFoundError:
+            key = read_regular(path, MAX_KEY_BYTES, follow=True).strip()
+        except (FileNotFoundError, PermissionError):
             return cls(None)
-        except PermissionError:
+        except (OSError, ValueError):
             return cls(None)
         return cls(key or None)
+
+    @classmethod
+    def ensure(cls, path: str, config_path: Optional[str] = None) -> Signer:
+        """The key at `path`, created (random, mode 0600, root's) at first use when none is there.
+
+        The key file alone is private: a missing parent directory is created 0755, since the configuration
+        (agent.yaml, which every user's `ckpt run` reads) may live in the same directory. A directory holding
+        `config_path` that an earlier version made 0700 is opened up again (it held only the key and the config).
+        The key appears under its name complete (written aside, then linked), so concurrent first users all read
+        the same key."""
+        import secrets
+
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+            if config_path and os.path.dirname(os.path.abspath(config_path)) == parent:
+                _keep_traversable(parent)
+            if not os.path.lexists(path):
+                tmp = f"{path}.tmp-{os.getpid()}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, (secrets.token_hex(32) + "\n").encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    os.link(tmp, path)
+                    log.warning("created a new signing key %s: copy it to every node that restores this node's "
+                                "checkpoints", path)
+                except FileExistsError:
+                    pass  # another first user won: use theirs
+                finally:
+                    os.unlink(tmp)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{path}: signing key is not a regular file")
+            if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+                os.chmod(path, 0o600)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot create the signing key: {e.strerror}") from e
+        signer = cls.from_file(path)
+        if not signer.key:
+            raise ConfigError(f"{path}: signing key is empty or unreadable")
+        return signer
 
     def sign(self, payload: bytes) -> Optional[str]:
         if not self.key:
@@ -131,11 +209,19 @@ class Signer:
                 raise PermissionDenied(f"{where}: no signing key available to verify the checkpoint")
             return
         if not signature:
-            if required:
-                raise PermissionDenied(f"{where}: checkpoint is not signed by the agent; refusing to restore it")
-            return
-        if not hmac.compare_digest(self.sign(payload) or "", signature):
-            raise PermissionDenied(f"{where}: checkpoint signature does not match: it was altered or forged")
+            raise DamagedCheckpointError(f"{where}: checkpoint is not signed by the agent (a key exists): "
+                                         "refusing to trust it")
+        if not isinstance(signature, str) or not hmac.compare_digest(self.sign(payload) or "", signature):
+            raise DamagedCheckpointError(f"{where}: checkpoint signature does not match: it was altered or forged")
+
+
+def _keep_traversable(path: str) -> None:
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and (st.st_mode & 0o055) != 0o055:
+        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o055)
+        log.warning("%s was not readable by users (mode %o): made it %o again so that users can read the "
+                    "configuration; the signing key stays private", path, stat.S_IMODE(st.st_mode),
+                    stat.S_IMODE(st.st_mode) | 0o055)
 
 
 class CheckpointStore:
@@ -152,6 +238,26 @@ class CheckpointStore:
 
     def chunk_dir(self, job_id: str) -> str:
         return os.path.join(self.job_dir(job_id), "chunks")
+
+    def _no_link(self, path: str) -> str:
+        """`path` (a job, step or chunks directory) for reading: refused when it is a symbolic link or not a
+        directory (a user may rearrange their own job directory; nobody may make a reader go elsewhere)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return path
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e.strerror}") from e
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{path} is not a directory (a symbolic link?); refusing to read through it")
+        return path
+
+    def read_job_dir(self, job_id: str) -> str:
+        return self._no_link(self.job_dir(job_id))
+
+    def read_step_dir(self, job_id: str, step: str) -> str:
+        self.read_job_dir(job_id)
+        return self._no_link(self.step_dir(job_id, step))
 
     def ensure_job(self, job_id: str, step: str, uid: Optional[int] = None, gid: Optional[int] = None) -> str:
         """Create the job's directories (mode 0700, owned by the job's user). A job directory that is a symbolic
@@ -212,7 +318,7 @@ class CheckpointStore:
     # --- generations ------------------------------------------------------------------------------------------
     def generations(self, job_id: str, step: str) -> List[Generation]:
         """Committed generations, oldest first."""
-        sd = self.step_dir(job_id, step)
+        sd = self.read_step_dir(job_id, step)
         try:
             names = os.listdir(sd)
         except FileNotFoundError:
@@ -223,7 +329,8 @@ class CheckpointStore:
         for name in names:
             m = _GEN_RE.match(name)
             path = os.path.join(sd, name)
-            if m and not os.path.islink(path) and os.path.isfile(os.path.join(path, MANIFEST)):
+            # listed when its manifest exists at all: whatever stands there is then checked (and maybe damaged)
+            if m and not os.path.islink(path) and os.path.isdir(path) and os.path.lexists(os.path.join(path, MANIFEST)):
                 gens.append(Generation(job_id, step, int(m.group(1)), path))
         return sorted(gens, key=lambda g: g.number)
 
@@ -250,14 +357,17 @@ class CheckpointStore:
         return [e.name for e in entries if e.is_dir(follow_symlinks=False) and _SAFE_NAME.match(e.name)]
 
     def steps(self, job_id: str) -> List[str]:
-        jd = self.job_dir(job_id)
+        """Step directories of a job (links and names that are not step names are left out); PermissionError when
+        the caller may not read the job's directory (another user's job in a shared store)."""
+        jd = self.read_job_dir(job_id)
         try:
             entries = sorted(os.scandir(jd), key=lambda e: e.name)
         except FileNotFoundError:
             return []
         except OSError as e:
             raise self._read_error(job_id, jd, e) from e
-        return [e.name for e in entries if e.is_dir(follow_symlinks=False) and e.name != "chunks"]
+        return [e.name for e in entries
+                if e.is_dir(follow_symlinks=False) and e.name != "chunks" and _SAFE_NAME.match(e.name)]
 
     def begin(self, job_id: str, step: str) -> Tuple[int, str]:
         """Reserve the next generation number; return it and its partial directory."""
@@ -287,8 +397,11 @@ class CheckpointStore:
         signature = self.signer.sign(body)
         envelope = {"manifest": manifest, "signature": signature} if signature else {"manifest": manifest}
         data = json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
+        # the summary first: the manifest's write syncs the directory, so both are durable before the rename
+        write_atomic(os.path.join(partial, SUMMARY), json.dumps(summary_of(manifest)).encode(), durable=False)
         write_atomic(os.path.join(partial, MANIFEST), data)
         if owner:  # readable by the job's user (`ckpt list`, `ckpt verify`); the signature guards against edits
+            os.chown(os.path.join(partial, SUMMARY), *owner)
             os.chown(os.path.join(partial, MANIFEST), *owner)
             os.chown(partial, *owner)
         final = os.path.join(step_dir, f"gen-{number:06d}")
@@ -300,22 +413,40 @@ class CheckpointStore:
         shutil.rmtree(partial, ignore_errors=True)
 
     def load_manifest(self, gen: Generation, require_signature: bool = False) -> Dict[str, Any]:
+        """The generation's manifest, checked: signed (whenever this store holds a key, and always when
+        `require_signature`), of the known format and shape. DamagedCheckpointError otherwise."""
         where = gen.manifest_path
         try:
-            with open(where, "rb") as fh:
-                envelope = json.loads(fh.read())
+            raw = read_regular(where, MAX_MANIFEST_BYTES)
+            envelope = json.loads(raw)
             manifest = envelope["manifest"]
+            if not isinstance(manifest, dict):
+                raise TypeError("the manifest is not an object")
         except FileNotFoundError:
             raise DamagedCheckpointError(f"{where}: manifest is missing") from None
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise DamagedCheckpointError(f"{where}: manifest is unreadable ({e})") from e
+        except NotRegularFile as e:
+            raise DamagedCheckpointError(f"manifest: {e.strerror}") from None
         except OSError as e:
             raise StoreError(f"{where}: cannot read manifest: {e.strerror}") from e
         body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         self.signer.verify(body, envelope.get("signature"), where, require_signature)
         if manifest.get("format") != FORMAT_VERSION:
             raise DamagedCheckpointError(f"{where}: unsupported manifest format {manifest.get('format')!r}")
+        check_manifest(manifest, where)
         return manifest
+
+    def load_summary(self, gen: Generation) -> Dict[str, Any]:
+        """The generation's listing facts (SUMMARY_KEYS): from its summary file, else (older generations, or a
+        summary that is not well formed) from its manifest. Not an integrity check: `ckpt verify` is."""
+        try:
+            data = json.loads(read_regular(os.path.join(gen.path, SUMMARY), MAX_SUMMARY_BYTES))
+            if isinstance(data, dict) and all(isinstance(data.get(k), t) for k, t in _SUMMARY_TYPES.items()):
+                return {k: data[k] for k in SUMMARY_KEYS}
+        except (OSError, ValueError):
+            pass
+        return summary_of(self.load_manifest(gen))
 
     def chunks_for(
         self,
@@ -324,7 +455,8 @@ class CheckpointStore:
         known: Optional[Dict[str, str]] = None,
         owner: Optional[Tuple[int, int]] = None,
     ) -> ChunkStore:
-        return ChunkStore(self.chunk_dir(job_id), compression, known, owner)
+        self.read_job_dir(job_id)
+        return ChunkStore(self._no_link(self.chunk_dir(job_id)), compression, known, owner)
 
     def known_chunks(self, job_id: str) -> Dict[str, str]:
         """digest -> codec of every chunk referenced by a committed manifest of the job (what need not be rewritten)."""
@@ -437,14 +569,18 @@ class CheckpointStore:
 
     # --- results and events -----------------------------------------------------------------------------------
     def result(self, job_id: str, step: str) -> Optional[Dict[str, Any]]:
-        path = os.path.join(self.step_dir(job_id, step), RESULT)
+        path = os.path.join(self.read_step_dir(job_id, step), RESULT)
         try:
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh)
+            data = json.loads(read_regular(path, MAX_RESULT_BYTES))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise StoreError(f"{path}: unreadable step result ({e.strerror or e})") from e
+        except ValueError as e:
             raise StoreError(f"{path}: unreadable step result ({e})") from e
+        if not isinstance(data, dict):
+            raise StoreError(f"{path}: unreadable step result (not an object)")
+        return data
 
     def record_result(self, job_id: str, step: str, exit_status: int) -> None:
         data = {"exit_status": exit_status, "finished": iso(utcnow()), "host": socket.gethostname()}
@@ -463,19 +599,25 @@ class CheckpointStore:
             os.close(fd)
 
     def events(self, job_id: str) -> List[Dict[str, Any]]:
-        path = os.path.join(self.job_dir(job_id), EVENTS)
+        path = os.path.join(self.read_job_dir(job_id), EVENTS)
         out = []
         try:
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    line = line.strip()
-                    if line:
-                        try:
-                            out.append(json.loads(line))
-                        except ValueError:
-                            log.warning("%s: skipping a damaged event line", path)
+            text = read_regular(path, MAX_EVENTS_BYTES).decode("utf-8", errors="replace")
         except FileNotFoundError:
-            pass
+            return out
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read events: {e.strerror or e}") from e
+        for line in text.splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    event = json.loads(line)
+                except (ValueError, RecursionError):
+                    event = None
+                if isinstance(event, dict):
+                    out.append(event)
+                else:
+                    log.warning("%s: skipping a damaged event line", path)
         return out
 
     def latest_generation(self, job_id: str, step: str) -> Generation:
@@ -483,6 +625,68 @@ class CheckpointStore:
         if not gens:
             raise NotFoundError(f"no checkpoint of job {job_id} step {step} in {self.root}")
         return gens[-1]
+
+
+def summary_of(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    stats = manifest.get("stats") if isinstance(manifest.get("stats"), dict) else {}
+
+    def num(v: Any) -> int:
+        return v if type(v) is int else 0
+
+    return {"generation": num(manifest.get("generation")), "created": str(manifest.get("created", "")),
+            "final": bool(manifest.get("final")), "reason": str(manifest.get("reason", "")),
+            "node": str(manifest.get("node", "")), "bytes_in": num(stats.get("bytes_in")),
+            "bytes_written": num(stats.get("bytes_written"))}
+
+
+def _check_refs(refs: Any, where: str) -> int:
+    """Chunk references as stored ([sha256 hex, raw size, codec]); returns their total size."""
+    if not isinstance(refs, list):
+        raise DamagedCheckpointError(f"{where}: malformed manifest: a chunk list is not a list")
+    total = 0
+    for r in refs:
+        if not (type(r) is list and len(r) == 3 and type(r[1]) is int and 0 < r[1] <= CHUNK_BYTES
+                and r[2] in _CODECS and type(r[0]) is str and _DIGEST_RE.match(r[0])):
+            raise DamagedCheckpointError(f"{where}: malformed manifest: bad chunk reference {str(r)[:100]}")
+        total += r[1]
+    return total
+
+
+def check_manifest(manifest: Dict[str, Any], where: str) -> None:
+    """The shape every reader relies on; anything else is a damaged generation (never a KeyError later).
+    Messages are built only on failure: a manifest of a large process lists ~12,000 chunks per 12 GiB."""
+    def bad(what: str) -> DamagedCheckpointError:
+        return DamagedCheckpointError(f"{where}: malformed manifest: {what}")
+
+    if not isinstance(manifest.get("created"), str):
+        raise bad("'created' is missing or not a string")
+    images, files = manifest.get("images"), manifest.get("files")
+    if not isinstance(images, list):
+        raise bad("'images' is missing or not a list")
+    if not isinstance(files, list):
+        raise bad("'files' is missing or not a list")
+    for img in images:
+        if not (isinstance(img, dict) and isinstance(img.get("name"), str) and _IMAGE_NAME_RE.match(img["name"])
+                and type(img.get("size")) is int):
+            raise bad(f"bad image entry {str(img)[:100]}")
+        if _check_refs(img.get("chunks"), where) != img["size"]:
+            raise bad(f"image {img['name']}: size and chunks disagree")
+    for f in files:
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and f.get("kind") in ("dir", "file", "symlink")
+                and all(type(f.get(k)) is int for k in ("mode", "uid", "gid", "mtime_ns"))):
+            raise bad(f"bad file entry {str(f)[:100]}")
+        path = f["path"]
+        if not (path.startswith("/") and os.path.normpath(path) == path and "\0" not in path):
+            raise bad(f"file path {path[:100]!r} is not absolute and normal")
+        if f["kind"] == "file" and not (type(f.get("size")) is int
+                                        and _check_refs(f.get("chunks"), where) == f["size"]):
+            raise bad(f"file {path[:100]}: size and chunks disagree")
+        if f["kind"] == "symlink" and not (isinstance(f.get("target"), str) and "\0" not in f["target"]):
+            raise bad(f"symlink {path[:100]}: bad target")
+    if "cwd" in manifest and not isinstance(manifest["cwd"], str):
+        raise bad("'cwd' is not a string")
+    if not isinstance(manifest.get("pipes", {}), dict):
+        raise bad("'pipes' is not a mapping")
 
 
 def manifest_refs(manifest: Dict[str, Any]) -> Iterator[ChunkRef]:

@@ -1,6 +1,23 @@
-"""How sizes are shown to people: one format for every command."""
+"""How sizes are shown to people: one format for every command; the bounds every duration given to us obeys."""
 
 from __future__ import annotations
+
+import math
+from typing import Any
+
+# the longest wait or interval we take: a year (nan, inf or 1e300 would overflow timers and kill threads)
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def check_seconds(value: Any, what: str) -> float:
+    """`value` as seconds: a finite number > 0 and <= MAX_SECONDS; ValueError naming `what` otherwise."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS:
+        raise ValueError(f"{what}: must be a finite number of seconds, > 0 and <= {MAX_SECONDS:.0f}, got {value!r}")
+    return seconds
 
 
 def human_bytes(n: float) -> str:

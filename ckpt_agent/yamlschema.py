@@ -1,9 +1,14 @@
 """A small strict YAML schema engine that remembers where every value came from.
 
 Contract:
+- `read_config_text(path, what)` reads a configuration file defensively: a regular file only (a FIFO is refused, not
+  waited on), at most MAX_CONFIG_BYTES, UTF-8 text; every other case is one ConfigError line (missing: the caller's
+  FileNotFoundError).
 - `load_yaml_with_lines(text, source)` parses YAML into plain Python values plus a `Lines` record of the line of each
   value (and of each mapping key), addressed by path tuples such as ("queues", 2, "checkpoint", "interval").
-  Malformed YAML and duplicate keys raise ConfigError naming FILE:LINE.
+  Malformed YAML and duplicate keys raise ConfigError naming FILE:LINE. Hostile YAML is bounded before it is built:
+  nesting deeper than MAX_DEPTH, more than MAX_ALIASES aliases (billion laughs) or more than MAX_NODES values
+  (aliases expanded) is a ConfigError. Numbers must be finite wherever a spec asks for one (.inf and .nan refused).
 - A schema is built from `Map`, `List`, `Str`, `Int`, `Float`, `Bool`, `Duration` and `AnyMap` specs. `validate(...)`
   walks the data once and collects *every* problem as a `Problem(file, line, path, message)`; it never stops at the
   first. It returns the data with defaults filled in and durations converted to seconds.
@@ -16,6 +21,8 @@ Contract:
 from __future__ import annotations
 
 import difflib
+import errno
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Sequence, Tuple
@@ -26,6 +33,11 @@ import yaml
 from .errors import ConfigError
 
 Path = Tuple[Any, ...]
+
+MAX_CONFIG_BYTES = 1 << 20  # the largest real site file is ~10 KB; a bound keeps a 50 MB file from being parsed
+MAX_DEPTH = 64  # mappings and lists nested this deep are no configuration (and would exhaust Python's recursion)
+MAX_ALIASES = 32  # YAML anchors are handy a few times; hundreds are an alias bomb
+MAX_NODES = 100_000  # values after expanding aliases
 
 _MISSING = object()
 
@@ -72,25 +84,73 @@ class Lines:
         return self.key.get(tuple(path)) or self.of_value(path)
 
 
+def read_config_text(path: str, what: str = "configuration file") -> str:
+    """The text of a configuration file (see the module docstring); FileNotFoundError when it does not exist."""
+    from .safeio import NotRegularFile, read_regular
+
+    try:
+        data = read_regular(path, MAX_CONFIG_BYTES, follow=True)  # an admin may link a config: it is theirs
+    except FileNotFoundError:
+        raise
+    except NotRegularFile as e:
+        if e.errno == errno.EFBIG:
+            raise ConfigError(f"{path}: {what} is larger than {MAX_CONFIG_BYTES >> 10} KiB: refusing to read "
+                              "it") from None
+        raise ConfigError(f"{path}: {what} is not a regular file (a FIFO, device or directory?)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from e
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{path}: {what} is UTF-16 text: save it as UTF-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (a binary file?): bad byte at offset {e.start}") from None
+
+
+def _check_bounds(text: str, source: str) -> None:
+    """Refuse deep nesting and alias bombs from the event stream (PyYAML's parser is not recursive)."""
+    depth = aliases = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"{source}:{event.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        elif isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise ConfigError(f"{source}:{event.start_mark.line + 1}: more than {MAX_ALIASES} aliases (*name): "
+                                  "refusing a possible alias bomb")
+
+
 def load_yaml_with_lines(text: str, source: str) -> Tuple[Any, Lines]:
     """Parse one YAML document into plain values and the line of each; ConfigError on malformed YAML."""
     lines = Lines()
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        _check_bounds(text, source)
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None, lines
-        return _convert(loader, node, (), lines, source), lines
+        return _convert(loader, node, (), lines, source, [0]), lines
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: malformed YAML: {problem}") from e
+    except (ValueError, OverflowError, RecursionError) as e:  # a scalar PyYAML cannot build, e.g. a date 99999-01-01
+        raise ConfigError(f"{source}: malformed YAML: {e}") from e
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
-def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: Lines, source: str) -> Any:
+def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: Lines, source: str, count: list) -> Any:
+    count[0] += 1
+    if count[0] > MAX_NODES:
+        raise ConfigError(f"{source}: more than {MAX_NODES} values (aliases expanded): refusing a possible alias bomb")
     lines.value[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: Dict[Any, Any] = {}
@@ -105,10 +165,10 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: Lines,
                     f"{source}:{key_node.start_mark.line + 1}: {format_path(path + (key,))}: duplicate key"
                 )
             lines.key[path + (key,)] = key_node.start_mark.line + 1
-            out[key] = _convert(loader, value_node, path + (key,), lines, source)
+            out[key] = _convert(loader, value_node, path + (key,), lines, source, count)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(loader, item, path + (i,), lines, source) for i, item in enumerate(node.value)]
+        return [_convert(loader, item, path + (i,), lines, source, count) for i, item in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
 
 
@@ -210,6 +270,9 @@ class _Number(Spec):
         if not self._accept(value):
             ctx.error(path, f"must be {self.kind}, got {_type_name(value)}")
             return _MISSING
+        if isinstance(value, float) and not math.isfinite(value):
+            ctx.error(path, f"must be a finite number, got {value!r}")
+            return _MISSING
         return self._range(value, path, ctx)
 
     def _range(self, value: Any, path: Path, ctx: Context) -> Any:
@@ -264,6 +327,9 @@ class Scalar(Spec):
     """A string, number or boolean, kept as written (for free-form settings such as slurm.conf parameters)."""
 
     def check(self, value: Any, path: Path, ctx: Context) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            ctx.error(path, f"must be a finite number, got {value!r}")
+            return _MISSING
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return value
         ctx.error(path, f"must be a string or a number, got {_type_name(value)}")

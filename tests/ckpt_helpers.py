@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,8 +31,9 @@ def require_criu() -> None:
 
 def ckpt_env(store: Path, runtime: Path, **extra: str) -> Dict[str, str]:
     env = dict(os.environ)
-    config = store.parent / "agent.yaml"  # an empty config: defaults plus the environment, whatever /etc holds
-    config.write_text("{}\n")
+    # defaults plus the environment, whatever /etc holds; root's jobs create their signing key here, not in /etc
+    config = store.parent / "agent.yaml"
+    config.write_text(json.dumps({"agent": {"key_file": str(store.parent / "secret" / "node.key")}}) + "\n")
     env.update(CKPT_STORE=str(store), CKPT_RUNTIME_DIR=str(runtime), CKPT_CONFIG=str(config))
     env["PATH"] = "/usr/local/sbin:" + env.get("PATH", "")
     for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):

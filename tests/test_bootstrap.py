@@ -175,11 +175,14 @@ def test_head_node_first_run(head, bundle):
     shared_key = root / SHARED / "secret/node.key"
     assert shared_key.read_bytes() == key.read_bytes() and mode(shared_key) == 0o600
     assert mode(root / SHARED / "secret") == 0o700
+    assert mode(root / "etc/ckpt-agent") == 0o755, "users' ckpt run reads agent.yaml here (issue 10)"
     assert (root / "etc/ckpt-agent/agent.yaml").read_bytes() == (bundle / "head/agent.yaml").read_bytes()
     assert load_agent_config(str(root / "etc/ckpt-agent/agent.yaml")).store == "/fsx/ckpt"
     cron = root / "etc/cron.d/ckpt-gc"
     assert cron.read_bytes() == (bundle / "head/ckpt-gc.cron").read_bytes() and mode(cron) == 0o644
     assert (root / "fsx/ckpt").is_dir()
+    plugin = root / "opt/slurm/etc/job_submit.lua"  # transparent mode (also installed at OnNodeStart)
+    assert plugin.read_bytes() == (bundle / "head/job_submit.lua").read_bytes() and mode(plugin) == 0o644
     venv = root / "opt/ckpt-agent/venv"
     assert (venv / "bin/ckpt").is_file()
     assert list((venv / "lib").glob("python3*/site-packages/ckpt_agent/site.py"))
@@ -216,6 +219,7 @@ def test_compute_node_first_run(compute, head, bundle):
     root = compute.root
     assert (root / "etc/ckpt-agent/node.key").read_bytes() == (head.root / "etc/ckpt-agent/node.key").read_bytes()
     assert mode(root / "etc/ckpt-agent/node.key") == 0o600
+    assert mode(root / "etc/ckpt-agent") == 0o755, "users' ckpt run reads agent.yaml here (issue 10)"
     assert (root / "etc/ckpt-agent/agent.yaml").read_bytes() == (bundle / "nodes/sim-spot/agent.yaml").read_bytes()
     assert load_agent_config(str(root / "etc/ckpt-agent/agent.yaml")).queue == "sim-spot"
     unit = root / "etc/systemd/system/ckpt-agent.service"

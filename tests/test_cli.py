@@ -105,8 +105,7 @@ def test_version(env, tmp_path):
 def test_no_subcommand_is_a_usage_error(env, tmp_path):
     res = run_ckpt(env=env, cwd=tmp_path)
     assert res.returncode == 2
-    assert "Traceback" not in res.stderr
-    assert "usage: ckpt" in res.stderr
+    assert "COMMAND" in one_line(res) and "ckpt --help" in one_line(res)
 
 
 def test_help_listing_matches_every_subcommand_module():

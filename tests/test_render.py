@@ -70,7 +70,8 @@ def test_cluster_yaml_content():
     uri = "s3://my-eda-ckpt-bootstrap/ckpt-agent/eda-spot"
     head = cfg["HeadNode"]
     action = {"Script": f"{uri}/on-node-configured.sh", "Args": ["head", uri]}
-    assert head["CustomActions"] == {"OnNodeConfigured": action, "OnNodeUpdated": action}
+    start = {"Script": f"{uri}/on-node-configured.sh", "Args": ["head-start", uri]}  # transparent mode's plugin
+    assert head["CustomActions"] == {"OnNodeStart": start, "OnNodeConfigured": action, "OnNodeUpdated": action}
     access = [{"BucketName": "my-eda-ckpt-bootstrap", "KeyName": "ckpt-agent/eda-spot/*", "EnableWriteAccess": False}]
     assert head["Iam"]["S3Access"] == access
     queues = {q["Name"]: q for q in cfg["Scheduling"]["SlurmQueues"]}
@@ -83,7 +84,7 @@ def test_cluster_yaml_content():
     assert [i["InstanceType"] for i in queues["sim-spot"]["ComputeResources"][0]["Instances"]] == [
         "r6i.4xlarge", "r6a.4xlarge", "r5.4xlarge"]
     assert cfg["Scheduling"]["SlurmSettings"]["CustomSlurmSettings"] == [
-        {"JobRequeue": 1}, {"JobFileAppend": 1}, {"KillWait": 60}]
+        {"JobRequeue": 1}, {"JobFileAppend": 1}, {"JobSubmitPlugins": "lua"}, {"KillWait": 60}]
     fsx = cfg["SharedStorage"][0]
     assert fsx["MountDir"] == "/fsx" and fsx["StorageType"] == "FsxLustre"
     assert fsx["FsxLustreSettings"]["StorageCapacity"] == 2400

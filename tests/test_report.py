@@ -184,8 +184,10 @@ def test_cli_without_slurm_installed_still_reports(cli_env, monkeypatch, capsys)
 @pytest.mark.parametrize("argv,code,message", [
     (["report", "--no-slurm", "--job-id", "9999"], EXIT_NOT_FOUND, "ckpt: no events of job 9999 in "),
     (["report", "--no-slurm", "--since", "last tuesday"], EXIT_USAGE, "ckpt: --since 'last tuesday': expected"),
-    (["report", "--no-slurm", "--job-id", "../etc"], 74, "ckpt: invalid job id '../etc'"),
-], ids=["unknown-job", "bad-since", "bad-job-id"])
+    (["report", "--no-slurm", "--job-id", "../etc"], EXIT_USAGE,
+     "ckpt: report: argument --job-id: invalid job id '../etc'"),
+    (["report", "--no-slurm", "--job-id", ""], EXIT_USAGE, "ckpt: report: argument --job-id: invalid job id ''"),
+], ids=["unknown-job", "bad-since", "bad-job-id", "empty-job-id"])
 def test_cli_errors_are_one_line(cli_env, capsys, argv, code, message):
     assert cli.main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()

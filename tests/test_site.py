@@ -141,5 +141,5 @@ def test_ondemand_cannot_drain_on_rebalance():
 def test_read_errors_are_config_errors(tmp_path):
     path = tmp_path / "bin.yaml"
     path.write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(ConfigError, match="not UTF-8"):
+    with pytest.raises(ConfigError, match="UTF-16"):  # \xff\xfe: a UTF-16 byte order mark
         load_site(str(path))

@@ -152,16 +152,17 @@ def test_privilege_boundary_for_ordinary_users(cluster, agents, slurm_user, slur
             path.write_text(path.read_text().replace(*tamper))
 
     uid = int(wrapper["Uid"].split()[0])
-    cases = [
-        (dict(manifest_uid=0), "belongs to uid 0"),  # a genuine checkpoint of root's: not this user's to restore
-        (dict(manifest_uid=0, tamper=('"uid":0', f'"uid":{uid}')), "signature does not match"),
-        (dict(manifest_uid=uid, sign=False), "not signed by the agent"),
+    cases = [  # a genuine checkpoint of root's is not this user's to restore (77); an edited or unsigned one is
+        # damaged (65: no intact generation is left to fall back to)
+        (dict(manifest_uid=0), 77, "belongs to uid 0"),
+        (dict(manifest_uid=0, tamper=('"uid":0', f'"uid":{uid}')), 65, "signature does not match"),
+        (dict(manifest_uid=uid, sign=False), 65, "not signed by the agent"),
     ]
-    for kwargs, expected in cases:
+    for kwargs, code, expected in cases:
         plant(**kwargs)
         reply = _agent_request(agents.bin_dir, slurm_user, sock, {"op": "restore", "job_id": job, "step": "main"},
                                user_env, pipes=True)
-        assert not reply["ok"] and reply["exit_code"] == 77 and expected in reply["error"], (kwargs, reply)
+        assert not reply["ok"] and reply["exit_code"] == code and expected in reply["error"], (kwargs, reply)
     subprocess.run(["scancel", job], env=cluster.env(), check=True, timeout=30)
     cluster.wait_job(job, ("CANCELLED", "COMPLETED", "FAILED"), timeout=60)
     wait_for(lambda: not Path(f"/proc/{tool_pid}").exists(), 60, "scancel to end the tool")

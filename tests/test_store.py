@@ -10,7 +10,14 @@ import stat
 import pytest
 
 from ckpt_agent import chunkstore
-from ckpt_agent.errors import EXIT_PERMISSION, DamagedCheckpointError, NotFoundError, PermissionDenied, StoreError
+from ckpt_agent.errors import (
+    EXIT_DAMAGED,
+    DamagedCheckpointError,
+    NotFoundError,
+    PermissionDenied,
+    StoreError,
+    UsageError,
+)
 from ckpt_agent.store import FORMAT_VERSION, MANIFEST, CheckpointStore, Signer, check_name
 
 JOB, STEP = "4242", "main"
@@ -202,36 +209,37 @@ def test_signed_manifest_verifies(signed):
     assert signed.load_manifest(gen, require_signature=True)["format"] == FORMAT_VERSION
 
 
-def test_manifest_edited_after_signing_is_refused(signed):
+def test_manifest_edited_after_signing_is_a_damaged_generation(signed):
     gen = commit_one(signed, uid=1000)
     rewrite_manifest(gen, lambda env: env["manifest"].update(uid=0))
-    with pytest.raises(PermissionDenied, match="altered or forged") as exc:
+    with pytest.raises(DamagedCheckpointError, match="altered or forged") as exc:
         signed.load_manifest(gen)
-    assert exc.value.exit_code == EXIT_PERMISSION
+    assert exc.value.exit_code == EXIT_DAMAGED
 
 
 def test_manifest_signed_with_another_key_is_refused(signed):
     gen = commit_one(signed)
     other = CheckpointStore(signed.root, Signer(b"another node's key"))
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(DamagedCheckpointError):
         other.load_manifest(gen)
 
 
-def test_unsigned_manifest_is_refused_when_a_signature_is_required(store):
+def test_unsigned_manifest_is_damaged_whenever_a_key_exists(store):
     gen = commit_one(store)
     keyed = CheckpointStore(store.root, Signer(b"node key 1"))
-    with pytest.raises(PermissionDenied, match="not signed"):
-        keyed.load_manifest(gen, require_signature=True)
-    assert keyed.load_manifest(gen, require_signature=False)["format"] == FORMAT_VERSION
+    for required in (True, False):  # a key exists: every manifest must be signed
+        with pytest.raises(DamagedCheckpointError, match="not signed"):
+            keyed.load_manifest(gen, require_signature=required)
+    assert store.load_manifest(gen)["format"] == FORMAT_VERSION  # no key (a user's `ckpt list`): cannot check
     with pytest.raises(PermissionDenied, match="no signing key"):
         store.load_manifest(gen, require_signature=True)
 
 
-def test_signature_removed_from_a_signed_manifest_is_refused_when_required(signed):
+def test_signature_removed_from_a_signed_manifest_is_damage(signed):
     gen = commit_one(signed)
     rewrite_manifest(gen, lambda env: env.pop("signature"))
-    with pytest.raises(PermissionDenied):
-        signed.load_manifest(gen, require_signature=True)
+    with pytest.raises(DamagedCheckpointError, match="not signed"):
+        signed.load_manifest(gen)
 
 
 def test_signer_from_missing_or_empty_key_file_has_no_key(tmp_path):
@@ -259,8 +267,9 @@ def test_unreadable_manifest_is_damaged(store, content, words):
                                  "job\n1",
                                  "42\n"])
 def test_check_name_refuses_names_that_could_escape_the_store(bad):
-    with pytest.raises(StoreError):
+    with pytest.raises(UsageError) as exc:  # a bad name is a usage error (exit 2), not a store failure
         check_name("job id", bad)
+    assert exc.value.exit_code == 2
 
 
 @pytest.mark.parametrize("good", ["42", "1234_7", "main", "step-2.b", "a+b", "x" * 128])
@@ -269,9 +278,9 @@ def test_check_name_accepts_job_ids_and_step_names(good):
 
 
 def test_store_paths_refuse_escaping_names(store):
-    with pytest.raises(StoreError):
+    with pytest.raises(UsageError):
         store.job_dir("..")
-    with pytest.raises(StoreError):
+    with pytest.raises(UsageError):
         store.step_dir(JOB, "../../x")
 
 

@@ -112,7 +112,7 @@ def test_upload_puts_the_bundle_in_s3_and_prints_the_command(s3, site_dir, tmp_p
     assert out == (f"pcluster create-cluster --cluster-name eda-spot --region us-east-1 "
                    f"--cluster-configuration {render_dir}/cluster.yaml\n")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX + "/")["Contents"]}
-    assert len(keys) == 16  # docs/cluster-setup.md shows this count
+    assert len(keys) == 17  # docs/cluster-setup.md shows this count
     assert f"{PREFIX}/on-node-configured.sh" in keys and f"{PREFIX}/SHA256SUMS" in keys
     assert f"{PREFIX}/nodes/sim-spot-xl/agent.yaml" in keys and f"{PREFIX}/criu/criu_4.2.1.orig.tar.xz" in keys
     sums = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/SHA256SUMS")["Body"].read().decode().splitlines()

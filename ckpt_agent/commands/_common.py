@@ -11,6 +11,7 @@ from ..criu import Criu
 from ..engine import Engine
 from ..errors import UsageError
 from ..store import CheckpointStore, Signer, check_name
+from ..units import check_seconds
 
 
 def add_config_args(parser: argparse.ArgumentParser, store: bool = True) -> None:
@@ -20,15 +21,36 @@ def add_config_args(parser: argparse.ArgumentParser, store: bool = True) -> None
         parser.add_argument("--store", metavar="DIR", help="checkpoint store root (default: $CKPT_STORE, config)")
 
 
+def seconds_arg(text: str) -> float:
+    """argparse type: a finite number of seconds, > 0 and at most a year (nan, inf and 1e300 refused)."""
+    try:
+        return check_seconds(text, "seconds")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
+def name_arg(kind: str):
+    """argparse type: a job id or step name as the store accepts it (no path tricks, at most 128 characters)."""
+    def check(text: str) -> str:
+        try:
+            return check_name(kind, text)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    check.__name__ = kind  # argparse names the type in its messages
+    return check
+
+
 def add_job_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--job-id", metavar="ID", required=required,
+    parser.add_argument("--job-id", metavar="ID", required=required, type=name_arg("job id"),
                         help="job id (default: $SLURM_JOB_ID; array tasks: "
                              "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})")
-    parser.add_argument("--name", metavar="STEP", default="main", help="step name within the job (default: main)")
+    parser.add_argument("--name", metavar="STEP", default="main", type=name_arg("step name"),
+                        help="step name within the job (default: main)")
 
 
 def job_id_from_env(explicit: Optional[str]) -> str:
-    if explicit:
+    if explicit is not None:
         return check_name("job id", explicit)
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and task:

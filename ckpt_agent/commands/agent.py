@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 import socket
 
 from .. import control
@@ -16,7 +15,7 @@ from ..privileged import PrivilegedService
 from ..runner import registration_dir
 from ..slurm import Slurm
 from ..store import CheckpointStore, Signer
-from ._common import add_config_args, load, make_engine
+from ._common import add_config_args, load, make_engine, seconds_arg
 
 HELP = "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs"
 log = logging.getLogger(__name__)
@@ -28,26 +27,7 @@ STOP_WAIT_SECONDS = 60
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
     parser.add_argument("--node", metavar="NAME", help="Slurm node name (default: $SLURMD_NODENAME, else host name)")
-    parser.add_argument("--poll-interval", type=float, metavar="SECONDS", help="IMDS poll interval (default 2)")
-
-
-def ensure_key(path: str) -> Signer:
-    """The manifest-signing key: readable by root only. Created on first start where the bootstrap placed none
-    (one node); a cluster's bootstrap distributes one key to every node so any node can restore any checkpoint."""
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32) + "\n")
-        log.warning("created a new signing key %s: copy it to every node that restores this node's checkpoints",
-                    path)
-    os.chmod(path, 0o600)
-    signer = Signer.from_file(path)
-    if not signer.key:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"{path}: signing key is empty or unreadable")
-    return signer
+    parser.add_argument("--poll-interval", type=seconds_arg, metavar="SECONDS", help="IMDS poll interval (default 2)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -57,7 +37,8 @@ def main(args: argparse.Namespace) -> int:
     if args.poll_interval is not None:
         cfg.agent.poll_interval = args.poll_interval
     node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    signer = ensure_key(cfg.agent.key_file)
+    # created where the bootstrap placed none (one node); a cluster's bootstrap distributes one key to every node
+    signer = Signer.ensure(cfg.agent.key_file, cfg.source)
     store = CheckpointStore(cfg.store, signer) if cfg.store else None
     slurm = Slurm()
     imds = ImdsClient(cfg.agent.imds_endpoint)

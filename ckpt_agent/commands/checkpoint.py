@@ -8,7 +8,7 @@ from .. import control
 from ..errors import PermissionDenied
 from ..runner import find_registration
 from ..usercreds import owner_of_path
-from ._common import add_config_args, add_job_args, job_id_from_env, load
+from ._common import add_config_args, add_job_args, job_id_from_env, load, seconds_arg
 
 HELP = "checkpoint a running job now (with --final: and stop it; the wrapper then exits 75)"
 
@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_args(parser)
     add_config_args(parser)
     parser.add_argument("--final", action="store_true", help="stop the tool once the checkpoint is committed")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="give up on the dump after this long")
+    parser.add_argument("--timeout", type=seconds_arg, metavar="SECONDS", help="give up on the dump after this long")
 
 
 def main(args: argparse.Namespace) -> int:

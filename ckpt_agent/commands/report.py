@@ -19,8 +19,7 @@ from ..aws_prices import effective_prices
 from ..errors import AwsError, CkptError, NotFoundError, UsageError
 from ..report import build_report, load_job_events, put_metrics, render_text
 from ..slurm import JobNotFound, Slurm
-from ..store import check_name
-from ._common import add_config_args, load, open_store
+from ._common import add_config_args, load, name_arg, open_store
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ HELP = "report run segments, checkpoints, work lost, net vs wall-clock runtime a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
-    parser.add_argument("--job-id", metavar="ID", help="only this job")
+    parser.add_argument("--job-id", metavar="ID", type=name_arg("job id"), help="only this job")
     parser.add_argument("--since", metavar="DATE",
                         help="jobs with events since DATE (2026-11-01, 2026-11-01T08:00:00Z, or 7d / 24h ago)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -78,10 +77,8 @@ def main(args: argparse.Namespace) -> int:
     store = open_store(cfg, args)
     now = dt.datetime.now(dt.timezone.utc)
     since = parse_since(args.since, now)
-    if args.job_id:
-        check_name("job id", args.job_id)
     events = load_job_events(store, args.job_id)
-    if args.job_id and not events:
+    if args.job_id is not None and not events:
         raise NotFoundError(f"no events of job {args.job_id} in {store.root}")
     prices, _ = effective_prices(cfg.prices, cfg.prices_file)
     facts = None if args.no_slurm else slurm_facts(Slurm())

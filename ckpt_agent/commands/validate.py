@@ -10,8 +10,9 @@ optional aws-parallelcluster package; no AWS access).
 from __future__ import annotations
 
 import os
+import sys
 
-from ..errors import EXIT_USAGE, ConfigError
+from ..errors import EXIT_USAGE, ConfigError, UsageError
 from ..site import SiteInvalid, load_site
 
 HELP = "check a site file (the admin YAML) and list every problem"
@@ -35,6 +36,7 @@ def main(args) -> int:
     except ConfigError as e:  # unreadable, or not YAML: the file's one problem
         print(e)
         return EXIT_USAGE
+    _warn_unless_final_checkpoints_fit(site)
     if args.pcluster:
         from ..pcluster_check import check_schema
         from ..render import render_site
@@ -51,3 +53,19 @@ def main(args) -> int:
         checked = " (and ParallelCluster's schema)" if args.pcluster else ""
         print(f"{args.site}: valid{checked}: cluster {site['cluster']['name']}, {len(queues)} queues ({spot} on Spot)")
     return 0
+
+
+def _warn_unless_final_checkpoints_fit(site) -> None:
+    """Warnings, not problems (exit 0): the site is valid, but its largest jobs' final checkpoints would be cut off
+    when a quarter of a queue is reclaimed at once (`ckpt plan` explains and takes other assumptions)."""
+    from ..planner import Inputs, advice, plan_site
+
+    try:
+        plans = plan_site(site, Inputs())
+    except UsageError as e:
+        print(f"note: final-checkpoint sizing skipped ({e}); see `ckpt plan`", file=sys.stderr)
+        return
+    for p in plans:
+        if not p.fits:
+            print(f"warning: queue {p.queue}: a final checkpoint of a {p.job_memory_gib:g} GiB job "
+                  f"{advice(p, site)} (see `ckpt plan`)", file=sys.stderr)

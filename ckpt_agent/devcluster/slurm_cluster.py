@@ -131,6 +131,8 @@ class LocalCluster:
         proctrack: str = "auto",
         accounting: bool = False,
         start_timeout: float = START_TIMEOUT_SECONDS,
+        extra_partitions: Sequence[str] = (),
+        job_submit_lua: Optional[str] = None,
     ):
         if proctrack not in ("auto", "cgroup", "linuxproc"):
             raise ValueError("proctrack must be auto, cgroup or linuxproc")
@@ -139,6 +141,8 @@ class LocalCluster:
         self.store = os.path.abspath(shared_store) if shared_store else os.path.join(self.workdir, "store")
         self.cluster_name = cluster_name
         self.partition = partition
+        self.extra_partitions = tuple(extra_partitions)
+        self.job_submit_lua = job_submit_lua  # text of etc/job_submit.lua; enables JobSubmitPlugins=lua
         self.cpus_per_node = int(cpus_per_node or os.cpu_count() or 1)
         self.conf_overrides = dict(conf_overrides or {})
         self.proctrack = ("cgroup" if cgroup_v1_usable() else "linuxproc") if proctrack == "auto" else proctrack
@@ -382,6 +386,8 @@ class LocalCluster:
             self.ports.update({"mariadbd": ports[-2], "slurmdbd": ports[-1]})
             self._accounting = LocalAccounting(self.workdir, self.etc_dir, self.munge_socket, ports[-2], ports[-1])
         _write(self.conf_path, self._slurm_conf())
+        if self.job_submit_lua is not None:
+            _write(os.path.join(self.etc_dir, slurm_conf.JOB_SUBMIT_LUA), self.job_submit_lua)
         _write(os.path.join(self.etc_dir, "cgroup.conf"), slurm_conf.CGROUP_CONF)
         _write(os.path.join(self.etc_dir, "task_prolog.sh"), slurm_conf.task_prolog(self._node_env_dir()), 0o755)
         for node in self.nodes:
@@ -400,9 +406,12 @@ class LocalCluster:
                                        first_job_id=self._first_job_id)
         if self._accounting is not None:
             settings.update(self._accounting.slurm_conf_settings())
+        if self.job_submit_lua is not None:
+            settings.update(slurm_conf.job_submit_settings())
         settings.update(self.conf_overrides)
         return slurm_conf.render(self.workdir, settings, nodes=self.nodes, ports=self.ports,
-                                 cpus_per_node=self.cpus_per_node, partition=self.partition)
+                                 cpus_per_node=self.cpus_per_node, partition=self.partition,
+                                 extra_partitions=self.extra_partitions)
 
     def _spawn(self, name: str, argv: List[str]) -> subprocess.Popen:
         """The one place daemons start: foreground mode, own session (Ctrl-C reaches us, not them), output to
