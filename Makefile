@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast lint demo bench upload clean
+.PHONY: setup test test-fast lint demo bench upload clean fresh-root-check
 
 setup: $(SETUP_STAMP)
 
@@ -21,6 +21,10 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check ckpt_agent tests bench
 	shellcheck bootstrap/*.sh scripts/*.sh .ci/run
+
+# `make setup` from this checkout in a clean Debian 12 root (as root; no venv or setup needed on this machine).
+fresh-root-check:
+	bash scripts/fresh-root-check.sh
 
 demo: setup
 	$(PY) -m ckpt_agent.demo

@@ -3,9 +3,11 @@
 On an interruption notice, once per notice:
   1. drain the node, so Slurm starts nothing new here (and the requeued jobs go elsewhere);
   2. take a final checkpoint of every job on the node, in parallel (bounded), against the deadline (the notice's
-     time minus a margin for unmounting FSx); each `ckpt run` wrapper then exits 75;
-  3. requeue every job, also those whose final checkpoint failed or ran out of time: they resume from their last
-     periodic checkpoint (a half-written checkpoint never replaces a good one).
+     time minus a margin for unmounting FSx);
+  3. requeue each job as soon as its own final checkpoints are over (requeue.py: constrained to this CPU family,
+     without Slurm's two-minute hold), also a job whose final checkpoint failed or ran out of time: it resumes from
+     its last periodic checkpoint (a half-written checkpoint never replaces a good one). Each `ckpt run` wrapper
+     waits for its job's requeue before it exits 75, so the job never ends FAILED on its way back to the queue.
 On a rebalance recommendation: the configured action (an immediate non-final checkpoint, drain, or nothing).
 
 The agent also serves the wrappers of ordinary users (privileged.py) on its Unix socket. IMDS errors are logged and
@@ -30,6 +32,7 @@ from .errors import CkptError, ImdsError
 from .events import emit
 from .imds import ImdsClient, RebalanceNotice, SpotNotice
 from .monitor import InterruptionMonitor
+from .requeue import Requeuer
 from .runner import list_registrations, registration_dir
 from .store import CheckpointStore, write_atomic
 
@@ -51,6 +54,8 @@ class NoticeHandler:
         self.settings = settings
         self.instance = instance
         self.now = now
+        self.requeuer = Requeuer(node, runtime_dir, slurm, settings.cpu_families,
+                                 emit=self._emit)
 
     def jobs_here(self) -> List[Dict[str, Any]]:
         """Wrappers registered on this node. A registration must be owned by the uid it names (the directory is
@@ -72,39 +77,66 @@ class NoticeHandler:
     def _emit(self, job_id: str, event: str, **fields: Any) -> None:
         emit(self.store, job_id, event, node=self.node, instance=self.instance(), **fields)
 
+    def checkpoint_one(self, reg: Dict[str, Any], *, final: bool, reason: str,
+                       deadline: Optional[datetime]) -> Optional[int]:
+        """Ask one wrapper for a checkpoint; its generation, or None on failure. A final checkpoint asked for here
+        is followed by a requeue: the wrapper is told to wait for it (`await_requeue`)."""
+        key = f"{reg['job_id']}.{reg['step']}"
+        remaining = None
+        if deadline is not None:
+            remaining = (deadline - self.now()).total_seconds()
+            if remaining <= 1:
+                self._emit(reg["job_id"], "checkpoint_failed", step=reg["step"], final=final, reason=reason,
+                           error="no time left before the deadline")
+                return None
+        try:
+            reply = control.request(reg["socket"], {"op": "checkpoint", "final": final, "reason": reason,
+                                                     "timeout": remaining, "await_requeue": final},
+                                    timeout=None if remaining is None else remaining + REQUEST_SLACK_SECONDS)
+        except CkptError as e:
+            log.error("checkpoint of %s failed: %s", key, e)
+            return None
+        if not reply.get("ok"):
+            log.error("checkpoint of %s failed: %s", key, reply.get("error"))
+            return None
+        return int(reply["generation"])
+
     def checkpoint_all(self, regs: List[Dict[str, Any]], *, final: bool, reason: str,
                        deadline: Optional[datetime]) -> Dict[str, Optional[int]]:
         """Checkpoint every registered job step in parallel; return {job.step: generation or None on failure}."""
-
-        def one(reg: Dict[str, Any]) -> Optional[int]:
-            key = f"{reg['job_id']}.{reg['step']}"
-            remaining = None
-            if deadline is not None:
-                remaining = (deadline - self.now()).total_seconds()
-                if remaining <= 1:
-                    self._emit(reg["job_id"], "checkpoint_failed", step=reg["step"], final=final, reason=reason,
-                               error="no time left before the deadline")
-                    return None
-            try:
-                reply = control.request(reg["socket"], {"op": "checkpoint", "final": final, "reason": reason,
-                                                         "timeout": remaining},
-                                        timeout=None if remaining is None else remaining + REQUEST_SLACK_SECONDS)
-            except CkptError as e:
-                log.error("checkpoint of %s failed: %s", key, e)
-                return None
-            if not reply.get("ok"):
-                log.error("checkpoint of %s failed: %s", key, reply.get("error"))
-                return None
-            return int(reply["generation"])
-
         results: Dict[str, Optional[int]] = {}
         if not regs:
             return results
         with concurrent.futures.ThreadPoolExecutor(max(1, self.settings.max_parallel)) as pool:
-            futures = {pool.submit(one, r): f"{r['job_id']}.{r['step']}" for r in regs}
+            futures = {pool.submit(self.checkpoint_one, r, final=final, reason=reason, deadline=deadline):
+                       f"{r['job_id']}.{r['step']}" for r in regs}
             for fut, key in futures.items():
                 results[key] = fut.result()
         return results
+
+    def final_checkpoints_and_requeue(self, regs: List[Dict[str, Any]], deadline: datetime) -> None:
+        """Final checkpoints in parallel; each job is requeued the moment its last step's checkpoint is over."""
+        pending: Dict[str, int] = {}
+        for r in regs:
+            pending[r["job_id"]] = pending.get(r["job_id"], 0) + 1
+        all_final: Dict[str, bool] = {job_id: True for job_id in pending}
+        for job_id in pending:
+            self.requeuer.forget(job_id)
+        with concurrent.futures.ThreadPoolExecutor(max(1, self.settings.max_parallel)) as pool:
+            futures = {pool.submit(self.checkpoint_one, r, final=True, reason="spot-interruption", deadline=deadline):
+                       r for r in regs}
+            for fut in concurrent.futures.as_completed(futures):
+                reg = futures[fut]
+                job_id = reg["job_id"]
+                if fut.result() is None:
+                    all_final[job_id] = False
+                    log.error("no final checkpoint for %s.%s: it resumes from its last periodic checkpoint", job_id,
+                              reg["step"])
+                pending[job_id] -= 1
+                if pending[job_id] == 0:
+                    # constrained to this CPU only when every step's newest checkpoint was taken here
+                    family = self.requeuer.node_family() if all_final[job_id] else None
+                    self.requeuer.requeue(job_id, reason="spot-interruption", family=family)
 
     def on_spot(self, notice: SpotNotice) -> None:
         deadline = notice.time.astimezone(timezone.utc) - _seconds(self.settings.deadline_margin)
@@ -117,17 +149,7 @@ class NoticeHandler:
                        deadline=_iso(deadline))
         reason = f"spot interruption: instance {notice.action} at {_iso(notice.time)}"
         self._drain(reason, job_ids)
-        results = self.checkpoint_all(regs, final=True, reason="spot-interruption", deadline=deadline)
-        for key, gen in results.items():
-            if gen is None:
-                log.error("no final checkpoint for %s: it resumes from its last periodic checkpoint", key)
-        for job_id in job_ids:
-            try:
-                self.slurm.requeue(job_id)
-                self._emit(job_id, "requeued", reason="spot-interruption")
-            except CkptError as e:
-                log.error("requeue of job %s failed: %s", job_id, e)
-                self._emit(job_id, "requeue_failed", error=str(e))
+        self.final_checkpoints_and_requeue(regs, deadline)
 
     def on_rebalance(self, notice: RebalanceNotice) -> None:
         action = self.settings.rebalance_action

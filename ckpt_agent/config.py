@@ -44,6 +44,9 @@ class AgentSettings:
     imds_endpoint: str = DEFAULT_IMDS_ENDPOINT
     socket: str = ""  # the agent's Unix socket; default <runtime_dir>/agent.sock
     key_file: str = "/etc/ckpt-agent/node.key"  # HMAC key for manifests, readable by root only
+    # Slurm node features that stand for one CPU family each ("r6i.4xlarge|r6i.8xlarge"): a job requeued after a
+    # final checkpoint here is constrained to this node's family, where CRIU's CPU check passes. Empty: no constraint.
+    cpu_families: list = field(default_factory=list)
 
 
 @dataclass
@@ -55,6 +58,20 @@ class GcSettings:
 
 
 @dataclass
+class MonitoringSettings:
+    """Where events go besides the events file: CloudWatch metrics (metrics.py) and notifications (notify.py)."""
+    cluster: str = ""  # the ClusterName dimension and the notification's cluster
+    region: str = ""  # AWS region of CloudWatch, SNS and EventBridge; empty = the AWS SDK's default
+    metrics: bool = False  # publish lifecycle metrics to CloudWatch
+    namespace: str = "CkptAgent"
+    sns_topic_arn: str = ""  # notifications for what needs a human (failed or late final checkpoints, ...)
+    event_bus: str = ""  # ... or to this EventBridge bus
+    dedupe_window: int = 3600  # the same job and cause is notified once per window (seconds)
+    timeout: float = 5.0  # per AWS call, in the background; also the most the wrapper waits at exit to flush
+    endpoint_url: str = ""  # another endpoint for all three services (tests, VPC endpoints)
+
+
+@dataclass
 class AgentConfig:
     store: str = ""
     runtime_dir: str = DEFAULT_RUNTIME_DIR
@@ -63,6 +80,7 @@ class AgentConfig:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     gc: GcSettings = field(default_factory=GcSettings)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     prices: Dict[str, Dict[str, float]] = field(default_factory=dict)
     # where `ckpt prices --update` writes the refreshed table and `ckpt report` reads it (over `prices`)
     prices_file: str = DEFAULT_PRICES_FILE
@@ -85,6 +103,8 @@ _MINIMUMS = {
     "agent.max_parallel": 1,
     "gc.grace": 0,
     "gc.max_age": 0,
+    "monitoring.dedupe_window": 0,
+    "monitoring.timeout": 0.1,
 }
 
 

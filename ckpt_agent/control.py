@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from .errors import AgentUnreachable, CkptError, PermissionDenied, error_for_exit_code
+from .errors import AgentUnreachable, CkptError, IncompatibleCpuError, PermissionDenied, error_for_exit_code
 from .usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class ControlServer:
                 response = self.handler(request, creds, fds)
             except CkptError as e:
                 response = {"ok": False, "error": str(e), "exit_code": e.exit_code}
+                if getattr(e, "kind", ""):
+                    response["kind"] = e.kind
             except Exception as e:  # keep serving; report the failure to the caller
                 log.exception("control request failed")
                 response = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit_code": 70}
@@ -150,7 +152,8 @@ def request(
         data = json.dumps(payload).encode() + b"\n"
         if fds:
             sent = socket.send_fds(sock, [data], list(fds))
-            sock.sendall(data[sent:])
+            if sent < len(data):  # sendall(b"") to a peer that already answered and closed raises EPIPE
+                sock.sendall(data[sent:])
         else:
             sock.sendall(data)
         line = _read_line(sock)
@@ -167,5 +170,8 @@ def raise_for_reply(reply: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     """The reply when it says ok; else the remote error, raised as the subclass that owns its exit code."""
     if reply.get("ok"):
         return reply
-    raise error_for_exit_code(int(reply.get("exit_code", 70)), prefix + str(reply.get("error", "request failed")))
+    message = prefix + str(reply.get("error", "request failed"))
+    if reply.get("kind") == IncompatibleCpuError.kind:  # a kind of its own within its exit code (69)
+        raise IncompatibleCpuError(message)
+    raise error_for_exit_code(int(reply.get("exit_code", 70)), message)
 

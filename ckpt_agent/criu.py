@@ -20,7 +20,7 @@ import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 from . import proc
-from .errors import CommandError, CriuError
+from .errors import CommandError, CriuError, IncompatibleCpuError
 from .usercreds import root_has_cap_sys_resource
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Criu:
             self.run([self.binary, "cpuinfo", "check", "-D", images_dir, "-o", "cpuinfo.log"], timeout=60)
         except CommandError as e:
             detail = _log_errors(os.path.join(images_dir, "cpuinfo.log"))
-            raise CriuError(
+            raise IncompatibleCpuError(
                 "this machine's CPU lacks features the checkpointed tool uses; restore it on the same instance "
                 f"family{': ' + detail if detail else ''}"
             ) from e

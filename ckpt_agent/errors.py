@@ -58,6 +58,13 @@ class CriuError(CkptError):
     exit_code = EXIT_CRIU
 
 
+class IncompatibleCpuError(CriuError):
+    """CRIU's CPU check refused a restore: this machine's CPU lacks features the checkpointed tool uses. `kind`
+    carries the distinction through the agent's socket (control.py)."""
+
+    kind = "incompatible_cpu"
+
+
 class StoreError(CkptError):
     exit_code = EXIT_STORE
 

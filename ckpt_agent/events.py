@@ -16,7 +16,7 @@ import queue
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import CkptError
 from .store import CheckpointStore, iso, utcnow
@@ -24,6 +24,20 @@ from .store import CheckpointStore, iso, utcnow
 log = logging.getLogger("ckpt.events")
 
 MAX_UNWRITTEN_EVENTS = 1000  # per job: hours of failed periodic checkpoints; older ones are in the log only
+
+# Observers of every record (CloudWatch metrics, notifications): each must return at once (queue and go), so that
+# no external system ever delays or fails the checkpoint that emitted the event. See sinks.py.
+Sink = Callable[[Dict[str, Any]], None]
+_sinks: List[Sink] = []
+
+
+def add_sink(sink: Sink) -> None:
+    _sinks.append(sink)
+
+
+def remove_sink(sink: Sink) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
 
 
 def node_name() -> str:
@@ -57,6 +71,11 @@ def emit(
     log.info("%s", json.dumps(record, sort_keys=True))
     if store is not None and job_id:
         WRITER.submit(store, job_id, record)
+    for sink in list(_sinks):
+        try:
+            sink(record)
+        except Exception:  # an observer's bug must not fail the lifecycle step that emitted the event
+            log.exception("event sink %r failed on %s", sink, event)
     return record
 
 

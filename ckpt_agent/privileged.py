@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import launcher
 from .engine import Engine, JobState
 from .errors import PermissionDenied, UsageError
+from .requeue import Requeuer
 from .store import check_name
 from .units import check_seconds
 from .usercreds import creds_of
@@ -31,11 +32,13 @@ PIPE_KEYS = ("stdout", "stderr", "status")
 
 
 class PrivilegedService:
-    def __init__(self, engine: Engine, owner_of: Callable[[str], int], node: str = ""):
+    def __init__(self, engine: Engine, owner_of: Callable[[str], int], node: str = "",
+                 requeuer: Optional[Requeuer] = None):
         """owner_of(job_id) -> uid of the job's owner (from Slurm); raises when it cannot be told."""
         self.engine = engine
         self.owner_of = owner_of
         self.node = node
+        self.requeuer = requeuer  # for "requeue": a restore refused on this CPU (requeue.py)
 
     def handle(self, req: Dict[str, Any], creds: Tuple[int, int, int], fds: List[int]) -> Dict[str, Any]:
         pid, uid, _gid = creds
@@ -51,6 +54,10 @@ class PrivilegedService:
             return self._restore(job_id, step, pid, uid, fds)
         if op == "checkpoint":
             return self._checkpoint(req, job_id, step, pid, uid)
+        if op == "requeue" and self.requeuer is not None:
+            gen = self.engine.store.latest_generation(job_id, step)
+            node = str(self.engine.store.load_manifest(gen, require_signature=uid != 0).get("node", ""))
+            return {"ok": True, "generation": gen.number, **self.requeuer.requeue_to_checkpoint_family(job_id, node)}
         raise UsageError(f"unknown request {op!r}")
 
     def _authorize(self, job_id: str, uid: int) -> None:

@@ -20,6 +20,7 @@ installs, which is how admins run `ckpt render`).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import tempfile
@@ -30,7 +31,7 @@ import jinja2
 import yaml
 
 from .errors import ConfigError
-from .site import REQUIRED_SLURM_SETTINGS, TRANSPARENT_SLURM_SETTINGS
+from .site import REQUIRED_SLURM_SETTINGS, TRANSPARENT_SLURM_SETTINGS, cpu_family
 
 # Where things live on the nodes; the bootstrap script reads these from node.env, never hard-codes them twice.
 NODE_VENV = "/opt/ckpt-agent/venv"
@@ -45,7 +46,6 @@ NODE_SLURM_ETC = "/opt/slurm/etc"  # ParallelCluster's slurm.conf directory: slu
 SCRIPT_NAME = "on-node-configured.sh"
 # Transparent mode runs a whole batch script as this step of `ckpt run`.
 TRANSPARENT_STEP = "batch"
-COMPUTE_RESOURCE_NAME = "nodes"
 
 TEMPLATE_FILES = ("cluster.yaml.j2", "agent.yaml.j2", "node.env.j2", "ckpt-agent.service.j2", "ckpt-gc.cron.j2",
                   "job_submit.lua.j2")
@@ -118,6 +118,18 @@ def criu_source_in_bundle(site: Dict[str, Any]) -> str:
     return f"bundle:criu/{os.path.basename(source)}"
 
 
+def compute_resources(queue: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One compute resource per CPU family of the queue, named after the family. ParallelCluster gives every node
+    its compute resource's name as a Slurm feature (cookbook config_renderer.py: Feature=dynamic,...,<name>), so the
+    agent can constrain a requeued job to its family (agent.cpu_families). Static nodes (min_count) go to the
+    first family; max_count applies to each family."""
+    families: Dict[str, List[str]] = {}
+    for itype in queue["instance_types"]:
+        families.setdefault(cpu_family(itype), []).append(itype)
+    return [{"name": name, "instance_types": types, "min_count": queue["min_count"] if i == 0 else 0,
+             "max_count": queue["max_count"]} for i, (name, types) in enumerate(families.items())]
+
+
 def _s3_buckets(site: Dict[str, Any]) -> List[Dict[str, str]]:
     """Read access the nodes need: the bundle prefix, and the CRIU tarball's bucket when it is an s3:// URL."""
     access = [{"bucket": site["bundle"]["bucket"], "key": site["bundle"]["prefix"] + "/*"}]
@@ -142,7 +154,7 @@ def _context(site: Dict[str, Any], site_name: str) -> Dict[str, Any]:
         "slurm_settings": {**REQUIRED_SLURM_SETTINGS,
                            **(TRANSPARENT_SLURM_SETTINGS if transparent_queues(site) else {}),
                            **site["slurm"]["settings"]},
-        "compute_resource": COMPUTE_RESOURCE_NAME,
+        "compute_resources": {q["name"]: compute_resources(q) for q in site["queues"]},
         # The head node builds CRIU for the cluster only when some queue checkpoints.
         "any_checkpointing": any(q["checkpoint"]["enabled"] for q in site["queues"]),
         "criu_source": criu_source_in_bundle(site),
@@ -195,7 +207,21 @@ def render_site(site: Dict[str, Any], site_name: str) -> Dict[str, str]:
             header=ctx["header"], partitions=transparent_queues(site), default_partition=site["queues"][0]["name"],
             ckpt=f"{NODE_VENV}/bin/ckpt", opt_out_comment=site["transparent"]["opt_out_comment"],
             opt_out_env=site["transparent"]["opt_out_env"])
+    files.update(_monitoring_files(site))
     return files
+
+
+def _monitoring_files(site: Dict[str, Any]) -> Dict[str, str]:
+    """The CloudWatch dashboard body (`ckpt upload` puts it) and the IAM policies monitoring needs (JSON carries no
+    comment: iam/README names their source)."""
+    from .dashboard import dashboard_json, nodes_policy, uploader_policy
+
+    out: Dict[str, str] = {}
+    if site["monitoring"]["dashboard"]:
+        out["dashboard.json"] = dashboard_json(site)
+    out["iam/nodes-monitoring-policy.json"] = json.dumps(nodes_policy(site), indent=2) + "\n"
+    out["iam/uploader-dashboard-policy.json"] = json.dumps(uploader_policy(site), indent=2) + "\n"
+    return out
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:

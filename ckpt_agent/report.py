@@ -420,7 +420,7 @@ METRICS = (  # summary key, metric name, unit
 def metric_data(report: Dict[str, Any], cluster: str) -> List[Dict[str, Any]]:
     s = report["summary"]
     when = parse_time(report["generated"])
-    dims = [{"Name": "Cluster", "Value": cluster or "default"}]
+    dims = [{"Name": "ClusterName", "Value": cluster or "default"}]  # the dimension metrics.py uses too
     return [{"MetricName": name, "Dimensions": dims, "Timestamp": when, "Value": float(s[key] or 0), "Unit": unit}
             for key, name, unit in METRICS]
 

@@ -25,13 +25,24 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from . import control
 from .engine import JobState
-from .errors import EXIT_FINAL, AlreadyRunning, CkptError, NotFoundError, PermissionDenied, StoreError
+from .errors import (
+    EXIT_FINAL,
+    AlreadyRunning,
+    CkptError,
+    IncompatibleCpuError,
+    NotFoundError,
+    PermissionDenied,
+    StoreError,
+)
 from .events import emit, load_instance, node_name
+from .progress import RestoreProgress, newest_image_bytes
+from .requeue import read_marker
 from .store import CheckpointStore, iso, utcnow, write_atomic
 from .usercreds import owner_of_path
 
@@ -51,6 +62,11 @@ def enclosing_step(job_id: str, environ=None) -> Optional[str]:
     value = (os.environ if environ is None else environ).get(NESTED_ENV, "")
     job, _, step = value.rpartition("/")
     return step if job == job_id and step else None
+# After a final checkpoint the node agent asked for, the wrapper waits for the agent's requeue before it exits 75
+# (requeue.py). The agent's requeue is one scontrol call (20 s timeout in slurm.py); 60 s covers a slow controller,
+# and the instance is gone 120 s after the notice anyway.
+REQUEUE_WAIT_SECONDS = 60
+REQUEUE_POLL_SECONDS = 0.1
 
 
 def registration_dir(runtime_dir: str) -> str:
@@ -228,6 +244,7 @@ class RunOptions:
     runtime_dir: str
     cwd: str = field(default_factory=os.getcwd)
     mode: str = "explicit"  # one of MODES
+    agent_socket: str = ""  # the node agent, which requeues a job whose restore this CPU refused
 
 
 class Runner:
@@ -241,6 +258,8 @@ class Runner:
         self._ckpt_lock = threading.Lock()
         self._stop = threading.Event()
         self._stopped_by_final = False
+        self._await_requeue = False  # the final checkpoint came from the agent, which requeues the job next
+        self._step_lock: Optional[StepLock] = None
         self._relays: List[Relay] = []
         self._server: Optional[control.ControlServer] = None
         self._reg_path = ""
@@ -253,12 +272,12 @@ class Runner:
         4. launch or restore, relay, register, checkpoint periodically until the tree ends."""
         o = self.opts
         self.store.ensure_job(o.job_id, o.step, os.getuid(), os.getgid())
-        lock = StepLock(self.store, o.job_id, o.step)
-        lock.acquire(self.node, o.cwd)
+        self._step_lock = StepLock(self.store, o.job_id, o.step)
+        self._step_lock.acquire(self.node, o.cwd)
         try:
             return self._run_locked()
         finally:
-            lock.release()
+            self._step_lock.release()
 
     def _run_locked(self) -> int:
         o = self.opts
@@ -274,7 +293,12 @@ class Runner:
         err_r, err_w = os.pipe()
         st_r, st_w = os.pipe()
         pipes = {"stdout": out_w, "stderr": err_w, "status": st_w}
-        init_pid = self._start(pipes)
+        try:
+            init_pid = self._start(pipes)
+        except IncompatibleCpuError as e:
+            for fd in (out_r, out_w, err_r, err_w, st_r, st_w):
+                os.close(fd)
+            return self._requeue_to_compatible_cpu(e)
         for fd in (out_w, err_w, st_w):
             os.close(fd)
         self.job = JobState(
@@ -300,18 +324,26 @@ class Runner:
     def _start(self, pipes: Dict[str, int]) -> int:
         o = self.opts
         if self.store.generations(o.job_id, o.step):
-            res = self.backend.restore(o.job_id, o.step, pipes)
+            try:
+                total = newest_image_bytes(self.store, o.job_id, o.step) if sys.stderr.isatty() else None
+                with RestoreProgress(sys.stderr, o.job_id, o.step, total):
+                    res = self.backend.restore(o.job_id, o.step, pipes)
+            except CkptError as e:
+                emit(self.store, o.job_id, "restore_failed", node=self.node, instance=self.instance, step=o.step,
+                     error=str(e), restart_count=_restart_count())
+                raise
             for number, why in res.skipped:
                 print(f"ckpt: checkpoint {number} is damaged ({why}); using an older one", file=sys.stderr)
             restart = os.environ.get("SLURM_RESTART_COUNT", "0")
             what = (f"by transparent checkpointing (job {o.job_id}, step {o.step})" if o.mode == "transparent"
                     else f"job {o.job_id} step {o.step}")
             print(f"ckpt: resumed {what} from checkpoint {res.generation} taken {res.created} "
-                  f"(restart count {restart})", file=sys.stderr, flush=True)
+                  f"(restart count {restart}, {res.seconds:.1f} s)", file=sys.stderr, flush=True)
             self.last_checkpoint = res.generation
             emit(self.store, o.job_id, "restored", node=self.node, instance=self.instance, step=o.step,
                  generation=res.generation, checkpoint_time=res.created, seconds=round(res.seconds, 3),
-                 files_written=res.files_written, restart_count=int(restart or 0))
+                 files_written=res.files_written, restart_count=int(restart or 0),
+                 fell_back_from=[number for number, _ in res.skipped])
             emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
                  how="restored", generation=res.generation, mode=o.mode)
             return res.pid
@@ -323,7 +355,7 @@ class Runner:
         else:
             print(f"ckpt: started job {o.job_id} step {o.step}: no checkpoint yet", file=sys.stderr, flush=True)
         emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
-             how="launched", argv=o.argv, cwd=o.cwd, mode=o.mode)
+             how="launched", argv=o.argv, cwd=o.cwd, mode=o.mode, restart_count=_restart_count())
         return pid
 
     def _refuse_orphaned_tool(self) -> None:
@@ -399,6 +431,8 @@ class Runner:
         if stopped_by_final:
             emit(self.store, o.job_id, "segment_ended", node=self.node, instance=self.instance, step=o.step,
                  how="interrupted", generation=self.last_checkpoint)
+            if self._await_requeue:
+                self._wait_for_requeue()
             return EXIT_FINAL
         status = 137 if code is None else code
         try:
@@ -419,6 +453,57 @@ class Runner:
         except (OSError, CkptError) as e:
             log.warning("cannot remove the checkpoints of finished job %s step %s: %s", o.job_id, o.step, e)
         return status
+
+    def _requeue_to_compatible_cpu(self, refused: IncompatibleCpuError) -> int:
+        """CRIU refused the restore on this CPU: never start from zero, never fail. The node agent requeues the
+        job to nodes of its checkpoint's CPU family (requeue.py); we wait for that as after a final checkpoint and
+        exit 75. When the agent cannot, the refusal stands (exit 69) with its reason."""
+        o = self.opts
+        print(f"ckpt: this node ({self.node}) cannot restore job {o.job_id} step {o.step}: {refused}; asking the "
+              "node agent to requeue the job to nodes of its checkpoint's CPU family", file=sys.stderr, flush=True)
+        ended = self._ignore_job_signals()  # the requeue ends the batch script: we still report what happened
+        try:
+            reply = control.request(o.agent_socket, {"op": "requeue", "job_id": o.job_id, "step": o.step})
+        except CkptError as e:
+            raise IncompatibleCpuError(f"{refused}; the node agent could not be asked to requeue job {o.job_id} "
+                                       f"to a compatible node: {e}") from e
+        if not reply.get("ok"):
+            raise IncompatibleCpuError(f"{refused}; job {o.job_id} could not be requeued to a compatible node: "
+                                       f"{reply.get('error')}")
+        print(f"ckpt: checkpoint {reply['generation']} of job {o.job_id} step {o.step} was taken on "
+              f"{reply['checkpoint_node']}, whose CPU this node ({self.node}) lacks; job requeued to nodes with "
+              f"features {reply['features']}", file=sys.stderr, flush=True)
+        self._wait_for_requeue(ended)
+        return EXIT_FINAL
+
+    @staticmethod
+    def _ignore_job_signals() -> threading.Event:
+        """The tool is gone: nothing to forward. Slurm's SIGTERM now means "requeued"; the event records it."""
+        ended = threading.Event()
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, lambda *_: ended.set())
+        return ended
+
+    def _wait_for_requeue(self, ended: Optional[threading.Event] = None) -> None:
+        """Exit only once the agent has requeued the job (its marker), or Slurm ends us for that requeue: were the
+        batch script to end first, Slurm would record the job FAILED (mail, `afterok` dependents, accounting).
+        The tool is stopped by now: the step's run lock goes first, so the requeued job may start at once."""
+        self._step_lock.release()
+        job_id = self.opts.job_id
+        ended = ended or self._ignore_job_signals()
+        deadline = time.monotonic() + REQUEUE_WAIT_SECONDS
+        while not ended.is_set():
+            marker = read_marker(self.opts.runtime_dir, job_id)
+            if marker is not None:
+                if not marker.get("ok"):
+                    print(f"ckpt: the node agent could not requeue job {job_id}: {marker.get('error', '?')}",
+                          file=sys.stderr, flush=True)
+                return
+            if time.monotonic() > deadline:
+                print(f"ckpt: job {job_id} was not requeued within {REQUEUE_WAIT_SECONDS} s of its final checkpoint",
+                      file=sys.stderr, flush=True)
+                return
+            ended.wait(REQUEUE_POLL_SECONDS)
 
     # --- signals, registration, control -------------------------------------------------------------------------
     def _install_signal_forwarding(self, init_pid: int) -> None:
@@ -465,6 +550,8 @@ class Runner:
             return {"ok": True, "job_id": self.opts.job_id, "step": self.opts.step, "init_pid": self.job.init_pid,
                     "last_checkpoint": self.last_checkpoint}
         if op == "checkpoint":
+            if req.get("final") and req.get("await_requeue") and uid == 0:
+                self._await_requeue = True  # only root (the agent) requeues; set before the tool can end
             res = self.checkpoint(final=bool(req.get("final")), reason=str(req.get("reason") or "manual"),
                                   timeout=req.get("timeout"))
             return {"ok": True, **res}
@@ -525,3 +612,9 @@ class Runner:
             delay = self.opts.interval
             if failures:
                 delay = min(self.opts.interval, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+
+
+def _restart_count() -> int:
+    """Slurm's SLURM_RESTART_COUNT: how often this job was requeued (0 outside Slurm)."""
+    text = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(text) if text.isdigit() else 0

@@ -46,6 +46,14 @@ FSX_DEPLOYMENT_TYPES = ("SCRATCH_1", "SCRATCH_2", "PERSISTENT_1", "PERSISTENT_2"
 FSX_THROUGHPUTS = {"PERSISTENT_1": (50, 100, 200), "PERSISTENT_2": (125, 250, 500, 1000)}
 MAX_QUEUES = 50  # ParallelCluster's MAX_NUMBER_OF_QUEUES
 QUEUE_NAME_MAX = 25  # ParallelCluster's NAME_MAX_LENGTH for queues and compute resources
+MAX_COMPUTE_RESOURCES = 50  # ParallelCluster's MAX_NUMBER_OF_COMPUTE_RESOURCES_PER_CLUSTER
+
+
+def cpu_family(instance_type: str) -> str:
+    """The instance family ("r6i" for r6i.4xlarge): all sizes of a family run on one processor model, so a
+    checkpoint taken on one restores on any (CRIU's --cpu-cap=fpu,ins check passes); across families (Intel r6i,
+    AMD r6a, older Intel r5) it may not. `ckpt render` makes one compute resource per family of a queue."""
+    return instance_type.split(".", 1)[0]
 
 # Slurm settings the product relies on, written into slurm.conf through CustomSlurmSettings:
 #   JobRequeue=1     a batch job interrupted by a reclaimed node goes back to the queue (and resumes from its
@@ -219,11 +227,21 @@ def _rule_site(d: Dict[str, Any], path: Path, ctx: Context) -> None:
                 ctx.error(("slurm", "settings", key), f"set by ckpt to {value} for transparent checkpointing (queue "
                                                       f"{transparent[0]}); remove this key")
     queue_types = set()
+    resources = 0
     for q in d.get("queues") or []:
         queue_types.update(q.get("instance_types") or [])
+        resources += len({cpu_family(t) for t in q.get("instance_types") or []})
+    if resources > MAX_COMPUTE_RESOURCES:
+        ctx.error(("queues",), f"{resources} compute resources (one per queue and instance family); ParallelCluster "
+                               f"allows at most {MAX_COMPUTE_RESOURCES}")
     for itype in d.get("prices") or {}:
         if queue_types and itype not in queue_types:
             ctx.error(("prices", itype), "not an instance type of any queue")
+
+
+def _rule_monitoring(d: Dict[str, Any], path: Path, ctx: Context) -> None:
+    if d.get("sns_topic_arn") and d.get("event_bus"):
+        ctx.error(path, "set at most one of 'sns_topic_arn' and 'event_bus' for notifications")
 
 
 # ---- the schema ------------------------------------------------------------------------------------------------
@@ -289,6 +307,25 @@ TRANSPARENT = Map(
             default="CKPT_TRANSPARENT",
         ),
     }
+)
+
+# CloudWatch metrics and dashboard, notifications (metrics.py, dashboard.py, notify.py)
+MONITORING = Map(
+    {
+        "metrics": Field(Bool(), default=True),
+        "namespace": Field(Str(pattern=r"[A-Za-z0-9._/#:-]{1,255}", pattern_help="a CloudWatch namespace"),
+                           default="CkptAgent"),
+        "dashboard": Field(Bool(), default=True),
+        "sns_topic_arn": Field(Str(pattern=r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?",
+                                   pattern_help="an SNS topic ARN")),
+        "event_bus": Field(Str(pattern=r"[A-Za-z0-9._/-]{1,256}|arn:aws[a-z-]*:events:[a-z0-9-]+:\d{12}:"
+                                       r"event-bus/[A-Za-z0-9._/-]{1,256}",
+                               pattern_help="an EventBridge bus name or ARN")),
+        "dedupe_window": Field(Duration(min=0, max=7 * 86400), default=3600),
+        "nodes_policy_arn": Field(Str(pattern=r"arn:aws[a-z-]*:iam::(\d{12}|aws):policy/[A-Za-z0-9+=,.@_/-]+",
+                                      pattern_help="an IAM policy ARN")),
+    },
+    rules=[_rule_monitoring],
 )
 
 SITE = Map(
@@ -394,6 +431,7 @@ SITE = Map(
         ),
         "transparent": Field(TRANSPARENT),
         "queues": Field(List(QUEUE, min_items=1, max_items=MAX_QUEUES), required=True),
+        "monitoring": Field(MONITORING),
     },
     rules=[_rule_site],
 )

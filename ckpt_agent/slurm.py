@@ -29,6 +29,8 @@ UNKNOWN = "UNKNOWN"
 _JOB_ID = re.compile(r"^\d+(_(\d+|\[[\d,\-]+\]))?$")
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-\[\],]*$")
 _KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_:/]*=")
+# A node-feature expression as --constraint takes it: names joined by | and &, optionally grouped with ( ).
+_FEATURES = re.compile(r"^[A-Za-z0-9_.\-|&()]+$")
 _EMPTY_TIMES = ("", "Unknown", "None", "N/A", "(null)")
 _NOT_FOUND_MARKERS = ("Invalid job id specified", "Invalid job id", "Job has already finished")
 _ACCOUNTING_DISABLED = "accounting storage is disabled"
@@ -190,6 +192,12 @@ class Slurm:
         """The node's state as scontrol prints it, e.g. "IDLE", "ALLOCATED+DRAIN", "DOWN+NOT_RESPONDING"."""
         return self.node_info(node).state
 
+    def node_features(self, node: str) -> List[str]:
+        """The node's available features (slurm.conf Features=; ParallelCluster adds the instance type when a
+        compute resource has a single one)."""
+        value = self.node_info(node).raw.get("AvailableFeatures", "")
+        return [] if value in _EMPTY_TIMES else [f for f in value.split(",") if f]
+
     def ping(self) -> bool:
         """True when the primary slurmctld answers. Raises SlurmError only if scontrol itself cannot run."""
         try:
@@ -204,6 +212,18 @@ class Slurm:
         """Hand a running job back to the queue: it keeps its id and restarts with SLURM_RESTART_COUNT + 1."""
         self._scontrol(["requeue", check_job_id(job_id)])
         log.info("requeued job %s", job_id)
+
+    def set_job_features(self, job_id, features: str) -> None:
+        """Constrain a pending job to nodes matching `features` (replaces the job's --constraint)."""
+        if not isinstance(features, str) or not _FEATURES.match(features):
+            raise SlurmError(f"not a node-feature expression: {features!r}")
+        self._scontrol(["update", f"JobId={check_job_id(job_id)}", f"Features={features}"])
+        log.info("job %s constrained to features %s", job_id, features)
+
+    def start_now(self, job_id) -> None:
+        """Make a pending job eligible at once (its begin time becomes now)."""
+        self._scontrol(["update", f"JobId={check_job_id(job_id)}", "StartTime=now"])
+        log.info("job %s eligible to start now", job_id)
 
     def job_info(self, job_id) -> JobInfo:
         """The job as slurmctld knows it (while running, pending, or finished within MinJobAge)."""

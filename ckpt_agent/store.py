@@ -247,7 +247,7 @@ class CheckpointStore:
         except FileNotFoundError:
             return path
         except OSError as e:
-            raise StoreError(f"cannot read {path}: {e.strerror}") from e
+            raise self._read_error(os.path.relpath(path, self.root).split(os.sep)[0], path, e) from e
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
             raise StoreError(f"{path} is not a directory (a symbolic link?); refusing to read through it")
         return path
@@ -340,7 +340,7 @@ class CheckpointStore:
         if isinstance(e, PermissionError) and os.geteuid() != 0:
             return PermissionDenied(f"job {job_id} belongs to {owner_of_path(self.job_dir(job_id))}: only its owner "
                                     f"or root may read its checkpoints ({path})")
-        return StoreError(f"cannot list {path}: {e.strerror}")
+        return StoreError(f"cannot read {path}: {e.strerror}")
 
     def partials(self, job_id: str, step: str) -> List[str]:
         sd = self.step_dir(job_id, step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,12 @@ def ckpt_env(store: Path, runtime: Path, **extra: str) -> Dict[str, str]:
     env = dict(os.environ)
     # defaults plus the environment, whatever /etc holds; root's jobs create their signing key here, not in /etc
     config = store.parent / "agent.yaml"
-    config.write_text(json.dumps({"agent": {"key_file": str(store.parent / "secret" / "node.key")}}) + "\n")
+    key = store.parent / "secret" / "node.key"
+    config.write_text(json.dumps({"agent": {"key_file": str(key)}}) + "\n")
+    if not key.exists():  # as a cluster's bootstrap places it: a job's first run then says nothing about keys
+        key.parent.mkdir(mode=0o755, exist_ok=True)
+        key.write_text(secrets.token_hex(32) + "\n")
+        key.chmod(0o600)
     env.update(CKPT_STORE=str(store), CKPT_RUNTIME_DIR=str(runtime), CKPT_CONFIG=str(config))
     env["PATH"] = "/usr/local/sbin:" + env.get("PATH", "")
     for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):

@@ -19,6 +19,7 @@ from ckpt_agent.devcluster.imds_server import ImdsServer
 from ckpt_agent.errors import SlurmError
 from ckpt_agent.imds import ImdsClient, SpotNotice
 from ckpt_agent.monitor import InterruptionMonitor
+from ckpt_agent.slurm import JobNotFound
 from ckpt_agent.store import CheckpointStore
 
 TOOLS = DATA / "runner"
@@ -36,6 +37,9 @@ class RecordingSlurm:
         self.calls.append(("requeue", job_id))
         if self.fail_requeue:
             raise SlurmError("scontrol requeue failed: slurmctld unreachable")
+
+    def job_info(self, job_id):
+        raise JobNotFound(f"job {job_id}: unknown to Slurm")  # nothing for the requeue's follow-up to do
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ AGENT_CONFIG_COMMANDS = {
     "report": ["report", "--no-slurm"],
     "prices": ["prices"],
 }
-SITE_COMMANDS = {"validate": ["validate"], "render": ["render"], "upload": ["upload"]}
+SITE_COMMANDS = {"validate": ["validate"], "render": ["render"], "upload": ["upload"], "plan": ["plan"]}
 
 
 def test_the_tables_cover_every_subcommand():
@@ -115,6 +115,11 @@ def test_bad_config_file(env, tmp_path, command, case):
         assert res.returncode == EXIT_USAGE, (res.stdout, res.stderr)
         line = one_line(res, "stdout" if command == "validate" else "stderr")
         assert line.startswith(f"{path}:") and words in line
+        return
+    if command == "validate":  # every problem of a site file is a problem `ckpt validate` lists: exit 2
+        assert res.returncode == EXIT_USAGE, (res.returncode, res.stdout, res.stderr)
+        line = one_line(res, "stdout")
+        assert line.startswith(f"{path}") and words in line, line
         return
     assert res.returncode == EXIT_CONFIG, (res.returncode, res.stdout, res.stderr)
     line = one_line(res)

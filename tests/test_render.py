@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -58,6 +59,7 @@ def test_every_agent_yaml_loads_with_the_agent_config_loader(tmp_path):
     assert spot.checkpoint.interval == 900 and spot.checkpoint.keep == 2
     assert spot.checkpoint.extra_paths == ["/scratch"]
     assert spot.agent.poll_interval == 2.0 and spot.agent.rebalance_action == "checkpoint"
+    assert spot.agent.cpu_families == ["r6i", "r6a", "r5"]
     assert spot.prices == {"r6i.4xlarge": {"spot": 0.41, "ondemand": 1.008},
                            "r6a.4xlarge": {"spot": 0.37, "ondemand": 0.9072}}
     xl = load_agent_config(str(tmp_path / "nodes/sim-spot-xl/agent.yaml"))
@@ -81,8 +83,11 @@ def test_cluster_yaml_content():
         assert q["CustomActions"] == {
             "OnNodeConfigured": {"Script": f"{uri}/on-node-configured.sh", "Args": ["compute", name, uri]}}
         assert q["Iam"]["S3Access"] == access
-    assert [i["InstanceType"] for i in queues["sim-spot"]["ComputeResources"][0]["Instances"]] == [
-        "r6i.4xlarge", "r6a.4xlarge", "r5.4xlarge"]
+    # one compute resource per CPU family: its name becomes the nodes' Slurm feature (agent.cpu_families)
+    crs = queues["sim-spot"]["ComputeResources"]
+    assert [(c["Name"], [i["InstanceType"] for i in c["Instances"]]) for c in crs] == [
+        ("r6i", ["r6i.4xlarge"]), ("r6a", ["r6a.4xlarge"]), ("r5", ["r5.4xlarge"])]
+    assert [(c["MinCount"], c["MaxCount"]) for c in crs] == [(0, 40)] * 3
     assert cfg["Scheduling"]["SlurmSettings"]["CustomSlurmSettings"] == [
         {"JobRequeue": 1}, {"JobFileAppend": 1}, {"JobSubmitPlugins": "lua"}, {"KillWait": 60}]
     fsx = cfg["SharedStorage"][0]
@@ -114,6 +119,10 @@ def test_head_builds_criu_only_when_some_queue_checkpoints():
 def test_every_file_says_it_is_generated():
     files = render.render_site(load_site(str(EXAMPLE)), "site.example.yaml")
     for rel, text in files.items():
+        if rel.endswith(".json"):  # JSON has no comments: the dashboard body and the IAM policy documents
+            assert rel in ("dashboard.json", "iam/nodes-monitoring-policy.json", "iam/uploader-dashboard-policy.json")
+            json.loads(text)
+            continue
         assert text.startswith("# generated from site.example.yaml by `ckpt render`; do not edit"), rel
         assert text.endswith("\n"), rel
 
@@ -132,7 +141,10 @@ def test_cron_entry_and_unit():
     files = render.render_site(load_site(str(EXAMPLE)), "site.example.yaml")
     cron = [ln for ln in files["head/ckpt-gc.cron"].splitlines() if ln and not ln.startswith(("#", "SHELL", "PATH"))]
     assert cron == ["*/15 * * * * root flock -n /run/ckpt-gc.lock /opt/ckpt-agent/venv/bin/ckpt gc "
-                    "--config /etc/ckpt-agent/agent.yaml >>/var/log/ckpt-gc.log 2>&1"]
+                    "--config /etc/ckpt-agent/agent.yaml >>/var/log/ckpt-gc.log 2>&1",
+                    "17 * * * * root /opt/ckpt-agent/venv/bin/ckpt report --config /etc/ckpt-agent/agent.yaml "
+                    "--since 7d --cloudwatch CkptAgent --cluster eda-spot --region us-east-1 >/dev/null "
+                    "2>>/var/log/ckpt-report.log"]
     unit = files["systemd/ckpt-agent.service"]
     assert "ExecStart=/opt/ckpt-agent/venv/bin/ckpt agent --config /etc/ckpt-agent/agent.yaml\n" in unit
     assert "Restart=on-failure\n" in unit and "RequiresMountsFor=/fsx\n" in unit

@@ -152,7 +152,7 @@ def test_cloudwatch_metrics(store):
     names = {m["MetricName"] for m in client.list_metrics(Namespace="CkptTest")["Metrics"]}
     assert {"SavingsUSD", "WorkLostHours", "NetRuntimeHours", "Interruptions"} <= names
     stats = client.get_metric_statistics(
-        Namespace="CkptTest", MetricName="Interruptions", Dimensions=[{"Name": "Cluster", "Value": "head1"}],
+        Namespace="CkptTest", MetricName="Interruptions", Dimensions=[{"Name": "ClusterName", "Value": "head1"}],
         StartTime=t("2026-11-03T00:00:00"), EndTime=t("2026-11-05T00:00:00"), Period=86400, Statistics=["Sum"])
     assert [p["Sum"] for p in stats["Datapoints"]] == [2.0]
 

@@ -48,16 +48,16 @@ def escape_entries(entries, tmp_path):
     ]
 
 
-@pytest.mark.parametrize("which", [0, 1, 2], ids=["file-outside", "symlink-outside", "dir-over-file-elsewhere"])
-@pytest.mark.parametrize("trusted", [False, True], ids=["unsigned", "signed"])
+# (a signed checkpoint may put back a file the tool had open outside: see the next test)
+@pytest.mark.parametrize("which, trusted", [(0, False), (1, False), (2, False), (1, True), (2, True)],
+                         ids=["file-outside-unsigned", "symlink-outside-unsigned", "dir-over-file-elsewhere-unsigned",
+                              "symlink-outside-signed", "dir-over-file-elsewhere-signed"])
 def test_entries_outside_the_working_directory_are_refused_before_anything_is_written(
         chunks, pool, tree, tmp_path, which, trusted):
     entries = entries_of(chunks, pool, tree)
     (tmp_path / "victim.txt").write_text("precious")
     (tree / "input.cir").write_text("changed after the checkpoint")
     evil = escape_entries(entries, tmp_path)[which]
-    if trusted and which == 0:
-        pytest.skip("a signed checkpoint may put back a file the tool had open outside (see the next test)")
     with pytest.raises(DamagedCheckpointError, match="outside the job's directories"):
         restore_files(chunks, pool, entries + [evil], roots=[str(tree)], trusted=trusted)
     assert not (tmp_path / "outside").exists()

@@ -143,3 +143,12 @@ def test_read_errors_are_config_errors(tmp_path):
     path.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="UTF-16"):  # \xff\xfe: a UTF-16 byte order mark
         load_site(str(path))
+
+
+def test_one_compute_resource_per_instance_family_stays_within_parallelclusters_limit():
+    types = ", ".join(f"r{i}x.large" for i in range(51))  # 51 instance families: 51 compute resources
+    text = "\n".join(line if not line.strip().startswith("instance_types:") else
+                     line.split("instance_types:")[0] + f"instance_types: [{types}]" for line in MINIMAL.splitlines())
+    problems = problems_of(text)
+    assert any("51 compute resources (one per queue and instance family); ParallelCluster allows at most 50" in p
+               for p in problems), problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def test_upload_puts_the_bundle_in_s3_and_prints_the_command(s3, site_dir, tmp_p
     assert out == (f"pcluster create-cluster --cluster-name eda-spot --region us-east-1 "
                    f"--cluster-configuration {render_dir}/cluster.yaml\n")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX + "/")["Contents"]}
-    assert len(keys) == 17  # docs/cluster-setup.md shows this count
+    assert len(keys) == 20  # docs/cluster-setup.md shows this count
     assert f"{PREFIX}/on-node-configured.sh" in keys and f"{PREFIX}/SHA256SUMS" in keys
     assert f"{PREFIX}/nodes/sim-spot-xl/agent.yaml" in keys and f"{PREFIX}/criu/criu_4.2.1.orig.tar.xz" in keys
     sums = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/SHA256SUMS")["Body"].read().decode().splitlines()
@@ -169,3 +170,14 @@ def test_upload_with_a_given_wheel(s3, site_dir, tmp_path, capsys):
     not_wheel.write_bytes(b"x")
     assert cli.main(["upload", str(site_dir / "site.yaml"), "--wheel", str(not_wheel)]) == EXIT_CONFIG
     assert "not a ckpt_agent wheel" in capsys.readouterr().err
+
+
+def test_upload_creates_the_clusters_dashboard(s3, site_dir, tmp_path, capsys):
+    s3.create_bucket(Bucket=BUCKET)
+    assert cli.main(["upload", str(site_dir / "site.yaml"), "--render-dir", str(tmp_path / "r")]) == 0
+    assert "put CloudWatch dashboard ckpt-eda-spot in us-east-1" in capsys.readouterr().err
+    import boto3
+
+    cw = boto3.client("cloudwatch", region_name="us-east-1")
+    body = json.loads(cw.get_dashboard(DashboardName="ckpt-eda-spot")["DashboardBody"])
+    assert body == json.loads((tmp_path / "r" / "dashboard.json").read_text())

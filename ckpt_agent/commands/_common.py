@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional
+import sys
+from typing import Any, Dict, Optional
 
 from ..config import AgentConfig, load_agent_config, require_store
 from ..criu import Criu
@@ -80,3 +81,16 @@ def _find_criu(name: str) -> str:
     import shutil
 
     return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin") or name
+
+
+def load_site_or_print(path: str, stream=None) -> Optional[Dict[str, Any]]:
+    """The validated site file; None after printing every problem, one a line (stderr by default), as `ckpt
+    validate` lists them: the caller then exits 2."""
+    from ..site import SiteInvalid, load_site
+
+    try:
+        return load_site(path)
+    except SiteInvalid as e:
+        for problem in e.problems:
+            print(problem, file=stream or sys.stderr)
+        return None

@@ -16,6 +16,7 @@ from ..runner import registration_dir
 from ..slurm import Slurm
 from ..store import CheckpointStore, Signer
 from ._common import add_config_args, load, make_engine, seconds_arg
+from ._observe import install_sinks
 
 HELP = "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs"
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     # created where the bootstrap placed none (one node); a cluster's bootstrap distributes one key to every node
     signer = Signer.ensure(cfg.agent.key_file, cfg.source)
+    install_sinks(cfg)
     store = CheckpointStore(cfg.store, signer) if cfg.store else None
     slurm = Slurm()
     imds = ImdsClient(cfg.agent.imds_endpoint)
@@ -54,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
     server = None
     if store is not None:
         engine = make_engine(cfg, store)
-        service = PrivilegedService(engine, owner_of=lambda job: slurm.job_info(job).uid, node=node)
+        service = PrivilegedService(engine, owner_of=lambda job: slurm.job_info(job).uid, node=node,
+                                    requeuer=handler.requeuer)
         server = control.ControlServer(cfg.socket_path, service.handle, mode=0o666).start()
         if not engine.criu.can_dump_other_users():
             log.warning("root lacks CAP_SYS_RESOURCE here and %s lacks this project's patch 0001: CRIU cannot "

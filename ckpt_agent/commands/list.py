@@ -51,7 +51,7 @@ def collect(store: CheckpointStore, job_ids: List[str]) -> Tuple[List[Dict[str, 
     for job in job_ids:
         try:
             rows.extend(collect_job(store, job))
-        except PermissionError:
+        except (PermissionError, PermissionDenied):  # another user's 0700 job directory
             skipped += 1
         except StoreError as e:
             if isinstance(e.__cause__, PermissionError):

@@ -7,9 +7,9 @@ import argparse
 import json
 import math
 
-from ..errors import UsageError
+from ..errors import EXIT_USAGE, UsageError
 from ..planner import Inputs, advice, plan_site
-from ..site import load_site
+from ._common import load_site_or_print
 
 HELP = "predict each queue's final-checkpoint time against the Spot notice, and the FSx throughput that would fit"
 
@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    site = load_site(args.site)
+    site = load_site_or_print(args.site)
+    if site is None:
+        return EXIT_USAGE
     if args.reclaimed > 1 or args.changed > 1:
         raise UsageError("--reclaimed and --changed are shares: at most 1")
     inputs = Inputs(job_memory_gib=args.job_memory, reclaimed_share=args.reclaimed, changed_share=args.changed,

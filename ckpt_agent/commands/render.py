@@ -7,12 +7,11 @@ The default output directory is `rendered/<cluster name>` next to the site file.
 from __future__ import annotations
 
 import os
-import sys
 from typing import List, Optional, Tuple
 
 from ..errors import EXIT_USAGE
 from ..render import render_site, write_tree
-from ..site import SiteInvalid, load_site
+from ._common import load_site_or_print
 
 HELP = "render the ParallelCluster config and node files from a site file"
 
@@ -28,11 +27,8 @@ def add_arguments(parser) -> None:
 
 def render_to(site_path: str, out: Optional[str]) -> Optional[Tuple[dict, str, List[str]]]:
     """Validate and render a site file: (site, output dir, files written); None after printing every problem."""
-    try:
-        site = load_site(site_path)
-    except SiteInvalid as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
+    site = load_site_or_print(site_path)
+    if site is None:
         return None
     out = out or default_out_dir(site_path, site)
     return site, out, write_tree(out, render_site(site, os.path.basename(site_path)))

@@ -1,8 +1,10 @@
-"""`ckpt report [--job-id ID] [--since DATE] [--json] [--cloudwatch NAMESPACE]`: per job and step, the run segments,
-checkpoints, restores, work lost, net runtime against wall-clock time, and what Spot cost against On-Demand.
+"""`ckpt report [--job-id ID] [--since DATE] [--json] [--html FILE] [--cloudwatch NAMESPACE]`: per job and
+step, the run segments, checkpoints, restores, work lost, net runtime against wall-clock time, and what Spot cost
+against On-Demand.
 
 Slurm is optional: when it answers, a job's submission time and state come from it; otherwise the first event
-stands for the submission. Exit codes: 0, 2 bad --since, 66 no such job, 78 configuration, 80 CloudWatch failed.
+stands for the submission. `--html FILE` also writes the report as one self-contained page (report_html.py).
+Exit codes: 0, 2 bad --since, 66 no such job, 74 --html FILE not writable, 78 configuration, 80 CloudWatch failed.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import re
 import socket
 from typing import Any, Callable, Dict, Optional
 
 from ..aws_prices import effective_prices
-from ..errors import AwsError, CkptError, NotFoundError, UsageError
+from ..errors import AwsError, CkptError, NotFoundError, StoreError, UsageError
 from ..report import build_report, load_job_events, put_metrics, render_text
+from ..report_html import render_html
 from ..slurm import JobNotFound, Slurm
+from ..store import write_atomic
 from ._common import add_config_args, load, name_arg, open_store
 
 log = logging.getLogger(__name__)
@@ -32,9 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", metavar="DATE",
                         help="jobs with events since DATE (2026-11-01, 2026-11-01T08:00:00Z, or 7d / 24h ago)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report (timeline, costs)")
     parser.add_argument("--no-slurm", action="store_true", help="do not ask Slurm for submission times and states")
     parser.add_argument("--cloudwatch", metavar="NAMESPACE", help="also put the summary as CloudWatch metrics")
     parser.add_argument("--region", metavar="R", help="AWS region for --cloudwatch (default: the AWS SDK's)")
+    parser.add_argument("--cluster", metavar="NAME",
+                        help="ClusterName dimension for --cloudwatch (default: config monitoring.cluster, else host)")
 
 
 def parse_since(text: Optional[str], now: dt.datetime) -> Optional[dt.datetime]:
@@ -83,10 +91,20 @@ def main(args: argparse.Namespace) -> int:
     prices, _ = effective_prices(cfg.prices, cfg.prices_file)
     facts = None if args.no_slurm else slurm_facts(Slurm())
     report = build_report(events, prices, since=since, now=now, slurm_facts=facts)
+    if args.html:
+        _write_html(args.html, render_html(report, events))
     if args.cloudwatch:
-        put_metrics(_cloudwatch(args.region), args.cloudwatch, report, socket.gethostname())
+        cluster = args.cluster or cfg.monitoring.cluster or socket.gethostname()
+        put_metrics(_cloudwatch(args.region or cfg.monitoring.region or None), args.cloudwatch, report, cluster)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0
+
+
+def _write_html(path: str, text: str) -> None:
+    try:
+        write_atomic(os.path.abspath(path), text.encode(), mode=0o644, durable=False)
+    except OSError as e:
+        raise StoreError(f"--html {path}: cannot write: {e.strerror or e}") from e
 
 
 def _cloudwatch(region: Optional[str]):

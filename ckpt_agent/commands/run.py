@@ -12,6 +12,7 @@ from ..errors import UsageError
 from ..runner import Runner, RunOptions, enclosing_step
 from ..store import Signer
 from ._common import add_config_args, add_job_args, job_id_from_env, load, make_engine, open_store, seconds_arg
+from ._observe import install_sinks
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,11 @@ def main(args: argparse.Namespace) -> int:
     store = open_store(cfg, args)
     if os.geteuid() == 0:  # root checkpoints its own jobs: they are signed too, with a key created at first use
         store.signer = Signer.ensure(cfg.agent.key_file, cfg.source)
+    install_sinks(cfg)
     backend = choose_backend(lambda: make_engine(cfg, store), cfg.socket_path)
     opts = RunOptions(job_id=job_id, step=args.name, argv=cmd, interval=interval, runtime_dir=cfg.runtime_dir,
-                      cwd=os.getcwd(), mode="transparent" if args.transparent else "explicit")
+                      cwd=os.getcwd(), mode="transparent" if args.transparent else "explicit",
+                      agent_socket=cfg.socket_path)
     return Runner(opts, store, backend).run()
 
 

@@ -1,5 +1,6 @@
 """`ckpt upload SITE.yaml [--render-dir DIR]`: render, build the bootstrap bundle, upload it to the site's bucket and
-prefix, and print the `pcluster create-cluster` command to run.
+prefix, create or update the cluster's CloudWatch dashboard (site `monitoring.dashboard`), and print the
+`pcluster create-cluster` command to run.
 
 Exit codes: 2 for an invalid site file (problems on stderr), 78 for a missing local file, 80 for AWS failures.
 """
@@ -11,6 +12,7 @@ import shlex
 import sys
 import tempfile
 
+from ..dashboard import CloudWatchDashboard, dashboard_body, dashboard_name
 from ..errors import EXIT_USAGE
 from ..upload import S3Bundle, build_bundle
 from .render import render_to
@@ -24,10 +26,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--wheel", metavar="FILE", help="upload this ckpt_agent wheel instead of building one")
 
 
-def _s3_client(region: str):
+def _client(service: str, region: str):
     import boto3
 
-    return boto3.client("s3", region_name=region)
+    return boto3.client(service, region_name=region)
+
+
+def _s3_client(region: str):
+    return _client("s3", region)
 
 
 def main(args) -> int:
@@ -40,6 +46,10 @@ def main(args) -> int:
         files = build_bundle(site, args.site, render_dir, tmp, wheel=args.wheel)
         target.upload(tmp, files)
     print(f"uploaded {len(files)} files to {target.uri()}/", file=sys.stderr)
+    if site["monitoring"]["dashboard"]:  # needs iam/uploader-dashboard-policy.json's permissions
+        name = dashboard_name(site)
+        CloudWatchDashboard(_client("cloudwatch", site["cluster"]["region"])).put(name, dashboard_body(site))
+        print(f"put CloudWatch dashboard {name} in {site['cluster']['region']}", file=sys.stderr)
     command = [
         "pcluster", "create-cluster",
         "--cluster-name", site["cluster"]["name"],

@@ -20,12 +20,13 @@ class NodeAgents:
     """`ckpt agent` processes (from `bin_dir`, the shared venv) for every node of `cluster`."""
 
     def __init__(self, cluster, bin_dir: str, *, poll_interval: float = 0.5, instance_type: str = "r6i.large",
-                 extra_config: Optional[Mapping[str, object]] = None):
+                 extra_config: Optional[Mapping[str, object]] = None, extra_env: Optional[Mapping[str, str]] = None):
         self.cluster = cluster
         self.bin_dir = bin_dir
         self.poll_interval = poll_interval
         self.instance_type = instance_type
-        self.extra_config = dict(extra_config or {})
+        self.extra_config = dict(extra_config or {})  # top-level keys replace ours; "agent" keys are merged
+        self.extra_env = dict(extra_env or {})  # e.g. a PATH whose scontrol is slow, for the agents only
         self.dir = os.path.join(cluster.workdir, "agent")
         self.key = os.path.join(self.dir, "node.key")  # one key for the cluster: any node restores any checkpoint
         self.imds: Dict[str, ImdsServer] = {}
@@ -48,14 +49,16 @@ class NodeAgents:
                 "criu": shutil.which("criu", path="/usr/local/sbin:/usr/sbin:/usr/bin") or "criu",
                 "agent": {"poll_interval": self.poll_interval, "key_file": self.key, "imds_endpoint": imds.url},
             }
-            config.update(self.extra_config)
+            extra = dict(self.extra_config)
+            config["agent"].update(extra.pop("agent", {}))
+            config.update(extra)
             with open(self.config_path(node), "w") as fh:
                 json.dump(config, fh)
             self._spawn(node)
         return self
 
     def _spawn(self, node: str) -> None:
-        env = self.cluster.env({"CKPT_CONFIG": self.config_path(node)})
+        env = self.cluster.env({"CKPT_CONFIG": self.config_path(node), **self.extra_env})
         for var in ("CKPT_STORE", "CKPT_RUNTIME_DIR", "AWS_EC2_METADATA_SERVICE_ENDPOINT"):
             env.pop(var, None)
         with open(self.log_path(node), "ab") as log:

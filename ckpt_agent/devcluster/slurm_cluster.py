@@ -133,6 +133,8 @@ class LocalCluster:
         start_timeout: float = START_TIMEOUT_SECONDS,
         extra_partitions: Sequence[str] = (),
         job_submit_lua: Optional[str] = None,
+        cred_expire: Optional[int] = slurm_conf.CRED_EXPIRE_SECONDS,
+        node_features: Optional[Mapping[str, str]] = None,
     ):
         if proctrack not in ("auto", "cgroup", "linuxproc"):
             raise ValueError("proctrack must be auto, cgroup or linuxproc")
@@ -148,6 +150,8 @@ class LocalCluster:
         self.proctrack = ("cgroup" if cgroup_v1_usable() else "linuxproc") if proctrack == "auto" else proctrack
         self.start_timeout = start_timeout
         self.accounting = accounting
+        self.cred_expire = cred_expire  # None: Slurm's default (120 s), as on a real cluster
+        self.node_features = dict(node_features or {})  # {node: "feat1,feat2"} for slurm.conf's Features=
         self._accounting: Optional[LocalAccounting] = None
         self._node_env: Dict[str, Dict[str, str]] = {n: dict((node_env or {}).get(n, {})) for n in self.nodes}
         self._procs: Dict[str, subprocess.Popen] = {}
@@ -403,7 +407,7 @@ class LocalCluster:
     def _slurm_conf(self) -> str:
         settings = slurm_conf.settings(self.workdir, cluster_name=self.cluster_name, ports=self.ports,
                                        munge_socket=self.munge_socket, proctrack=self.proctrack,
-                                       first_job_id=self._first_job_id)
+                                       first_job_id=self._first_job_id, cred_expire=self.cred_expire)
         if self._accounting is not None:
             settings.update(self._accounting.slurm_conf_settings())
         if self.job_submit_lua is not None:
@@ -411,7 +415,7 @@ class LocalCluster:
         settings.update(self.conf_overrides)
         return slurm_conf.render(self.workdir, settings, nodes=self.nodes, ports=self.ports,
                                  cpus_per_node=self.cpus_per_node, partition=self.partition,
-                                 extra_partitions=self.extra_partitions)
+                                 extra_partitions=self.extra_partitions, features=self.node_features)
 
     def _spawn(self, name: str, argv: List[str]) -> subprocess.Popen:
         """The one place daemons start: foreground mode, own session (Ctrl-C reaches us, not them), output to
