@@ -5,18 +5,24 @@
 # Plan, compute node (`compute QUEUE BUNDLE`):
 #   1. fetch the bundle (SHA256SUMS first, then every file it lists) and verify it;
 #   2. read nodes/QUEUE/node.env (what `ckpt render` decided for this queue);
-#   3. install CRIU: the head node's build on shared storage when it works here, else install-criu.sh;
+#   3. install CRIU: the head node's build on shared storage (runtime libraries only), else install-criu.sh;
 #   4. CRIU preflight (`criu check`): fail the node with a clear message if CRIU cannot work on it;
 #   5. copy the cluster's HMAC key from shared storage;
-#   6. install the agent wheel into its own virtual environment; put the queue's agent.yaml in place;
+#   6. install the agent and its dependencies from the bundle's wheelhouse (pip --no-index: no package index
+#      needed), put `ckpt` on users' PATH, put the queue's agent.yaml in place;
 #   7. install ckpt-agent.service; enable and start it under systemd.
 # Plan, head node (`head BUNDLE`):
 #   1-2. as above, with head/node.env;
 #   3. create the cluster's HMAC key once, and a root-only copy on shared storage for the compute nodes;
 #   4. build CRIU once for the cluster onto shared storage;
-#   5. install the agent; agent.yaml; create the checkpoint store directory;
-#   6. install a cron daemon where the OS lacks one (cronie on Amazon Linux 2023) and the cleanup cron entry.
-# Steps 3-7 only checkpointing queues; a queue with checkpointing off gets the agent and its config only.
+#   5. install the agent (with boto3, from the wheelhouse); agent.yaml; create the checkpoint store directory;
+#   6. install the cleanup as a systemd timer (ckpt-gc.timer); a cron entry only where systemd does not run.
+# Steps 3-4 and 7 only checkpointing queues; a queue with checkpointing off gets the agent and its config only.
+#
+# Where messages land: every progress line goes to stdout (ParallelCluster keeps it in cfn-init.log on the head
+# node, cloud-init-output.log on compute nodes) and to /var/log/ckpt-bootstrap.log, with the output of
+# install-criu.sh and pip. A failure writes one short cause line to stderr, which ParallelCluster reports
+# (/var/log/parallelcluster/bootstrap_error_msg, the CloudFormation event, clustermgtd's log).
 #
 # Idempotent: every file is compared before it is replaced, the venv is rebuilt only for a different wheel, the
 # key is never regenerated, and systemd is only asked for what is not already so. A second run changes nothing.
@@ -33,6 +39,8 @@ INSTALL_CRIU="${CKPT_INSTALL_CRIU:-}"  # default: bash <bundle>/install-criu.sh
 CRIU_BIN="${CKPT_CRIU:-}"              # the criu the preflight checks; default the installed one
 PKG_INSTALL="${CKPT_PKG_INSTALL:-}"    # package installer command; default dnf or apt-get
 RETRIES="${CKPT_RETRIES:-4}"
+LOG_FILE=""                            # set in main: $ROOT/var/log/ckpt-bootstrap.log
+STDERR_MAX=300                         # cfn-signal reasons are capped at 4 KiB, and the executor truncates
 
 usage() {
   cat <<EOF
@@ -46,10 +54,29 @@ CKPT_CRIU, CKPT_PKG_INSTALL, CKPT_PYTHON, CKPT_RETRIES.
 EOF
 }
 
-# Step logs go to stdout (ParallelCluster keeps it in cfn-init.log / cloud-init-output.log); errors go to stderr,
-# which ParallelCluster reports as the node's bootstrap failure, so they stay short.
-log() { printf '%s %s: %s\n' "$(date -u +%FT%TZ)" "$PROG" "$*"; }
-die() { printf '%s: ERROR: %s\n' "$PROG" "$*" >&2; exit 1; }
+# Progress goes to stdout and the log file; a failure also writes one short line to stderr, which ParallelCluster
+# reports as the node's bootstrap failure (stderr of a successful run is dropped, so nothing else goes there).
+log() {
+  local line
+  line="$(date -u +%FT%TZ) $PROG: $*"
+  printf '%s\n' "$line"
+  [ -z "$LOG_FILE" ] || printf '%s\n' "$line" >>"$LOG_FILE" 2>/dev/null || true
+}
+die() {
+  log "ERROR: $*"
+  local short="$*"
+  [ "${#short}" -le "$STDERR_MAX" ] || short="${short:0:$STDERR_MAX}..."
+  printf '%s: ERROR: %s%s\n' "$PROG" "$short" "${LOG_FILE:+ (details: ${LOG_FILE#"$ROOT"})}" >&2
+  exit 1
+}
+# logged CMD...: run CMD with its stdout and stderr shown as progress and kept in the log file.
+logged() {
+  if [ -n "$LOG_FILE" ]; then
+    "$@" 2>&1 | tee -a "$LOG_FILE"
+  else
+    "$@" 2>&1
+  fi
+}
 
 retry() {
   local n=0
@@ -102,27 +129,27 @@ pkg_install() {
 
 # ---- 1. the bundle -----------------------------------------------------------------------------------------------
 
-fetch() {
-  local rel="$1" dest="$2"
-  mkdir -p "$(dirname "$dest")"
-  case "$BUNDLE" in
-    s3://*) retry "$AWS" s3 cp --only-show-errors "$BUNDLE/$rel" "$dest" || die "cannot download $BUNDLE/$rel" ;;
-    *) cp "$BUNDLE/$rel" "$dest" || die "bundle file missing: $BUNDLE/$rel" ;;
-  esac
-}
-
+# fetch_bundle: the whole versioned prefix in one `aws s3 cp --recursive` (one CLI start, not one per file), then
+# every file checked against SHA256SUMS; a file the manifest does not list is removed, never used.
 fetch_bundle() {
   local rel
   log "fetching the bundle from $BUNDLE"
-  fetch SHA256SUMS "$STAGE/SHA256SUMS"
+  case "$BUNDLE" in
+    s3://*) retry "$AWS" s3 cp --recursive --only-show-errors "$BUNDLE/" "$STAGE/" \
+              || die "cannot download $BUNDLE/ (does this node's instance role grant s3:GetObject there?)" ;;
+    *) cp -R "$BUNDLE/." "$STAGE/" || die "cannot copy the bundle from $BUNDLE" ;;
+  esac
+  [ -f "$STAGE/SHA256SUMS" ] || die "no SHA256SUMS in $BUNDLE: upload it again with 'ckpt upload'"
   # Only names from our own SHA256SUMS, and never outside the staging directory.
   while read -r _ rel; do
     case "$rel" in
       /*|*..*) die "bad file name in $BUNDLE/SHA256SUMS: $rel" ;;
     esac
-    fetch "$rel" "$STAGE/$rel"
   done <"$STAGE/SHA256SUMS"
   (cd "$STAGE" && sha256sum --quiet -c SHA256SUMS) || die "bundle at $BUNDLE fails its SHA256SUMS: upload it again"
+  (cd "$STAGE" && find . -type f ! -name SHA256SUMS -printf '%P\n' | sort \
+     | comm -23 - <(awk '{print $2}' SHA256SUMS | sort) | xargs -r rm -f --) \
+    || die "cannot clean the staged bundle in $STAGE"
 }
 
 read_node_env() {
@@ -132,7 +159,7 @@ read_node_env() {
   # shellcheck disable=SC1090
   . "$env_file"
   : "${CKPT_ROLE:?}" "${CKPT_VENV:?}" "${CKPT_CONFIG:?}" "${CKPT_KEY_FILE:?}" "${CKPT_SHARED_DIR:?}" "${CKPT_STORE:?}"
-  : "${CRIU_VERSION:?}" "${CKPT_CHECKPOINT_ENABLED:?}" "${CRIU_PREINSTALLED:?}"
+  : "${CRIU_VERSION:?}" "${CKPT_CHECKPOINT_ENABLED:?}" "${CRIU_PREINSTALLED:?}" "${CKPT_BIN_DIR:?}" "${CKPT_PYTHONS:?}"
   [ "$CKPT_ROLE" = "$ROLE" ] || die "$env_file is for role $CKPT_ROLE, not $ROLE"
 }
 
@@ -165,8 +192,10 @@ install_criu() {
   if [ -n "$INSTALL_CRIU" ]; then
     read -r -a cmd <<<"$INSTALL_CRIU"
   fi
-  env CRIU_VERSION="$CRIU_VERSION" CRIU_CACHE_DIR="$cache" CRIU_PREFIX="$ROOT/usr/local" \
+  # The bundle carries the patches beside install-criu.sh; named explicitly so any installer gets the same set.
+  logged env CRIU_VERSION="$CRIU_VERSION" CRIU_CACHE_DIR="$cache" CRIU_PREFIX="$ROOT/usr/local" \
     CRIU_BUILD_DIR="$ROOT/var/tmp/ckpt-criu-build" CRIU_SOURCE_URL="$source" \
+    CRIU_PATCH_DIR="$STAGE/patches/criu-$CRIU_VERSION" \
     ${CRIU_SHA256:+"CRIU_SHA256=$CRIU_SHA256"} "${cmd[@]}" || die "CRIU $CRIU_VERSION could not be installed"
 }
 
@@ -185,41 +214,54 @@ criu_preflight() {
 
 # ---- the agent ----------------------------------------------------------------------------------------------------
 
+# find_python: a Python with venv whose version the bundle's wheelhouse serves (CKPT_PYTHONS, newest first).
 find_python() {
-  local cand
-  for cand in ${CKPT_PYTHON:-} python3.13 python3.12 python3.11 python3.10 python3.9 python3; do
+  local cand v
+  for cand in ${CKPT_PYTHON:-} $(for v in $CKPT_PYTHONS; do echo "python$v"; done) python3; do
     command -v "$cand" >/dev/null 2>&1 || continue
-    "$cand" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 9))' 2>/dev/null || continue
+    v="$("$cand" -c 'import sys, venv, ensurepip; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" || continue
+    case " $CKPT_PYTHONS " in *" $v "*) ;; *) continue ;; esac
     command -v "$cand"
     return 0
   done
   return 1
 }
 
+# install_agent EXTRAS: the agent wheel (with its extras, e.g. "[aws]") and its dependencies, from the bundle's
+# wheelhouse only: no package index is asked, so nodes in private or air-gapped subnets boot.
 install_agent() {
-  local venv="$ROOT$CKPT_VENV" wheel py sum
+  local venv="$ROOT$CKPT_VENV" extras="$1" wheel py sum
   wheel="$(find "$STAGE/wheels" -maxdepth 1 -name 'ckpt_agent-*.whl' 2>/dev/null | head -n 1 || true)"
   [ -n "$wheel" ] || die "no ckpt_agent wheel in the bundle's wheels/"
-  sum="$(sha256sum "$wheel" | cut -d' ' -f1)"
+  sum="$( { sha256sum <"$wheel" | cut -d' ' -f1; echo "$extras"; } | sha256sum | cut -d' ' -f1)"
   if [ -x "$venv/bin/ckpt" ] && [ "$(cat "$venv/.ckpt-wheel.sha256" 2>/dev/null)" = "$sum" ]; then
     log "agent $(basename "$wheel") already installed in $venv"
     return 1
   fi
+  if [ -x "$venv/bin/python" ]; then
+    py="$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)"
+    case " $CKPT_PYTHONS " in
+      *" $py "*) ;;
+      *) log "$venv has Python ${py:-?}, which the bundle's wheelhouse does not serve: recreating it"
+         rm -rf "$venv" ;;
+    esac
+  fi
   if [ ! -x "$venv/bin/python" ]; then
     if ! py="$(find_python)"; then
       if command -v dnf >/dev/null 2>&1; then pkg_install python3.11; else pkg_install python3-venv; fi
-      py="$(find_python)" || die "no Python >= 3.9 with venv on this node"
+      py="$(find_python)" || die "no Python ($CKPT_PYTHONS) with venv on this node"
     fi
     log "creating $venv with $py"
     "$py" -m venv "$venv" >/dev/null || die "cannot create a virtual environment at $venv"
   fi
-  log "installing $(basename "$wheel") into $venv"
+  log "installing $(basename "$wheel")$extras into $venv from the bundle's wheelhouse"
   # shellcheck disable=SC2086  # PIP_OPTS holds several options
-  retry "$venv/bin/pip" install --quiet --disable-pip-version-check $PIP_OPTS --find-links "$STAGE/wheels" "$wheel" \
-    || die "cannot install the agent (pip install $(basename "$wheel")): does this node reach a package index?"
+  logged "$venv/bin/pip" install --quiet --disable-pip-version-check --no-index --find-links "$STAGE/wheels" \
+    $PIP_OPTS "$wheel$extras" \
+    || die "cannot install the agent from the bundle's wheelhouse: does it serve Python $py on $(uname -m)? (bundle.pythons, bundle.architectures)"
   # shellcheck disable=SC2086
-  "$venv/bin/pip" install --quiet --disable-pip-version-check $PIP_OPTS --no-deps --force-reinstall "$wheel" \
-    >/dev/null || die "cannot install the agent (pip install --force-reinstall $(basename "$wheel"))"
+  logged "$venv/bin/pip" install --quiet --disable-pip-version-check --no-index $PIP_OPTS --no-deps \
+    --force-reinstall "$wheel" || die "cannot install the agent (pip install --force-reinstall $(basename "$wheel"))"
   [ -x "$venv/bin/ckpt" ] || die "the agent wheel did not install $CKPT_VENV/bin/ckpt"
   printf '%s\n' "$sum" >"$venv/.ckpt-wheel.sha256" || die "cannot write $venv/.ckpt-wheel.sha256"
   return 0
@@ -234,8 +276,8 @@ new_key() {
 
 setup_key_head() {
   local key="$ROOT$CKPT_KEY_FILE" shared="$ROOT$CKPT_SHARED_DIR/secret"
-  # the key file alone is private (0600): its directory also holds agent.yaml, which every user's `ckpt run` reads
-  install -d -m 0755 "$(dirname "$key")"
+  # The config directory stays readable: every user's `ckpt run` reads agent.yaml there; the key itself is 0600.
+  { install -d -m 0755 "$(dirname "$key")" && chmod 0755 "$(dirname "$key")"; } || die "cannot create $(dirname "$key")"
   install -d -m 0700 "$shared"
   chmod 0700 "$shared"
   if [ ! -s "$key" ]; then
@@ -253,7 +295,7 @@ setup_key_head() {
 setup_key_compute() {
   local key="$ROOT$CKPT_KEY_FILE" shared="$ROOT$CKPT_SHARED_DIR/secret/node.key"
   [ -s "$shared" ] || die "the cluster's signing key is missing at $CKPT_SHARED_DIR/secret/node.key: did the head node's OnNodeConfigured finish?"
-  install -d -m 0755 "$(dirname "$key")"  # the key is 0600; agent.yaml next to it must stay readable
+  { install -d -m 0755 "$(dirname "$key")" && chmod 0755 "$(dirname "$key")"; } || die "cannot create $(dirname "$key")"
   install_file "$shared" "$key" 0600 || log "signing key is current"
 }
 
@@ -280,6 +322,48 @@ install_agent_service() {
   fi
   [ "$1" = 1 ] && changed=1
   ensure_service ckpt-agent "$changed"
+}
+
+# install_user_path: `ckpt` for every user and every batch job. /etc/profile.d/ckpt-agent.sh adds CKPT_BIN_DIR
+# (a directory holding only the `ckpt` link, never the venv's python) to login shells' PATH; a link in
+# /usr/local/bin, on every distribution's default PATH, covers shells that read no profile.
+install_user_path() {
+  local target="$CKPT_VENV/bin/ckpt" link
+  install_file "$STAGE/profile.d/ckpt-agent.sh" "$ROOT/etc/profile.d/ckpt-agent.sh" 0644 \
+    || log "/etc/profile.d/ckpt-agent.sh is current"
+  for link in "$CKPT_BIN_DIR/ckpt" /usr/local/bin/ckpt; do
+    if [ -L "$ROOT$link" ] && [ "$(readlink "$ROOT$link")" = "$target" ]; then
+      continue
+    fi
+    if [ -e "$ROOT$link" ] && [ ! -L "$ROOT$link" ]; then
+      log "WARNING: $link exists and is not a link to $target: left alone"
+      continue
+    fi
+    mkdir -p "$(dirname "$ROOT$link")" || die "cannot create $(dirname "$link")"
+    ln -sfn "$target" "$ROOT$link" || die "cannot link $link to $target"
+    log "linked $link -> $target"
+  done
+}
+
+# install_gc: the head node's cleanup as a systemd timer (logs in the journal: journalctl -u ckpt-gc); a cron
+# entry only on a machine where systemd does not run.
+install_gc() {
+  if [ -z "$SYSTEMCTL" ] && { [ -n "$ROOT" ] || [ ! -d /run/systemd/system ]; }; then
+    log "systemd is not running here: the cleanup runs from cron instead of ckpt-gc.timer"
+    install_cron
+    return 0
+  fi
+  local changed=0 unit
+  for unit in ckpt-gc.service ckpt-gc.timer; do
+    if install_file "$STAGE/head/$unit" "$ROOT/etc/systemd/system/$unit" 0644; then changed=1; fi
+  done
+  if [ "$changed" = 1 ]; then systemctl_ daemon-reload; fi
+  ensure_service ckpt-gc.timer "$changed"
+  # An entry an older bundle installed: the timer replaces it.
+  if [ -f "$ROOT/etc/cron.d/ckpt-gc" ] && grep -qF "by \`ckpt render\`" "$ROOT/etc/cron.d/ckpt-gc"; then
+    rm -f "$ROOT/etc/cron.d/ckpt-gc"
+    log "removed /etc/cron.d/ckpt-gc: ckpt-gc.timer runs the cleanup now"
+  fi
 }
 
 install_cron() {
@@ -315,7 +399,8 @@ run_compute() {
     criu_preflight
   fi
   setup_key_compute
-  install_agent && changed=1
+  install_agent "" && changed=1
+  install_user_path
   install_file "$node_dir/agent.yaml" "$ROOT$CKPT_CONFIG" 0644 && changed=1
   if [ "$CKPT_CHECKPOINT_ENABLED" != 1 ]; then
     log "checkpointing is off for queue $QUEUE: no CRIU, no agent service"
@@ -330,14 +415,15 @@ run_head() {
   if [ "$CKPT_CHECKPOINT_ENABLED" = 1 ]; then
     install_criu
   fi
-  install_agent || true
+  install_agent "[aws]" || true
+  install_user_path
   install_file "$STAGE/head/agent.yaml" "$ROOT$CKPT_CONFIG" 0644 || log "agent.yaml is current"
   if [ ! -d "$ROOT$CKPT_STORE" ]; then
     # every user's job creates its own 0700 directory here; sticky, so nobody removes another user's
     install -d -m 1777 "$ROOT$CKPT_STORE"
     log "created the checkpoint store $CKPT_STORE"
   fi
-  install_cron
+  install_gc
   install_job_submit_plugin
 }
 
@@ -354,14 +440,16 @@ main() {
   [ -n "$ROOT" ] || [ "$(id -u)" = 0 ] || die "must run as root (ParallelCluster runs it so)"
   # ParallelCluster's environment may lack sbin directories; a test's PATH is kept as it is.
   [ -n "$ROOT" ] || export PATH="$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-  mkdir -p "$ROOT/var/lib/ckpt-agent"
+  mkdir -p "$ROOT/var/lib/ckpt-agent" "$ROOT/var/log"
+  LOG_FILE="$ROOT/var/log/ckpt-bootstrap.log"
   STAGE="$(mktemp -d "$ROOT/var/lib/ckpt-agent/bundle.XXXXXX")"
   trap 'rm -rf "$STAGE"' EXIT
-  log "starting: role $ROLE${QUEUE:+, queue $QUEUE}"
+  local started=$SECONDS
+  log "starting: role $ROLE${QUEUE:+, queue $QUEUE}, bundle $BUNDLE"
   fetch_bundle
   if [ "$1" = head-start ]; then read_node_env "$STAGE/head/node.env"; install_job_submit_plugin
   elif [ "$ROLE" = head ]; then run_head; else run_compute; fi
-  log "done: role $ROLE${QUEUE:+, queue $QUEUE}"
+  log "done: role $ROLE${QUEUE:+, queue $QUEUE} in $((SECONDS - started)) s"
 }
 
 main "$@"

@@ -58,13 +58,18 @@ class NoticeHandler:
                                  emit=self._emit)
 
     def jobs_here(self) -> List[Dict[str, Any]]:
-        """Wrappers registered on this node. A registration must be owned by the uid it names (the directory is
+        """Wrappers registered on this node (the runtime directory is node-local, so every registration in it is a
+        job here, whatever node name it carries). A registration must be owned by the uid it names (the directory is
         sticky, so nobody can replace another user's), and its socket must sit in the registration directory."""
         regs = []
         d = os.path.realpath(registration_dir(self.runtime_dir))
         for reg in list_registrations(self.runtime_dir):
             if reg.get("node") != self.node:
-                continue
+                # The registration directory is node-local: whatever registered here runs here. A different name
+                # means the agent's node name is wrong (host name vs Slurm node name): say so, and checkpoint.
+                log.error("job %s registered under node name %r, but this agent runs as node %r: checkpointing it "
+                          "all the same; fix the agent's node name (--node, %s)", reg.get("job_id"), reg.get("node"),
+                          self.node, "/etc/parallelcluster/slurm_plugin/slurm_nodename")
             if reg.get("_owner_uid") not in (0, reg.get("uid")):
                 log.warning("ignoring registration of job %s: file not owned by uid %s", reg.get("job_id"),
                             reg.get("uid"))

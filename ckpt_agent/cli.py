@@ -30,7 +30,7 @@ COMMANDS = {
     "validate": "check a site file (the admin YAML) and list every problem",
     "render": "render the ParallelCluster config and node files from a site file",
     "upload": "upload the bootstrap bundle to S3 and print the pcluster create-cluster command",
-    "gc": "remove checkpoints of finished jobs and superseded generations (head node, from cron)",
+    "gc": "remove checkpoints of finished jobs and superseded generations (head node, from a systemd timer)",
     "report": "report run segments, checkpoints, work lost, net vs wall-clock runtime and Spot savings per job",
     "prices": "show the Spot/On-Demand price table, or refresh it from AWS with --update",
     "plan": "predict each queue's final-checkpoint time against the Spot notice, and the FSx throughput that would fit",

@@ -55,6 +55,9 @@ class GcSettings:
     max_age: int = 14 * 24 * 3600
     high_watermark: float = 85.0
     low_watermark: float = 75.0
+    # {partition: generations kept}: each queue's checkpoint.keep, for the head node's gc (the job's partition
+    # decides; partitions not listed use checkpoint.keep)
+    queue_keep: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,7 +79,10 @@ class AgentConfig:
     store: str = ""
     runtime_dir: str = DEFAULT_RUNTIME_DIR
     queue: str = ""
+    cluster: str = ""  # the ParallelCluster cluster name: the CloudWatch dimension of `ckpt report --cloudwatch`
     criu: str = "criu"
+    # where scontrol, squeue and sacct are; "" = /opt/slurm/bin when it has them (ParallelCluster), else PATH
+    slurm_bin_dir: str = ""
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     gc: GcSettings = field(default_factory=GcSettings)
@@ -198,6 +204,10 @@ def _coerce(current: Any, value: Any, where: str) -> Any:
                         and math.isfinite(v) and v >= 0 for k, v in p.items()):
                     raise ValueError(f"{itype}: must be a mapping of spot and ondemand to finite prices >= 0, "
                                      f"got {p!r}")
+        if where == "gc.queue_keep" and not all(
+            isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 1 for k, n in value.items()
+        ):
+            raise bad("a mapping of partition names to whole numbers >= 1")
         return value
     return value
 

@@ -71,6 +71,7 @@ class JobView:
     activity: float  # newest mtime of events, results, generations and partials (epoch seconds)
     steps: List[StepView] = field(default_factory=list)
     end_time: Optional[float] = None  # from Slurm, for finished jobs
+    partition: str = ""  # the job's Slurm partition (= ParallelCluster queue), when the policy keeps per queue
 
 
 @dataclass
@@ -80,6 +81,10 @@ class Policy:
     keep: int = 2
     high_watermark: float = 85.0
     low_watermark: float = 75.0
+    keep_by_queue: Dict[str, int] = field(default_factory=dict)  # {partition: keep}; others use `keep`
+
+    def keep_for(self, partition: str) -> int:
+        return self.keep_by_queue.get(partition, self.keep)
 
 
 @dataclass
@@ -159,8 +164,10 @@ def _prune(job: JobView, now: float, policy: Policy) -> List[Action]:
             doomed = step.generations
             why = "step finished (result.json kept)"
         else:
-            doomed = step.generations[: max(0, len(step.generations) - policy.keep)]
-            why = f"superseded (keep {policy.keep})"
+            keep = policy.keep_for(job.partition)
+            doomed = step.generations[: max(0, len(step.generations) - keep)]
+            queue = f", queue {job.partition}" if job.partition in policy.keep_by_queue else ""
+            why = f"superseded (keep {keep}{queue})"
         for number, mtime in doomed:
             out.append(Action(job.job_id, "generation", why, step.name, f"gen-{number:06d}", mtime))
         for name, mtime in step.partials:  # reached only with the job lock free: nobody is writing them
@@ -364,9 +371,11 @@ class GarbageCollector:
             finally:
                 os.close(fd)
         states = self._states([v.job_id for v in views])
+        partitions = self._partitions([v.job_id for v in views]) if self.policy.keep_by_queue else {}
         now = self.now()
         for v in views:
             v.state = states.get(v.job_id, UNKNOWN)
+            v.partition = partitions.get(v.job_id, "")
             if classify(v.state) == "final" and now - v.activity >= self.policy.grace:
                 v.end_time = self._end_time(v.job_id)
         return views
@@ -384,6 +393,21 @@ class GarbageCollector:
             return dict(self.slurm.job_states(asked)) if asked else {}
         except SlurmError as e:
             raise SlurmError(f"cannot ask Slurm for job states, nothing removed: {e}") from e
+
+    def _partitions(self, job_ids: Sequence[str]) -> Dict[str, str]:
+        """{job id: partition} for the per-queue `keep`; a job Slurm has forgotten keeps the default."""
+        from .slurm import check_job_id
+
+        asked = []
+        for j in job_ids:
+            try:
+                asked.append(check_job_id(j))
+            except SlurmError:
+                pass
+        try:
+            return dict(self.slurm.job_partitions(asked)) if asked else {}
+        except SlurmError as e:
+            raise SlurmError(f"cannot ask Slurm for job partitions, nothing removed: {e}") from e
 
     def _end_time(self, job_id: str) -> Optional[float]:
         try:

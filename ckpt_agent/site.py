@@ -44,6 +44,10 @@ ONDEMAND_STRATEGIES = ("lowest-price", "prioritized")
 ALL_STRATEGIES = tuple(dict.fromkeys(SPOT_STRATEGIES + ONDEMAND_STRATEGIES))
 FSX_DEPLOYMENT_TYPES = ("SCRATCH_1", "SCRATCH_2", "PERSISTENT_1", "PERSISTENT_2")
 FSX_THROUGHPUTS = {"PERSISTENT_1": (50, 100, 200), "PERSISTENT_2": (125, 250, 500, 1000)}
+# Node Pythons the bundle's wheelhouse serves: AL2023 and RHEL 9 ship 3.9, Ubuntu 22.04 3.10, Ubuntu 24.04 3.12;
+# 3.11 is AL2023's and RHEL's optional python3.11. The bootstrap picks the first of these a node has.
+SUPPORTED_PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
+SUPPORTED_ARCHITECTURES = ("x86_64", "aarch64")
 MAX_QUEUES = 50  # ParallelCluster's MAX_NUMBER_OF_QUEUES
 QUEUE_NAME_MAX = 25  # ParallelCluster's NAME_MAX_LENGTH for queues and compute resources
 MAX_COMPUTE_RESOURCES = 50  # ParallelCluster's MAX_NUMBER_OF_COMPUTE_RESOURCES_PER_CLUSTER
@@ -152,6 +156,12 @@ def _rule_criu(d: Dict[str, Any], path: Path, ctx: Context) -> None:
         )
 
 
+def _rule_bundle(d: Dict[str, Any], path: Path, ctx: Context) -> None:
+    for i, v in enumerate(d.get("pythons") or []):
+        if v not in SUPPORTED_PYTHONS:
+            ctx.error(path + ("pythons", i), f"must be one of {', '.join(SUPPORTED_PYTHONS)}, got {v!r}")
+
+
 _CRON_FIELD = re.compile(r"[0-9A-Za-z*/,-]+")
 
 
@@ -250,6 +260,30 @@ _NAME = Str(pattern=r"[a-z][a-z0-9-]*", pattern_help="lowercase letters, digits 
             max_len=QUEUE_NAME_MAX)
 _INSTANCE_TYPE = Str(pattern=r"[a-z0-9]+[a-z0-9-]*\.[a-z0-9-]+", pattern_help="an EC2 instance type like r6i.4xlarge")
 
+_ACTION = Map(
+    {
+        "script": Field(Str(pattern=r"(s3|https)://\S+", pattern_help="an s3:// or https:// URL"), required=True),
+        "args": Field(List(Str(min_len=0)), default=list),
+    }
+)
+_AROUND = Map({"before": Field(List(_ACTION), default=list), "after": Field(List(_ACTION), default=list)})
+# The admin's own ParallelCluster custom actions, run in one Sequence with ours (ours between `before` and `after`).
+HEAD_ACTIONS = Map(
+    {
+        "on_node_start": Field(List(_ACTION), default=list),
+        "on_node_configured": Field(_AROUND),
+        "on_node_updated": Field(_AROUND),
+    }
+)
+QUEUE_ACTIONS = Map(
+    {
+        "on_node_start": Field(List(_ACTION), default=list),
+        "on_node_configured": Field(_AROUND),
+    }
+)
+_POLICY_ARN = Str(pattern=r"arn:aws[a-z-]*:iam::(aws|\d{12}):policy/\S+", pattern_help="an IAM policy ARN")
+NODE_IAM = Map({"additional_policies": Field(List(_POLICY_ARN, unique=True), default=list)})
+
 CHECKPOINT = Map(
     {
         "enabled": Field(Bool(), default=True),
@@ -278,6 +312,8 @@ QUEUE = Map(
         "allocation_strategy": Field(Str(choices=ALL_STRATEGIES)),
         "subnet_id": Field(Str(pattern=r"subnet-([0-9a-z]{8}|[0-9a-z]{17})", pattern_help="a subnet id")),
         "checkpoint": Field(CHECKPOINT),
+        "custom_actions": Field(QUEUE_ACTIONS),
+        "iam": Field(NODE_IAM),
     },
     rules=[_rule_queue],
 )
@@ -354,7 +390,26 @@ SITE = Map(
             ),
             required=True,
         ),
-        "head_node": Field(Map({"instance_type": Field(_INSTANCE_TYPE, default="m6i.xlarge")})),
+        "head_node": Field(
+            Map(
+                {
+                    "instance_type": Field(_INSTANCE_TYPE, default="m6i.xlarge"),
+                    "custom_actions": Field(HEAD_ACTIONS),
+                    "iam": Field(NODE_IAM),
+                }
+            )
+        ),
+        "iam": Field(
+            Map(
+                {
+                    # With the account id, the head node's cluster.yaml entry names the policy rendered into
+                    # iam/head-node-policy.json (create it once with `aws iam create-policy`, see docs).
+                    "account_id": Field(Str(pattern=r"\d{12}", pattern_help="a 12-digit AWS account id")),
+                    "cloudwatch_namespace": Field(Str(pattern=r"[A-Za-z0-9/_.#:-]+",
+                                                      pattern_help="a CloudWatch namespace"), default="CkptAgent"),
+                }
+            )
+        ),
         "bundle": Field(
             Map(
                 {
@@ -367,7 +422,11 @@ SITE = Map(
                             pattern_help="an S3 key prefix without leading or trailing '/'"),
                         default="ckpt-agent",
                     ),
-                }
+                    "pythons": Field(List(Str(), min_items=1, unique=True), default=lambda: list(SUPPORTED_PYTHONS)),
+                    "architectures": Field(List(Str(choices=SUPPORTED_ARCHITECTURES), min_items=1, unique=True),
+                                           default=lambda: list(SUPPORTED_ARCHITECTURES)),
+                },
+                rules=[_rule_bundle],
             ),
             required=True,
         ),
@@ -415,6 +474,11 @@ SITE = Map(
             Map(
                 {
                     "scaledown_idletime": Field(Int(min=-1, max=10080), default=10),
+                    # ParallelCluster builds Slurm with --prefix=/opt/slurm; units and timers put this on PATH.
+                    "bin_dir": Field(Str(pattern=r"/.*", pattern_help="an absolute path"), default="/opt/slurm/bin"),
+                    # How a queue-level change (custom actions, instance types) reaches running compute nodes.
+                    "queue_update_strategy": Field(Str(choices=("DRAIN", "TERMINATE", "COMPUTE_FLEET_STOP")),
+                                                   default="DRAIN"),
                     "settings": Field(
                         AnyMap(Str(pattern=r"[A-Za-z][A-Za-z0-9]*", pattern_help="a slurm.conf parameter name"),
                                Scalar()),

@@ -8,6 +8,10 @@ Job ids are checked before they reach a command line: "123", array tasks "123_4"
 Job states for gc never guess: squeue covers every job slurmctld still holds (running, pending and finished jobs
 younger than MinJobAge), sacct covers older ones when accounting is enabled, and a job unknown to both is
 "UNKNOWN". When slurmctld cannot be asked, or accounting is configured but fails, SlurmError is raised.
+
+Where the commands are: `slurm_bin_dir(configured)` decides, once, for every caller (agent, gc, report): the
+configured directory (agent.yaml `slurm_bin_dir`), else ParallelCluster's /opt/slurm/bin when it holds scontrol, else
+PATH. ParallelCluster adds /opt/slurm/bin to PATH only in /etc/profile.d/slurm.sh, which systemd units never read.
 """
 
 from __future__ import annotations
@@ -34,6 +38,18 @@ _FEATURES = re.compile(r"^[A-Za-z0-9_.\-|&()]+$")
 _EMPTY_TIMES = ("", "Unknown", "None", "N/A", "(null)")
 _NOT_FOUND_MARKERS = ("Invalid job id specified", "Invalid job id", "Job has already finished")
 _ACCOUNTING_DISABLED = "accounting storage is disabled"
+# ParallelCluster builds Slurm with --prefix=/opt/slurm (cookbook recipes/install/install_slurm.rb).
+PCLUSTER_SLURM_BIN_DIR = "/opt/slurm/bin"
+
+
+def slurm_bin_dir(configured: str = "", default: str = PCLUSTER_SLURM_BIN_DIR) -> Optional[str]:
+    """The directory of scontrol/squeue/sacct: `configured` if set, else `default` when it holds scontrol, else None
+    (the commands are looked up on PATH)."""
+    if configured:
+        return configured
+    if os.path.isfile(os.path.join(default, "scontrol")):
+        return default
+    return None
 
 
 class JobNotFound(SlurmError):
@@ -167,6 +183,11 @@ class Slurm:
         self.timeout = timeout
         self.env = dict(env) if env else None
 
+    @classmethod
+    def from_config(cls, cfg) -> Slurm:
+        """The controller as agent.yaml (`slurm_bin_dir`) places its commands."""
+        return cls(bin_dir=slurm_bin_dir(getattr(cfg, "slurm_bin_dir", "") or ""))
+
     # -- nodes -------------------------------------------------------------------------------------------------
 
     def drain_node(self, node: str, reason: str) -> None:
@@ -261,6 +282,33 @@ class Slurm:
                 states[shown] = state
                 states.setdefault(numeric, state)
         return states
+
+    def job_partitions(self, job_ids: Iterable) -> Dict[str, str]:
+        """{job id: partition} for the jobs Slurm still knows (squeue, then sacct); unknown jobs are left out."""
+        wanted = [check_job_id(j) for j in job_ids]
+        if not wanted:
+            return {}
+        out = self._call("squeue", ["-h", "-r", "-t", "all", "-o", "%i|%A|%P"]).stdout
+        known: Dict[str, str] = {}
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3:
+                known[parts[0]] = parts[2]
+                known.setdefault(parts[1], parts[2])
+        found = {j: known[j] for j in wanted if j in known}
+        missing = [j for j in wanted if j not in found]
+        if missing:
+            try:
+                out = self._call("sacct", ["-n", "-P", "-X", "-o", "JobID,Partition", "-j", ",".join(missing)]).stdout
+            except SlurmError as e:
+                if _ACCOUNTING_DISABLED not in str(e).lower():
+                    raise
+                out = ""
+            for line in out.splitlines():
+                parts = line.strip().split("|")
+                if len(parts) == 2 and parts[0] in missing and parts[1]:
+                    found[parts[0]] = parts[1]
+        return found
 
     def _sacct_states(self, job_ids: List[str]) -> Dict[str, str]:
         argv = ["-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)]

@@ -16,7 +16,7 @@ die() { log "ERROR: $*"; exit 1; }
 # slurmdbd and mariadb-server: Slurm accounting, so `sacct` knows finished jobs (ckpt gc asks it).
 SYSTEM_PACKAGES=(slurmctld slurmd slurm-client slurmdbd mariadb-server munge ngspice iverilog shellcheck zstd procps
                  iproute2 curl ca-certificates passwd python3 python3-venv util-linux
-                 chromium)  # chromium: the HTML report's headless-browser test (tests/test_report_html.py)
+                 chromium mmdebstrap)  # chromium: the HTML report's browser test; mmdebstrap: the emulated node's root
 # Jobs run as ordinary users, so the local cluster needs a copy of the agent that everyone can run (a developer's
 # venv may live under a private directory): like a cluster node's /opt/ckpt-agent/venv, from the system's Python.
 SHARED_VENV="${CKPT_SHARED_VENV:-/opt/ckpt-agent-dev/venv}"

@@ -73,6 +73,28 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def processes_of(workdir: str) -> List[int]:
+    """Live processes belonging to a local cluster (or demo) in `workdir`: its daemons (workdir in argv) and its jobs
+    and agents (SLURM_CONF under workdir in their environment). The tests' own view, independent of
+    ckpt_agent.devcluster.reaper, which it checks."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = fh.read()
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                zombie = fh.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+        except OSError:
+            continue
+        if not zombie and (workdir.encode() in cmdline or f"SLURM_CONF={workdir}/".encode() in environ):
+            found.append(int(entry))
+    return found
+
+
 def registered(runtime: Path, job: str, step: str = "main") -> bool:
     return (runtime / "jobs" / f"{job}.{step}.json").exists()
 

@@ -21,6 +21,12 @@
   `slurm_user2` a second one ("ckpt-user2").
 
 Tests needing the cluster skip (with the reason) when not root or when Slurm/munge are not installed.
+
+No daemon outlives the session: at its start every process the suite starts is marked (PYTEST_CKPT_SESSION in
+the environment, which every cluster daemon, agent and demo inherits). At its end, after the session fixtures are
+torn down, any slurmctld, slurmd, slurmstepd, munged, slurmdbd, mariadbd or `ckpt agent` that carries this
+session's mark and did not run before the session is killed, and the run fails, naming them. Other sessions'
+clusters on the same machine (another engineer's, the system's) are left alone.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
+import subprocess
 import tempfile
+import uuid
+from typing import Dict, Set
 
 import pytest
 
@@ -37,6 +46,74 @@ from ckpt_agent.devcluster.imds_server import ImdsServer
 from ckpt_agent.imds import ImdsClient
 
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "scontrol", "sbatch", "squeue", "runuser", "useradd")
+SESSION_MARK = "PYTEST_CKPT_SESSION"  # not CKPT_*: tests grep jobs' environments for those
+DAEMON_NAMES = ("slurmctld", "slurmd", "slurmstepd", "munged", "slurmdbd", "mariadbd")  # pgrep -x
+DAEMON_PATTERNS = ("ckpt agent",)  # pgrep -f
+_before_key = pytest.StashKey()  # (this session's mark, the daemons that ran before it)
+
+
+def _pgrep(*args: str) -> Set[int]:
+    res = subprocess.run(["pgrep", *args], capture_output=True, text=True, timeout=30)
+    if res.returncode not in (0, 1):  # 1: nothing matched
+        raise RuntimeError(f"pgrep {' '.join(args)} failed: {res.stderr.strip()}")
+    return {int(p) for p in res.stdout.split()}
+
+
+def _daemons() -> Dict[int, str]:
+    """pid -> what matched, for every process that looks like a daemon of ours, whoever started it."""
+    found = {}
+    for name in DAEMON_NAMES:
+        found.update(dict.fromkeys(_pgrep("-x", name), name))
+    for pattern in DAEMON_PATTERNS:
+        found.update(dict.fromkeys(_pgrep("-f", pattern), pattern))
+    found.pop(os.getpid(), None)
+    return found
+
+
+def _carries(pid: int, mark: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return f"{SESSION_MARK}={mark}".encode() in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def pytest_sessionstart(session):
+    mark = uuid.uuid4().hex
+    os.environ[SESSION_MARK] = mark
+    session.config.stash[_before_key] = (mark, set(_daemons()))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own sessionfinish has torn down the session fixtures
+def pytest_sessionfinish(session, exitstatus):
+    if _before_key not in session.config.stash:
+        return
+    from ckpt_agent.devcluster import reaper
+
+    mark, before = session.config.stash[_before_key]
+    leftovers = {pid: what for pid, what in _daemons().items() if pid not in before and _carries(pid, mark)}
+    if not leftovers:
+        return
+    lines = [f"{pid} {what}: {_cmdline(pid)}" for pid, what in sorted(leftovers.items())]
+    survivors = reaper.kill(leftovers)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    text = ("the test session left daemons running; they are killed now"
+            + (f" (these survived SIGKILL: {survivors})" if survivors else "") + ":\n  " + "\n  ".join(lines))
+    if reporter is not None:
+        reporter.write_sep("=", "daemons left behind by the suite", red=True)
+        reporter.write_line(text)
+    else:
+        print(text)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return "(gone)"
+
 
 
 @pytest.fixture

@@ -208,3 +208,34 @@ def test_a_hung_store_never_delays_the_drain_or_the_requeue(imds, tmp_path):
     finally:
         store.release.set()
         assert events.WRITER.flush(30)
+
+
+def test_a_registration_under_another_node_name_is_checkpointed_and_logged(imds, tmp_path, caplog):
+    """The runtime directory is node-local: a wrapper that registered under the host name (or any other name) is
+    a job on this node. The agent says so as an error and still includes it (issue 12, defect 6)."""
+    runtime = tmp_path / "run"
+    (runtime / "jobs").mkdir(parents=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    sock = str(runtime / "jobs" / "302.main.sock")
+    (runtime / "jobs" / "302.main.json").write_text(
+        json.dumps({"job_id": "302", "step": "main", "uid": 0, "node": "ip-10-0-1-23", "socket": sock}))
+    agent = make_agent(imds, runtime, store, RecordingSlurm())
+    with caplog.at_level("ERROR", logger="ckpt_agent.agent"):
+        regs = agent.handler.jobs_here()
+    assert [r["job_id"] for r in regs] == ["302"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "'ip-10-0-1-23'" in errors[0] and "'node1'" in errors[0], errors
+
+
+def test_node_name_comes_from_parallelclusters_file(tmp_path):
+    from ckpt_agent.commands.agent import node_name
+
+    name_file = tmp_path / "slurm_nodename"
+    name_file.write_text("sim-spot-dy-nodes-3\n")
+    assert node_name(None, {}, str(name_file)) == "sim-spot-dy-nodes-3"
+    assert node_name("n9", {"SLURMD_NODENAME": "n1"}, str(name_file)) == "n9"
+    assert node_name(None, {"SLURMD_NODENAME": "n1"}, str(name_file)) == "n1"
+    import socket
+
+    assert node_name(None, {}, str(tmp_path / "missing")) == socket.gethostname()

@@ -6,6 +6,7 @@ files), the package manager, install-criu.sh (the real one is tested by the CRIU
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -24,6 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bootstrap" / "on-node-configured.sh"
 EXAMPLE = REPO / "cluster-configs" / "site.example.yaml"
 SHARED = "opt/parallelcluster/shared/ckpt-agent"
+PATCHES = sorted((REPO / "bootstrap/patches/criu-4.2.1").glob("*.patch"))
+# install-criu.sh's cache name: criu-<version>-<first 16 hex of sha256 over the patches, in order>
+CRIU_CACHE_NAME = "criu-4.2.1-" + hashlib.sha256(b"".join(p.read_bytes() for p in PATCHES)).hexdigest()[:16]
 
 FAKES = {
     "systemctl": r"""#!/bin/bash
@@ -50,15 +54,18 @@ done
 # Stands in for install-criu.sh: checks what it is given, installs a criu that passes `criu check`, fills the cache.
 set -euo pipefail
 echo "install-criu cache=$CRIU_CACHE_DIR prefix=$CRIU_PREFIX source_exists=$([ -f "$CRIU_SOURCE_URL" ] && echo yes)" \
-  >>"$FAKE_LOG"
+  "patches=$(ls "$CRIU_PATCH_DIR" | tr '\n' ' ')" >>"$FAKE_LOG"
+echo "install-criu: this goes to stderr, as the real one logs"  >&2
+# The real script's cache name: criu-<version>-<patch set id>.
+name="criu-$CRIU_VERSION-$(cat "$CRIU_PATCH_DIR"/*.patch | sha256sum | cut -c1-16)"
 if [ ! -x "$CRIU_PREFIX/sbin/criu" ]; then
   mkdir -p "$CRIU_PREFIX/sbin"
-  if [ -x "$CRIU_CACHE_DIR/criu-$CRIU_VERSION" ]; then
-    cp "$CRIU_CACHE_DIR/criu-$CRIU_VERSION" "$CRIU_PREFIX/sbin/criu"
+  if [ -x "$CRIU_CACHE_DIR/$name" ]; then
+    cp "$CRIU_CACHE_DIR/$name" "$CRIU_PREFIX/sbin/criu"
   else
     printf '#!/bin/sh\n[ "$1" = check ] && echo "Looks good."\n' >"$CRIU_PREFIX/sbin/criu"
     chmod +x "$CRIU_PREFIX/sbin/criu"
-    cp "$CRIU_PREFIX/sbin/criu" "$CRIU_CACHE_DIR/criu-$CRIU_VERSION"
+    cp "$CRIU_PREFIX/sbin/criu" "$CRIU_CACHE_DIR/$name"
   fi
 fi
 """,
@@ -69,7 +76,7 @@ fi
 echo "aws $*" >>"$FAKE_LOG"
 [ "$1 $2" = "s3 cp" ] || exit 2
 src="${@: -2:1}"; dest="${@: -1}"
-cp "$FAKE_S3/${src#s3://}" "$dest"
+if [ "$3" = --recursive ]; then cp -R "$FAKE_S3/${src#s3://}." "$dest"; else cp "$FAKE_S3/${src#s3://}" "$dest"; fi
 """,
 }
 
@@ -78,12 +85,19 @@ cp "$FAKE_S3/${src#s3://}" "$dest"
 def bundle(tmp_path_factory):
     """The real bundle `ckpt upload` would send, built from the example site."""
     base = tmp_path_factory.mktemp("bundle")
-    shutil.copyfile(EXAMPLE, base / "site.yaml")
+    (base / "site.yaml").write_text(this_platform_only(EXAMPLE.read_text()))
     (base / "criu_4.2.1.orig.tar.xz").write_bytes(b"criu source stand-in")
     site = load_site(str(base / "site.yaml"))
     write_tree(str(base / "rendered"), render_site(site, "site.yaml"))
     build_bundle(site, str(base / "site.yaml"), str(base / "rendered"), str(base / "bundle"))
     return base / "bundle"
+
+
+def this_platform_only(site_text: str) -> str:
+    """The site with a wheelhouse for this machine's Python and architecture only: a real `pip download`, small."""
+    py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return site_text.replace("  prefix: ckpt-agent/eda-spot\n", f"  prefix: ckpt-agent/eda-spot\n"
+                             f"  pythons: ['{py}']\n  architectures: [{os.uname().machine}]\n")
 
 
 class Node:
@@ -116,7 +130,7 @@ class Node:
             "CKPT_INSTALL_CRIU": f"bash {self.bin / 'install-criu'}",
             "CKPT_AWS": str(self.bin / "aws"),
             "CKPT_PYTHON": sys.executable,
-            "CKPT_PIP_OPTS": "--no-index --no-deps",
+            "CKPT_PIP_OPTS": "",
             "CKPT_RETRIES": "1",
             "FAKE_LOG": str(self.log),
             "FAKE_STATE": str(self.bin.parent / "systemd-state"),
@@ -136,6 +150,8 @@ class Node:
         out = {}
         for path in sorted(self.root.rglob("*")):
             rel = path.relative_to(self.root).as_posix()
+            if rel == "var/log/ckpt-bootstrap.log":  # every run appends its progress
+                continue
             st = path.lstat()
             if stat.S_ISLNK(st.st_mode):
                 out[rel] = ("link", os.readlink(path))
@@ -150,15 +166,16 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def _preinstalled_agent(node: Node, bundle: Path) -> None:
+def _preinstalled_agent(node: Node, bundle: Path, extras: str = "") -> None:
     """Make the node look like the agent from `bundle` is installed already (spares creating a venv)."""
     venv = node.root / "opt/ckpt-agent/venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin/ckpt").write_text("#!/bin/sh\n")
     (venv / "bin/ckpt").chmod(0o755)
-    wheel = next((bundle / "wheels").glob("*.whl"))
-    digest = subprocess.run(["sha256sum", str(wheel)], capture_output=True, text=True, check=True).stdout.split()[0]
-    (venv / ".ckpt-wheel.sha256").write_text(digest + "\n")
+    wheel = next((bundle / "wheels").glob("ckpt_agent-*.whl"))
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (venv / ".ckpt-wheel.sha256").write_text(hashlib.sha256(f"{digest}\n{extras}\n".encode()).hexdigest() + "\n")
+    (venv / "bin/python").symlink_to(sys.executable)
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +195,12 @@ def test_head_node_first_run(head, bundle):
     assert mode(root / "etc/ckpt-agent") == 0o755, "users' ckpt run reads agent.yaml here (issue 10)"
     assert (root / "etc/ckpt-agent/agent.yaml").read_bytes() == (bundle / "head/agent.yaml").read_bytes()
     assert load_agent_config(str(root / "etc/ckpt-agent/agent.yaml")).store == "/fsx/ckpt"
-    cron = root / "etc/cron.d/ckpt-gc"
-    assert cron.read_bytes() == (bundle / "head/ckpt-gc.cron").read_bytes() and mode(cron) == 0o644
+    for unit in ("ckpt-gc.service", "ckpt-gc.timer"):
+        installed = root / "etc/systemd/system" / unit
+        assert installed.read_bytes() == (bundle / "head" / unit).read_bytes() and mode(installed) == 0o644
+    assert not (root / "etc/cron.d/ckpt-gc").exists()
+    assert "systemctl enable ckpt-gc.timer" in head.calls() and "systemctl start ckpt-gc.timer" in head.calls()
+    assert not [c for c in head.calls() if c.startswith("pkg-install")], "the head node installed packages"
     assert (root / "fsx/ckpt").is_dir()
     plugin = root / "opt/slurm/etc/job_submit.lua"  # transparent mode (also installed at OnNodeStart)
     assert plugin.read_bytes() == (bundle / "head/job_submit.lua").read_bytes() and mode(plugin) == 0o644
@@ -187,10 +208,20 @@ def test_head_node_first_run(head, bundle):
     assert (venv / "bin/ckpt").is_file()
     assert list((venv / "lib").glob("python3*/site-packages/ckpt_agent/site.py"))
     arch = os.uname().machine
-    assert f"install-criu cache={root}/{SHARED}/criu/{arch} prefix={root}/usr/local source_exists=yes" in head.calls()
-    assert (root / SHARED / f"criu/{arch}/criu-4.2.1").is_file()
-    assert "pkg-install cronie" in head.calls()
-    assert "systemctl enable crond" in head.calls() and "systemctl start crond" in head.calls()
+    assert f"install-criu cache={root}/{SHARED}/criu/{arch} prefix={root}/usr/local source_exists=yes " in "\n".join(
+        head.calls())
+    assert (root / SHARED / f"criu/{arch}/{CRIU_CACHE_NAME}").is_file()
+    assert f"patches={PATCHES[0].name} " in " ".join(head.calls()), "the bundle's CRIU patches were not passed"
+    # ckpt on users' PATH: a profile.d entry and a link in /usr/local/bin
+    assert os.readlink(root / "usr/local/bin/ckpt") == "/opt/ckpt-agent/venv/bin/ckpt"
+    assert os.readlink(root / "opt/ckpt-agent/bin/ckpt") == "/opt/ckpt-agent/venv/bin/ckpt"
+    assert (root / "etc/profile.d/ckpt-agent.sh").read_bytes() == (bundle / "profile.d/ckpt-agent.sh").read_bytes()
+    # boto3 for the head node's AWS commands, from the wheelhouse
+    assert list((venv / "lib").glob("python3*/site-packages/boto3/__init__.py"))
+    # progress on stdout and in the log file, with install-criu's own lines; nothing on stderr
+    log = (root / "var/log/ckpt-bootstrap.log").read_text()
+    assert "done: role head" in log and "install-criu: this goes to stderr" in log
+    assert head.first.stderr == ""
     assert not list((root / "var/lib/ckpt-agent").iterdir()), "the staged bundle was not cleaned up"
     assert "done: role head" in head.first.stdout
 
@@ -225,10 +256,11 @@ def test_compute_node_first_run(compute, head, bundle):
     unit = root / "etc/systemd/system/ckpt-agent.service"
     assert unit.read_bytes() == (bundle / "systemd/ckpt-agent.service").read_bytes()
     calls = compute.calls()
-    assert "aws s3 cp --only-show-errors s3://bucket/prefix/SHA256SUMS " in " ".join(calls) + " "
+    assert any(c.startswith("aws s3 cp --recursive --only-show-errors s3://bucket/prefix/ ") for c in calls), calls
     # CRIU came from the head node's build on shared storage.
     arch = os.uname().machine
-    assert (root / "usr/local/sbin/criu").read_bytes() == (head.root / SHARED / f"criu/{arch}/criu-4.2.1").read_bytes()
+    assert (root / "usr/local/sbin/criu").read_bytes() == (head.root / SHARED / f"criu/{arch}/{CRIU_CACHE_NAME}"
+                                                             ).read_bytes()
     assert "CRIU preflight passed" in compute.first.stdout
     state_changes = [c for c in calls if c.startswith("systemctl") and "is-" not in c]
     assert state_changes == ["systemctl daemon-reload", "systemctl enable ckpt-agent", "systemctl start ckpt-agent"]
@@ -323,7 +355,7 @@ def test_criu_source_from_s3(tmp_path):
     base = tmp_path / "b"
     base.mkdir()
     text = EXAMPLE.read_text().replace("source: ./criu_4.2.1.orig.tar.xz", "source: s3://tools-mirror/criu/c.tar.xz")
-    (base / "site.yaml").write_text(text)
+    (base / "site.yaml").write_text(this_platform_only(text))
     site = load_site(str(base / "site.yaml"))
     write_tree(str(base / "rendered"), render_site(site, "site.yaml"))
     build_bundle(site, str(base / "site.yaml"), str(base / "rendered"), str(base / "bundle"))
@@ -331,8 +363,21 @@ def test_criu_source_from_s3(tmp_path):
     (s3 / "tools-mirror/criu").mkdir(parents=True)
     (s3 / "tools-mirror/criu/c.tar.xz").write_bytes(b"tarball")
     node = Node(tmp_path / "n")
-    _preinstalled_agent(node, base / "bundle")
+    _preinstalled_agent(node, base / "bundle", "[aws]")
     node.run("head", str(base / "bundle"), FAKE_S3=str(s3))
     calls = node.calls()
     assert any(c.startswith("aws s3 cp --only-show-errors s3://tools-mirror/criu/c.tar.xz ") for c in calls), calls
-    assert [c for c in calls if c.startswith("install-criu")][0].endswith("source_exists=yes")
+    assert " source_exists=yes " in [c for c in calls if c.startswith("install-criu")][0]
+
+
+def test_head_node_without_systemd_falls_back_to_cron(tmp_path, bundle):
+    """Only where no timer can run (no systemd) does the cleanup go to cron, installing a cron daemon if needed."""
+    node = Node(tmp_path)
+    _preinstalled_agent(node, bundle, "[aws]")
+    proc = node.run("head", str(bundle), CKPT_SYSTEMCTL="")
+    cron = node.root / "etc/cron.d/ckpt-gc"
+    assert cron.read_bytes() == (bundle / "head/ckpt-gc.cron").read_bytes() and mode(cron) == 0o644
+    assert "PATH=/opt/slurm/bin:" in cron.read_text()
+    assert not (node.root / "etc/systemd/system/ckpt-gc.timer").exists()
+    assert "pkg-install cronie" in node.calls()
+    assert "the cleanup runs from cron instead of ckpt-gc.timer" in proc.stdout

@@ -430,7 +430,7 @@ def test_cli_slurm_unreachable_is_one_line_exit_76(store, cli_env, monkeypatch, 
 
 def test_cli_dry_run_and_grace_flag(store, cli_env, monkeypatch, capsys):
     make_job(store, "5101", gens=2, seconds_old=2 * HOUR)
-    monkeypatch.setattr("ckpt_agent.commands.gc.Slurm", lambda: FakeSlurm({"5101": "COMPLETED"}))
+    monkeypatch.setattr("ckpt_agent.commands.gc.Slurm.from_config", lambda cfg: FakeSlurm({"5101": "COMPLETED"}))
     assert cli.main(["gc", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would remove 5101: job COMPLETED" in out and "would free" in out
@@ -444,7 +444,7 @@ def test_cli_dry_run_and_grace_flag(store, cli_env, monkeypatch, capsys):
 
 def test_cli_another_run_holds_the_lock(store, cli_env, tmp_path, monkeypatch, capsys):
     make_job(store, "5201", gens=1, seconds_old=30 * DAY)
-    monkeypatch.setattr("ckpt_agent.commands.gc.Slurm", lambda: FakeSlurm({}))
+    monkeypatch.setattr("ckpt_agent.commands.gc.Slurm.from_config", lambda cfg: FakeSlurm({}))
     lock = GcLock(str(tmp_path / "run" / "gc.lock"))
     assert lock.acquire()
     try:
@@ -568,3 +568,30 @@ def test_usage_is_measured_once_before_removing(store):
     run_gc(store, slurm, usage=usage, high_watermark=85.0, low_watermark=75.0)
     assert calls == [store.root]
     assert os.path.isdir(store.job_dir("9702"))  # 86% minus what 9701 freed is under the high watermark
+
+
+class PartitionSlurm(FakeSlurm):
+    def __init__(self, states, partitions):
+        super().__init__(states)
+        self.partitions = partitions
+
+    def job_partitions(self, job_ids):
+        return {j: self.partitions[j] for j in job_ids if j in self.partitions}
+
+
+def test_each_queue_keeps_its_own_number_of_generations(store):
+    """The head node's gc runs with every queue's `keep` (issue 12, defect 9): the job's partition decides."""
+    for job in ("6001", "6002", "6003"):
+        make_job(store, job, gens=4, seconds_old=HOUR)
+    slurm = PartitionSlurm({"6001": "RUNNING", "6002": "RUNNING", "6003": "RUNNING"},
+                           {"6001": "sim-spot", "6002": "sim-spot-xl", "6003": "elsewhere"})
+    out, lines = run_gc(store, slurm, keep=2, keep_by_queue={"sim-spot": 2, "sim-spot-xl": 3})
+    assert gens_left(store, "6001") == [3, 4]
+    assert gens_left(store, "6002") == [2, 3, 4]
+    assert gens_left(store, "6003") == [3, 4]  # not a listed queue: the default
+
+
+def test_without_per_queue_keeps_partitions_are_not_asked(store):
+    make_job(store, "6101", gens=3, seconds_old=HOUR)
+    out, _ = run_gc(store, FakeSlurm({"6101": "RUNNING"}), keep=1)  # FakeSlurm has no job_partitions
+    assert gens_left(store, "6101") == [3]

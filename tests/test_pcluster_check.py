@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_agent import pcluster_check
-from ckpt_agent.render import render_site
+from ckpt_agent.render import UNVERSIONED, render_site
 from ckpt_agent.site import REQUIRED_SLURM_SETTINGS, SLURM_CONF_DENY_LIST, load_site
 
 pytestmark = pytest.mark.pcluster
@@ -124,7 +124,8 @@ def _seed(site) -> dict:
     s3 = boto3.client("s3", region_name="us-east-1")
     s3.create_bucket(Bucket=site["bundle"]["bucket"])
     s3.put_object(
-        Bucket=site["bundle"]["bucket"], Key=f"{site['bundle']['prefix']}/on-node-configured.sh", Body=b"#!/bin/bash\n"
+        Bucket=site["bundle"]["bucket"], Key=f"{site['bundle']['prefix']}/{UNVERSIONED}/on-node-configured.sh",
+        Body=b"#!/bin/bash\n",
     )
     site = copy.deepcopy(site)
     site["cluster"]["subnet_id"] = subnet

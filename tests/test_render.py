@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -29,7 +30,10 @@ GOLDEN = [
 
 
 def tree(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes, with the bundle version (a hash of the whole package, so it changes with any source
+    change) replaced: the golden files pin everything else; test_bundle_version_* pin the version's behaviour."""
+    return {p.relative_to(root).as_posix(): re.sub(rb"\bb-[0-9a-f]{12}\b", b"b-VERSION", p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("site_path, golden", GOLDEN, ids=["committed-example", "minimal"])
@@ -69,11 +73,13 @@ def test_every_agent_yaml_loads_with_the_agent_config_loader(tmp_path):
 def test_cluster_yaml_content():
     site = load_site(str(EXAMPLE))
     cfg = yaml.safe_load(render.render_site(site, "site.example.yaml")["cluster.yaml"])
-    uri = "s3://my-eda-ckpt-bootstrap/ckpt-agent/eda-spot"
+    uri = f"s3://my-eda-ckpt-bootstrap/ckpt-agent/eda-spot/{render.UNVERSIONED}"
     head = cfg["HeadNode"]
-    action = {"Script": f"{uri}/on-node-configured.sh", "Args": ["head", uri]}
-    start = {"Script": f"{uri}/on-node-configured.sh", "Args": ["head-start", uri]}  # transparent mode's plugin
+    action = {"Sequence": [{"Script": f"{uri}/on-node-configured.sh", "Args": ["head", uri]}]}
+    start = {"Sequence": [{"Script": f"{uri}/on-node-configured.sh", "Args": ["head-start", uri]}]}  # transparent
     assert head["CustomActions"] == {"OnNodeStart": start, "OnNodeConfigured": action, "OnNodeUpdated": action}
+    assert "AdditionalIamPolicies" not in head["Iam"]
+    assert cfg["Scheduling"]["SlurmSettings"]["QueueUpdateStrategy"] == "DRAIN"
     access = [{"BucketName": "my-eda-ckpt-bootstrap", "KeyName": "ckpt-agent/eda-spot/*", "EnableWriteAccess": False}]
     assert head["Iam"]["S3Access"] == access
     queues = {q["Name"]: q for q in cfg["Scheduling"]["SlurmQueues"]}
@@ -81,7 +87,8 @@ def test_cluster_yaml_content():
         "sim-spot": "SPOT", "sim-spot-xl": "SPOT", "ondemand": "ONDEMAND"}
     for name, q in queues.items():
         assert q["CustomActions"] == {
-            "OnNodeConfigured": {"Script": f"{uri}/on-node-configured.sh", "Args": ["compute", name, uri]}}
+            "OnNodeConfigured": {"Sequence": [{"Script": f"{uri}/on-node-configured.sh",
+                                               "Args": ["compute", name, uri]}]}}
         assert q["Iam"]["S3Access"] == access
     # one compute resource per CPU family: its name becomes the nodes' Slurm feature (agent.cpu_families)
     crs = queues["sim-spot"]["ComputeResources"]
@@ -120,7 +127,8 @@ def test_every_file_says_it_is_generated():
     files = render.render_site(load_site(str(EXAMPLE)), "site.example.yaml")
     for rel, text in files.items():
         if rel.endswith(".json"):  # JSON has no comments: the dashboard body and the IAM policy documents
-            assert rel in ("dashboard.json", "iam/nodes-monitoring-policy.json", "iam/uploader-dashboard-policy.json")
+            assert rel in ("dashboard.json", "iam/nodes-monitoring-policy.json", "iam/uploader-dashboard-policy.json",
+                           "iam/head-node-policy.json")
             json.loads(text)
             continue
         assert text.startswith("# generated from site.example.yaml by `ckpt render`; do not edit"), rel
@@ -147,7 +155,74 @@ def test_cron_entry_and_unit():
                     "2>>/var/log/ckpt-report.log"]
     unit = files["systemd/ckpt-agent.service"]
     assert "ExecStart=/opt/ckpt-agent/venv/bin/ckpt agent --config /etc/ckpt-agent/agent.yaml\n" in unit
-    assert "Restart=on-failure\n" in unit and "RequiresMountsFor=/fsx\n" in unit
+    assert "RequiresMountsFor=/fsx\n" in unit
+    # issue 12: Slurm's commands on PATH, hardening, registrations kept across restarts
+    for line in ("Environment=PATH=/opt/slurm/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                 "Restart=always", "OOMScoreAdjust=-900", "RuntimeDirectoryPreserve=yes", "StartLimitBurst=10"):
+        assert f"{line}\n" in unit, line
+    timer, service = files["head/ckpt-gc.timer"], files["head/ckpt-gc.service"]
+    assert "OnCalendar=*-*-* *:0/15:00\n" in timer and "Persistent=true\n" in timer
+    assert "ExecStart=/opt/ckpt-agent/venv/bin/ckpt gc --config /etc/ckpt-agent/agent.yaml\n" in service
+    assert "Environment=PATH=/opt/slurm/bin:" in service and "RequiresMountsFor=/fsx\n" in service
+    assert "\nPATH=/opt/slurm/bin:" in files["head/ckpt-gc.cron"]
+
+
+@pytest.mark.parametrize("schedule, calendar", [
+    ("*/15 * * * *", "*-*-* *:0/15:00"),
+    ("0 3 * * *", "*-*-* 3:0:00"),
+    ("30 2 * * 1-5", "Mon..Fri *-*-* 2:30:00"),
+    ("0 */6 1,15 * *", "*-*-1,15 0/6:0:00"),
+])
+def test_cleanup_schedule_as_a_systemd_calendar(schedule, calendar):
+    assert render.oncalendar(schedule) == calendar
+
+
+def test_custom_actions_sequence_keeps_the_admins_scripts():
+    site = load_site(str(EXAMPLE))
+    mine = {"script": "s3://admin/before.sh", "args": ["x"]}
+    site["head_node"]["custom_actions"]["on_node_configured"]["before"] = [mine]
+    site["queues"][0]["custom_actions"]["on_node_configured"]["after"] = [{"script": "https://h/a.sh", "args": []}]
+    site["queues"][0]["custom_actions"]["on_node_start"] = [{"script": "s3://admin/start.sh", "args": []}]
+    cfg = yaml.safe_load(render.render_site(site, "s.yaml")["cluster.yaml"])
+    head = cfg["HeadNode"]["CustomActions"]
+    assert [a["Script"] for a in head["OnNodeConfigured"]["Sequence"]][0] == "s3://admin/before.sh"
+    assert [a["Script"].rsplit("/", 1)[1] for a in head["OnNodeConfigured"]["Sequence"]] == [
+        "before.sh", "on-node-configured.sh"]
+    assert len(head["OnNodeUpdated"]["Sequence"]) == 1
+    q = cfg["Scheduling"]["SlurmQueues"][0]["CustomActions"]
+    assert [a["Script"].rsplit("/", 1)[1] for a in q["OnNodeConfigured"]["Sequence"]] == ["on-node-configured.sh",
+                                                                                          "a.sh"]
+    assert q["OnNodeStart"] == {"Sequence": [{"Script": "s3://admin/start.sh", "Args": []}]}
+
+
+def test_iam_policies_per_node_type_and_the_head_nodes_own():
+    site = load_site(str(EXAMPLE))
+    site["iam"]["account_id"] = "123456789012"
+    site["head_node"]["iam"]["additional_policies"] = ["arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy"]
+    site["queues"][1]["iam"]["additional_policies"] = ["arn:aws:iam::123456789012:policy/eda-licenses"]
+    files = render.render_site(site, "s.yaml")
+    cfg = yaml.safe_load(files["cluster.yaml"])
+    assert cfg["HeadNode"]["Iam"]["AdditionalIamPolicies"] == [
+        {"Policy": "arn:aws:iam::123456789012:policy/ckpt-eda-spot-head-node"},
+        {"Policy": "arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy"}]
+    queues = cfg["Scheduling"]["SlurmQueues"]
+    assert "AdditionalIamPolicies" not in queues[0]["Iam"]
+    assert queues[1]["Iam"]["AdditionalIamPolicies"] == [{"Policy": "arn:aws:iam::123456789012:policy/eda-licenses"}]
+    policy = json.loads(files["iam/head-node-policy.json"])
+    actions = sorted(a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str)
+                                                               else st["Action"]))
+    assert actions == ["cloudwatch:PutMetricData", "ec2:DescribeSpotPriceHistory", "pricing:GetProducts"]
+    metrics = [st for st in policy["Statement"] if st["Action"] == "cloudwatch:PutMetricData"][0]
+    assert metrics["Condition"] == {"StringEquals": {"cloudwatch:namespace": "CkptAgent"}}
+
+
+def test_head_agent_yaml_carries_each_queues_keep_and_the_cluster(tmp_path):
+    site = load_site(str(EXAMPLE))
+    files = render.render_site(site, "s.yaml")
+    (tmp_path / "agent.yaml").write_text(files["head/agent.yaml"])
+    cfg = load_agent_config(str(tmp_path / "agent.yaml"))
+    assert cfg.gc.queue_keep == {"sim-spot": 2, "sim-spot-xl": 3}
+    assert (cfg.cluster, cfg.slurm_bin_dir) == ("eda-spot", "/opt/slurm/bin")
 
 
 def test_render_is_deterministic():

@@ -152,3 +152,16 @@ def test_one_compute_resource_per_instance_family_stays_within_parallelclusters_
     problems = problems_of(text)
     assert any("51 compute resources (one per queue and instance family); ParallelCluster allows at most 50" in p
                for p in problems), problems
+
+
+def test_issue_12_keys_are_checked():
+    prefix = "  prefix: ckpt-agent/eda-spot\n"
+    text = EXAMPLE.read_text().replace(prefix, prefix + "  pythons: ['2.7']\n  architectures: [ppc64le]\n")
+    text = text.replace("  instance_type: m6i.xlarge", "  instance_type: m6i.xlarge\n  custom_actions:\n"
+                        "    on_node_configured: {before: [{script: /local/file.sh}]}\n"
+                        "  iam: {additional_policies: [not-an-arn]}")
+    found = "\n".join(problems_of(text))
+    assert "bundle.pythons[0]: must be one of 3.9, 3.10, 3.11, 3.12, 3.13, got '2.7'" in found, found
+    assert "bundle.architectures[0]" in found
+    assert "head_node.custom_actions.on_node_configured.before[0].script" in found
+    assert "head_node.iam.additional_policies[0]" in found

@@ -320,3 +320,27 @@ def test_job_states_from_accounting_once_slurmctld_forgot(cluster, slurm_user):
         time.sleep(0.3)
     unknown = str(int(done) + 100000)
     assert slurm.job_states([done, unknown]) == {done: "COMPLETED", unknown: "UNKNOWN"}
+
+
+def test_job_partitions_from_squeue_then_sacct():
+    run = FakeRun({("squeue",): "100|100|sim-spot\n102_1|103|sim-spot-xl\n", ("sacct",): "200|ondemand\n"})
+    assert Slurm(run=run).job_partitions(["100", "102_1", "200", "300"]) == {
+        "100": "sim-spot", "102_1": "sim-spot-xl", "200": "ondemand"}
+    assert run.calls[0][0] == ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%A|%P"]
+    assert run.calls[1][0] == ["sacct", "-n", "-P", "-X", "-o", "JobID,Partition", "-j", "200,300"]
+
+
+def test_slurm_bin_dir_from_config_then_parallelclusters_then_path(tmp_path):
+    from ckpt_agent.config import AgentConfig
+    from ckpt_agent.slurm import slurm_bin_dir
+
+    assert slurm_bin_dir("/site/slurm/bin", default=str(tmp_path)) == "/site/slurm/bin"
+    assert slurm_bin_dir("", default=str(tmp_path)) is None  # no scontrol there: PATH
+    (tmp_path / "scontrol").write_text("#!/bin/sh\n")
+    assert slurm_bin_dir("", default=str(tmp_path)) == str(tmp_path)
+    run = FakeRun({("scontrol",): ""})
+    cfg = AgentConfig(slurm_bin_dir=str(tmp_path))
+    slurm = Slurm.from_config(cfg)
+    slurm._run = run
+    slurm.resume_node("n1")
+    assert run.calls[0][0][0] == f"{tmp_path}/scontrol"

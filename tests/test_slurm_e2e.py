@@ -15,6 +15,7 @@ from ckpt_helpers import REPO, require_criu, wait_for
 
 from ckpt_agent.devcluster import shared_venv
 from ckpt_agent.devcluster.agents import NodeAgents
+from ckpt_agent.store import CheckpointStore
 
 pytestmark = [pytest.mark.slurm, pytest.mark.criu]
 
@@ -28,13 +29,21 @@ def agents(local_cluster):
     a.stop()
 
 
-def job_script(bin_dir: str, workdir: Path, tool: str, out: str = "job.out", err: str = "job.err") -> str:
+def job_script(bin_dir: str, workdir: Path, tool: str, out: str = "job.out", err: str = "job.err",
+               interval: float = 0) -> str:
+    every = f"--interval {interval:.1f} " if interval else ""
     return f"""#!/bin/bash
 #SBATCH --requeue --open-mode=append -o {out} -e {err}
 set -euo pipefail
 cd {workdir}
-{bin_dir}/ckpt run -- {tool}
+{bin_dir}/ckpt run {every}-- {tool}
 """
+
+
+def committed(store: str, job: str, final: bool) -> list:
+    """The job's committed checkpoints (periodic or final) so far, from its events."""
+    return [e for e in CheckpointStore(store).events(job)
+            if e["event"] == "checkpoint_committed" and bool(e.get("final")) == final]
 
 
 def user_workdir(cluster, user: str, name: str) -> Path:
@@ -51,6 +60,8 @@ def as_user(user: str, *argv: str, env=None) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("submitter", ["ordinary-user", "root"])
 def test_spot_notice_moves_an_ngspice_job_to_another_node(cluster, agents, slurm_user, tmp_path, submitter):
+    """The notice comes once a periodic checkpoint has committed, with checkpoints every fifth of the uninterrupted
+    run's duration here (its own calibration): the job is mid-run then, on a fast or a slow machine alike."""
     user = slurm_user if submitter == "ordinary-user" else "root"
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -63,12 +74,14 @@ def test_spot_notice_moves_an_ngspice_job_to_another_node(cluster, agents, slurm
     work = user_workdir(cluster, user, f"sim-{submitter}")
     shutil.copy(REPO / "examples" / "ringosc.cir", work)
     shutil.chown(work / "ringosc.cir", user, user)
-    job = cluster.sbatch(job_script(agents.bin_dir, work, "ngspice -b ringosc.cir"), user=user, cwd=str(work))
+    job = cluster.sbatch(job_script(agents.bin_dir, work, "ngspice -b ringosc.cir", interval=max(1.0, full / 5)),
+                         user=user, cwd=str(work))
     info = cluster.wait_job(job, "RUNNING", timeout=60)
     assert info.nodes == "node1"
     reg = Path(cluster.runtime_dir("node1")) / "jobs" / f"{job}.main.json"
     wait_for(reg.exists, 30, "the wrapper to register on node1")
-    time.sleep(full * 0.4)
+    wait_for(lambda: committed(cluster.store, job, final=False), full * 3 + 60, "a periodic checkpoint on node1")
+    assert cluster.job_info(job).state == "RUNNING"
 
     agents.imds["node1"].inject_spot_notice("terminate", seconds_from_now=120)
     cluster.wait_node("node1", "DRAIN", timeout=60)
@@ -79,7 +92,10 @@ def test_spot_notice_moves_an_ngspice_job_to_another_node(cluster, agents, slurm
     assert (work / "result.txt").read_bytes() == (ref / "result.txt").read_bytes()
     assert (work / "job.out").read_bytes() == ref_out, "the output file must read as one uninterrupted run"
     err = (work / "job.err").read_text()
-    assert f"ckpt: resumed job {job} step main from checkpoint 1" in err and "restart count 1" in err
+    final = committed(cluster.store, job, final=True)
+    assert len(final) == 1 and final[0]["node"] == "node1", final
+    assert f"ckpt: resumed job {job} step main from checkpoint {final[0]['generation']}" in err, err
+    assert "restart count 1" in err
     events = [json.loads(x) for x in (Path(cluster.store) / job / "events.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
     for kind in ("notice_received", "drained", "checkpoint_committed", "requeued", "restored"):
@@ -104,6 +120,8 @@ def test_privilege_boundary_for_ordinary_users(cluster, agents, slurm_user, slur
     reg = json.loads(reg_path.read_text())
     wrapper = _status(reg["pid"])
     tool_pid = wait_for(lambda: _children(reg["init_pid"]), 30, "the tool")[0]
+    # the init's child drops its capabilities and then execs the tool: look once the exec has happened
+    wait_for(lambda: b"appender.py" in _cmdline(tool_pid), 30, "the tool to exec")
     st = _status(tool_pid)
     assert wrapper["Uid"].split()[0] != "0"
     assert st["Uid"] == wrapper["Uid"] and st["Gid"] == wrapper["Gid"] and st["Groups"] == wrapper["Groups"]
@@ -196,3 +214,10 @@ def _children(pid: int) -> list:
 
 def _cgroups(pid: int) -> list:
     return sorted(Path(f"/proc/{pid}/cgroup").read_text().splitlines())
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

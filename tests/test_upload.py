@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -14,7 +15,7 @@ import pytest
 
 from ckpt_agent import cli, upload
 from ckpt_agent.errors import EXIT_AWS, EXIT_CONFIG, EXIT_USAGE, ConfigError
-from ckpt_agent.render import render_site, write_tree
+from ckpt_agent.render import render_cluster_files, render_node_files, render_site, write_tree
 from ckpt_agent.site import load_site
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,12 +23,19 @@ EXAMPLE = REPO / "cluster-configs" / "site.example.yaml"
 BUCKET, PREFIX = "my-eda-ckpt-bootstrap", "ckpt-agent/eda-spot"
 
 
+def this_platform_only(site_text: str) -> str:
+    """The site with a wheelhouse for this machine's Python and architecture only (a real, small `pip download`)."""
+    py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return site_text.replace("  prefix: ckpt-agent/eda-spot\n", f"  prefix: ckpt-agent/eda-spot\n"
+                             f"  pythons: ['{py}']\n  architectures: [{os.uname().machine}]\n")
+
+
 @pytest.fixture()
 def site_dir(tmp_path):
     """The example site file in a temporary directory, with a stand-in for the CRIU tarball it names."""
     d = tmp_path / "site"
     d.mkdir()
-    shutil.copyfile(EXAMPLE, d / "site.yaml")
+    (d / "site.yaml").write_text(this_platform_only(EXAMPLE.read_text()))
     (d / "criu_4.2.1.orig.tar.xz").write_bytes(b"not really criu")
     return d
 
@@ -112,15 +120,35 @@ def test_upload_puts_the_bundle_in_s3_and_prints_the_command(s3, site_dir, tmp_p
     assert rc == 0, err
     assert out == (f"pcluster create-cluster --cluster-name eda-spot --region us-east-1 "
                    f"--cluster-configuration {render_dir}/cluster.yaml\n")
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX + "/")["Contents"]}
-    assert len(keys) == 20  # docs/cluster-setup.md shows this count
-    assert f"{PREFIX}/on-node-configured.sh" in keys and f"{PREFIX}/SHA256SUMS" in keys
-    assert f"{PREFIX}/nodes/sim-spot-xl/agent.yaml" in keys and f"{PREFIX}/criu/criu_4.2.1.orig.tar.xz" in keys
-    sums = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/SHA256SUMS")["Body"].read().decode().splitlines()
-    assert {f"{PREFIX}/{line.split('  ')[1]}" for line in sums} | {f"{PREFIX}/SHA256SUMS"} == keys
-    body = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/cluster.yaml")["Body"].read()
-    assert body == (render_dir / "cluster.yaml").read_bytes()
-    assert "uploaded" in err and f"s3://{BUCKET}/{PREFIX}/" in err
+    version = re.search(r"/(b-[0-9a-f]{12})/on-node-configured\.sh", (render_dir / "cluster.yaml").read_text())[1]
+    prefix = f"{PREFIX}/{version}"
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")["Contents"]}
+    assert f"{prefix}/on-node-configured.sh" in keys and f"{prefix}/SHA256SUMS" in keys
+    assert f"{prefix}/nodes/sim-spot-xl/agent.yaml" in keys and f"{prefix}/criu/criu_4.2.1.orig.tar.xz" in keys
+    assert f"{prefix}/patches/criu-4.2.1/0001-rlimits-from-proc.patch" in keys
+    wheels = {k.rsplit("/", 1)[1].split("-")[0].lower() for k in keys if "/wheels/" in k}
+    assert {"ckpt_agent", "pyyaml", "zstandard", "boto3", "botocore"} <= wheels, wheels
+    assert "jinja2" not in wheels, "Jinja2 is for the machine that renders, not for nodes"
+    sums = s3.get_object(Bucket=BUCKET, Key=f"{prefix}/SHA256SUMS")["Body"].read().decode().splitlines()
+    assert {f"{prefix}/{line.split('  ')[1]}" for line in sums} | {f"{prefix}/SHA256SUMS"} == keys
+    assert "uploaded" in err and f"s3://{BUCKET}/{prefix}/" in err
+
+
+def test_bundle_version_follows_the_content(site_dir, tmp_path):
+    site = load_site(str(site_dir / "site.yaml"))
+    nodes = render_node_files(site, "site.yaml")
+    wheel = upload.build_wheel(tmp_path / "w")
+    first = upload.bundle_version(site, nodes, str(wheel))
+    assert re.fullmatch(r"b-[0-9a-f]{12}", first)
+    assert upload.bundle_version(site, dict(nodes), str(wheel)) == first, "same content, same version"
+    changed = dict(nodes, **{"nodes/sim-spot/agent.yaml": nodes["nodes/sim-spot/agent.yaml"] + "# x\n"})
+    assert upload.bundle_version(site, changed, str(wheel)) != first
+    other = tmp_path / "o" / wheel.name
+    other.parent.mkdir()
+    other.write_bytes(wheel.read_bytes() + b"\0")
+    assert upload.bundle_version(site, nodes, str(other)) != first
+    # and cluster.yaml names it, so `pcluster update-cluster` sees a new bundle
+    assert f"/{first}/" in render_cluster_files(site, "site.yaml", first)["cluster.yaml"]
 
 
 def test_upload_default_render_dir_is_next_to_the_site(s3, site_dir, capsys):
@@ -135,8 +163,8 @@ def test_missing_bucket_is_one_line_and_exit_80(s3, site_dir, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == EXIT_AWS
     assert out == ""
-    assert err.strip() == (f"ckpt: s3://{BUCKET}/{PREFIX}: bucket {BUCKET} does not exist "
-                           "(create it, or fix bundle.bucket)")
+    assert re.fullmatch(rf"ckpt: s3://{BUCKET}/{PREFIX}/b-[0-9a-f]{{12}}: bucket {BUCKET} does not exist "
+                        r"\(create it, or fix bundle.bucket\)", err.strip()), err
 
 
 def test_other_aws_errors_are_exit_80(site_dir, tmp_path):
@@ -181,3 +209,14 @@ def test_upload_creates_the_clusters_dashboard(s3, site_dir, tmp_path, capsys):
     cw = boto3.client("cloudwatch", region_name="us-east-1")
     body = json.loads(cw.get_dashboard(DashboardName="ckpt-eda-spot")["DashboardBody"])
     assert body == json.loads((tmp_path / "r" / "dashboard.json").read_text())
+
+
+def test_wheelhouse_serves_an_older_python_than_the_installed_versions_support(tmp_path):
+    """A real `pip download` for Python 3.9 (Amazon Linux 2023's): where the versions installed here have no wheel
+    for it (boto3 dropped 3.9), the newest that has one, within the agent's requirements."""
+    names = upload.build_wheelhouse(tmp_path / "w", ["3.9"], ["aarch64"])
+    lowered = [n.lower() for n in names]
+    for package in ("pyyaml", "zstandard", "boto3", "botocore"):
+        assert any(n.startswith(package + "-") for n in lowered), (package, names)
+    binary = [n for n in lowered if not n.endswith("-none-any.whl")]
+    assert binary and all("cp39" in n and "aarch64" in n for n in binary), binary

@@ -18,6 +18,9 @@ from ..store import CheckpointStore, Signer
 from ._common import add_config_args, load, make_engine, seconds_arg
 from ._observe import install_sinks
 
+# Written by ParallelCluster on every compute node: the Slurm node name, which differs from the host name under
+# UseEc2Hostnames or a custom DNS (cookbook: slurm_plugin files; aws-parallelcluster-node: slurm_resources.py).
+PCLUSTER_NODENAME_FILE = "/etc/parallelcluster/slurm_plugin/slurm_nodename"
 HELP = "run the node agent: Spot notices -> final checkpoints -> drain -> requeue; privileged service for jobs"
 log = logging.getLogger(__name__)
 # On SIGTERM, requests in progress (a checkpoint or restore for a user's job) get this long to finish: less than
@@ -27,8 +30,27 @@ STOP_WAIT_SECONDS = 60
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
-    parser.add_argument("--node", metavar="NAME", help="Slurm node name (default: $SLURMD_NODENAME, else host name)")
+    parser.add_argument("--node", metavar="NAME",
+                        help="Slurm node name (default: $SLURMD_NODENAME, else ParallelCluster's "
+                             f"{PCLUSTER_NODENAME_FILE}, else the host name)")
     parser.add_argument("--poll-interval", type=seconds_arg, metavar="SECONDS", help="IMDS poll interval (default 2)")
+
+
+def node_name(explicit, environ=os.environ, nodename_file: str = PCLUSTER_NODENAME_FILE) -> str:
+    """The Slurm node name this agent serves: --node, $SLURMD_NODENAME, ParallelCluster's file, the host name."""
+    if explicit:
+        return explicit
+    if environ.get("SLURMD_NODENAME"):
+        return environ["SLURMD_NODENAME"]
+    try:
+        with open(nodename_file, encoding="utf-8") as fh:
+            name = fh.read().strip()
+    except FileNotFoundError:
+        name = ""
+    except OSError as e:
+        log.error("cannot read %s (%s): using the host name as the Slurm node name", nodename_file, e.strerror)
+        name = ""
+    return name or socket.gethostname()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,12 +59,12 @@ def main(args: argparse.Namespace) -> int:
         cfg.store = args.store
     if args.poll_interval is not None:
         cfg.agent.poll_interval = args.poll_interval
-    node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    node = node_name(args.node)
     # created where the bootstrap placed none (one node); a cluster's bootstrap distributes one key to every node
     signer = Signer.ensure(cfg.agent.key_file, cfg.source)
     install_sinks(cfg)
     store = CheckpointStore(cfg.store, signer) if cfg.store else None
-    slurm = Slurm()
+    slurm = Slurm.from_config(cfg)
     imds = ImdsClient(cfg.agent.imds_endpoint)
     os.makedirs(registration_dir(cfg.runtime_dir), exist_ok=True)
     os.chmod(cfg.runtime_dir, 0o755)

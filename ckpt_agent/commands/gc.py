@@ -1,7 +1,8 @@
 """`ckpt gc [--config FILE] [--store DIR] [--grace SECONDS] [--dry-run]`: remove checkpoints nobody needs any more.
 
-Run by the head node's cron entry. Exit codes: 0 done (also when another gc run holds the lock: this one does
-nothing), 74 some removals failed (listed), 76 Slurm could not be asked (nothing removed), 78 configuration.
+Run by the head node's systemd timer (ckpt-gc.timer). Exit codes: 0 done (also when another gc run holds the lock:
+this one does nothing), 74 some removals failed (listed), 76 Slurm could not be asked (nothing removed), 78
+configuration.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ..gc import DryRunActuator, GarbageCollector, GcLock, Policy, RemoveActuato
 from ..slurm import Slurm
 from ._common import add_config_args, load, open_store
 
-HELP = "remove checkpoints of finished jobs and superseded generations (head node, from cron)"
+HELP = "remove checkpoints of finished jobs and superseded generations (head node, from a systemd timer)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
         raise StoreError(f"checkpoint store {store.root} does not exist or is not a directory")
     g = cfg.gc
     policy = Policy(grace=args.grace if args.grace is not None else g.grace, max_age=g.max_age,
-                    keep=cfg.checkpoint.keep, high_watermark=g.high_watermark, low_watermark=g.low_watermark)
+                    keep=cfg.checkpoint.keep, high_watermark=g.high_watermark, low_watermark=g.low_watermark,
+                    keep_by_queue=dict(g.queue_keep))
     lock = GcLock(os.path.join(cfg.runtime_dir, "gc.lock"))
     if not lock.acquire():
         print(f"ckpt gc: another gc run holds {lock.path}; nothing done", file=sys.stderr)
@@ -47,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
             for path in sweep_staging(STAGING_BASES + extra):
                 print(f"removed {path}: staging images of a checkpointer that died")
         actuator = DryRunActuator() if args.dry_run else RemoveActuator()
-        out = GarbageCollector(store, Slurm(), policy, actuator).run()
+        out = GarbageCollector(store, Slurm.from_config(cfg), policy, actuator).run()
     finally:
         lock.release()
     for what, why in out.skipped:

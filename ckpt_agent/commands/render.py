@@ -10,7 +10,7 @@ import os
 from typing import List, Optional, Tuple
 
 from ..errors import EXIT_USAGE
-from ..render import render_site, write_tree
+from ..render import render_cluster_files, render_node_files, write_tree
 from ._common import load_site_or_print
 
 HELP = "render the ParallelCluster config and node files from a site file"
@@ -25,20 +25,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", metavar="DIR", help="output directory (default: rendered/<cluster> next to SITE)")
 
 
-def render_to(site_path: str, out: Optional[str]) -> Optional[Tuple[dict, str, List[str]]]:
-    """Validate and render a site file: (site, output dir, files written); None after printing every problem."""
+def render_to(site_path: str, out: Optional[str], wheel: Optional[str] = None
+              ) -> Optional[Tuple[dict, str, List[str], str]]:
+    """Validate and render a site file: (site, output dir, files written, bundle version); None after printing
+    every problem. The bundle version is the content hash of what `ckpt upload` ships (with `wheel`, or the wheel
+    built from this installation), so cluster.yaml changes exactly when the nodes' bundle does."""
     site = load_site_or_print(site_path)
     if site is None:
         return None
+    from ..upload import bundle_version
+
     out = out or default_out_dir(site_path, site)
-    return site, out, write_tree(out, render_site(site, os.path.basename(site_path)))
+    name = os.path.basename(site_path)
+    node_files = render_node_files(site, name)
+    version = bundle_version(site, node_files, wheel)
+    files = {**render_cluster_files(site, name, version), **node_files}
+    return site, out, write_tree(out, files), version
 
 
 def main(args) -> int:
     rendered = render_to(args.site, args.out)
     if rendered is None:
         return EXIT_USAGE
-    _, out, files = rendered
+    _, out, files, _ = rendered
     for rel in files:
         print(os.path.join(out, rel))
     return 0

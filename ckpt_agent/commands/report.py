@@ -89,12 +89,12 @@ def main(args: argparse.Namespace) -> int:
     if args.job_id is not None and not events:
         raise NotFoundError(f"no events of job {args.job_id} in {store.root}")
     prices, _ = effective_prices(cfg.prices, cfg.prices_file)
-    facts = None if args.no_slurm else slurm_facts(Slurm())
+    facts = None if args.no_slurm else slurm_facts(Slurm.from_config(cfg))
     report = build_report(events, prices, since=since, now=now, slurm_facts=facts)
     if args.html:
         _write_html(args.html, render_html(report, events))
     if args.cloudwatch:
-        cluster = args.cluster or cfg.monitoring.cluster or socket.gethostname()
+        cluster = args.cluster or cfg.monitoring.cluster or cfg.cluster or socket.gethostname()
         put_metrics(_cloudwatch(args.region or cfg.monitoring.region or None), args.cloudwatch, report, cluster)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0

@@ -1,6 +1,7 @@
-"""`ckpt upload SITE.yaml [--render-dir DIR]`: render, build the bootstrap bundle, upload it to the site's bucket and
-prefix, create or update the cluster's CloudWatch dashboard (site `monitoring.dashboard`), and print the
-`pcluster create-cluster` command to run.
+"""`ckpt upload SITE.yaml [--render-dir DIR]`: render, build the bootstrap bundle (with its wheelhouse: this needs a
+package index here, never on the nodes), upload it to s3://BUCKET/PREFIX/<bundle version>, create or update the
+cluster's CloudWatch dashboard (site `monitoring.dashboard`), and print the `pcluster create-cluster` command to run
+(for a running cluster: `pcluster update-cluster`, see docs/cluster-setup.md).
 
 Exit codes: 2 for an invalid site file (problems on stderr), 78 for a missing local file, 80 for AWS failures.
 """
@@ -37,11 +38,13 @@ def _s3_client(region: str):
 
 
 def main(args) -> int:
-    rendered = render_to(args.site, args.render_dir)
+    rendered = render_to(args.site, args.render_dir, args.wheel)
     if rendered is None:
         return EXIT_USAGE
-    site, render_dir, _ = rendered
-    target = S3Bundle(site["bundle"]["bucket"], site["bundle"]["prefix"], _s3_client(site["cluster"]["region"]))
+    site, render_dir, _, version = rendered
+    # A new version gets a new prefix: cluster.yaml names it, so `pcluster update-cluster` sees the change.
+    target = S3Bundle(site["bundle"]["bucket"], f"{site['bundle']['prefix']}/{version}",
+                      _s3_client(site["cluster"]["region"]))
     with tempfile.TemporaryDirectory(prefix="ckpt-bundle-") as tmp:
         files = build_bundle(site, args.site, render_dir, tmp, wheel=args.wheel)
         target.upload(tmp, files)
@@ -50,6 +53,9 @@ def main(args) -> int:
         name = dashboard_name(site)
         CloudWatchDashboard(_client("cloudwatch", site["cluster"]["region"])).put(name, dashboard_body(site))
         print(f"put CloudWatch dashboard {name} in {site['cluster']['region']}", file=sys.stderr)
+    print(f"bundle version {version}; for a running cluster: pcluster update-cluster --cluster-name "
+          f"{shlex.quote(site['cluster']['name'])} --cluster-configuration "
+          f"{shlex.quote(os.path.join(render_dir, 'cluster.yaml'))}", file=sys.stderr)
     command = [
         "pcluster", "create-cluster",
         "--cluster-name", site["cluster"]["name"],

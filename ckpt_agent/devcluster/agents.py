@@ -28,7 +28,7 @@ class NodeAgents:
         self.extra_config = dict(extra_config or {})  # top-level keys replace ours; "agent" keys are merged
         self.extra_env = dict(extra_env or {})  # e.g. a PATH whose scontrol is slow, for the agents only
         self.dir = os.path.join(cluster.workdir, "agent")
-        self.key = os.path.join(self.dir, "node.key")  # one key for the cluster: any node restores any checkpoint
+        self.key = cluster.key_file  # one key for the cluster: any node restores any checkpoint
         self.imds: Dict[str, ImdsServer] = {}
         self.procs: Dict[str, subprocess.Popen] = {}
 
@@ -39,6 +39,15 @@ class NodeAgents:
         return os.path.join(self.cluster.log_dir, f"agent-{node}.log")
 
     def start(self) -> NodeAgents:
+        """Start an IMDS endpoint and an agent per node; on any failure stop what was started, then raise."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         for i, node in enumerate(self.cluster.nodes):
             imds = ImdsServer(instance_id=f"i-0{i + 1}{'0' * 15}", instance_type=self.instance_type).start()
@@ -55,15 +64,17 @@ class NodeAgents:
             with open(self.config_path(node), "w") as fh:
                 json.dump(config, fh)
             self._spawn(node)
-        return self
 
     def _spawn(self, node: str) -> None:
         env = self.cluster.env({"CKPT_CONFIG": self.config_path(node), **self.extra_env})
         for var in ("CKPT_STORE", "CKPT_RUNTIME_DIR", "AWS_EC2_METADATA_SERVICE_ENDPOINT"):
             env.pop(var, None)
         with open(self.log_path(node), "ab") as log:
+            # own session, like the cluster's daemons: Ctrl-C in a terminal reaches the demo or test, which
+            # stops the agents in order, not the agents themselves in the middle of a checkpoint
             self.procs[node] = subprocess.Popen([os.path.join(self.bin_dir, "ckpt"), "agent", "--node", node],
-                                                env=env, stdout=log, stderr=subprocess.STDOUT)
+                                                env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
         self._wait_socket(node)
 
     def restart(self, node: str) -> None:

@@ -16,8 +16,10 @@ Start-up plan (a few seconds; every wait is bounded and a failure names the daem
      slurmctld (empty state, -c), then one slurmd per node;
   4. wait for `scontrol ping`, then for every node to be IDLE.
 `stop()` cancels the jobs, stops the daemons in reverse order (TERM, then KILL after 10 s) and kills any process
-left that carries this cluster's SLURM_CONF (slurmstepd and job processes outlive slurmd). It runs from the context
-manager, on a failed start, from atexit, and on SIGTERM/SIGHUP. It deletes nothing: logs stay for inspection.
+left that belongs to the cluster (slurmstepd and job processes outlive slurmd), waiting until they are gone. It runs
+from the context manager, on a failed start, from atexit, and on SIGTERM/SIGHUP. Should the process that started the
+cluster die without stopping it (SIGKILL, a crash), the cluster's watchdog stops it; `python -m
+ckpt_agent.devcluster.reaper stop WORKDIR` does the same by hand (see `reaper`). It deletes nothing: logs stay.
 
 Layout and permissions under workdir (which must be traversable by others, so not under a 0700 pytest dir):
   etc/          0755  slurm.conf, cgroup.conf, task_prolog.sh, node-env/<node>.env (0644: the prolog runs as the user)
@@ -39,6 +41,7 @@ CKPT_STORE=<store> and any extra variables; set_node_env() rewrites it at runtim
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import pwd
@@ -56,7 +59,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 from .. import proc
 from ..errors import CkptError, CommandError
 from ..slurm import JobInfo, Slurm
-from . import slurm_conf
+from . import reaper, slurm_conf
 from .accounting import LocalAccounting, missing_binaries
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "scontrol", "sbatch", "squ
 START_TIMEOUT_SECONDS = 30  # each phase normally takes under 2 s; 30 s covers a loaded CI machine
 STOP_TIMEOUT_SECONDS = 10  # slurmd needs ~5 s to shut down; then SIGKILL
 POLL_SECONDS = 0.2
-CGROUP_V1_FREEZER = "/sys/fs/cgroup/freezer"
+CGROUP_V1_FREEZER = reaper.CGROUP_V1_FREEZER
 
 
 class ClusterError(CkptError):
@@ -155,10 +158,11 @@ class LocalCluster:
         self._accounting: Optional[LocalAccounting] = None
         self._node_env: Dict[str, Dict[str, str]] = {n: dict((node_env or {}).get(n, {})) for n in self.nodes}
         self._procs: Dict[str, subprocess.Popen] = {}
+        self._watchdog = reaper.Watchdog(self.workdir)
         self._started = False
         self.etc_dir = os.path.join(self.workdir, "etc")
         self.log_dir = os.path.join(self.workdir, "log")
-        self.conf_path = os.path.join(self.etc_dir, "slurm.conf")
+        self.conf_path = reaper.conf_path(self.workdir)
         self.munge_socket = os.path.join(self.workdir, "munge", "munge.socket")
         self.ports: Dict[str, int] = {}
         self._first_job_id = 1000 * random.randint(10, 60000)
@@ -186,9 +190,18 @@ class LocalCluster:
     def job_info(self, job_id) -> JobInfo:
         return self.slurm().job_info(job_id)
 
+    @property
+    def job_config(self) -> str:
+        return os.path.join(self.workdir, "etc", "ckpt-job.yaml")
+
+    @property
+    def key_file(self) -> str:
+        """The cluster's manifest-signing key (created by the node agents, or by a root job's first `ckpt run`)."""
+        return os.path.join(self.workdir, "agent", "node.key")
+
     def node_env(self, node: str) -> Dict[str, str]:
         """What jobs on `node` get in their environment from the TaskProlog."""
-        env = {"CKPT_RUNTIME_DIR": self.runtime_dir(node), "CKPT_STORE": self.store}
+        env = {"CKPT_RUNTIME_DIR": self.runtime_dir(node), "CKPT_STORE": self.store, "CKPT_CONFIG": self.job_config}
         env.update(self._node_env.get(node, {}))
         return env
 
@@ -304,6 +317,7 @@ class LocalCluster:
         try:
             self._check_host()
             self._write_files()
+            self._watchdog.start()  # before the first daemon: from now on nothing outlives this process
             self._start_munge()
             if self._accounting is not None:
                 self._accounting.start(self.cluster_name, self._spawn, self._wait)
@@ -317,10 +331,9 @@ class LocalCluster:
         return self
 
     def stop(self) -> None:
-        """Cancel jobs, stop the daemons and kill leftover job processes. Idempotent; never raises."""
-        if not self._procs:
-            self._started = False
-            _live.discard(self)
+        """Cancel jobs, stop the daemons, kill leftover job processes and wait until all are gone. Idempotent;
+        never raises."""
+        if not self._started:
             return
         ctld = self._procs.get("slurmctld")
         if ctld is not None and ctld.poll() is None:
@@ -329,8 +342,10 @@ class LocalCluster:
         self._terminate([name for name in self._procs if name.startswith("slurmd-")])
         for name in ("slurmctld", "slurmdbd", "mariadbd", "munged"):
             self._terminate([name])
-        self._kill_cgroup_leftovers()
+        # slurmstepd and job processes outlive slurmd; the watchdog stays until the rest is gone
+        reaper.stop_workdir(self.workdir, grace=0, exclude=[self._watchdog.pid] if self._watchdog.pid else [])
         self._procs.clear()
+        self._watchdog.release()
         self._started = False
         _live.discard(self)
         log.info("local Slurm cluster %s stopped; logs in %s", self.cluster_name, self.log_dir)
@@ -376,6 +391,9 @@ class LocalCluster:
             _mkdir(os.path.join(self.runtime_dir(node), "jobs"), 0o1777)  # `ckpt run` registrations, any user
         if not os.path.isdir(self.store):
             _mkdir(self.store, 0o1777)
+        # jobs' `ckpt run` config: the cluster's signing key (node agents use the same one, devcluster/agents.py),
+        # so a root job never creates one in this machine's /etc
+        _write(self.job_config, json.dumps({"agent": {"key_file": self.key_file}}) + "\n", 0o644)
         # 2. munge key: 1 KiB random, readable by root only, as munged insists
         key = os.path.join(self.workdir, "munge", "key", "munge.key")
         if not os.path.exists(key):
@@ -427,6 +445,7 @@ class LocalCluster:
         finally:
             out.close()
         self._procs[name] = child
+        reaper.record(self.workdir, name, child.pid)
         log.debug("started %s (pid %d): %s", name, child.pid, argv)
         return child
 
@@ -493,36 +512,6 @@ class LocalCluster:
                     child.wait(timeout=5)
                 except subprocess.TimeoutExpired:  # unkillable (D state): leave it rather than hang the caller
                     log.error("%s (pid %d) survived SIGKILL", name, child.pid)
-
-    def _kill_cgroup_leftovers(self) -> None:
-        """Job processes and slurmstepd outlive slurmd. They all carry this cluster's SLURM_CONF in their
-        environment (slurmd passes it on), which tells them apart from another cluster's on the same host."""
-        marker = f"SLURM_CONF={self.conf_path}".encode()
-        me = os.getpid()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == me:
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as fh:
-                    if marker not in fh.read().split(b"\0"):
-                        continue
-                self._thaw(int(entry))
-                os.kill(int(entry), signal.SIGKILL)
-                log.debug("killed leftover process %s of the local cluster", entry)
-            except OSError:
-                continue
-
-    @staticmethod
-    def _thaw(pid: int) -> None:
-        """A process in a frozen cgroup (a job stopped for a checkpoint) cannot die until it is thawed."""
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
-            for line in fh:
-                _, controllers, path = line.rstrip("\n").split(":", 2)
-                if "freezer" in controllers.split(","):
-                    state = os.path.join(CGROUP_V1_FREEZER, path.lstrip("/"), "freezer.state")
-                    if os.path.exists(state) and path != "/":
-                        with open(state, "w", encoding="utf-8") as out:
-                            out.write("THAWED")
 
 
 def _is_idle(slurm: Slurm, node: str) -> bool:

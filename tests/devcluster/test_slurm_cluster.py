@@ -12,29 +12,10 @@ import textwrap
 import time
 
 import pytest
+from ckpt_helpers import processes_of, wait_for
 
+from ckpt_agent.devcluster import reaper
 from ckpt_agent.devcluster.slurm_cluster import ClusterError, LocalCluster
-
-
-def processes_of(workdir):
-    """Pids of processes belonging to the cluster in `workdir`: its daemons (workdir in argv) and its jobs
-    (SLURM_CONF under workdir in their environment)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmdline = fh.read()
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                environ = fh.read()
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                zombie = fh.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-        except OSError:
-            continue
-        if not zombie and (workdir.encode() in cmdline or f"SLURM_CONF={workdir}/".encode() in environ):
-            found.append(int(entry))
-    return found
 
 
 def traversable_tmpdir():
@@ -54,11 +35,13 @@ def test_per_node_environment_reaches_the_batch_script(cluster, slurm_user):
         lines = fh.read().splitlines()
     assert lines == [
         "AWS_EC2_METADATA_SERVICE_ENDPOINT=http://x",
+        f"CKPT_CONFIG={cluster.job_config}",
         f"CKPT_RUNTIME_DIR={cluster.runtime_dir('node2')}",
         f"CKPT_STORE={cluster.store}",
         "CKPT_TEST_MARK=node2 only",
     ]
-    assert cluster.node_env("node1") == {"CKPT_RUNTIME_DIR": cluster.runtime_dir("node1"), "CKPT_STORE": cluster.store}
+    assert cluster.node_env("node1") == {"CKPT_RUNTIME_DIR": cluster.runtime_dir("node1"), "CKPT_STORE": cluster.store,
+                                         "CKPT_CONFIG": cluster.job_config}
 
 
 @pytest.mark.slurm
@@ -106,28 +89,74 @@ def test_stop_leaves_no_process_and_keeps_logs(local_cluster, slurm_user):
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGINT", "SIGKILL"])
 def test_signal_stops_the_cluster(local_cluster, slurm_user, signum):
+    """Whatever ends the process that started a cluster, nothing of the cluster survives it: SIGTERM and SIGINT
+    unwind through LocalCluster.stop(); after SIGKILL the cluster's watchdog stops it."""
     workdir = traversable_tmpdir()
     program = textwrap.dedent(f"""
         import sys, time
         from ckpt_agent.devcluster.slurm_cluster import LocalCluster
         cluster = LocalCluster({workdir!r}, nodes=("sig1",)).start()
         job = cluster.sbatch("#!/bin/bash\\nsleep 300\\n", user={slurm_user!r})
-        cluster.wait_job(job, "RUNNING", timeout=20)
+        cluster.wait_job(job, "RUNNING", timeout=60)
         print("ready", flush=True)
-        time.sleep(120)
+        time.sleep(600)
     """)
     child = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     try:
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
-        assert processes_of(workdir)
+        assert len(processes_of(workdir)) >= 4  # munged, slurmctld, slurmd, the job's slurmstepd (and the watchdog)
         child.send_signal(signum)
-        child.wait(timeout=30)
+        child.wait(timeout=120)  # a safety net: stopping takes a few seconds
+        if signum == signal.SIGKILL:
+            wait_for(lambda: not processes_of(workdir), 120, "the watchdog to stop the orphaned cluster")
+            with open(os.path.join(workdir, "log", "watchdog.log"), encoding="utf-8") as fh:
+                assert "went away without stopping it" in fh.read()
+        assert processes_of(workdir) == []
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
+        reaper.stop_workdir(workdir)  # the test itself must not leak a cluster when it fails
+    shutil.rmtree(workdir)
+
+
+@pytest.mark.slurm
+def test_stop_by_workdir_kills_what_the_cluster_started(local_cluster, slurm_user):
+    """`python -m ckpt_agent.devcluster.reaper stop WORKDIR` stops a cluster whose owner still runs (a hung test)."""
+    workdir = traversable_tmpdir()
+    cluster = LocalCluster(workdir, nodes=("reap1",)).start()
+    try:
+        job = cluster.sbatch("#!/bin/bash\nsleep 300\n", user=slurm_user)
+        cluster.wait_job(job, "RUNNING", timeout=60)
+        assert {"munged", "slurmctld", "slurmd-reap1"} <= {name for name, _ in reaper.recorded(workdir)}
+        res = subprocess.run([sys.executable, "-m", "ckpt_agent.devcluster.reaper", "stop", workdir],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "stopped the local cluster in" in res.stdout
+        assert processes_of(workdir) == []
+    finally:
+        cluster.stop()  # idempotent after the reaper: nothing left to stop
     assert processes_of(workdir) == []
     shutil.rmtree(workdir)
+
+
+def test_the_reaper_never_hits_a_reused_pid(tmp_path):
+    """A recorded pid counts only while the process with that pid has the recorded start time."""
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        reaper.record(str(tmp_path), "munged", sleeper.pid)
+        with open(tmp_path / reaper.PIDS_FILE, "a", encoding="utf-8") as fh:
+            fh.write(f"slurmd-gone {os.getpid()} 1\n")  # a live pid, but not the process recorded under it
+        assert reaper.recorded(str(tmp_path)) == [("munged", sleeper.pid)]
+        assert reaper.processes(str(tmp_path)) == [sleeper.pid]
+        result = reaper.stop_workdir(str(tmp_path), grace=5)
+        assert result == {"killed": [], "survivors": []}  # `sleep` ends on SIGTERM, within the grace period
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+        assert reaper.recorded(str(tmp_path)) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
