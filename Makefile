@@ -32,6 +32,7 @@ demo: setup
 bench: setup
 	$(PY) bench/checkpoint_bench.py
 	$(PY) bench/notice_bench.py
+	$(PY) bench/verify_bench.py
 
 upload: setup
 	@test -n "$(SITE)" || { echo "usage: make upload SITE=cluster-configs/site.yaml" >&2; exit 2; }

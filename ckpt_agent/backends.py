@@ -22,6 +22,7 @@ class LocalBackend:
     def __init__(self, engine: Engine):
         self.engine = engine
         launcher.become_subreaper()
+        engine.sweep_staging()  # images a killed wrapper left in /dev/shm (RAM) go at the next start
 
     def launch(self, argv: List[str], cwd: str, env: Mapping[str, str], pipes: Dict[str, int], job_id: str,
                step: str) -> int:

@@ -12,6 +12,12 @@ store's file system before the manifest is committed, instead of one fsync per c
 started as soon as it is written (sync_file_range, a hint only), so the disk works while later chunks are hashed
 and that syncfs finds little left to write.
 
+A chunk at rest is not trusted forever: `verify_reused` (set per checkpoint by the engine) picks the reused chunks to
+re-read before a manifest refers to them again. A chunk that no longer matches (a flipped bit, a truncated or
+missing file) is rewritten from the fresh data under the same name and codec, which also repairs every older
+generation that refers to it. Verifying costs a read and a compare (a decompression for .zst chunks) of each chunk
+verified, no hash: the data it must equal is in hand; each digest is verified once per checkpoint.
+
 Speed on small machines: WORKERS threads (at least 4, even on 2 CPUs) keep the store's disk busy while chunks are
 hashed. Compression, the CPU-bound part, runs on at most CPUs - 1 chunks at a time (process-wide; one CPU stays free
 for hashing, copying and the kernel's writeback), and a chunk that would have to wait for a compression slot is
@@ -31,7 +37,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import zstandard
 
@@ -83,6 +89,8 @@ class WriteStats:
     bytes_written: int = 0  # bytes actually written (after compression)
     chunks_new: int = 0
     chunks_reused: int = 0
+    chunks_verified: int = 0  # reused chunks re-read and compared with the fresh data
+    chunks_repaired: int = 0  # of those, rotten ones rewritten
 
     def add(self, other: WriteStats) -> None:
         self.bytes_in += other.bytes_in
@@ -90,6 +98,8 @@ class WriteStats:
         self.bytes_written += other.bytes_written
         self.chunks_new += other.chunks_new
         self.chunks_reused += other.chunks_reused
+        self.chunks_verified += other.chunks_verified
+        self.chunks_repaired += other.chunks_repaired
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -147,6 +157,9 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._pending: Dict[str, threading.Event] = {}  # digests being written by one thread right now
         self._local = threading.local()
+        # digest -> whether a reused chunk must be re-read and compared before it is referenced again
+        self.verify_reused: Optional[Callable[[str], bool]] = None
+        self._verified: Set[str] = set()  # digests already checked (or written) in this checkpoint
         self._checked: set = set()  # prefix directories found to be real directories
 
     def _check_prefix(self, prefix: str) -> None:
@@ -205,7 +218,10 @@ class ChunkStore:
                     self._pending[digest] = threading.Event()
             if codec is not None:
                 stats.chunks_reused = 1
-                return ChunkRef(digest, len(data), codec), stats
+                ref = ChunkRef(digest, len(data), codec)
+                if self.verify_reused is not None and self._claim_verification(digest):
+                    self._verify_or_repair(ref, data, stats)
+                return ref, stats
             if waiter is None:
                 break
             waiter.wait()  # then reuse what the claiming thread stored, or claim it ourselves if it failed
@@ -222,26 +238,71 @@ class ChunkStore:
         stats.chunks_new = 1
         return ref, stats
 
+    def _claim_verification(self, digest: str) -> bool:
+        with self._lock:
+            if digest in self._verified or not self.verify_reused(digest):
+                return False
+            self._verified.add(digest)
+            return True
+
+    def _verify_or_repair(self, ref: ChunkRef, data: bytes, stats: WriteStats) -> None:
+        """Compare the stored chunk with `data` (whose digest it claims); rewrite it from `data` when it differs."""
+        stats.chunks_verified = 1
+        if self._stored_equals(ref, data):
+            return
+        log.warning("chunk %s (%s) does not match its digest: rewriting it from the fresh data",
+                    ref.digest[:16], self.path(ref))
+        payload = self._compressor().compress(data) if ref.codec == CODEC_ZSTD else data  # same name, same codec
+        stats.bytes_written += self._write_file(self.path(ref), payload, replace=True)
+        stats.chunks_repaired = 1
+
+    def _stored_equals(self, ref: ChunkRef, data: bytes) -> bool:
+        """Whether the stored chunk holds exactly `data`: anything unreadable, misplaced or different is rotten."""
+        bound = ref.size + (ZSTD_SLACK_BYTES if ref.codec == CODEC_ZSTD else 0)
+        try:
+            with acting_as(self._creds):
+                payload = read_regular(self.path(ref), bound)
+        except OSError:
+            return False
+        if ref.codec == CODEC_ZSTD:
+            try:
+                payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=ref.size)
+            except zstandard.ZstdError:
+                return False
+        return payload == data
+
     def _write(self, digest: str, data: bytes) -> Tuple[ChunkRef, int]:
         payload, codec = self._encode(data, wait=False)
         ref = ChunkRef(digest, len(data), codec)
+        with self._lock:
+            self._verified.add(digest)
         final = self.path(ref)
         with acting_as(self._creds):
             if os.path.exists(final):
                 return ref, 0
-            prefix_dir = os.path.dirname(final)
-            if not os.path.isdir(prefix_dir):
-                os.makedirs(prefix_dir, mode=0o700, exist_ok=True)
-            tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
-            # never write through a link planted under the temp name
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            return ref, self._write_file(final, payload)
+
+    def _write_file(self, final: str, payload: bytes, replace: bool = False) -> int:
+        """Write a chunk file under a temporary name, then rename it into place (over a rotten one: `replace`),
+        with the user's file-system identity when acting for a user's job."""
+        tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with acting_as(self._creds):
             try:
-                _write_all(fd, payload)
-                start_writeback(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-        return ref, len(payload)
+                prefix_dir = os.path.dirname(final)
+                if not os.path.isdir(prefix_dir):
+                    os.makedirs(prefix_dir, mode=0o700, exist_ok=True)
+                # never write through a link planted under the temp name
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+                try:
+                    _write_all(fd, payload)
+                    start_writeback(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, final)  # over a rotten chunk, or a link planted in its place, not through it
+            except OSError as e:  # a full or read-only store: name the chunk, leave no temporary file behind
+                _unlink_quiet(tmp)
+                raise StoreError(f"cannot write chunk {final}: {e.strerror or e}") from e
+        return len(payload)
 
     def get(self, ref: ChunkRef, where: str = "") -> bytes:
         """Read, decompress and verify one chunk; DamagedCheckpointError names what is wrong."""

@@ -98,7 +98,9 @@ class Criu:
         tcp_close: bool = True,
         ghost_limit: str = "1G",
         timeout: Optional[float] = None,
+        keep_fds: Sequence[int] = (),
     ) -> None:
+        """keep_fds: descriptors CRIU inherits and holds until it exits (the dump guard's pipe, see engine.py)."""
         argv = [
             self.binary, "dump", "-t", str(pid), "-D", images_dir, "-o", "dump.log", "-v2",
             "--manage-cgroups=ignore", "--ext-unix-sk", "--file-locks", "--ghost-limit", ghost_limit,
@@ -108,7 +110,7 @@ class Criu:
             argv.append("--leave-stopped")
         if tcp_close:
             argv.append("--tcp-close")
-        self._run_logged(argv, images_dir, "dump.log", timeout)
+        self._run_logged(argv, images_dir, "dump.log", timeout, pass_fds=keep_fds)
 
     def restore(
         self,

@@ -10,6 +10,13 @@ Checkpoint, numbered plan:
   7. final: kill the tree once the commit is durable; on any failure before that, the tool resumes instead;
   8. drop generations beyond `keep` and chunks nothing references any more.
 
+A checkpointer that dies mid-checkpoint (SIGKILL) never leaves the tool stopped: a guard process started before the
+dump (dumpguard.py) outlives it and resumes the tree (or kills it, once a final checkpoint is committed) and removes
+the staging images; staging directories of dead checkpointers are also swept at the next start (`sweep_staging`).
+Chunks a checkpoint reuses are verified against their digest and rewritten from the fresh data when rotten: all of
+them by a final checkpoint, a rotating 1/SCRUB_SLICES of them by each periodic one (chunkstore.ChunkStore.put).
+Every store failure is a StoreError (exit 74) naming the path.
+
 Restore: newest generation first, falling back to older ones when one is damaged; images are rebuilt from
 verified chunks, files are put back, the CPU is checked, then `criu restore -d -S` with the new stdio pipes.
 """
@@ -21,9 +28,12 @@ import contextlib
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,13 +43,22 @@ from . import capture
 from .chunkstore import CHUNK_BYTES, WORKERS, ChunkRef, WriteStats, restore_file, store_file
 from .config import CheckpointSettings
 from .criu import Criu, pages_cut_points
-from .errors import CkptError, CriuError, DamagedCheckpointError, PermissionDenied
+from .errors import CkptError, CriuError, DamagedCheckpointError, PermissionDenied, StoreError
 from .store import FORMAT_VERSION, CheckpointStore, Generation, iso, utcnow
 from .usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
 
 SHM_HEADROOM_BYTES = 512 << 20  # keep this much RAM free beyond the images when staging them in tmpfs
+SHM_STAGING, DISK_STAGING = "/dev/shm/ckpt-agent", "/var/tmp/ckpt-agent"  # images in RAM when it fits, else disk
+STAGING_BASES = (SHM_STAGING, DISK_STAGING)  # where dump images are staged (staging_dir "auto")
+_DUMP_STAGE_RE = re.compile(r"^dump\.(\d+)\.")  # dump.<checkpointer pid>.<job>.<step>.<random>
+# a periodic checkpoint verifies the reused chunks whose digest falls in one of this many slices, in turn: every
+# chunk at rest is re-read at least once per SCRUB_SLICES periodic checkpoints, at 1/SCRUB_SLICES of the cost of
+# verifying them all (which a final checkpoint does; bench/verify_bench.py measures it)
+SCRUB_SLICES = 8
+DUMPGUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dumpguard.py")
+GUARD_EXIT_WAIT_SECONDS = 10  # the guard exits as soon as it reads our verdict; this only bounds a wedged one
 
 
 @dataclass
@@ -98,6 +117,73 @@ def _kill(init_pid: int) -> None:
         pass
 
 
+class DumpGuard:
+    """The checkpointer's side of dumpguard.py: start it before the dump, then tell it the outcome."""
+
+    RESUMED = b"R"  # the tree runs again (or is dead): nothing to undo
+    KILL = b"K"  # a final checkpoint is committed: should we die now, the tree must die too, not run on
+
+    def __init__(self, init_pid: int, staging: str):
+        try:
+            pid_ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+        except OSError as e:
+            raise CkptError(f"process {init_pid} is not running: {e.strerror}") from e
+        r, self.fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", DUMPGUARD, str(r), str(init_pid), pid_ns, staging],
+                pass_fds=(r,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+            )
+        except OSError:
+            os.close(self.fd)
+            raise
+        finally:
+            os.close(r)
+
+    def tell(self, verdict: bytes) -> None:
+        try:
+            os.write(self.fd, verdict)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.tell(self.RESUMED)
+        os.close(self.fd)
+        try:
+            self.proc.wait(timeout=GUARD_EXIT_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.warning("dump guard %d did not exit", self.proc.pid)
+
+
+def sweep_staging(bases) -> List[str]:
+    """Remove dump staging directories whose checkpointer is dead (it was killed): images in /dev/shm are RAM."""
+    removed = []
+    for base in bases:
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            m = _DUMP_STAGE_RE.match(name)
+            path = os.path.join(base, name)
+            if not m or _pid_alive(int(m.group(1))) or os.path.islink(path):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            log.info("removed %s, staging images of a checkpointer that died", path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def machine_facts(criu: Criu) -> Dict[str, Any]:
     return {
         "criu_version": criu.version(),
@@ -126,30 +212,48 @@ class Engine:
         self.settings = settings
 
     # --- checkpoint ---------------------------------------------------------------------------------------------
+    def sweep_staging(self) -> List[str]:
+        bases = list(STAGING_BASES)
+        if self.settings.staging_dir != "auto":
+            bases.append(self.settings.staging_dir)
+        return sweep_staging(bases)
+
     def checkpoint(
         self, job: JobState, *, final: bool, reason: str, timeout: Optional[float] = None
     ) -> CheckpointResult:
+        try:
+            return self._checkpoint(job, final=final, reason=reason, timeout=timeout)
+        except OSError as e:  # a full, read-only or vanished store (or staging area): 74, naming the path
+            where = e.filename or self.store.job_dir(job.job_id)
+            raise StoreError(f"checkpoint of job {job.job_id} step {job.step}: {where}: {e.strerror or e}") from e
+
+    def _checkpoint(self, job: JobState, *, final: bool, reason: str, timeout: Optional[float]) -> CheckpointResult:
         t0 = time.monotonic()
         store = self.store
         store.ensure_job(job.job_id, job.step, job.uid, job.gid)
         owner = (job.uid, job.gid) if job.uid != 0 and os.geteuid() == 0 else None
         # The root agent touches a user's job directory (which the user can fill with links) only as the user.
         user = Creds(job.uid, job.gid, tuple(job.groups) or (job.gid,)) if owner else None
+        guard: Optional[DumpGuard] = None
         with contextlib.ExitStack() as held, concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
             with acting_as(user):
                 held.enter_context(store.job_lock(job.job_id))
                 number, partial = store.begin(job.job_id, job.step)
             previous = self._previous_manifest(job, signed_only=owner is not None)
             chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner)
+            # a final checkpoint (the one a resume will use) never reuses a rotten chunk; periodic ones scrub a slice
+            chunks.verify_reused = (lambda _d: True) if final else (
+                lambda d: int(d[:2], 16) % SCRUB_SLICES == number % SCRUB_SLICES)
             stage = self._staging_dir(job)
             stopped: List[int] = []
             resumed = False
             timings: Dict[str, float] = {"prepare_seconds": time.monotonic() - t0}  # where a checkpoint's time goes
             try:
+                guard = DumpGuard(job.init_pid, stage)
                 t_step = time.monotonic()
                 self.criu.dump(
                     job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
-                    ghost_limit=self.settings.ghost_limit, timeout=timeout,
+                    ghost_limit=self.settings.ghost_limit, timeout=timeout, keep_fds=(guard.fd,),
                 )
                 timings["dump_seconds"] = time.monotonic() - t_step
                 t_step = time.monotonic()
@@ -166,6 +270,7 @@ class Engine:
                 if not final:
                     _resume(stopped)
                     resumed = True
+                    guard.tell(DumpGuard.RESUMED)
                 t_step = time.monotonic()
                 images, istats = self._store_images(chunks, pool, stage)
                 timings["store_images_seconds"] = time.monotonic() - t_step
@@ -194,25 +299,38 @@ class Engine:
                     "stats": {
                         "bytes_in": stats.bytes_in, "bytes_new": stats.bytes_new,
                         "bytes_written": stats.bytes_written, "chunks_new": stats.chunks_new,
-                        "chunks_reused": stats.chunks_reused, "frozen_seconds": round(t_frozen, 3),
+                        "chunks_reused": stats.chunks_reused, "chunks_verified": stats.chunks_verified,
+                        "chunks_repaired": stats.chunks_repaired, "frozen_seconds": round(t_frozen, 3),
                         **{k: round(v, 3) for k, v in timings.items()},
                     },
                 }
                 with acting_as(user):
                     store.commit(partial, number, manifest, owner)
-            except BaseException:
+                if final:
+                    guard.tell(DumpGuard.KILL)
+            except BaseException as e:
                 with acting_as(user):
                     store.abort(partial)
-                if stopped and not resumed:
-                    _resume(stopped)  # a failed checkpoint never costs the running tool anything
+                if not resumed:  # a failed checkpoint never costs the running tool anything, even a failed dump
+                    _resume(stopped or capture.ns_pids(job.init_pid))
+                if guard is not None:
+                    guard.close()
+                if isinstance(e, OSError):
+                    raise StoreError(f"checkpoint {number} of job {job.job_id} step {job.step}: "
+                                     f"{e.filename or partial}: {e.strerror or e}") from e
                 raise
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
         if final:
             _kill(job.init_pid)
-        with acting_as(user):
-            store.prune(job.job_id, job.step, self.settings.keep)
-            store.sweep_chunks(job.job_id)
+        guard.close()
+        try:
+            with acting_as(user):
+                store.prune(job.job_id, job.step, self.settings.keep)
+                store.sweep_chunks(job.job_id)
+        except (OSError, CkptError) as e:  # the checkpoint is committed; gc reclaims what is left
+            log.warning("checkpoint %d of job %s committed, but cleaning up older ones failed: %s", number,
+                        job.job_id, e)
         return CheckpointResult(
             generation=number, final=final, reason=reason, bytes_in=stats.bytes_in,
             bytes_written=stats.bytes_written, bytes_new=stats.bytes_new, frozen_seconds=t_frozen,
@@ -233,15 +351,15 @@ class Engine:
         base = self.settings.staging_dir
         if base == "auto":
             need = capture.tree_rss_bytes(capture.ns_pids(job.init_pid)) + SHM_HEADROOM_BYTES
-            base = "/var/tmp/ckpt-agent"
+            base = DISK_STAGING
             try:
                 st = os.statvfs("/dev/shm")
                 if st.f_bavail * st.f_frsize > need and _mem_available() > need:
-                    base = "/dev/shm/ckpt-agent"
+                    base = SHM_STAGING
             except OSError:
                 pass
         os.makedirs(base, mode=0o700, exist_ok=True)
-        return tempfile.mkdtemp(prefix=f"{job.job_id}.{job.step}.", dir=base)
+        return tempfile.mkdtemp(prefix=f"dump.{os.getpid()}.{job.job_id}.{job.step}.", dir=base)
 
     def _store_images(self, chunks, pool, stage: str) -> Tuple[List[Dict[str, Any]], WriteStats]:
         images = []
@@ -344,11 +462,11 @@ def _mem_available() -> int:
 def _restore_base(manifest: Dict[str, Any]) -> str:
     """Rebuild images in tmpfs when memory allows (CRIU reads them once, fast), else on local disk."""
     need = sum(int(i.get("size", 0)) for i in manifest.get("images", [])) + SHM_HEADROOM_BYTES
-    base = "/var/tmp/ckpt-agent"
+    base = DISK_STAGING
     try:
         st = os.statvfs("/dev/shm")
         if st.f_bavail * st.f_frsize > need and _mem_available() > 2 * need:
-            base = "/dev/shm/ckpt-agent"
+            base = SHM_STAGING
     except OSError:
         pass
     os.makedirs(base, mode=0o700, exist_ok=True)

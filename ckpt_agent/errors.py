@@ -12,6 +12,7 @@ EXIT_DAMAGED = 65  # a checkpoint is damaged or tampered with and no good genera
 EXIT_NOT_FOUND = 66  # no such job, step or checkpoint
 EXIT_CRIU = 69  # CRIU is missing, too old, or a dump/restore failed
 EXIT_INTERNAL = 70  # a bug: an unexpected exception (traceback with --verbose)
+EXIT_BUSY = 73  # the job step is already running under another live `ckpt run` (here or on another node)
 EXIT_STORE = 74  # the checkpoint store cannot be read or written
 EXIT_FINAL = 75  # the tool was stopped by a final checkpoint: run the same command again to resume
 EXIT_SLURM = 76  # Slurm could not be asked or refused a command
@@ -66,6 +67,12 @@ class IncompatibleCpuError(CriuError):
 
 class StoreError(CkptError):
     exit_code = EXIT_STORE
+
+
+class AlreadyRunning(CkptError):
+    """A second `ckpt run` for a job step whose wrapper is alive: refused before it touches anything."""
+
+    exit_code = EXIT_BUSY
 
 
 class DamagedCheckpointError(StoreError):

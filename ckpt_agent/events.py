@@ -1,6 +1,10 @@
 """Lifecycle events as JSON lines with fixed snake_case keys: logged at once (to the journal when the agent runs
 under systemd), then appended to the job's events file in the store (the report and the demo read them) by a
-background writer, so that a slow or hung store never delays what has a deadline."""
+background writer, so that a slow or hung store never delays what has a deadline.
+
+An event the store refuses (a full or read-only file system, a vanished job directory) is kept, at most
+MAX_UNWRITTEN_EVENTS per job, and written before the job's next event once the store takes writes again: a
+`checkpoint_failed` on a full disk reaches events.jsonl, with its own time, when space returns."""
 
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from .errors import CkptError
 from .store import CheckpointStore, iso, utcnow
 
 log = logging.getLogger("ckpt.events")
+
+MAX_UNWRITTEN_EVENTS = 1000  # per job: hours of failed periodic checkpoints; older ones are in the log only
 
 # Observers of every record (CloudWatch metrics, notifications): each must return at once (queue and go), so that
 # no external system ever delays or fails the checkpoint that emitted the event. See sinks.py.
@@ -84,6 +90,8 @@ class EventWriter:
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self.dropped = 0
+        # (store root, job id) -> events the store refused, oldest first (touched by the writer thread only)
+        self.unwritten: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
 
     def submit(self, store: Any, job_id: str, record: Dict[str, Any]) -> bool:
         with self._lock:
@@ -106,12 +114,33 @@ class EventWriter:
         while True:
             store, job_id, record = self._queue.get()
             try:
-                store.append_event(job_id, record)
-            except (OSError, CkptError) as e:
-                log.warning("cannot record event %s for job %s: %s", record.get("event"), job_id,
-                            getattr(e, "strerror", None) or e)
+                self._append(store, job_id, record)
             finally:
                 self._queue.task_done()
+
+    def _append(self, store: Any, job_id: str, record: Dict[str, Any]) -> None:
+        """Append the job's refused events, oldest first, then this one; keep what the store refuses again."""
+        key = (store.root, job_id)
+        failed_before = key in self.unwritten  # the failed write may have left half a line
+        pending = self.unwritten.setdefault(key, [])
+        pending.append(record)
+        try:
+            while pending:
+                if failed_before:
+                    store.append_event(job_id, pending[0], new_line=True)
+                else:
+                    store.append_event(job_id, pending[0])
+                failed_before = False
+                pending.pop(0)
+        except (OSError, CkptError) as e:
+            log.warning("cannot record event %s for job %s (%d kept to retry): %s", record.get("event"), job_id,
+                        len(pending), getattr(e, "strerror", None) or e)
+            del pending[:-MAX_UNWRITTEN_EVENTS]
+        except Exception:  # a bug must not end the writer: every later event would be lost
+            log.exception("cannot record event %s for job %s", record.get("event"), job_id)
+            pending.clear()
+        if not pending:
+            del self.unwritten[key]
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait (at most `timeout`) until every submitted event was written or failed; False when the store is too

@@ -171,7 +171,10 @@ def _prune(job: JobView, now: float, policy: Policy) -> List[Action]:
         for number, mtime in doomed:
             out.append(Action(job.job_id, "generation", why, step.name, f"gen-{number:06d}", mtime))
         for name, mtime in step.partials:  # reached only with the job lock free: nobody is writing them
-            if now - mtime >= policy.grace:
+            if step.finished:  # its wrapper has ended: a partial can only be a dead checkpointer's debris
+                out.append(Action(job.job_id, "partial", "partial checkpoint of a finished step", step.name, name,
+                                  mtime))
+            elif now - mtime >= policy.grace:
                 out.append(Action(job.job_id, "partial", f"abandoned partial checkpoint, {_ago(now - mtime)} old",
                                   step.name, name, mtime))
     return out

@@ -46,6 +46,8 @@ class PrivilegedService:
         job_id = check_name("job id", str(req.get("job_id", "")))
         step = check_name("step name", str(req.get("step", "")))
         self._authorize(job_id, uid)
+        if op in ("launch", "restore"):  # a job (re)starts: staging images of checkpointers that died go
+            self.engine.sweep_staging()
         if op == "launch":
             return self._launch(req, pid, fds)
         if op == "restore":

@@ -17,6 +17,8 @@ The wrapper registers in the runtime directory (a JSON file and a control socket
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -29,7 +31,15 @@ from typing import Any, Dict, List, Optional
 
 from . import control
 from .engine import JobState
-from .errors import EXIT_FINAL, CkptError, IncompatibleCpuError, NotFoundError, PermissionDenied
+from .errors import (
+    EXIT_FINAL,
+    AlreadyRunning,
+    CkptError,
+    IncompatibleCpuError,
+    NotFoundError,
+    PermissionDenied,
+    StoreError,
+)
 from .events import emit, load_instance, node_name
 from .progress import RestoreProgress, newest_image_bytes
 from .requeue import read_marker
@@ -40,6 +50,9 @@ log = logging.getLogger(__name__)
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
 RELAY_BUFFER_BYTES = 1 << 16
+RUN_LOCK = "run.lock"  # <store>/<job>/<step>/run.lock: held (flock) by the one live wrapper of the step
+# a failed periodic checkpoint (a full store...) is retried after this, doubling up to the interval
+RETRY_FIRST_SECONDS = 15.0
 NESTED_ENV = "CKPT_PROTECTED_BY"  # set in the tool's environment: "<job id>/<step>" of the enclosing `ckpt run`
 MODES = ("explicit", "transparent")  # `ckpt run -- tool` in a job script | the job_submit plugin's whole-script run
 
@@ -92,6 +105,15 @@ def process_start_time(pid: Any) -> Optional[int]:
         return None
 
 
+def process_state(pid: Any) -> Optional[str]:
+    """A process's state letter (/proc/PID/stat field 3: R, S, D, T, Z...), or None when there is no such process."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
 def registration_alive(reg: Dict[str, Any]) -> bool:
     """The wrapper that wrote a registration still runs. A wrapper killed outright (SIGKILL at `scancel`'s KillWait,
     a node's OOM killer) leaves its registration behind: acting on it would requeue a job that has ended."""
@@ -120,6 +142,64 @@ def list_registrations(runtime_dir: str) -> List[Dict[str, Any]]:
             else:
                 log.info("ignoring %s: its wrapper is gone", name)
     return out
+
+
+class StepLock:
+    """One live wrapper per job step: an exclusive flock on <step>/run.lock in the store, held for the wrapper's life.
+
+    The store is the one place every node of the cluster shares, so a second wrapper is refused wherever it runs
+    (FSx for Lustre and NFSv4 grant flock cluster-wide). Stale-lock rule: the kernel (or the file system's lock
+    manager, which evicts a node that stops answering) releases the lock when its holder dies, so a crashed wrapper
+    or a lost node never blocks the step for good; the holder's pid, node and start time are written into the file
+    only to name it in the refusal.
+    """
+
+    def __init__(self, store: CheckpointStore, job_id: str, step: str):
+        self.path = os.path.join(store.step_dir(job_id, step), RUN_LOCK)
+        self.job_id, self.step = job_id, step
+        self.fd: Optional[int] = None
+
+    def acquire(self, node: str, cwd: str) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot open {self.path}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_small(fd)
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StoreError(f"cannot lock {self.path}: {e.strerror}") from e
+            who = ""
+            try:
+                h = json.loads(holder)
+                who = f" (pid {h['pid']} on node {h['node']}, started {h['started']} in {h['cwd']})"
+            except (ValueError, KeyError, TypeError):
+                pass
+            raise AlreadyRunning(
+                f"job {self.job_id} step {self.step} is already running under another ckpt run{who}; "
+                f"refusing to start a second copy (lock {self.path})"
+            ) from None
+        self.fd = fd
+        info = {"pid": os.getpid(), "node": node, "started": iso(utcnow()), "cwd": cwd}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError as e:  # only informative: the lock itself is held
+            log.warning("cannot record the lock holder in %s: %s", self.path, e.strerror)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # the flock goes with the last descriptor
+            self.fd = None
+
+
+def _read_small(fd: int) -> str:
+    try:
+        return os.pread(fd, 4096, 0).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class Relay:
@@ -179,6 +259,7 @@ class Runner:
         self._stop = threading.Event()
         self._stopped_by_final = False
         self._await_requeue = False  # the final checkpoint came from the agent, which requeues the job next
+        self._step_lock: Optional[StepLock] = None
         self._relays: List[Relay] = []
         self._server: Optional[control.ControlServer] = None
         self._reg_path = ""
@@ -186,14 +267,28 @@ class Runner:
 
     # --- main ---------------------------------------------------------------------------------------------------
     def run(self) -> int:
+        """1. take the step's run lock (a second live wrapper is refused here, before it touches anything);
+        2. a finished step returns its recorded status; 3. sweep partial checkpoints dead wrappers left;
+        4. launch or restore, relay, register, checkpoint periodically until the tree ends."""
         o = self.opts
-        done = self.store.result(o.job_id, o.step) if os.path.isdir(self.store.step_dir(o.job_id, o.step)) else None
+        self.store.ensure_job(o.job_id, o.step, os.getuid(), os.getgid())
+        self._step_lock = StepLock(self.store, o.job_id, o.step)
+        self._step_lock.acquire(self.node, o.cwd)
+        try:
+            return self._run_locked()
+        finally:
+            self._step_lock.release()
+
+    def _run_locked(self) -> int:
+        o = self.opts
+        done = self.store.result(o.job_id, o.step)
         if done is not None:
             code = int(done["exit_status"])
             print(f"ckpt: job {o.job_id} step {o.step} already finished with status {code}; not running it again",
                   file=sys.stderr, flush=True)
             return code
-        self.store.ensure_job(o.job_id, o.step, os.getuid(), os.getgid())
+        self._refuse_orphaned_tool()
+        self._sweep_partials()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         st_r, st_w = os.pipe()
@@ -263,6 +358,35 @@ class Runner:
              how="launched", argv=o.argv, cwd=o.cwd, mode=o.mode, restart_count=_restart_count())
         return pid
 
+    def _refuse_orphaned_tool(self) -> None:
+        """A wrapper killed on this node can leave its tool running (outside Slurm nothing ends it): restoring the
+        step under it would put its files back in time, so the step is refused until that tool is stopped."""
+        o = self.opts
+        try:
+            reg = find_registration(o.runtime_dir, o.job_id, o.step)
+        except CkptError:
+            return
+        init_pid = reg.get("init_pid")
+        if (reg.get("init_start") is not None and process_start_time(init_pid) == reg["init_start"]
+                and process_state(init_pid) not in ("Z", "X", None)):  # a dead init not yet reaped is gone
+            raise AlreadyRunning(
+                f"job {o.job_id} step {o.step}: the tool of a ckpt run that ended (pid {reg.get('pid')}) still runs "
+                f"as namespace init {init_pid}; stop it (kill -9 {init_pid}) before running the step again"
+            )
+
+    def _sweep_partials(self) -> None:
+        """Partial checkpoints of this step can only be debris of a dead wrapper now that we hold its run lock;
+        they go when nobody writes to the job (its lock is free). Ones we may not remove (an agent's, for a user's
+        job) are left to `ckpt gc`."""
+        o = self.opts
+        with self.store.job_lock(o.job_id, exclusive=True, blocking=False) as got:
+            if not got:
+                return
+            for partial in self.store.partials(o.job_id, o.step):
+                self.store.abort(partial)
+                if not os.path.exists(partial):
+                    log.info("removed %s, left by a checkpoint that did not finish", partial)
+
     def _excluded_paths(self) -> set:
         """Never capture (and so never put back) our own output files, the runtime dir or the store."""
         out = {os.path.abspath(self.opts.runtime_dir)}
@@ -311,12 +435,23 @@ class Runner:
                 self._wait_for_requeue()
             return EXIT_FINAL
         status = 137 if code is None else code
-        self.store.record_result(o.job_id, o.step, status)
+        try:
+            self.store.record_result(o.job_id, o.step, status)
+        except (OSError, CkptError) as e:  # the tool's status is the answer, whatever happens to the store
+            where = getattr(e, "filename", None) or self.store.step_dir(o.job_id, o.step)
+            why = getattr(e, "strerror", None) or str(e)
+            print(f"ckpt: cannot record that job {o.job_id} step {o.step} finished with status {status} "
+                  f"({where}: {why}); a rerun would resume it from its last checkpoint", file=sys.stderr, flush=True)
+            log.error("cannot record the result of job %s step %s: %s: %s", o.job_id, o.step, where, why)
+            return status
         emit(self.store, o.job_id, "segment_ended", node=self.node, instance=self.instance, step=o.step,
              how="completed" if status == 0 else "failed", exit_status=status)
-        # a finished step needs no checkpoint: free the space now rather than at job end
-        self.store.prune(o.job_id, o.step, 0)
-        self.store.sweep_chunks(o.job_id)
+        # a finished step needs no checkpoint: free the space now rather than at job end (gc does it otherwise)
+        try:
+            self.store.prune(o.job_id, o.step, 0)
+            self.store.sweep_chunks(o.job_id)
+        except (OSError, CkptError) as e:
+            log.warning("cannot remove the checkpoints of finished job %s step %s: %s", o.job_id, o.step, e)
         return status
 
     def _requeue_to_compatible_cpu(self, refused: IncompatibleCpuError) -> int:
@@ -351,7 +486,9 @@ class Runner:
 
     def _wait_for_requeue(self, ended: Optional[threading.Event] = None) -> None:
         """Exit only once the agent has requeued the job (its marker), or Slurm ends us for that requeue: were the
-        batch script to end first, Slurm would record the job FAILED (mail, `afterok` dependents, accounting)."""
+        batch script to end first, Slurm would record the job FAILED (mail, `afterok` dependents, accounting).
+        The tool is stopped by now: the step's run lock goes first, so the requeued job may start at once."""
+        self._step_lock.release()
         job_id = self.opts.job_id
         ended = ended or self._ignore_job_signals()
         deadline = time.monotonic() + REQUEUE_WAIT_SECONDS
@@ -389,7 +526,7 @@ class Runner:
         self._server = control.ControlServer(sock_path, self._handle, mode=0o600).start()
         reg = {
             "job_id": o.job_id, "step": o.step, "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
-            "init_pid": self.job.init_pid,
+            "init_pid": self.job.init_pid, "init_start": process_start_time(self.job.init_pid),
             "uid": os.getuid(), "gid": os.getgid(), "node": self.node, "socket": sock_path, "cwd": o.cwd,
             "store": self.store.root, "started": iso(utcnow()), "argv": o.argv,
         }
@@ -433,11 +570,16 @@ class Runner:
             emit(self.store, o.job_id, "checkpoint_started", node=self.node, instance=self.instance, step=o.step,
                  final=final, reason=reason)
             try:
-                res = self.backend.checkpoint(self.job, final=final, reason=reason, timeout=timeout)
-            except CkptError as e:
+                try:
+                    res = self.backend.checkpoint(self.job, final=final, reason=reason, timeout=timeout)
+                except OSError as e:  # the engine names paths; this is the net under it
+                    raise StoreError(f"{e.filename or self.store.root}: {e.strerror or e}") from e
+            except Exception as e:  # whatever failed (a bug too) is recorded; the tool runs on
+                error = str(e) if isinstance(e, CkptError) else f"internal error: {type(e).__name__}: {e}"
                 emit(self.store, o.job_id, "checkpoint_failed", node=self.node, instance=self.instance, step=o.step,
-                     final=final, reason=reason, error=str(e))
-                print(f"ckpt: checkpoint of job {o.job_id} step {o.step} failed: {e}", file=sys.stderr, flush=True)
+                     final=final, reason=reason, error=error)
+                print(f"ckpt: checkpoint of job {o.job_id} step {o.step} failed: {error}", file=sys.stderr,
+                      flush=True)
                 raise
             if final:
                 self._stopped_by_final = True
@@ -455,11 +597,21 @@ class Runner:
                     "bytes_in": res.bytes_in, "seconds": round(res.total_seconds, 3), "created": res.created}
 
     def _periodic(self) -> None:
-        while not self._stop.wait(self.opts.interval):
+        """Checkpoint every interval for as long as the tool runs. No failure ends this thread: a failed checkpoint
+        (a full or read-only store, a CRIU error, a bug) is recorded as a `checkpoint_failed` event, then retried
+        after RETRY_FIRST_SECONDS, doubling up to the interval, so checkpoints resume as soon as the store does."""
+        failures = 0
+        delay = self.opts.interval
+        while not self._stop.wait(delay):
             try:
                 self.checkpoint(final=False, reason="periodic")
-            except CkptError as e:
-                log.warning("periodic checkpoint failed: %s", e)
+                failures = 0
+            except Exception as e:  # recorded and reported (one stderr line) by checkpoint(); never ends the loop
+                failures += 1
+                log.debug("periodic checkpoint failed (%d in a row): %s", failures, e, exc_info=True)
+            delay = self.opts.interval
+            if failures:
+                delay = min(self.opts.interval, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
 
 
 def _restart_count() -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -585,13 +586,15 @@ class CheckpointStore:
         data = {"exit_status": exit_status, "finished": iso(utcnow()), "host": socket.gethostname()}
         write_atomic(os.path.join(self.step_dir(job_id, step), RESULT), json.dumps(data).encode())
 
-    def append_event(self, job_id: str, event: Dict[str, Any]) -> None:
-        """One JSON line per event; O_APPEND writes of a line this size are not interleaved between writers."""
+    def append_event(self, job_id: str, event: Dict[str, Any], new_line: bool = False) -> None:
+        """One JSON line per event; O_APPEND writes of a line this size are not interleaved between writers.
+        `new_line`: start with a line break, ending a line a full disk cut short (readers skip empty lines)."""
         path = os.path.join(self.job_dir(job_id), EVENTS)
-        line = (json.dumps(event, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        line = (("\n" if new_line else "") + json.dumps(event, sort_keys=True, separators=(",", ":")) + "\n").encode()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, line)
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, f"short write to {path}", path)
         finally:
             os.close(fd)
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ from ckpt_agent.chunkstore import (
     restore_file,
     store_file,
 )
-from ckpt_agent.errors import EXIT_DAMAGED, DamagedCheckpointError
+from ckpt_agent.errors import EXIT_DAMAGED, DamagedCheckpointError, StoreError
 
 MIB = 1 << 20
 
@@ -233,12 +234,15 @@ def test_temporary_chunk_names_never_count_as_chunks(chunks, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(chunkstore.os, "rename", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreError, match="cannot write chunk .*: No space left on device"):
         chunks.put(data)
     monkeypatch.undo()
     digest = hashlib.sha256(data).hexdigest()
-    assert not os.path.exists(chunks.path(ChunkRef(digest, len(data), CODEC_RAW)))
+    final = chunks.path(ChunkRef(digest, len(data), CODEC_RAW))
+    assert not os.path.exists(final)
     assert digest not in chunks.known
+    assert list(iter_chunk_files(chunks.root)) == [], "a failed write removes its temp file"
+    Path(f"{final}.tmp-1-2").write_bytes(data[:100])  # what a writer killed before its rename leaves
     leftovers = list(iter_chunk_files(chunks.root))
     assert len(leftovers) == 1 and leftovers[0][0] == "", "a temp file must not be reported under a digest"
 
@@ -330,7 +334,58 @@ def test_temp_chunk_name_planted_as_a_link_is_not_written_through(chunks, tmp_pa
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep")
     os.symlink(victim, f"{final}.tmp-{os.getpid()}-{threading.get_ident()}")  # put() runs in this thread
-    with pytest.raises(OSError):
+    with pytest.raises(StoreError, match="cannot write chunk"):
         chunks.put(data)
     assert victim.read_bytes() == b"keep"
     assert not os.path.exists(final)
+
+
+@pytest.mark.parametrize("compressible", [False, True], ids=["raw", "zstd"])
+def test_rotten_reused_chunk_is_verified_and_rewritten_from_the_fresh_data(tmp_path, compressible):
+    """A chunk at rest that no longer matches its digest is never referenced again unverified: a store that
+    verifies reused chunks rewrites it (same name, same codec), which also repairs older manifests' references."""
+    data = (b"netlist line 42\n" * 70_000)[:MIB] if compressible else random_bytes(MIB)
+    first = ChunkStore(str(tmp_path / "chunks"))
+    ref, _ = first.put(data)
+    assert ref.codec == (chunkstore.CODEC_ZSTD if compressible else CODEC_RAW)
+    path = Path(first.path(ref))
+    rotten = bytearray(path.read_bytes())
+    rotten[len(rotten) // 2] ^= 0x01
+    path.write_bytes(bytes(rotten))
+    with pytest.raises(DamagedCheckpointError):
+        first.get(ref)
+
+    trusting = ChunkStore(first.root, known={ref.digest: ref.codec})
+    again, stats = trusting.put(data)  # without verification the rotten chunk would be referenced again
+    assert (again, stats.chunks_reused, stats.chunks_verified) == (ref, 1, 0)
+
+    verifying = ChunkStore(first.root, known={ref.digest: ref.codec})
+    verifying.verify_reused = lambda _digest: True
+    again, stats = verifying.put(data)
+    assert again == ref
+    assert (stats.chunks_reused, stats.chunks_verified, stats.chunks_repaired) == (1, 1, 1)
+    assert verifying.get(ref) == data
+    _, stats = verifying.put(data)  # verified once per checkpoint, not per reference
+    assert (stats.chunks_verified, stats.chunks_repaired) == (0, 0)
+
+
+def test_missing_or_replaced_reused_chunk_is_rewritten(tmp_path):
+    data = random_bytes(200_000)
+    ref, _ = ChunkStore(str(tmp_path / "chunks")).put(data)
+    path = Path(ChunkStore(str(tmp_path / "chunks")).path(ref))
+    path.unlink()
+    os.mkfifo(path)  # a FIFO where the chunk was: verification must neither hang nor trust it
+    store = ChunkStore(str(tmp_path / "chunks"), known={ref.digest: ref.codec})
+    store.verify_reused = lambda _digest: True
+    _, stats = store.put(data)
+    assert stats.chunks_repaired == 1
+    assert path.is_file() and store.get(ref) == data
+
+
+def test_sampled_verification_skips_chunks_outside_the_slice(tmp_path):
+    data = random_bytes(100_000)
+    ref, _ = ChunkStore(str(tmp_path / "chunks")).put(data)
+    store = ChunkStore(str(tmp_path / "chunks"), known={ref.digest: ref.codec})
+    store.verify_reused = lambda digest: digest != ref.digest
+    _, stats = store.put(data)
+    assert (stats.chunks_reused, stats.chunks_verified) == (1, 0)

@@ -159,6 +159,8 @@ POLICY_CASES = [
     ("running-old-partial-goes", view("RUNNING", 1, gens=1, partials=[2 * HOUR]), ["partial:gen-000002.partial-99"],
      []),
     ("running-young-partial-stays", view("RUNNING", 1, gens=1, partials=[60]), [], []),
+    ("finished-step-young-partial-goes", view("RUNNING", 1, gens=1, partials=[60], finished=True),
+     ["generation:gen-000001", "partial:gen-000002.partial-99"], []),
     ("unknown-after-max-age", view("UNKNOWN", 15 * DAY), ["job:"], []),
     ("unknown-before-max-age", view("UNKNOWN", 13 * DAY), ["generation:gen-000001"], ["job:"]),
 ]

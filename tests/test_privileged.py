@@ -31,6 +31,9 @@ class FakeEngine:
         return CheckpointResult(generation=4, final=final, reason=reason, bytes_in=1, bytes_written=1, bytes_new=1,
                                 frozen_seconds=0.1, total_seconds=0.2, created="2026-12-02T00:00:00Z")
 
+    def sweep_staging(self):  # the real one removes dead checkpointers' staging images (test_runner_hardening)
+        return []
+
     def restore(self, job_id, step, pipes, *, require_signature, creds, check_manifest, cgroup_pid):
         self.calls.append(("restore", job_id, step, require_signature, creds))
         check_manifest(self.manifest)

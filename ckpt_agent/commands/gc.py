@@ -42,6 +42,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"ckpt gc: another gc run holds {lock.path}; nothing done", file=sys.stderr)
         return 0
     try:
+        if not args.dry_run:  # this node's staging images of checkpointers that died (RAM in /dev/shm)
+            from ..engine import STAGING_BASES, sweep_staging
+
+            extra = () if cfg.checkpoint.staging_dir == "auto" else (cfg.checkpoint.staging_dir,)
+            for path in sweep_staging(STAGING_BASES + extra):
+                print(f"removed {path}: staging images of a checkpointer that died")
         actuator = DryRunActuator() if args.dry_run else RemoveActuator()
         out = GarbageCollector(store, Slurm.from_config(cfg), policy, actuator).run()
     finally:
