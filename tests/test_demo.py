@@ -96,15 +96,19 @@ def test_the_simulation_is_sized_by_its_stop_time():
 @pytest.mark.slurm
 @pytest.mark.criu
 @pytest.mark.slow
-@pytest.mark.parametrize("sim_scale", ["0.5", "2"], ids=["twice-as-fast", "twice-as-slow"])
-def test_demo_moves_the_job_and_matches_an_uninterrupted_run(sim_scale):
+@pytest.mark.parametrize("sim_scale, mode", [("0.5", []), ("2", []), ("0.5", ["--transparent"])],
+                         ids=["twice-as-fast", "twice-as-slow", "transparent-twice-as-fast"])
+def test_demo_moves_the_job_and_matches_an_uninterrupted_run(sim_scale, mode):
     """The calibrated simulation scaled by 0.5 behaves as on a machine twice as fast as the calibration measured,
-    by 2 as on one twice as slow: the notice still comes after a periodic checkpoint, and the job still moves."""
+    by 2 as on one twice as slow: the notice still comes after a periodic checkpoint, and the job still moves. In
+    transparent mode the script has no `ckpt run`: the job_submit plugin wraps it, with the same outcome."""
     require_criu()
-    res = subprocess.run([*DEMO, "--sim-scale", sim_scale], cwd=REPO, capture_output=True, text=True,
+    res = subprocess.run([*DEMO, "--sim-scale", sim_scale, *mode], cwd=REPO, capture_output=True, text=True,
                          timeout=SAFETY_SECONDS)
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-2000:]
+    if mode:
+        assert "transparent mode: slurmctld runs the job_submit plugin" in out and "no ckpt run" in out
     for expected in (f"as the ordinary user '{DEMO_USER}'", f"(sim scale {sim_scale})",
                      f"of user '{DEMO_USER}' is RUNNING on node1", "periodic checkpoint 1 committed on node1",
                      "received the Spot notice", "FINAL checkpoint", "drained", "job requeued",

@@ -54,7 +54,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 
 from .. import proc
 from ..errors import CkptError, CommandError
@@ -193,6 +193,11 @@ class LocalCluster:
     @property
     def job_config(self) -> str:
         return os.path.join(self.workdir, "etc", "ckpt-job.yaml")
+
+    def write_job_config(self, extra: Optional[Mapping[str, Any]] = None) -> None:
+        """The config every job's `ckpt run` reads (CKPT_CONFIG): the cluster's key, and `extra` settings (e.g. a
+        checkpoint interval for scripts that the job_submit plugin wraps)."""
+        _write(self.job_config, json.dumps({**(extra or {}), "agent": {"key_file": self.key_file}}) + "\n", 0o644)
 
     @property
     def key_file(self) -> str:
@@ -393,7 +398,7 @@ class LocalCluster:
             _mkdir(self.store, 0o1777)
         # jobs' `ckpt run` config: the cluster's signing key (node agents use the same one, devcluster/agents.py),
         # so a root job never creates one in this machine's /etc
-        _write(self.job_config, json.dumps({"agent": {"key_file": self.key_file}}) + "\n", 0o644)
+        self.write_job_config()
         # 2. munge key: 1 KiB random, readable by root only, as munged insists
         key = os.path.join(self.workdir, "munge", "key", "munge.key")
         if not os.path.exists(key):
