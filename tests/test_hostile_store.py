@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 from ckpt_helpers import ckpt_env, run_ckpt
@@ -18,7 +19,7 @@ from ckpt_agent.config import CheckpointSettings
 from ckpt_agent.criu import Criu
 from ckpt_agent.engine import Engine
 from ckpt_agent.errors import DamagedCheckpointError
-from ckpt_agent.store import SUMMARY, CheckpointStore
+from ckpt_agent.store import SUMMARY, CheckpointStore, Signer
 
 JOB, STEP = "5150", "main"
 TIMEOUT = 60  # a safety net: a hang would otherwise stall the suite
@@ -33,7 +34,9 @@ def env(tmp_path):
 
 @pytest.fixture
 def store(env):
-    s = CheckpointStore(env["CKPT_STORE"])
+    """The store as root's `ckpt run` has it: signing with the key of the environment's config."""
+    key = json.loads(Path(env["CKPT_CONFIG"]).read_text())["agent"]["key_file"]
+    s = CheckpointStore(env["CKPT_STORE"], Signer.from_file(key))
     s.ensure_job(JOB, STEP)
     return s
 
@@ -150,6 +153,9 @@ def test_a_malformed_manifest_is_a_damaged_generation_with_fallback(env, store, 
     with open(newest.manifest_path) as fh:
         envelope = json.load(fh)
     edit(envelope["manifest"])
+    # signed again, as a buggy writer would have signed it: the shape check, not the signature, must catch it
+    body = json.dumps(envelope["manifest"], sort_keys=True, separators=(",", ":")).encode()
+    envelope["signature"] = store.signer.sign(body)
     with open(newest.manifest_path, "w") as fh:
         json.dump(envelope, fh)
     res = verify(env)
