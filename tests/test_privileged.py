@@ -102,9 +102,12 @@ def test_restore_requires_a_signed_checkpoint_of_the_requester(manifest_uid, ok)
     assert engine.calls[0][:4] == ("restore", "42", "main", True), "only signed checkpoints are restored"
 
 
-def test_checkpoint_only_of_our_namespace_init_running_the_requesters_job():
+def test_checkpoint_only_of_our_namespace_init_running_the_requesters_job(monkeypatch):
     """A real namespace init launched for 'nobody' may be checkpointed by nobody; not by another uid, and no
     other process (the requester's own shell, a root process, a pid that is not running) may be."""
+    # nsinit is standard library only and runs as the user: an interpreter every user can read, as on a node
+    # (this test's own may live under root's home)
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
     svc, engine = service()
     r, w = os.pipe()
     user = Creds(NOBODY.pw_uid, NOBODY.pw_gid, (NOBODY.pw_gid,))
@@ -113,6 +116,7 @@ def test_checkpoint_only_of_our_namespace_init_running_the_requesters_job():
                               "sleep", "600"])
     try:
         wait_for(lambda: _cmdline(init_pid).count(b"--") >= 1, 30, "the namespace init to exec")
+        wait_for(lambda: _cmdline(plain.pid).startswith(b"sleep"), 30, "setpriv to become nobody and exec")
         req = {"op": "checkpoint", "job_id": "42", "step": "main", "init_pid": init_pid, "cwd": "/",
                "argv": ["sleep", "600"]}
         requester = (plain.pid, NOBODY.pw_uid, NOBODY.pw_gid)  # a process of nobody's asks, as a wrapper would
