@@ -174,7 +174,7 @@ def test_unmodified_script_is_moved_by_a_spot_notice_and_finishes_the_same(tc, t
     assert lines[0] == f"ckpt: protected by transparent checkpointing (job {job}, step batch)", err
     resumed = [ln for ln in lines if ln.startswith(f"ckpt: resumed by transparent checkpointing (job {job}, "
                                                    "step batch) from checkpoint ")]
-    assert len(resumed) == 1 and "(restart count 1)" in resumed[0], err
+    assert len(resumed) == 1 and "(restart count 1, " in resumed[0], err
     assert any(ln.startswith(f"ckpt: job {job} step batch stopped by final checkpoint ") and
                ln.endswith("; it resumes when Slurm requeues the job") for ln in lines), err
     evs = events(cluster, job)
