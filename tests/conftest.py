@@ -16,6 +16,8 @@
   the `cluster` fixture below does that for them.
 - `cluster`: the session's `local_cluster`, after a check that both nodes are IDLE (resumes drained nodes and
   cancels leftover jobs from an earlier test) and with per-node extras reset.
+- `ck`: for tests that drive the real `ckpt` command as root with real CRIU: (environment, store dir, runtime dir),
+  an empty store and an environment whose config keeps the signing key in the test's tmp dir (`ckpt_env`).
 - `pool`: a 4-thread executor for chunk work; `chunks`: an empty `ChunkStore` in the test's tmp dir.
 - `slurm_user`: the name of an ordinary local user ("ckpt-user1", created if missing) for submitting jobs;
   `slurm_user2` a second one ("ckpt-user2").
@@ -191,6 +193,16 @@ def slurm_user(local_cluster):
 def slurm_user2(local_cluster):
     local_cluster.ensure_user("ckpt-user2")
     return "ckpt-user2"
+
+
+@pytest.fixture
+def ck(tmp_path):
+    from ckpt_helpers import ckpt_env, require_criu
+
+    require_criu()
+    store, runtime = tmp_path / "store", tmp_path / "run"
+    store.mkdir()
+    return ckpt_env(store, runtime), store, runtime
 
 
 @pytest.fixture

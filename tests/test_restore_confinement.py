@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import DATA, ckpt_env, registered, require_criu, run_ckpt, start_ckpt, wait_for
+from ckpt_helpers import DATA, registered, run_ckpt, start_ckpt, wait_for
 
 from ckpt_agent import capture
 from ckpt_agent.capture import FileEntry, restore_files
@@ -185,14 +185,6 @@ def test_users_ckpt_commands_read_the_config_next_to_a_created_key(public_tmp):
 
 
 # --- end to end with CRIU: root's job, an edited manifest -------------------------------------------------------
-@pytest.fixture
-def ck(tmp_path):
-    require_criu()
-    store, runtime = tmp_path / "store", tmp_path / "run"
-    store.mkdir()
-    return ckpt_env(store, runtime), store, runtime
-
-
 def _lines(path: Path) -> int:
     try:
         return len(path.read_text().splitlines())

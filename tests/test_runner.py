@@ -17,10 +17,8 @@ import pytest
 from ckpt_helpers import (
     DATA,
     REPO,
-    ckpt_env,
     kill_job,
     registered,
-    require_criu,
     run_ckpt,
     start_ckpt,
     wait_for,
@@ -28,14 +26,6 @@ from ckpt_helpers import (
 
 pytestmark = pytest.mark.criu
 TOOLS = DATA / "runner"
-
-
-@pytest.fixture
-def ck(tmp_path):
-    require_criu()
-    store, runtime = tmp_path / "store", tmp_path / "run"
-    store.mkdir()
-    return ckpt_env(store, runtime), store, runtime
 
 
 def generations(env, job):

@@ -22,14 +22,6 @@ TOOLS = DATA / "runner"
 STAGING_BASES = (Path("/dev/shm/ckpt-agent"), Path("/var/tmp/ckpt-agent"))
 
 
-@pytest.fixture
-def ck(tmp_path):
-    require_criu()
-    store, runtime = tmp_path / "store", tmp_path / "run"
-    store.mkdir()
-    return ckpt_env(store, runtime), store, runtime
-
-
 def generations(env, job):
     res = run_ckpt("list", "--job-id", job, "--json", env=env)
     assert res.returncode == 0, res.stderr
