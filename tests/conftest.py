@@ -80,14 +80,43 @@ def _carries(pid: int, mark: str) -> bool:
         return False
 
 
+# The machine's own configuration directory: tests keep keys and configs in their tmp dirs, never here.
+MACHINE_CONFIG_DIR = "/etc/ckpt-agent"
+_etc_key = pytest.StashKey()
+
+
 def pytest_sessionstart(session):
     mark = uuid.uuid4().hex
     os.environ[SESSION_MARK] = mark
     session.config.stash[_before_key] = (mark, set(_daemons()))
+    session.config.stash[_etc_key] = os.path.exists(MACHINE_CONFIG_DIR)
 
 
-@pytest.hookimpl(trylast=True)  # after pytest's own sessionfinish has torn down the session fixtures
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
+    _check_daemons(session)
+    _check_machine_config(session)
+
+
+def _check_machine_config(session) -> None:
+    """A root `ckpt run` whose config names no key creates one in /etc/ckpt-agent at first use: a test doing so
+    writes into this machine's configuration. Fail the session when the suite created that directory."""
+    if _etc_key not in session.config.stash or session.config.stash[_etc_key]:
+        return
+    if os.path.exists(MACHINE_CONFIG_DIR):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = (f"the test session created {MACHINE_CONFIG_DIR} ({', '.join(sorted(os.listdir(MACHINE_CONFIG_DIR)))}):"
+                " a test ran root's `ckpt run` without a config that keeps its key in the test's tmp dir")
+        if reporter is not None:
+            reporter.write_sep("=", "files written into this machine's /etc", red=True)
+            reporter.write_line(text)
+        else:
+            print(text)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _check_daemons(session) -> None:
+    """(After pytest's own sessionfinish has torn down the session fixtures: this hook runs trylast.)"""
     if _before_key not in session.config.stash:
         return
     from ckpt_agent.devcluster import reaper

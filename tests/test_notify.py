@@ -164,7 +164,7 @@ def test_real_final_checkpoint_completes_while_the_endpoints_hang(tmp_path):
         config.write_text(
             "monitoring:\n  cluster: eda\n  region: us-east-1\n  metrics: true\n"
             f"  sns_topic_arn: arn:aws:sns:us-east-1:123456789012:ckpt\n  endpoint_url: {hang.url}\n"
-            "  timeout: 60\n")
+            "  timeout: 60\n" + _key_line(tmp_path))
         env = ckpt_env(root, runtime, CKPT_CONFIG=str(config), SLURM_RESTART_COUNT="1", **FAKE_CREDENTIALS)
         argv = ["python3", str(DATA / "runner" / "appender.py"), "60", "0.1"]
         proc = start_ckpt("run", "--job-id", "901", "--interval", "1000", "--", *argv, env=env, cwd=work,
@@ -203,7 +203,8 @@ def test_real_run_restarted_from_zero_notifies_and_publishes(monkeypatch, tmp_pa
         sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=qarn, Attributes={"RawMessageDelivery": "true"})
         config = tmp_path / "observe.yaml"
         config.write_text(f"queue: spot\nmonitoring:\n  cluster: eda\n  region: us-east-1\n  metrics: true\n"
-                          f"  namespace: CkptE2E\n  sns_topic_arn: {topic}\n  endpoint_url: {url}\n")
+                          f"  namespace: CkptE2E\n  sns_topic_arn: {topic}\n  endpoint_url: {url}\n"
+                          + _key_line(tmp_path))
         env = ckpt_env(root, runtime, CKPT_CONFIG=str(config), SLURM_RESTART_COUNT="1", **FAKE_CREDENTIALS)
         tool = "import time\nfor i in range(30):\n    print(i, flush=True)\n    time.sleep(0.05)\n"
         res = run_ckpt("run", "--job-id", "902", "--interval", "1", "--", "python3", "-c", tool, env=env, cwd=work)
@@ -217,3 +218,9 @@ def test_real_run_restarted_from_zero_notifies_and_publishes(monkeypatch, tmp_pa
         queues = {d["Value"] for m in cw.list_metrics(Namespace="CkptE2E")["Metrics"] for d in m["Dimensions"]
                   if d["Name"] == "Queue"}
         assert queues == {"spot"}
+
+
+def _key_line(tmp_path) -> str:
+    """The signing key in the test's tmp dir: root's `ckpt run` creates one at first use, never in this machine's
+    /etc."""
+    return f"agent:\n  key_file: {tmp_path / 'secret' / 'node.key'}\n"
