@@ -238,6 +238,16 @@ class ChunkStore:
         stats.chunks_new = 1
         return ref, stats
 
+    def claim_verification(self, digest: str) -> bool:
+        """Whether a chunk reused without its data in hand (a slice, pagedelta.py) is due for re-reading in this
+        checkpoint; each digest is claimed once. `unclaim` one found rotten, so the put() that stores its data
+        again verifies and repairs it."""
+        return self.verify_reused is not None and self._claim_verification(digest)
+
+    def unclaim(self, digests: Iterable[str]) -> None:
+        with self._lock:
+            self._verified.difference_update(digests)
+
     def _claim_verification(self, digest: str) -> bool:
         with self._lock:
             if digest in self._verified or not self.verify_reused(digest):
@@ -384,29 +394,39 @@ def restore_file(
     mode: int = 0o600,
     where: str = "",
     dir_fd: Optional[int] = None,
+    slices: Optional[Sequence[Sequence[int]]] = None,
 ) -> None:
     """Write a file from its chunks (verified) to `dest` via a temporary name, with exactly `mode`.
-    `dir_fd`: `dest` is a name in that directory (opened by the caller without following links)."""
+    `dir_fd`: `dest` is a name in that directory (opened by the caller without following links).
+    `slices`: the file is these [chunk index, offset, length] pieces of `refs` in order (a page-granular delta
+    image, pagedelta.py), each chunk read once, instead of the chunks one after the other."""
+    if slices is None:
+        slices = [(i, 0, ref.size) for i, ref in enumerate(refs)]
+    # chunk index -> [(file offset, offset in chunk, length)]
+    wanted: Dict[int, List[Tuple[int, int, int]]] = {}
+    pos = 0
+    for idx, off, length in slices:
+        wanted.setdefault(idx, []).append((pos, off, length))
+        pos += length
     tmp = f"{dest}.ckpt-tmp-{os.getpid()}"
     # the name is predictable: never open through whatever already sits there (a link planted to another file)
     _unlink_quiet(tmp, dir_fd)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)
-        offsets = []
-        pos = 0
-        for ref in refs:
-            offsets.append(pos)
-            pos += ref.size
         os.ftruncate(fd, pos)
 
-        def one(item: Tuple[int, ChunkRef]) -> None:
-            off, ref = item
-            if ref.size == CHUNK_BYTES and ref.digest == ZERO_CHUNK_DIGEST:
+        def one(item: Tuple[int, List[Tuple[int, int, int]]]) -> None:
+            idx, pieces = item
+            ref = refs[idx]
+            if ref.digest == ZERO_CHUNK_DIGEST and ref.size == CHUNK_BYTES:
                 return  # leave all-zero chunks as holes: restored sparse files stay sparse
-            os.pwrite(fd, chunks.get(ref, where or dest), off)
+            data = chunks.get(ref, where or dest)
+            view = memoryview(data)
+            for file_off, off, length in pieces:
+                os.pwrite(fd, view[off:off + length], file_off)
 
-        for _ in pool.map(one, zip(offsets, refs)):
+        for _ in pool.map(one, wanted.items()):
             pass
     except BaseException:
         os.close(fd)
