@@ -373,7 +373,7 @@ class Engine:
             if not os.path.isfile(path) or name.endswith(".log"):
                 continue
             runs = pages_runs(stage, name) if name.startswith("pages-") else None
-            if runs is not None and name in prev_images:
+            if runs is not None and pagedelta.PAGE_HASH and name in prev_images:
                 delta, st = pagedelta.store_delta(chunks, pool, path, runs, prev_images[name], f"image {name}",
                                                   chunks.claim_verification)
                 total.add(st)
@@ -384,7 +384,7 @@ class Engine:
             refs, st, size = store_file(chunks, path, pool, cuts)
             total.add(st)
             entry = {"name": name, "size": size, "chunks": [r.to_json() for r in refs]}
-            if runs is not None and size == sum(n for _, n in runs) * pagedelta.PAGE:
+            if runs is not None and pagedelta.PAGE_HASH and size == sum(n for _, n in runs) * pagedelta.PAGE:
                 entry["pagetable"], tst = pagedelta.store_table(chunks, *pagedelta.hash_file(path, runs), pool)
                 total.add(tst)
             images.append(entry)

@@ -134,3 +134,12 @@ def test_pruning_the_full_generation_keeps_the_chunks_a_kept_delta_slices(tmp_pa
     assert "slices" in kept and any(c in images[0]["chunks"] for c in kept["chunks"])
     rebuilt = restored(store.chunks_for("7"), kept, tmp_path / "r", pool)
     assert rebuilt == (tmp_path / "p1").read_bytes()
+
+
+def test_without_the_xxhash_wheel_images_are_stored_whole(tmp_path, pool, monkeypatch):
+    chunks = ChunkStore(str(tmp_path / "chunks"), compression="none")
+    data = bytearray(random.Random(1).randbytes(NPAGES * PAGE))
+    entry = full_entry(chunks, pool, write_pages(tmp_path / "p0", data))
+    monkeypatch.setattr(pagedelta, "PAGE_HASH", None)
+    few = write_pages(tmp_path / "p1", changed(data, 0.01, 3))
+    assert pagedelta.store_delta(chunks, pool, few, RUNS, entry, "x")[0] is None
