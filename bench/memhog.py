@@ -4,8 +4,8 @@ Usage: memhog.py MIB KIND PERCENT    (KIND: random | text | zeros)
 
 Files in the working directory drive it (they survive checkpoint/restore, unlike a signal in flight):
   ready    written once the memory is filled
-  mutate   when it appears, PERCENT% of the memory is rewritten in 1 MiB blocks with new data of the same kind
-           (zeros: with random data, since new zeros would change nothing), then `mutated` is written
+  mutate   when it appears, PERCENT% of the 4 KiB pages, at random places, are rewritten with new data of the same
+           kind (zeros: with random data, since new zeros would change nothing), then `mutated` is written
   stop     when it appears, the workload prints a checksum and exits 0
 
 Kinds:
@@ -15,6 +15,7 @@ Kinds:
   zeros   zero-filled pages that are touched (written), so they are real pages CRIU dumps, not the shared zero page
 """
 
+import ctypes
 import os
 import random
 import sys
@@ -71,8 +72,16 @@ def main() -> None:
     open("ready", "w").close()
     while not os.path.exists("mutate"):
         time.sleep(0.05)
-    changed = rng.sample(range(mib), max(1, int(mib * percent / 100)))
-    fill(data, changed, "random" if kind == "zeros" else kind, rng, pool)
+    # whole pages (malloc puts a header before the buffer: start at its first page boundary), at random places
+    start = -ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data)) % PAGE
+    npages = len(data) // PAGE - 1
+    for p in rng.sample(range(npages), max(1, int(npages * percent / 100))):
+        at = start + p * PAGE
+        if kind == "text":
+            off = rng.randrange(len(pool) - PAGE)
+            data[at:at + PAGE] = pool[off:off + PAGE]
+        else:
+            data[at:at + PAGE] = os.urandom(PAGE)
     open("mutated", "w").close()
     while not os.path.exists("stop"):
         time.sleep(0.05)

@@ -24,6 +24,12 @@ for hashing, copying and the kernel's writeback), and a chunk that would have to
 stored raw instead: with many cores nearly every compressible chunk is compressed; on 2 vCPUs, where zstd -1
 (~200 MiB/s per core) cannot outrun a local disk, only a few are, so compression never queues a checkpoint behind
 the CPU (see bench/ for the numbers). All-zero chunks are recognised by a compare, not hashed.
+
+The codec outruns the disk where it can: once per process, zstd's speed at levels 1, -1, -3 and -5 is measured on
+netlist-like text and the store's durable write bandwidth with a small probe file; a store uses the best-compressing
+level whose speed on the compression slots keeps up with that bandwidth (choose_level). Whether a chunk is worth
+compressing at all is decided from a 64 KiB sample in four pieces spread over it (probe): random data costs one
+small compression, not a whole chunk's.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -48,8 +55,12 @@ from .usercreds import Creds, acting_as
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: small enough that a local change rewrites little, large enough to keep file counts sane
-ZSTD_LEVEL = 1  # level 1 compresses netlist-like memory ~3x at the highest speed (field notes, section 4)
 COMPRESS_PROBE_BYTES = 64 << 10  # try compressing this much first; random data is stored raw without more effort
+PROBE_PIECES = 4  # ... taken as this many pieces spread over the chunk (a header or one odd region decides nothing)
+# zstd levels the codec is chosen from, best ratio first: negative levels trade ratio for 2-4x the speed of level 1
+ZSTD_LEVELS = (1, -1, -3, -5)
+SPEED_SAMPLE_BYTES = 2 << 20  # netlist-like text each level compresses once per process to measure its speed
+BANDWIDTH_PROBE_BYTES = 8 << 20  # written and fdatasync'ed once per process and store file system
 COMPRESS_MIN_SAVING = 0.10  # store compressed only when it saves at least 10%
 CPUS = os.cpu_count() or 2
 # threads per checkpoint: at least 4 so the disk always has writes queued while other chunks are hashed, even on 2 CPUs
@@ -119,6 +130,88 @@ def start_writeback(fd: int) -> None:
         _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
+def probe(data: bytes) -> bytes:
+    """COMPRESS_PROBE_BYTES of `data` in PROBE_PIECES pieces spread over it: what decides, cheaply, whether the
+    whole chunk is worth compressing."""
+    if len(data) <= COMPRESS_PROBE_BYTES:
+        return data
+    piece = COMPRESS_PROBE_BYTES // PROBE_PIECES
+    step = (len(data) - piece) // (PROBE_PIECES - 1)
+    return b"".join(data[i * step:i * step + piece] for i in range(PROBE_PIECES))
+
+
+def _text_sample(nbytes: int) -> bytes:
+    """Deterministic netlist-like text (what EDA tools hold), to time the codecs on."""
+    import random
+
+    rng = random.Random(5)
+    lines = []
+    size = 0
+    while size < nbytes:
+        line = (f"M{size} net_{rng.randrange(1 << 20)} net_{rng.randrange(1 << 20)} vss nch "
+                f"W={rng.randrange(1, 400) / 100:.2f}u L={rng.randrange(1, 40) / 100:.2f}u\n")
+        lines.append(line)
+        size += len(line)
+    return "".join(lines).encode()[:nbytes]
+
+
+_speeds: Dict[int, float] = {}
+_bandwidths: Dict[int, float] = {}
+_measure_lock = threading.Lock()
+
+
+def codec_speeds() -> Dict[int, float]:
+    """zstd level -> compression bytes/s of one core on this machine, measured once per process (~30 ms)."""
+    with _measure_lock:
+        if not _speeds:
+            sample = _text_sample(SPEED_SAMPLE_BYTES)
+            for level in ZSTD_LEVELS:
+                cctx = zstandard.ZstdCompressor(level=level)
+                t = time.perf_counter()
+                cctx.compress(sample)
+                _speeds[level] = len(sample) / max(time.perf_counter() - t, 1e-6)
+        return dict(_speeds)
+
+
+def store_bandwidth(root: str) -> Optional[float]:
+    """Bytes/s the store's file system takes durable writes at: BANDWIDTH_PROBE_BYTES written and fdatasync'ed to a
+    temporary file under `root`, once per process and file system. None when it cannot be measured."""
+    try:
+        dev = os.stat(root).st_dev
+    except OSError:
+        return None
+    with _measure_lock:
+        if dev not in _bandwidths:
+            path = os.path.join(root, f".bandwidth-probe.tmp-{os.getpid()}")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    block = os.urandom(1 << 20)  # incompressible: a compressing file system must not flatter it
+                    t = time.perf_counter()
+                    for _ in range(BANDWIDTH_PROBE_BYTES >> 20):
+                        _write_all(fd, block)
+                    os.fdatasync(fd)
+                    _bandwidths[dev] = BANDWIDTH_PROBE_BYTES / max(time.perf_counter() - t, 1e-6)
+                finally:
+                    os.close(fd)
+                    _unlink_quiet(path)
+            except OSError as e:
+                log.debug("cannot measure the write bandwidth of %s: %s", root, e)
+                return None
+        return _bandwidths[dev]
+
+
+def choose_level(bandwidth: Optional[float], speeds: Dict[int, float], slots: int = COMPRESS_SLOTS) -> int:
+    """The best-compressing zstd level whose measured speed on `slots` cores keeps up with the store's bandwidth;
+    the fastest level when none does; level 1 when the bandwidth is unknown."""
+    if not bandwidth:
+        return ZSTD_LEVELS[0]
+    for level in ZSTD_LEVELS:
+        if speeds.get(level, 0) * slots >= bandwidth:
+            return level
+    return max(speeds, key=speeds.get) if speeds else ZSTD_LEVELS[-1]
+
+
 def chunk_digest(data: bytes) -> str:
     """sha256 of a chunk; a full all-zero chunk (untouched-but-present memory, sparse files) by a compare instead."""
     if len(data) == CHUNK_BYTES and data == ZERO_CHUNK:
@@ -161,6 +254,7 @@ class ChunkStore:
         self.verify_reused: Optional[Callable[[str], bool]] = None
         self._verified: Set[str] = set()  # digests already checked (or written) in this checkpoint
         self._checked: set = set()  # prefix directories found to be real directories
+        self._level: Optional[int] = None
 
     def _check_prefix(self, prefix: str) -> None:
         """A chunk prefix directory is read only when it is a directory, not a link (checked once per store)."""
@@ -175,10 +269,21 @@ class ChunkStore:
         name = ref.digest + (".zst" if ref.codec == CODEC_ZSTD else "")
         return os.path.join(self.root, ref.digest[:2], name)
 
+    @property
+    def level(self) -> int:
+        """The zstd level for this store on this machine (choose_level), measured at the first compression."""
+        if self._level is None:
+            with acting_as(self._creds):
+                bandwidth = store_bandwidth(self.root)
+            level = choose_level(bandwidth, codec_speeds())
+            log.debug("zstd level %d for %s", level, self.root)
+            self._level = level
+        return self._level
+
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "cctx", None)
         if c is None:
-            c = self._local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            c = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
         return c
 
     def _encode(self, data: bytes, wait: bool = True) -> Tuple[bytes, str]:
@@ -194,8 +299,8 @@ class ChunkStore:
 
     def _compress(self, data: bytes) -> Tuple[bytes, str]:
         cctx = self._compressor()
-        probe = data[:COMPRESS_PROBE_BYTES]
-        if len(probe) == COMPRESS_PROBE_BYTES and len(cctx.compress(probe)) > len(probe) * (1 - COMPRESS_MIN_SAVING):
+        sample = probe(data)
+        if len(sample) < len(data) and len(cctx.compress(sample)) > len(sample) * (1 - COMPRESS_MIN_SAVING):
             return data, CODEC_RAW
         packed = cctx.compress(data)
         if len(packed) > len(data) * (1 - COMPRESS_MIN_SAVING):
@@ -237,6 +342,16 @@ class ChunkStore:
         stats.bytes_new = len(data)
         stats.chunks_new = 1
         return ref, stats
+
+    def claim_verification(self, digest: str) -> bool:
+        """Whether a chunk reused without its data in hand (a slice, pagedelta.py) is due for re-reading in this
+        checkpoint; each digest is claimed once. `unclaim` one found rotten, so the put() that stores its data
+        again verifies and repairs it."""
+        return self.verify_reused is not None and self._claim_verification(digest)
+
+    def unclaim(self, digests: Iterable[str]) -> None:
+        with self._lock:
+            self._verified.difference_update(digests)
 
     def _claim_verification(self, digest: str) -> bool:
         with self._lock:
@@ -384,29 +499,39 @@ def restore_file(
     mode: int = 0o600,
     where: str = "",
     dir_fd: Optional[int] = None,
+    slices: Optional[Sequence[Sequence[int]]] = None,
 ) -> None:
     """Write a file from its chunks (verified) to `dest` via a temporary name, with exactly `mode`.
-    `dir_fd`: `dest` is a name in that directory (opened by the caller without following links)."""
+    `dir_fd`: `dest` is a name in that directory (opened by the caller without following links).
+    `slices`: the file is these [chunk index, offset, length] pieces of `refs` in order (a page-granular delta
+    image, pagedelta.py), each chunk read once, instead of the chunks one after the other."""
+    if slices is None:
+        slices = [(i, 0, ref.size) for i, ref in enumerate(refs)]
+    # chunk index -> [(file offset, offset in chunk, length)]
+    wanted: Dict[int, List[Tuple[int, int, int]]] = {}
+    pos = 0
+    for idx, off, length in slices:
+        wanted.setdefault(idx, []).append((pos, off, length))
+        pos += length
     tmp = f"{dest}.ckpt-tmp-{os.getpid()}"
     # the name is predictable: never open through whatever already sits there (a link planted to another file)
     _unlink_quiet(tmp, dir_fd)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)
-        offsets = []
-        pos = 0
-        for ref in refs:
-            offsets.append(pos)
-            pos += ref.size
         os.ftruncate(fd, pos)
 
-        def one(item: Tuple[int, ChunkRef]) -> None:
-            off, ref = item
-            if ref.size == CHUNK_BYTES and ref.digest == ZERO_CHUNK_DIGEST:
+        def one(item: Tuple[int, List[Tuple[int, int, int]]]) -> None:
+            idx, pieces = item
+            ref = refs[idx]
+            if ref.digest == ZERO_CHUNK_DIGEST and ref.size == CHUNK_BYTES:
                 return  # leave all-zero chunks as holes: restored sparse files stay sparse
-            os.pwrite(fd, chunks.get(ref, where or dest), off)
+            data = chunks.get(ref, where or dest)
+            view = memoryview(data)
+            for file_off, off, length in pieces:
+                os.pwrite(fd, view[off:off + length], file_off)
 
-        for _ in pool.map(one, zip(offsets, refs)):
+        for _ in pool.map(one, wanted.items()):
             pass
     except BaseException:
         os.close(fd)

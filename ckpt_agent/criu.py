@@ -17,7 +17,7 @@ import os
 import re
 import struct
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import proc
 from .errors import CommandError, CriuError, IncompatibleCpuError
@@ -252,6 +252,30 @@ def _read_pagemap(buf: bytes):
     return head, entries
 
 
+def pages_runs(images_dir: str, pages_name: str) -> Optional[List[Tuple[int, int]]]:
+    """[(vaddr, nr_pages)] of the pages stored in pages-N.img, in file order; None when no pagemap describes it
+    (any parse problem: callers then only lose deduplication or page-granular incrementals, never correctness)."""
+    m = re.match(r"pages-(\d+)\.img$", pages_name)
+    if not m:
+        return None
+    try:
+        for name in os.listdir(images_dir):
+            if name.startswith("pagemap-") and name.endswith(".img"):
+                with open(os.path.join(images_dir, name), "rb") as fh:
+                    pages_id, found = _read_pagemap(fh.read())
+                if pages_id == int(m.group(1)):
+                    runs = []
+                    for vaddr, nr_pages, flags, in_parent in found:
+                        present = (bool(flags & _PE_PRESENT) and not flags & _PE_PARENT if flags is not None
+                                   else not in_parent)
+                        if present and nr_pages:
+                            runs.append((vaddr, nr_pages))
+                    return runs
+    except (OSError, ValueError, IndexError, struct.error):
+        log.debug("no usable pagemap for %s", pages_name)
+    return None
+
+
 def pages_cut_points(images_dir: str, pages_name: str, chunk_bytes: int) -> List[int]:
     """Offsets in pages-N.img where chunks should end, so chunks follow virtual addresses.
 
@@ -259,40 +283,24 @@ def pages_cut_points(images_dir: str, pages_name: str, chunk_bytes: int) -> List
     checkpoints when other regions grow or shrink, so unchanged memory is stored once. Any parse problem only costs
     deduplication, never correctness, so it falls back to plain fixed-size chunking.
     """
-    m = re.match(r"pages-(\d+)\.img$", pages_name)
-    if not m:
-        return []
-    try:
-        entries = None
-        for name in os.listdir(images_dir):
-            if name.startswith("pagemap-") and name.endswith(".img"):
-                with open(os.path.join(images_dir, name), "rb") as fh:
-                    pages_id, found = _read_pagemap(fh.read())
-                if pages_id == int(m.group(1)):
-                    entries = found
-                    break
-        if entries is None:
-            return []
-        # one chunk per chunk-aligned window of the address space: its identity depends only on the pages in
-        # that window, however CRIU happens to split the mappings into pagemap entries this time
-        cuts: List[int] = []
-        offset = 0
-        last_window = None
-        for vaddr, nr_pages, flags, in_parent in entries:
-            present = bool(flags & _PE_PRESENT) and not flags & _PE_PARENT if flags is not None else not in_parent
-            if not present or not nr_pages:
-                continue
-            end = vaddr + nr_pages * PAGE_SIZE
-            window = vaddr // chunk_bytes
-            if window != last_window:
-                cuts.append(offset)
-            addr = (window + 1) * chunk_bytes
-            while addr < end:
-                cuts.append(offset + (addr - vaddr))
-                addr += chunk_bytes
-            last_window = (end - 1) // chunk_bytes
-            offset += nr_pages * PAGE_SIZE
-        return cuts
-    except (OSError, ValueError, IndexError, struct.error):
+    entries = pages_runs(images_dir, pages_name)
+    if entries is None:
         log.debug("no usable pagemap for %s; fixed-size chunks", pages_name)
         return []
+    # one chunk per chunk-aligned window of the address space: its identity depends only on the pages in
+    # that window, however CRIU happens to split the mappings into pagemap entries this time
+    cuts: List[int] = []
+    offset = 0
+    last_window = None
+    for vaddr, nr_pages in entries:
+        end = vaddr + nr_pages * PAGE_SIZE
+        window = vaddr // chunk_bytes
+        if window != last_window:
+            cuts.append(offset)
+        addr = (window + 1) * chunk_bytes
+        while addr < end:
+            cuts.append(offset + (addr - vaddr))
+            addr += chunk_bytes
+        last_window = (end - 1) // chunk_bytes
+        offset += nr_pages * PAGE_SIZE
+    return cuts

@@ -39,10 +39,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from . import capture
+from . import capture, pagedelta
 from .chunkstore import CHUNK_BYTES, WORKERS, ChunkRef, WriteStats, restore_file, store_file
 from .config import CheckpointSettings
-from .criu import Criu, pages_cut_points
+from .criu import Criu, pages_cut_points, pages_runs
 from .errors import CkptError, CriuError, DamagedCheckpointError, PermissionDenied, StoreError
 from .store import FORMAT_VERSION, CheckpointStore, Generation, iso, utcnow
 from .usercreds import Creds, acting_as
@@ -272,7 +272,7 @@ class Engine:
                     resumed = True
                     guard.tell(DumpGuard.RESUMED)
                 t_step = time.monotonic()
-                images, istats = self._store_images(chunks, pool, stage)
+                images, istats = self._store_images(chunks, pool, stage, previous)
                 timings["store_images_seconds"] = time.monotonic() - t_step
                 stats = WriteStats()
                 stats.add(fstats)
@@ -361,17 +361,33 @@ class Engine:
         os.makedirs(base, mode=0o700, exist_ok=True)
         return tempfile.mkdtemp(prefix=f"dump.{os.getpid()}.{job.job_id}.{job.step}.", dir=base)
 
-    def _store_images(self, chunks, pool, stage: str) -> Tuple[List[Dict[str, Any]], WriteStats]:
+    def _store_images(self, chunks, pool, stage: str, previous: Optional[Dict[str, Any]] = None,
+                      ) -> Tuple[List[Dict[str, Any]], WriteStats]:
+        """Chunk the images into the store; a pages image as a page-granular delta against the previous
+        generation's when pagedelta's compaction rule allows, else in full, with its page table either way."""
         images = []
         total = WriteStats()
+        prev_images = {i.get("name"): i for i in (previous or {}).get("images", []) if isinstance(i, dict)}
         for name in sorted(os.listdir(stage)):
             path = os.path.join(stage, name)
             if not os.path.isfile(path) or name.endswith(".log"):
                 continue
-            cuts = pages_cut_points(stage, name, CHUNK_BYTES) if name.startswith("pages-") else None
+            runs = pages_runs(stage, name) if name.startswith("pages-") else None
+            if runs is not None and pagedelta.PAGE_HASH and name in prev_images:
+                delta, st = pagedelta.store_delta(chunks, pool, path, runs, prev_images[name], f"image {name}",
+                                                  chunks.claim_verification)
+                total.add(st)
+                if delta is not None:
+                    images.append({"name": name, "size": os.path.getsize(path), **delta})
+                    continue
+            cuts = pages_cut_points(stage, name, CHUNK_BYTES) if runs is not None else None
             refs, st, size = store_file(chunks, path, pool, cuts)
             total.add(st)
-            images.append({"name": name, "size": size, "chunks": [r.to_json() for r in refs]})
+            entry = {"name": name, "size": size, "chunks": [r.to_json() for r in refs]}
+            if runs is not None and pagedelta.PAGE_HASH and size == sum(n for _, n in runs) * pagedelta.PAGE:
+                entry["pagetable"], tst = pagedelta.store_table(chunks, *pagedelta.hash_file(path, runs), pool)
+                total.add(tst)
+            images.append(entry)
         return images, total
 
     # --- restore ------------------------------------------------------------------------------------------------
@@ -419,7 +435,8 @@ class Engine:
                 for img in manifest["images"]:
                     name = os.path.basename(img["name"])
                     refs = [ChunkRef.from_json(c) for c in img["chunks"]]
-                    restore_file(chunks, refs, os.path.join(stage, name), pool, where=f"image {name}")
+                    restore_file(chunks, refs, os.path.join(stage, name), pool, where=f"image {name}",
+                                 slices=img.get("slices"))
                 self.criu.cpuinfo_check(stage)
                 entries = [capture.FileEntry.from_json(f) for f in manifest["files"]]
                 # only below the job's working directory and extra paths; a signed checkpoint (whenever the store

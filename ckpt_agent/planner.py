@@ -89,6 +89,49 @@ def budget_seconds(checkpoint: Dict[str, Any]) -> float:
     return NOTICE_SECONDS - checkpoint.get("deadline_margin", 20) - checkpoint.get("poll_interval", 2)
 
 
+MIN_INTERVAL_SECONDS = 60.0  # the wrapper never shortens the periodic interval below this (nor below the configured)
+
+
+@dataclass
+class IntervalPlan:
+    """The wrapper's deadline plan after one periodic checkpoint (an `interval_planned` event when it changes)."""
+
+    predicted_final_seconds: float  # a final checkpoint taken just before the next periodic one, at this interval
+    budget_seconds: float
+    interval_seconds: float  # the periodic interval to use from now on
+    changed_bytes_per_second: float  # new data the job produced between the last two checkpoints
+    store_bytes_per_second: float  # the store's write bandwidth that checkpoint saw
+
+    def to_json(self) -> Dict[str, Any]:
+        return {k: round(v, 3) for k, v in asdict(self).items()}
+
+
+def plan_interval(*, interval: float, budget: float, frozen_seconds: float, bytes_written: int,
+                  write_seconds: float, seconds_since_previous: float) -> Optional[IntervalPlan]:
+    """Predict a final checkpoint from the last periodic one, and the interval that makes it fit the budget.
+
+    A final checkpoint costs what the tool was frozen for (the dump and the file capture, which scale with its
+    memory, not with what changed) plus writing what changed since the previous checkpoint. That grows with the
+    time since it: at worst, just before the next periodic checkpoint,
+        predicted = frozen + (changed_rate * interval) / store_bandwidth
+    with changed_rate = bytes written / seconds since the previous checkpoint, store_bandwidth = bytes written /
+    seconds spent writing them. When that exceeds the budget, the interval is shortened until it fits (not below
+    MIN_INTERVAL_SECONDS; when the dump alone does not fit, to that minimum). None without enough to go on.
+    """
+    if bytes_written <= 0 or write_seconds <= 0 or seconds_since_previous <= 0 or interval <= 0:
+        return None
+    rate = bytes_written / seconds_since_previous
+    bandwidth = bytes_written / write_seconds
+    predicted = frozen_seconds + rate * interval / bandwidth
+    chosen = interval
+    if predicted > budget:
+        floor = min(interval, MIN_INTERVAL_SECONDS)
+        fitting = (budget - frozen_seconds) * bandwidth / rate if budget > frozen_seconds else 0.0
+        chosen = max(floor, min(interval, fitting))
+    return IntervalPlan(predicted_final_seconds=predicted, budget_seconds=budget, interval_seconds=chosen,
+                        changed_bytes_per_second=rate, store_bytes_per_second=bandwidth)
+
+
 def plan_site(site: Dict[str, Any], inputs: Inputs) -> List[QueuePlan]:
     if not 0 < inputs.reclaimed_share <= 1:
         raise UsageError("the share of nodes reclaimed at once must be in (0, 1]")

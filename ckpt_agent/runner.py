@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from . import control
+from . import control, planner
 from .engine import JobState
 from .errors import (
     EXIT_FINAL,
@@ -245,6 +245,8 @@ class RunOptions:
     cwd: str = field(default_factory=os.getcwd)
     mode: str = "explicit"  # one of MODES
     agent_socket: str = ""  # the node agent, which requeues a job whose restore this CPU refused
+    # seconds a final checkpoint may take (planner.budget_seconds): periodic checkpoints come often enough for it
+    budget: float = field(default_factory=lambda: planner.budget_seconds({}))
 
 
 class Runner:
@@ -264,6 +266,7 @@ class Runner:
         self._server: Optional[control.ControlServer] = None
         self._reg_path = ""
         self.last_checkpoint: Optional[int] = None
+        self.interval = opts.interval  # the periodic interval, shortened by the deadline plan when needed
 
     # --- main ---------------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -594,7 +597,8 @@ class Runner:
                 print(f"ckpt: job {o.job_id} step {o.step} stopped by final checkpoint {res.generation}; {then}",
                       file=sys.stderr, flush=True)
             return {"generation": res.generation, "final": final, "bytes_written": res.bytes_written,
-                    "bytes_in": res.bytes_in, "seconds": round(res.total_seconds, 3), "created": res.created}
+                    "bytes_in": res.bytes_in, "seconds": round(res.total_seconds, 3), "created": res.created,
+                    "frozen_seconds": round(res.frozen_seconds, 3)}
 
     def _periodic(self) -> None:
         """Checkpoint every interval for as long as the tool runs. No failure ends this thread: a failed checkpoint
@@ -602,16 +606,42 @@ class Runner:
         after RETRY_FIRST_SECONDS, doubling up to the interval, so checkpoints resume as soon as the store does."""
         failures = 0
         delay = self.opts.interval
+        previous: Optional[float] = None  # when the previous periodic checkpoint started
         while not self._stop.wait(delay):
+            started = time.monotonic()
             try:
-                self.checkpoint(final=False, reason="periodic")
+                res = self.checkpoint(final=False, reason="periodic")
                 failures = 0
+                if previous is not None:
+                    self.plan_deadline(res, started - previous)
+                previous = started
             except Exception as e:  # recorded and reported (one stderr line) by checkpoint(); never ends the loop
                 failures += 1
                 log.debug("periodic checkpoint failed (%d in a row): %s", failures, e, exc_info=True)
-            delay = self.opts.interval
+            delay = self.interval
             if failures:
-                delay = min(self.opts.interval, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+                delay = min(self.interval, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+
+    def plan_deadline(self, res: Dict[str, Any], since_previous: float) -> Optional[planner.IntervalPlan]:
+        """After a periodic checkpoint: predict a final one (planner.plan_interval) and, when the interval must
+        change for it to fit the notice budget (or may return towards the configured one), change it and record
+        the decision (`interval_planned` event, one stderr line)."""
+        o = self.opts
+        plan = planner.plan_interval(
+            interval=o.interval, budget=o.budget, frozen_seconds=res["frozen_seconds"],
+            bytes_written=res["bytes_written"], write_seconds=res["seconds"] - res["frozen_seconds"],
+            seconds_since_previous=since_previous)
+        if plan is None or abs(plan.interval_seconds - self.interval) < 1:
+            return plan
+        emit(self.store, o.job_id, "interval_planned", node=self.node, instance=self.instance, step=o.step,
+             previous_interval_seconds=round(self.interval, 3), configured_interval_seconds=o.interval,
+             **plan.to_json())
+        print(f"ckpt: a final checkpoint of job {o.job_id} step {o.step} would take about "
+              f"{plan.predicted_final_seconds:.0f} s at a {o.interval:g} s interval (budget "
+              f"{plan.budget_seconds:g} s): periodic checkpoints every {plan.interval_seconds:.0f} s",
+              file=sys.stderr, flush=True)
+        self.interval = plan.interval_seconds
+        return plan
 
 
 def _restart_count() -> int:

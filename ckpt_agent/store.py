@@ -61,7 +61,8 @@ MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 RESULT = "result.json"
 EVENTS = "events.jsonl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images may be slices of chunks with a page table (pagedelta.py); older agents refuse it
+READABLE_FORMATS = (1, FORMAT_VERSION)
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
 _PARTIAL_RE = re.compile(r"^gen-(\d{6,})\.partial-(\d+)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
@@ -432,7 +433,7 @@ class CheckpointStore:
             raise StoreError(f"{where}: cannot read manifest: {e.strerror}") from e
         body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         self.signer.verify(body, envelope.get("signature"), where, require_signature)
-        if manifest.get("format") != FORMAT_VERSION:
+        if manifest.get("format") not in READABLE_FORMATS:
             raise DamagedCheckpointError(f"{where}: unsupported manifest format {manifest.get('format')!r}")
         check_manifest(manifest, where)
         return manifest
@@ -652,6 +653,19 @@ def _check_refs(refs: Any, where: str) -> int:
     return total
 
 
+def _check_slices(slices: Any, refs: List[list]) -> Optional[int]:
+    """Total length of an image's [chunk index, offset, length] slices, None when one leaves its chunk."""
+    if not isinstance(slices, list):
+        return None
+    total = 0
+    for s in slices:
+        if not (type(s) is list and len(s) == 3 and all(type(x) is int for x in s) and 0 <= s[0] < len(refs)
+                and s[1] >= 0 and s[2] > 0 and s[1] + s[2] <= refs[s[0]][1]):
+            return None
+        total += s[2]
+    return total
+
+
 def check_manifest(manifest: Dict[str, Any], where: str) -> None:
     """The shape every reader relies on; anything else is a damaged generation (never a KeyError later).
     Messages are built only on failure: a manifest of a large process lists ~12,000 chunks per 12 GiB."""
@@ -669,8 +683,17 @@ def check_manifest(manifest: Dict[str, Any], where: str) -> None:
         if not (isinstance(img, dict) and isinstance(img.get("name"), str) and _IMAGE_NAME_RE.match(img["name"])
                 and type(img.get("size")) is int):
             raise bad(f"bad image entry {str(img)[:100]}")
-        if _check_refs(img.get("chunks"), where) != img["size"]:
+        total = _check_refs(img.get("chunks"), where)
+        if "slices" in img:
+            total = _check_slices(img["slices"], img["chunks"])
+            if total is None:
+                raise bad(f"image {img['name']}: bad slices")
+        if total != img["size"]:
             raise bad(f"image {img['name']}: size and chunks disagree")
+        table = img.get("pagetable")
+        if table is not None and not (isinstance(table, dict) and type(table.get("pages")) is int
+                                      and _check_refs(table.get("chunks"), where) == 24 * table["pages"]):
+            raise bad(f"image {img['name']}: bad page table")
     for f in files:
         if not (isinstance(f, dict) and isinstance(f.get("path"), str) and f.get("kind") in ("dir", "file", "symlink")
                 and all(type(f.get(k)) is int for k in ("mode", "uid", "gid", "mtime_ns"))):
@@ -692,6 +715,9 @@ def check_manifest(manifest: Dict[str, Any], where: str) -> None:
 def manifest_refs(manifest: Dict[str, Any]) -> Iterator[ChunkRef]:
     for item in manifest.get("images", []):
         for r in item.get("chunks", []):
+            yield ChunkRef.from_json(r)
+        table = item.get("pagetable")  # what the next generation's page-granular delta compares with
+        for r in (table.get("chunks", []) if isinstance(table, dict) else []):
             yield ChunkRef.from_json(r)
     for item in manifest.get("files", []):
         for r in item.get("chunks", []) or []:

@@ -101,10 +101,10 @@ def test_compression_only_where_it_pays(chunks, make, codec):
 
 
 def test_random_head_with_compressible_tail_is_judged_by_the_probe(chunks):
-    """The probe decides: random first 64 KiB means raw, without compressing the rest (the cost it avoids)."""
+    """The probe samples the whole chunk: a random first 64 KiB (a header) does not make compressible data raw."""
     data = random_bytes(chunkstore.COMPRESS_PROBE_BYTES) + bytes(MIB - chunkstore.COMPRESS_PROBE_BYTES)
     ref, _ = chunks.put(data)
-    assert ref.codec == CODEC_RAW
+    assert ref.codec == CODEC_ZSTD
 
 
 def test_compression_none_stores_everything_raw(tmp_path):
@@ -389,3 +389,42 @@ def test_sampled_verification_skips_chunks_outside_the_slice(tmp_path):
     store.verify_reused = lambda digest: digest != ref.digest
     _, stats = store.put(data)
     assert (stats.chunks_reused, stats.chunks_verified) == (1, 0)
+
+
+# --- codec choice against the store's bandwidth --------------------------------------------------------------------
+def test_level_is_the_best_ratio_that_keeps_up_with_the_store():
+    speeds = {1: 200e6, -1: 400e6, -3: 600e6, -5: 800e6}
+    assert chunkstore.choose_level(None, speeds, slots=1) == 1  # unknown bandwidth: as before
+    assert chunkstore.choose_level(150e6, speeds, slots=1) == 1  # FSx at 150 MB/s: level 1 keeps up
+    assert chunkstore.choose_level(500e6, speeds, slots=1) == -3  # a local NVMe disk: a fast level
+    assert chunkstore.choose_level(500e6, speeds, slots=4) == 1  # ... unless many cores compress at once
+    assert chunkstore.choose_level(5e9, speeds, slots=1) == -5  # nothing keeps up: the fastest
+
+
+def test_the_compression_probe_samples_the_whole_chunk():
+    # compressible at the start, random everywhere else: the sample sees mostly random data
+    data = bytes(64 << 10) + random_bytes(CHUNK_BYTES - (64 << 10))
+    sample = chunkstore.probe(data)
+    assert len(sample) == chunkstore.COMPRESS_PROBE_BYTES
+    assert sample.count(0) < len(sample) // 2
+    chunks = ChunkStore("/nonexistent")
+    chunks._level = 1
+    assert chunks._compress(data)[1] == CODEC_RAW
+
+
+def test_store_bandwidth_is_measured_once_and_leaves_nothing(tmp_path):
+    first = chunkstore.store_bandwidth(str(tmp_path))
+    assert first and first > 0
+    assert os.listdir(tmp_path) == []
+    assert chunkstore.store_bandwidth(str(tmp_path)) == first  # cached per file system
+    assert chunkstore.store_bandwidth(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("level", chunkstore.ZSTD_LEVELS)
+def test_every_level_round_trips(tmp_path, level):
+    chunks = ChunkStore(str(tmp_path / "c"))
+    chunks._level = level
+    data = text_bytes(CHUNK_BYTES)
+    ref, _ = chunks.put(data)
+    assert ref.codec == CODEC_ZSTD
+    assert chunks.get(ref) == data

@@ -85,3 +85,54 @@ def test_validate_warns_when_the_example_cannot_fit_its_largest_jobs(capsys):
     captured = capsys.readouterr()
     assert "valid: cluster eda-spot" in captured.out
     assert "warning: queue sim-spot: a final checkpoint of a 115.2 GiB job does NOT fit" in captured.err
+
+
+# --- the wrapper's deadline plan -----------------------------------------------------------------------------------
+def test_interval_plan_by_hand():
+    from ckpt_agent.planner import plan_interval
+
+    # 1 GiB new per 600 s at 100 MB/s seen: at a 1800 s interval a final writes 3 GiB: 5 + 32.2 s fits in 98 s
+    fits = plan_interval(interval=1800, budget=98, frozen_seconds=5, bytes_written=GIB, write_seconds=GIB / (100 * MB),
+                         seconds_since_previous=600)
+    assert fits.interval_seconds == 1800 and fits.predicted_final_seconds == pytest.approx(5 + 3 * GIB / (100 * MB))
+    # 10 GiB new per 600 s: 3 x 107 s at 1800 s does not fit; the interval that does: (98 - 5) s of writing
+    late = plan_interval(interval=1800, budget=98, frozen_seconds=5, bytes_written=10 * GIB,
+                         write_seconds=10 * GIB / (100 * MB), seconds_since_previous=600)
+    rate, bw = 10 * GIB / 600, 100 * MB
+    assert late.predicted_final_seconds > 98
+    assert late.interval_seconds == pytest.approx(93 * bw / rate)
+    assert 5 + rate * late.interval_seconds / bw == pytest.approx(98)
+    # a dump that alone exceeds the budget: as often as allowed, never below the floor
+    hopeless = plan_interval(interval=1800, budget=98, frozen_seconds=120, bytes_written=GIB, write_seconds=10,
+                             seconds_since_previous=600)
+    assert hopeless.interval_seconds == 60
+    assert plan_interval(interval=1800, budget=98, frozen_seconds=1, bytes_written=0, write_seconds=1,
+                         seconds_since_previous=600) is None
+
+
+def test_wrapper_shortens_its_interval_and_records_the_decision(tmp_path, capsys):
+    from ckpt_agent.events import WRITER
+    from ckpt_agent.runner import Runner, RunOptions
+    from ckpt_agent.store import CheckpointStore
+
+    (tmp_path / "store").mkdir()
+    store = CheckpointStore(str(tmp_path / "store"))
+    store.ensure_job("77", "main")
+    runner = Runner(RunOptions(job_id="77", step="main", argv=["true"], interval=1800,
+                               runtime_dir=str(tmp_path / "run"), budget=98), store, backend=None)
+    heavy = {"frozen_seconds": 5.0, "seconds": 5.0 + 10 * GIB / (100 * MB), "bytes_written": 10 * GIB}
+    plan = runner.plan_deadline(heavy, since_previous=600)
+    assert runner.interval == plan.interval_seconds < 1800
+    assert WRITER.flush(30)
+    events = [json.loads(line) for line in (tmp_path / "store" / "77" / "events.jsonl").read_text().splitlines()]
+    planned = [e for e in events if e["event"] == "interval_planned"]
+    assert len(planned) == 1 and planned[0]["previous_interval_seconds"] == 1800
+    assert planned[0]["predicted_final_seconds"] > 98 and planned[0]["interval_seconds"] == round(runner.interval, 3)
+    assert "periodic checkpoints every" in capsys.readouterr().err
+    # the job calms down: back to the configured interval, recorded too
+    light = {"frozen_seconds": 5.0, "seconds": 6.0, "bytes_written": 100 * MB}
+    runner.plan_deadline(light, since_previous=600)
+    assert runner.interval == 1800
+    assert WRITER.flush(30)
+    assert sum(1 for line in (tmp_path / "store" / "77" / "events.jsonl").read_text().splitlines()
+               if "interval_planned" in line) == 2

@@ -9,6 +9,7 @@ import sys
 
 from ..backends import choose_backend
 from ..errors import UsageError
+from ..planner import budget_seconds
 from ..runner import Runner, RunOptions, enclosing_step
 from ..store import Signer
 from ._common import add_config_args, add_job_args, job_id_from_env, load, make_engine, open_store, seconds_arg
@@ -56,7 +57,9 @@ def main(args: argparse.Namespace) -> int:
     backend = choose_backend(lambda: make_engine(cfg, store), cfg.socket_path)
     opts = RunOptions(job_id=job_id, step=args.name, argv=cmd, interval=interval, runtime_dir=cfg.runtime_dir,
                       cwd=os.getcwd(), mode="transparent" if args.transparent else "explicit",
-                      agent_socket=cfg.socket_path)
+                      agent_socket=cfg.socket_path,
+                      budget=budget_seconds({"deadline_margin": cfg.agent.deadline_margin,
+                                             "poll_interval": cfg.agent.poll_interval}))
     return Runner(opts, store, backend).run()
 
 
