@@ -104,15 +104,20 @@ def _check_machine_config(session) -> None:
     if _etc_key not in session.config.stash or session.config.stash[_etc_key]:
         return
     if os.path.exists(MACHINE_CONFIG_DIR):
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        text = (f"the test session created {MACHINE_CONFIG_DIR} ({', '.join(sorted(os.listdir(MACHINE_CONFIG_DIR)))}):"
-                " a test ran root's `ckpt run` without a config that keeps its key in the test's tmp dir")
-        if reporter is not None:
-            reporter.write_sep("=", "files written into this machine's /etc", red=True)
-            reporter.write_line(text)
-        else:
-            print(text)
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        _fail_session(session, "files written into this machine's /etc",
+                      f"the test session created {MACHINE_CONFIG_DIR} "
+                      f"({', '.join(sorted(os.listdir(MACHINE_CONFIG_DIR)))}): a test ran root's `ckpt run` without "
+                      "a config that keeps its key in the test's tmp dir")
+
+
+def _fail_session(session, title: str, text: str) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_sep("=", title, red=True)
+        reporter.write_line(text)
+    else:
+        print(text)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _check_daemons(session) -> None:
@@ -127,15 +132,9 @@ def _check_daemons(session) -> None:
         return
     lines = [f"{pid} {what}: {_cmdline(pid)}" for pid, what in sorted(leftovers.items())]
     survivors = reaper.kill(leftovers)
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    text = ("the test session left daemons running; they are killed now"
-            + (f" (these survived SIGKILL: {survivors})" if survivors else "") + ":\n  " + "\n  ".join(lines))
-    if reporter is not None:
-        reporter.write_sep("=", "daemons left behind by the suite", red=True)
-        reporter.write_line(text)
-    else:
-        print(text)
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    _fail_session(session, "daemons left behind by the suite",
+                  "the test session left daemons running; they are killed now"
+                  + (f" (these survived SIGKILL: {survivors})" if survivors else "") + ":\n  " + "\n  ".join(lines))
 
 
 def _cmdline(pid: int) -> str:
