@@ -111,3 +111,11 @@ def kill_job(proc: subprocess.Popen, runtime: Path, job: str, step: str = "main"
         except ProcessLookupError:
             pass
     proc.wait(timeout=10)
+
+
+def keep_or_remove(request, workdir: str, what: str) -> None:
+    """A stopped cluster's work directory: kept for its logs when a test failed or CKPT_KEEP_CLUSTER=1, else removed."""
+    if request.session.testsfailed or os.environ.get("CKPT_KEEP_CLUSTER") == "1":
+        print(f"\n{what} kept for inspection: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)

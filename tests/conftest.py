@@ -181,14 +181,13 @@ def local_cluster(request):
     with_accounting = not accounting.missing_binaries() and os.environ.get("CKPT_CLUSTER_ACCOUNTING") != "0"
     cluster = LocalCluster(workdir, nodes=("node1", "node2"), accounting=with_accounting)
     cluster.start()
+    from ckpt_helpers import keep_or_remove
+
     try:
         yield cluster
     finally:
         cluster.stop()
-        if request.session.testsfailed or os.environ.get("CKPT_KEEP_CLUSTER") == "1":
-            print(f"\nlocal Slurm cluster kept for inspection: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        keep_or_remove(request, workdir, "local Slurm cluster")
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import DATA, require_criu, wait_for
+from ckpt_helpers import DATA, keep_or_remove, require_criu, wait_for
 
 from ckpt_agent.errors import CkptError, SlurmError
 from ckpt_agent.requeue import REVOKE_MARGIN_SECONDS, Requeuer, combine_features, family_constraint, read_marker
@@ -203,10 +203,7 @@ def rq(request):
         if agents is not None:
             agents.stop()
         cluster.stop()
-        if request.session.testsfailed or os.environ.get("CKPT_KEEP_CLUSTER") == "1":
-            print(f"\nrequeue cluster kept for inspection: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        keep_or_remove(request, workdir, "requeue cluster")
 
 
 def _script(bin_dir: str, work: Path, steps: int) -> str:

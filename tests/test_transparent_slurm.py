@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import REPO, require_criu, wait_for
+from ckpt_helpers import REPO, keep_or_remove, require_criu, wait_for
 from conftest import _slurm_skip_reason
 
 from ckpt_agent import render
@@ -60,10 +60,7 @@ def tcluster(request):
         if agents is not None:
             agents.stop()
         cluster.stop()
-        if request.session.testsfailed or os.environ.get("CKPT_KEEP_CLUSTER") == "1":
-            print(f"\ntransparent-mode cluster kept for inspection: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        keep_or_remove(request, workdir, "transparent-mode cluster")
 
 
 @pytest.fixture
