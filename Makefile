@@ -19,7 +19,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm" tests
 
 lint: setup
-	$(VENV)/bin/ruff check ckpt_agent tests bench
+	$(VENV)/bin/ruff check ckpt_agent ckpt_dev tests bench
 	shellcheck bootstrap/*.sh scripts/*.sh .ci/run
 
 # `make setup` from this checkout in a clean Debian 12 root (as root; no venv or setup needed on this machine).
@@ -27,7 +27,7 @@ fresh-root-check:
 	bash scripts/fresh-root-check.sh
 
 demo: setup
-	$(PY) -m ckpt_agent.demo
+	$(PY) -m ckpt_dev.demo
 
 bench: setup
 	$(PY) bench/checkpoint_bench.py

@@ -47,7 +47,7 @@ sys.path.insert(0, str(BENCH))
 
 from memhog import BLOCK, POOL_MIB, netlist_pool  # noqa: E402
 
-from ckpt_agent import chunkstore  # noqa: E402
+from ckpt_agent.store import chunks as chunkstore  # noqa: E402
 
 MIB = 1 << 20
 KINDS = ("random", "text", "zeros")

@@ -1,6 +1,6 @@
 """Time from a Spot interruption notice to checkpoint start and to requeue, with 1 and 4 jobs on a node.
 
-Runs the real path on the local Slurm cluster (`ckpt_agent.devcluster`): jobs submitted with sbatch under
+Runs the real path on the local Slurm cluster (`ckpt_dev`): jobs submitted with sbatch under
 `ckpt run`, a node agent polling its own IMDS endpoint, a notice injected there. Times come from the events the
 agent and the wrappers record (notice_received, checkpoint_started, checkpoint_committed, requeued), measured from
 the moment the notice was injected, so the agent's IMDS poll interval is part of the figure, as it is on EC2.
@@ -26,10 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ckpt_agent.devcluster import shared_venv  # noqa: E402
-from ckpt_agent.devcluster.agents import NodeAgents  # noqa: E402
-from ckpt_agent.devcluster.slurm_cluster import LocalCluster  # noqa: E402
-from ckpt_agent.store import parse_iso  # noqa: E402
+from ckpt_agent.store.generations import parse_iso  # noqa: E402
+from ckpt_dev import shared_venv  # noqa: E402
+from ckpt_dev.agents import NodeAgents  # noqa: E402
+from ckpt_dev.slurm_cluster import LocalCluster  # noqa: E402
 
 BUDGET_SECONDS = 120 - 20  # notice lead time minus the agent's default deadline margin
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(BENCH))
 
 from memhog import POOL_MIB, netlist_pool  # noqa: E402
 
-from ckpt_agent import chunkstore  # noqa: E402
-from ckpt_agent.engine import SCRUB_SLICES  # noqa: E402
+from ckpt_agent.checkpoint.engine import SCRUB_SLICES  # noqa: E402
+from ckpt_agent.store import chunks as chunkstore  # noqa: E402
 
 MIB = 1 << 20
 

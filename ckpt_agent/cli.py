@@ -17,8 +17,8 @@ import os
 import sys
 from typing import Iterable, List, Optional
 
-from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_USAGE, CkptError
+from ckpt_agent import __version__
+from ckpt_agent.errors import EXIT_INTERNAL, EXIT_USAGE, CkptError
 
 # subcommand -> its module's HELP, for the `ckpt --help` listing without importing every module
 COMMANDS = {

@@ -56,6 +56,10 @@ install_venv() {
   log "installing the package with its dev and validate extras"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
   "$VENV/bin/pip" install -q -e "${ROOT}[dev,validate]"
+  # the local cluster and the demo (ckpt_dev/) come from the checkout: they are not in the package nodes install
+  local purelib
+  purelib="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  printf '%s\n' "$ROOT" >"$purelib/ckpt-dev-checkout.pth"
 }
 
 install_shared_venv() {

@@ -76,7 +76,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
 def processes_of(workdir: str) -> List[int]:
     """Live processes belonging to a local cluster (or demo) in `workdir`: its daemons (workdir in argv) and its jobs
     and agents (SLURM_CONF under workdir in their environment). The tests' own view, independent of
-    ckpt_agent.devcluster.reaper, which it checks."""
+    ckpt_dev.reaper, which it checks."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():

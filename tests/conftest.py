@@ -1,12 +1,12 @@
 """Shared fixtures. Other engineers' tests may use them; the names below are a stable interface.
 
-- `imds_server`: a started `ckpt_agent.devcluster.imds_server.ImdsServer` on 127.0.0.1 (ephemeral port), one per
+- `imds_server`: a started `ckpt_dev.imds_server.ImdsServer` on 127.0.0.1 (ephemeral port), one per
   test; `imds_server.url` is the base URL for `ImdsClient` or $AWS_EC2_METADATA_SERVICE_ENDPOINT. Inject with
   `inject_spot_notice(action, seconds_from_now)`, `inject_rebalance()`, `clear()`, `fail_next(n, status)`,
   `delay_next(n, seconds)`, `expire_tokens()`; observe with `count(path, method)` / `request_counts`.
 - `imds_client`: an `ImdsClient` for `imds_server` with short timeouts (timeout=0.5 s, tries=1).
 - `local_cluster` (session scope; tests using it carry the marker `slurm`): a started
-  `ckpt_agent.devcluster.slurm_cluster.LocalCluster` with nodes node1 and node2, started once per pytest session
+  `ckpt_dev.slurm_cluster.LocalCluster` with nodes node1 and node2, started once per pytest session
   and stopped at its end (start-up: 1 s, 3 s with accounting, on this machine). It runs with Slurm accounting
   (MariaDB + slurmdbd, so `sacct` works) when slurmdbd and mariadb-server are installed and
   CKPT_CLUSTER_ACCOUNTING is not "0"; `local_cluster.accounting` says which. Its workdir, /tmp/ckpt-slurm-XXXX, is
@@ -43,9 +43,9 @@ from typing import Dict, Set
 
 import pytest
 
-from ckpt_agent.chunkstore import ChunkStore
-from ckpt_agent.devcluster.imds_server import ImdsServer
-from ckpt_agent.imds import ImdsClient
+from ckpt_agent.adapters.imds import ImdsClient
+from ckpt_agent.store.chunks import ChunkStore
+from ckpt_dev.imds_server import ImdsServer
 
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "scontrol", "sbatch", "squeue", "runuser", "useradd")
 SESSION_MARK = "PYTEST_CKPT_SESSION"  # not CKPT_*: tests grep jobs' environments for those
@@ -124,7 +124,7 @@ def _check_daemons(session) -> None:
     """(After pytest's own sessionfinish has torn down the session fixtures: this hook runs trylast.)"""
     if _before_key not in session.config.stash:
         return
-    from ckpt_agent.devcluster import reaper
+    from ckpt_dev import reaper
 
     mark, before = session.config.stash[_before_key]
     leftovers = {pid: what for pid, what in _daemons().items() if pid not in before and _carries(pid, mark)}
@@ -173,8 +173,8 @@ def local_cluster(request):
     reason = _slurm_skip_reason()
     if reason:
         pytest.skip(reason)
-    from ckpt_agent.devcluster import accounting
-    from ckpt_agent.devcluster.slurm_cluster import LocalCluster
+    from ckpt_dev import accounting
+    from ckpt_dev.slurm_cluster import LocalCluster
 
     workdir = tempfile.mkdtemp(prefix="ckpt-slurm-", dir="/tmp")
     os.chmod(workdir, 0o755)  # jobs run as ordinary users and must traverse it
@@ -198,7 +198,7 @@ def cluster(local_cluster):
     live = [line.split()[0].split("=")[1] for line in leftovers
             if "JobState=RUNNING" in line or "JobState=PENDING" in line or "JobState=COMPLETING" in line]
     if live:
-        from ckpt_agent import proc
+        from ckpt_agent.util import proc
 
         proc.run(["scancel", *live], env=local_cluster.env(), ok_codes=(0, 1))
     for node in local_cluster.nodes:

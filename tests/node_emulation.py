@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ckpt_agent import proc
-from ckpt_agent.devcluster import slurm_conf
-from ckpt_agent.slurm import Slurm
+from ckpt_agent.adapters.slurm import Slurm
+from ckpt_agent.util import proc
+from ckpt_dev import slurm_conf
 
 DEB_CACHE = "/var/cache/ckpt-node-test/debs"
 NODE_NAME = "sim-spot-dy-nodes-1"  # ParallelCluster's <queue>-<dy|st>-<compute resource>-<n>

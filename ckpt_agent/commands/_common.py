@@ -7,12 +7,12 @@ import os
 import sys
 from typing import Any, Dict, Optional
 
-from ..config import AgentConfig, load_agent_config, require_store
-from ..criu import Criu
-from ..engine import Engine
-from ..errors import UsageError
-from ..store import CheckpointStore, Signer, check_name
-from ..units import check_seconds
+from ckpt_agent.adapters.criu import Criu
+from ckpt_agent.checkpoint.engine import Engine
+from ckpt_agent.errors import UsageError
+from ckpt_agent.node.config import AgentConfig, load_agent_config, require_store
+from ckpt_agent.store.generations import CheckpointStore, Signer, check_name
+from ckpt_agent.util.units import check_seconds
 
 
 def add_config_args(parser: argparse.ArgumentParser, store: bool = True) -> None:
@@ -86,7 +86,7 @@ def _find_criu(name: str) -> str:
 def load_site_or_print(path: str, stream=None) -> Optional[Dict[str, Any]]:
     """The validated site file; None after printing every problem, one a line (stderr by default), as `ckpt
     validate` lists them: the caller then exits 2."""
-    from ..site import SiteInvalid, load_site
+    from ckpt_agent.site.schema import SiteInvalid, load_site
 
     try:
         return load_site(path)

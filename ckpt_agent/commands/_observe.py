@@ -8,7 +8,7 @@ import atexit
 import logging
 from typing import Any, List
 
-from .. import events
+from ckpt_agent.store import events
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +20,11 @@ def install_sinks(cfg: Any) -> List[Any]:
     m = cfg.monitoring
     try:
         if m.metrics:
-            from ..metrics import publisher_from_config
+            from ckpt_agent.adapters.metrics import publisher_from_config
 
             sinks.append(publisher_from_config(cfg))
         if m.sns_topic_arn or m.event_bus:
-            from ..notify import notifier_from_config
+            from ckpt_agent.adapters.notify import notifier_from_config
 
             sinks.append(notifier_from_config(cfg))
     except Exception as e:  # botocore's errors (no region, bad endpoint): monitoring never stops a job

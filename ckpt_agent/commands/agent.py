@@ -7,16 +7,21 @@ import logging
 import os
 import socket
 
-from .. import control
-from ..agent import Agent, NoticeHandler
-from ..imds import ImdsClient
-from ..monitor import InterruptionMonitor
-from ..privileged import PrivilegedService
-from ..runner import registration_dir
-from ..slurm import Slurm
-from ..store import CheckpointStore, Signer
-from ._common import add_config_args, load, make_engine, seconds_arg
-from ._observe import install_sinks
+from ckpt_agent.adapters import control
+from ckpt_agent.adapters.imds import ImdsClient
+from ckpt_agent.adapters.slurm import Slurm
+from ckpt_agent.checkpoint.runner import registration_dir
+from ckpt_agent.commands._common import (
+    add_config_args,
+    load,
+    make_engine,
+    seconds_arg,
+)
+from ckpt_agent.commands._observe import install_sinks
+from ckpt_agent.node.agent import Agent, NoticeHandler
+from ckpt_agent.node.monitor import InterruptionMonitor
+from ckpt_agent.node.privileged import PrivilegedService
+from ckpt_agent.store.generations import CheckpointStore, Signer
 
 # Written by ParallelCluster on every compute node: the Slurm node name, which differs from the host name under
 # UseEc2Hostnames or a custom DNS (cookbook: slurm_plugin files; aws-parallelcluster-node: slurm_resources.py).

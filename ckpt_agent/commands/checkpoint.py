@@ -12,13 +12,19 @@ import sys
 import threading
 from typing import Any, Dict, Optional
 
-from .. import control
-from ..errors import PermissionDenied
-from ..progress import DirectoryGrowth, ProgressLine
-from ..runner import find_registration
-from ..units import human_bytes
-from ..usercreds import owner_of_path
-from ._common import add_config_args, add_job_args, job_id_from_env, load, seconds_arg
+from ckpt_agent.adapters import control
+from ckpt_agent.checkpoint.progress import DirectoryGrowth, ProgressLine
+from ckpt_agent.checkpoint.runner import find_registration
+from ckpt_agent.commands._common import (
+    add_config_args,
+    add_job_args,
+    job_id_from_env,
+    load,
+    seconds_arg,
+)
+from ckpt_agent.errors import PermissionDenied
+from ckpt_agent.util.units import human_bytes
+from ckpt_agent.util.usercreds import owner_of_path
 
 HELP = "checkpoint a running job now (with --final: and stop it; the wrapper then exits 75)"
 TICK = 0.5  # seconds between progress samples on a terminal

@@ -11,10 +11,17 @@ import argparse
 import os
 import sys
 
-from ..errors import EXIT_STORE, StoreError, UsageError
-from ..gc import DryRunActuator, GarbageCollector, GcLock, Policy, RemoveActuator, summary
-from ..slurm import Slurm
-from ._common import add_config_args, load, open_store
+from ckpt_agent.adapters.slurm import Slurm
+from ckpt_agent.commands._common import add_config_args, load, open_store
+from ckpt_agent.errors import EXIT_STORE, StoreError, UsageError
+from ckpt_agent.headnode.gc import (
+    DryRunActuator,
+    GarbageCollector,
+    GcLock,
+    Policy,
+    RemoveActuator,
+    summary,
+)
 
 HELP = "remove checkpoints of finished jobs and superseded generations (head node, from a systemd timer)"
 
@@ -43,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     try:
         if not args.dry_run:  # this node's staging images of checkpointers that died (RAM in /dev/shm)
-            from ..engine import STAGING_BASES, sweep_staging
+            from ckpt_agent.checkpoint.engine import STAGING_BASES, sweep_staging
 
             extra = () if cfg.checkpoint.staging_dir == "auto" else (cfg.checkpoint.staging_dir,)
             for path in sweep_staging(STAGING_BASES + extra):

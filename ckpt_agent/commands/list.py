@@ -12,10 +12,20 @@ import json
 import sys
 from typing import Any, Dict, List, Tuple
 
-from ..errors import DamagedCheckpointError, NotFoundError, PermissionDenied, StoreError
-from ..store import CheckpointStore
-from ..units import human_bytes
-from ._common import add_config_args, load, name_arg, open_store
+from ckpt_agent.commands._common import (
+    add_config_args,
+    load,
+    name_arg,
+    open_store,
+)
+from ckpt_agent.errors import (
+    DamagedCheckpointError,
+    NotFoundError,
+    PermissionDenied,
+    StoreError,
+)
+from ckpt_agent.store.generations import CheckpointStore
+from ckpt_agent.util.units import human_bytes
 
 HELP = "list the checkpoints in the store"
 

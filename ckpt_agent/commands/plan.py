@@ -7,9 +7,9 @@ import argparse
 import json
 import math
 
-from ..errors import EXIT_USAGE, UsageError
-from ..planner import Inputs, advice, plan_site
-from ._common import load_site_or_print
+from ckpt_agent.checkpoint.planner import Inputs, advice, plan_site
+from ckpt_agent.commands._common import load_site_or_print
+from ckpt_agent.errors import EXIT_USAGE, UsageError
 
 HELP = "predict each queue's final-checkpoint time against the Spot notice, and the FSx throughput that would fit"
 

@@ -12,9 +12,15 @@ import argparse
 import json
 import os
 
-from ..aws_prices import AwsPrices, clients, effective_prices, read_table, write_table
-from ..errors import UsageError
-from ._common import add_config_args, load
+from ckpt_agent.adapters.aws_prices import (
+    AwsPrices,
+    clients,
+    effective_prices,
+    read_table,
+    write_table,
+)
+from ckpt_agent.commands._common import add_config_args, load
+from ckpt_agent.errors import UsageError
 
 HELP = "show the Spot/On-Demand price table, or refresh it from AWS with --update"
 

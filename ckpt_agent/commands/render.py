@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Tuple
 
-from ..errors import EXIT_USAGE
-from ..render import render_cluster_files, render_node_files, write_tree
-from ._common import load_site_or_print
+from ckpt_agent.commands._common import load_site_or_print
+from ckpt_agent.errors import EXIT_USAGE
+from ckpt_agent.site.render import render_cluster_files, render_node_files, write_tree
 
 HELP = "render the ParallelCluster config and node files from a site file"
 
@@ -33,7 +33,7 @@ def render_to(site_path: str, out: Optional[str], wheel: Optional[str] = None
     site = load_site_or_print(site_path)
     if site is None:
         return None
-    from ..upload import bundle_version
+    from ckpt_agent.site.upload import bundle_version
 
     out = out or default_out_dir(site_path, site)
     name = os.path.basename(site_path)

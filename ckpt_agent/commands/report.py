@@ -18,13 +18,29 @@ import re
 import socket
 from typing import Any, Callable, Dict, Optional
 
-from ..aws_prices import effective_prices
-from ..errors import AwsError, CkptError, NotFoundError, StoreError, UsageError
-from ..report import build_report, load_job_events, put_metrics, render_text
-from ..report_html import render_html
-from ..slurm import JobNotFound, Slurm
-from ..store import write_atomic
-from ._common import add_config_args, load, name_arg, open_store
+from ckpt_agent.adapters.aws_prices import effective_prices
+from ckpt_agent.adapters.slurm import JobNotFound, Slurm
+from ckpt_agent.commands._common import (
+    add_config_args,
+    load,
+    name_arg,
+    open_store,
+)
+from ckpt_agent.errors import (
+    AwsError,
+    CkptError,
+    NotFoundError,
+    StoreError,
+    UsageError,
+)
+from ckpt_agent.headnode.report import (
+    build_report,
+    load_job_events,
+    put_metrics,
+    render_text,
+)
+from ckpt_agent.headnode.report_html import render_html
+from ckpt_agent.store.generations import write_atomic
 
 log = logging.getLogger(__name__)
 

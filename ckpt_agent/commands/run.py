@@ -7,13 +7,21 @@ import logging
 import os
 import sys
 
-from ..backends import choose_backend
-from ..errors import UsageError
-from ..planner import budget_seconds
-from ..runner import Runner, RunOptions, enclosing_step
-from ..store import Signer
-from ._common import add_config_args, add_job_args, job_id_from_env, load, make_engine, open_store, seconds_arg
-from ._observe import install_sinks
+from ckpt_agent.checkpoint.backends import choose_backend
+from ckpt_agent.checkpoint.planner import budget_seconds
+from ckpt_agent.checkpoint.runner import Runner, RunOptions, enclosing_step
+from ckpt_agent.commands._common import (
+    add_config_args,
+    add_job_args,
+    job_id_from_env,
+    load,
+    make_engine,
+    open_store,
+    seconds_arg,
+)
+from ckpt_agent.commands._observe import install_sinks
+from ckpt_agent.errors import UsageError
+from ckpt_agent.store.generations import Signer
 
 log = logging.getLogger(__name__)
 

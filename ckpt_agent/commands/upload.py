@@ -13,10 +13,10 @@ import shlex
 import sys
 import tempfile
 
-from ..dashboard import CloudWatchDashboard, dashboard_body, dashboard_name
-from ..errors import EXIT_USAGE
-from ..upload import S3Bundle, build_bundle
-from .render import render_to
+from ckpt_agent.commands.render import render_to
+from ckpt_agent.errors import EXIT_USAGE
+from ckpt_agent.site.dashboard import CloudWatchDashboard, dashboard_body, dashboard_name
+from ckpt_agent.site.upload import S3Bundle, build_bundle
 
 HELP = "upload the bootstrap bundle to S3 and print the pcluster create-cluster command"
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
-from ..errors import EXIT_USAGE, ConfigError, UsageError
-from ..site import SiteInvalid, load_site
+from ckpt_agent.errors import EXIT_USAGE, ConfigError, UsageError
+from ckpt_agent.site.schema import SiteInvalid, load_site
 
 HELP = "check a site file (the admin YAML) and list every problem"
 
@@ -38,8 +38,8 @@ def main(args) -> int:
         return EXIT_USAGE
     _warn_unless_final_checkpoints_fit(site)
     if args.pcluster:
-        from ..pcluster_check import check_schema
-        from ..render import render_site
+        from ckpt_agent.site.pcluster_check import check_schema
+        from ckpt_agent.site.render import render_site
 
         text = render_site(site, os.path.basename(args.site))["cluster.yaml"]
         problems = check_schema(text, cluster_name=site["cluster"]["name"], region=site["cluster"]["region"])
@@ -58,7 +58,7 @@ def main(args) -> int:
 def _warn_unless_final_checkpoints_fit(site) -> None:
     """Warnings, not problems (exit 0): the site is valid, but its largest jobs' final checkpoints would be cut off
     when a quarter of a queue is reclaimed at once (`ckpt plan` explains and takes other assumptions)."""
-    from ..planner import Inputs, advice, plan_site
+    from ckpt_agent.checkpoint.planner import Inputs, advice, plan_site
 
     try:
         plans = plan_site(site, Inputs())

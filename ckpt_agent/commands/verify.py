@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 
-from ..chunkstore import WORKERS, ChunkRef, verify_refs
-from ._common import add_config_args, add_job_args, job_id_from_env, load, open_store
+from ckpt_agent.commands._common import (
+    add_config_args,
+    add_job_args,
+    job_id_from_env,
+    load,
+    open_store,
+)
+from ckpt_agent.store.chunks import WORKERS, ChunkRef, verify_refs
 
 HELP = "verify the newest checkpoint of a job (exit 0 when intact, 65 naming the damaged part otherwise)"
 

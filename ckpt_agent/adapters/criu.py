@@ -1,0 +1,306 @@
+"""The CRIU adapter: dump and restore a process tree, with the options this product relies on.
+
+Facts behind the options (measured, see the project's CRIU field notes):
+- `--leave-stopped` at dump: the tree stays frozen so the files it writes can be captured as of the same instant.
+- `--manage-cgroups=ignore`: a restored tree stays in the caller's cgroup (the new Slurm job's), not the old one's.
+- `--tcp-close`: a connection to a license server is restored closed; the tool reconnects from the new address.
+- `--ghost-limit`: deleted-but-open temp files larger than CRIU's 1 MiB default are saved too.
+- `--cpu-cap=fpu,ins`: the image records the CPU's features; restore on a CPU lacking one is refused, not a crash.
+- restore with `-d -S --pidfile`: the restored root becomes a sibling of CRIU (our child) and CRIU returns at once;
+  in the foreground CRIU would return 0 whatever the tool's exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ckpt_agent.errors import CommandError, CriuError, IncompatibleCpuError
+from ckpt_agent.util import proc
+from ckpt_agent.util.usercreds import root_has_cap_sys_resource
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = (4, 2, 1)  # < 4.2 cannot dump any INET socket on kernels >= 6.16; 3.17 fails on >= 6.13 (vDSO)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CPU_CAPS = "fpu,ins"
+RLIMITS_PATCH = "ckpt-agent-0001-rlimits-from-proc"  # bootstrap/patches/criu-4.2.1/0001-rlimits-from-proc.patch
+
+_PAGEMAP_MAGIC = 0x56084025
+_PE_PARENT = 1 << 0
+_PE_PRESENT = 1 << 2
+
+
+class Criu:
+    def __init__(self, binary: str = "criu", run: Callable = proc.run):
+        self.binary = binary
+        self.run = run
+        self._version: Optional[str] = None
+
+    def _version_text(self) -> str:
+        if self._version is None:
+            try:
+                self._version = self.run([self.binary, "--version"], timeout=20).stdout
+            except CommandError as e:
+                raise CriuError(f"CRIU not usable ({self.binary}): {e}") from e
+        return self._version
+
+    def version(self) -> str:
+        out = self._version_text()
+        m = re.search(r"Version:\s*(\S+)", out)
+        if not m:
+            raise CriuError(f"cannot tell the version of {self.binary} from: {out.strip()[:80]}")
+        return m.group(1)
+
+    def patches(self) -> List[str]:
+        """The patches this project carries that the binary was built with (bootstrap/patches/), from the
+        `Patches:` line each of them adds to `criu --version`."""
+        m = re.search(r"^Patches:\s*(.+)$", self._version_text(), re.M)
+        return m.group(1).split() if m else []
+
+    def can_dump_other_users(self) -> bool:
+        """CRIU reads every task's resource limits with prlimit(); for another user's task that needs
+        CAP_SYS_RESOURCE, which root lacks in some containers and microVMs. Our patch 0001 reads them from
+        /proc/PID/limits instead, so a patched CRIU dumps ordinary users' jobs either way."""
+        return root_has_cap_sys_resource() or RLIMITS_PATCH in self.patches()
+
+    def require_version(self) -> str:
+        ver = self.version()
+        parts = tuple(int(p) for p in re.findall(r"\d+", ver)[:3])
+        if parts < MIN_VERSION:
+            need = ".".join(map(str, MIN_VERSION))
+            raise CriuError(f"{self.binary} is CRIU {ver}; need >= {need} (run bootstrap/install-criu.sh)")
+        return ver
+
+    def check(self) -> None:
+        try:
+            self.run([self.binary, "check"], timeout=60)
+        except CommandError as e:
+            raise CriuError(f"'criu check' fails on this machine: {e}") from e
+
+    def has_feature(self, feature: str) -> bool:
+        try:
+            self.run([self.binary, "check", "--feature", feature], timeout=60)
+            return True
+        except CommandError:
+            return False
+
+    def dump(
+        self,
+        pid: int,
+        images_dir: str,
+        *,
+        leave_stopped: bool = True,
+        tcp_close: bool = True,
+        ghost_limit: str = "1G",
+        timeout: Optional[float] = None,
+        keep_fds: Sequence[int] = (),
+    ) -> None:
+        """keep_fds: descriptors CRIU inherits and holds until it exits (the dump guard's pipe, see engine.py)."""
+        argv = [
+            self.binary, "dump", "-t", str(pid), "-D", images_dir, "-o", "dump.log", "-v2",
+            "--manage-cgroups=ignore", "--ext-unix-sk", "--file-locks", "--ghost-limit", ghost_limit,
+            f"--cpu-cap={CPU_CAPS}",
+        ]
+        if leave_stopped:
+            argv.append("--leave-stopped")
+        if tcp_close:
+            argv.append("--tcp-close")
+        self._run_logged(argv, images_dir, "dump.log", timeout, pass_fds=keep_fds)
+
+    def restore(
+        self,
+        images_dir: str,
+        *,
+        pidfile: str,
+        inherit_fds: Optional[Dict[int, str]] = None,
+        tcp_close: bool = True,
+        timeout: Optional[float] = None,
+        sibling: bool = True,
+        cgroup_pid: Optional[int] = None,
+    ) -> int:
+        """Restore detached; return the restored root's host pid.
+
+        sibling=True (a root wrapper restoring its own job): the restored root becomes our child, to be waited for.
+        sibling=False (the agent restoring for a user): it is reparented to the system's init once CRIU exits.
+        cgroup_pid: CRIU runs in that process's cgroups, so with --manage-cgroups=ignore the tree lands there.
+        """
+        argv = [
+            self.binary, "restore", "-D", images_dir, "-o", "restore.log", "-v2", "-d",
+            "--pidfile", pidfile, "--manage-cgroups=ignore", "--ext-unix-sk", "--file-locks",
+            f"--cpu-cap={CPU_CAPS}",
+        ]
+        if sibling:
+            argv.append("-S")
+        if tcp_close:
+            argv.append("--tcp-close")
+        fds: List[int] = []
+        for fd, key in sorted((inherit_fds or {}).items()):
+            argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+            fds.append(fd)
+        if cgroup_pid:
+            argv = [sys.executable, "-m", "ckpt_agent.util.execas", "--cgroup-of", str(cgroup_pid), "--", *argv]
+        self._run_logged(argv, images_dir, "restore.log", timeout, pass_fds=fds)
+        try:
+            with open(pidfile, encoding="ascii") as fh:
+                return int(fh.read().strip())
+        except (OSError, ValueError) as e:
+            raise CriuError(f"CRIU restored but wrote no pid to {pidfile}") from e
+
+    def cpuinfo_check(self, images_dir: str) -> None:
+        if not os.path.exists(os.path.join(images_dir, "cpuinfo.img")):
+            return
+        try:
+            self.run([self.binary, "cpuinfo", "check", "-D", images_dir, "-o", "cpuinfo.log"], timeout=60)
+        except CommandError as e:
+            detail = _log_errors(os.path.join(images_dir, "cpuinfo.log"))
+            raise IncompatibleCpuError(
+                "this machine's CPU lacks features the checkpointed tool uses; restore it on the same instance "
+                f"family{': ' + detail if detail else ''}"
+            ) from e
+
+    def _run_logged(
+        self, argv: List[str], images_dir: str, log_name: str, timeout: Optional[float], pass_fds: Sequence[int] = ()
+    ) -> None:
+        try:
+            self.run(argv, timeout=timeout, pass_fds=pass_fds)
+        except CommandError as e:
+            detail = _log_errors(os.path.join(images_dir, log_name)) or str(e)
+            if "Can't get rlimit" in detail:
+                detail += (" (CRIU reads the limits of another user's processes with prlimit(), which needs "
+                           "CAP_SYS_RESOURCE: root on this machine lacks it; install CRIU with "
+                           "bootstrap/install-criu.sh, whose patch 0001 reads them from /proc/PID/limits)")
+            action = "dump" if "dump" in argv else "restore"
+            kept = _keep_log(os.path.join(images_dir, log_name))
+            raise CriuError(f"criu {action} failed: {detail} (log: {kept})") from e
+
+
+# Logged on machines whose root lacks CAP_SYS_RESOURCE, then worked around by CRIU: never the cause of a failure.
+_HARMLESS = ("Can't setup RLIMIT_NOFILE",)
+
+
+def _log_errors(path: str) -> str:
+    """The first error CRIU logged, which names the real cause (later ones are consequences)."""
+    try:
+        with open(path, errors="replace") as fh:
+            for line in fh:
+                if "Error (" in line and not any(h in line for h in _HARMLESS):
+                    return re.sub(r"^\(\s*[\d.]+\)\s*", "", line.strip())
+    except OSError:
+        pass
+    return ""
+
+
+FAILED_LOG_DIR = "/var/tmp/ckpt-agent/failed"
+
+
+def _keep_log(path: str) -> str:
+    """Images are discarded after a failure; the log is kept where an admin finds it."""
+    try:
+        os.makedirs(FAILED_LOG_DIR, mode=0o700, exist_ok=True)
+        dest = os.path.join(FAILED_LOG_DIR, f"{os.path.basename(os.path.dirname(path))}.{os.path.basename(path)}")
+        with open(path, "rb") as src, open(dest, "wb") as out:
+            out.write(src.read())
+        return dest
+    except OSError:
+        return path
+
+
+def _varint(buf: bytes, pos: int):
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(msg: bytes) -> Dict[int, int]:
+    out: Dict[int, int] = {}
+    i = 0
+    while i < len(msg):
+        key, i = _varint(msg, i)
+        if key & 7 != 0:
+            raise ValueError("unexpected wire type in pagemap image")
+        out[key >> 3], i = _varint(msg, i)
+    return out
+
+
+def _read_pagemap(buf: bytes):
+    """(pages_id, [(vaddr, nr_pages, flags, in_parent)]) from a CRIU pagemap image (u32-size-framed protobuf)."""
+    if len(buf) < 8 or struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
+        raise ValueError("not a pagemap image")
+    pos = 8
+    head = None
+    entries = []
+    while pos + 4 <= len(buf):
+        (size,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        f = _fields(buf[pos : pos + size])
+        pos += size
+        if head is None:
+            head = f.get(1, 0)  # pagemap_head.pages_id: which pages-<id>.img holds the data
+            continue
+        # CRIU >= 4.0 keeps the page count in nr_pages (field 5); older images in compat_nr_pages (field 2)
+        entries.append((f.get(1, 0), f.get(5, f.get(2, 0)), f.get(4), bool(f.get(3, 0))))
+    return head, entries
+
+
+def pages_runs(images_dir: str, pages_name: str) -> Optional[List[Tuple[int, int]]]:
+    """[(vaddr, nr_pages)] of the pages stored in pages-N.img, in file order; None when no pagemap describes it
+    (any parse problem: callers then only lose deduplication or page-granular incrementals, never correctness)."""
+    m = re.match(r"pages-(\d+)\.img$", pages_name)
+    if not m:
+        return None
+    try:
+        for name in os.listdir(images_dir):
+            if name.startswith("pagemap-") and name.endswith(".img"):
+                with open(os.path.join(images_dir, name), "rb") as fh:
+                    pages_id, found = _read_pagemap(fh.read())
+                if pages_id == int(m.group(1)):
+                    runs = []
+                    for vaddr, nr_pages, flags, in_parent in found:
+                        present = (bool(flags & _PE_PRESENT) and not flags & _PE_PARENT if flags is not None
+                                   else not in_parent)
+                        if present and nr_pages:
+                            runs.append((vaddr, nr_pages))
+                    return runs
+    except (OSError, ValueError, IndexError, struct.error):
+        log.debug("no usable pagemap for %s", pages_name)
+    return None
+
+
+def pages_cut_points(images_dir: str, pages_name: str, chunk_bytes: int) -> List[int]:
+    """Offsets in pages-N.img where chunks should end, so chunks follow virtual addresses.
+
+    Cutting at address multiples of the chunk size (not at file offsets) keeps a region's chunks identical between
+    checkpoints when other regions grow or shrink, so unchanged memory is stored once. Any parse problem only costs
+    deduplication, never correctness, so it falls back to plain fixed-size chunking.
+    """
+    entries = pages_runs(images_dir, pages_name)
+    if entries is None:
+        log.debug("no usable pagemap for %s; fixed-size chunks", pages_name)
+        return []
+    # one chunk per chunk-aligned window of the address space: its identity depends only on the pages in
+    # that window, however CRIU happens to split the mappings into pagemap entries this time
+    cuts: List[int] = []
+    offset = 0
+    last_window = None
+    for vaddr, nr_pages in entries:
+        end = vaddr + nr_pages * PAGE_SIZE
+        window = vaddr // chunk_bytes
+        if window != last_window:
+            cuts.append(offset)
+        addr = (window + 1) * chunk_bytes
+        while addr < end:
+            cuts.append(offset + (addr - vaddr))
+            addr += chunk_bytes
+        last_window = (end - 1) // chunk_bytes
+        offset += nr_pages * PAGE_SIZE
+    return cuts

@@ -1,0 +1,510 @@
+"""Take and restore checkpoints of one job step: CRIU images plus captured files, into the store.
+
+Checkpoint, numbered plan:
+  1. reserve the next generation (a partial directory) under the job's shared lock;
+  2. `criu dump --leave-stopped` into a staging directory: the tree is frozen from here on;
+  3. capture the working directory, extra paths and every file open for writing (incremental);
+  4. periodic: let the tool run again (SIGCONT) — it was frozen only for steps 2 and 3;
+  5. chunk the images into the store (only new chunks are written, compressed where it pays);
+  6. commit: sync the file system, write the manifest last, rename the generation into place;
+  7. final: kill the tree once the commit is durable; on any failure before that, the tool resumes instead;
+  8. drop generations beyond `keep` and chunks nothing references any more.
+
+A checkpointer that dies mid-checkpoint (SIGKILL) never leaves the tool stopped: a guard process started before the
+dump (dumpguard.py) outlives it and resumes the tree (or kills it, once a final checkpoint is committed) and removes
+the staging images; staging directories of dead checkpointers are also swept at the next start (`sweep_staging`).
+Chunks a checkpoint reuses are verified against their digest and rewritten from the fresh data when rotten: all of
+them by a final checkpoint, a rotating 1/SCRUB_SLICES of them by each periodic one (chunkstore.ChunkStore.put).
+Every store failure is a StoreError (exit 74) naming the path.
+
+Restore: newest generation first, falling back to older ones when one is damaged; images are rebuilt from
+verified chunks, files are put back, the CPU is checked, then `criu restore -d -S` with the new stdio pipes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from ckpt_agent.adapters.criu import Criu, pages_cut_points, pages_runs
+from ckpt_agent.checkpoint import capture
+from ckpt_agent.errors import (
+    CkptError,
+    CriuError,
+    DamagedCheckpointError,
+    PermissionDenied,
+    StoreError,
+)
+from ckpt_agent.node.config import CheckpointSettings
+from ckpt_agent.store import pagedelta
+from ckpt_agent.store.chunks import (
+    CHUNK_BYTES,
+    WORKERS,
+    ChunkRef,
+    WriteStats,
+    restore_file,
+    store_file,
+)
+from ckpt_agent.store.generations import (
+    FORMAT_VERSION,
+    CheckpointStore,
+    Generation,
+    iso,
+    utcnow,
+)
+from ckpt_agent.util.usercreds import Creds, acting_as
+
+log = logging.getLogger(__name__)
+
+SHM_HEADROOM_BYTES = 512 << 20  # keep this much RAM free beyond the images when staging them in tmpfs
+SHM_STAGING, DISK_STAGING = "/dev/shm/ckpt-agent", "/var/tmp/ckpt-agent"  # images in RAM when it fits, else disk
+STAGING_BASES = (SHM_STAGING, DISK_STAGING)  # where dump images are staged (staging_dir "auto")
+_DUMP_STAGE_RE = re.compile(r"^dump\.(\d+)\.")  # dump.<checkpointer pid>.<job>.<step>.<random>
+# a periodic checkpoint verifies the reused chunks whose digest falls in one of this many slices, in turn: every
+# chunk at rest is re-read at least once per SCRUB_SLICES periodic checkpoints, at 1/SCRUB_SLICES of the cost of
+# verifying them all (which a final checkpoint does; bench/verify_bench.py measures it)
+SCRUB_SLICES = 8
+DUMPGUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dumpguard.py")
+GUARD_EXIT_WAIT_SECONDS = 10  # the guard exits as soon as it reads our verdict; this only bounds a wedged one
+
+
+@dataclass
+class JobState:
+    """What the engine needs to know about a running job step."""
+
+    job_id: str
+    step: str
+    init_pid: int  # host pid of the namespace init (the root of the dumped tree)
+    cwd: str
+    argv: List[str]
+    pipe_inodes: Dict[str, int]  # "stdout"/"stderr"/"status" -> inode of the pipe the tree writes to
+    uid: int = 0
+    gid: int = 0
+    groups: Tuple[int, ...] = ()  # the user's supplementary groups (what the agent reads the user's files with)
+    exclude: Set[str] = field(default_factory=set)
+    node: str = ""
+    instance: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointResult:
+    generation: int
+    final: bool
+    reason: str
+    bytes_in: int
+    bytes_written: int
+    bytes_new: int
+    frozen_seconds: float
+    total_seconds: float
+    created: str
+
+
+@dataclass
+class RestoreResult:
+    pid: int
+    generation: int
+    created: str
+    skipped: List[Tuple[int, str]]  # damaged generations passed over: (number, why)
+    seconds: float
+    files_written: int
+
+
+def _resume(pids: List[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def _kill(init_pid: int) -> None:
+    try:
+        os.kill(init_pid, signal.SIGKILL)  # the namespace dies with its init
+    except ProcessLookupError:
+        pass
+
+
+class DumpGuard:
+    """The checkpointer's side of dumpguard.py: start it before the dump, then tell it the outcome."""
+
+    RESUMED = b"R"  # the tree runs again (or is dead): nothing to undo
+    KILL = b"K"  # a final checkpoint is committed: should we die now, the tree must die too, not run on
+
+    def __init__(self, init_pid: int, staging: str):
+        try:
+            pid_ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+        except OSError as e:
+            raise CkptError(f"process {init_pid} is not running: {e.strerror}") from e
+        r, self.fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", DUMPGUARD, str(r), str(init_pid), pid_ns, staging],
+                pass_fds=(r,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+            )
+        except OSError:
+            os.close(self.fd)
+            raise
+        finally:
+            os.close(r)
+
+    def tell(self, verdict: bytes) -> None:
+        try:
+            os.write(self.fd, verdict)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.tell(self.RESUMED)
+        os.close(self.fd)
+        try:
+            self.proc.wait(timeout=GUARD_EXIT_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.warning("dump guard %d did not exit", self.proc.pid)
+
+
+def sweep_staging(bases) -> List[str]:
+    """Remove dump staging directories whose checkpointer is dead (it was killed): images in /dev/shm are RAM."""
+    removed = []
+    for base in bases:
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            m = _DUMP_STAGE_RE.match(name)
+            path = os.path.join(base, name)
+            if not m or _pid_alive(int(m.group(1))) or os.path.islink(path):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            log.info("removed %s, staging images of a checkpointer that died", path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def machine_facts(criu: Criu) -> Dict[str, Any]:
+    return {
+        "criu_version": criu.version(),
+        "kernel": platform.release(),
+        "arch": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "host": socket.gethostname(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+class Engine:
+    def __init__(self, criu: Criu, store: CheckpointStore, settings: CheckpointSettings):
+        self.criu = criu
+        self.store = store
+        self.settings = settings
+
+    # --- checkpoint ---------------------------------------------------------------------------------------------
+    def sweep_staging(self) -> List[str]:
+        bases = list(STAGING_BASES)
+        if self.settings.staging_dir != "auto":
+            bases.append(self.settings.staging_dir)
+        return sweep_staging(bases)
+
+    def checkpoint(
+        self, job: JobState, *, final: bool, reason: str, timeout: Optional[float] = None
+    ) -> CheckpointResult:
+        try:
+            return self._checkpoint(job, final=final, reason=reason, timeout=timeout)
+        except OSError as e:  # a full, read-only or vanished store (or staging area): 74, naming the path
+            where = e.filename or self.store.job_dir(job.job_id)
+            raise StoreError(f"checkpoint of job {job.job_id} step {job.step}: {where}: {e.strerror or e}") from e
+
+    def _checkpoint(self, job: JobState, *, final: bool, reason: str, timeout: Optional[float]) -> CheckpointResult:
+        t0 = time.monotonic()
+        store = self.store
+        store.ensure_job(job.job_id, job.step, job.uid, job.gid)
+        owner = (job.uid, job.gid) if job.uid != 0 and os.geteuid() == 0 else None
+        # The root agent touches a user's job directory (which the user can fill with links) only as the user.
+        user = Creds(job.uid, job.gid, tuple(job.groups) or (job.gid,)) if owner else None
+        guard: Optional[DumpGuard] = None
+        with contextlib.ExitStack() as held, concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+            with acting_as(user):
+                held.enter_context(store.job_lock(job.job_id))
+                number, partial = store.begin(job.job_id, job.step)
+            previous = self._previous_manifest(job, signed_only=owner is not None)
+            chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner)
+            # a final checkpoint (the one a resume will use) never reuses a rotten chunk; periodic ones scrub a slice
+            chunks.verify_reused = (lambda _d: True) if final else (
+                lambda d: int(d[:2], 16) % SCRUB_SLICES == number % SCRUB_SLICES)
+            stage = self._staging_dir(job)
+            stopped: List[int] = []
+            resumed = False
+            timings: Dict[str, float] = {"prepare_seconds": time.monotonic() - t0}  # where a checkpoint's time goes
+            try:
+                guard = DumpGuard(job.init_pid, stage)
+                t_step = time.monotonic()
+                self.criu.dump(
+                    job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
+                    ghost_limit=self.settings.ghost_limit, timeout=timeout, keep_fds=(guard.fd,),
+                )
+                timings["dump_seconds"] = time.monotonic() - t_step
+                t_step = time.monotonic()
+                stopped = capture.ns_pids(job.init_pid)
+                open_files = capture.open_writable_files(stopped)
+                roots = [job.cwd] + list(self.settings.extra_paths)
+                exclude = set(job.exclude) | {store.root, stage, os.path.dirname(stage)}
+                prev_files = {e["path"]: capture.FileEntry.from_json(e) for e in (previous or {}).get("files", [])}
+                with acting_as(user):  # never read, as root, what a link swapped in by the user points to
+                    files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files,
+                                                    owner_uid=job.uid if owner else None)
+                timings["capture_seconds"] = time.monotonic() - t_step
+                t_frozen = time.monotonic() - t0
+                if not final:
+                    _resume(stopped)
+                    resumed = True
+                    guard.tell(DumpGuard.RESUMED)
+                t_step = time.monotonic()
+                images, istats = self._store_images(chunks, pool, stage, previous)
+                timings["store_images_seconds"] = time.monotonic() - t_step
+                stats = WriteStats()
+                stats.add(fstats)
+                stats.add(istats)
+                created = iso(utcnow())
+                manifest = {
+                    "format": FORMAT_VERSION,
+                    "job_id": job.job_id,
+                    "step": job.step,
+                    "generation": number,
+                    "created": created,
+                    "final": final,
+                    "reason": reason,
+                    "machine": machine_facts(self.criu),
+                    "node": job.node,
+                    "instance": job.instance,
+                    "cwd": job.cwd,
+                    "argv": job.argv,
+                    "uid": job.uid,
+                    "gid": job.gid,
+                    "pipes": job.pipe_inodes,
+                    "images": images,
+                    "files": [f.to_json() for f in files],
+                    "stats": {
+                        "bytes_in": stats.bytes_in, "bytes_new": stats.bytes_new,
+                        "bytes_written": stats.bytes_written, "chunks_new": stats.chunks_new,
+                        "chunks_reused": stats.chunks_reused, "chunks_verified": stats.chunks_verified,
+                        "chunks_repaired": stats.chunks_repaired, "frozen_seconds": round(t_frozen, 3),
+                        **{k: round(v, 3) for k, v in timings.items()},
+                    },
+                }
+                with acting_as(user):
+                    store.commit(partial, number, manifest, owner)
+                if final:
+                    guard.tell(DumpGuard.KILL)
+            except BaseException as e:
+                with acting_as(user):
+                    store.abort(partial)
+                if not resumed:  # a failed checkpoint never costs the running tool anything, even a failed dump
+                    _resume(stopped or capture.ns_pids(job.init_pid))
+                if guard is not None:
+                    guard.close()
+                if isinstance(e, OSError):
+                    raise StoreError(f"checkpoint {number} of job {job.job_id} step {job.step}: "
+                                     f"{e.filename or partial}: {e.strerror or e}") from e
+                raise
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        if final:
+            _kill(job.init_pid)
+        guard.close()
+        try:
+            with acting_as(user):
+                store.prune(job.job_id, job.step, self.settings.keep)
+                store.sweep_chunks(job.job_id)
+        except (OSError, CkptError) as e:  # the checkpoint is committed; gc reclaims what is left
+            log.warning("checkpoint %d of job %s committed, but cleaning up older ones failed: %s", number,
+                        job.job_id, e)
+        return CheckpointResult(
+            generation=number, final=final, reason=reason, bytes_in=stats.bytes_in,
+            bytes_written=stats.bytes_written, bytes_new=stats.bytes_new, frozen_seconds=t_frozen,
+            total_seconds=time.monotonic() - t0, created=created,
+        )
+
+    def _previous_manifest(self, job: JobState, signed_only: bool = False) -> Optional[Dict[str, Any]]:
+        """The newest readable manifest, whose file entries let unchanged files skip re-reading. For a user's job
+        (whose directory the user can write) only one the agent signed is trusted."""
+        for gen in reversed(self.store.generations(job.job_id, job.step)):
+            try:
+                return self.store.load_manifest(gen, require_signature=signed_only)
+            except (DamagedCheckpointError, PermissionDenied):
+                continue
+        return None
+
+    def _staging_dir(self, job: JobState) -> str:
+        base = self.settings.staging_dir
+        if base == "auto":
+            need = capture.tree_rss_bytes(capture.ns_pids(job.init_pid)) + SHM_HEADROOM_BYTES
+            base = DISK_STAGING
+            try:
+                st = os.statvfs("/dev/shm")
+                if st.f_bavail * st.f_frsize > need and _mem_available() > need:
+                    base = SHM_STAGING
+            except OSError:
+                pass
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"dump.{os.getpid()}.{job.job_id}.{job.step}.", dir=base)
+
+    def _store_images(self, chunks, pool, stage: str, previous: Optional[Dict[str, Any]] = None,
+                      ) -> Tuple[List[Dict[str, Any]], WriteStats]:
+        """Chunk the images into the store; a pages image as a page-granular delta against the previous
+        generation's when pagedelta's compaction rule allows, else in full, with its page table either way."""
+        images = []
+        total = WriteStats()
+        prev_images = {i.get("name"): i for i in (previous or {}).get("images", []) if isinstance(i, dict)}
+        for name in sorted(os.listdir(stage)):
+            path = os.path.join(stage, name)
+            if not os.path.isfile(path) or name.endswith(".log"):
+                continue
+            runs = pages_runs(stage, name) if name.startswith("pages-") else None
+            if runs is not None and pagedelta.PAGE_HASH and name in prev_images:
+                delta, st = pagedelta.store_delta(chunks, pool, path, runs, prev_images[name], f"image {name}",
+                                                  chunks.claim_verification)
+                total.add(st)
+                if delta is not None:
+                    images.append({"name": name, "size": os.path.getsize(path), **delta})
+                    continue
+            cuts = pages_cut_points(stage, name, CHUNK_BYTES) if runs is not None else None
+            refs, st, size = store_file(chunks, path, pool, cuts)
+            total.add(st)
+            entry = {"name": name, "size": size, "chunks": [r.to_json() for r in refs]}
+            if runs is not None and pagedelta.PAGE_HASH and size == sum(n for _, n in runs) * pagedelta.PAGE:
+                entry["pagetable"], tst = pagedelta.store_table(chunks, *pagedelta.hash_file(path, runs), pool)
+                total.add(tst)
+            images.append(entry)
+        return images, total
+
+    # --- restore ------------------------------------------------------------------------------------------------
+    def restore(
+        self,
+        job_id: str,
+        step: str,
+        pipe_fds: Dict[str, int],
+        *,
+        require_signature: bool = False,
+        creds: Optional[Creds] = None,
+        check_manifest: Optional[Callable[[Dict[str, Any]], None]] = None,
+        cgroup_pid: Optional[int] = None,
+    ) -> RestoreResult:
+        """Restore the newest intact generation; `pipe_fds` maps "stdout"/"stderr"/"status" to new pipe ends.
+
+        The root wrapper restores its own job as its child (creds None). The agent restoring for an ordinary user
+        passes the user's `creds` (files are put back with the user's file-system identity), requires the agent's
+        signature, checks the manifest against the requester, and restores into the wrapper's cgroups.
+        """
+        t0 = time.monotonic()
+        gens = self.store.generations(job_id, step)
+        skipped: List[Tuple[int, str]] = []
+        for gen in reversed(gens):
+            try:
+                manifest = self.store.load_manifest(gen, require_signature=require_signature)
+                if check_manifest:
+                    check_manifest(manifest)
+                return self._restore_generation(gen, manifest, pipe_fds, skipped, creds, cgroup_pid, t0)
+            except DamagedCheckpointError as e:
+                log.warning("checkpoint %d of job %s step %s is damaged: %s", gen.number, job_id, step, e)
+                skipped.append((gen.number, str(e)))
+        if skipped:
+            raise DamagedCheckpointError(
+                f"no intact checkpoint of job {job_id} step {step}: " + "; ".join(f"#{n}: {w}" for n, w in skipped)
+            )
+        raise CkptError(f"no checkpoint of job {job_id} step {step}")
+
+    def _restore_generation(self, gen: Generation, manifest, pipe_fds, skipped, creds, cgroup_pid, t0) -> RestoreResult:
+        chunks = self.store.chunks_for(gen.job_id)
+        stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base(manifest))
+        keep_stage = False
+        try:
+            with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+                for img in manifest["images"]:
+                    name = os.path.basename(img["name"])
+                    refs = [ChunkRef.from_json(c) for c in img["chunks"]]
+                    restore_file(chunks, refs, os.path.join(stage, name), pool, where=f"image {name}",
+                                 slices=img.get("slices"))
+                self.criu.cpuinfo_check(stage)
+                entries = [capture.FileEntry.from_json(f) for f in manifest["files"]]
+                # only below the job's working directory and extra paths; a signed checkpoint (whenever the store
+                # holds a key, every one) may also put back files the tool had open elsewhere
+                roots = [p for p in [manifest.get("cwd")] + list(self.settings.extra_paths) if p]
+                written, _ = capture.restore_files(chunks, pool, entries, creds, roots=roots,
+                                                   trusted=bool(self.store.signer.key))
+            inherit = {}
+            for key, ino in manifest.get("pipes", {}).items():
+                if key in pipe_fds:
+                    inherit[pipe_fds[key]] = f"pipe:[{ino}]"
+            pid = self.criu.restore(
+                stage, pidfile=os.path.join(stage, "restored.pid"), inherit_fds=inherit,
+                tcp_close=self.settings.tcp_close, sibling=creds is None, cgroup_pid=cgroup_pid,
+            )
+        except CriuError:
+            keep_stage = True
+            log.error("restore failed; images kept in %s for inspection", stage)
+            raise
+        finally:
+            if not keep_stage:
+                shutil.rmtree(stage, ignore_errors=True)
+        return RestoreResult(
+            pid=pid, generation=gen.number, created=manifest["created"], skipped=skipped,
+            seconds=time.monotonic() - t0, files_written=written,
+        )
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _restore_base(manifest: Dict[str, Any]) -> str:
+    """Rebuild images in tmpfs when memory allows (CRIU reads them once, fast), else on local disk."""
+    need = sum(int(i.get("size", 0)) for i in manifest.get("images", [])) + SHM_HEADROOM_BYTES
+    base = DISK_STAGING
+    try:
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize > need and _mem_available() > 2 * need:
+            base = SHM_STAGING
+    except OSError:
+        pass
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return base

@@ -1,0 +1,200 @@
+"""Will a final checkpoint fit inside the Spot notice? A sizing model for admins (`ckpt plan`, `ckpt validate`).
+
+A final checkpoint has the 2-minute notice less the agent's margin for unmounting FSx (`deadline_margin`) and one
+IMDS poll. When a share of a queue's nodes is reclaimed at once, all of them write to the same FSx file system at
+the same time, so each node gets at most its share of the file system's throughput, and never more than its own
+network link. The model, per queue:
+
+    nodes_at_once   = ceil(max_count * reclaimed_share)
+    bytes           = job_memory * changed_share / compression_ratio      (what the final checkpoint writes)
+    node_bandwidth  = min(fsx_throughput / nodes_at_once, node_network, measured_store_bandwidth)
+    predicted       = job_memory / dump_rate + bytes / node_bandwidth      (dump, then the write)
+    fits            = predicted <= budget
+
+FSx for Lustre's throughput is its capacity in TiB times its per-TiB throughput (SCRATCH_1 and SCRATCH_2: 200
+MB/s/TiB, AWS documentation). Instance memory and baseline network bandwidth come from a small table of common
+EDA instance types (EC2 documentation); others need --job-memory and, to bound the link, --node-network.
+Measured figures (the store bandwidth one node saw, CRIU's dump rate) replace the published ones when given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional
+
+from ckpt_agent.errors import UsageError
+
+NOTICE_SECONDS = 120
+MB = 1000 * 1000
+GIB = 1 << 30
+TIB = 1 << 40
+SCRATCH_MB_S_PER_TIB = 200
+DEFAULT_DUMP_GIB_S = 2.0  # CRIU's dump into page pipes and a tmpfs stage, per node (bench/checkpoint_bench.py)
+
+# instance type -> (memory GiB, baseline network Gbit/s)
+INSTANCE_FACTS: Dict[str, tuple] = {
+    "r5.2xlarge": (64, 2.5), "r5.4xlarge": (128, 5.0), "r5.8xlarge": (256, 10.0), "r5.12xlarge": (384, 10.0),
+    "r6i.2xlarge": (64, 3.125), "r6i.4xlarge": (128, 6.25), "r6i.8xlarge": (256, 12.5),
+    "r6i.12xlarge": (384, 18.75), "r6i.16xlarge": (512, 25.0), "r6i.32xlarge": (1024, 50.0),
+    "r6a.2xlarge": (64, 3.125), "r6a.4xlarge": (128, 6.25), "r6a.8xlarge": (256, 12.5),
+    "r6a.16xlarge": (512, 25.0), "r7i.4xlarge": (128, 6.25), "r7i.8xlarge": (256, 12.5),
+    "r7iz.4xlarge": (128, 6.25), "r7iz.8xlarge": (256, 12.5), "x2idn.16xlarge": (1024, 50.0),
+    "m6i.2xlarge": (32, 3.125), "m6i.4xlarge": (64, 6.25), "m6i.xlarge": (16, 1.562),
+    "c6i.large": (4, 0.781), "c6i.4xlarge": (32, 6.25), "r6i.large": (16, 0.781),
+}
+
+
+@dataclass
+class Inputs:
+    job_memory_gib: Optional[float] = None  # default: 90% of the queue's smallest instance memory
+    reclaimed_share: float = 0.25
+    changed_share: float = 1.0  # share of the job's memory a final checkpoint writes (1.0: a full checkpoint)
+    compression_ratio: float = 1.0
+    store_mb_s: Optional[float] = None  # measured store write bandwidth of one node
+    dump_gib_s: float = DEFAULT_DUMP_GIB_S
+    node_network_gbit: Optional[float] = None
+    fsx_mb_s: Optional[float] = None  # needed for an existing file system
+
+
+@dataclass
+class QueuePlan:
+    queue: str
+    instance_type: str
+    job_memory_gib: float
+    nodes_at_once: int
+    write_gib: float
+    node_mb_s: float
+    limited_by: str
+    predicted_seconds: float
+    budget_seconds: float
+    fits: bool
+    fsx_mb_s: float
+    fsx_mb_s_needed: Optional[float]  # the file system throughput that would make it fit (None: the link limits)
+    max_write_gib: float  # what one node can write in time with this file system and link
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def fsx_throughput_mb_s(site: Dict[str, Any]) -> Optional[float]:
+    new = site["storage"].get("new")
+    if not new:
+        return None
+    per_tib = new.get("throughput_mb_s_per_tib") or SCRATCH_MB_S_PER_TIB
+    return new["storage_capacity_gib"] / 1024 * per_tib
+
+
+def budget_seconds(checkpoint: Dict[str, Any]) -> float:
+    return NOTICE_SECONDS - checkpoint.get("deadline_margin", 20) - checkpoint.get("poll_interval", 2)
+
+
+MIN_INTERVAL_SECONDS = 60.0  # the wrapper never shortens the periodic interval below this (nor below the configured)
+
+
+@dataclass
+class IntervalPlan:
+    """The wrapper's deadline plan after one periodic checkpoint (an `interval_planned` event when it changes)."""
+
+    predicted_final_seconds: float  # a final checkpoint taken just before the next periodic one, at this interval
+    budget_seconds: float
+    interval_seconds: float  # the periodic interval to use from now on
+    changed_bytes_per_second: float  # new data the job produced between the last two checkpoints
+    store_bytes_per_second: float  # the store's write bandwidth that checkpoint saw
+
+    def to_json(self) -> Dict[str, Any]:
+        return {k: round(v, 3) for k, v in asdict(self).items()}
+
+
+def plan_interval(*, interval: float, budget: float, frozen_seconds: float, bytes_written: int,
+                  write_seconds: float, seconds_since_previous: float) -> Optional[IntervalPlan]:
+    """Predict a final checkpoint from the last periodic one, and the interval that makes it fit the budget.
+
+    A final checkpoint costs what the tool was frozen for (the dump and the file capture, which scale with its
+    memory, not with what changed) plus writing what changed since the previous checkpoint. That grows with the
+    time since it: at worst, just before the next periodic checkpoint,
+        predicted = frozen + (changed_rate * interval) / store_bandwidth
+    with changed_rate = bytes written / seconds since the previous checkpoint, store_bandwidth = bytes written /
+    seconds spent writing them. When that exceeds the budget, the interval is shortened until it fits (not below
+    MIN_INTERVAL_SECONDS; when the dump alone does not fit, to that minimum). None without enough to go on.
+    """
+    if bytes_written <= 0 or write_seconds <= 0 or seconds_since_previous <= 0 or interval <= 0:
+        return None
+    rate = bytes_written / seconds_since_previous
+    bandwidth = bytes_written / write_seconds
+    predicted = frozen_seconds + rate * interval / bandwidth
+    chosen = interval
+    if predicted > budget:
+        floor = min(interval, MIN_INTERVAL_SECONDS)
+        fitting = (budget - frozen_seconds) * bandwidth / rate if budget > frozen_seconds else 0.0
+        chosen = max(floor, min(interval, fitting))
+    return IntervalPlan(predicted_final_seconds=predicted, budget_seconds=budget, interval_seconds=chosen,
+                        changed_bytes_per_second=rate, store_bytes_per_second=bandwidth)
+
+
+def plan_site(site: Dict[str, Any], inputs: Inputs) -> List[QueuePlan]:
+    if not 0 < inputs.reclaimed_share <= 1:
+        raise UsageError("the share of nodes reclaimed at once must be in (0, 1]")
+    if not 0 < inputs.changed_share <= 1 or inputs.compression_ratio < 1 or inputs.dump_gib_s <= 0:
+        raise UsageError("--changed must be in (0, 1], --compression >= 1 and --dump-gib-s > 0")
+    fsx = inputs.fsx_mb_s or fsx_throughput_mb_s(site)
+    if fsx is None:
+        raise UsageError("the site uses an existing file system: give its throughput with --fsx-mb-s")
+    plans = []
+    for q in site["queues"]:
+        if not q["checkpoint"]["enabled"]:
+            continue
+        plans.append(_plan_queue(q, fsx, inputs))
+    return plans
+
+
+def _plan_queue(q: Dict[str, Any], fsx: float, inputs: Inputs) -> QueuePlan:
+    known = [(t, INSTANCE_FACTS[t]) for t in q["instance_types"] if t in INSTANCE_FACTS]
+    itype, (mem, net) = min(known, key=lambda kv: kv[1][0]) if known else (q["instance_types"][0], (None, None))
+    job_gib = inputs.job_memory_gib or (mem * 0.9 if mem else None)
+    if job_gib is None:
+        raise UsageError(f"queue {q['name']}: memory of {', '.join(q['instance_types'])} unknown: give --job-memory")
+    net_gbit = inputs.node_network_gbit or net
+    nodes = max(1, math.ceil(q["max_count"] * inputs.reclaimed_share))
+    write_bytes = job_gib * GIB * inputs.changed_share / inputs.compression_ratio
+    limits = {"FSx share": fsx * MB / nodes}
+    if net_gbit:
+        limits["node network"] = net_gbit * 1e9 / 8
+    if inputs.store_mb_s:
+        limits["measured store bandwidth"] = inputs.store_mb_s * MB
+    limited_by, bw = min(limits.items(), key=lambda kv: kv[1])
+    dump = job_gib / inputs.dump_gib_s
+    predicted = dump + write_bytes / bw
+    budget = budget_seconds(q["checkpoint"])
+    needed: Optional[float] = None
+    left = budget - dump
+    if predicted > budget:
+        if left > 0:
+            per_node = write_bytes / left
+            others = [v for k, v in limits.items() if k != "FSx share"]
+            if not others or min(others) >= per_node:
+                needed = per_node * nodes / MB
+    return QueuePlan(queue=q["name"], instance_type=itype, job_memory_gib=round(job_gib, 1), nodes_at_once=nodes,
+                     write_gib=round(write_bytes / GIB, 1), node_mb_s=round(bw / MB, 1), limited_by=limited_by,
+                     predicted_seconds=round(predicted, 1), budget_seconds=budget, fits=predicted <= budget,
+                     fsx_mb_s=round(fsx, 1), fsx_mb_s_needed=round(needed, 1) if needed else None,
+                     max_write_gib=round(max(0.0, left) * bw / GIB, 1))
+
+
+def advice(p: QueuePlan, site: Dict[str, Any]) -> str:
+    """One line: fits, or what would make it fit."""
+    if p.fits:
+        return f"fits: {p.predicted_seconds:g} s of {p.budget_seconds:g} s"
+    line = f"does NOT fit: {p.predicted_seconds:g} s of {p.budget_seconds:g} s, limited by {p.limited_by}"
+    if p.fsx_mb_s_needed:
+        line += f"; needs FSx throughput >= {p.fsx_mb_s_needed:,.0f} MB/s (has {p.fsx_mb_s:,.0f})"
+        new = site["storage"].get("new") or {}
+        per_tib = new.get("throughput_mb_s_per_tib") or (SCRATCH_MB_S_PER_TIB if new else None)
+        if per_tib:
+            line += f", e.g. {math.ceil(p.fsx_mb_s_needed / per_tib * 1024):,} GiB at {per_tib} MB/s/TiB"
+    elif p.max_write_gib > 0:
+        line += (f"; a node can write at most {p.max_write_gib:g} GiB in time: keep what changes between periodic "
+                 "checkpoints below that (a shorter interval), or use instances with a faster link")
+    else:
+        line += "; dumping the job's memory alone takes longer than the notice allows"
+    return line

@@ -1,0 +1,578 @@
+"""Content-addressed chunk storage inside one job directory of the checkpoint store.
+
+A chunk is up to CHUNK_BYTES of a file (a CRIU image or a captured file), named by the sha256 of its raw bytes and
+stored once per job under `chunks/<first two hex digits>/<sha256>` (raw) or `<sha256>.zst` (zstd-compressed, used
+only where compression saves space). A checkpoint writes only chunks the job has not stored before, which is what
+makes checkpoints incremental on every kernel (CRIU's own pre-dump needs soft-dirty tracking, which many kernels,
+this project's CI machine and all arm64 among them, lack).
+
+Chunk files appear under their final name only once complete (written to a temporary name, then renamed), so a
+crash never leaves a truncated chunk that a later checkpoint would reuse. Durability comes from one syncfs() of the
+store's file system before the manifest is committed, instead of one fsync per chunk; each chunk's writeback is
+started as soon as it is written (sync_file_range, a hint only), so the disk works while later chunks are hashed
+and that syncfs finds little left to write.
+
+A chunk at rest is not trusted forever: `verify_reused` (set per checkpoint by the engine) picks the reused chunks to
+re-read before a manifest refers to them again. A chunk that no longer matches (a flipped bit, a truncated or
+missing file) is rewritten from the fresh data under the same name and codec, which also repairs every older
+generation that refers to it. Verifying costs a read and a compare (a decompression for .zst chunks) of each chunk
+verified, no hash: the data it must equal is in hand; each digest is verified once per checkpoint.
+
+Speed on small machines: WORKERS threads (at least 4, even on 2 CPUs) keep the store's disk busy while chunks are
+hashed. Compression, the CPU-bound part, runs on at most CPUs - 1 chunks at a time (process-wide; one CPU stays free
+for hashing, copying and the kernel's writeback), and a chunk that would have to wait for a compression slot is
+stored raw instead: with many cores nearly every compressible chunk is compressed; on 2 vCPUs, where zstd -1
+(~200 MiB/s per core) cannot outrun a local disk, only a few are, so compression never queues a checkpoint behind
+the CPU (see bench/ for the numbers). All-zero chunks are recognised by a compare, not hashed.
+
+The codec outruns the disk where it can: once per process, zstd's speed at levels 1, -1, -3 and -5 is measured on
+netlist-like text and the store's durable write bandwidth with a small probe file; a store uses the best-compressing
+level whose speed on the compression slots keeps up with that bandwidth (choose_level). Whether a chunk is worth
+compressing at all is decided from a 64 KiB sample in four pieces spread over it (probe): random data costs one
+small compression, not a whole chunk's.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+
+import zstandard
+
+from ckpt_agent.errors import DamagedCheckpointError, StoreError
+from ckpt_agent.util.safeio import NotRegularFile, read_regular
+from ckpt_agent.util.usercreds import Creds, acting_as
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20  # 1 MiB: small enough that a local change rewrites little, large enough to keep file counts sane
+COMPRESS_PROBE_BYTES = 64 << 10  # try compressing this much first; random data is stored raw without more effort
+PROBE_PIECES = 4  # ... taken as this many pieces spread over the chunk (a header or one odd region decides nothing)
+# zstd levels the codec is chosen from, best ratio first: negative levels trade ratio for 2-4x the speed of level 1
+ZSTD_LEVELS = (1, -1, -3, -5)
+SPEED_SAMPLE_BYTES = 2 << 20  # netlist-like text each level compresses once per process to measure its speed
+BANDWIDTH_PROBE_BYTES = 8 << 20  # written and fdatasync'ed once per process and store file system
+COMPRESS_MIN_SAVING = 0.10  # store compressed only when it saves at least 10%
+CPUS = os.cpu_count() or 2
+# threads per checkpoint: at least 4 so the disk always has writes queued while other chunks are hashed, even on 2 CPUs
+WORKERS = max(4, min(8, CPUS))
+# chunks compressed at once, process-wide: zstd is CPU-bound; one CPU stays free for hashing, copying and writeback
+COMPRESS_SLOTS = max(1, CPUS - 1)
+ZERO_CHUNK = bytes(CHUNK_BYTES)
+ZERO_CHUNK_DIGEST = hashlib.sha256(ZERO_CHUNK).hexdigest()
+# sync_file_range(2) flag: start writeback of the file's dirty pages without waiting for it
+SYNC_FILE_RANGE_WRITE = 2
+# zstd frames are never stored unless they save 10%; this slack only covers frame headers of tiny chunks
+ZSTD_SLACK_BYTES = 1024
+
+CODEC_RAW = "r"
+CODEC_ZSTD = "z"
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    digest: str
+    size: int
+    codec: str
+
+    def to_json(self) -> list:
+        return [self.digest, self.size, self.codec]
+
+    @classmethod
+    def from_json(cls, value: Sequence) -> ChunkRef:
+        digest, size, codec = value
+        return cls(str(digest), int(size), str(codec))
+
+
+@dataclass
+class WriteStats:
+    bytes_in: int = 0  # raw bytes looked at
+    bytes_new: int = 0  # raw bytes of chunks this job had not stored before
+    bytes_written: int = 0  # bytes actually written (after compression)
+    chunks_new: int = 0
+    chunks_reused: int = 0
+    chunks_verified: int = 0  # reused chunks re-read and compared with the fresh data
+    chunks_repaired: int = 0  # of those, rotten ones rewritten
+
+    def add(self, other: WriteStats) -> None:
+        self.bytes_in += other.bytes_in
+        self.bytes_new += other.bytes_new
+        self.bytes_written += other.bytes_written
+        self.chunks_new += other.chunks_new
+        self.chunks_reused += other.chunks_reused
+        self.chunks_verified += other.chunks_verified
+        self.chunks_repaired += other.chunks_repaired
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_compress_slots = threading.BoundedSemaphore(COMPRESS_SLOTS)
+try:
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+except AttributeError:  # not Linux/glibc: writeback then starts at syncfs, which is only slower
+    _sync_file_range = None
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing the file's dirty pages now. Only a hint: durability still comes from syncfs
+    before the manifest, so any failure here (a file system without support) is ignored."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+
+
+def probe(data: bytes) -> bytes:
+    """COMPRESS_PROBE_BYTES of `data` in PROBE_PIECES pieces spread over it: what decides, cheaply, whether the
+    whole chunk is worth compressing."""
+    if len(data) <= COMPRESS_PROBE_BYTES:
+        return data
+    piece = COMPRESS_PROBE_BYTES // PROBE_PIECES
+    step = (len(data) - piece) // (PROBE_PIECES - 1)
+    return b"".join(data[i * step:i * step + piece] for i in range(PROBE_PIECES))
+
+
+def _text_sample(nbytes: int) -> bytes:
+    """Deterministic netlist-like text (what EDA tools hold), to time the codecs on."""
+    import random
+
+    rng = random.Random(5)
+    lines = []
+    size = 0
+    while size < nbytes:
+        line = (f"M{size} net_{rng.randrange(1 << 20)} net_{rng.randrange(1 << 20)} vss nch "
+                f"W={rng.randrange(1, 400) / 100:.2f}u L={rng.randrange(1, 40) / 100:.2f}u\n")
+        lines.append(line)
+        size += len(line)
+    return "".join(lines).encode()[:nbytes]
+
+
+_speeds: Dict[int, float] = {}
+_bandwidths: Dict[int, float] = {}
+_measure_lock = threading.Lock()
+
+
+def codec_speeds() -> Dict[int, float]:
+    """zstd level -> compression bytes/s of one core on this machine, measured once per process (~30 ms)."""
+    with _measure_lock:
+        if not _speeds:
+            sample = _text_sample(SPEED_SAMPLE_BYTES)
+            for level in ZSTD_LEVELS:
+                cctx = zstandard.ZstdCompressor(level=level)
+                t = time.perf_counter()
+                cctx.compress(sample)
+                _speeds[level] = len(sample) / max(time.perf_counter() - t, 1e-6)
+        return dict(_speeds)
+
+
+def store_bandwidth(root: str) -> Optional[float]:
+    """Bytes/s the store's file system takes durable writes at: BANDWIDTH_PROBE_BYTES written and fdatasync'ed to a
+    temporary file under `root`, once per process and file system. None when it cannot be measured."""
+    try:
+        dev = os.stat(root).st_dev
+    except OSError:
+        return None
+    with _measure_lock:
+        if dev not in _bandwidths:
+            path = os.path.join(root, f".bandwidth-probe.tmp-{os.getpid()}")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    block = os.urandom(1 << 20)  # incompressible: a compressing file system must not flatter it
+                    t = time.perf_counter()
+                    for _ in range(BANDWIDTH_PROBE_BYTES >> 20):
+                        _write_all(fd, block)
+                    os.fdatasync(fd)
+                    _bandwidths[dev] = BANDWIDTH_PROBE_BYTES / max(time.perf_counter() - t, 1e-6)
+                finally:
+                    os.close(fd)
+                    _unlink_quiet(path)
+            except OSError as e:
+                log.debug("cannot measure the write bandwidth of %s: %s", root, e)
+                return None
+        return _bandwidths[dev]
+
+
+def choose_level(bandwidth: Optional[float], speeds: Dict[int, float], slots: int = COMPRESS_SLOTS) -> int:
+    """The best-compressing zstd level whose measured speed on `slots` cores keeps up with the store's bandwidth;
+    the fastest level when none does; level 1 when the bandwidth is unknown."""
+    if not bandwidth:
+        return ZSTD_LEVELS[0]
+    for level in ZSTD_LEVELS:
+        if speeds.get(level, 0) * slots >= bandwidth:
+            return level
+    return max(speeds, key=speeds.get) if speeds else ZSTD_LEVELS[-1]
+
+
+def chunk_digest(data: bytes) -> str:
+    """sha256 of a chunk; a full all-zero chunk (untouched-but-present memory, sparse files) by a compare instead."""
+    if len(data) == CHUNK_BYTES and data == ZERO_CHUNK:
+        return ZERO_CHUNK_DIGEST
+    return hashlib.sha256(data).hexdigest()
+
+
+def syncfs(path: str) -> None:
+    """Flush the whole file system holding `path` (one call instead of an fsync per chunk file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise StoreError(f"{path}: syncfs failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class ChunkStore:
+    """The chunks of one job: `known` maps digests already stored (from kept manifests) to their codec."""
+
+    def __init__(
+        self,
+        root: str,
+        compression: str = "zstd",
+        known: Optional[Dict[str, str]] = None,
+        owner: Optional[Tuple[int, int]] = None,
+    ):
+        self.root = root
+        self.owner = owner  # (uid, gid) of an ordinary user's job the agent writes chunks for
+        # ... with the user's file-system identity: chunks are the user's, and a link the user plants in the job
+        # directory leads only where the user could write anyway
+        self._creds = Creds(owner[0], owner[1], (owner[1],)) if owner else None
+        self.compress = compression == "zstd"
+        self.known: Dict[str, str] = dict(known or {})
+        self._lock = threading.Lock()
+        self._pending: Dict[str, threading.Event] = {}  # digests being written by one thread right now
+        self._local = threading.local()
+        # digest -> whether a reused chunk must be re-read and compared before it is referenced again
+        self.verify_reused: Optional[Callable[[str], bool]] = None
+        self._verified: Set[str] = set()  # digests already checked (or written) in this checkpoint
+        self._checked: set = set()  # prefix directories found to be real directories
+        self._level: Optional[int] = None
+
+    def _check_prefix(self, prefix: str) -> None:
+        """A chunk prefix directory is read only when it is a directory, not a link (checked once per store)."""
+        if prefix in self._checked:
+            return
+        st = os.lstat(prefix)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotRegularFile(errno.ENOTDIR, f"{prefix} is not a directory (a symbolic link?)")
+        self._checked.add(prefix)
+
+    def path(self, ref: ChunkRef) -> str:
+        name = ref.digest + (".zst" if ref.codec == CODEC_ZSTD else "")
+        return os.path.join(self.root, ref.digest[:2], name)
+
+    @property
+    def level(self) -> int:
+        """The zstd level for this store on this machine (choose_level), measured at the first compression."""
+        if self._level is None:
+            with acting_as(self._creds):
+                bandwidth = store_bandwidth(self.root)
+            level = choose_level(bandwidth, codec_speeds())
+            log.debug("zstd level %d for %s", level, self.root)
+            self._level = level
+        return self._level
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "cctx", None)
+        if c is None:
+            c = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+        return c
+
+    def _encode(self, data: bytes, wait: bool = True) -> Tuple[bytes, str]:
+        """(payload, codec). wait=False: store raw rather than wait for a free CPU (see the module docstring)."""
+        if not self.compress or len(data) < 512:
+            return data, CODEC_RAW
+        if not _compress_slots.acquire(blocking=wait):
+            return data, CODEC_RAW
+        try:
+            return self._compress(data)
+        finally:
+            _compress_slots.release()
+
+    def _compress(self, data: bytes) -> Tuple[bytes, str]:
+        cctx = self._compressor()
+        sample = probe(data)
+        if len(sample) < len(data) and len(cctx.compress(sample)) > len(sample) * (1 - COMPRESS_MIN_SAVING):
+            return data, CODEC_RAW
+        packed = cctx.compress(data)
+        if len(packed) > len(data) * (1 - COMPRESS_MIN_SAVING):
+            return data, CODEC_RAW
+        return packed, CODEC_ZSTD
+
+    def put(self, data: bytes) -> Tuple[ChunkRef, WriteStats]:
+        """Store one chunk unless the job already has it; return its reference.
+
+        Identical chunks met by several threads at once (zero pages, repeated blocks) are written once: the first
+        thread claims the digest, the others wait for it and reuse its codec.
+        """
+        digest = chunk_digest(data)
+        stats = WriteStats(bytes_in=len(data))
+        while True:
+            with self._lock:
+                codec = self.known.get(digest)
+                waiter = self._pending.get(digest) if codec is None else None
+                if codec is None and waiter is None:
+                    self._pending[digest] = threading.Event()
+            if codec is not None:
+                stats.chunks_reused = 1
+                ref = ChunkRef(digest, len(data), codec)
+                if self.verify_reused is not None and self._claim_verification(digest):
+                    self._verify_or_repair(ref, data, stats)
+                return ref, stats
+            if waiter is None:
+                break
+            waiter.wait()  # then reuse what the claiming thread stored, or claim it ourselves if it failed
+        ref: Optional[ChunkRef] = None
+        try:
+            ref, written = self._write(digest, data)
+        finally:
+            with self._lock:
+                if ref is not None:
+                    self.known[digest] = ref.codec
+                self._pending.pop(digest).set()
+        stats.bytes_written = written
+        stats.bytes_new = len(data)
+        stats.chunks_new = 1
+        return ref, stats
+
+    def claim_verification(self, digest: str) -> bool:
+        """Whether a chunk reused without its data in hand (a slice, pagedelta.py) is due for re-reading in this
+        checkpoint; each digest is claimed once. `unclaim` one found rotten, so the put() that stores its data
+        again verifies and repairs it."""
+        return self.verify_reused is not None and self._claim_verification(digest)
+
+    def unclaim(self, digests: Iterable[str]) -> None:
+        with self._lock:
+            self._verified.difference_update(digests)
+
+    def _claim_verification(self, digest: str) -> bool:
+        with self._lock:
+            if digest in self._verified or not self.verify_reused(digest):
+                return False
+            self._verified.add(digest)
+            return True
+
+    def _verify_or_repair(self, ref: ChunkRef, data: bytes, stats: WriteStats) -> None:
+        """Compare the stored chunk with `data` (whose digest it claims); rewrite it from `data` when it differs."""
+        stats.chunks_verified = 1
+        if self._stored_equals(ref, data):
+            return
+        log.warning("chunk %s (%s) does not match its digest: rewriting it from the fresh data",
+                    ref.digest[:16], self.path(ref))
+        payload = self._compressor().compress(data) if ref.codec == CODEC_ZSTD else data  # same name, same codec
+        stats.bytes_written += self._write_file(self.path(ref), payload, replace=True)
+        stats.chunks_repaired = 1
+
+    def _stored_equals(self, ref: ChunkRef, data: bytes) -> bool:
+        """Whether the stored chunk holds exactly `data`: anything unreadable, misplaced or different is rotten."""
+        bound = ref.size + (ZSTD_SLACK_BYTES if ref.codec == CODEC_ZSTD else 0)
+        try:
+            with acting_as(self._creds):
+                payload = read_regular(self.path(ref), bound)
+        except OSError:
+            return False
+        if ref.codec == CODEC_ZSTD:
+            try:
+                payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=ref.size)
+            except zstandard.ZstdError:
+                return False
+        return payload == data
+
+    def _write(self, digest: str, data: bytes) -> Tuple[ChunkRef, int]:
+        payload, codec = self._encode(data, wait=False)
+        ref = ChunkRef(digest, len(data), codec)
+        with self._lock:
+            self._verified.add(digest)
+        final = self.path(ref)
+        with acting_as(self._creds):
+            if os.path.exists(final):
+                return ref, 0
+            return ref, self._write_file(final, payload)
+
+    def _write_file(self, final: str, payload: bytes, replace: bool = False) -> int:
+        """Write a chunk file under a temporary name, then rename it into place (over a rotten one: `replace`),
+        with the user's file-system identity when acting for a user's job."""
+        tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with acting_as(self._creds):
+            try:
+                prefix_dir = os.path.dirname(final)
+                if not os.path.isdir(prefix_dir):
+                    os.makedirs(prefix_dir, mode=0o700, exist_ok=True)
+                # never write through a link planted under the temp name
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+                try:
+                    _write_all(fd, payload)
+                    start_writeback(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, final)  # over a rotten chunk, or a link planted in its place, not through it
+            except OSError as e:  # a full or read-only store: name the chunk, leave no temporary file behind
+                _unlink_quiet(tmp)
+                raise StoreError(f"cannot write chunk {final}: {e.strerror or e}") from e
+        return len(payload)
+
+    def get(self, ref: ChunkRef, where: str = "") -> bytes:
+        """Read, decompress and verify one chunk; DamagedCheckpointError names what is wrong."""
+        path = self.path(ref)
+        label = f"{where}: " if where else ""
+        # a regular file of the size the manifest records, never a link, FIFO or device put in its place
+        bound = ref.size + (ZSTD_SLACK_BYTES if ref.codec == CODEC_ZSTD else 0)
+        try:
+            self._check_prefix(os.path.dirname(path))
+            payload = read_regular(path, bound)
+        except FileNotFoundError:
+            raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} is missing ({path})") from None
+        except NotRegularFile as e:
+            raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]}: {e.strerror}") from None
+        except OSError as e:
+            raise StoreError(f"{label}cannot read chunk {path}: {e.strerror}") from e
+        if ref.codec == CODEC_ZSTD:
+            try:
+                data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=ref.size)
+            except zstandard.ZstdError as e:
+                raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} is corrupt ({path}): {e}") from e
+        else:
+            data = payload
+        if len(data) != ref.size or chunk_digest(data) != ref.digest:
+            raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} fails its checksum ({path})")
+        return data
+
+
+def file_ranges(size: int, cuts: Optional[Iterable[int]] = None) -> List[Tuple[int, int]]:
+    """Split [0, size) into chunk ranges: at the given cut offsets if any, and at most CHUNK_BYTES long."""
+    points = sorted({c for c in (cuts or ()) if 0 < c < size})
+    ranges = []
+    start = 0
+    for end in points + [size]:
+        while end - start > CHUNK_BYTES:
+            ranges.append((start, start + CHUNK_BYTES))
+            start += CHUNK_BYTES
+        if end > start:
+            ranges.append((start, end))
+            start = end
+    return ranges
+
+
+def store_file(
+    chunks: ChunkStore,
+    path: str,
+    pool: concurrent.futures.Executor,
+    cuts: Optional[Iterable[int]] = None,
+) -> Tuple[List[ChunkRef], WriteStats, int]:
+    """Chunk one file into the store in parallel; return its chunk list, stats and size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        ranges = file_ranges(size, cuts)
+
+        def one(rng: Tuple[int, int]) -> Tuple[ChunkRef, WriteStats]:
+            start, end = rng
+            data = os.pread(fd, end - start, start)
+            if len(data) != end - start:
+                raise StoreError(f"{path}: changed size while being stored")
+            return chunks.put(data)
+
+        results = list(pool.map(one, ranges))
+    finally:
+        os.close(fd)
+    total = WriteStats()
+    refs = []
+    for ref, st in results:
+        refs.append(ref)
+        total.add(st)
+    return refs, total, size
+
+
+def restore_file(
+    chunks: ChunkStore,
+    refs: Sequence[ChunkRef],
+    dest: str,
+    pool: concurrent.futures.Executor,
+    mode: int = 0o600,
+    where: str = "",
+    dir_fd: Optional[int] = None,
+    slices: Optional[Sequence[Sequence[int]]] = None,
+) -> None:
+    """Write a file from its chunks (verified) to `dest` via a temporary name, with exactly `mode`.
+    `dir_fd`: `dest` is a name in that directory (opened by the caller without following links).
+    `slices`: the file is these [chunk index, offset, length] pieces of `refs` in order (a page-granular delta
+    image, pagedelta.py), each chunk read once, instead of the chunks one after the other."""
+    if slices is None:
+        slices = [(i, 0, ref.size) for i, ref in enumerate(refs)]
+    # chunk index -> [(file offset, offset in chunk, length)]
+    wanted: Dict[int, List[Tuple[int, int, int]]] = {}
+    pos = 0
+    for idx, off, length in slices:
+        wanted.setdefault(idx, []).append((pos, off, length))
+        pos += length
+    tmp = f"{dest}.ckpt-tmp-{os.getpid()}"
+    # the name is predictable: never open through whatever already sits there (a link planted to another file)
+    _unlink_quiet(tmp, dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
+        os.ftruncate(fd, pos)
+
+        def one(item: Tuple[int, List[Tuple[int, int, int]]]) -> None:
+            idx, pieces = item
+            ref = refs[idx]
+            if ref.digest == ZERO_CHUNK_DIGEST and ref.size == CHUNK_BYTES:
+                return  # leave all-zero chunks as holes: restored sparse files stay sparse
+            data = chunks.get(ref, where or dest)
+            view = memoryview(data)
+            for file_off, off, length in pieces:
+                os.pwrite(fd, view[off:off + length], file_off)
+
+        for _ in pool.map(one, wanted.items()):
+            pass
+    except BaseException:
+        os.close(fd)
+        _unlink_quiet(tmp, dir_fd)
+        raise
+    os.close(fd)
+    os.rename(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def verify_refs(chunks: ChunkStore, refs: Iterable[ChunkRef], pool: concurrent.futures.Executor, where: str) -> None:
+    for _ in pool.map(lambda r: chunks.get(r, where), refs):
+        pass
+
+
+def iter_chunk_files(root: str) -> Iterator[Tuple[str, str]]:
+    """(digest, path) of every chunk file under root, without following symbolic links."""
+    try:
+        prefixes = list(os.scandir(root))
+    except FileNotFoundError:
+        return
+    for prefix in prefixes:
+        if not prefix.is_dir(follow_symlinks=False):
+            continue
+        for entry in os.scandir(prefix.path):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            name = entry.name
+            if ".tmp-" in name:
+                yield "", entry.path
+                continue
+            yield name[:-4] if name.endswith(".zst") else name, entry.path
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _unlink_quiet(path: str, dir_fd: Optional[int] = None) -> None:
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except OSError:
+        pass

@@ -1,0 +1,744 @@
+"""The checkpoint store: a directory tree on a shared file system (FSx for Lustre on a cluster).
+
+Layout (job directories are mode 0700):
+
+    <store>/<job-id>/                 one job (array tasks: <array-job>_<task>)
+        lock                          writers hold it shared, `ckpt gc` exclusive (flock)
+        events.jsonl                  lifecycle events (run segments, checkpoints, restores, notices, requeues)
+        chunks/<xx>/<sha256>[.zst]    content-addressed data shared by all steps and generations of the job
+        <step>/
+            gen-000003/manifest.json  a committed checkpoint; a generation directory appears only when complete
+            gen-000003/summary.json   a few facts of the generation for `ckpt list` (written before the manifest)
+            gen-000004.partial-<pid>/ a checkpoint being written (never read by restore)
+            result.json               the step finished: its exit status; a rerun returns it without running
+
+A checkpoint becomes visible only when complete and durable: chunks are written and the file system synced, then
+the manifest is written and fsynced inside the partial directory, which is then renamed to its final name.
+A crash at any moment leaves the previous generation intact. Manifests carry the checksums of every chunk and,
+where a key exists, an HMAC-SHA256 over the manifest made with a key that users cannot read.
+
+Reading is defensive, because a job's user owns (and can rearrange) the job's directory: every file is opened
+without following a symbolic link, only when it is a regular file, and read only up to a bound (a manifest, a
+summary, a step result, events; chunks are bounded by the sizes their manifest records). A job, step or `chunks`
+directory that is a symbolic link is refused. Whenever the reader holds a key, a manifest without a valid signature
+is a damaged generation, as is one that does not have the manifest's shape (`check_manifest`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import stat
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+
+from ckpt_agent.errors import (
+    CkptError,
+    ConfigError,
+    DamagedCheckpointError,
+    NotFoundError,
+    PermissionDenied,
+    StoreError,
+    UsageError,
+)
+from ckpt_agent.store.chunks import (
+    CHUNK_BYTES,
+    CODEC_RAW,
+    CODEC_ZSTD,
+    ChunkRef,
+    ChunkStore,
+)
+from ckpt_agent.util.safeio import NotRegularFile, read_regular
+from ckpt_agent.util.usercreds import owner_of_path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+RESULT = "result.json"
+EVENTS = "events.jsonl"
+FORMAT_VERSION = 2  # 2: images may be slices of chunks with a page table (pagedelta.py); older agents refuse it
+READABLE_FORMATS = (1, FORMAT_VERSION)
+_GEN_RE = re.compile(r"^gen-(\d{6,})$")
+_PARTIAL_RE = re.compile(r"^gen-(\d{6,})\.partial-(\d+)$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_CODECS = (CODEC_RAW, CODEC_ZSTD)
+_IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
+# read bounds: a manifest lists ~85 bytes per MiB of image (1 MiB for 12 GiB), so 256 MiB covers 3 TiB of memory
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_SUMMARY_BYTES = 64 << 10  # a handful of fields
+MAX_RESULT_BYTES = 64 << 10
+MAX_EVENTS_BYTES = 64 << 20  # ~300,000 events: far beyond any job's lifetime
+MAX_KEY_BYTES = 4096
+_SUMMARY_TYPES = {"generation": int, "created": str, "final": bool, "reason": str, "node": str, "bytes_in": int,
+                  "bytes_written": int}
+SUMMARY_KEYS = tuple(_SUMMARY_TYPES)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(s: str) -> dt.datetime:
+    return dt.datetime.strptime(s.replace("Z", "+0000"), "%Y-%m-%dT%H:%M:%S.%f%z")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Job ids and step names become directory names: refuse anything that could escape the store."""
+    if not isinstance(value, str) or not _SAFE_NAME.match(value) or value in (".", ".."):
+        shown = value if not isinstance(value, str) or len(value) <= 80 else value[:80] + "..."
+        raise UsageError(f"invalid {kind} {shown!r}: use up to 128 letters, digits, '_', '-', '.', '+' "
+                         "(not starting with '.', '-' or '+')")
+    return value
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")
+
+
+@dataclass
+class Generation:
+    job_id: str
+    step: str
+    number: int
+    path: str
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.path, MANIFEST)
+
+
+class Signer:
+    """HMAC-SHA256 over manifest bytes with a key only root can read (the node agent's key file).
+
+    Whenever a key is held, every manifest must carry a valid signature: a missing or wrong one makes the generation
+    damaged (restore falls back to an older intact one). Without a key (an ordinary user's `ckpt list`/`verify`),
+    signatures cannot be checked, and a caller that requires one is refused."""
+
+    def __init__(self, key: Optional[bytes]):
+        self.key = key
+
+    @classmethod
+    def from_file(cls, path: str) -> Signer:
+        try:
+            key = read_regular(path, MAX_KEY_BYTES, follow=True).strip()
+        except (FileNotFoundError, PermissionError):
+            return cls(None)
+        except (OSError, ValueError):
+            return cls(None)
+        return cls(key or None)
+
+    @classmethod
+    def ensure(cls, path: str, config_path: Optional[str] = None) -> Signer:
+        """The key at `path`, created (random, mode 0600, root's) at first use when none is there.
+
+        The key file alone is private: a missing parent directory is created 0755, since the configuration
+        (agent.yaml, which every user's `ckpt run` reads) may live in the same directory. A directory holding
+        `config_path` that an earlier version made 0700 is opened up again (it held only the key and the config).
+        The key appears under its name complete (written aside, then linked), so concurrent first users all read
+        the same key."""
+        import secrets
+
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+            if config_path and os.path.dirname(os.path.abspath(config_path)) == parent:
+                _keep_traversable(parent)
+            if not os.path.lexists(path):
+                tmp = f"{path}.tmp-{os.getpid()}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, (secrets.token_hex(32) + "\n").encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    os.link(tmp, path)
+                    log.warning("created a new signing key %s: copy it to every node that restores this node's "
+                                "checkpoints", path)
+                except FileExistsError:
+                    pass  # another first user won: use theirs
+                finally:
+                    os.unlink(tmp)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{path}: signing key is not a regular file")
+            if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+                os.chmod(path, 0o600)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot create the signing key: {e.strerror}") from e
+        signer = cls.from_file(path)
+        if not signer.key:
+            raise ConfigError(f"{path}: signing key is empty or unreadable")
+        return signer
+
+    def sign(self, payload: bytes) -> Optional[str]:
+        if not self.key:
+            return None
+        return hmac.new(self.key, payload, hashlib.sha256).hexdigest()
+
+    def verify(self, payload: bytes, signature: Optional[str], where: str, required: bool) -> None:
+        if not self.key:
+            if required:
+                raise PermissionDenied(f"{where}: no signing key available to verify the checkpoint")
+            return
+        if not signature:
+            raise DamagedCheckpointError(f"{where}: checkpoint is not signed by the agent (a key exists): "
+                                         "refusing to trust it")
+        if not isinstance(signature, str) or not hmac.compare_digest(self.sign(payload) or "", signature):
+            raise DamagedCheckpointError(f"{where}: checkpoint signature does not match: it was altered or forged")
+
+
+def _keep_traversable(path: str) -> None:
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and (st.st_mode & 0o055) != 0o055:
+        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o055)
+        log.warning("%s was not readable by users (mode %o): made it %o again so that users can read the "
+                    "configuration; the signing key stays private", path, stat.S_IMODE(st.st_mode),
+                    stat.S_IMODE(st.st_mode) | 0o055)
+
+
+class CheckpointStore:
+    def __init__(self, root: str, signer: Optional[Signer] = None):
+        self.root = os.path.abspath(root)
+        self.signer = signer or Signer(None)
+
+    # --- layout -----------------------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> str:
+        return os.path.join(self.root, check_name("job id", job_id))
+
+    def step_dir(self, job_id: str, step: str) -> str:
+        return os.path.join(self.job_dir(job_id), check_name("step name", step))
+
+    def chunk_dir(self, job_id: str) -> str:
+        return os.path.join(self.job_dir(job_id), "chunks")
+
+    def _no_link(self, path: str) -> str:
+        """`path` (a job, step or chunks directory) for reading: refused when it is a symbolic link or not a
+        directory (a user may rearrange their own job directory; nobody may make a reader go elsewhere)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return path
+        except OSError as e:
+            raise self._read_error(os.path.relpath(path, self.root).split(os.sep)[0], path, e) from e
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{path} is not a directory (a symbolic link?); refusing to read through it")
+        return path
+
+    def read_job_dir(self, job_id: str) -> str:
+        return self._no_link(self.job_dir(job_id))
+
+    def read_step_dir(self, job_id: str, step: str) -> str:
+        self.read_job_dir(job_id)
+        return self._no_link(self.step_dir(job_id, step))
+
+    def ensure_job(self, job_id: str, step: str, uid: Optional[int] = None, gid: Optional[int] = None) -> str:
+        """Create the job's directories (mode 0700, owned by the job's user). A job directory that is a symbolic
+        link, or that belongs to somebody else than the job's user or root, is refused: the store may be writable
+        by every user, and nobody may plant a directory for another user's job."""
+        if not os.path.isdir(self.root):
+            raise StoreError(f"checkpoint store {self.root} does not exist or is not a directory")
+        jd = self.job_dir(job_id)
+        try:
+            if not os.path.lexists(jd):
+                try:
+                    os.mkdir(jd, 0o700)
+                except FileExistsError:
+                    pass
+            st = os.lstat(jd)
+            if os.path.islink(jd) or not os.path.isdir(jd):
+                raise StoreError(f"{jd} is not a directory (a symbolic link?); refusing to use it")
+            if uid is not None and st.st_uid not in (0, uid):
+                raise StoreError(f"{jd} belongs to uid {st.st_uid}, not to the job's user (uid {uid}); refusing it")
+            created = [jd]
+            for sub in (self.step_dir(job_id, step), self.chunk_dir(job_id)):
+                if not os.path.lexists(sub):
+                    os.makedirs(sub, mode=0o700, exist_ok=True)
+                    created.append(sub)
+                elif os.path.islink(sub):
+                    raise StoreError(f"{sub} is a symbolic link; refusing to use it")
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o700:
+                os.chmod(jd, 0o700)
+            if uid is not None and os.geteuid() == 0 and uid != 0:
+                for p in created:
+                    os.chown(p, uid, gid if gid is not None else -1)
+        except OSError as e:
+            raise StoreError(f"cannot create {jd}: {e.strerror}") from e
+        return jd
+
+    @contextlib.contextmanager
+    def job_lock(
+        self, job_id: str, exclusive: bool = False, blocking: bool = True, dir_fd: Optional[int] = None
+    ) -> Iterator[bool]:
+        """flock on <job>/lock. `dir_fd`: the job directory, already opened without following links (`ckpt gc`),
+        so that a job directory swapped for a link never makes us create a lock file elsewhere."""
+        path = "lock" if dir_fd is not None else os.path.join(self.job_dir(job_id), "lock")
+        # read-only is enough for flock, and lets the job's user share a lock file the root agent created
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+        try:
+            flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            if not blocking:
+                flags |= fcntl.LOCK_NB
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    # --- generations ------------------------------------------------------------------------------------------
+    def generations(self, job_id: str, step: str) -> List[Generation]:
+        """Committed generations, oldest first."""
+        sd = self.read_step_dir(job_id, step)
+        try:
+            names = os.listdir(sd)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise self._read_error(job_id, sd, e) from e
+        gens = []
+        for name in names:
+            m = _GEN_RE.match(name)
+            path = os.path.join(sd, name)
+            # listed when its manifest exists at all: whatever stands there is then checked (and maybe damaged)
+            if m and not os.path.islink(path) and os.path.isdir(path) and os.path.lexists(os.path.join(path, MANIFEST)):
+                gens.append(Generation(job_id, step, int(m.group(1)), path))
+        return sorted(gens, key=lambda g: g.number)
+
+    def _read_error(self, job_id: str, path: str, e: OSError) -> CkptError:
+        """A job's directory is its user's alone (0700): another user's refusal names the owner (77); any other
+        failure to read the store is a store error (74) naming the path."""
+        if isinstance(e, PermissionError) and os.geteuid() != 0:
+            return PermissionDenied(f"job {job_id} belongs to {owner_of_path(self.job_dir(job_id))}: only its owner "
+                                    f"or root may read its checkpoints ({path})")
+        return StoreError(f"cannot read {path}: {e.strerror}")
+
+    def partials(self, job_id: str, step: str) -> List[str]:
+        sd = self.step_dir(job_id, step)
+        try:
+            return [os.path.join(sd, n) for n in os.listdir(sd) if _PARTIAL_RE.match(n)]
+        except FileNotFoundError:
+            return []
+
+    def jobs(self) -> List[str]:
+        try:
+            entries = sorted(os.scandir(self.root), key=lambda e: e.name)
+        except OSError as e:
+            raise StoreError(f"cannot list checkpoint store {self.root}: {e.strerror}") from e
+        return [e.name for e in entries if e.is_dir(follow_symlinks=False) and _SAFE_NAME.match(e.name)]
+
+    def steps(self, job_id: str) -> List[str]:
+        """Step directories of a job (links and names that are not step names are left out); PermissionError when
+        the caller may not read the job's directory (another user's job in a shared store)."""
+        jd = self.read_job_dir(job_id)
+        try:
+            entries = sorted(os.scandir(jd), key=lambda e: e.name)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise self._read_error(job_id, jd, e) from e
+        return [e.name for e in entries
+                if e.is_dir(follow_symlinks=False) and e.name != "chunks" and _SAFE_NAME.match(e.name)]
+
+    def begin(self, job_id: str, step: str) -> Tuple[int, str]:
+        """Reserve the next generation number; return it and its partial directory."""
+        gens = self.generations(job_id, step)
+        number = (gens[-1].number if gens else 0) + 1
+        for p in self.partials(job_id, step):
+            m = _PARTIAL_RE.match(os.path.basename(p))
+            if m:
+                number = max(number, int(m.group(1)) + 1)
+        partial = os.path.join(self.step_dir(job_id, step), f"gen-{number:06d}.partial-{os.getpid()}")
+        try:
+            os.mkdir(partial, 0o700)
+        except OSError as e:
+            raise StoreError(f"cannot create {partial}: {e.strerror}") from e
+        return number, partial
+
+    def commit(
+        self, partial: str, number: int, manifest: Dict[str, Any], owner: Optional[Tuple[int, int]] = None
+    ) -> Generation:
+        """Write the manifest last, durably, then make the generation visible by renaming it."""
+        from ckpt_agent.store.chunks import syncfs
+
+        step_dir = os.path.dirname(partial)
+        job_dir = os.path.dirname(step_dir)
+        syncfs(job_dir)  # chunks written without per-file fsync become durable here, before the manifest exists
+        body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        signature = self.signer.sign(body)
+        envelope = {"manifest": manifest, "signature": signature} if signature else {"manifest": manifest}
+        data = json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
+        # the summary first: the manifest's write syncs the directory, so both are durable before the rename
+        write_atomic(os.path.join(partial, SUMMARY), json.dumps(summary_of(manifest)).encode(), durable=False)
+        write_atomic(os.path.join(partial, MANIFEST), data)
+        if owner:  # readable by the job's user (`ckpt list`, `ckpt verify`); the signature guards against edits
+            os.chown(os.path.join(partial, SUMMARY), *owner)
+            os.chown(os.path.join(partial, MANIFEST), *owner)
+            os.chown(partial, *owner)
+        final = os.path.join(step_dir, f"gen-{number:06d}")
+        os.rename(partial, final)
+        fsync_dir(step_dir)
+        return Generation(os.path.basename(job_dir), os.path.basename(step_dir), number, final)
+
+    def abort(self, partial: str) -> None:
+        shutil.rmtree(partial, ignore_errors=True)
+
+    def load_manifest(self, gen: Generation, require_signature: bool = False) -> Dict[str, Any]:
+        """The generation's manifest, checked: signed (whenever this store holds a key, and always when
+        `require_signature`), of the known format and shape. DamagedCheckpointError otherwise."""
+        where = gen.manifest_path
+        try:
+            raw = read_regular(where, MAX_MANIFEST_BYTES)
+            envelope = json.loads(raw)
+            manifest = envelope["manifest"]
+            if not isinstance(manifest, dict):
+                raise TypeError("the manifest is not an object")
+        except FileNotFoundError:
+            raise DamagedCheckpointError(f"{where}: manifest is missing") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise DamagedCheckpointError(f"{where}: manifest is unreadable ({e})") from e
+        except NotRegularFile as e:
+            raise DamagedCheckpointError(f"manifest: {e.strerror}") from None
+        except OSError as e:
+            raise StoreError(f"{where}: cannot read manifest: {e.strerror}") from e
+        body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        self.signer.verify(body, envelope.get("signature"), where, require_signature)
+        if manifest.get("format") not in READABLE_FORMATS:
+            raise DamagedCheckpointError(f"{where}: unsupported manifest format {manifest.get('format')!r}")
+        check_manifest(manifest, where)
+        return manifest
+
+    def load_summary(self, gen: Generation) -> Dict[str, Any]:
+        """The generation's listing facts (SUMMARY_KEYS): from its summary file, else (older generations, or a
+        summary that is not well formed) from its manifest. Not an integrity check: `ckpt verify` is."""
+        try:
+            data = json.loads(read_regular(os.path.join(gen.path, SUMMARY), MAX_SUMMARY_BYTES))
+            if isinstance(data, dict) and all(isinstance(data.get(k), t) for k, t in _SUMMARY_TYPES.items()):
+                return {k: data[k] for k in SUMMARY_KEYS}
+        except (OSError, ValueError):
+            pass
+        return summary_of(self.load_manifest(gen))
+
+    def chunks_for(
+        self,
+        job_id: str,
+        compression: str = "zstd",
+        known: Optional[Dict[str, str]] = None,
+        owner: Optional[Tuple[int, int]] = None,
+    ) -> ChunkStore:
+        self.read_job_dir(job_id)
+        return ChunkStore(self._no_link(self.chunk_dir(job_id)), compression, known, owner)
+
+    def known_chunks(self, job_id: str) -> Dict[str, str]:
+        """digest -> codec of every chunk referenced by a committed manifest of the job (what need not be rewritten)."""
+        known: Dict[str, str] = {}
+        for step in self.steps(job_id):
+            for gen in self.generations(job_id, step):
+                try:
+                    manifest = self.load_manifest(gen)
+                except (DamagedCheckpointError, PermissionDenied):
+                    continue
+                for ref in manifest_refs(manifest):
+                    known[ref.digest] = ref.codec
+        return {d: c for d, c in known.items() if os.path.exists(self._chunk_path(job_id, d, c))}
+
+    def _chunk_path(self, job_id: str, digest: str, codec: str) -> str:
+        return ChunkStore(self.chunk_dir(job_id)).path(ChunkRef(digest, 0, codec))
+
+    def prune(self, job_id: str, step: str, keep: int) -> List[int]:
+        """Remove all but the newest `keep` committed generations of a step; return the removed numbers."""
+        gens = self.generations(job_id, step)
+        removed = []
+        for gen in gens[: max(0, len(gens) - keep)]:
+            shutil.rmtree(gen.path, ignore_errors=True)
+            removed.append(gen.number)
+        return removed
+
+    def referenced_digests(self, job_id: str, skip: Iterable[Tuple[str, int]] = (), strict: bool = False) -> Set[str]:
+        """Digests referenced by the job's committed manifests, leaving out the generations in `skip`
+        ((step, number) pairs that are about to be removed). `strict`: an unreadable manifest raises instead of
+        being ignored (`ckpt gc` then keeps all of the job's chunks)."""
+        leave_out = set(skip)
+        referenced: Set[str] = set()
+        for step in self.steps(job_id):
+            for gen in self.generations(job_id, step):
+                if (step, gen.number) in leave_out:
+                    continue
+                try:
+                    manifest = self.load_manifest(gen)
+                except (DamagedCheckpointError, PermissionDenied):
+                    if strict:
+                        raise
+                    continue
+                referenced.update(r.digest for r in manifest_refs(manifest))
+        return referenced
+
+    def sweep_chunks(
+        self,
+        job_id: str,
+        *,
+        referenced: Optional[Set[str]] = None,
+        locked: bool = False,
+        unlink: Optional[Callable[[int, str, int], None]] = None,
+        job_fd: Optional[int] = None,
+    ) -> Tuple[int, int]:
+        """Remove chunks no committed manifest references. Takes the job lock exclusively and skips (returns
+        (0, 0)) while any checkpoint of the job is being written. Returns (files removed, bytes freed).
+
+        The walk opens every directory relative to its parent without following symbolic links, so a `chunks`
+        directory or prefix directory replaced by a link to somewhere else is never entered.
+        For `ckpt gc`: `referenced` (what to keep) instead of the manifests on disk, `locked` when the caller already
+        holds the job lock exclusively, `unlink(dir_fd, name, size)` to remove (or only count) one file, `job_fd` the
+        job directory opened by the caller."""
+        if not locked:
+            with self.job_lock(job_id, exclusive=True, blocking=False) as got:
+                if not got:
+                    return 0, 0
+                return self.sweep_chunks(job_id, referenced=referenced, locked=True, unlink=unlink, job_fd=job_fd)
+        if referenced is None:
+            referenced = self.referenced_digests(job_id)
+        if unlink is None:
+            def unlink(dir_fd: int, name: str, size: int) -> None:
+                os.unlink(name, dir_fd=dir_fd)
+        own_fd = job_fd is None
+        if own_fd:
+            job_fd = open_dir_nofollow(self.job_dir(job_id))
+            if job_fd is None:
+                return 0, 0
+        removed = freed = 0
+        try:
+            chunks_fd = open_dir_nofollow("chunks", job_fd)
+            if chunks_fd is None:
+                return 0, 0
+            try:
+                for prefix in _scandir_fd(chunks_fd):
+                    prefix_fd = open_dir_nofollow(prefix, chunks_fd) if len(prefix) == 2 else None
+                    if prefix_fd is None:
+                        continue
+                    try:
+                        for name in _scandir_fd(prefix_fd):
+                            digest = "" if ".tmp-" in name else (name[:-4] if name.endswith(".zst") else name)
+                            if digest and digest in referenced:
+                                continue
+                            try:
+                                st = os.stat(name, dir_fd=prefix_fd, follow_symlinks=False)
+                                if not stat.S_ISREG(st.st_mode):
+                                    continue
+                                unlink(prefix_fd, name, st.st_size)
+                            except OSError:
+                                continue
+                            removed += 1
+                            freed += st.st_size
+                    finally:
+                        os.close(prefix_fd)
+            finally:
+                os.close(chunks_fd)
+        finally:
+            if own_fd:
+                os.close(job_fd)
+        return removed, freed
+
+    # --- results and events -----------------------------------------------------------------------------------
+    def result(self, job_id: str, step: str) -> Optional[Dict[str, Any]]:
+        path = os.path.join(self.read_step_dir(job_id, step), RESULT)
+        try:
+            data = json.loads(read_regular(path, MAX_RESULT_BYTES))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"{path}: unreadable step result ({e.strerror or e})") from e
+        except ValueError as e:
+            raise StoreError(f"{path}: unreadable step result ({e})") from e
+        if not isinstance(data, dict):
+            raise StoreError(f"{path}: unreadable step result (not an object)")
+        return data
+
+    def record_result(self, job_id: str, step: str, exit_status: int) -> None:
+        data = {"exit_status": exit_status, "finished": iso(utcnow()), "host": socket.gethostname()}
+        write_atomic(os.path.join(self.step_dir(job_id, step), RESULT), json.dumps(data).encode())
+
+    def append_event(self, job_id: str, event: Dict[str, Any], new_line: bool = False) -> None:
+        """One JSON line per event; O_APPEND writes of a line this size are not interleaved between writers.
+        `new_line`: start with a line break, ending a line a full disk cut short (readers skip empty lines)."""
+        path = os.path.join(self.job_dir(job_id), EVENTS)
+        line = (("\n" if new_line else "") + json.dumps(event, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, f"short write to {path}", path)
+        finally:
+            os.close(fd)
+
+    def events(self, job_id: str) -> List[Dict[str, Any]]:
+        path = os.path.join(self.read_job_dir(job_id), EVENTS)
+        out = []
+        try:
+            text = read_regular(path, MAX_EVENTS_BYTES).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return out
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read events: {e.strerror or e}") from e
+        for line in text.splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    event = json.loads(line)
+                except (ValueError, RecursionError):
+                    event = None
+                if isinstance(event, dict):
+                    out.append(event)
+                else:
+                    log.warning("%s: skipping a damaged event line", path)
+        return out
+
+    def latest_generation(self, job_id: str, step: str) -> Generation:
+        gens = self.generations(job_id, step)
+        if not gens:
+            raise NotFoundError(f"no checkpoint of job {job_id} step {step} in {self.root}")
+        return gens[-1]
+
+
+def summary_of(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    stats = manifest.get("stats") if isinstance(manifest.get("stats"), dict) else {}
+
+    def num(v: Any) -> int:
+        return v if type(v) is int else 0
+
+    return {"generation": num(manifest.get("generation")), "created": str(manifest.get("created", "")),
+            "final": bool(manifest.get("final")), "reason": str(manifest.get("reason", "")),
+            "node": str(manifest.get("node", "")), "bytes_in": num(stats.get("bytes_in")),
+            "bytes_written": num(stats.get("bytes_written"))}
+
+
+def _check_refs(refs: Any, where: str) -> int:
+    """Chunk references as stored ([sha256 hex, raw size, codec]); returns their total size."""
+    if not isinstance(refs, list):
+        raise DamagedCheckpointError(f"{where}: malformed manifest: a chunk list is not a list")
+    total = 0
+    for r in refs:
+        if not (type(r) is list and len(r) == 3 and type(r[1]) is int and 0 < r[1] <= CHUNK_BYTES
+                and r[2] in _CODECS and type(r[0]) is str and _DIGEST_RE.match(r[0])):
+            raise DamagedCheckpointError(f"{where}: malformed manifest: bad chunk reference {str(r)[:100]}")
+        total += r[1]
+    return total
+
+
+def _check_slices(slices: Any, refs: List[list]) -> Optional[int]:
+    """Total length of an image's [chunk index, offset, length] slices, None when one leaves its chunk."""
+    if not isinstance(slices, list):
+        return None
+    total = 0
+    for s in slices:
+        if not (type(s) is list and len(s) == 3 and all(type(x) is int for x in s) and 0 <= s[0] < len(refs)
+                and s[1] >= 0 and s[2] > 0 and s[1] + s[2] <= refs[s[0]][1]):
+            return None
+        total += s[2]
+    return total
+
+
+def check_manifest(manifest: Dict[str, Any], where: str) -> None:
+    """The shape every reader relies on; anything else is a damaged generation (never a KeyError later).
+    Messages are built only on failure: a manifest of a large process lists ~12,000 chunks per 12 GiB."""
+    def bad(what: str) -> DamagedCheckpointError:
+        return DamagedCheckpointError(f"{where}: malformed manifest: {what}")
+
+    if not isinstance(manifest.get("created"), str):
+        raise bad("'created' is missing or not a string")
+    images, files = manifest.get("images"), manifest.get("files")
+    if not isinstance(images, list):
+        raise bad("'images' is missing or not a list")
+    if not isinstance(files, list):
+        raise bad("'files' is missing or not a list")
+    for img in images:
+        if not (isinstance(img, dict) and isinstance(img.get("name"), str) and _IMAGE_NAME_RE.match(img["name"])
+                and type(img.get("size")) is int):
+            raise bad(f"bad image entry {str(img)[:100]}")
+        total = _check_refs(img.get("chunks"), where)
+        if "slices" in img:
+            total = _check_slices(img["slices"], img["chunks"])
+            if total is None:
+                raise bad(f"image {img['name']}: bad slices")
+        if total != img["size"]:
+            raise bad(f"image {img['name']}: size and chunks disagree")
+        table = img.get("pagetable")
+        if table is not None and not (isinstance(table, dict) and type(table.get("pages")) is int
+                                      and _check_refs(table.get("chunks"), where) == 24 * table["pages"]):
+            raise bad(f"image {img['name']}: bad page table")
+    for f in files:
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and f.get("kind") in ("dir", "file", "symlink")
+                and all(type(f.get(k)) is int for k in ("mode", "uid", "gid", "mtime_ns"))):
+            raise bad(f"bad file entry {str(f)[:100]}")
+        path = f["path"]
+        if not (path.startswith("/") and os.path.normpath(path) == path and "\0" not in path):
+            raise bad(f"file path {path[:100]!r} is not absolute and normal")
+        if f["kind"] == "file" and not (type(f.get("size")) is int
+                                        and _check_refs(f.get("chunks"), where) == f["size"]):
+            raise bad(f"file {path[:100]}: size and chunks disagree")
+        if f["kind"] == "symlink" and not (isinstance(f.get("target"), str) and "\0" not in f["target"]):
+            raise bad(f"symlink {path[:100]}: bad target")
+    if "cwd" in manifest and not isinstance(manifest["cwd"], str):
+        raise bad("'cwd' is not a string")
+    if not isinstance(manifest.get("pipes", {}), dict):
+        raise bad("'pipes' is not a mapping")
+
+
+def manifest_refs(manifest: Dict[str, Any]) -> Iterator[ChunkRef]:
+    for item in manifest.get("images", []):
+        for r in item.get("chunks", []):
+            yield ChunkRef.from_json(r)
+        table = item.get("pagetable")  # what the next generation's page-granular delta compares with
+        for r in (table.get("chunks", []) if isinstance(table, dict) else []):
+            yield ChunkRef.from_json(r)
+    for item in manifest.get("files", []):
+        for r in item.get("chunks", []) or []:
+            yield ChunkRef.from_json(r)
+
+
+def open_dir_nofollow(name: str, dir_fd: Optional[int] = None) -> Optional[int]:
+    """A directory opened without following a symbolic link in its last component; None when `name` is missing,
+    not a directory or a link."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def _scandir_fd(dir_fd: int) -> List[str]:
+    with os.scandir(dir_fd) as it:
+        return sorted(e.name for e in it)

@@ -1,0 +1,343 @@
+"""`criu`: version gate, the dump/restore options the product relies on, errors reported from CRIU's log,
+and (with real CRIU) the pagemap parsing that makes memory chunks follow virtual addresses."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from ckpt_helpers import criu_binary, require_criu, wait_for
+
+from ckpt_agent.adapters import criu as criu_mod
+from ckpt_agent.adapters.criu import Criu, pages_cut_points
+from ckpt_agent.errors import EXIT_CRIU, CommandError, CriuError
+from ckpt_agent.store.chunks import CHUNK_BYTES, ChunkStore, store_file
+from ckpt_agent.util.proc import Result
+
+
+class FakeRun:
+    """Stands in for proc.run: records argv and keyword arguments, answers with canned output or an error."""
+
+    def __init__(self, stdout="Version: 4.2.1\n", fail=None, on_call=None):
+        self.calls = []
+        self.stdout = stdout
+        self.fail = fail
+        self.on_call = on_call
+
+    def __call__(self, argv, **kw):
+        self.calls.append((list(argv), kw))
+        if self.on_call:
+            self.on_call(argv)
+        if self.fail and self.fail(argv):
+            raise CommandError(argv, 1, "criu failed\n")
+        return Result(list(argv), 0, self.stdout, "")
+
+
+@pytest.mark.parametrize("out, version", [("Version: 4.2.1\n", "4.2.1"), ("Version: 4.3\nGitID: v4.3-12\n", "4.3"),
+                                          ("Version: 5.0.0-rc1\n", "5.0.0-rc1")])
+def test_version_is_parsed_and_accepted(out, version):
+    c = Criu("/opt/criu", run=FakeRun(out))
+    assert c.require_version() == version
+    assert c.run.calls[0][0] == ["/opt/criu", "--version"]
+    c.version()
+    assert len(c.run.calls) == 1, "the version is asked once"
+
+
+@pytest.mark.parametrize("out", ["Version: 4.2\n", "Version: 4.1.1\n", "Version: 3.17.1\n"])
+def test_too_old_version_is_refused(out):
+    with pytest.raises(CriuError) as exc:
+        Criu("criu", run=FakeRun(out)).require_version()
+    assert exc.value.exit_code == EXIT_CRIU == 69
+    assert "need >= 4.2.1" in str(exc.value)
+    assert "install-criu.sh" in str(exc.value)
+
+
+@pytest.mark.parametrize("out, patched", [
+    ("Version: 4.2.1\nPatches: ckpt-agent-0001-rlimits-from-proc\n", True),
+    ("Version: 4.2.1\nGitID: v4.2.1\n", False),
+    ("Version: 4.2.1\nPatches: ckpt-agent-0002-something-else\n", False),
+])
+def test_patches_are_read_from_the_version_line(out, patched, monkeypatch):
+    c = Criu("criu", run=FakeRun(out))
+    assert (criu_mod.RLIMITS_PATCH in c.patches()) is patched
+    monkeypatch.setattr(criu_mod, "root_has_cap_sys_resource", lambda: False)
+    assert c.can_dump_other_users() is patched
+    monkeypatch.setattr(criu_mod, "root_has_cap_sys_resource", lambda: True)
+    assert c.can_dump_other_users() is True, "with the capability, any CRIU >= 4.2.1 dumps other users' jobs"
+    assert len(c.run.calls) == 1, "criu --version is run once"
+
+
+def test_installed_criu_can_dump_other_users_here():
+    """install-criu.sh builds with the patches, so this machine (root lacks CAP_SYS_RESOURCE) dumps users' jobs."""
+    require_criu()
+    assert Criu(criu_binary()).can_dump_other_users()
+
+
+def test_root_dumps_and_restores_another_users_process(tmp_path):
+    """The capability patch 0001 stands in for, for real: root dumps a tree owned by 'nobody' (prlimit() of it is
+    refused here) and restores it with its limits."""
+    require_criu()
+    images = tmp_path / "img"
+    images.mkdir()
+    tool = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                             "setsid", "sh", "-c", "ulimit -S -n 321; exec sleep 600"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "Max open files            321" in _limits(tool.pid), 30, "the tool's limits")
+        Criu(criu_binary()).dump(tool.pid, str(images), leave_stopped=False)  # the tree is killed after the dump
+        tool.wait(timeout=30)
+        restored = subprocess.run([criu_binary(), "restore", "-d", "-D", str(images), "--cpu-cap=fpu,ins",
+                                   "--tcp-close", "--pidfile", str(images / "pid"), "-o", "restore.log"],
+                                  capture_output=True, timeout=60)
+        assert restored.returncode == 0, (images / "restore.log").read_text()[-2000:]
+        pid = int((images / "pid").read_text())
+        try:
+            assert "Max open files            321" in _limits(pid)
+            assert os.stat(f"/proc/{pid}").st_uid != 0
+        finally:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+
+
+def _limits(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/limits") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def test_unparseable_version_is_a_criu_error():
+    with pytest.raises(CriuError, match="cannot tell the version"):
+        Criu("criu", run=FakeRun("criu: something else\n")).version()
+
+
+def test_missing_binary_is_a_criu_error(tmp_path):
+    with pytest.raises(CriuError) as exc:
+        Criu(str(tmp_path / "no-criu")).version()  # the real proc.run
+    assert exc.value.exit_code == 69
+    assert "command not found" in str(exc.value)
+
+
+def test_dump_passes_the_documented_options(tmp_path):
+    run = FakeRun()
+    Criu("criu", run=run).dump(1234, str(tmp_path), ghost_limit="2G", timeout=30)
+    argv, kw = run.calls[0]
+    assert argv[:2] == ["criu", "dump"]
+    assert argv[argv.index("-t") + 1] == "1234"
+    assert argv[argv.index("-D") + 1] == str(tmp_path)
+    for opt in ("--leave-stopped", "--manage-cgroups=ignore", "--tcp-close", "--cpu-cap=fpu,ins", "--ext-unix-sk"):
+        assert opt in argv, opt
+    assert argv[argv.index("--ghost-limit") + 1] == "2G"
+    assert argv[argv.index("-o") + 1] == "dump.log"
+    assert "--leave-running" not in argv and "--shell-job" not in argv and "--track-mem" not in argv
+    assert kw["timeout"] == 30
+
+
+def test_dump_options_can_be_turned_off(tmp_path):
+    run = FakeRun()
+    Criu("criu", run=run).dump(1, str(tmp_path), leave_stopped=False, tcp_close=False)
+    argv = run.calls[0][0]
+    assert "--leave-stopped" not in argv and "--tcp-close" not in argv
+    assert argv[argv.index("--ghost-limit") + 1] == "1G"
+
+
+def test_restore_is_detached_as_sibling_with_inherited_pipes(tmp_path):
+    pidfile = tmp_path / "restored.pid"
+
+    def write_pid(argv):
+        pidfile.write_text("4321\n")
+
+    run = FakeRun(on_call=write_pid)
+    pid = Criu("criu", run=run).restore(str(tmp_path), pidfile=str(pidfile), inherit_fds={7: "pipe:[111]",
+                                                                                          5: "pipe:[222]"})
+    assert pid == 4321
+    argv, kw = run.calls[0]
+    assert argv[:2] == ["criu", "restore"]
+    assert "-d" in argv and "-S" in argv
+    assert argv[argv.index("--pidfile") + 1] == str(pidfile)
+    for opt in ("--manage-cgroups=ignore", "--tcp-close", "--cpu-cap=fpu,ins"):
+        assert opt in argv, opt
+    inherited = [argv[i + 1] for i, a in enumerate(argv) if a == "--inherit-fd"]
+    assert inherited == ["fd[5]:pipe:[222]", "fd[7]:pipe:[111]"]
+    assert sorted(kw["pass_fds"]) == [5, 7], "the new pipe ends must reach CRIU"
+
+
+def test_restore_not_as_sibling_drops_only_dash_s(tmp_path):
+    pidfile = tmp_path / "restored.pid"
+    run = FakeRun(on_call=lambda argv: pidfile.write_text("7"))
+    Criu("criu", run=run).restore(str(tmp_path), pidfile=str(pidfile), sibling=False)
+    argv = run.calls[0][0]
+    assert "-S" not in argv and "-d" in argv and "--pidfile" in argv
+
+
+def test_restore_without_pidfile_is_a_criu_error(tmp_path):
+    with pytest.raises(CriuError, match="wrote no pid"):
+        Criu("criu", run=FakeRun()).restore(str(tmp_path), pidfile=str(tmp_path / "restored.pid"))
+
+
+CRIU_LOG = """\
+(00.000011) Version: 4.2.1 (gitid 0)
+(00.001000) Warn  (criu/kerndat.c:1): rlimit: Can't setup RLIMIT_NOFILE for self
+(00.012345) Error (criu/files-reg.c:2175): File tmp/job.w has bad size 36 (expect 30)
+(00.012400) Error (criu/cr-restore.c:1230): Restoring FAILED.
+"""
+
+
+@pytest.mark.parametrize("op", ["dump", "restore"])
+def test_failure_reports_the_first_error_line_of_the_log(tmp_path, op, monkeypatch):
+    monkeypatch.setattr(criu_mod, "FAILED_LOG_DIR", str(tmp_path / "failed"))
+    (tmp_path / f"{op}.log").write_text(CRIU_LOG)
+    c = Criu("criu", run=FakeRun(fail=lambda argv: True))
+    with pytest.raises(CriuError) as exc:
+        if op == "dump":
+            c.dump(99, str(tmp_path))
+        else:
+            c.restore(str(tmp_path), pidfile=str(tmp_path / "p"))
+    message = str(exc.value)
+    assert exc.value.exit_code == 69
+    assert message.startswith(f"criu {op} failed: Error (criu/files-reg.c:2175): File tmp/job.w has bad size")
+    assert "Restoring FAILED" not in message and "00.012345" not in message
+    kept = message.rsplit("(log: ", 1)[1].rstrip(")")
+    assert open(kept).read() == CRIU_LOG, "the log outlives the discarded images, named in the message"
+
+
+def test_failure_without_a_log_reports_the_command_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(criu_mod, "FAILED_LOG_DIR", str(tmp_path / "failed"))
+    with pytest.raises(CriuError, match="criu dump failed: criu exited with 1: criu failed"):
+        Criu("criu", run=FakeRun(fail=lambda argv: True)).dump(99, str(tmp_path))
+
+
+def test_cpuinfo_check_runs_only_when_the_image_has_cpu_info(tmp_path):
+    run = FakeRun()
+    Criu("criu", run=run).cpuinfo_check(str(tmp_path))
+    assert run.calls == []
+    (tmp_path / "cpuinfo.img").write_bytes(b"x")
+    (tmp_path / "cpuinfo.log").write_text("(00.01) Error (criu/cpu.c:1): cpu: avx512f is missing\n")
+    failing = Criu("criu", run=FakeRun(fail=lambda argv: True))
+    with pytest.raises(CriuError) as exc:
+        failing.cpuinfo_check(str(tmp_path))
+    assert "same instance family" in str(exc.value) and "avx512f is missing" in str(exc.value)
+    assert failing.run.calls[0][0][:3] == ["criu", "cpuinfo", "check"]
+
+
+def test_cut_points_fall_back_to_none_without_a_usable_pagemap(tmp_path):
+    assert pages_cut_points(str(tmp_path), "pages-1.img", CHUNK_BYTES) == []
+    (tmp_path / "pagemap-5.img").write_bytes(b"not a pagemap image at all")
+    assert pages_cut_points(str(tmp_path), "pages-1.img", CHUNK_BYTES) == []
+    assert pages_cut_points(str(tmp_path), "core-5.img", CHUNK_BYTES) == []
+
+
+# --- with real CRIU -----------------------------------------------------------------------------------------------
+MEM_MIB = 24
+WORKLOAD = r"""
+import os, time
+block = 1 << 20
+data = bytearray(os.urandom(MEM_MIB * block))
+open("ready", "w").close()
+while not os.path.exists("change"):
+    time.sleep(0.02)
+for i in range(5 * block + 100, 6 * block, 4096):  # change one region in place, without allocating
+    data[i] ^= 0xFF
+extra = bytearray(300 * 1024)  # and add 75 pages below it: every later page moves in pages-N.img
+extra[::4096] = b"x" * len(range(0, len(extra), 4096))
+open("changed", "w").close()
+while True:
+    time.sleep(0.05)
+""".replace("MEM_MIB", str(MEM_MIB))
+
+
+def dump(pid: int, images: str) -> None:
+    os.makedirs(images)
+    Criu(criu_binary()).dump(pid, images, leave_stopped=True, timeout=60)
+    os.kill(pid, signal.SIGCONT)
+
+
+def pages_images(images: str):
+    """{pages_id: bytes listed as present in that id's pagemap} and {pages_id: pages-<id>.img size}."""
+    listed, sizes = {}, {}
+    for name in os.listdir(images):
+        if name.startswith("pagemap-") and name.endswith(".img") and not name.startswith("pagemap-shmem"):
+            with open(os.path.join(images, name), "rb") as fh:
+                pages_id, entries = criu_mod._read_pagemap(fh.read())
+            present = 0
+            for _vaddr, nr_pages, flags, in_parent in entries:
+                if flags is None:
+                    present += 0 if in_parent else nr_pages
+                elif flags & criu_mod._PE_PRESENT and not flags & criu_mod._PE_PARENT:
+                    present += nr_pages
+            listed[pages_id] = present * criu_mod.PAGE_SIZE
+        m = name.startswith("pages-") and name.endswith(".img")
+        if m:
+            sizes[int(name[len("pages-"):-len(".img")])] = os.path.getsize(os.path.join(images, name))
+    return listed, sizes
+
+
+@pytest.fixture
+def workload(tmp_path):
+    require_criu()
+    work = tmp_path / "w"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", WORKLOAD], cwd=work, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: (work / "ready").exists(), 30, "the workload to fill its memory")
+        yield proc, work
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.criu
+def test_pagemap_present_pages_add_up_to_the_pages_image(workload, tmp_path):
+    proc, _ = workload
+    images = str(tmp_path / "d1")
+    dump(proc.pid, images)
+    listed, sizes = pages_images(images)
+    assert sizes and listed.keys() == sizes.keys()
+    assert listed == sizes
+    assert sum(sizes.values()) > MEM_MIB << 20
+
+
+@pytest.mark.criu
+def test_cut_points_keep_unchanged_memory_in_identical_chunks(workload, tmp_path):
+    proc, work = workload
+    first, second = str(tmp_path / "d1"), str(tmp_path / "d2")
+    dump(proc.pid, first)
+    (work / "change").touch()
+    wait_for(lambda: (work / "changed").exists(), 30, "the workload to change 1 MiB")
+    time.sleep(0.1)
+    dump(proc.pid, second)
+
+    chunks = ChunkStore(str(tmp_path / "chunks"), compression="none")
+
+    def store_pages(images):
+        name = next(n for n in os.listdir(images) if n.startswith("pages-"))
+        cuts = pages_cut_points(images, name, CHUNK_BYTES)
+        assert cuts and cuts == sorted(cuts) and cuts[0] == 0
+        assert all(0 <= c < os.path.getsize(os.path.join(images, name)) for c in cuts)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            refs, stats, size = store_file(chunks, os.path.join(images, name), pool, cuts)
+        assert sum(r.size for r in refs) == size
+        return refs, stats, size
+
+    _, st1, size1 = store_pages(first)
+    _, st2, size2 = store_pages(second)
+    assert st1.bytes_new == size1
+    # the changed 1 MiB spans at most two address windows, the new pages one or two more, the interpreter's own
+    # heap and stack a little; the 23 untouched MiB of the buffer must be the same chunks as before
+    assert st2.bytes_new < 7 * CHUNK_BYTES, (st2.bytes_new, size2)
+
+    plain = ChunkStore(str(tmp_path / "plain"), compression="none")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        store_file(plain, os.path.join(first, "pages-1.img"), pool)
+        _, fixed, _ = store_file(plain, os.path.join(second, "pages-1.img"), pool)
+    assert fixed.bytes_new > 3 * st2.bytes_new, "fixed-size chunks would have stored the shifted memory again"

@@ -1,0 +1,363 @@
+"""`ckpt run` end to end with real CRIU and real tools: resume after a final checkpoint and after a crash, exit
+status and signals through restore, daemonizing tools, damaged generations, a checkpointer killed midway, and
+incremental checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from ckpt_helpers import (
+    DATA,
+    REPO,
+    kill_job,
+    registered,
+    run_ckpt,
+    start_ckpt,
+    wait_for,
+)
+
+pytestmark = pytest.mark.criu
+TOOLS = DATA / "runner"
+
+
+def generations(env, job):
+    res = run_ckpt("list", "--job-id", job, "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    return [g for row in json.loads(res.stdout) for g in row["generations"]]
+
+
+def tool_lines(*paths: Path):
+    """The tool's own output, without the wrapper's `ckpt:` lines."""
+    lines = []
+    for p in paths:
+        lines += [ln for ln in p.read_text().splitlines() if not ln.startswith("ckpt:")]
+    return lines
+
+
+@pytest.mark.slow
+def test_ngspice_resumes_after_final_checkpoint_with_local_dir_gone(ck, tmp_path):
+    """Driven by CPU time, not wall-clock time, so a loaded or a faster machine passes the same way: the final
+    checkpoint comes once the tool has done 45% of the work, and the resumed run does less than 80% of it."""
+    env, store, runtime = ck
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    shutil.copy(REPO / "examples" / "ringosc.cir", ref)
+    before = _children_cpu()
+    subprocess.run(["ngspice", "-b", "ringosc.cir"], cwd=ref, check=True, capture_output=True, timeout=600)
+    full = _children_cpu() - before
+    expected = hashlib.sha256((ref / "result.txt").read_bytes()).hexdigest()
+
+    scratch = tmp_path / "scratch"  # stands for node-local instance storage
+    scratch.mkdir()
+    shutil.copy(REPO / "examples" / "ringosc.cir", scratch)
+    out, err = tmp_path / "job.out", tmp_path / "job.err"
+    first = start_ckpt("run", "--job-id", "101", "--interval", "1000", "--", "ngspice", "-b", "ringosc.cir",
+                       env=env, cwd=scratch, out=out, err=err)
+    wait_for(lambda: registered(runtime, "101"), 30, "the wrapper to register")
+    init_pid = json.loads((runtime / "jobs" / "101.main.json").read_text())["init_pid"]
+    wait_for(lambda: _tree_cpu(init_pid) >= 0.45 * full, 600, "the tool to do 45% of the work")
+    res = run_ckpt("checkpoint", "--job-id", "101", "--final", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "1"
+    assert first.wait(timeout=60) == 75
+    assert not (scratch / "result.txt").exists(), "the simulation must not have finished before the checkpoint"
+
+    shutil.rmtree(scratch)  # the instance is gone, and its local disk with it
+    before = _children_cpu()
+    second = run_ckpt("run", "--job-id", "101", "--", "ngspice", "-b", "ringosc.cir", env=env, cwd=tmp_path,
+                      timeout=600)
+    resumed = _children_cpu() - before  # the wrapper, the restored tool and everything they waited for
+    assert second.returncode == 0, second.stderr
+    assert "ckpt: resumed job 101 step main from checkpoint 1 taken" in second.stderr
+    assert hashlib.sha256((scratch / "result.txt").read_bytes()).hexdigest() == expected
+    assert resumed < 0.8 * full, f"the resumed run used {resumed:.1f} s of CPU against {full:.1f} s for a full run"
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _tree_cpu(init_pid: int) -> float:
+    """CPU seconds used so far by the processes below a namespace init (the tool and its children)."""
+    total = 0
+    pending = [init_pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                pending.extend(int(c) for c in fh.read().split())
+        except (OSError, ValueError):
+            continue
+        if pid != init_pid:
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of /proc/PID/stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_crash_after_periodic_checkpoint_resumes_with_consistent_files(ck, tmp_path):
+    env, store, runtime = ck
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["python3", str(TOOLS / "appender.py"), "80", "0.1"]
+    proc = start_ckpt("run", "--job-id", "102", "--interval", "2", "--", *argv, env=env, cwd=work,
+                      out=tmp_path / "o1", err=tmp_path / "e1")
+    wait_for(lambda: generations(env, "102") if (store / "102").exists() else None, 30, "a periodic checkpoint")
+    time.sleep(1.0)  # the tool moves on: its log and result file now hold steps the checkpoint has not seen
+    kill_job(proc, runtime, "102")
+    steps_before_crash = len((work / "log.txt").read_text().splitlines())
+
+    res = run_ckpt("run", "--job-id", "102", "--", *argv, env=env, cwd=work)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "inconsistent" not in res.stdout
+    assert "ckpt: resumed job 102" in res.stderr
+    assert (work / "log.txt").read_text().splitlines() == [f"step {i}" for i in range(80)]
+    assert (work / "result.txt").read_text() == "79"
+    assert steps_before_crash < 80
+
+
+def test_output_is_continuous_and_exit_status_passes_through_a_final_checkpoint(ck, tmp_path):
+    env, store, runtime = ck
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["python3", str(TOOLS / "appender.py"), "60", "0.05", "3"]
+    out, err = tmp_path / "job.out", tmp_path / "job.err"
+    proc = start_ckpt("run", "--job-id", "103", "--interval", "1000", "--", *argv, env=env, cwd=work, out=out,
+                      err=err)
+    wait_for(lambda: registered(runtime, "103"), 30, "the wrapper to register")
+    time.sleep(1.2)
+    assert run_ckpt("checkpoint", "--job-id", "103", "--final", env=env).returncode == 0
+    assert proc.wait(timeout=30) == 75
+    assert "stopped by final checkpoint 1" in err.read_text()
+
+    with open(out, "ab") as fh:  # Slurm appends the requeued job's output to the same file
+        res = subprocess.run([*__import__("ckpt_helpers").ckpt_cmd("run", "--job-id", "103", "--", *argv)],
+                             env=env, cwd=work, stdout=fh, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert res.returncode == 3, res.stderr
+    assert tool_lines(out) == [f"step {i}" for i in range(60)] + ["finished"]
+
+    again = run_ckpt("run", "--job-id", "103", "--", *argv, env=env, cwd=work)
+    assert again.returncode == 3
+    assert "already finished with status 3" in again.stderr
+
+
+def test_sigterm_reaches_the_tool_before_and_after_restore(ck, tmp_path):
+    env, store, runtime = ck
+    argv = ["python3", str(TOOLS / "sigterm.py")]
+    out, err = tmp_path / "o", tmp_path / "e"
+    proc = start_ckpt("run", "--job-id", "104", "--", *argv, env=env, cwd=tmp_path, out=out, err=err)
+    wait_for(lambda: "waiting" in out.read_text(), 30, "the tool to start")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7
+    assert "got SIGTERM" in out.read_text()
+
+    out2 = tmp_path / "o2"
+    proc = start_ckpt("run", "--job-id", "105", "--", *argv, env=env, cwd=tmp_path, out=out2, err=err)
+    wait_for(lambda: "waiting" in out2.read_text(), 30, "the tool to start")
+    assert run_ckpt("checkpoint", "--job-id", "105", "--final", env=env).returncode == 0
+    assert proc.wait(timeout=30) == 75
+    proc = start_ckpt("run", "--job-id", "105", "--", *argv, env=env, cwd=tmp_path, out=out2, err=err)
+    wait_for(lambda: registered(runtime, "105"), 30, "the resumed wrapper")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7
+    assert tool_lines(out2) == ["waiting", "got SIGTERM"]
+
+
+def test_death_by_signal_is_128_plus_n(ck, tmp_path):
+    env, _, _ = ck
+    res = run_ckpt("run", "--job-id", "106", "--", "python3", "-c",
+                   "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", env=env, cwd=tmp_path)
+    assert res.returncode == 128 + signal.SIGKILL
+
+
+def test_daemonizing_tool_stays_part_of_the_job_across_a_checkpoint(ck, tmp_path):
+    env, store, runtime = ck
+    argv = ["python3", str(TOOLS / "daemonize.py"), "40"]
+    proc = start_ckpt("run", "--job-id", "107", "--", *argv, env=env, cwd=tmp_path, out=tmp_path / "o",
+                      err=tmp_path / "e")
+    wait_for(lambda: (tmp_path / "daemon.log").exists() and "tick 5" in (tmp_path / "daemon.log").read_text(),
+             30, "the daemon to work")
+    assert run_ckpt("checkpoint", "--job-id", "107", "--final", env=env).returncode == 0
+    assert proc.wait(timeout=30) == 75
+    res = run_ckpt("run", "--job-id", "107", "--", *argv, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "daemon.log").read_text().splitlines() == [f"tick {i}" for i in range(40)] + ["daemon done"]
+
+
+def test_damaged_newest_generation_falls_back_to_the_previous_one(ck, tmp_path):
+    env, store, runtime = ck
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["python3", str(TOOLS / "appender.py"), "200", "0.05"]
+    proc = start_ckpt("run", "--job-id", "108", "--interval", "1000", "--", *argv, env=env, cwd=work,
+                      out=tmp_path / "o", err=tmp_path / "e")
+    wait_for(lambda: registered(runtime, "108"), 30, "the wrapper to register")
+    time.sleep(0.5)
+    assert run_ckpt("checkpoint", "--job-id", "108", env=env).returncode == 0
+    time.sleep(0.5)
+    assert run_ckpt("checkpoint", "--job-id", "108", "--final", env=env).returncode == 0
+    assert proc.wait(timeout=30) == 75
+
+    manifests = sorted((store / "108" / "main").glob("gen-*/manifest.json"))
+    assert len(manifests) == 2
+    old, new = (json.loads(m.read_text())["manifest"] for m in manifests)
+    old_digests = {c[0] for i in old["images"] for c in i["chunks"]}
+    only_new = next(c for i in new["images"] if i["name"].startswith("core-") for c in i["chunks"]
+                    if c[0] not in old_digests)
+    chunk = next((store / "108" / "chunks" / only_new[0][:2]).glob(only_new[0] + "*"))
+    chunk.write_bytes(b"garbage" + chunk.read_bytes()[7:])
+
+    bad = run_ckpt("verify", "--job-id", "108", env=env)
+    assert bad.returncode == 65
+    assert "checkpoint 2 image core-" in bad.stderr
+    assert "is corrupt" in bad.stderr or "fails its checksum" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+    res = run_ckpt("run", "--job-id", "108", "--", *argv, env=env, cwd=work, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "checkpoint 2 is damaged" in res.stderr
+    assert "from checkpoint 1 taken" in res.stderr
+    assert "inconsistent" not in res.stdout
+    assert (work / "log.txt").read_text().splitlines() == [f"step {i}" for i in range(200)]
+
+
+def test_checkpointer_killed_midway_leaves_previous_checkpoint_usable(ck, tmp_path):
+    env, store, runtime = ck
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["python3", str(TOOLS / "memtool.py"), "400", "5"]
+    proc = start_ckpt("run", "--job-id", "109", "--interval", "1000", "--", *argv, env=env, cwd=work,
+                      out=tmp_path / "o", err=tmp_path / "e")
+    wait_for(lambda: (work / "ready").exists(), 60, "the tool to fill its memory")
+    assert run_ckpt("checkpoint", "--job-id", "109", env=env, timeout=120).returncode == 0
+    second = subprocess.Popen(__import__("ckpt_helpers").ckpt_cmd("checkpoint", "--job-id", "109"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: list((store / "109" / "main").glob("gen-000002.partial-*")), 30, "the second checkpoint")
+    time.sleep(0.3)
+    kill_job(proc, runtime, "109")  # the checkpointer (the wrapper) and the tool die mid-checkpoint
+    second.wait(timeout=60)
+
+    assert [g["generation"] for g in generations(env, "109")] == [1]
+    assert run_ckpt("verify", "--job-id", "109", env=env).returncode == 0
+    (work / "mutate").touch()
+    (work / "stop").touch()
+    res = run_ckpt("run", "--job-id", "109", "--", *argv, env=env, cwd=work, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "from checkpoint 1 taken" in res.stderr
+    assert res.stdout.startswith("checksum ")
+
+
+def test_second_checkpoint_after_5_percent_change_stores_little(ck, tmp_path):
+    env, store, runtime = ck
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["python3", str(TOOLS / "memtool.py"), "256", "5"]
+    proc = start_ckpt("run", "--job-id", "110", "--interval", "1000", "--", *argv, env=env, cwd=work,
+                      out=tmp_path / "o", err=tmp_path / "e")
+    wait_for(lambda: (work / "ready").exists(), 60, "the tool to fill its memory")
+    assert run_ckpt("checkpoint", "--job-id", "110", env=env, timeout=120).returncode == 0
+    (work / "mutate").touch()
+    wait_for(lambda: (work / "mutated").exists(), 30, "the tool to change 5% of its memory")
+    assert run_ckpt("checkpoint", "--job-id", "110", env=env, timeout=120).returncode == 0
+    first, second = generations(env, "110")
+    assert first["bytes_written"] > 256 << 20  # random memory: stored in full, uncompressed
+    assert second["bytes_written"] < 0.15 * first["bytes_written"], (first, second)
+    (work / "stop").touch()
+    assert proc.wait(timeout=30) == 0
+
+
+def _checked(work: Path) -> str:
+    """Ask the page tool to compare its memory with what its seeds say; its verdict."""
+    (work / "check").touch()
+    wait_for(lambda: (work / "checked").exists(), 60, "the tool to check its memory")
+    verdict = (work / "checked").read_text().strip()
+    (work / "checked").unlink()
+    return verdict
+
+
+def _pages_images(manifest):
+    return [i for i in manifest["images"] if i["name"].startswith("pages-")]
+
+
+def test_random_page_changes_are_stored_as_page_deltas_and_a_damaged_base_falls_back(ck, tmp_path):
+    env, store, runtime = ck
+    config = Path(env["CKPT_CONFIG"])
+    config.write_text(json.dumps({**json.loads(config.read_text()), "checkpoint": {"keep": 4}}) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["python3", str(TOOLS / "pagetool.py"), "256", "5"]
+    proc = start_ckpt("run", "--job-id", "111", "--interval", "1000", "--", *argv, env=env, cwd=work,
+                      out=tmp_path / "o", err=tmp_path / "e")
+    wait_for(lambda: (work / "ready").exists(), 60, "the tool to fill its memory")
+    assert run_ckpt("checkpoint", "--job-id", "111", env=env, timeout=120).returncode == 0
+    (work / "mutate").touch()  # 5% of the 4 KiB pages, at random places: every 1 MiB window holds some
+    wait_for(lambda: (work / "mutated").exists(), 30, "the tool to change 5% of its pages")
+    assert run_ckpt("checkpoint", "--job-id", "111", env=env, timeout=120).returncode == 0
+    assert run_ckpt("checkpoint", "--job-id", "111", "--final", env=env, timeout=120).returncode == 0
+    assert proc.wait(timeout=30) == 75
+
+    def manifest(n):
+        return json.loads((store / "111" / "main" / f"gen-{n:06d}" / "manifest.json").read_text())["manifest"]
+
+    first, second, third = manifest(1), manifest(2), manifest(3)
+    assert first["stats"]["bytes_written"] > 256 << 20
+    assert second["stats"]["bytes_written"] <= 0.10 * first["stats"]["bytes_written"], second["stats"]
+    assert any("slices" in i for i in _pages_images(second)) and any("slices" in i for i in _pages_images(third))
+
+    # a restore of the delta generation gives the tool exactly its memory back
+    proc = start_ckpt("run", "--job-id", "111", "--", *argv, env=env, cwd=work, out=tmp_path / "o2",
+                      err=tmp_path / "e2")
+    assert _checked(work) == "intact mutated=True"
+    assert run_ckpt("checkpoint", "--job-id", "111", "--final", env=env, timeout=120).returncode == 0
+    assert proc.wait(timeout=30) == 75
+    assert "from checkpoint 3 taken" in (tmp_path / "e2").read_text()
+
+    # damage a chunk the second checkpoint wrote (changed pages) that the fourth still uses: 4, 3 and 2 are damaged
+    fourth = manifest(4)
+    base = {c[0] for i in _pages_images(first) for c in i["chunks"]}
+    in_second = {c[0] for i in _pages_images(second) for c in i["chunks"]}
+    digest = next(c[0] for i in _pages_images(fourth) for c in i["chunks"] if c[0] in in_second - base)
+    chunk = next((store / "111" / "chunks" / digest[:2]).glob(digest + "*"))
+    chunk.write_bytes(b"garbage" + chunk.read_bytes()[7:])
+    bad = run_ckpt("verify", "--job-id", "111", env=env)
+    assert bad.returncode == 65 and "checkpoint 4 image pages-" in bad.stderr, bad.stderr
+
+    proc = start_ckpt("run", "--job-id", "111", "--", *argv, env=env, cwd=work, out=tmp_path / "o3",
+                      err=tmp_path / "e3")
+    (work / "mutate").touch()
+    assert _checked(work) == "intact mutated=True"
+    (work / "stop").touch()
+    assert proc.wait(timeout=60) == 0
+    err = (tmp_path / "e3").read_text()
+    assert all(f"checkpoint {n} is damaged" in err for n in (4, 3, 2)), err
+    assert "from checkpoint 1 taken" in err
+
+
+def test_registrations_of_wrappers_that_are_gone_are_ignored(tmp_path):
+    """A wrapper killed outright (Slurm SIGKILLs what is left of a cancelled job) leaves its registration: the agent
+    must not requeue that ended job on the next Spot notice, nor act on a pid the kernel gave to another process."""
+    from ckpt_agent.checkpoint.runner import list_registrations, process_start_time, registration_dir
+
+    d = tmp_path / "run"
+    os.makedirs(registration_dir(str(d)))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    me, start = os.getpid(), process_start_time(os.getpid())
+    regs = {"live": {"pid": me, "pid_start": start}, "old-format": {"pid": me},
+            "dead": {"pid": gone.pid, "pid_start": 1}, "reused": {"pid": me, "pid_start": start - 1}}
+    for job, reg in regs.items():
+        with open(os.path.join(registration_dir(str(d)), f"{job}.main.json"), "w") as fh:
+            json.dump({"job_id": job, **reg}, fh)
+    assert sorted(r["job_id"] for r in list_registrations(str(d))) == ["live", "old-format"]

@@ -1,0 +1,430 @@
+"""ckpt_agent.store.chunks: content-addressed chunks, compression only where it pays, damage named, sparse restore."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from ckpt_agent.errors import EXIT_DAMAGED, DamagedCheckpointError, StoreError
+from ckpt_agent.store import chunks as chunkstore
+from ckpt_agent.store.chunks import (
+    CHUNK_BYTES,
+    CODEC_RAW,
+    CODEC_ZSTD,
+    ChunkRef,
+    ChunkStore,
+    file_ranges,
+    iter_chunk_files,
+    restore_file,
+    store_file,
+)
+
+MIB = 1 << 20
+
+
+def random_bytes(n: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(n) if hasattr(random.Random, "randbytes") else os.urandom(n)
+
+
+def text_bytes(n: int, seed: int = 2) -> bytes:
+    rng = random.Random(seed)
+    out = []
+    size = 0
+    while size < n:
+        line = f"M{size} net_{rng.randrange(1 << 20)} net_{rng.randrange(1 << 20)} vss nch W={rng.randrange(400)}u\n"
+        out.append(line)
+        size += len(line)
+    return "".join(out).encode()[:n]
+
+
+def chunk_files(store: ChunkStore):
+    return sorted(p for _, p in iter_chunk_files(store.root))
+
+
+def test_put_get_round_trip_names_chunk_by_sha256(chunks):
+    data = random_bytes(300_000)
+    ref, stats = chunks.put(data)
+    assert ref.digest == hashlib.sha256(data).hexdigest()
+    assert ref.size == len(data)
+    assert chunks.get(ref) == data
+    assert os.path.exists(os.path.join(chunks.root, ref.digest[:2], ref.digest))
+    assert (stats.bytes_in, stats.bytes_new, stats.bytes_written, stats.chunks_new) == (len(data), len(data),
+                                                                                           len(data), 1)
+    assert ChunkRef.from_json(ref.to_json()) == ref
+
+
+def test_same_data_is_stored_once(chunks):
+    data = random_bytes(200_000)
+    ref1, first = chunks.put(data)
+    ref2, second = chunks.put(data)
+    assert ref1 == ref2
+    assert (second.chunks_reused, second.chunks_new, second.bytes_new, second.bytes_written) == (1, 0, 0, 0)
+    assert len(chunk_files(chunks)) == 1
+
+
+def test_chunk_already_on_disk_is_not_rewritten_by_a_new_writer(chunks, tmp_path):
+    data = random_bytes(100_000)
+    ref, _ = chunks.put(data)
+    mtime = os.stat(chunks.path(ref)).st_mtime_ns
+    again = ChunkStore(chunks.root)  # a later checkpoint that does not know the chunk from a manifest
+    _, stats = again.put(data)
+    assert stats.bytes_written == 0
+    assert os.stat(chunks.path(ref)).st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize(
+    "make, codec",
+    [
+        pytest.param(lambda: random_bytes(MIB), CODEC_RAW, id="random-stored-raw"),
+        pytest.param(lambda: bytes(MIB), CODEC_ZSTD, id="zeros-compressed"),
+        pytest.param(lambda: text_bytes(MIB), CODEC_ZSTD, id="text-compressed"),
+        pytest.param(lambda: bytes(100), CODEC_RAW, id="tiny-stored-raw"),
+    ],
+)
+def test_compression_only_where_it_pays(chunks, make, codec):
+    data = make()
+    ref, stats = chunks.put(data)
+    assert ref.codec == codec
+    assert chunks.get(ref) == data
+    on_disk = os.path.getsize(chunks.path(ref))
+    assert stats.bytes_written == on_disk
+    if codec == CODEC_ZSTD:
+        assert chunks.path(ref).endswith(".zst")
+        assert on_disk < 0.9 * len(data)
+    else:
+        assert on_disk == len(data)
+
+
+def test_random_head_with_compressible_tail_is_judged_by_the_probe(chunks):
+    """The probe samples the whole chunk: a random first 64 KiB (a header) does not make compressible data raw."""
+    data = random_bytes(chunkstore.COMPRESS_PROBE_BYTES) + bytes(MIB - chunkstore.COMPRESS_PROBE_BYTES)
+    ref, _ = chunks.put(data)
+    assert ref.codec == CODEC_ZSTD
+
+
+def test_compression_none_stores_everything_raw(tmp_path):
+    store = ChunkStore(str(tmp_path / "c"), compression="none")
+    ref, _ = store.put(bytes(MIB))
+    assert ref.codec == CODEC_RAW
+    assert os.path.getsize(store.path(ref)) == MIB
+
+
+def damage(path: str, how: str) -> None:
+    if how == "missing":
+        os.unlink(path)
+    elif how == "truncated":
+        with open(path, "r+b") as fh:
+            fh.truncate(os.path.getsize(path) // 2)
+    elif how == "flipped":
+        with open(path, "r+b") as fh:
+            fh.seek(os.path.getsize(path) // 2)
+            b = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("how, words", [("missing", "is missing"), ("truncated", "fails its checksum"),
+                                        ("flipped", "fails its checksum")])
+def test_damaged_raw_chunk_is_named(chunks, how, words):
+    ref, _ = chunks.put(random_bytes(MIB))
+    damage(chunks.path(ref), how)
+    with pytest.raises(DamagedCheckpointError) as exc:
+        chunks.get(ref, "image pages-1.img")
+    msg = str(exc.value)
+    assert msg.startswith("image pages-1.img: chunk " + ref.digest[:16])
+    assert words in msg
+    assert exc.value.exit_code == EXIT_DAMAGED
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "flipped"])
+def test_damaged_compressed_chunk_is_named(chunks, how):
+    ref, _ = chunks.put(text_bytes(MIB))
+    assert ref.codec == CODEC_ZSTD
+    damage(chunks.path(ref), how)
+    with pytest.raises(DamagedCheckpointError) as exc:
+        chunks.get(ref, "file /scratch/x")
+    assert ref.digest[:16] in str(exc.value)
+    assert "/scratch/x" in str(exc.value)
+
+
+def test_chunk_swapped_for_another_valid_chunk_fails_its_checksum(chunks):
+    a, _ = chunks.put(random_bytes(4096, seed=1))
+    b, _ = chunks.put(random_bytes(4096, seed=2))
+    os.replace(chunks.path(b), chunks.path(a))
+    with pytest.raises(DamagedCheckpointError, match="fails its checksum"):
+        chunks.get(a)
+
+
+@pytest.mark.parametrize(
+    "size, cuts, expected",
+    [
+        pytest.param(0, None, [], id="empty"),
+        pytest.param(10, None, [(0, 10)], id="small"),
+        pytest.param(CHUNK_BYTES, None, [(0, CHUNK_BYTES)], id="exactly-one"),
+        pytest.param(2 * CHUNK_BYTES + 5, None,
+                     [(0, CHUNK_BYTES), (CHUNK_BYTES, 2 * CHUNK_BYTES), (2 * CHUNK_BYTES, 2 * CHUNK_BYTES + 5)],
+                     id="split-at-chunk-size"),
+        pytest.param(3 * CHUNK_BYTES, [4096, 4096, 0, 3 * CHUNK_BYTES, 10 * CHUNK_BYTES],
+                     [(0, 4096), (4096, 4096 + CHUNK_BYTES), (4096 + CHUNK_BYTES, 4096 + 2 * CHUNK_BYTES),
+                      (4096 + 2 * CHUNK_BYTES, 3 * CHUNK_BYTES)],
+                     id="cuts-deduplicated-out-of-range-ignored"),
+        pytest.param(100, [90, 10, 50], [(0, 10), (10, 50), (50, 90), (90, 100)], id="unsorted-cuts"),
+    ],
+)
+def test_file_ranges(size, cuts, expected):
+    ranges = file_ranges(size, cuts)
+    assert ranges == expected
+    assert all(0 < end - start <= CHUNK_BYTES for start, end in ranges)
+
+
+def test_store_and_restore_file_round_trip_keeps_zero_chunks_sparse(chunks, pool, tmp_path):
+    src = tmp_path / "src.bin"
+    content = random_bytes(MIB + 123) + bytes(3 * MIB - 123) + text_bytes(MIB // 2)
+    src.write_bytes(content)
+    refs, stats, size = store_file(chunks, str(src), pool)
+    assert size == len(content)
+    assert [r.size for r in refs] == [MIB, MIB, MIB, MIB, MIB // 2]
+    assert stats.bytes_in == len(content)
+    assert stats.chunks_new + stats.chunks_reused == 5
+    assert refs[2] == refs[3]  # the two all-zero chunks are one chunk
+    assert len(chunk_files(chunks)) == 4
+
+    dest = tmp_path / "out" / "restored.bin"
+    dest.parent.mkdir()
+    restore_file(chunks, refs, str(dest), pool, mode=0o640)
+    assert dest.read_bytes() == content
+    assert dest.stat().st_mode & 0o777 == 0o640
+    allocated = dest.stat().st_blocks * 512
+    assert allocated <= len(content) - 2 * MIB + 64 * 1024, "two all-zero chunks must stay holes"
+    assert os.listdir(dest.parent) == ["restored.bin"]
+
+
+def test_restore_file_with_damaged_chunk_leaves_no_file(chunks, pool, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(random_bytes(2 * MIB))
+    refs, _, _ = store_file(chunks, str(src), pool)
+    damage(chunks.path(refs[1]), "flipped")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DamagedCheckpointError, match=refs[1].digest[:16]):
+        restore_file(chunks, refs, str(out / "f"), pool, where="file /x/f")
+    assert os.listdir(out) == []
+
+
+def test_restore_file_replaces_existing_file_atomically(chunks, pool, tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"new content")
+    refs, _, _ = store_file(chunks, str(src), pool)
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"old, longer content that must go entirely")
+    restore_file(chunks, refs, str(dest), pool)
+    assert dest.read_bytes() == b"new content"
+
+
+def test_temporary_chunk_names_never_count_as_chunks(chunks, monkeypatch):
+    """A writer killed between write and rename leaves a temp file: never visible under a final chunk name."""
+    data = random_bytes(50_000)
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(chunkstore.os, "rename", crash)
+    with pytest.raises(StoreError, match="cannot write chunk .*: No space left on device"):
+        chunks.put(data)
+    monkeypatch.undo()
+    digest = hashlib.sha256(data).hexdigest()
+    final = chunks.path(ChunkRef(digest, len(data), CODEC_RAW))
+    assert not os.path.exists(final)
+    assert digest not in chunks.known
+    assert list(iter_chunk_files(chunks.root)) == [], "a failed write removes its temp file"
+    Path(f"{final}.tmp-1-2").write_bytes(data[:100])  # what a writer killed before its rename leaves
+    leftovers = list(iter_chunk_files(chunks.root))
+    assert len(leftovers) == 1 and leftovers[0][0] == "", "a temp file must not be reported under a digest"
+
+    ref, stats = chunks.put(data)  # the next attempt writes the chunk for real
+    assert stats.bytes_written == len(data)
+    assert chunks.get(ref) == data
+
+
+def test_iter_chunk_files_reports_digests_without_codec_suffix(chunks):
+    raw, _ = chunks.put(random_bytes(10_000))
+    packed, _ = chunks.put(bytes(MIB))
+    found = {d for d, _ in iter_chunk_files(chunks.root)}
+    assert found == {raw.digest, packed.digest}
+
+
+def test_iter_chunk_files_on_missing_root_is_empty(tmp_path):
+    assert list(iter_chunk_files(str(tmp_path / "nope"))) == []
+
+
+def test_all_zero_chunk_is_recognised_without_hashing(chunks, monkeypatch):
+    """A full all-zero chunk gets the sha256 of zeros by a compare (the fast path); anything else is hashed."""
+    calls = []
+    real = hashlib.sha256
+
+    def counting(data=b""):
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(chunkstore.hashlib, "sha256", counting)
+    ref, _ = chunks.put(bytes(CHUNK_BYTES))
+    assert ref.digest == real(bytes(CHUNK_BYTES)).hexdigest() == chunkstore.ZERO_CHUNK_DIGEST
+    assert calls == []
+    assert chunks.get(ref) == bytes(CHUNK_BYTES)
+    almost = bytearray(CHUNK_BYTES)
+    almost[-1] = 1
+    other, _ = chunks.put(bytes(almost))
+    short, _ = chunks.put(bytes(CHUNK_BYTES - 1))
+    assert other.digest == real(bytes(almost)).hexdigest()
+    assert short.digest == real(bytes(CHUNK_BYTES - 1)).hexdigest()
+    assert calls == [CHUNK_BYTES, CHUNK_BYTES - 1]
+
+
+def test_zero_chunk_with_wrong_content_fails_its_checksum(chunks):
+    ref, _ = chunks.put(bytes(CHUNK_BYTES))
+    with open(chunks.path(ref), "wb") as fh:  # a damaged chunk file that still decompresses
+        fh.write(chunkstore.zstandard.ZstdCompressor().compress(b"\1" + bytes(CHUNK_BYTES - 1)))
+    with pytest.raises(DamagedCheckpointError, match="fails its checksum"):
+        chunks.get(ref)
+
+
+def test_writeback_starts_for_every_chunk_written(chunks, monkeypatch):
+    started = []
+    monkeypatch.setattr(chunkstore, "start_writeback", lambda fd: started.append(os.readlink(f"/proc/self/fd/{fd}")))
+    a, _ = chunks.put(random_bytes(10_000, seed=3))
+    chunks.put(random_bytes(10_000, seed=3))  # known: nothing written, no writeback
+    b, _ = chunks.put(text_bytes(MIB))
+    assert len(started) == 2
+    assert all(".tmp-" in p for p in started), "writeback is started before the rename, on the temp file"
+    assert os.path.exists(chunks.path(a)) and os.path.exists(chunks.path(b))
+
+
+def test_start_writeback_is_harmless_on_any_file(tmp_path):
+    path = tmp_path / "f"
+    with open(path, "wb") as fh:
+        fh.write(b"x" * 10_000)
+        chunkstore.start_writeback(fh.fileno())
+    assert path.read_bytes() == b"x" * 10_000
+
+
+def test_chunk_is_stored_raw_instead_of_waiting_for_a_busy_cpu(chunks, monkeypatch):
+    """With every compression slot taken, a compressible chunk is stored raw (and reads back), never waits."""
+    monkeypatch.setattr(chunkstore, "_compress_slots", threading.BoundedSemaphore(1))
+    assert chunkstore._compress_slots.acquire(blocking=False)
+    try:
+        busy, _ = chunks.put(text_bytes(MIB, seed=5))
+    finally:
+        chunkstore._compress_slots.release()
+    free, _ = chunks.put(text_bytes(MIB, seed=6))
+    assert (busy.codec, free.codec) == (CODEC_RAW, CODEC_ZSTD)
+    assert chunks.get(busy) == text_bytes(MIB, seed=5)
+    assert os.path.getsize(chunks.path(busy)) == MIB
+
+
+def test_temp_chunk_name_planted_as_a_link_is_not_written_through(chunks, tmp_path):
+    data = random_bytes(20_000, seed=7)
+    digest = hashlib.sha256(data).hexdigest()
+    final = chunks.path(ChunkRef(digest, len(data), CODEC_RAW))
+    os.makedirs(os.path.dirname(final))
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    os.symlink(victim, f"{final}.tmp-{os.getpid()}-{threading.get_ident()}")  # put() runs in this thread
+    with pytest.raises(StoreError, match="cannot write chunk"):
+        chunks.put(data)
+    assert victim.read_bytes() == b"keep"
+    assert not os.path.exists(final)
+
+
+@pytest.mark.parametrize("compressible", [False, True], ids=["raw", "zstd"])
+def test_rotten_reused_chunk_is_verified_and_rewritten_from_the_fresh_data(tmp_path, compressible):
+    """A chunk at rest that no longer matches its digest is never referenced again unverified: a store that
+    verifies reused chunks rewrites it (same name, same codec), which also repairs older manifests' references."""
+    data = (b"netlist line 42\n" * 70_000)[:MIB] if compressible else random_bytes(MIB)
+    first = ChunkStore(str(tmp_path / "chunks"))
+    ref, _ = first.put(data)
+    assert ref.codec == (chunkstore.CODEC_ZSTD if compressible else CODEC_RAW)
+    path = Path(first.path(ref))
+    rotten = bytearray(path.read_bytes())
+    rotten[len(rotten) // 2] ^= 0x01
+    path.write_bytes(bytes(rotten))
+    with pytest.raises(DamagedCheckpointError):
+        first.get(ref)
+
+    trusting = ChunkStore(first.root, known={ref.digest: ref.codec})
+    again, stats = trusting.put(data)  # without verification the rotten chunk would be referenced again
+    assert (again, stats.chunks_reused, stats.chunks_verified) == (ref, 1, 0)
+
+    verifying = ChunkStore(first.root, known={ref.digest: ref.codec})
+    verifying.verify_reused = lambda _digest: True
+    again, stats = verifying.put(data)
+    assert again == ref
+    assert (stats.chunks_reused, stats.chunks_verified, stats.chunks_repaired) == (1, 1, 1)
+    assert verifying.get(ref) == data
+    _, stats = verifying.put(data)  # verified once per checkpoint, not per reference
+    assert (stats.chunks_verified, stats.chunks_repaired) == (0, 0)
+
+
+def test_missing_or_replaced_reused_chunk_is_rewritten(tmp_path):
+    data = random_bytes(200_000)
+    ref, _ = ChunkStore(str(tmp_path / "chunks")).put(data)
+    path = Path(ChunkStore(str(tmp_path / "chunks")).path(ref))
+    path.unlink()
+    os.mkfifo(path)  # a FIFO where the chunk was: verification must neither hang nor trust it
+    store = ChunkStore(str(tmp_path / "chunks"), known={ref.digest: ref.codec})
+    store.verify_reused = lambda _digest: True
+    _, stats = store.put(data)
+    assert stats.chunks_repaired == 1
+    assert path.is_file() and store.get(ref) == data
+
+
+def test_sampled_verification_skips_chunks_outside_the_slice(tmp_path):
+    data = random_bytes(100_000)
+    ref, _ = ChunkStore(str(tmp_path / "chunks")).put(data)
+    store = ChunkStore(str(tmp_path / "chunks"), known={ref.digest: ref.codec})
+    store.verify_reused = lambda digest: digest != ref.digest
+    _, stats = store.put(data)
+    assert (stats.chunks_reused, stats.chunks_verified) == (1, 0)
+
+
+# --- codec choice against the store's bandwidth --------------------------------------------------------------------
+def test_level_is_the_best_ratio_that_keeps_up_with_the_store():
+    speeds = {1: 200e6, -1: 400e6, -3: 600e6, -5: 800e6}
+    assert chunkstore.choose_level(None, speeds, slots=1) == 1  # unknown bandwidth: as before
+    assert chunkstore.choose_level(150e6, speeds, slots=1) == 1  # FSx at 150 MB/s: level 1 keeps up
+    assert chunkstore.choose_level(500e6, speeds, slots=1) == -3  # a local NVMe disk: a fast level
+    assert chunkstore.choose_level(500e6, speeds, slots=4) == 1  # ... unless many cores compress at once
+    assert chunkstore.choose_level(5e9, speeds, slots=1) == -5  # nothing keeps up: the fastest
+
+
+def test_the_compression_probe_samples_the_whole_chunk():
+    # compressible at the start, random everywhere else: the sample sees mostly random data
+    data = bytes(64 << 10) + random_bytes(CHUNK_BYTES - (64 << 10))
+    sample = chunkstore.probe(data)
+    assert len(sample) == chunkstore.COMPRESS_PROBE_BYTES
+    assert sample.count(0) < len(sample) // 2
+    chunks = ChunkStore("/nonexistent")
+    chunks._level = 1
+    assert chunks._compress(data)[1] == CODEC_RAW
+
+
+def test_store_bandwidth_is_measured_once_and_leaves_nothing(tmp_path):
+    first = chunkstore.store_bandwidth(str(tmp_path))
+    assert first and first > 0
+    assert os.listdir(tmp_path) == []
+    assert chunkstore.store_bandwidth(str(tmp_path)) == first  # cached per file system
+    assert chunkstore.store_bandwidth(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("level", chunkstore.ZSTD_LEVELS)
+def test_every_level_round_trips(tmp_path, level):
+    chunks = ChunkStore(str(tmp_path / "c"))
+    chunks._level = level
+    data = text_bytes(CHUNK_BYTES)
+    ref, _ = chunks.put(data)
+    assert ref.codec == CODEC_ZSTD
+    assert chunks.get(ref) == data
