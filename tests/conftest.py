@@ -37,6 +37,7 @@ import concurrent.futures
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from typing import Dict, Set
@@ -46,6 +47,10 @@ import pytest
 from ckpt_agent.adapters.imds import ImdsClient
 from ckpt_agent.store.chunks import ChunkStore
 from ckpt_dev.imds_server import ImdsServer
+
+# checkpoint/test_transparent.py imports test_bootstrap's Node and its `bundle` fixture: importable also when only
+# a subset of the suite runs (pytest puts a test's folder on sys.path only when it collects a test from there)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap"))
 
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "scontrol", "sbatch", "squeue", "runuser", "useradd")
 SESSION_MARK = "PYTEST_CKPT_SESSION"  # not CKPT_*: tests grep jobs' environments for those

@@ -43,7 +43,6 @@ from ckpt_agent.adapters.criu import Criu, pages_cut_points, pages_runs
 from ckpt_agent.checkpoint import capture
 from ckpt_agent.errors import (
     CkptError,
-    CriuError,
     DamagedCheckpointError,
     PermissionDenied,
     StoreError,
@@ -449,7 +448,6 @@ class Engine:
     def _restore_generation(self, gen: Generation, manifest, pipe_fds, skipped, creds, cgroup_pid, t0) -> RestoreResult:
         chunks = self.store.chunks_for(gen.job_id)
         stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base(manifest))
-        keep_stage = False
         try:
             with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
                 for img in manifest["images"]:
@@ -472,13 +470,10 @@ class Engine:
                 stage, pidfile=os.path.join(stage, "restored.pid"), inherit_fds=inherit,
                 tcp_close=self.settings.tcp_close, sibling=creds is None, cgroup_pid=cgroup_pid,
             )
-        except CriuError:
-            keep_stage = True
-            log.error("restore failed; images kept in %s for inspection", stage)
-            raise
         finally:
-            if not keep_stage:
-                shutil.rmtree(stage, ignore_errors=True)
+            # also after a failed restore or a CPU refusal: the images are in the store and may fill RAM in
+            # /dev/shm; CRIU's log is kept elsewhere, named in the error (adapters/criu.py)
+            shutil.rmtree(stage, ignore_errors=True)
         return RestoreResult(
             pid=pid, generation=gen.number, created=manifest["created"], skipped=skipped,
             seconds=time.monotonic() - t0, files_written=written,

@@ -50,6 +50,7 @@ from ckpt_agent.store.generations import (
     utcnow,
     write_atomic,
 )
+from ckpt_agent.util.safeio import read_regular
 from ckpt_agent.util.usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def enclosing_step(job_id: str, environ=None) -> Optional[str]:
 # and the instance is gone 120 s after the notice anyway.
 REQUEUE_WAIT_SECONDS = 60
 REQUEUE_POLL_SECONDS = 0.1
+REGISTRATION_MAX_BYTES = 64 << 10  # a registration is a few hundred bytes of JSON
 
 
 def registration_dir(runtime_dir: str) -> str:
@@ -87,8 +89,10 @@ def registration_paths(runtime_dir: str, job_id: str, step: str):
 def find_registration(runtime_dir: str, job_id: str, step: str) -> Dict[str, Any]:
     path, _ = registration_paths(runtime_dir, job_id, step)
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        reg = json.loads(read_regular(path, REGISTRATION_MAX_BYTES, follow=False))
+        if not isinstance(reg, dict):
+            raise ValueError("not a JSON object")
+        return reg
     except FileNotFoundError:
         raise NotFoundError(
             f"job {job_id} step {step} is not running under ckpt run on this machine ({path})"
@@ -137,17 +141,34 @@ def list_registrations(runtime_dir: str) -> List[Dict[str, Any]]:
         return []
     for name in names:
         if name.endswith(".json"):
-            try:
-                with open(os.path.join(d, name), encoding="utf-8") as fh:
-                    reg = json.load(fh)
-                reg["_owner_uid"] = os.stat(os.path.join(d, name)).st_uid
-            except (OSError, ValueError):
+            path = os.path.join(d, name)
+            try:  # the directory is world-writable: a FIFO or a huge file planted there is refused, never waited on
+                reg = json.loads(read_regular(path, REGISTRATION_MAX_BYTES))
+                reg["_owner_uid"] = os.stat(path, follow_symlinks=False).st_uid
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("ignoring %s: not a registration (%s)", path, e)
                 continue
-            if isinstance(reg, dict) and registration_alive(reg):
+            if registration_alive(reg):
                 out.append(reg)
             else:
-                log.info("ignoring %s: its wrapper is gone", name)
+                remove_stale_registration(path, reg)
     return out
+
+
+def remove_stale_registration(path: str, reg: Dict[str, Any]) -> None:
+    """Remove the registration (and socket) a wrapper killed outright left behind; it names a process that is gone
+    for good (pid and start time), so no live wrapper can lose its own. Without the right to remove it (another
+    user's, seen by an ordinary user's `ckpt list`), it is only ignored."""
+    sock = path[: -len(".json")] + ".sock"
+    for p in (path, sock):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.info("ignoring %s: its wrapper (pid %s) is gone (%s)", p, reg.get("pid"), e.strerror)
+            return
+    log.info("removed %s: its wrapper (pid %s) is gone", path, reg.get("pid"))
 
 
 class StepLock:

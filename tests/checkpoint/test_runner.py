@@ -24,6 +24,8 @@ from ckpt_helpers import (
     wait_for,
 )
 
+from ckpt_agent import errors
+
 pytestmark = pytest.mark.criu
 TOOLS = DATA / "runner"
 
@@ -360,4 +362,33 @@ def test_registrations_of_wrappers_that_are_gone_are_ignored(tmp_path):
     for job, reg in regs.items():
         with open(os.path.join(registration_dir(str(d)), f"{job}.main.json"), "w") as fh:
             json.dump({"job_id": job, **reg}, fh)
+    open(os.path.join(registration_dir(str(d)), "dead.main.sock"), "w").close()
     assert sorted(r["job_id"] for r in list_registrations(str(d))) == ["live", "old-format"]
+    # the registrations (and socket) of wrappers that are gone are removed, the live ones kept
+    assert sorted(os.listdir(registration_dir(str(d)))) == ["live.main.json", "old-format.main.json"]
+
+
+def test_a_fifo_or_huge_file_in_the_registration_directory_is_refused_not_waited_on(tmp_path):
+    """The registration directory is world-writable (1777): a FIFO planted under a job's registration name must not
+    hang `ckpt checkpoint` or the agent's notice handling, and a huge file is not read into memory."""
+    from ckpt_agent.checkpoint.runner import (
+        REGISTRATION_MAX_BYTES,
+        find_registration,
+        list_registrations,
+        process_start_time,
+        registration_dir,
+    )
+
+    d = tmp_path / "run"
+    regdir = registration_dir(str(d))
+    os.makedirs(regdir)
+    os.mkfifo(os.path.join(regdir, "7.main.json"))
+    with open(os.path.join(regdir, "8.main.json"), "wb") as fh:
+        fh.truncate(REGISTRATION_MAX_BYTES + 1)
+    with open(os.path.join(regdir, "9.main.json"), "w") as fh:
+        json.dump({"job_id": "9", "pid": os.getpid(), "pid_start": process_start_time(os.getpid())}, fh)
+    assert [r["job_id"] for r in list_registrations(str(d))] == ["9"]
+    for job in ("7", "8"):
+        with pytest.raises(errors.CkptError, match="registration"):
+            find_registration(str(d), job, "main")
+    assert find_registration(str(d), "9", "main")["job_id"] == "9"

@@ -1,0 +1,61 @@
+"""A restore that CRIU refuses (another CPU) or that fails leaves no rebuilt images behind: they may fill RAM in
+/dev/shm, and the store still holds them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ckpt_agent.adapters.criu import Criu
+from ckpt_agent.checkpoint import engine as engine_mod
+from ckpt_agent.checkpoint.engine import Engine
+from ckpt_agent.errors import CriuError, IncompatibleCpuError
+from ckpt_agent.node.config import CheckpointSettings
+from ckpt_agent.store.chunks import ChunkStore
+from ckpt_agent.store.generations import CheckpointStore
+
+JOB, STEP = "4242", "main"
+
+
+class RefusingCriu(Criu):
+    def __init__(self, error):
+        super().__init__("/bin/false")
+        self.error = error
+        self.saw_images = []
+
+    def cpuinfo_check(self, images_dir):
+        self.saw_images = sorted(os.listdir(images_dir))
+        raise self.error
+
+
+@pytest.fixture
+def staged(tmp_path, monkeypatch):
+    """A committed generation holding two images, and staging bases under tmp_path."""
+    shm, disk = tmp_path / "shm", tmp_path / "disk"
+    monkeypatch.setattr(engine_mod, "SHM_STAGING", str(shm))
+    monkeypatch.setattr(engine_mod, "DISK_STAGING", str(disk))
+    (tmp_path / "store").mkdir()
+    store = CheckpointStore(str(tmp_path / "store"))
+    store.ensure_job(JOB, STEP)
+    chunks = ChunkStore(store.chunk_dir(JOB), compression="none")
+    images = []
+    for name, data in (("cpuinfo.img", b"cpu" * 100), ("pages-1.img", os.urandom(1 << 16))):
+        ref, _ = chunks.put(data)
+        images.append({"name": name, "size": ref.size, "chunks": [ref.to_json()]})
+    number, partial = store.begin(JOB, STEP)
+    store.commit(partial, number, {"format": 1, "generation": number, "created": "2026-12-03T00:00:00.000000Z",
+                                   "cwd": "/nonexistent", "images": images, "files": []})
+    return store, (shm, disk)
+
+
+@pytest.mark.parametrize("error", [IncompatibleCpuError("this machine's CPU lacks features"),
+                                   CriuError("criu restore failed")])
+def test_a_refused_or_failed_restore_leaves_no_images_behind(staged, error):
+    store, bases = staged
+    criu = RefusingCriu(error)
+    with pytest.raises(type(error)):
+        Engine(criu, store, CheckpointSettings()).restore(JOB, STEP, {})
+    assert criu.saw_images == ["cpuinfo.img", "pages-1.img"]  # the images were rebuilt, then the check refused
+    left = [os.path.join(b, n) for b in bases if os.path.isdir(b) for n in os.listdir(b)]
+    assert left == []
