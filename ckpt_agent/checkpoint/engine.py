@@ -44,6 +44,7 @@ from ckpt_agent.checkpoint import capture
 from ckpt_agent.errors import (
     CkptError,
     DamagedCheckpointError,
+    NotFoundError,
     PermissionDenied,
     StoreError,
 )
@@ -146,7 +147,7 @@ class DumpGuard:
         try:
             pid_ns = os.readlink(f"/proc/{init_pid}/ns/pid")
         except OSError as e:
-            raise CkptError(f"process {init_pid} is not running: {e.strerror}") from e
+            raise NotFoundError(f"process {init_pid} is not running: {e.strerror}") from e
         r, self.fd = os.pipe()
         try:
             self.proc = subprocess.Popen(
@@ -443,7 +444,7 @@ class Engine:
             raise DamagedCheckpointError(
                 f"no intact checkpoint of job {job_id} step {step}: " + "; ".join(f"#{n}: {w}" for n, w in skipped)
             )
-        raise CkptError(f"no checkpoint of job {job_id} step {step}")
+        raise NotFoundError(f"no checkpoint of job {job_id} step {step}")
 
     def _restore_generation(self, gen: Generation, manifest, pipe_fds, skipped, creds, cgroup_pid, t0) -> RestoreResult:
         chunks = self.store.chunks_for(gen.job_id)

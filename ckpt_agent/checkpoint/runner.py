@@ -101,7 +101,7 @@ def find_registration(runtime_dir: str, job_id: str, step: str) -> Dict[str, Any
         raise PermissionDenied(f"job {job_id} step {step} belongs to {owner_of_path(path)}: only its owner "
                                "or root may act on it") from None
     except (OSError, ValueError) as e:
-        raise CkptError(f"{path}: unreadable registration ({e})") from e
+        raise NotFoundError(f"{path}: unreadable registration ({e})") from e
 
 
 def process_start_time(pid: Any) -> Optional[int]:
@@ -592,9 +592,9 @@ class Runner:
         o = self.opts
         with self._ckpt_lock:
             if self._stopped_by_final:
-                raise CkptError(f"job {o.job_id} step {o.step} was already stopped by a final checkpoint")
+                raise NotFoundError(f"job {o.job_id} step {o.step} was already stopped by a final checkpoint")
             if self._stop.is_set():
-                raise CkptError(f"job {o.job_id} step {o.step} has already ended")
+                raise NotFoundError(f"job {o.job_id} step {o.step} has already ended")
             if not self.instance:  # the agent may have learnt the instance facts after we started
                 self.instance = self.job.instance = load_instance(o.runtime_dir)
             emit(self.store, o.job_id, "checkpoint_started", node=self.node, instance=self.instance, step=o.step,
