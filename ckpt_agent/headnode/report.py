@@ -427,14 +427,10 @@ def metric_data(report: Dict[str, Any], cluster: str) -> List[Dict[str, Any]]:
 
 def put_metrics(client, namespace: str, report: Dict[str, Any], cluster: str) -> int:
     """Send the summary to CloudWatch (20 metrics per call, the API's limit for PutMetricData batches)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from ckpt_agent.errors import AwsError
+    from ckpt_agent.adapters.aws import aws_call, region_of
 
     data = metric_data(report, cluster)
-    try:
+    with aws_call("CloudWatch", "PutMetricData", region=region_of(client), subject=f"namespace {namespace}"):
         for i in range(0, len(data), 20):
             client.put_metric_data(Namespace=namespace, MetricData=data[i:i + 20])
-    except (BotoCoreError, ClientError) as e:
-        raise AwsError(f"CloudWatch put_metric_data to {namespace}: {e}") from e
     return len(data)
