@@ -20,7 +20,7 @@ EXIT_SLURM = 76  # Slurm could not be asked or refused a command
 EXIT_PERMISSION = 77  # the agent refused: not the job's owner, or a checkpoint not signed by the agent
 EXIT_CONFIG = 78  # a configuration file is missing, malformed or invalid
 EXIT_AGENT = 79  # the node agent cannot be reached
-EXIT_AWS = 80  # an AWS API call failed (upload, prices)
+EXIT_AWS = 80  # an AWS API call failed (upload, prices, report metrics, instance metadata)
 
 
 class CkptError(Exception):
@@ -42,7 +42,8 @@ class NotFoundError(CkptError):
 
 
 class CommandError(CkptError):
-    """A subprocess failed: carries the command, its exit code and the tail of its stderr."""
+    """A subprocess failed: carries the command, its exit code and the tail of its stderr. The adapter that ran it
+    turns it into the error of its kind (CriuError, SlurmError, ...); one that reaches the CLI is a bug (70)."""
 
     def __init__(self, argv, returncode, stderr="", message=""):
         self.argv = list(argv)
@@ -90,8 +91,6 @@ class SlurmError(CkptError):
     exit_code = EXIT_SLURM
 
 
-class ImdsError(CkptError):
-    pass
 
 
 class PermissionDenied(CkptError):
@@ -104,6 +103,10 @@ class AgentUnreachable(CkptError):
 
 class AwsError(CkptError):
     exit_code = EXIT_AWS
+
+
+class ImdsError(AwsError):
+    """The instance metadata service cannot be asked or answered nonsense (the node agent retries)."""
 
 
 def _owners() -> dict:
