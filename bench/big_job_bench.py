@@ -34,8 +34,17 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from checkpoint_bench import MIB, ckpt, events, log, manifest, mem_available, sync, wait_for  # noqa: E402
-from checkpoint_bench import write_kind  # noqa: E402
+from checkpoint_bench import (  # noqa: E402
+    MIB,
+    ckpt,
+    events,
+    log,
+    manifest,
+    mem_available,
+    sync,
+    wait_for,
+    write_kind,  # noqa: E402
+)
 
 GIB = 1 << 30
 CHANGED_PERCENT = 5
