@@ -608,7 +608,7 @@ class Runner:
                 raise CkptError(f"job {o.job_id} step {o.step} has already ended")
             if final and may_skip and timeout is not None:
                 decision = self.final_decision(float(timeout) - (self.clock() - asked))
-                if decision.skip:
+                if decision.skip and self._stop_tool():
                     return self._skip_final(decision, reason)
             if not self.instance:  # the agent may have learnt the instance facts after we started
                 self.instance = self.job.instance = load_instance(o.runtime_dir)
@@ -656,9 +656,22 @@ class Runner:
             time_left_seconds=time_left,
             recent_seconds=self.opts.recent if self.opts.recent is not None else self.opts.interval)
 
+    def _stop_tool(self) -> bool:
+        """Stop the tool as a final checkpoint would (the namespace dies with its init); False if we may not."""
+        try:
+            os.kill(self.job.init_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError as e:  # then the final checkpoint is tried after all
+            log.error("cannot stop job %s step %s without a final checkpoint: %s", self.opts.job_id, self.opts.step,
+                      e)
+            return False
+        self._stopped_by_final = True
+        return True
+
     def _skip_final(self, decision: planner.FinalDecision, reason: str) -> Dict[str, Any]:
-        """Called with the checkpoint lock held: record the decision, stop the tool as a final checkpoint would (the
-        requeued job resumes from the newest periodic generation) and answer with that generation."""
+        """Called with the checkpoint lock held, the tool stopped: record the decision and answer with the newest
+        periodic generation, which the requeued job resumes from."""
         o = self.opts
         generation = self._newest_periodic["generation"]
         emit(self.store, o.job_id, "final_skipped", node=self.node, instance=self.instance, step=o.step,
@@ -667,11 +680,6 @@ class Runner:
               f"{decision.predicted_seconds:.0f} s, {decision.time_left_seconds:.0f} s are left: stopping the job "
               f"to resume from checkpoint {generation}, taken {decision.periodic_age_seconds:.0f} s ago",
               file=sys.stderr, flush=True)
-        self._stopped_by_final = True
-        try:
-            os.kill(self.job.init_pid, signal.SIGKILL)  # the namespace dies with its init, as after a final
-        except ProcessLookupError:
-            pass
         return {"generation": generation, "final": False, "skipped": True, **decision.to_json()}
 
     def _periodic(self) -> None:
