@@ -220,6 +220,7 @@ def test_report_of_a_real_interrupted_and_resumed_run(tmp_path):
                        out=tmp_path / "o1", err=tmp_path / "e1")
     wait_for(lambda: registered(runtime, "301"), 30, "the wrapper to register")
     time.sleep(1.0)
+    t_final = time.time()  # the tool runs until here at least; whatever it did after may be lost at most
     assert run_ckpt("checkpoint", "--job-id", "301", "--final", env=env).returncode == 0
     assert first.wait(timeout=30) == 75
     t1 = time.time()
@@ -241,12 +242,14 @@ def test_report_of_a_real_interrupted_and_resumed_run(tmp_path):
     segs = j["steps"][0]["segments"]
     assert [s["ended"] for s in segs] == ["interrupted", "lost", "completed"]
     assert [s["started"] for s in segs] == ["launched", "restored", "restored"]
-    assert segs[0]["seconds"] == pytest.approx(t1 - t0, abs=1.5)
-    assert segs[0]["work_lost_seconds"] < 0.5
-    assert 0 < segs[1]["work_lost_seconds"] <= segs[1]["seconds"] <= t2 - t1 + 0.5
-    assert segs[2]["seconds"] <= t3 - t2
+    # bounds from what the test saw happen, never from how fast this machine is (event times are rounded to ms)
+    slack = 0.01
+    assert 0 < segs[0]["seconds"] <= t1 - t0 + slack
+    assert segs[0]["work_lost_seconds"] <= t1 - t_final + slack  # only what ran after the final was asked for
+    assert 0 < segs[1]["work_lost_seconds"] <= segs[1]["seconds"] <= t2 - t1 + slack
+    assert 0 < segs[2]["seconds"] <= t3 - t2 + slack
     assert j["restores"] == 2 and j["checkpoints"] >= 2
-    assert j["wall_clock_seconds"] == pytest.approx(t3 - t0, abs=3)
+    assert sum(s["seconds"] for s in segs) <= j["wall_clock_seconds"] <= t3 - t0 + slack
     assert j["net_runtime_seconds"] == pytest.approx(j["compute_seconds"] - j["work_lost_seconds"], abs=0.01)
     assert j["net_runtime_seconds"] < j["wall_clock_seconds"]
 
