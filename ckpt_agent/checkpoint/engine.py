@@ -370,13 +370,7 @@ class Engine:
         base = self.settings.staging_dir
         if base == "auto":
             need = capture.tree_rss_bytes(capture.ns_pids(job.init_pid)) + SHM_HEADROOM_BYTES
-            base = DISK_STAGING
-            try:
-                st = os.statvfs("/dev/shm")
-                if st.f_bavail * st.f_frsize > need and _mem_available() > need:
-                    base = SHM_STAGING
-            except OSError:
-                pass
+            base = staging_base(need, need)
         os.makedirs(base, mode=0o700, exist_ok=True)
         return tempfile.mkdtemp(prefix=f"dump.{os.getpid()}.{job.job_id}.{job.step}.", dir=base)
 
@@ -491,15 +485,21 @@ def _mem_available() -> int:
     return 0
 
 
+def staging_base(need_bytes: int, memory_bytes: int) -> str:
+    """Where images are staged: tmpfs (SHM_STAGING) when /dev/shm has `need_bytes` free and `memory_bytes` of RAM
+    are available, else local disk (DISK_STAGING)."""
+    try:
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize > need_bytes and _mem_available() > memory_bytes:
+            return SHM_STAGING
+    except OSError:
+        pass
+    return DISK_STAGING
+
+
 def _restore_base(manifest: Dict[str, Any]) -> str:
     """Rebuild images in tmpfs when memory allows (CRIU reads them once, fast), else on local disk."""
     need = sum(int(i.get("size", 0)) for i in manifest.get("images", [])) + SHM_HEADROOM_BYTES
-    base = DISK_STAGING
-    try:
-        st = os.statvfs("/dev/shm")
-        if st.f_bavail * st.f_frsize > need and _mem_available() > 2 * need:
-            base = SHM_STAGING
-    except OSError:
-        pass
+    base = staging_base(need, 2 * need)
     os.makedirs(base, mode=0o700, exist_ok=True)
     return base

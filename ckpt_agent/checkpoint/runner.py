@@ -48,9 +48,8 @@ from ckpt_agent.store.generations import (
     CheckpointStore,
     iso,
     utcnow,
-    write_atomic,
 )
-from ckpt_agent.util.safeio import read_regular
+from ckpt_agent.util.safeio import read_regular, write_atomic
 from ckpt_agent.util.usercreds import owner_of_path
 
 log = logging.getLogger(__name__)

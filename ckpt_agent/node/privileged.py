@@ -22,7 +22,7 @@ from ckpt_agent.checkpoint import launcher
 from ckpt_agent.checkpoint.engine import Engine, JobState
 from ckpt_agent.errors import PermissionDenied, UsageError
 from ckpt_agent.node.requeue import Requeuer
-from ckpt_agent.store.generations import check_name
+from ckpt_agent.store.layout import check_name
 from ckpt_agent.util.units import check_seconds
 from ckpt_agent.util.usercreds import creds_of
 

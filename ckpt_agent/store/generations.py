@@ -49,31 +49,23 @@ from ckpt_agent.errors import (
     NotFoundError,
     PermissionDenied,
     StoreError,
-    UsageError,
 )
+from ckpt_agent.store import layout
 from ckpt_agent.store.chunks import (
     CHUNK_BYTES,
-    CODEC_RAW,
-    CODEC_ZSTD,
     ChunkRef,
     ChunkStore,
+    sweep_chunk_dir,
 )
-from ckpt_agent.util.safeio import NotRegularFile, read_regular
+from ckpt_agent.store.layout import EVENTS, MANIFEST, RESULT, SUMMARY
+from ckpt_agent.util.safeio import NotRegularFile, fsync_dir, open_dir_nofollow, read_regular, write_atomic
 from ckpt_agent.util.usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-SUMMARY = "summary.json"
-RESULT = "result.json"
-EVENTS = "events.jsonl"
 FORMAT_VERSION = 2  # 2: images may be slices of chunks with a page table (pagedelta.py); older agents refuse it
 READABLE_FORMATS = (1, FORMAT_VERSION)
-_GEN_RE = re.compile(r"^gen-(\d{6,})$")
-_PARTIAL_RE = re.compile(r"^gen-(\d{6,})\.partial-(\d+)$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
-_CODECS = (CODEC_RAW, CODEC_ZSTD)
 _IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
 # read bounds: a manifest lists ~85 bytes per MiB of image (1 MiB for 12 GiB), so 256 MiB covers 3 TiB of memory
 MAX_MANIFEST_BYTES = 256 << 20
@@ -96,37 +88,6 @@ def iso(t: dt.datetime) -> str:
 
 def parse_iso(s: str) -> dt.datetime:
     return dt.datetime.strptime(s.replace("Z", "+0000"), "%Y-%m-%dT%H:%M:%S.%f%z")
-
-
-def check_name(kind: str, value: str) -> str:
-    """Job ids and step names become directory names: refuse anything that could escape the store."""
-    if not isinstance(value, str) or not _SAFE_NAME.match(value) or value in (".", ".."):
-        shown = value if not isinstance(value, str) or len(value) <= 80 else value[:80] + "..."
-        raise UsageError(f"invalid {kind} {shown!r}: use up to 128 letters, digits, '_', '-', '.', '+' "
-                         "(not starting with '.', '-' or '+')")
-    return value
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    if durable:
-        fsync_dir(os.path.dirname(path) or ".")
 
 
 @dataclass
@@ -238,13 +199,13 @@ class CheckpointStore:
 
     # --- layout -----------------------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> str:
-        return os.path.join(self.root, check_name("job id", job_id))
+        return layout.job_dir(self.root, job_id)
 
     def step_dir(self, job_id: str, step: str) -> str:
-        return os.path.join(self.job_dir(job_id), check_name("step name", step))
+        return layout.step_dir(self.root, job_id, step)
 
     def chunk_dir(self, job_id: str) -> str:
-        return os.path.join(self.job_dir(job_id), "chunks")
+        return layout.chunk_dir(self.root, job_id)
 
     def _no_link(self, path: str) -> str:
         """`path` (a job, step or chunks directory) for reading: refused when it is a symbolic link or not a
@@ -306,7 +267,7 @@ class CheckpointStore:
     ) -> Iterator[bool]:
         """flock on <job>/lock. `dir_fd`: the job directory, already opened without following links (`ckpt gc`),
         so that a job directory swapped for a link never makes us create a lock file elsewhere."""
-        path = "lock" if dir_fd is not None else os.path.join(self.job_dir(job_id), "lock")
+        path = layout.LOCK if dir_fd is not None else os.path.join(self.job_dir(job_id), layout.LOCK)
         # read-only is enough for flock, and lets the job's user share a lock file the root agent created
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
         try:
@@ -334,11 +295,12 @@ class CheckpointStore:
             raise self._read_error(job_id, sd, e) from e
         gens = []
         for name in names:
-            m = _GEN_RE.match(name)
+            number = layout.generation_number(name)
             path = os.path.join(sd, name)
             # listed when its manifest exists at all: whatever stands there is then checked (and maybe damaged)
-            if m and not os.path.islink(path) and os.path.isdir(path) and os.path.lexists(os.path.join(path, MANIFEST)):
-                gens.append(Generation(job_id, step, int(m.group(1)), path))
+            if (number is not None and not os.path.islink(path) and os.path.isdir(path)
+                    and os.path.lexists(os.path.join(path, MANIFEST))):
+                gens.append(Generation(job_id, step, number, path))
         return sorted(gens, key=lambda g: g.number)
 
     def _read_error(self, job_id: str, path: str, e: OSError) -> CkptError:
@@ -352,7 +314,7 @@ class CheckpointStore:
     def partials(self, job_id: str, step: str) -> List[str]:
         sd = self.step_dir(job_id, step)
         try:
-            return [os.path.join(sd, n) for n in os.listdir(sd) if _PARTIAL_RE.match(n)]
+            return [os.path.join(sd, n) for n in os.listdir(sd) if layout.partial_number(n) is not None]
         except FileNotFoundError:
             return []
 
@@ -361,7 +323,7 @@ class CheckpointStore:
             entries = sorted(os.scandir(self.root), key=lambda e: e.name)
         except OSError as e:
             raise StoreError(f"cannot list checkpoint store {self.root}: {e.strerror}") from e
-        return [e.name for e in entries if e.is_dir(follow_symlinks=False) and _SAFE_NAME.match(e.name)]
+        return [e.name for e in entries if e.is_dir(follow_symlinks=False) and layout.is_job_name(e.name)]
 
     def steps(self, job_id: str) -> List[str]:
         """Step directories of a job (links and names that are not step names are left out); PermissionError when
@@ -373,18 +335,15 @@ class CheckpointStore:
             return []
         except OSError as e:
             raise self._read_error(job_id, jd, e) from e
-        return [e.name for e in entries
-                if e.is_dir(follow_symlinks=False) and e.name != "chunks" and _SAFE_NAME.match(e.name)]
+        return [e.name for e in entries if e.is_dir(follow_symlinks=False) and layout.is_step_name(e.name)]
 
     def begin(self, job_id: str, step: str) -> Tuple[int, str]:
         """Reserve the next generation number; return it and its partial directory."""
         gens = self.generations(job_id, step)
         number = (gens[-1].number if gens else 0) + 1
         for p in self.partials(job_id, step):
-            m = _PARTIAL_RE.match(os.path.basename(p))
-            if m:
-                number = max(number, int(m.group(1)) + 1)
-        partial = os.path.join(self.step_dir(job_id, step), f"gen-{number:06d}.partial-{os.getpid()}")
+            number = max(number, (layout.partial_number(os.path.basename(p)) or 0) + 1)
+        partial = os.path.join(self.step_dir(job_id, step), layout.partial_name(number, os.getpid()))
         try:
             os.mkdir(partial, 0o700)
         except OSError as e:
@@ -411,7 +370,7 @@ class CheckpointStore:
             os.chown(os.path.join(partial, SUMMARY), *owner)
             os.chown(os.path.join(partial, MANIFEST), *owner)
             os.chown(partial, *owner)
-        final = os.path.join(step_dir, f"gen-{number:06d}")
+        final = os.path.join(step_dir, layout.generation_name(number))
         os.rename(partial, final)
         fsync_dir(step_dir)
         return Generation(os.path.basename(job_dir), os.path.basename(step_dir), number, final)
@@ -476,10 +435,8 @@ class CheckpointStore:
                     continue
                 for ref in manifest_refs(manifest):
                     known[ref.digest] = ref.codec
-        return {d: c for d, c in known.items() if os.path.exists(self._chunk_path(job_id, d, c))}
-
-    def _chunk_path(self, job_id: str, digest: str, codec: str) -> str:
-        return ChunkStore(self.chunk_dir(job_id)).path(ChunkRef(digest, 0, codec))
+        chunk_dir = self.chunk_dir(job_id)
+        return {d: c for d, c in known.items() if os.path.exists(os.path.join(chunk_dir, layout.chunk_relpath(d, c)))}
 
     def prune(self, job_id: str, step: str, keep: int) -> List[int]:
         """Remove all but the newest `keep` committed generations of a step; return the removed numbers."""
@@ -518,8 +475,9 @@ class CheckpointStore:
         unlink: Optional[Callable[[int, str, int], None]] = None,
         job_fd: Optional[int] = None,
     ) -> Tuple[int, int]:
-        """Remove chunks no committed manifest references. Takes the job lock exclusively and skips (returns
-        (0, 0)) while any checkpoint of the job is being written. Returns (files removed, bytes freed).
+        """Remove chunks no committed manifest references (the chunk store's sweep_chunk_dir, which knows every
+        codec's suffix). Takes the job lock exclusively and skips (returns (0, 0)) while any checkpoint of the job
+        is being written. Returns (files removed, bytes freed).
 
         The walk opens every directory relative to its parent without following symbolic links, so a `chunks`
         directory or prefix directory replaced by a link to somewhere else is never entered.
@@ -533,46 +491,22 @@ class CheckpointStore:
                 return self.sweep_chunks(job_id, referenced=referenced, locked=True, unlink=unlink, job_fd=job_fd)
         if referenced is None:
             referenced = self.referenced_digests(job_id)
-        if unlink is None:
-            def unlink(dir_fd: int, name: str, size: int) -> None:
-                os.unlink(name, dir_fd=dir_fd)
         own_fd = job_fd is None
         if own_fd:
             job_fd = open_dir_nofollow(self.job_dir(job_id))
             if job_fd is None:
                 return 0, 0
-        removed = freed = 0
         try:
-            chunks_fd = open_dir_nofollow("chunks", job_fd)
+            chunks_fd = open_dir_nofollow(layout.CHUNKS_DIR, job_fd)
             if chunks_fd is None:
                 return 0, 0
             try:
-                for prefix in _scandir_fd(chunks_fd):
-                    prefix_fd = open_dir_nofollow(prefix, chunks_fd) if len(prefix) == 2 else None
-                    if prefix_fd is None:
-                        continue
-                    try:
-                        for name in _scandir_fd(prefix_fd):
-                            digest = "" if ".tmp-" in name else (name[:-4] if name.endswith(".zst") else name)
-                            if digest and digest in referenced:
-                                continue
-                            try:
-                                st = os.stat(name, dir_fd=prefix_fd, follow_symlinks=False)
-                                if not stat.S_ISREG(st.st_mode):
-                                    continue
-                                unlink(prefix_fd, name, st.st_size)
-                            except OSError:
-                                continue
-                            removed += 1
-                            freed += st.st_size
-                    finally:
-                        os.close(prefix_fd)
+                return sweep_chunk_dir(chunks_fd, referenced, unlink)
             finally:
                 os.close(chunks_fd)
         finally:
             if own_fd:
                 os.close(job_fd)
-        return removed, freed
 
     # --- results and events -----------------------------------------------------------------------------------
     def result(self, job_id: str, step: str) -> Optional[Dict[str, Any]]:
@@ -653,7 +587,7 @@ def _check_refs(refs: Any, where: str) -> int:
     total = 0
     for r in refs:
         if not (type(r) is list and len(r) == 3 and type(r[1]) is int and 0 < r[1] <= CHUNK_BYTES
-                and r[2] in _CODECS and type(r[0]) is str and _DIGEST_RE.match(r[0])):
+                and r[2] in layout.CODEC_SUFFIXES and type(r[0]) is str and _DIGEST_RE.match(r[0])):
             raise DamagedCheckpointError(f"{where}: malformed manifest: bad chunk reference {str(r)[:100]}")
         total += r[1]
     return total
@@ -728,17 +662,3 @@ def manifest_refs(manifest: Dict[str, Any]) -> Iterator[ChunkRef]:
     for item in manifest.get("files", []):
         for r in item.get("chunks", []) or []:
             yield ChunkRef.from_json(r)
-
-
-def open_dir_nofollow(name: str, dir_fd: Optional[int] = None) -> Optional[int]:
-    """A directory opened without following a symbolic link in its last component; None when `name` is missing,
-    not a directory or a link."""
-    try:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return None
-
-
-def _scandir_fd(dir_fd: int) -> List[str]:
-    with os.scandir(dir_fd) as it:
-        return sorted(e.name for e in it)

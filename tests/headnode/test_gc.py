@@ -12,9 +12,9 @@ import time
 import pytest
 
 from ckpt_agent import cli
+from ckpt_agent.adapters.slurm import LIVE_STATES
 from ckpt_agent.errors import EXIT_SLURM, SlurmError
 from ckpt_agent.headnode.gc import (
-    LIVE_STATES,
     DryRunActuator,
     GarbageCollector,
     GcLock,

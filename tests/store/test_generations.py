@@ -18,7 +18,8 @@ from ckpt_agent.errors import (
     UsageError,
 )
 from ckpt_agent.store import chunks as chunkstore
-from ckpt_agent.store.generations import FORMAT_VERSION, MANIFEST, CheckpointStore, Signer, check_name
+from ckpt_agent.store.generations import FORMAT_VERSION, CheckpointStore, Signer
+from ckpt_agent.store.layout import MANIFEST, check_name
 
 JOB, STEP = "4242", "main"
 

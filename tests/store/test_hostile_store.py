@@ -19,7 +19,8 @@ from ckpt_agent.checkpoint.engine import Engine
 from ckpt_agent.errors import DamagedCheckpointError
 from ckpt_agent.node.config import CheckpointSettings
 from ckpt_agent.store.chunks import ChunkStore
-from ckpt_agent.store.generations import SUMMARY, CheckpointStore, Signer
+from ckpt_agent.store.generations import CheckpointStore, Signer
+from ckpt_agent.store.layout import SUMMARY
 
 JOB, STEP = "5150", "main"
 TIMEOUT = 60  # a safety net: a hang would otherwise stall the suite
