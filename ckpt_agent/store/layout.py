@@ -38,8 +38,8 @@ CODEC_ZSTD = "z"
 CODEC_SUFFIXES: Dict[str, str] = {CODEC_RAW: "", CODEC_ZSTD: ".zst"}
 TMP_MARK = ".tmp-"  # a chunk being written: `<name>.tmp-<pid>-<n>`, never a chunk
 
-GEN_RE = re.compile(r"^gen-(\d{6,})$")
-PARTIAL_RE = re.compile(r"^gen-(\d{6,})\.partial-(\d+)$")
+GEN_RE = re.compile(r"^gen-(\d{6,})\Z")
+PARTIAL_RE = re.compile(r"^gen-(\d{6,})\.partial-(\d+)\Z")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
