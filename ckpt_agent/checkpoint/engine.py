@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -301,12 +302,8 @@ class Engine:
                     final=final, reason=reason, machine=machine_facts(self.criu), node=job.node,
                     instance=job.instance, cwd=job.cwd, argv=job.argv, uid=job.uid, gid=job.gid,
                     pipes=job.pipe_inodes, images=images, files=files,
-                    stats=Stats(
-                        bytes_in=stats.bytes_in, bytes_new=stats.bytes_new, bytes_written=stats.bytes_written,
-                        chunks_new=stats.chunks_new, chunks_reused=stats.chunks_reused,
-                        chunks_verified=stats.chunks_verified, chunks_repaired=stats.chunks_repaired,
-                        seconds={"frozen_seconds": round(t_frozen, 3), **{k: round(v, 3) for k, v in timings.items()}},
-                    ),
+                    stats=Stats(**dataclasses.asdict(stats), seconds={
+                        "frozen_seconds": round(t_frozen, 3), **{k: round(v, 3) for k, v in timings.items()}}),
                 )
                 with acting_as(user):
                     store.commit(partial, number, manifest, owner)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from ckpt_agent.errors import DamagedCheckpointError
 from ckpt_agent.store import layout
-from ckpt_agent.store.chunks import CHUNK_BYTES, ChunkRef
+from ckpt_agent.store.chunks import CHUNK_BYTES, ChunkRef, WriteStats
 
 if TYPE_CHECKING:
     from ckpt_agent.store.generations import Signer
@@ -151,22 +151,14 @@ class FileEntry:
         )
 
 
-STAT_COUNTERS = ("bytes_in", "bytes_new", "bytes_written", "chunks_new", "chunks_reused", "chunks_verified",
-                 "chunks_repaired")
+STAT_COUNTERS = tuple(f.name for f in fields(WriteStats))
 
 
 @dataclass
-class Stats:
-    """What a checkpoint read and wrote (chunks.WriteStats) and where its time went (`seconds`: frozen_seconds,
-    prepare_seconds, dump_seconds, ... as the engine measured them)."""
+class Stats(WriteStats):
+    """What a checkpoint read and wrote (its WriteStats counters) and where its time went (`seconds`:
+    frozen_seconds, prepare_seconds, dump_seconds, ... as the engine measured them)."""
 
-    bytes_in: int = 0
-    bytes_new: int = 0
-    bytes_written: int = 0
-    chunks_new: int = 0
-    chunks_reused: int = 0
-    chunks_verified: int = 0
-    chunks_repaired: int = 0
     seconds: Dict[str, float] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
 

@@ -22,16 +22,7 @@ from ckpt_agent.store.generations import CheckpointStore, Signer
 from ckpt_agent.store.layout import MANIFEST, check_name
 from ckpt_agent.store.manifest import FORMAT_VERSION, parse
 
-JOB, STEP = "4242", "main"
-
-
-@pytest.fixture
-def store(tmp_path):
-    root = tmp_path / "store"
-    root.mkdir()
-    s = CheckpointStore(str(root))
-    s.ensure_job(JOB, STEP)
-    return s
+JOB, STEP = "4242", "main"  # the job step the `store` fixture (conftest.py) is ready for
 
 
 def manifest_with(refs=(), **extra):

@@ -11,19 +11,9 @@ import pytest
 from ckpt_agent.errors import UsageError
 from ckpt_agent.store import layout
 from ckpt_agent.store.chunks import ChunkRef, iter_chunk_files
-from ckpt_agent.store.generations import CheckpointStore
 from ckpt_agent.store.manifest import FORMAT_VERSION, ImageEntry, Manifest
 
-JOB, STEP = "5150", "main"
-
-
-@pytest.fixture
-def store(tmp_path):
-    root = tmp_path / "store"
-    root.mkdir()
-    s = CheckpointStore(str(root))
-    s.ensure_job(JOB, STEP)
-    return s
+JOB, STEP = "4242", "main"  # the job step the `store` fixture (conftest.py) is ready for
 
 
 def digest_of(data: bytes) -> str:
