@@ -5,6 +5,7 @@
         events.jsonl                      EVENTS: lifecycle events
         chunks/<xx>/<sha256><suffix>      CHUNKS_DIR, chunk_name: the suffix names the codec (CODEC_SUFFIXES)
         <step>/                           step_dir
+            run.lock                      RUN_LOCK: the one live `ckpt run` of the step holds it (flock)
             gen-000003/                   generation_name: a committed checkpoint
                 manifest.json             MANIFEST (store/manifest.py owns its content)
                 summary.json              SUMMARY: the listing facts of the generation
@@ -25,6 +26,7 @@ from typing import Dict, Optional
 from ckpt_agent.errors import UsageError
 
 LOCK = "lock"
+RUN_LOCK = "run.lock"  # <step>/run.lock: held (flock) by the one live wrapper of the step (checkpoint/runner.py)
 EVENTS = "events.jsonl"
 CHUNKS_DIR = "chunks"
 MANIFEST = "manifest.json"
