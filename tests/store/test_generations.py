@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+from ckpt_helpers import store_with_job
 
 from ckpt_agent.errors import (
     EXIT_DAMAGED,
@@ -22,7 +23,12 @@ from ckpt_agent.store.generations import CheckpointStore, Signer
 from ckpt_agent.store.layout import MANIFEST, check_name
 from ckpt_agent.store.manifest import FORMAT_VERSION, parse
 
-JOB, STEP = "4242", "main"  # the job step the `store` fixture (conftest.py) is ready for
+JOB, STEP = "4242", "main"
+
+
+@pytest.fixture
+def store(tmp_path):
+    return store_with_job(tmp_path, JOB, STEP)
 
 
 def manifest_with(refs=(), **extra):

@@ -7,13 +7,19 @@ import hashlib
 import os
 
 import pytest
+from ckpt_helpers import store_with_job
 
 from ckpt_agent.errors import UsageError
 from ckpt_agent.store import layout
 from ckpt_agent.store.chunks import ChunkRef, iter_chunk_files
 from ckpt_agent.store.manifest import FORMAT_VERSION, ImageEntry, Manifest
 
-JOB, STEP = "4242", "main"  # the job step the `store` fixture (conftest.py) is ready for
+JOB, STEP = "4242", "main"
+
+
+@pytest.fixture
+def store(tmp_path):
+    return store_with_job(tmp_path, JOB, STEP)
 
 
 def digest_of(data: bytes) -> str:
