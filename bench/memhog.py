@@ -1,12 +1,14 @@
 """A benchmark workload: holds MIB MiB of memory of one KIND, then waits, changing PERCENT% of it on request.
 
-Usage: memhog.py MIB KIND PERCENT    (KIND: random | text | zeros)
+Usage: memhog.py MIB KIND PERCENT [--digest]    (KIND: random | text | zeros)
 
 Files in the working directory drive it (they survive checkpoint/restore, unlike a signal in flight):
   ready    written once the memory is filled
   mutate   when it appears, PERCENT% of the 4 KiB pages, at random places, are rewritten with new data of the same
            kind (zeros: with random data, since new zeros would change nothing), then `mutated` is written
   stop     when it appears, the workload prints a checksum and exits 0
+With --digest, `mutated` holds the sha256 of the whole memory after the change, and `stop` prints it again
+(`sha256 HEX`) from the memory as it is then: after a checkpoint and restore, the two must be equal.
 
 Kinds:
   random  incompressible (os.urandom)
@@ -16,6 +18,7 @@ Kinds:
 """
 
 import ctypes
+import hashlib
 import os
 import random
 import sys
@@ -60,6 +63,7 @@ def fill(data: bytearray, blocks, kind: str, rng: random.Random, pool: bytes) ->
 
 def main() -> None:
     mib, kind, percent = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+    digest = "--digest" in sys.argv[4:]
     if kind not in ("random", "text", "zeros"):
         sys.exit(f"memhog: unknown kind {kind!r}")
     rng = random.Random(1)
@@ -82,10 +86,14 @@ def main() -> None:
             data[at:at + PAGE] = pool[off:off + PAGE]
         else:
             data[at:at + PAGE] = os.urandom(PAGE)
-    open("mutated", "w").close()
+    with open("mutated.tmp", "w") as fh:
+        fh.write(hashlib.sha256(data).hexdigest() if digest else "")
+    os.rename("mutated.tmp", "mutated")  # whole when it appears
     while not os.path.exists("stop"):
         time.sleep(0.05)
     print(f"checksum {sum(data[::PAGE])}", flush=True)
+    if digest:
+        print(f"sha256 {hashlib.sha256(data).hexdigest()}", flush=True)
 
 
 if __name__ == "__main__":

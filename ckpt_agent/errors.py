@@ -12,6 +12,7 @@ EXIT_DAMAGED = 65  # a checkpoint is damaged or tampered with and no good genera
 EXIT_NOT_FOUND = 66  # no such job, step or checkpoint
 EXIT_CRIU = 69  # CRIU is missing, too old, or a dump/restore failed
 EXIT_INTERNAL = 70  # a bug: an unexpected exception (traceback with --verbose)
+EXIT_LAUNCH = 71  # the tool could not be started (fork, PID namespace, subreaper: sysexits' EX_OSERR)
 EXIT_BUSY = 73  # the job step is already running under another live `ckpt run` (here or on another node)
 EXIT_STORE = 74  # the checkpoint store cannot be read or written
 EXIT_FINAL = 75  # the tool was stopped by a final checkpoint: run the same command again to resume
@@ -19,7 +20,7 @@ EXIT_SLURM = 76  # Slurm could not be asked or refused a command
 EXIT_PERMISSION = 77  # the agent refused: not the job's owner, or a checkpoint not signed by the agent
 EXIT_CONFIG = 78  # a configuration file is missing, malformed or invalid
 EXIT_AGENT = 79  # the node agent cannot be reached
-EXIT_AWS = 80  # an AWS API call failed (upload, prices)
+EXIT_AWS = 80  # an AWS API call failed (upload, prices, report metrics, instance metadata)
 
 
 class CkptError(Exception):
@@ -41,7 +42,8 @@ class NotFoundError(CkptError):
 
 
 class CommandError(CkptError):
-    """A subprocess failed: carries the command, its exit code and the tail of its stderr."""
+    """A subprocess failed: carries the command, its exit code and the tail of its stderr. The adapter that ran it
+    turns it into the error of its kind (CriuError, SlurmError, ...); one that reaches the CLI is a bug (70)."""
 
     def __init__(self, argv, returncode, stderr="", message=""):
         self.argv = list(argv)
@@ -65,6 +67,12 @@ class IncompatibleCpuError(CriuError):
     kind = "incompatible_cpu"
 
 
+class LaunchError(CkptError):
+    """The tool could not be started: no new PID namespace (needs root or CAP_SYS_ADMIN), no subreaper."""
+
+    exit_code = EXIT_LAUNCH
+
+
 class StoreError(CkptError):
     exit_code = EXIT_STORE
 
@@ -83,8 +91,6 @@ class SlurmError(CkptError):
     exit_code = EXIT_SLURM
 
 
-class ImdsError(CkptError):
-    pass
 
 
 class PermissionDenied(CkptError):
@@ -99,11 +105,22 @@ class AwsError(CkptError):
     exit_code = EXIT_AWS
 
 
+class ImdsError(AwsError):
+    """The instance metadata service cannot be asked or answered nonsense (the node agent retries)."""
+
+
+def _owners() -> dict:
+    """Each documented code and the one class that owns it (defines `exit_code` in its own body)."""
+    owners, todo = {}, list(CkptError.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__ == __name__ and "exit_code" in vars(cls):
+            owners[cls.exit_code] = cls
+    return owners
+
+
 def error_for_exit_code(code: int, message: str) -> CkptError:
     """The error a remote side (the node agent, a wrapper's control socket) reported by its exit code, as the
     subclass that documents that code; a code no subclass owns is reported as a bug (70)."""
-    for cls in (UsageError, DamagedCheckpointError, NotFoundError, CriuError, StoreError, SlurmError,
-                PermissionDenied, ConfigError, AgentUnreachable, AwsError):
-        if cls.exit_code == code:
-            return cls(message)
-    return CkptError(message)
+    return _owners().get(code, CkptError)(message)

@@ -36,11 +36,11 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ckpt_agent.errors import CkptError
+from ckpt_agent.errors import CkptError, ConfigError
 from ckpt_agent.site import render
 from ckpt_dev import shared_venv
 from ckpt_dev.agents import NodeAgents
-from ckpt_dev.slurm_cluster import LocalCluster
+from ckpt_dev.slurm_cluster import ClusterError, LocalCluster
 
 REPO = Path(__file__).resolve().parent.parent
 NETLIST = REPO / "examples" / "ringosc.cir"
@@ -94,7 +94,7 @@ def with_stop_time(netlist: str, stop_ns: float) -> str:
     """The netlist with its transient analysis (`.tran TSTEP TSTOP ...`) ending at `stop_ns` nanoseconds."""
     text, count = re.subn(r"(?m)^(\.tran\s+\S+\s+)\S+", lambda m: f"{m.group(1)}{stop_ns:.0f}n", netlist, count=1)
     if count != 1:
-        raise CkptError(f"{NETLIST}: no .tran line to size the simulation with")
+        raise ConfigError(f"{NETLIST}: no .tran line to size the simulation with")
     return text
 
 
@@ -168,13 +168,13 @@ class Demo:
             state = self.cluster.job_info(job).state
             if state in FINISHED_STATES:
                 self.narrate(job)
-                raise CkptError(f"job {job} ended ({state}) before its first periodic checkpoint: the simulation "
-                                f"was sized to run {self.work_seconds * self.sim_scale:.0f} s here but finished "
-                                "sooner (a larger --sim-scale makes it longer)")
+                raise ClusterError(f"job {job} ended ({state}) before its first periodic checkpoint: the simulation "
+                                  f"was sized to run {self.work_seconds * self.sim_scale:.0f} s here but finished "
+                                  "sooner (a larger --sim-scale makes it longer)")
             if time.monotonic() > deadline:
-                raise CkptError(f"job {job} committed no periodic checkpoint within "
-                                f"{self.interval * 3 + 120:.0f} s (state {state}); see the agents' logs in "
-                                f"{self.cluster.log_dir}")
+                raise ClusterError(f"job {job} committed no periodic checkpoint within "
+                                  f"{self.interval * 3 + 120:.0f} s (state {state}); see the agents' logs in "
+                                  f"{self.cluster.log_dir}")
             time.sleep(0.5)
 
     def run(self) -> int:
@@ -250,7 +250,7 @@ class Demo:
             if final.state in FINISHED_STATES:
                 break
             if time.monotonic() > deadline:
-                raise CkptError(f"job {job} did not finish in time after the notice (state {final.state})")
+                raise ClusterError(f"job {job} did not finish in time after the notice (state {final.state})")
             time.sleep(0.5)
         self.narrate(job)
         say(f"    job {job} {final.state} on {final.nodes} after {final.restart_count} requeue(s)")

@@ -57,7 +57,7 @@ import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 
 from ckpt_agent.adapters.slurm import JobInfo, Slurm
-from ckpt_agent.errors import CkptError, CommandError
+from ckpt_agent.errors import EXIT_SLURM, CkptError, CommandError
 from ckpt_agent.util import proc
 from ckpt_agent.util.safeio import write_atomic
 from ckpt_dev import reaper, slurm_conf
@@ -74,6 +74,8 @@ CGROUP_V1_FREEZER = reaper.CGROUP_V1_FREEZER
 
 class ClusterError(CkptError):
     """The local cluster could not be started or did not reach the expected state in time."""
+
+    exit_code = EXIT_SLURM
 
 
 def _free_ports(count: int) -> List[int]:

@@ -5,7 +5,7 @@
   the table keeps the mean over the zones and the per-zone prices.
 - On-Demand: the Pricing API's GetProducts (served from us-east-1 whatever the region priced) for Linux, shared
   tenancy, no pre-installed software, capacity status "Used": the hourly USD price.
-Every botocore error becomes an AwsError naming the call (exit 80).
+Every botocore error becomes an AwsError naming the call (adapters/aws.py, exit 80).
 
 The price table file (JSON, written atomically):
     {"generated": "<ISO UTC>", "region": "us-east-1", "source": "ckpt prices --update",
@@ -21,7 +21,8 @@ import logging
 import os
 from typing import Any, Dict, Iterable, Optional, Tuple
 
-from ckpt_agent.errors import AwsError, ConfigError
+from ckpt_agent.adapters.aws import aws_call
+from ckpt_agent.errors import ConfigError
 from ckpt_agent.util.safeio import write_atomic
 from ckpt_agent.util.units import iso_seconds
 
@@ -30,18 +31,6 @@ log = logging.getLogger(__name__)
 PRICING_REGION = "us-east-1"  # the Pricing API has endpoints in us-east-1 (and ap-south-1), not in every region
 SPOT_PRODUCT = "Linux/UNIX"
 PriceTable = Dict[str, Dict[str, Any]]
-
-
-def _aws_call(what: str, fn, **kwargs):
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        return fn(**kwargs)
-    except ClientError as e:
-        err = e.response.get("Error", {})
-        raise AwsError(f"{what}: {err.get('Code', 'error')}: {err.get('Message', str(e))}") from e
-    except BotoCoreError as e:
-        raise AwsError(f"{what}: {e}") from e
 
 
 class AwsPrices:
@@ -60,8 +49,8 @@ class AwsPrices:
                                       "StartTime": now}
             if token:
                 kwargs["NextToken"] = token
-            page = _aws_call(f"EC2 DescribeSpotPriceHistory ({self.region})", self.ec2.describe_spot_price_history,
-                             **kwargs)
+            with aws_call("EC2", "DescribeSpotPriceHistory", region=self.region):
+                page = self.ec2.describe_spot_price_history(**kwargs)
             for item in page.get("SpotPriceHistory", []):
                 if not str(item.get("ProductDescription", "")).startswith(SPOT_PRODUCT):
                     continue
@@ -82,8 +71,10 @@ class AwsPrices:
         filters = [{"Type": "TERM_MATCH", "Field": k, "Value": v} for k, v in (
             ("instanceType", instance_type), ("regionCode", self.region), ("operatingSystem", "Linux"),
             ("tenancy", "Shared"), ("preInstalledSw", "NA"), ("capacitystatus", "Used"))]
-        page = _aws_call(f"Pricing GetProducts ({instance_type} in {self.region})", self.pricing.get_products,
-                         ServiceCode="AmazonEC2", Filters=filters, FormatVersion="aws_v1", MaxResults=10)
+        what = f"on-demand price of {instance_type} in {self.region}"
+        with aws_call("Pricing", "GetProducts", region=PRICING_REGION, subject=what):
+            page = self.pricing.get_products(ServiceCode="AmazonEC2", Filters=filters, FormatVersion="aws_v1",
+                                             MaxResults=10)
         for raw in page.get("PriceList", []):
             product = json.loads(raw) if isinstance(raw, str) else raw
             for term in product.get("terms", {}).get("OnDemand", {}).values():
@@ -115,12 +106,11 @@ class AwsPrices:
 def clients(region: str):
     """boto3 clients for EC2 in `region` and the Pricing API in us-east-1."""
     import boto3
-    from botocore.exceptions import BotoCoreError
 
-    try:
-        return boto3.client("ec2", region_name=region), boto3.client("pricing", region_name=PRICING_REGION)
-    except BotoCoreError as e:
-        raise AwsError(f"cannot create AWS clients for {region}: {e}") from e
+    with aws_call("EC2", "client", region=region):
+        ec2 = boto3.client("ec2", region_name=region)
+    with aws_call("Pricing", "client", region=PRICING_REGION):
+        return ec2, boto3.client("pricing", region_name=PRICING_REGION)
 
 
 def read_table(path: str) -> Dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional
 
+from ckpt_agent.adapters.aws import aws_call, region_of
 from ckpt_agent.adapters.sinks import BackgroundSink, client_config
 from ckpt_agent.headnode.report import parse_time
 
@@ -93,7 +94,9 @@ class CloudWatchPublisher(BackgroundSink):
         return datums_for(record, self.cluster, self.queue_name)
 
     def send(self, batch: List[Dict[str, Any]]) -> None:
-        self.client.put_metric_data(Namespace=self.namespace, MetricData=batch)
+        where = f"namespace {self.namespace}"
+        with aws_call("CloudWatch", "PutMetricData", region=region_of(self.client), subject=where):
+            self.client.put_metric_data(Namespace=self.namespace, MetricData=batch)
 
 
 def cloudwatch_client(region: str = "", endpoint_url: str = "", timeout: float = 5.0) -> Any:

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ckpt_agent.adapters.aws import aws_call, region_of
 from ckpt_agent.adapters.sinks import BackgroundSink, client_config
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ class SnsTarget:
 
     def publish(self, line: str, detail: Dict[str, Any]) -> None:
         subject = f"ckpt: {detail['kind']} job {detail.get('job_id')}"[:100]
-        self.client.publish(TopicArn=self.topic_arn, Subject=subject, Message=line)
+        with aws_call("SNS", "Publish", region=region_of(self.client), subject=self.topic_arn):
+            self.client.publish(TopicArn=self.topic_arn, Subject=subject, Message=line)
 
 
 class EventBridgeTarget:
@@ -139,8 +141,9 @@ class EventBridgeTarget:
         self.bus = bus
 
     def publish(self, line: str, detail: Dict[str, Any]) -> None:
-        out = self.client.put_events(Entries=[{"Source": SOURCE, "DetailType": DETAIL_TYPE,
-                                               "Detail": json.dumps(detail), "EventBusName": self.bus}])
+        with aws_call("EventBridge", "PutEvents", region=region_of(self.client), subject=f"bus {self.bus}"):
+            out = self.client.put_events(Entries=[{"Source": SOURCE, "DetailType": DETAIL_TYPE,
+                                                   "Detail": json.dumps(detail), "EventBusName": self.bus}])
         if out.get("FailedEntryCount"):
             raise RuntimeError(f"EventBridge {self.bus} refused the event: {out.get('Entries')}")
 

@@ -45,6 +45,7 @@ from ckpt_agent.checkpoint import capture
 from ckpt_agent.errors import (
     CkptError,
     DamagedCheckpointError,
+    NotFoundError,
     PermissionDenied,
     StoreError,
 )
@@ -146,7 +147,7 @@ class DumpGuard:
         try:
             pid_ns = os.readlink(f"/proc/{init_pid}/ns/pid")
         except OSError as e:
-            raise CkptError(f"process {init_pid} is not running: {e.strerror}") from e
+            raise NotFoundError(f"process {init_pid} is not running: {e.strerror}") from e
         r, self.fd = os.pipe()
         try:
             self.proc = subprocess.Popen(
@@ -419,7 +420,7 @@ class Engine:
             raise DamagedCheckpointError(
                 f"no intact checkpoint of job {job_id} step {step}: " + "; ".join(f"#{n}: {w}" for n, w in skipped)
             )
-        raise CkptError(f"no checkpoint of job {job_id} step {step}")
+        raise NotFoundError(f"no checkpoint of job {job_id} step {step}")
 
     def _restore_generation(self, gen: Generation, manifest: Manifest, pipe_fds, skipped, creds, cgroup_pid, t0,
                             ) -> RestoreResult:

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import List, Mapping, Optional, Sequence, Tuple
 
-from ckpt_agent.errors import CkptError
+from ckpt_agent.errors import LaunchError
 from ckpt_agent.util.usercreds import Creds, join_cgroups_of
 from ckpt_agent.util.usercreds import fs_identity as user_fs
 
@@ -27,7 +27,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def become_subreaper() -> None:
     """Orphans of our children (the namespace init once its launcher exits) are reparented to us, not to pid 1."""
     if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise CkptError(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
+        raise LaunchError(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
 
 
 def launch(
@@ -84,7 +84,7 @@ def launch(
         data = fh.read()
     _, wstatus = os.waitpid(launcher, 0)
     if not data or os.waitstatus_to_exitcode(wstatus) != 0:
-        raise CkptError("could not start the tool in a new PID namespace (needs root or CAP_SYS_ADMIN)")
+        raise LaunchError("could not start the tool in a new PID namespace (needs root or CAP_SYS_ADMIN)")
     return int(data)
 
 

@@ -132,6 +132,40 @@ def plan_interval(*, interval: float, budget: float, frozen_seconds: float, byte
                         changed_bytes_per_second=rate, store_bytes_per_second=bandwidth)
 
 
+@dataclass
+class FinalDecision:
+    """On a notice: take the final checkpoint, or skip it and requeue from the newest periodic one."""
+
+    skip: bool
+    predicted_seconds: Optional[float]  # None: nothing to predict from yet (fewer than two periodic checkpoints)
+    time_left_seconds: float  # until the deadline (the notice's time less the unmount margin)
+    periodic_age_seconds: Optional[float]  # since the newest periodic checkpoint committed (None: none yet)
+    recent_seconds: float  # a periodic checkpoint younger than this is recent enough to resume from
+
+    def to_json(self) -> Dict[str, Any]:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items() if k != "skip"}
+
+
+def decide_final(*, frozen_seconds: Optional[float], changed_bytes_per_second: Optional[float],
+                 store_bytes_per_second: Optional[float], periodic_age_seconds: Optional[float],
+                 time_left_seconds: float, recent_seconds: float) -> FinalDecision:
+    """Skip a final checkpoint that would be cut off, when a recent periodic one can stand in for it.
+
+    The final writes what changed since the newest periodic checkpoint, after freezing the tool for the dump:
+        predicted = frozen + changed_rate * age / store_bandwidth
+    (the model of plan_interval, at the periodic checkpoint's actual age). Skip only when the prediction exceeds the
+    time left AND that checkpoint is younger than recent_seconds; otherwise try the final (best effort: a final
+    that fails leaves the periodic one in place). No prediction without the stats of two periodic checkpoints."""
+    predicted = None
+    if (frozen_seconds is not None and changed_bytes_per_second is not None and store_bytes_per_second
+            and periodic_age_seconds is not None):
+        predicted = frozen_seconds + changed_bytes_per_second * periodic_age_seconds / store_bytes_per_second
+    skip = (predicted is not None and predicted > time_left_seconds
+            and periodic_age_seconds is not None and periodic_age_seconds <= recent_seconds)
+    return FinalDecision(skip=skip, predicted_seconds=predicted, time_left_seconds=time_left_seconds,
+                         periodic_age_seconds=periodic_age_seconds, recent_seconds=recent_seconds)
+
+
 def plan_site(site: Dict[str, Any], inputs: Inputs) -> List[QueuePlan]:
     if not 0 < inputs.reclaimed_share <= 1:
         raise UsageError("the share of nodes reclaimed at once must be in (0, 1]")

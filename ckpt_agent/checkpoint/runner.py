@@ -100,7 +100,7 @@ def find_registration(runtime_dir: str, job_id: str, step: str) -> Dict[str, Any
         raise PermissionDenied(f"job {job_id} step {step} belongs to {owner_of_path(path)}: only its owner "
                                "or root may act on it") from None
     except (OSError, ValueError) as e:
-        raise CkptError(f"{path}: unreadable registration ({e})") from e
+        raise NotFoundError(f"{path}: unreadable registration ({e})") from e
 
 
 def process_start_time(pid: Any) -> Optional[int]:
@@ -273,6 +273,9 @@ class RunOptions:
     agent_socket: str = ""  # the node agent, which requeues a job whose restore this CPU refused
     # seconds a final checkpoint may take (planner.budget_seconds): periodic checkpoints come often enough for it
     budget: float = field(default_factory=lambda: planner.budget_seconds({}))
+    # on a notice, a periodic checkpoint younger than this stands in for a final one that cannot fit (None: one
+    # periodic interval, the work a job loses at worst anyway)
+    recent: Optional[float] = None
 
 
 class Runner:
@@ -293,6 +296,9 @@ class Runner:
         self._reg_path = ""
         self.last_checkpoint: Optional[int] = None
         self.interval = opts.interval  # the periodic interval, shortened by the deadline plan when needed
+        self.clock = time.monotonic
+        self._newest_periodic: Optional[Dict[str, Any]] = None  # {"at": clock(), "generation", "frozen_seconds"}
+        self._final_rates: Optional[planner.IntervalPlan] = None  # the newest deadline plan's rates
 
     # --- main ---------------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -579,21 +585,30 @@ class Runner:
             return {"ok": True, "job_id": self.opts.job_id, "step": self.opts.step, "init_pid": self.job.init_pid,
                     "last_checkpoint": self.last_checkpoint}
         if op == "checkpoint":
-            if req.get("final") and req.get("await_requeue") and uid == 0:
+            agent_final = bool(req.get("final") and req.get("await_requeue") and uid == 0)
+            if agent_final:
                 self._await_requeue = True  # only root (the agent) requeues; set before the tool can end
             res = self.checkpoint(final=bool(req.get("final")), reason=str(req.get("reason") or "manual"),
-                                  timeout=req.get("timeout"))
+                                  timeout=req.get("timeout"), may_skip=agent_final)
             return {"ok": True, **res}
         return {"ok": False, "error": f"unknown request {op!r}", "exit_code": 2}
 
     # --- checkpoints --------------------------------------------------------------------------------------------
-    def checkpoint(self, *, final: bool, reason: str, timeout: Optional[float] = None) -> Dict[str, Any]:
+    def checkpoint(self, *, final: bool, reason: str, timeout: Optional[float] = None,
+                   may_skip: bool = False) -> Dict[str, Any]:
+        """One checkpoint. may_skip (the agent's final on a notice, which requeues the job next): when the final
+        cannot fit the time left and a recent periodic checkpoint exists, stop the tool without one (final_decision)."""
         o = self.opts
+        asked = self.clock()
         with self._ckpt_lock:
             if self._stopped_by_final:
-                raise CkptError(f"job {o.job_id} step {o.step} was already stopped by a final checkpoint")
+                raise NotFoundError(f"job {o.job_id} step {o.step} was already stopped by a final checkpoint")
             if self._stop.is_set():
-                raise CkptError(f"job {o.job_id} step {o.step} has already ended")
+                raise NotFoundError(f"job {o.job_id} step {o.step} has already ended")
+            if final and may_skip and timeout is not None:
+                decision = self.final_decision(float(timeout) - (self.clock() - asked))
+                if decision.skip and self._stop_tool():
+                    return self._skip_final(decision, reason)
             if not self.instance:  # the agent may have learnt the instance facts after we started
                 self.instance = self.job.instance = load_instance(o.runtime_dir)
             emit(self.store, o.job_id, "checkpoint_started", node=self.node, instance=self.instance, step=o.step,
@@ -612,6 +627,9 @@ class Runner:
                 raise
             if final:
                 self._stopped_by_final = True
+            else:
+                self._newest_periodic = {"at": self.clock(), "generation": res.generation,
+                                         "frozen_seconds": res.frozen_seconds}
             self.last_checkpoint = res.generation
             emit(self.store, o.job_id, "checkpoint_committed", node=self.node, instance=self.instance, step=o.step,
                  generation=res.generation, final=final, reason=reason, bytes_in=res.bytes_in,
@@ -625,6 +643,43 @@ class Runner:
             return {"generation": res.generation, "final": final, "bytes_written": res.bytes_written,
                     "bytes_in": res.bytes_in, "seconds": round(res.total_seconds, 3), "created": res.created,
                     "frozen_seconds": round(res.frozen_seconds, 3)}
+
+    def final_decision(self, time_left: float) -> planner.FinalDecision:
+        """Would a final checkpoint now fit the time left (planner.decide_final, from this wrapper's stats)?"""
+        newest, rates = self._newest_periodic, self._final_rates
+        return planner.decide_final(
+            frozen_seconds=newest["frozen_seconds"] if newest else None,
+            changed_bytes_per_second=rates.changed_bytes_per_second if rates else None,
+            store_bytes_per_second=rates.store_bytes_per_second if rates else None,
+            periodic_age_seconds=self.clock() - newest["at"] if newest else None,
+            time_left_seconds=time_left,
+            recent_seconds=self.opts.recent if self.opts.recent is not None else self.opts.interval)
+
+    def _stop_tool(self) -> bool:
+        """Stop the tool as a final checkpoint would (the namespace dies with its init); False if we may not."""
+        try:
+            os.kill(self.job.init_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError as e:  # then the final checkpoint is tried after all
+            log.error("cannot stop job %s step %s without a final checkpoint: %s", self.opts.job_id, self.opts.step,
+                      e)
+            return False
+        self._stopped_by_final = True
+        return True
+
+    def _skip_final(self, decision: planner.FinalDecision, reason: str) -> Dict[str, Any]:
+        """Called with the checkpoint lock held, the tool stopped: record the decision and answer with the newest
+        periodic generation, which the requeued job resumes from."""
+        o = self.opts
+        generation = self._newest_periodic["generation"]
+        emit(self.store, o.job_id, "final_skipped", node=self.node, instance=self.instance, step=o.step,
+             reason=reason, generation=generation, **decision.to_json())
+        print(f"ckpt: a final checkpoint of job {o.job_id} step {o.step} would take about "
+              f"{decision.predicted_seconds:.0f} s, {decision.time_left_seconds:.0f} s are left: stopping the job "
+              f"to resume from checkpoint {generation}, taken {decision.periodic_age_seconds:.0f} s ago",
+              file=sys.stderr, flush=True)
+        return {"generation": generation, "final": False, "skipped": True, **decision.to_json()}
 
     def _periodic(self) -> None:
         """Checkpoint every interval for as long as the tool runs. No failure ends this thread: a failed checkpoint
@@ -657,6 +712,8 @@ class Runner:
             interval=o.interval, budget=o.budget, frozen_seconds=res["frozen_seconds"],
             bytes_written=res["bytes_written"], write_seconds=res["seconds"] - res["frozen_seconds"],
             seconds_since_previous=since_previous)
+        if plan is not None:
+            self._final_rates = plan
         if plan is None or abs(plan.interval_seconds - self.interval) < 1:
             return plan
         emit(self.store, o.job_id, "interval_planned", node=self.node, instance=self.instance, step=o.step,

@@ -18,6 +18,7 @@ import re
 import socket
 from typing import Any, Callable, Dict, Optional
 
+from ckpt_agent.adapters.aws import aws_call
 from ckpt_agent.adapters.aws_prices import effective_prices
 from ckpt_agent.adapters.slurm import JobNotFound, Slurm
 from ckpt_agent.commands._common import (
@@ -27,7 +28,6 @@ from ckpt_agent.commands._common import (
     open_store,
 )
 from ckpt_agent.errors import (
-    AwsError,
     CkptError,
     NotFoundError,
     StoreError,
@@ -125,9 +125,6 @@ def _write_html(path: str, text: str) -> None:
 
 def _cloudwatch(region: Optional[str]):
     import boto3
-    from botocore.exceptions import BotoCoreError
 
-    try:
+    with aws_call("CloudWatch", "client", region=region):
         return boto3.client("cloudwatch", region_name=region) if region else boto3.client("cloudwatch")
-    except BotoCoreError as e:
-        raise AwsError(f"CloudWatch: {e}") from e

@@ -13,6 +13,7 @@ import shlex
 import sys
 import tempfile
 
+from ckpt_agent.adapters.aws import aws_call
 from ckpt_agent.commands.render import render_to
 from ckpt_agent.errors import EXIT_USAGE
 from ckpt_agent.site.dashboard import CloudWatchDashboard, dashboard_body, dashboard_name
@@ -30,7 +31,8 @@ def add_arguments(parser) -> None:
 def _client(service: str, region: str):
     import boto3
 
-    return boto3.client(service, region_name=region)
+    with aws_call(service, "client", region=region):
+        return boto3.client(service, region_name=region)
 
 
 def _s3_client(region: str):

@@ -105,6 +105,8 @@ class StepReport:
     restore_seconds: float = 0.0
     status: str = ""  # the last segment's end
     mode: str = "explicit"  # runner.MODES: `ckpt run` in the job script, or the whole script (transparent mode)
+    # notices on which the final checkpoint was predicted not to fit and the job resumed from a recent periodic one
+    finals_skipped: List[Dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> Dict[str, Any]:
         compute = sum(s.seconds for s in self.segments)
@@ -115,6 +117,7 @@ class StepReport:
                 "checkpoint_seconds": round(self.checkpoint_seconds, 3),
                 "frozen_seconds": round(self.frozen_seconds, 3), "bytes_written": self.bytes_written,
                 "restores": self.restores, "restore_seconds": round(self.restore_seconds, 3),
+                "finals_skipped": self.finals_skipped,
                 "compute_seconds": round(compute, 3), "work_lost_seconds": round(lost, 3),
                 "net_runtime_seconds": round(compute - lost, 3)}
 
@@ -149,6 +152,7 @@ class JobReport:
                 "checkpoints": sum(st.checkpoints for st in self.steps),
                 "bytes_written": sum(st.bytes_written for st in self.steps),
                 "restores": sum(st.restores for st in self.steps), "segments": len(segs),
+                "finals_skipped": sum(len(st.finals_skipped) for st in self.steps),
                 "unpriced_types": sorted({s.instance_type or "?" for s in segs if s.spot_cost is None})}
 
     def to_json(self) -> Dict[str, Any]:
@@ -269,6 +273,9 @@ def build_job(job_id: str, events: List[Dict[str, Any]], now: dt.datetime, price
                 seg.captured = t - dt.timedelta(seconds=took)
         elif kind == "checkpoint_failed":
             step.checkpoints_failed += 1
+        elif kind == "final_skipped":
+            step.finals_skipped.append({k: e.get(k) for k in ("time", "generation", "predicted_seconds",
+                                                               "time_left_seconds", "periodic_age_seconds")})
         elif kind == "restored":
             step.restores += 1
             step.restore_seconds += float(e.get("seconds") or 0)
@@ -318,7 +325,8 @@ def summarize(jobs: List[JobReport]) -> Dict[str, Any]:
             "to": _iso(max(ends)) if ends else None, "segments": int(add("segments")),
             "interruptions": sum(j.interruptions for j in jobs), "requeues": sum(j.requeues for j in jobs),
             "checkpoints": int(add("checkpoints")), "bytes_written": int(add("bytes_written")),
-            "restores": int(add("restores")), "compute_hours": round(add("compute_seconds") / 3600, 4),
+            "restores": int(add("restores")), "finals_skipped": int(add("finals_skipped")),
+            "compute_hours": round(add("compute_seconds") / 3600, 4),
             "work_lost_hours": round(add("work_lost_seconds") / 3600, 4),
             "net_runtime_hours": round(add("net_runtime_seconds") / 3600, 4),
             "wall_clock_hours": round(add("wall_clock_seconds") / 3600, 4),
@@ -364,12 +372,17 @@ def usd(v: Optional[float]) -> str:
     return f"${v:,.2f}" if abs(v) >= 1 or v == 0 else f"${v:.4f}"  # short jobs cost fractions of a cent
 
 
+def _secs(v: Any) -> str:
+    return "?" if v is None else f"{float(v):.0f}"
+
+
 def render_text(report: Dict[str, Any]) -> str:
     lines = []
     for job in report["jobs"]:
         lines.append(f"job {job['job_id']}{' (' + job['state'] + ')' if job['state'] else ''}: submitted "
                      f"{job['submitted'] or '-'} ({job['submitted_from']}), finished {job['finished'] or '-'}; "
-                     f"{job['interruptions']} interruption(s), {job['requeues']} requeue(s)")
+                     f"{job['interruptions']} interruption(s), {job['requeues']} requeue(s)"
+                     + (f", {job['finals_skipped']} final checkpoint(s) SKIPPED" if job["finals_skipped"] else ""))
         lines.append("  mode: " + ("transparent (the job_submit plugin ran the whole batch script under ckpt run)"
                                    if job["mode"] == "transparent" else "explicit (ckpt run in the job script)"))
         if any(step["segments"] for step in job["steps"]):
@@ -385,6 +398,10 @@ def render_text(report: Dict[str, Any]) -> str:
                          f"({step['checkpoint_seconds']:.1f} s, {step['frozen_seconds']:.1f} s frozen, "
                          f"{human_bytes(step['bytes_written'])} written), {step['checkpoints_failed']} failed, "
                          f"{step['restores']} restore(s) ({step['restore_seconds']:.1f} s)")
+            for f in step["finals_skipped"]:
+                lines.append(f"  {step['step']}: final checkpoint skipped at {f['time']}: predicted "
+                             f"{_secs(f['predicted_seconds'])} s, {_secs(f['time_left_seconds'])} s left; "
+                             f"resumed from checkpoint {f['generation']}, {_secs(f['periodic_age_seconds'])} s old")
         lines.append(f"  net runtime {hours(job['net_runtime_seconds'])} vs wall clock "
                      f"{hours(job['wall_clock_seconds'])}; work lost {hours(job['work_lost_seconds'])}; "
                      f"Spot {usd(job['spot_cost'])} vs On-Demand {usd(job['ondemand_cost'])}: saved "
@@ -394,7 +411,8 @@ def render_text(report: Dict[str, Any]) -> str:
     s = report["summary"]
     lines.append(f"summary {s['from'] or '-'} .. {s['to'] or '-'}: {s['jobs']} job(s), {s['segments']} segment(s), "
                  f"{s['interruptions']} interruption(s), {s['checkpoints']} checkpoint(s) "
-                 f"({human_bytes(s['bytes_written'])}), {s['restores']} restore(s)")
+                 f"({human_bytes(s['bytes_written'])}), {s['restores']} restore(s)"
+                 + (f", {s['finals_skipped']} final checkpoint(s) skipped" if s["finals_skipped"] else ""))
     lines.append(f"  compute {s['compute_hours']:.2f} h, work lost {s['work_lost_hours']:.2f} h, net runtime "
                  f"{s['net_runtime_hours']:.2f} h, wall clock {s['wall_clock_hours']:.2f} h")
     pct = f" ({s['savings_percent']:.1f}%)" if s["savings_percent"] is not None else ""
@@ -424,14 +442,10 @@ def metric_data(report: Dict[str, Any], cluster: str) -> List[Dict[str, Any]]:
 
 def put_metrics(client, namespace: str, report: Dict[str, Any], cluster: str) -> int:
     """Send the summary to CloudWatch (20 metrics per call, the API's limit for PutMetricData batches)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from ckpt_agent.errors import AwsError
+    from ckpt_agent.adapters.aws import aws_call, region_of
 
     data = metric_data(report, cluster)
-    try:
+    with aws_call("CloudWatch", "PutMetricData", region=region_of(client), subject=f"namespace {namespace}"):
         for i in range(0, len(data), 20):
             client.put_metric_data(Namespace=namespace, MetricData=data[i:i + 20])
-    except (BotoCoreError, ClientError) as e:
-        raise AwsError(f"CloudWatch put_metric_data to {namespace}: {e}") from e
     return len(data)

@@ -214,7 +214,9 @@ def jobs_table(report: Dict[str, Any]) -> str:
     out = ['<table id="jobs"><thead><tr>', "".join(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
     for j in report["jobs"]:
         cells = (j["job_id"], j["state"] or "-", (j["submitted"] or "-").replace("T", " ")[:16],
-                 (j["finished"] or "-").replace("T", " ")[:16], j["segments"], j["interruptions"], j["checkpoints"],
+                 (j["finished"] or "-").replace("T", " ")[:16], j["segments"],
+                 f'{j["interruptions"]}' + (f' ({j["finals_skipped"]} final skipped)' if j["finals_skipped"] else ""),
+                 j["checkpoints"],
                  human_bytes(j["bytes_written"]), j["restores"], hours(j["work_lost_seconds"]),
                  hours(j["net_runtime_seconds"]), hours(j["wall_clock_seconds"]), usd(j["spot_cost"]),
                  usd(j["ondemand_cost"]), usd(j["savings"]))
@@ -231,6 +233,8 @@ def _cards(s: Dict[str, Any]) -> str:
              ("restores", s["restores"]), ("work lost", f"{s['work_lost_hours']:.2f} h"),
              ("net runtime", f"{s['net_runtime_hours']:.2f} h"), ("Spot", usd(s["spot_cost"])),
              ("On-Demand", usd(s["ondemand_cost"])), ("saved", usd(s["savings"]) + pct))
+    if s.get("finals_skipped"):
+        items = items[:2] + (("finals skipped", s["finals_skipped"]),) + items[2:]
     return '<div class="cards" id="summary">' + "".join(
         f'<div class="card"><b>{_esc(v)}</b><span>{_esc(k)}</span></div>' for k, v in items) + "</div>"
 

@@ -6,8 +6,11 @@ On an interruption notice, once per notice:
      time minus a margin for unmounting FSx);
   3. requeue each job as soon as its own final checkpoints are over (requeue.py: constrained to this CPU family,
      without Slurm's two-minute hold), also a job whose final checkpoint failed or ran out of time: it resumes from
-     its last periodic checkpoint (a half-written checkpoint never replaces a good one). Each `ckpt run` wrapper
-     waits for its job's requeue before it exits 75, so the job never ends FAILED on its way back to the queue.
+     its last periodic checkpoint (a half-written checkpoint never replaces a good one). A wrapper whose final
+     checkpoint is predicted not to fit the time left, and whose newest periodic checkpoint is recent, stops the
+     tool without one and answers with that checkpoint (runner.final_decision): the job is requeued at once.
+     Each `ckpt run` wrapper waits for its job's requeue before it exits 75, so the job never ends FAILED on its way
+     back to the queue.
 On a rebalance recommendation: the configured action (an immediate non-final checkpoint, drain, or nothing).
 
 The agent also serves the wrappers of ordinary users (privileged.py) on its Unix socket. IMDS errors are logged and
@@ -106,6 +109,11 @@ class NoticeHandler:
         if not reply.get("ok"):
             log.error("checkpoint of %s failed: %s", key, reply.get("error"))
             return None
+        if reply.get("skipped"):  # the wrapper's decision (runner.final_decision), recorded as `final_skipped`
+            log.warning("final checkpoint of %s skipped: about %.0f s predicted, %.0f s left; it resumes from "
+                        "checkpoint %s, %.0f s old", key, reply.get("predicted_seconds") or 0,
+                        reply.get("time_left_seconds") or 0, reply["generation"],
+                        reply.get("periodic_age_seconds") or 0)
         return int(reply["generation"])
 
     def checkpoint_all(self, regs: List[Dict[str, Any]], *, final: bool, reason: str,

@@ -46,7 +46,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from ckpt_agent.adapters.slurm import JobNotFound
-from ckpt_agent.errors import CkptError
+from ckpt_agent.errors import CkptError, ConfigError, SlurmError
 from ckpt_agent.util.safeio import write_atomic
 
 log = logging.getLogger(__name__)
@@ -162,20 +162,20 @@ class Requeuer:
     def requeue_to_checkpoint_family(self, job_id: str, checkpoint_node: str) -> Dict[str, Any]:
         """A wrapper's restore was refused on this node's CPU: requeue its job to the family of the node its
         checkpoint was taken on. The wrapper cannot do it itself: a job's constraint can change only once the job
-        is pending, and by then Slurm has ended the batch script and every process of the job. Raises CkptError
+        is pending, and by then Slurm has ended the batch script and every process of the job. Raises ConfigError
         when that family cannot be told (the job must then fail loudly rather than start from zero)."""
         if not self.cpu_families:
-            raise CkptError("no CPU families configured (agent.cpu_families): no node known to restore it")
+            raise ConfigError("no CPU families configured (agent.cpu_families): no node known to restore it")
         family = family_constraint(self.slurm.node_features(checkpoint_node), self.cpu_families)
         if family is None:
-            raise CkptError(f"node {checkpoint_node}, where the checkpoint was taken, has none of the CPU-family "
-                            f"features {', '.join(self.cpu_families)}")
+            raise ConfigError(f"node {checkpoint_node}, where the checkpoint was taken, has none of the CPU-family "
+                              f"features {', '.join(self.cpu_families)}")
         if family == self.node_family():  # sending it back to this family would bring it back here, again and again
-            raise CkptError(f"this node ({self.node}) is of the checkpoint's CPU family {family}, yet CRIU refused: "
-                            "agent.cpu_families groups CPUs that differ")
+            raise ConfigError(f"this node ({self.node}) is of the checkpoint's CPU family {family}, yet CRIU refused: "
+                              "agent.cpu_families groups CPUs that differ")
         self.forget(job_id)
         if not self.requeue(job_id, reason="incompatible-cpu", family=family):
-            raise CkptError(f"requeue of job {job_id} failed")
+            raise SlurmError(f"requeue of job {job_id} failed")
         return {"features": self.last_features or "", "family": family, "checkpoint_node": checkpoint_node}
 
     def expedite(self, job_id: str, requeued_at: float) -> None:

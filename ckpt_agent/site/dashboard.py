@@ -18,7 +18,7 @@ import json
 import logging
 from typing import Any, Dict, List, Tuple
 
-from ckpt_agent.errors import AwsError
+from ckpt_agent.adapters.aws import aws_call, region_of
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +140,7 @@ class CloudWatchDashboard:
         self.client = client
 
     def put(self, name: str, body: Dict[str, Any]) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with aws_call("CloudWatch", "PutDashboard", region=region_of(self.client), subject=f"dashboard {name}"):
             out = self.client.put_dashboard(DashboardName=name, DashboardBody=json.dumps(body))
-        except ClientError as e:
-            err = e.response.get("Error", {})
-            raise AwsError(f"CloudWatch dashboard {name}: {err.get('Code', '?')}: {err.get('Message', '')}") from e
-        except BotoCoreError as e:
-            raise AwsError(f"CloudWatch dashboard {name}: {e}") from e
         for p in out.get("DashboardValidationMessages") or []:  # warnings: saved, but parts may not render
             log.warning("CloudWatch dashboard %s: %s: %s", name, p.get("DataPath"), p.get("Message"))

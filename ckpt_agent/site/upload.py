@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ckpt_agent import PACKAGE_DIR
-from ckpt_agent.errors import AwsError, CommandError, ConfigError
+from ckpt_agent.adapters.aws import aws_call, region_of
+from ckpt_agent.errors import CommandError, ConfigError
 from ckpt_agent.site.render import SCRIPT_NAME
 from ckpt_agent.util import proc
 
@@ -289,25 +290,18 @@ class S3Bundle:
 
     def upload(self, bundle_dir: str, files: List[str]) -> None:
         """Upload every file, SHA256SUMS last so that nodes never see a manifest naming missing files."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        where = self.uri()
-        try:
+        missing = f"bucket {self.bucket} does not exist (create it, or fix bundle.bucket)"
+        denied = "the current AWS credentials cannot write there"
+        hints = {"404": missing, "NoSuchBucket": missing, "403": denied, "AccessDenied": denied}
+        region = region_of(self.client)
+        with aws_call("S3", "HeadBucket", region=region, subject=self.uri(), hints=hints):
             self.client.head_bucket(Bucket=self.bucket)
-            ordered = [f for f in files if f != "SHA256SUMS"] + [f for f in files if f == "SHA256SUMS"]
-            for rel in ordered:
-                where = self.uri(rel)
-                with open(os.path.join(bundle_dir, rel), "rb") as fh:
+        ordered = [f for f in files if f != "SHA256SUMS"] + [f for f in files if f == "SHA256SUMS"]
+        for rel in ordered:
+            where = self.uri(rel)
+            try:
+                with open(os.path.join(bundle_dir, rel), "rb") as fh, \
+                        aws_call("S3", "PutObject", region=region, subject=where, hints=hints):
                     self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{rel}", Body=fh)
-        except ClientError as e:
-            err = e.response.get("Error", {})
-            code, message = err.get("Code", "?"), err.get("Message", "")
-            if code in ("404", "NoSuchBucket"):
-                raise AwsError(f"{where}: bucket {self.bucket} does not exist (create it, or fix bundle.bucket)") from e
-            if code in ("403", "AccessDenied"):
-                raise AwsError(f"{where}: access denied: the current AWS credentials cannot write there") from e
-            raise AwsError(f"{where}: upload failed: {code}: {message}".rstrip(": ")) from e
-        except BotoCoreError as e:
-            raise AwsError(f"{where}: upload failed: {e}") from e
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read the bundle file: {e.strerror}") from e
+            except OSError as e:
+                raise ConfigError(f"{where}: cannot read the bundle file: {e.strerror}") from e

@@ -165,8 +165,8 @@ def test_cli_aws_error_is_one_line_exit_80(cfg, monkeypatch, capsys):
         monkeypatch.setattr("ckpt_agent.commands.prices.clients", lambda region: (ec2, pricing))
         assert cli.main(["prices", "--update", "--region", "eu-west-1"]) == EXIT_AWS
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ckpt: Pricing GetProducts (c6i.large in eu-west-1): AccessDeniedException: User is not "
-                   "authorized to perform pricing:GetProducts"]
+    assert err == ["ckpt: on-demand price of c6i.large in eu-west-1: Pricing GetProducts (us-east-1): "
+                   "AccessDeniedException: User is not authorized to perform pricing:GetProducts"]
     assert not (cfg / "prices.json").exists()
 
 

@@ -136,3 +136,117 @@ def test_wrapper_shortens_its_interval_and_records_the_decision(tmp_path, capsys
     assert WRITER.flush(30)
     assert sum(1 for line in (tmp_path / "store" / "77" / "events.jsonl").read_text().splitlines()
                if "interval_planned" in line) == 2
+
+
+# --- on a notice: a final checkpoint that cannot fit, and a recent periodic one -------------------------------------
+def test_final_decision_by_hand():
+    from ckpt_agent.checkpoint.planner import decide_final
+
+    # 100 MB/s changed, 500 MB/s to the store, 2 s frozen: 300 s after the periodic one a final takes 2 + 60 s
+    rates = dict(frozen_seconds=2.0, changed_bytes_per_second=100 * MB, store_bytes_per_second=500 * MB)
+    fits = decide_final(**rates, periodic_age_seconds=300, time_left_seconds=98, recent_seconds=900)
+    assert not fits.skip and fits.predicted_seconds == pytest.approx(62)
+    late = decide_final(**rates, periodic_age_seconds=600, time_left_seconds=98, recent_seconds=900)
+    assert late.skip and late.predicted_seconds == pytest.approx(122)
+    assert late.to_json() == {"predicted_seconds": 122.0, "time_left_seconds": 98, "periodic_age_seconds": 600,
+                              "recent_seconds": 900}
+    # too old to stand in: the final is tried all the same (best effort)
+    old = decide_final(**rates, periodic_age_seconds=600, time_left_seconds=98, recent_seconds=500)
+    assert not old.skip and old.predicted_seconds > 98
+    # nothing to predict from (fewer than two periodic checkpoints), or no periodic checkpoint at all: try the final
+    assert not decide_final(frozen_seconds=2.0, changed_bytes_per_second=None, store_bytes_per_second=None,
+                            periodic_age_seconds=10, time_left_seconds=1.5, recent_seconds=900).skip
+    assert not decide_final(frozen_seconds=None, changed_bytes_per_second=None, store_bytes_per_second=None,
+                            periodic_age_seconds=None, time_left_seconds=1.5, recent_seconds=900).skip
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class RefusingBackend:
+    """Records the checkpoints asked of it and fails them (a final that was tried, and failed)."""
+
+    def __init__(self):
+        self.asked = []
+
+    def checkpoint(self, job, *, final, reason, timeout):
+        from ckpt_agent.errors import CkptError
+
+        self.asked.append((final, reason, timeout))
+        raise CkptError("refused by the test's backend")
+
+
+def _runner_with_a_tool(tmp_path, recent=None):
+    """A Runner whose tool is a real process (its stand-in for the namespace init), with a fake clock."""
+    import subprocess
+
+    from ckpt_agent.checkpoint.engine import JobState
+    from ckpt_agent.checkpoint.runner import Runner, RunOptions
+    from ckpt_agent.store.generations import CheckpointStore
+
+    (tmp_path / "store").mkdir()
+    store = CheckpointStore(str(tmp_path / "store"))
+    store.ensure_job("78", "main")
+    runner = Runner(RunOptions(job_id="78", step="main", argv=["sleep"], interval=1800, recent=recent,
+                               runtime_dir=str(tmp_path / "run"), budget=98), store, backend=RefusingBackend())
+    runner.clock = FakeClock()
+    tool = subprocess.Popen(["sleep", "600"])
+    runner.job = JobState(job_id="78", step="main", init_pid=tool.pid, cwd=str(tmp_path), argv=["sleep"],
+                          pipe_inodes={})
+    return runner, tool
+
+
+def _took_periodic(runner, generation, frozen, changed_per_s, bandwidth):
+    runner._newest_periodic = {"at": runner.clock(), "generation": generation, "frozen_seconds": frozen}
+    written = changed_per_s * 600
+    runner.plan_deadline({"frozen_seconds": frozen, "seconds": frozen + written / bandwidth,
+                          "bytes_written": written}, since_previous=600)
+
+
+def test_wrapper_skips_a_final_that_cannot_fit_and_stops_the_tool(tmp_path, capsys):
+    from ckpt_agent.store.events import WRITER
+
+    runner, tool = _runner_with_a_tool(tmp_path)
+    try:
+        _took_periodic(runner, 4, frozen=2.0, changed_per_s=10 * MB, bandwidth=100 * MB)
+        runner.clock.now += 1200  # 2 + 10 MB/s * 1200 s / 100 MB/s = 122 s > 98 s left; 1200 s < the interval
+        reply = runner.checkpoint(final=True, reason="spot-interruption", timeout=98, may_skip=True)
+        assert reply["skipped"] and reply["generation"] == 4 and reply["predicted_seconds"] == pytest.approx(122)
+        assert tool.wait(timeout=30) == -9  # stopped as after a final checkpoint
+        assert runner._stopped_by_final
+        with pytest.raises(Exception, match="already stopped"):
+            runner.checkpoint(final=True, reason="spot-interruption", timeout=98, may_skip=True)
+        assert WRITER.flush(30)
+        events = [json.loads(line) for line in (tmp_path / "store" / "78" / "events.jsonl").read_text().splitlines()]
+        skipped = [e for e in events if e["event"] == "final_skipped"]
+        assert len(skipped) == 1 and skipped[0]["generation"] == 4 and skipped[0]["periodic_age_seconds"] == 1200
+        assert skipped[0]["time_left_seconds"] == 98 and skipped[0]["recent_seconds"] == 1800
+        assert "stopping the job to resume from checkpoint 4" in capsys.readouterr().err
+    finally:
+        tool.kill()
+        tool.wait()
+
+
+def test_wrapper_tries_the_final_when_the_periodic_is_old_or_it_fits(tmp_path):
+    runner, tool = _runner_with_a_tool(tmp_path, recent=600)
+    try:
+        _took_periodic(runner, 4, frozen=2.0, changed_per_s=10 * MB, bandwidth=100 * MB)
+        runner.clock.now += 1200
+        assert not runner.final_decision(98).skip  # older than --recent 600 s: best effort
+        runner.clock.now -= 900  # 300 s old: 2 + 30 s fits
+        decision = runner.final_decision(98)
+        assert not decision.skip and decision.predicted_seconds == pytest.approx(32)
+        # a final asked by its owner (not the agent, which requeues) is never skipped: the backend is asked
+        runner.clock.now += 900
+        with pytest.raises(Exception, match="refused by the test"):
+            runner.checkpoint(final=True, reason="manual", timeout=98, may_skip=False)
+        assert runner.backend.asked == [(True, "manual", 98)]
+        assert tool.poll() is None and not runner._stopped_by_final
+    finally:
+        tool.kill()
+        tool.wait()

@@ -220,6 +220,7 @@ def test_report_of_a_real_interrupted_and_resumed_run(tmp_path):
                        out=tmp_path / "o1", err=tmp_path / "e1")
     wait_for(lambda: registered(runtime, "301"), 30, "the wrapper to register")
     time.sleep(1.0)
+    t_final = time.time()  # the tool runs until here at least; whatever it did after may be lost at most
     assert run_ckpt("checkpoint", "--job-id", "301", "--final", env=env).returncode == 0
     assert first.wait(timeout=30) == 75
     t1 = time.time()
@@ -241,12 +242,14 @@ def test_report_of_a_real_interrupted_and_resumed_run(tmp_path):
     segs = j["steps"][0]["segments"]
     assert [s["ended"] for s in segs] == ["interrupted", "lost", "completed"]
     assert [s["started"] for s in segs] == ["launched", "restored", "restored"]
-    assert segs[0]["seconds"] == pytest.approx(t1 - t0, abs=1.5)
-    assert segs[0]["work_lost_seconds"] < 0.5
-    assert 0 < segs[1]["work_lost_seconds"] <= segs[1]["seconds"] <= t2 - t1 + 0.5
-    assert segs[2]["seconds"] <= t3 - t2
+    # bounds from what the test saw happen, never from how fast this machine is (event times are rounded to ms)
+    slack = 0.01
+    assert 0 < segs[0]["seconds"] <= t1 - t0 + slack
+    assert segs[0]["work_lost_seconds"] <= t1 - t_final + slack  # only what ran after the final was asked for
+    assert 0 < segs[1]["work_lost_seconds"] <= segs[1]["seconds"] <= t2 - t1 + slack
+    assert 0 < segs[2]["seconds"] <= t3 - t2 + slack
     assert j["restores"] == 2 and j["checkpoints"] >= 2
-    assert j["wall_clock_seconds"] == pytest.approx(t3 - t0, abs=3)
+    assert sum(s["seconds"] for s in segs) <= j["wall_clock_seconds"] <= t3 - t0 + slack
     assert j["net_runtime_seconds"] == pytest.approx(j["compute_seconds"] - j["work_lost_seconds"], abs=0.01)
     assert j["net_runtime_seconds"] < j["wall_clock_seconds"]
 
@@ -260,3 +263,47 @@ def test_planted_links_and_fifos_are_not_read(store, tmp_path):
     os.mkfifo(os.path.join(store.root, "6002", "events.jsonl"))  # reading it would block forever
     events = load_job_events(store)
     assert "6001" not in events and "6002" not in events and "5001" in events
+
+
+def test_a_skipped_final_checkpoint_is_counted_and_shown(tmp_path):
+    from ckpt_agent.headnode.report_html import render_html
+
+    root = tmp_path / "store"
+    (root / "5004").mkdir(parents=True)
+    base = {"job_id": "5004", "node": "node1", "instance_id": "i-0aaa000000000004", "instance_type": "c6i.large"}
+    lines = [
+        {"event": "segment_started", "how": "launched", "step": "main", "time": "2026-11-05T10:00:00Z"},
+        {"event": "checkpoint_committed", "final": False, "generation": 3, "seconds": 20.0, "frozen_seconds": 4.0,
+         "bytes_written": 10, "step": "main", "time": "2026-11-05T10:30:20Z"},
+        {"event": "notice_received", "action": "terminate", "time": "2026-11-05T10:31:00Z"},
+        {"event": "final_skipped", "step": "main", "generation": 3, "predicted_seconds": 130.5,
+         "time_left_seconds": 97.9, "periodic_age_seconds": 41.0, "recent_seconds": 900,
+         "time": "2026-11-05T10:31:01Z"},
+        {"event": "segment_ended", "how": "interrupted", "generation": 3, "step": "main",
+         "time": "2026-11-05T10:31:02Z"},
+        {"event": "requeued", "time": "2026-11-05T10:31:03Z"},
+        {"event": "restored", "generation": 3, "seconds": 5.0, "step": "main", "time": "2026-11-05T10:40:00Z"},
+        {"event": "segment_started", "how": "restored", "step": "main", "time": "2026-11-05T10:40:00Z"},
+        {"event": "segment_ended", "how": "completed", "exit_status": 0, "step": "main",
+         "time": "2026-11-05T11:00:00Z"},
+    ]
+    (root / "5004" / "events.jsonl").write_text("".join(json.dumps({**base, **e}) + "\n" for e in lines))
+    events = load_job_events(CheckpointStore(str(root)))
+    r = build_report(events, PRICES, now=t("2026-11-06T00:00:00"))
+    j = job(r, "5004")
+    assert j["finals_skipped"] == 1 and r["summary"]["finals_skipped"] == 1
+    assert j["steps"][0]["finals_skipped"] == [{"time": "2026-11-05T10:31:01Z", "generation": 3,
+                                                "predicted_seconds": 130.5, "time_left_seconds": 97.9,
+                                                "periodic_age_seconds": 41.0}]
+    # the work since the periodic checkpoint (its state of 10:30:00) up to the stop is lost: 62 s
+    assert j["steps"][0]["segments"][0]["work_lost_seconds"] == 62
+    text = render_text(r)
+    assert "1 interruption(s), 1 requeue(s), 1 final checkpoint(s) SKIPPED" in text
+    assert ("main: final checkpoint skipped at 2026-11-05T10:31:01Z: predicted 130 s, 98 s left; resumed from "
+            "checkpoint 3, 41 s old") in text
+    assert "1 restore(s), 1 final checkpoint(s) skipped" in text
+    html = render_html(r, events)
+    assert "1 (1 final skipped)" in html and "finals skipped" in html
+    # jobs without a skipped final: no mention
+    assert "skipped" not in render_text(build_report({"5004": [{**base, **lines[0]}]}, PRICES,
+                                                     now=t("2026-11-06T00:00:00")))

@@ -240,3 +240,54 @@ def test_node_name_comes_from_parallelclusters_file(tmp_path):
     import socket
 
     assert node_name(None, {}, str(tmp_path / "missing")) == socket.gethostname()
+
+
+def test_a_final_that_cannot_fit_is_skipped_and_the_job_requeued_at_once(imds, tmp_path, monkeypatch):
+    """The wrapper predicts its final checkpoint from its stats (fake clock and stats here), finds it would not fit
+    the time left while its newest periodic checkpoint is recent: it stops the tool without one and answers with
+    that checkpoint; the agent requeues the job at once. The tool is a real process, the socket a real one."""
+    import subprocess
+
+    from ckpt_agent.checkpoint.engine import JobState
+    from ckpt_agent.checkpoint.runner import Runner, RunOptions
+
+    monkeypatch.setenv("SLURMD_NODENAME", "node1")
+    runtime, store = tmp_path / "run", tmp_path / "store"
+    store.mkdir()
+
+    class NoCheckpoints:  # a final that was tried would fail loudly here
+        def checkpoint(self, job, **_kw):
+            raise AssertionError("the final checkpoint was attempted")
+
+    runner = Runner(RunOptions(job_id="302", step="main", argv=["sleep"], interval=600, runtime_dir=str(runtime)),
+                    CheckpointStore(str(store)), NoCheckpoints())
+    runner.store.ensure_job("302", "main")
+    now = [5000.0]
+    runner.clock = lambda: now[0]
+    tool = subprocess.Popen(["sleep", "600"])
+    try:
+        runner.job = JobState(job_id="302", step="main", init_pid=tool.pid, cwd=str(tmp_path), argv=["sleep"],
+                              pipe_inodes={})
+        runner._register()
+        # a periodic checkpoint (generation 6) 300 s ago; 50 MB changed per second, 100 MB/s to the store
+        runner._newest_periodic = {"at": now[0], "generation": 6, "frozen_seconds": 3.0}
+        runner.plan_deadline({"frozen_seconds": 3.0, "seconds": 3.0 + 300.0, "bytes_written": 50e6 * 600},
+                             since_previous=600)
+        now[0] += 300  # predicted: 3 + 50 MB/s * 300 s / 100 MB/s = 153 s, against about 98 s left
+        slurm = RecordingSlurm()
+        agent = make_agent(imds, runtime, store, slurm, deadline_margin=20)
+        agent.handler.on_spot(SpotNotice("terminate", datetime.now(timezone.utc) + timedelta(seconds=120)))
+        assert [c[0] for c in slurm.calls] == ["drain", "requeue"] and slurm.calls[1] == ("requeue", "302")
+        assert tool.wait(timeout=30) == -9 and runner._stopped_by_final and runner._await_requeue
+        assert events.WRITER.flush(10)
+        evs = [json.loads(line) for line in (store / "302" / "events.jsonl").read_text().splitlines()]
+        kinds = [e["event"] for e in evs]
+        assert "checkpoint_started" not in kinds
+        assert kinds.index("final_skipped") < kinds.index("requeued"), kinds
+        skipped = next(e for e in evs if e["event"] == "final_skipped")
+        assert skipped["generation"] == 6 and skipped["predicted_seconds"] == pytest.approx(153)
+        assert 90 < skipped["time_left_seconds"] <= 100 and skipped["periodic_age_seconds"] == 300
+    finally:
+        runner._unregister()
+        tool.kill()
+        tool.wait()

@@ -119,7 +119,7 @@ def test_aws_error_is_one_line(site):
 
             raise ClientError({"Error": {"Code": "AccessDenied", "Message": "not allowed"}}, "PutDashboard")
 
-    with pytest.raises(AwsError, match="CloudWatch dashboard ckpt-eda-spot: AccessDenied: not allowed"):
+    with pytest.raises(AwsError, match="dashboard ckpt-eda-spot: CloudWatch PutDashboard: AccessDenied: not allowed"):
         CloudWatchDashboard(Refusing()).put("ckpt-eda-spot", dashboard_body(site))
 
 

@@ -164,8 +164,8 @@ def test_missing_bucket_is_one_line_and_exit_80(s3, site_dir, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == EXIT_AWS
     assert out == ""
-    assert re.fullmatch(rf"ckpt: s3://{BUCKET}/{PREFIX}/b-[0-9a-f]{{12}}: bucket {BUCKET} does not exist "
-                        r"\(create it, or fix bundle.bucket\)", err.strip()), err
+    assert re.fullmatch(rf"ckpt: s3://{BUCKET}/{PREFIX}/b-[0-9a-f]{{12}}: S3 HeadBucket \(us-east-1\): 404: Not Found; "
+                        rf"bucket {BUCKET} does not exist \(create it, or fix bundle.bucket\)", err.strip()), err
 
 
 def test_other_aws_errors_are_exit_80(site_dir, tmp_path):
@@ -184,7 +184,8 @@ def test_other_aws_errors_are_exit_80(site_dir, tmp_path):
     with pytest.raises(Exception) as e:
         upload.S3Bundle(BUCKET, PREFIX, Denied()).upload(str(bundle), ["x"])
     assert e.value.exit_code == EXIT_AWS
-    assert str(e.value) == f"s3://{BUCKET}/{PREFIX}/x: access denied: the current AWS credentials cannot write there"
+    assert str(e.value) == (f"s3://{BUCKET}/{PREFIX}/x: S3 PutObject: AccessDenied: no; the current AWS credentials "
+                            "cannot write there")
 
 
 def test_upload_invalid_site_exits_2(tmp_path, capsys):
