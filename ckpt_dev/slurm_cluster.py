@@ -59,6 +59,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 from ckpt_agent.adapters.slurm import JobInfo, Slurm
 from ckpt_agent.errors import EXIT_SLURM, CkptError, CommandError
 from ckpt_agent.util import proc
+from ckpt_agent.util.safeio import write_atomic
 from ckpt_dev import reaper, slurm_conf
 from ckpt_dev.accounting import LocalAccounting, missing_binaries
 
@@ -92,11 +93,7 @@ def _free_ports(count: int) -> List[int]:
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"), mode, durable=False)
 
 
 def _mkdir(path: str, mode: int) -> str:

@@ -119,3 +119,14 @@ def keep_or_remove(request, workdir: str, what: str) -> None:
         print(f"\n{what} kept for inspection: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def store_with_job(tmp_path: Path, job: str, step: str = "main"):
+    """An empty checkpoint store below `tmp_path` with the directories of one job step made."""
+    from ckpt_agent.store.generations import CheckpointStore
+
+    root = tmp_path / "store"
+    root.mkdir()
+    store = CheckpointStore(str(root))
+    store.ensure_job(job, step)
+    return store

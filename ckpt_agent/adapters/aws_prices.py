@@ -23,7 +23,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 from ckpt_agent.adapters.aws import aws_call
 from ckpt_agent.errors import ConfigError
-from ckpt_agent.store.generations import write_atomic
+from ckpt_agent.util.safeio import write_atomic
+from ckpt_agent.util.units import iso_seconds
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def read_table(path: str) -> Dict[str, Any]:
 
 def write_table(path: str, prices: PriceTable, region: str, now: Optional[dt.datetime] = None) -> Dict[str, Any]:
     now = now or dt.datetime.now(dt.timezone.utc)
-    data = {"generated": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "region": region, "source": "ckpt prices --update",
+    data = {"generated": iso_seconds(now), "region": region, "source": "ckpt prices --update",
             "prices": prices}
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode=0o644)

@@ -29,7 +29,17 @@ from ckpt_agent.util import proc
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_SECONDS = 20  # twice Slurm's default MessageTimeout: a slow controller answers, a dead one is noticed
-UNKNOWN = "UNKNOWN"
+# Slurm's job states (squeue/sacct words). A job in a final state will never run again; anything else that is not
+# UNKNOWN counts as live, so a state added by a future Slurm keeps its checkpoints.
+FINAL_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+    "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
+})
+LIVE_STATES = frozenset({
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "CONFIGURING",
+    "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "UPDATE_DB", "POWER_UP_NODE",
+})
+UNKNOWN = "UNKNOWN"  # what a job Slurm does not know (any more) is
 _JOB_ID = re.compile(r"^\d+(_(\d+|\[[\d,\-]+\]))?$")
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-\[\],]*$")
 _KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_:/]*=")

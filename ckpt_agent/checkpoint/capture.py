@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ckpt_agent.store.chunks import (
-    ChunkRef,
     ChunkStore,
     WriteStats,
     restore_file,
     store_file,
 )
+from ckpt_agent.store.manifest import FileEntry
 from ckpt_agent.util.usercreds import Creds, fs_identity
 
 log = logging.getLogger(__name__)
@@ -97,41 +97,6 @@ def open_writable_files(pids: Iterable[int]) -> Set[str]:
         except OSError:
             continue
     return found
-
-
-@dataclass
-class FileEntry:
-    path: str
-    kind: str  # "dir" | "file" | "symlink"
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    size: int = 0
-    ino: int = 0
-    ctime_ns: int = 0
-    target: str = ""
-    chunks: Optional[List[ChunkRef]] = None
-
-    def to_json(self) -> dict:
-        d = {
-            "path": self.path, "kind": self.kind, "mode": self.mode, "uid": self.uid, "gid": self.gid,
-            "mtime_ns": self.mtime_ns,
-        }
-        if self.kind == "file":
-            chunks = [c.to_json() for c in self.chunks or []]
-            d.update(size=self.size, ino=self.ino, ctime_ns=self.ctime_ns, chunks=chunks)
-        if self.kind == "symlink":
-            d["target"] = self.target
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> FileEntry:
-        return cls(
-            path=d["path"], kind=d["kind"], mode=d["mode"], uid=d["uid"], gid=d["gid"], mtime_ns=d["mtime_ns"],
-            size=d.get("size", 0), ino=d.get("ino", 0), ctime_ns=d.get("ctime_ns", 0), target=d.get("target", ""),
-            chunks=[ChunkRef.from_json(c) for c in d.get("chunks", [])] if d["kind"] == "file" else None,
-        )
 
 
 def _excluded(path: str, exclude: Set[str]) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -53,18 +54,17 @@ from ckpt_agent.store import pagedelta
 from ckpt_agent.store.chunks import (
     CHUNK_BYTES,
     WORKERS,
-    ChunkRef,
     WriteStats,
     restore_file,
     store_file,
 )
 from ckpt_agent.store.generations import (
-    FORMAT_VERSION,
     CheckpointStore,
     Generation,
     iso,
     utcnow,
 )
+from ckpt_agent.store.manifest import FORMAT_VERSION, ImageEntry, Manifest, Stats
 from ckpt_agent.util.usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ class Engine:
                 open_files = capture.open_writable_files(stopped)
                 roots = [job.cwd] + list(self.settings.extra_paths)
                 exclude = set(job.exclude) | {store.root, stage, os.path.dirname(stage)}
-                prev_files = {e["path"]: capture.FileEntry.from_json(e) for e in (previous or {}).get("files", [])}
+                prev_files = {e.path: e for e in previous.files} if previous else {}
                 with acting_as(user):  # never read, as root, what a link swapped in by the user points to
                     files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files,
                                                     owner_uid=job.uid if owner else None)
@@ -298,32 +298,14 @@ class Engine:
                 stats.add(fstats)
                 stats.add(istats)
                 created = iso(utcnow())
-                manifest = {
-                    "format": FORMAT_VERSION,
-                    "job_id": job.job_id,
-                    "step": job.step,
-                    "generation": number,
-                    "created": created,
-                    "final": final,
-                    "reason": reason,
-                    "machine": machine_facts(self.criu),
-                    "node": job.node,
-                    "instance": job.instance,
-                    "cwd": job.cwd,
-                    "argv": job.argv,
-                    "uid": job.uid,
-                    "gid": job.gid,
-                    "pipes": job.pipe_inodes,
-                    "images": images,
-                    "files": [f.to_json() for f in files],
-                    "stats": {
-                        "bytes_in": stats.bytes_in, "bytes_new": stats.bytes_new,
-                        "bytes_written": stats.bytes_written, "chunks_new": stats.chunks_new,
-                        "chunks_reused": stats.chunks_reused, "chunks_verified": stats.chunks_verified,
-                        "chunks_repaired": stats.chunks_repaired, "frozen_seconds": round(t_frozen, 3),
-                        **{k: round(v, 3) for k, v in timings.items()},
-                    },
-                }
+                manifest = Manifest(
+                    format=FORMAT_VERSION, job_id=job.job_id, step=job.step, generation=number, created=created,
+                    final=final, reason=reason, machine=machine_facts(self.criu), node=job.node,
+                    instance=job.instance, cwd=job.cwd, argv=job.argv, uid=job.uid, gid=job.gid,
+                    pipes=job.pipe_inodes, images=images, files=files,
+                    stats=Stats(**dataclasses.asdict(stats), seconds={
+                        "frozen_seconds": round(t_frozen, 3), **{k: round(v, 3) for k, v in timings.items()}}),
+                )
                 with acting_as(user):
                     store.commit(partial, number, manifest, owner)
                 if final:
@@ -357,7 +339,7 @@ class Engine:
             total_seconds=time.monotonic() - t0, created=created,
         )
 
-    def _previous_manifest(self, job: JobState, signed_only: bool = False) -> Optional[Dict[str, Any]]:
+    def _previous_manifest(self, job: JobState, signed_only: bool = False) -> Optional[Manifest]:
         """The newest readable manifest, whose file entries let unchanged files skip re-reading. For a user's job
         (whose directory the user can write) only one the agent signed is trusted."""
         for gen in reversed(self.store.generations(job.job_id, job.step)):
@@ -371,23 +353,17 @@ class Engine:
         base = self.settings.staging_dir
         if base == "auto":
             need = capture.tree_rss_bytes(capture.ns_pids(job.init_pid)) + SHM_HEADROOM_BYTES
-            base = DISK_STAGING
-            try:
-                st = os.statvfs("/dev/shm")
-                if st.f_bavail * st.f_frsize > need and _mem_available() > need:
-                    base = SHM_STAGING
-            except OSError:
-                pass
+            base = staging_base(need, need)
         os.makedirs(base, mode=0o700, exist_ok=True)
         return tempfile.mkdtemp(prefix=f"dump.{os.getpid()}.{job.job_id}.{job.step}.", dir=base)
 
-    def _store_images(self, chunks, pool, stage: str, previous: Optional[Dict[str, Any]] = None,
-                      ) -> Tuple[List[Dict[str, Any]], WriteStats]:
+    def _store_images(self, chunks, pool, stage: str, previous: Optional[Manifest] = None,
+                      ) -> Tuple[List[ImageEntry], WriteStats]:
         """Chunk the images into the store; a pages image as a page-granular delta against the previous
         generation's when pagedelta's compaction rule allows, else in full, with its page table either way."""
         images = []
         total = WriteStats()
-        prev_images = {i.get("name"): i for i in (previous or {}).get("images", []) if isinstance(i, dict)}
+        prev_images = {i.name: i for i in previous.images} if previous else {}
         for name in sorted(os.listdir(stage)):
             path = os.path.join(stage, name)
             if not os.path.isfile(path) or name.endswith(".log"):
@@ -398,14 +374,14 @@ class Engine:
                                                   chunks.claim_verification)
                 total.add(st)
                 if delta is not None:
-                    images.append({"name": name, "size": os.path.getsize(path), **delta})
+                    images.append(delta)
                     continue
             cuts = pages_cut_points(stage, name, CHUNK_BYTES) if runs is not None else None
             refs, st, size = store_file(chunks, path, pool, cuts)
             total.add(st)
-            entry = {"name": name, "size": size, "chunks": [r.to_json() for r in refs]}
+            entry = ImageEntry(name=name, size=size, chunks=refs)
             if runs is not None and pagedelta.PAGE_HASH and size == sum(n for _, n in runs) * pagedelta.PAGE:
-                entry["pagetable"], tst = pagedelta.store_table(chunks, *pagedelta.hash_file(path, runs), pool)
+                entry.pagetable, tst = pagedelta.store_table(chunks, *pagedelta.hash_file(path, runs), pool)
                 total.add(tst)
             images.append(entry)
         return images, total
@@ -419,7 +395,7 @@ class Engine:
         *,
         require_signature: bool = False,
         creds: Optional[Creds] = None,
-        check_manifest: Optional[Callable[[Dict[str, Any]], None]] = None,
+        check_manifest: Optional[Callable[[Manifest], None]] = None,
         cgroup_pid: Optional[int] = None,
     ) -> RestoreResult:
         """Restore the newest intact generation; `pipe_fds` maps "stdout"/"stderr"/"status" to new pipe ends.
@@ -446,25 +422,24 @@ class Engine:
             )
         raise NotFoundError(f"no checkpoint of job {job_id} step {step}")
 
-    def _restore_generation(self, gen: Generation, manifest, pipe_fds, skipped, creds, cgroup_pid, t0) -> RestoreResult:
+    def _restore_generation(self, gen: Generation, manifest: Manifest, pipe_fds, skipped, creds, cgroup_pid, t0,
+                            ) -> RestoreResult:
         chunks = self.store.chunks_for(gen.job_id)
         stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base(manifest))
         try:
             with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-                for img in manifest["images"]:
-                    name = os.path.basename(img["name"])
-                    refs = [ChunkRef.from_json(c) for c in img["chunks"]]
-                    restore_file(chunks, refs, os.path.join(stage, name), pool, where=f"image {name}",
-                                 slices=img.get("slices"))
+                for img in manifest.images:
+                    name = os.path.basename(img.name)
+                    restore_file(chunks, img.chunks, os.path.join(stage, name), pool, where=f"image {name}",
+                                 slices=img.slices)
                 self.criu.cpuinfo_check(stage)
-                entries = [capture.FileEntry.from_json(f) for f in manifest["files"]]
                 # only below the job's working directory and extra paths; a signed checkpoint (whenever the store
                 # holds a key, every one) may also put back files the tool had open elsewhere
-                roots = [p for p in [manifest.get("cwd")] + list(self.settings.extra_paths) if p]
-                written, _ = capture.restore_files(chunks, pool, entries, creds, roots=roots,
+                roots = [p for p in [manifest.cwd] + list(self.settings.extra_paths) if p]
+                written, _ = capture.restore_files(chunks, pool, manifest.files, creds, roots=roots,
                                                    trusted=bool(self.store.signer.key))
             inherit = {}
-            for key, ino in manifest.get("pipes", {}).items():
+            for key, ino in manifest.pipes.items():
                 if key in pipe_fds:
                     inherit[pipe_fds[key]] = f"pipe:[{ino}]"
             pid = self.criu.restore(
@@ -476,7 +451,7 @@ class Engine:
             # /dev/shm; CRIU's log is kept elsewhere, named in the error (adapters/criu.py)
             shutil.rmtree(stage, ignore_errors=True)
         return RestoreResult(
-            pid=pid, generation=gen.number, created=manifest["created"], skipped=skipped,
+            pid=pid, generation=gen.number, created=manifest.created, skipped=skipped,
             seconds=time.monotonic() - t0, files_written=written,
         )
 
@@ -492,15 +467,21 @@ def _mem_available() -> int:
     return 0
 
 
-def _restore_base(manifest: Dict[str, Any]) -> str:
-    """Rebuild images in tmpfs when memory allows (CRIU reads them once, fast), else on local disk."""
-    need = sum(int(i.get("size", 0)) for i in manifest.get("images", [])) + SHM_HEADROOM_BYTES
-    base = DISK_STAGING
+def staging_base(need_bytes: int, memory_bytes: int) -> str:
+    """Where images are staged: tmpfs (SHM_STAGING) when /dev/shm has `need_bytes` free and `memory_bytes` of RAM
+    are available, else local disk (DISK_STAGING)."""
     try:
         st = os.statvfs("/dev/shm")
-        if st.f_bavail * st.f_frsize > need and _mem_available() > 2 * need:
-            base = SHM_STAGING
+        if st.f_bavail * st.f_frsize > need_bytes and _mem_available() > memory_bytes:
+            return SHM_STAGING
     except OSError:
         pass
+    return DISK_STAGING
+
+
+def _restore_base(manifest: Manifest) -> str:
+    """Rebuild images in tmpfs when memory allows (CRIU reads them once, fast), else on local disk."""
+    need = manifest.image_bytes() + SHM_HEADROOM_BYTES
+    base = staging_base(need, 2 * need)
     os.makedirs(base, mode=0o700, exist_ok=True)
     return base

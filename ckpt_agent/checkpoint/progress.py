@@ -167,6 +167,6 @@ def newest_image_bytes(store, job_id: str, step: str) -> Optional[float]:
         if not gens:
             return None
         manifest = store.load_manifest(gens[-1])
-        return float(sum(int(i.get("size", 0)) for i in manifest.get("images", [])))
+        return float(manifest.image_bytes())
     except Exception:  # an estimate only: a damaged newest generation is the restore's business
         return None

@@ -48,16 +48,15 @@ from ckpt_agent.store.generations import (
     CheckpointStore,
     iso,
     utcnow,
-    write_atomic,
 )
-from ckpt_agent.util.safeio import read_regular
+from ckpt_agent.store.layout import RUN_LOCK
+from ckpt_agent.util.safeio import read_regular, write_atomic
 from ckpt_agent.util.usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
 RELAY_BUFFER_BYTES = 1 << 16
-RUN_LOCK = "run.lock"  # <store>/<job>/<step>/run.lock: held (flock) by the one live wrapper of the step
 # a failed periodic checkpoint (a full store...) is retried after this, doubling up to the interval
 RETRY_FIRST_SECONDS = 15.0
 NESTED_ENV = "CKPT_PROTECTED_BY"  # set in the tool's environment: "<job id>/<step>" of the enclosing `ckpt run`

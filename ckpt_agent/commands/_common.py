@@ -11,7 +11,8 @@ from ckpt_agent.adapters.criu import Criu
 from ckpt_agent.checkpoint.engine import Engine
 from ckpt_agent.errors import UsageError
 from ckpt_agent.node.config import AgentConfig, load_agent_config, require_store
-from ckpt_agent.store.generations import CheckpointStore, Signer, check_name
+from ckpt_agent.store.generations import CheckpointStore, Signer
+from ckpt_agent.store.layout import check_name
 from ckpt_agent.util.units import check_seconds
 
 

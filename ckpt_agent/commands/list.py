@@ -44,9 +44,8 @@ def collect_job(store: CheckpointStore, job: str) -> List[Dict[str, Any]]:
         for gen in store.generations(job, step):
             try:
                 m = store.load_summary(gen)
-                gens.append({"generation": gen.number, "created": m["created"], "final": m["final"],
-                             "reason": m["reason"], "bytes": m["bytes_in"], "bytes_written": m["bytes_written"],
-                             "node": m["node"]})
+                gens.append({"generation": gen.number, "created": m.created, "final": m.final, "reason": m.reason,
+                             "bytes": m.bytes_in, "bytes_written": m.bytes_written, "node": m.node})
             except (DamagedCheckpointError, PermissionDenied) as e:
                 gens.append({"generation": gen.number, "damaged": str(e)})
         rows.append({"job_id": job, "step": step, "generations": gens,

@@ -40,7 +40,7 @@ from ckpt_agent.headnode.report import (
     render_text,
 )
 from ckpt_agent.headnode.report_html import render_html
-from ckpt_agent.store.generations import write_atomic
+from ckpt_agent.util.safeio import write_atomic
 
 log = logging.getLogger(__name__)
 

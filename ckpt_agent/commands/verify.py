@@ -12,7 +12,7 @@ from ckpt_agent.commands._common import (
     load,
     open_store,
 )
-from ckpt_agent.store.chunks import WORKERS, ChunkRef, verify_refs
+from ckpt_agent.store.chunks import WORKERS, verify_refs
 
 HELP = "verify the newest checkpoint of a job (exit 0 when intact, 65 naming the damaged part otherwise)"
 
@@ -30,19 +30,16 @@ def main(args: argparse.Namespace) -> int:
     manifest = store.load_manifest(gen)
     chunks = store.chunks_for(job_id)
     count = size = 0
+    files = [f for f in manifest.files if f.kind == "file"]
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-        for img in manifest["images"]:
-            refs = [ChunkRef.from_json(c) for c in img["chunks"]]
-            verify_refs(chunks, refs, pool, f"checkpoint {gen.number} image {img['name']}")
-            count += len(refs)
-            size += img["size"]
-        for f in manifest["files"]:
-            if f["kind"] == "file":
-                refs = [ChunkRef.from_json(c) for c in f["chunks"]]
-                verify_refs(chunks, refs, pool, f"checkpoint {gen.number} file {f['path']}")
-                count += len(refs)
-                size += f["size"]
-    print(f"job {job_id} step {args.name} checkpoint {gen.number} ({manifest['created']}): intact, "
-          f"{len(manifest['images'])} images and {sum(1 for f in manifest['files'] if f['kind'] == 'file')} files, "
-          f"{count} chunks, {size} bytes")
+        for img in manifest.images:
+            verify_refs(chunks, img.chunks, pool, f"checkpoint {gen.number} image {img.name}")
+            count += len(img.chunks)
+            size += img.size
+        for f in files:
+            verify_refs(chunks, f.chunks or [], pool, f"checkpoint {gen.number} file {f.path}")
+            count += len(f.chunks or [])
+            size += f.size
+    print(f"job {job_id} step {args.name} checkpoint {gen.number} ({manifest.created}): intact, "
+          f"{len(manifest.images)} images and {len(files)} files, {count} chunks, {size} bytes")
     return 0

@@ -31,42 +31,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ckpt_agent.adapters.slurm import FINAL_STATES, UNKNOWN
 from ckpt_agent.errors import (
     CkptError,
     PermissionDenied,
     SlurmError,
     StoreError,
 )
-from ckpt_agent.store.generations import (
-    _GEN_RE,
-    _PARTIAL_RE,
-    _SAFE_NAME,
-    EVENTS,
-    MANIFEST,
-    RESULT,
-    CheckpointStore,
-    open_dir_nofollow,
-)
-from ckpt_agent.util.units import human_bytes
+from ckpt_agent.store import layout
+from ckpt_agent.store.generations import CheckpointStore
+from ckpt_agent.store.layout import EVENTS, HISTORY_DIR, MANIFEST, RESULT
+from ckpt_agent.util.safeio import open_dir_nofollow, write_atomic
+from ckpt_agent.util.units import human_bytes, iso_seconds
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("ckpt.events")
 
-HISTORY_DIR = ".history"  # events of removed jobs, for `ckpt report`; a dot name is never taken for a job
 HISTORY_MAX_BYTES = 16 << 20  # a job's events are a few KiB; a user-grown events file is cut here, not copied whole
 MAX_DEPTH = 32  # deeper trees are not ours (the store layout is 4 levels deep); they are left alone, not recursed
 
-# Slurm's job states (squeue/sacct words). A job in a final state will never run again; anything else that is not
-# UNKNOWN counts as live, so a state added by a future Slurm keeps its checkpoints.
-FINAL_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-    "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
-})
-LIVE_STATES = frozenset({
-    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "CONFIGURING",
-    "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "UPDATE_DB", "POWER_UP_NODE",
-})
-UNKNOWN = "UNKNOWN"
 
 
 # --- what gc sees and decides ---------------------------------------------------------------------------------
@@ -116,8 +99,8 @@ class Action:
 
     @property
     def generation(self) -> Optional[Tuple[str, int]]:
-        m = _GEN_RE.match(self.name) if self.kind == "generation" else None
-        return (self.step, int(m.group(1))) if m else None
+        number = layout.generation_number(self.name) if self.kind == "generation" else None
+        return (self.step, number) if number is not None else None
 
 
 @dataclass
@@ -281,13 +264,7 @@ class RemoveActuator(Actuator):
             log.warning("%s is not a directory of ours (planted?); events of job %s not kept", HISTORY_DIR, job_id)
             return
         try:
-            tmp = f".{job_id}.tmp-{os.getpid()}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=hist)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.rename(tmp, f"{job_id}.jsonl", src_dir_fd=hist, dst_dir_fd=hist)
+            write_atomic(f"{job_id}.jsonl", data, durable=False, dir_fd=hist)
         finally:
             os.close(hist)
 
@@ -368,7 +345,7 @@ class GarbageCollector:
         for e in entries:
             if e.name.startswith("."):
                 continue
-            if not _SAFE_NAME.fullmatch(e.name) or e.is_symlink() or not e.is_dir(follow_symlinks=False):
+            if not layout.is_job_name(e.name) or e.is_symlink() or not e.is_dir(follow_symlinks=False):
                 self.out.skipped.append((e.name, "not a job directory (a symbolic link or a file?); left alone"))
                 continue
             fd = open_dir_nofollow(e.name, self.root_fd)
@@ -476,7 +453,7 @@ class GarbageCollector:
             return 0
         self.out.removed.append((a, size))
         self.say(f"{self.act.verb} {a.target}: {a.reason}; {human_bytes(size)}")
-        events_log.info("%s", json.dumps({"event": "gc_removed", "time": _iso(self.now()), "job_id": a.job_id,
+        events_log.info("%s", json.dumps({"event": "gc_removed", "time": iso_seconds(self.now()), "job_id": a.job_id,
                                           "step": a.step, "target": a.target, "kind": a.kind, "reason": a.reason,
                                           "bytes": size, "dry_run": self.act.dry_run}, sort_keys=True))
         return size
@@ -534,7 +511,7 @@ def _view(job_id: str, job_fd: int) -> JobView:
     for name, st in _entries(job_fd):
         if name == EVENTS and stat.S_ISREG(st.st_mode):
             times.append(st.st_mtime)
-        elif stat.S_ISDIR(st.st_mode) and name != "chunks" and _SAFE_NAME.fullmatch(name):
+        elif stat.S_ISDIR(st.st_mode) and layout.is_step_name(name):
             step_fd = open_dir_nofollow(name, job_fd)
             if step_fd is None:
                 continue
@@ -546,10 +523,10 @@ def _view(job_id: str, job_fd: int) -> JobView:
                         times.append(cst.st_mtime)
                     elif not stat.S_ISDIR(cst.st_mode):
                         continue
-                    elif _GEN_RE.match(child) and _has_manifest(step_fd, child):
-                        step.generations.append((int(_GEN_RE.match(child).group(1)), cst.st_mtime))
+                    elif layout.generation_number(child) is not None and _has_manifest(step_fd, child):
+                        step.generations.append((layout.generation_number(child), cst.st_mtime))
                         times.append(cst.st_mtime)
-                    elif _PARTIAL_RE.match(child):
+                    elif layout.partial_number(child) is not None:
                         step.partials.append((child, cst.st_mtime))
                         times.append(cst.st_mtime)
                 step.generations.sort()
@@ -571,7 +548,7 @@ def _looks_like_job(name: str, fd: int) -> bool:
         return True
     except SlurmError:
         pass
-    return any(n in ("lock", EVENTS, "chunks") for n, _ in _entries(fd))
+    return any(n in (layout.LOCK, EVENTS, layout.CHUNKS_DIR) for n, _ in _entries(fd))
 
 
 def _entries(dir_fd: int) -> List[Tuple[str, os.stat_result]]:
@@ -596,10 +573,6 @@ def _has_manifest(step_fd: int, gen: str) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def _iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class GcLock:

@@ -26,12 +26,13 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-from ckpt_agent.store.generations import EVENTS, CheckpointStore
-from ckpt_agent.util.units import human_bytes
+from ckpt_agent.adapters.slurm import FINAL_STATES, UNKNOWN
+from ckpt_agent.store.generations import CheckpointStore
+from ckpt_agent.store.layout import EVENTS, HISTORY_DIR
+from ckpt_agent.util.units import human_bytes, iso_seconds
 
 log = logging.getLogger(__name__)
 
-HISTORY_DIR = ".history"
 JOB_EVENTS = ("notice_received", "rebalance_received", "drained", "requeued", "requeue_failed")
 
 
@@ -53,7 +54,7 @@ def parse_time(value: Any) -> Optional[dt.datetime]:
 
 
 def _iso(t: Optional[dt.datetime]) -> Optional[str]:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
+    return iso_seconds(t) if t else None
 
 
 @dataclass
@@ -227,7 +228,7 @@ def _read_lines(path: str) -> List[Dict[str, Any]]:
 def build_job(job_id: str, events: List[Dict[str, Any]], now: dt.datetime, prices: Dict[str, Dict[str, float]],
               submitted: Optional[dt.datetime] = None, state: str = "") -> JobReport:
     evs = sorted((e for e in events if parse_time(e.get("time"))), key=lambda e: parse_time(e["time"]))
-    live = state not in ("", "UNKNOWN") and state not in _FINAL
+    live = state not in ("", UNKNOWN) and state not in FINAL_STATES
     steps: Dict[str, StepReport] = {}
     open_seg: Dict[str, Segment] = {}
     interruptions = requeues = 0
@@ -294,10 +295,6 @@ def build_job(job_id: str, events: List[Dict[str, Any]], now: dt.datetime, price
     return JobReport(job_id, [steps[k] for k in sorted(steps)], submitted if use_slurm else first,
                      "slurm" if use_slurm else "first-event", max(ends) if ends else None, interruptions, requeues,
                      state)
-
-
-_FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-                    "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"})
 
 
 def _close(seg: Segment, how: str, end: dt.datetime) -> None:

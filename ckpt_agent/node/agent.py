@@ -37,7 +37,9 @@ from ckpt_agent.node.config import AgentSettings
 from ckpt_agent.node.monitor import InterruptionMonitor
 from ckpt_agent.node.requeue import Requeuer
 from ckpt_agent.store.events import emit
-from ckpt_agent.store.generations import CheckpointStore, write_atomic
+from ckpt_agent.store.generations import CheckpointStore
+from ckpt_agent.util.safeio import write_atomic
+from ckpt_agent.util.units import iso_seconds as _iso
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +256,3 @@ def _seconds(n: float):
     from datetime import timedelta
 
     return timedelta(seconds=n)
-
-
-def _iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

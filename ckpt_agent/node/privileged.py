@@ -22,7 +22,8 @@ from ckpt_agent.checkpoint import launcher
 from ckpt_agent.checkpoint.engine import Engine, JobState
 from ckpt_agent.errors import PermissionDenied, UsageError
 from ckpt_agent.node.requeue import Requeuer
-from ckpt_agent.store.generations import check_name
+from ckpt_agent.store.layout import check_name
+from ckpt_agent.store.manifest import Manifest
 from ckpt_agent.util.units import check_seconds
 from ckpt_agent.util.usercreds import creds_of
 
@@ -56,7 +57,7 @@ class PrivilegedService:
             return self._checkpoint(req, job_id, step, pid, uid)
         if op == "requeue" and self.requeuer is not None:
             gen = self.engine.store.latest_generation(job_id, step)
-            node = str(self.engine.store.load_manifest(gen, require_signature=uid != 0).get("node", ""))
+            node = self.engine.store.load_manifest(gen, require_signature=uid != 0).node
             return {"ok": True, "generation": gen.number, **self.requeuer.requeue_to_checkpoint_family(job_id, node)}
         raise UsageError(f"unknown request {op!r}")
 
@@ -89,10 +90,10 @@ class PrivilegedService:
         pipes = self._pipes(fds)
         user = creds_of(pid)
 
-        def same_user(manifest: Dict[str, Any]) -> None:
-            if uid != 0 and int(manifest.get("uid", -1)) != uid:
+        def same_user(manifest: Manifest) -> None:
+            if uid != 0 and manifest.uid != uid:
                 raise PermissionDenied(
-                    f"checkpoint of job {job_id} belongs to uid {manifest.get('uid')}, not to uid {uid}")
+                    f"checkpoint of job {job_id} belongs to uid {manifest.uid}, not to uid {uid}")
 
         res = self.engine.restore(job_id, step, pipes, require_signature=True, creds=user,
                                   check_manifest=same_user, cgroup_pid=pid)

@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from ckpt_agent.adapters.slurm import JobNotFound
 from ckpt_agent.errors import CkptError, ConfigError, SlurmError
-from ckpt_agent.store.generations import write_atomic
+from ckpt_agent.util.safeio import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -39,6 +38,7 @@ import yaml
 from ckpt_agent import PACKAGE_DIR
 from ckpt_agent.errors import ConfigError
 from ckpt_agent.site.schema import REQUIRED_SLURM_SETTINGS, TRANSPARENT_SLURM_SETTINGS, cpu_family
+from ckpt_agent.util import safeio
 
 # Where things live on the nodes; the bootstrap script reads these from node.env, never hard-codes them twice.
 NODE_VENV = "/opt/ckpt-agent/venv"
@@ -328,20 +328,9 @@ def _monitoring_files(site: Dict[str, Any]) -> Dict[str, str]:
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and a rename."""
+    """Write `text` to `path` (creating its directory) through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    safeio.write_atomic(str(path), text.encode("utf-8"), mode)
 
 
 def write_tree(out_dir: str, files: Dict[str, str]) -> List[str]:

@@ -1,10 +1,11 @@
 """Content-addressed chunk storage inside one job directory of the checkpoint store.
 
 A chunk is up to CHUNK_BYTES of a file (a CRIU image or a captured file), named by the sha256 of its raw bytes and
-stored once per job under `chunks/<first two hex digits>/<sha256>` (raw) or `<sha256>.zst` (zstd-compressed, used
-only where compression saves space). A checkpoint writes only chunks the job has not stored before, which is what
-makes checkpoints incremental on every kernel (CRIU's own pre-dump needs soft-dirty tracking, which many kernels,
-this project's CI machine and all arm64 among them, lack).
+stored once per job under `chunks/<first two hex digits>/<sha256><codec suffix>` (store/layout.py: none for raw,
+`.zst` for zstd-compressed, used only where compression saves space). A checkpoint writes only chunks the job has
+not stored before, which is what makes checkpoints incremental on every kernel (CRIU's own pre-dump needs soft-dirty
+tracking, which many kernels, this project's CI machine and all arm64 among them, lack). `sweep_chunk_dir` removes
+what no kept manifest references, knowing every codec's suffix.
 
 Chunk files appear under their final name only once complete (written to a temporary name, then renamed), so a
 crash never leaves a truncated chunk that a later checkpoint would reuse. Durability comes from one syncfs() of the
@@ -49,7 +50,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import zstandard
 
 from ckpt_agent.errors import DamagedCheckpointError, StoreError
-from ckpt_agent.util.safeio import NotRegularFile, read_regular
+from ckpt_agent.store import layout
+from ckpt_agent.store.layout import CODEC_RAW, CODEC_ZSTD
+from ckpt_agent.util.safeio import NotRegularFile, open_dir_nofollow, read_regular, scandir_names
 from ckpt_agent.util.usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
@@ -74,8 +77,6 @@ SYNC_FILE_RANGE_WRITE = 2
 # zstd frames are never stored unless they save 10%; this slack only covers frame headers of tiny chunks
 ZSTD_SLACK_BYTES = 1024
 
-CODEC_RAW = "r"
-CODEC_ZSTD = "z"
 
 
 @dataclass(frozen=True)
@@ -266,8 +267,7 @@ class ChunkStore:
         self._checked.add(prefix)
 
     def path(self, ref: ChunkRef) -> str:
-        name = ref.digest + (".zst" if ref.codec == CODEC_ZSTD else "")
-        return os.path.join(self.root, ref.digest[:2], name)
+        return os.path.join(self.root, layout.chunk_relpath(ref.digest, ref.codec))
 
     @property
     def level(self) -> int:
@@ -558,11 +558,44 @@ def iter_chunk_files(root: str) -> Iterator[Tuple[str, str]]:
         for entry in os.scandir(prefix.path):
             if not entry.is_file(follow_symlinks=False):
                 continue
-            name = entry.name
-            if ".tmp-" in name:
-                yield "", entry.path
-                continue
-            yield name[:-4] if name.endswith(".zst") else name, entry.path
+            yield layout.digest_of_chunk_name(entry.name) or "", entry.path
+
+
+def sweep_chunk_dir(
+    chunks_fd: int, referenced: Set[str], unlink: Optional[Callable[[int, str, int], None]] = None
+) -> Tuple[int, int]:
+    """Remove every regular file below the chunk directory open at `chunks_fd` that is no chunk of a digest in
+    `referenced` (under any codec's suffix, layout.CODEC_SUFFIXES): unreferenced chunks, temporary files of
+    interrupted writes, anything else planted there. Returns (files removed, bytes freed).
+
+    Every directory is opened relative to its parent without following a symbolic link, so a prefix directory
+    replaced by a link to somewhere else is never entered. `unlink(dir_fd, name, size)` removes (or only counts,
+    for `ckpt gc --dry-run`) one file."""
+    if unlink is None:
+        def unlink(dir_fd: int, name: str, size: int) -> None:
+            os.unlink(name, dir_fd=dir_fd)
+    removed = freed = 0
+    for prefix in scandir_names(chunks_fd):
+        prefix_fd = open_dir_nofollow(prefix, chunks_fd) if len(prefix) == 2 else None
+        if prefix_fd is None:
+            continue
+        try:
+            for name in scandir_names(prefix_fd):
+                digest = layout.digest_of_chunk_name(name)
+                if digest and digest in referenced:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=prefix_fd, follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    unlink(prefix_fd, name, st.st_size)
+                except OSError:
+                    continue
+                removed += 1
+                freed += st.st_size
+        finally:
+            os.close(prefix_fd)
+    return removed, freed
 
 
 def _write_all(fd: int, data: bytes) -> None:

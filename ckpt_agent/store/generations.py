@@ -5,7 +5,7 @@ Layout (job directories are mode 0700):
     <store>/<job-id>/                 one job (array tasks: <array-job>_<task>)
         lock                          writers hold it shared, `ckpt gc` exclusive (flock)
         events.jsonl                  lifecycle events (run segments, checkpoints, restores, notices, requeues)
-        chunks/<xx>/<sha256>[.zst]    content-addressed data shared by all steps and generations of the job
+        chunks/<xx>/<sha256><suffix>  content-addressed data shared by all steps and generations of the job
         <step>/
             gen-000003/manifest.json  a committed checkpoint; a generation directory appears only when complete
             gen-000003/summary.json   a few facts of the generation for `ckpt list` (written before the manifest)
@@ -21,7 +21,8 @@ Reading is defensive, because a job's user owns (and can rearrange) the job's di
 without following a symbolic link, only when it is a regular file, and read only up to a bound (a manifest, a
 summary, a step result, events; chunks are bounded by the sizes their manifest records). A job, step or `chunks`
 directory that is a symbolic link is refused. Whenever the reader holds a key, a manifest without a valid signature
-is a damaged generation, as is one that does not have the manifest's shape (`check_manifest`).
+is a damaged generation, as is one that does not have the manifest's shape (store/manifest.py owns the manifest:
+its dataclasses, how it is written, signed, read and checked; store/layout.py owns the names in the tree above).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import stat
@@ -49,41 +49,25 @@ from ckpt_agent.errors import (
     NotFoundError,
     PermissionDenied,
     StoreError,
-    UsageError,
 )
+from ckpt_agent.store import layout
+from ckpt_agent.store import manifest as manifest_file
 from ckpt_agent.store.chunks import (
-    CHUNK_BYTES,
-    CODEC_RAW,
-    CODEC_ZSTD,
-    ChunkRef,
     ChunkStore,
+    sweep_chunk_dir,
 )
-from ckpt_agent.util.safeio import NotRegularFile, read_regular
+from ckpt_agent.store.layout import EVENTS, MANIFEST, RESULT, SUMMARY
+from ckpt_agent.store.manifest import Manifest, Summary
+from ckpt_agent.util.safeio import NotRegularFile, fsync_dir, open_dir_nofollow, read_regular, write_atomic
 from ckpt_agent.util.usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-SUMMARY = "summary.json"
-RESULT = "result.json"
-EVENTS = "events.jsonl"
-FORMAT_VERSION = 2  # 2: images may be slices of chunks with a page table (pagedelta.py); older agents refuse it
-READABLE_FORMATS = (1, FORMAT_VERSION)
-_GEN_RE = re.compile(r"^gen-(\d{6,})$")
-_PARTIAL_RE = re.compile(r"^gen-(\d{6,})\.partial-(\d+)$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
-_CODECS = (CODEC_RAW, CODEC_ZSTD)
-_IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
-# read bounds: a manifest lists ~85 bytes per MiB of image (1 MiB for 12 GiB), so 256 MiB covers 3 TiB of memory
-MAX_MANIFEST_BYTES = 256 << 20
+# read bounds (the manifest's: manifest.MAX_MANIFEST_BYTES)
 MAX_SUMMARY_BYTES = 64 << 10  # a handful of fields
 MAX_RESULT_BYTES = 64 << 10
 MAX_EVENTS_BYTES = 64 << 20  # ~300,000 events: far beyond any job's lifetime
 MAX_KEY_BYTES = 4096
-_SUMMARY_TYPES = {"generation": int, "created": str, "final": bool, "reason": str, "node": str, "bytes_in": int,
-                  "bytes_written": int}
-SUMMARY_KEYS = tuple(_SUMMARY_TYPES)
 
 
 def utcnow() -> dt.datetime:
@@ -96,37 +80,6 @@ def iso(t: dt.datetime) -> str:
 
 def parse_iso(s: str) -> dt.datetime:
     return dt.datetime.strptime(s.replace("Z", "+0000"), "%Y-%m-%dT%H:%M:%S.%f%z")
-
-
-def check_name(kind: str, value: str) -> str:
-    """Job ids and step names become directory names: refuse anything that could escape the store."""
-    if not isinstance(value, str) or not _SAFE_NAME.match(value) or value in (".", ".."):
-        shown = value if not isinstance(value, str) or len(value) <= 80 else value[:80] + "..."
-        raise UsageError(f"invalid {kind} {shown!r}: use up to 128 letters, digits, '_', '-', '.', '+' "
-                         "(not starting with '.', '-' or '+')")
-    return value
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    if durable:
-        fsync_dir(os.path.dirname(path) or ".")
 
 
 @dataclass
@@ -238,13 +191,13 @@ class CheckpointStore:
 
     # --- layout -----------------------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> str:
-        return os.path.join(self.root, check_name("job id", job_id))
+        return layout.job_dir(self.root, job_id)
 
     def step_dir(self, job_id: str, step: str) -> str:
-        return os.path.join(self.job_dir(job_id), check_name("step name", step))
+        return layout.step_dir(self.root, job_id, step)
 
     def chunk_dir(self, job_id: str) -> str:
-        return os.path.join(self.job_dir(job_id), "chunks")
+        return layout.chunk_dir(self.root, job_id)
 
     def _no_link(self, path: str) -> str:
         """`path` (a job, step or chunks directory) for reading: refused when it is a symbolic link or not a
@@ -306,7 +259,7 @@ class CheckpointStore:
     ) -> Iterator[bool]:
         """flock on <job>/lock. `dir_fd`: the job directory, already opened without following links (`ckpt gc`),
         so that a job directory swapped for a link never makes us create a lock file elsewhere."""
-        path = "lock" if dir_fd is not None else os.path.join(self.job_dir(job_id), "lock")
+        path = layout.LOCK if dir_fd is not None else os.path.join(self.job_dir(job_id), layout.LOCK)
         # read-only is enough for flock, and lets the job's user share a lock file the root agent created
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
         try:
@@ -334,11 +287,12 @@ class CheckpointStore:
             raise self._read_error(job_id, sd, e) from e
         gens = []
         for name in names:
-            m = _GEN_RE.match(name)
+            number = layout.generation_number(name)
             path = os.path.join(sd, name)
             # listed when its manifest exists at all: whatever stands there is then checked (and maybe damaged)
-            if m and not os.path.islink(path) and os.path.isdir(path) and os.path.lexists(os.path.join(path, MANIFEST)):
-                gens.append(Generation(job_id, step, int(m.group(1)), path))
+            if (number is not None and not os.path.islink(path) and os.path.isdir(path)
+                    and os.path.lexists(os.path.join(path, MANIFEST))):
+                gens.append(Generation(job_id, step, number, path))
         return sorted(gens, key=lambda g: g.number)
 
     def _read_error(self, job_id: str, path: str, e: OSError) -> CkptError:
@@ -352,7 +306,7 @@ class CheckpointStore:
     def partials(self, job_id: str, step: str) -> List[str]:
         sd = self.step_dir(job_id, step)
         try:
-            return [os.path.join(sd, n) for n in os.listdir(sd) if _PARTIAL_RE.match(n)]
+            return [os.path.join(sd, n) for n in os.listdir(sd) if layout.partial_number(n) is not None]
         except FileNotFoundError:
             return []
 
@@ -361,7 +315,7 @@ class CheckpointStore:
             entries = sorted(os.scandir(self.root), key=lambda e: e.name)
         except OSError as e:
             raise StoreError(f"cannot list checkpoint store {self.root}: {e.strerror}") from e
-        return [e.name for e in entries if e.is_dir(follow_symlinks=False) and _SAFE_NAME.match(e.name)]
+        return [e.name for e in entries if e.is_dir(follow_symlinks=False) and layout.is_job_name(e.name)]
 
     def steps(self, job_id: str) -> List[str]:
         """Step directories of a job (links and names that are not step names are left out); PermissionError when
@@ -373,18 +327,15 @@ class CheckpointStore:
             return []
         except OSError as e:
             raise self._read_error(job_id, jd, e) from e
-        return [e.name for e in entries
-                if e.is_dir(follow_symlinks=False) and e.name != "chunks" and _SAFE_NAME.match(e.name)]
+        return [e.name for e in entries if e.is_dir(follow_symlinks=False) and layout.is_step_name(e.name)]
 
     def begin(self, job_id: str, step: str) -> Tuple[int, str]:
         """Reserve the next generation number; return it and its partial directory."""
         gens = self.generations(job_id, step)
         number = (gens[-1].number if gens else 0) + 1
         for p in self.partials(job_id, step):
-            m = _PARTIAL_RE.match(os.path.basename(p))
-            if m:
-                number = max(number, int(m.group(1)) + 1)
-        partial = os.path.join(self.step_dir(job_id, step), f"gen-{number:06d}.partial-{os.getpid()}")
+            number = max(number, (layout.partial_number(os.path.basename(p)) or 0) + 1)
+        partial = os.path.join(self.step_dir(job_id, step), layout.partial_name(number, os.getpid()))
         try:
             os.mkdir(partial, 0o700)
         except OSError as e:
@@ -392,7 +343,7 @@ class CheckpointStore:
         return number, partial
 
     def commit(
-        self, partial: str, number: int, manifest: Dict[str, Any], owner: Optional[Tuple[int, int]] = None
+        self, partial: str, number: int, manifest: Manifest, owner: Optional[Tuple[int, int]] = None
     ) -> Generation:
         """Write the manifest last, durably, then make the generation visible by renaming it."""
         from ckpt_agent.store.chunks import syncfs
@@ -400,18 +351,15 @@ class CheckpointStore:
         step_dir = os.path.dirname(partial)
         job_dir = os.path.dirname(step_dir)
         syncfs(job_dir)  # chunks written without per-file fsync become durable here, before the manifest exists
-        body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-        signature = self.signer.sign(body)
-        envelope = {"manifest": manifest, "signature": signature} if signature else {"manifest": manifest}
-        data = json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
+        data = manifest_file.encode(manifest, self.signer)
         # the summary first: the manifest's write syncs the directory, so both are durable before the rename
-        write_atomic(os.path.join(partial, SUMMARY), json.dumps(summary_of(manifest)).encode(), durable=False)
+        write_atomic(os.path.join(partial, SUMMARY), json.dumps(manifest.summary().to_json()).encode(), durable=False)
         write_atomic(os.path.join(partial, MANIFEST), data)
         if owner:  # readable by the job's user (`ckpt list`, `ckpt verify`); the signature guards against edits
             os.chown(os.path.join(partial, SUMMARY), *owner)
             os.chown(os.path.join(partial, MANIFEST), *owner)
             os.chown(partial, *owner)
-        final = os.path.join(step_dir, f"gen-{number:06d}")
+        final = os.path.join(step_dir, layout.generation_name(number))
         os.rename(partial, final)
         fsync_dir(step_dir)
         return Generation(os.path.basename(job_dir), os.path.basename(step_dir), number, final)
@@ -419,41 +367,30 @@ class CheckpointStore:
     def abort(self, partial: str) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
-    def load_manifest(self, gen: Generation, require_signature: bool = False) -> Dict[str, Any]:
-        """The generation's manifest, checked: signed (whenever this store holds a key, and always when
-        `require_signature`), of the known format and shape. DamagedCheckpointError otherwise."""
+    def load_manifest(self, gen: Generation, require_signature: bool = False) -> Manifest:
+        """The generation's manifest, checked (manifest.decode): signed (whenever this store holds a key, and always
+        when `require_signature`), of a readable format and shape. DamagedCheckpointError otherwise."""
         where = gen.manifest_path
         try:
-            raw = read_regular(where, MAX_MANIFEST_BYTES)
-            envelope = json.loads(raw)
-            manifest = envelope["manifest"]
-            if not isinstance(manifest, dict):
-                raise TypeError("the manifest is not an object")
+            raw = read_regular(where, manifest_file.MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             raise DamagedCheckpointError(f"{where}: manifest is missing") from None
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
-            raise DamagedCheckpointError(f"{where}: manifest is unreadable ({e})") from e
         except NotRegularFile as e:
             raise DamagedCheckpointError(f"manifest: {e.strerror}") from None
         except OSError as e:
             raise StoreError(f"{where}: cannot read manifest: {e.strerror}") from e
-        body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-        self.signer.verify(body, envelope.get("signature"), where, require_signature)
-        if manifest.get("format") not in READABLE_FORMATS:
-            raise DamagedCheckpointError(f"{where}: unsupported manifest format {manifest.get('format')!r}")
-        check_manifest(manifest, where)
-        return manifest
+        return manifest_file.decode(raw, where, self.signer, require_signature)
 
-    def load_summary(self, gen: Generation) -> Dict[str, Any]:
-        """The generation's listing facts (SUMMARY_KEYS): from its summary file, else (older generations, or a
-        summary that is not well formed) from its manifest. Not an integrity check: `ckpt verify` is."""
+    def load_summary(self, gen: Generation) -> Summary:
+        """The generation's listing facts: from its summary file, else (older generations, or a summary that is not
+        well formed) from its manifest. Not an integrity check: `ckpt verify` is."""
         try:
-            data = json.loads(read_regular(os.path.join(gen.path, SUMMARY), MAX_SUMMARY_BYTES))
-            if isinstance(data, dict) and all(isinstance(data.get(k), t) for k, t in _SUMMARY_TYPES.items()):
-                return {k: data[k] for k in SUMMARY_KEYS}
-        except (OSError, ValueError):
+            summary = Summary.from_json(json.loads(read_regular(os.path.join(gen.path, SUMMARY), MAX_SUMMARY_BYTES)))
+            if summary is not None:
+                return summary
+        except (OSError, ValueError, RecursionError):
             pass
-        return summary_of(self.load_manifest(gen))
+        return self.load_manifest(gen).summary()
 
     def chunks_for(
         self,
@@ -474,12 +411,10 @@ class CheckpointStore:
                     manifest = self.load_manifest(gen)
                 except (DamagedCheckpointError, PermissionDenied):
                     continue
-                for ref in manifest_refs(manifest):
+                for ref in manifest.refs():
                     known[ref.digest] = ref.codec
-        return {d: c for d, c in known.items() if os.path.exists(self._chunk_path(job_id, d, c))}
-
-    def _chunk_path(self, job_id: str, digest: str, codec: str) -> str:
-        return ChunkStore(self.chunk_dir(job_id)).path(ChunkRef(digest, 0, codec))
+        chunk_dir = self.chunk_dir(job_id)
+        return {d: c for d, c in known.items() if os.path.exists(os.path.join(chunk_dir, layout.chunk_relpath(d, c)))}
 
     def prune(self, job_id: str, step: str, keep: int) -> List[int]:
         """Remove all but the newest `keep` committed generations of a step; return the removed numbers."""
@@ -506,7 +441,7 @@ class CheckpointStore:
                     if strict:
                         raise
                     continue
-                referenced.update(r.digest for r in manifest_refs(manifest))
+                referenced.update(r.digest for r in manifest.refs())
         return referenced
 
     def sweep_chunks(
@@ -518,8 +453,9 @@ class CheckpointStore:
         unlink: Optional[Callable[[int, str, int], None]] = None,
         job_fd: Optional[int] = None,
     ) -> Tuple[int, int]:
-        """Remove chunks no committed manifest references. Takes the job lock exclusively and skips (returns
-        (0, 0)) while any checkpoint of the job is being written. Returns (files removed, bytes freed).
+        """Remove chunks no committed manifest references (the chunk store's sweep_chunk_dir, which knows every
+        codec's suffix). Takes the job lock exclusively and skips (returns (0, 0)) while any checkpoint of the job
+        is being written. Returns (files removed, bytes freed).
 
         The walk opens every directory relative to its parent without following symbolic links, so a `chunks`
         directory or prefix directory replaced by a link to somewhere else is never entered.
@@ -533,46 +469,22 @@ class CheckpointStore:
                 return self.sweep_chunks(job_id, referenced=referenced, locked=True, unlink=unlink, job_fd=job_fd)
         if referenced is None:
             referenced = self.referenced_digests(job_id)
-        if unlink is None:
-            def unlink(dir_fd: int, name: str, size: int) -> None:
-                os.unlink(name, dir_fd=dir_fd)
         own_fd = job_fd is None
         if own_fd:
             job_fd = open_dir_nofollow(self.job_dir(job_id))
             if job_fd is None:
                 return 0, 0
-        removed = freed = 0
         try:
-            chunks_fd = open_dir_nofollow("chunks", job_fd)
+            chunks_fd = open_dir_nofollow(layout.CHUNKS_DIR, job_fd)
             if chunks_fd is None:
                 return 0, 0
             try:
-                for prefix in _scandir_fd(chunks_fd):
-                    prefix_fd = open_dir_nofollow(prefix, chunks_fd) if len(prefix) == 2 else None
-                    if prefix_fd is None:
-                        continue
-                    try:
-                        for name in _scandir_fd(prefix_fd):
-                            digest = "" if ".tmp-" in name else (name[:-4] if name.endswith(".zst") else name)
-                            if digest and digest in referenced:
-                                continue
-                            try:
-                                st = os.stat(name, dir_fd=prefix_fd, follow_symlinks=False)
-                                if not stat.S_ISREG(st.st_mode):
-                                    continue
-                                unlink(prefix_fd, name, st.st_size)
-                            except OSError:
-                                continue
-                            removed += 1
-                            freed += st.st_size
-                    finally:
-                        os.close(prefix_fd)
+                return sweep_chunk_dir(chunks_fd, referenced, unlink)
             finally:
                 os.close(chunks_fd)
         finally:
             if own_fd:
                 os.close(job_fd)
-        return removed, freed
 
     # --- results and events -----------------------------------------------------------------------------------
     def result(self, job_id: str, step: str) -> Optional[Dict[str, Any]]:
@@ -632,113 +544,3 @@ class CheckpointStore:
         if not gens:
             raise NotFoundError(f"no checkpoint of job {job_id} step {step} in {self.root}")
         return gens[-1]
-
-
-def summary_of(manifest: Dict[str, Any]) -> Dict[str, Any]:
-    stats = manifest.get("stats") if isinstance(manifest.get("stats"), dict) else {}
-
-    def num(v: Any) -> int:
-        return v if type(v) is int else 0
-
-    return {"generation": num(manifest.get("generation")), "created": str(manifest.get("created", "")),
-            "final": bool(manifest.get("final")), "reason": str(manifest.get("reason", "")),
-            "node": str(manifest.get("node", "")), "bytes_in": num(stats.get("bytes_in")),
-            "bytes_written": num(stats.get("bytes_written"))}
-
-
-def _check_refs(refs: Any, where: str) -> int:
-    """Chunk references as stored ([sha256 hex, raw size, codec]); returns their total size."""
-    if not isinstance(refs, list):
-        raise DamagedCheckpointError(f"{where}: malformed manifest: a chunk list is not a list")
-    total = 0
-    for r in refs:
-        if not (type(r) is list and len(r) == 3 and type(r[1]) is int and 0 < r[1] <= CHUNK_BYTES
-                and r[2] in _CODECS and type(r[0]) is str and _DIGEST_RE.match(r[0])):
-            raise DamagedCheckpointError(f"{where}: malformed manifest: bad chunk reference {str(r)[:100]}")
-        total += r[1]
-    return total
-
-
-def _check_slices(slices: Any, refs: List[list]) -> Optional[int]:
-    """Total length of an image's [chunk index, offset, length] slices, None when one leaves its chunk."""
-    if not isinstance(slices, list):
-        return None
-    total = 0
-    for s in slices:
-        if not (type(s) is list and len(s) == 3 and all(type(x) is int for x in s) and 0 <= s[0] < len(refs)
-                and s[1] >= 0 and s[2] > 0 and s[1] + s[2] <= refs[s[0]][1]):
-            return None
-        total += s[2]
-    return total
-
-
-def check_manifest(manifest: Dict[str, Any], where: str) -> None:
-    """The shape every reader relies on; anything else is a damaged generation (never a KeyError later).
-    Messages are built only on failure: a manifest of a large process lists ~12,000 chunks per 12 GiB."""
-    def bad(what: str) -> DamagedCheckpointError:
-        return DamagedCheckpointError(f"{where}: malformed manifest: {what}")
-
-    if not isinstance(manifest.get("created"), str):
-        raise bad("'created' is missing or not a string")
-    images, files = manifest.get("images"), manifest.get("files")
-    if not isinstance(images, list):
-        raise bad("'images' is missing or not a list")
-    if not isinstance(files, list):
-        raise bad("'files' is missing or not a list")
-    for img in images:
-        if not (isinstance(img, dict) and isinstance(img.get("name"), str) and _IMAGE_NAME_RE.match(img["name"])
-                and type(img.get("size")) is int):
-            raise bad(f"bad image entry {str(img)[:100]}")
-        total = _check_refs(img.get("chunks"), where)
-        if "slices" in img:
-            total = _check_slices(img["slices"], img["chunks"])
-            if total is None:
-                raise bad(f"image {img['name']}: bad slices")
-        if total != img["size"]:
-            raise bad(f"image {img['name']}: size and chunks disagree")
-        table = img.get("pagetable")
-        if table is not None and not (isinstance(table, dict) and type(table.get("pages")) is int
-                                      and _check_refs(table.get("chunks"), where) == 24 * table["pages"]):
-            raise bad(f"image {img['name']}: bad page table")
-    for f in files:
-        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and f.get("kind") in ("dir", "file", "symlink")
-                and all(type(f.get(k)) is int for k in ("mode", "uid", "gid", "mtime_ns"))):
-            raise bad(f"bad file entry {str(f)[:100]}")
-        path = f["path"]
-        if not (path.startswith("/") and os.path.normpath(path) == path and "\0" not in path):
-            raise bad(f"file path {path[:100]!r} is not absolute and normal")
-        if f["kind"] == "file" and not (type(f.get("size")) is int
-                                        and _check_refs(f.get("chunks"), where) == f["size"]):
-            raise bad(f"file {path[:100]}: size and chunks disagree")
-        if f["kind"] == "symlink" and not (isinstance(f.get("target"), str) and "\0" not in f["target"]):
-            raise bad(f"symlink {path[:100]}: bad target")
-    if "cwd" in manifest and not isinstance(manifest["cwd"], str):
-        raise bad("'cwd' is not a string")
-    if not isinstance(manifest.get("pipes", {}), dict):
-        raise bad("'pipes' is not a mapping")
-
-
-def manifest_refs(manifest: Dict[str, Any]) -> Iterator[ChunkRef]:
-    for item in manifest.get("images", []):
-        for r in item.get("chunks", []):
-            yield ChunkRef.from_json(r)
-        table = item.get("pagetable")  # what the next generation's page-granular delta compares with
-        for r in (table.get("chunks", []) if isinstance(table, dict) else []):
-            yield ChunkRef.from_json(r)
-    for item in manifest.get("files", []):
-        for r in item.get("chunks", []) or []:
-            yield ChunkRef.from_json(r)
-
-
-def open_dir_nofollow(name: str, dir_fd: Optional[int] = None) -> Optional[int]:
-    """A directory opened without following a symbolic link in its last component; None when `name` is missing,
-    not a directory or a link."""
-    try:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return None
-
-
-def _scandir_fd(dir_fd: int) -> List[str]:
-    with os.scandir(dir_fd) as it:
-        return sorted(e.name for e in it)

@@ -34,6 +34,7 @@ from ckpt_agent.store.chunks import (
     ChunkStore,
     WriteStats,
 )
+from ckpt_agent.store.manifest import ImageEntry, PageTable
 
 try:
     import xxhash
@@ -53,18 +54,6 @@ _ENTRY = struct.Struct("<Q16s")  # one page table entry: vaddr, hash
 MAX_DELTA_DEPTH = 8  # at most this many delta generations of an image between two full ones
 MAX_CHANGED_SHARE = 0.5  # more changed than this: write the image in full (address-window chunks dedupe as well)
 MAX_READ_AMPLIFICATION = 2.0  # restoring a delta image may read at most this many times its size
-
-
-def table_refs(entry: Dict[str, Any]) -> List[ChunkRef]:
-    table = entry.get("pagetable")
-    return [ChunkRef.from_json(r) for r in table["chunks"]] if isinstance(table, dict) else []
-
-
-def image_pieces(entry: Dict[str, Any]) -> List[Tuple[int, int, int]]:
-    """(chunk index, offset in chunk, length) of an image in file order: its slices, or its whole chunks."""
-    if "slices" in entry:
-        return [(int(i), int(o), int(n)) for i, o, n in entry["slices"]]
-    return [(i, 0, int(r[1])) for i, r in enumerate(entry["chunks"])]
 
 
 def hash_pages(buf, runs: Sequence[Tuple[int, int]]) -> Tuple[List[int], List[bytes]]:
@@ -99,19 +88,19 @@ def _store_bytes(chunks: ChunkStore, data: bytes, pool) -> Tuple[List[ChunkRef],
     return refs, total
 
 
-def store_table(chunks: ChunkStore, vaddrs: List[int], hashes: List[bytes], pool) -> Tuple[Dict[str, Any], WriteStats]:
+def store_table(chunks: ChunkStore, vaddrs: List[int], hashes: List[bytes], pool) -> Tuple[PageTable, WriteStats]:
     blob = b"".join(_ENTRY.pack(v, h) for v, h in zip(vaddrs, hashes))
     refs, st = _store_bytes(chunks, blob, pool)
-    return {"hash": PAGE_HASH, "pages": len(vaddrs), "chunks": [r.to_json() for r in refs]}, st
+    return PageTable(hash=PAGE_HASH, pages=len(vaddrs), chunks=refs), st
 
 
-def load_table(chunks: ChunkStore, entry: Dict[str, Any], where: str) -> Optional[Dict[int, Tuple[bytes, int]]]:
+def load_table(chunks: ChunkStore, entry: ImageEntry, where: str) -> Optional[Dict[int, Tuple[bytes, int]]]:
     """vaddr -> (hash, offset in the image) from a stored image's page table; None when it has none we can use."""
-    table = entry.get("pagetable")
-    if PAGE_HASH is None or not isinstance(table, dict) or table.get("hash") != PAGE_HASH:
+    table = entry.pagetable
+    if PAGE_HASH is None or table is None or table.hash != PAGE_HASH:
         return None
-    blob = b"".join(chunks.get(r, where) for r in table_refs(entry))
-    if len(blob) != _ENTRY.size * int(table.get("pages", -1)):
+    blob = b"".join(chunks.get(r, where) for r in table.chunks)
+    if len(blob) != _ENTRY.size * table.pages:
         raise DamagedCheckpointError(f"{where}: page table does not match its page count")
     return {v: (h, i * PAGE) for i, (v, h) in enumerate(_ENTRY.iter_unpack(blob))}
 
@@ -121,15 +110,15 @@ def store_delta(
     pool: concurrent.futures.Executor,
     path: str,
     runs: Sequence[Tuple[int, int]],
-    previous: Dict[str, Any],
+    previous: ImageEntry,
     where: str,
     verify: Optional[Callable[[str], bool]] = None,
-) -> Tuple[Optional[Dict[str, Any]], WriteStats]:
+) -> Tuple[Optional[ImageEntry], WriteStats]:
     """Store pages image `path` as changed pages plus slices of the chunks of `previous` (its manifest entry in the
-    previous generation). The entry is None when the compaction rule (or an unusable previous entry) asks for a full
-    image; the stats then count only the reused chunks verified."""
+    previous generation), under the previous entry's name. The entry is None when the compaction rule (or an
+    unusable previous entry) asks for a full image; the stats then count only the reused chunks verified."""
     none = WriteStats()
-    depth = int(previous.get("delta_depth", 0)) + 1
+    depth = (previous.delta_depth or 0) + 1
     if depth > MAX_DELTA_DEPTH:
         return None, none
     size = os.path.getsize(path)
@@ -141,10 +130,10 @@ def store_delta(
         return None, none
     if prev_table is None:
         return None, none
-    prev_refs = [ChunkRef.from_json(r) for r in previous["chunks"]]
+    prev_refs = previous.chunks
     prev_starts, prev_pieces = [], []
     pos = 0
-    for piece in image_pieces(previous):
+    for piece in previous.pieces():
         prev_starts.append(pos)
         prev_pieces.append(piece)
         pos += piece[2]
@@ -214,5 +203,5 @@ def store_delta(
             last[2] += PAGE
         else:
             slices.append([i, off, PAGE])
-    entry = {"chunks": [r.to_json() for r in refs], "slices": slices, "pagetable": table, "delta_depth": depth}
-    return entry, stats
+    return ImageEntry(name=previous.name, size=size, chunks=refs, slices=slices, pagetable=table,
+                      delta_depth=depth), stats

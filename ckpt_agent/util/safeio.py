@@ -1,13 +1,13 @@
-"""Reading files that somebody else may have put in place: the store (a job's user owns its directory) and
-configuration files. Only a regular file is read, never waited on (a FIFO) and never beyond a bound (a device such
-as /dev/zero, or a file larger than its kind can be)."""
+"""Reading files that somebody else may have put in place (and writing files whole, `write_atomic`): the store
+(a job's user owns its directory) and configuration files. Only a regular file is read, never waited on (a FIFO)
+and never beyond a bound (a device such as /dev/zero, or a file larger than its kind can be)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
-from typing import Optional
+from typing import List, Optional
 
 
 class NotRegularFile(OSError):
@@ -45,3 +45,59 @@ def read_regular(path: str, max_bytes: int, dir_fd: Optional[int] = None, follow
         return data
     finally:
         os.close(fd)
+
+
+def open_dir_nofollow(name: str, dir_fd: Optional[int] = None) -> Optional[int]:
+    """A directory opened without following a symbolic link in its last component; None when `name` is missing,
+    not a directory or a link."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def scandir_names(dir_fd: int) -> List[str]:
+    """The names in the directory open at `dir_fd`, sorted."""
+    with os.scandir(dir_fd) as it:
+        return sorted(e.name for e in it)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = True, dir_fd: Optional[int] = None) -> None:
+    """`data` appears at `path` (relative to `dir_fd` when given) complete or not at all: written to a temporary
+    name beside it (never through a link planted there), given `mode` exactly, then renamed over it. `durable`: the
+    file and the rename are on disk when this returns."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        try:
+            os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if dir_fd is None:
+            os.rename(tmp, path)
+        else:
+            os.rename(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    if durable:
+        if dir_fd is not None:
+            os.fsync(dir_fd)
+        else:
+            fsync_dir(os.path.dirname(path) or ".")

@@ -1,9 +1,11 @@
-"""How sizes are shown to people: one format for every command; the bounds every duration given to us obeys."""
+"""How sizes and moments are shown to people: one format for every command; the bounds every duration given to us
+obeys."""
 
 from __future__ import annotations
 
+import datetime as dt
 import math
-from typing import Any
+from typing import Any, Union
 
 # the longest wait or interval we take: a year (nan, inf or 1e300 would overflow timers and kill threads)
 MAX_SECONDS = 365 * 24 * 3600.0
@@ -27,3 +29,10 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def iso_seconds(t: Union[dt.datetime, float]) -> str:
+    """A moment (an aware datetime, or epoch seconds) as the events and reports write it: "2026-12-03T06:46:47Z"."""
+    if not isinstance(t, dt.datetime):
+        t = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

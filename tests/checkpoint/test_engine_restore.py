@@ -14,6 +14,7 @@ from ckpt_agent.errors import CriuError, IncompatibleCpuError
 from ckpt_agent.node.config import CheckpointSettings
 from ckpt_agent.store.chunks import ChunkStore
 from ckpt_agent.store.generations import CheckpointStore
+from ckpt_agent.store.manifest import parse
 
 JOB, STEP = "4242", "main"
 
@@ -44,8 +45,8 @@ def staged(tmp_path, monkeypatch):
         ref, _ = chunks.put(data)
         images.append({"name": name, "size": ref.size, "chunks": [ref.to_json()]})
     number, partial = store.begin(JOB, STEP)
-    store.commit(partial, number, {"format": 1, "generation": number, "created": "2026-12-03T00:00:00.000000Z",
-                                   "cwd": "/nonexistent", "images": images, "files": []})
+    store.commit(partial, number, parse({"format": 1, "generation": number, "created": "2026-12-03T00:00:00.000000Z",
+                                         "cwd": "/nonexistent", "images": images, "files": []}, "test"))
     return store, (shm, disk)
 
 

@@ -12,9 +12,9 @@ import time
 import pytest
 
 from ckpt_agent import cli
+from ckpt_agent.adapters.slurm import LIVE_STATES
 from ckpt_agent.errors import EXIT_SLURM, SlurmError
 from ckpt_agent.headnode.gc import (
-    LIVE_STATES,
     DryRunActuator,
     GarbageCollector,
     GcLock,
@@ -24,7 +24,8 @@ from ckpt_agent.headnode.gc import (
     StepView,
     decide,
 )
-from ckpt_agent.store.generations import FORMAT_VERSION, CheckpointStore
+from ckpt_agent.store.generations import CheckpointStore
+from ckpt_agent.store.manifest import FORMAT_VERSION, parse
 from ckpt_agent.util import proc
 
 HOUR = 3600
@@ -68,7 +69,7 @@ def add_gen(store, job, step, payload, seconds_old):
     number, partial = store.begin(job, step)
     m = {"format": FORMAT_VERSION, "created": "2026-11-29T00:00:00.000000Z", "files": [],
          "images": [{"name": "pages-1.img", "size": ref.size, "chunks": [ref.to_json()]}]}
-    gen = store.commit(partial, number, m)
+    gen = store.commit(partial, number, parse(m, "test"))
     age(gen.path, seconds_old)
     return gen
 

@@ -17,6 +17,7 @@ from ckpt_agent.checkpoint import launcher
 from ckpt_agent.checkpoint.engine import CheckpointResult, RestoreResult
 from ckpt_agent.errors import EXIT_PERMISSION, EXIT_USAGE, CkptError, PermissionDenied, UsageError
 from ckpt_agent.node.privileged import PrivilegedService
+from ckpt_agent.store.manifest import FORMAT_VERSION, Manifest
 from ckpt_agent.util.usercreds import Creds
 
 NOBODY = pwd.getpwnam("nobody")
@@ -86,7 +87,7 @@ def test_unknown_requests_and_wrong_pipe_counts_are_usage_errors():
 @pytest.mark.parametrize("manifest_uid, ok", [(NOBODY.pw_uid, True), (0, False), (12345, False), (None, False)])
 def test_restore_requires_a_signed_checkpoint_of_the_requester(manifest_uid, ok):
     svc, engine = service()
-    engine.manifest = {} if manifest_uid is None else {"uid": manifest_uid}
+    engine.manifest = Manifest(format=FORMAT_VERSION, created="", images=[], files=[], uid=manifest_uid)
     req = {"op": "restore", "job_id": "42", "step": "main"}
     r, w = os.pipe()
     try:

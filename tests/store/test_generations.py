@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+from ckpt_helpers import store_with_job
 
 from ckpt_agent.errors import (
     EXIT_DAMAGED,
@@ -18,18 +19,16 @@ from ckpt_agent.errors import (
     UsageError,
 )
 from ckpt_agent.store import chunks as chunkstore
-from ckpt_agent.store.generations import FORMAT_VERSION, MANIFEST, CheckpointStore, Signer, check_name
+from ckpt_agent.store.generations import CheckpointStore, Signer
+from ckpt_agent.store.layout import MANIFEST, check_name
+from ckpt_agent.store.manifest import FORMAT_VERSION, parse
 
 JOB, STEP = "4242", "main"
 
 
 @pytest.fixture
 def store(tmp_path):
-    root = tmp_path / "store"
-    root.mkdir()
-    s = CheckpointStore(str(root))
-    s.ensure_job(JOB, STEP)
-    return s
+    return store_with_job(tmp_path, JOB, STEP)
 
 
 def manifest_with(refs=(), **extra):
@@ -37,7 +36,7 @@ def manifest_with(refs=(), **extra):
          "images": [{"name": "pages-1.img", "size": sum(r.size for r in refs), "chunks": [r.to_json() for r in refs]}],
          "files": []}
     m.update(extra)
-    return m
+    return parse(m, "test")
 
 
 def commit_one(store, refs=(), **extra):
@@ -50,7 +49,7 @@ def test_partial_generation_is_never_listed(store):
     assert number == 1
     assert os.path.basename(partial).startswith("gen-000001.partial-")
     with open(os.path.join(partial, MANIFEST), "w") as fh:  # even a partial with a manifest inside
-        json.dump({"manifest": manifest_with()}, fh)
+        json.dump({"manifest": manifest_with().to_json()}, fh)
     assert store.generations(JOB, STEP) == []
     with pytest.raises(NotFoundError):
         store.latest_generation(JOB, STEP)
@@ -68,7 +67,7 @@ def test_commit_makes_the_generation_visible_with_its_manifest(store):
     assert os.path.basename(gen.path) == "gen-000001"
     assert store.partials(JOB, STEP) == []
     assert [g.number for g in store.generations(JOB, STEP)] == [1]
-    assert store.load_manifest(gen)["reason"] == "periodic"
+    assert store.load_manifest(gen).reason == "periodic"
 
 
 def test_commit_syncs_chunks_before_writing_the_manifest_and_fsyncs_it_before_the_rename(store, monkeypatch):
@@ -206,7 +205,7 @@ def test_signed_manifest_verifies(signed):
     gen = commit_one(signed)
     with open(gen.manifest_path) as fh:
         assert len(json.load(fh)["signature"]) == 64
-    assert signed.load_manifest(gen, require_signature=True)["format"] == FORMAT_VERSION
+    assert signed.load_manifest(gen, require_signature=True).format == FORMAT_VERSION
 
 
 def test_manifest_edited_after_signing_is_a_damaged_generation(signed):
@@ -230,7 +229,7 @@ def test_unsigned_manifest_is_damaged_whenever_a_key_exists(store):
     for required in (True, False):  # a key exists: every manifest must be signed
         with pytest.raises(DamagedCheckpointError, match="not signed"):
             keyed.load_manifest(gen, require_signature=required)
-    assert store.load_manifest(gen)["format"] == FORMAT_VERSION  # no key (a user's `ckpt list`): cannot check
+    assert store.load_manifest(gen).format == FORMAT_VERSION  # no key (a user's `ckpt list`): cannot check
     with pytest.raises(PermissionDenied, match="no signing key"):
         store.load_manifest(gen, require_signature=True)
 

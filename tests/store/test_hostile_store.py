@@ -19,7 +19,9 @@ from ckpt_agent.checkpoint.engine import Engine
 from ckpt_agent.errors import DamagedCheckpointError
 from ckpt_agent.node.config import CheckpointSettings
 from ckpt_agent.store.chunks import ChunkStore
-from ckpt_agent.store.generations import SUMMARY, CheckpointStore, Signer
+from ckpt_agent.store.generations import CheckpointStore, Signer
+from ckpt_agent.store.layout import SUMMARY
+from ckpt_agent.store.manifest import parse
 
 JOB, STEP = "5150", "main"
 TIMEOUT = 60  # a safety net: a hang would otherwise stall the suite
@@ -49,7 +51,7 @@ def commit(store, data=b"some image bytes " * 1000, **extra):
                 "cwd": "/nonexistent", "images": [{"name": "pages-1.img", "size": ref.size,
                                                    "chunks": [ref.to_json()]}], "files": []}
     manifest.update(extra)
-    return store.commit(partial, number, manifest), chunks.path(ref)
+    return store.commit(partial, number, parse(manifest, "test")), chunks.path(ref)
 
 
 def verify(env):

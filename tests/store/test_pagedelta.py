@@ -4,14 +4,16 @@ shape readers check. (A real CRIU job: test_runner.py::test_random_page_changes_
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import random
 
 import pytest
 
 from ckpt_agent.errors import DamagedCheckpointError
 from ckpt_agent.store import pagedelta
-from ckpt_agent.store.chunks import ChunkRef, ChunkStore, restore_file, store_file
-from ckpt_agent.store.generations import FORMAT_VERSION, CheckpointStore, check_manifest, manifest_refs
+from ckpt_agent.store.chunks import ChunkStore, restore_file, store_file
+from ckpt_agent.store.generations import CheckpointStore
+from ckpt_agent.store.manifest import FORMAT_VERSION, ImageEntry, Manifest, check
 
 PAGE = pagedelta.PAGE
 NPAGES = 2048  # 8 MiB
@@ -32,7 +34,7 @@ def write_pages(path, data):
 def full_entry(chunks, pool, path):
     refs, _, size = store_file(chunks, path, pool)
     table, _ = pagedelta.store_table(chunks, *pagedelta.hash_file(path, RUNS), pool)
-    return {"name": "pages-1.img", "size": size, "chunks": [r.to_json() for r in refs], "pagetable": table}
+    return ImageEntry(name="pages-1.img", size=size, chunks=refs, pagetable=table)
 
 
 def changed(data, share, seed):
@@ -44,25 +46,23 @@ def changed(data, share, seed):
 
 
 def restored(chunks, entry, dest, pool):
-    restore_file(chunks, [ChunkRef.from_json(c) for c in entry["chunks"]], str(dest), pool,
-                 slices=entry.get("slices"))
+    restore_file(chunks, entry.chunks, str(dest), pool, slices=entry.slices)
     return dest.read_bytes()
 
 
 def test_a_chain_of_deltas_stores_changed_pages_and_restores_exactly(tmp_path, pool):
     chunks = ChunkStore(str(tmp_path / "chunks"), compression="none")
     data = bytearray(random.Random(1).randbytes(NPAGES * PAGE))
-    entry = {**full_entry(chunks, pool, write_pages(tmp_path / "p0", data))}
+    entry = full_entry(chunks, pool, write_pages(tmp_path / "p0", data))
     for gen in range(1, 4):
         data = changed(data, 0.05, gen)
         path = write_pages(tmp_path / f"p{gen}", data)
         entry, stats = pagedelta.store_delta(chunks, pool, path, RUNS, entry, "image pages-1.img")
-        assert entry is not None
-        entry = {"name": "pages-1.img", "size": len(data), **entry}
-        assert entry["delta_depth"] == gen
+        assert entry is not None and (entry.name, entry.size) == ("pages-1.img", len(data))
+        assert entry.delta_depth == gen
         # the changed pages plus the page table (24 bytes a page), nothing of the unchanged 95%
         assert stats.bytes_written <= 0.05 * len(data) + 24 * NPAGES + PAGE, stats
-        check_manifest({"created": "x", "images": [entry], "files": []}, "test")
+        check({"created": "x", "images": [entry.to_json()], "files": []}, "test")
         assert restored(chunks, entry, tmp_path / f"r{gen}", pool) == bytes(data)
 
 
@@ -73,9 +73,9 @@ def test_compaction_rule_writes_a_full_image(tmp_path, pool):
     many = write_pages(tmp_path / "p1", changed(data, 0.6, 2))
     assert pagedelta.store_delta(chunks, pool, many, RUNS, entry, "x")[0] is None  # most pages changed
     few = write_pages(tmp_path / "p2", changed(data, 0.01, 3))
-    deep = {**entry, "delta_depth": pagedelta.MAX_DELTA_DEPTH}
+    deep = dataclasses.replace(entry, delta_depth=pagedelta.MAX_DELTA_DEPTH)
     assert pagedelta.store_delta(chunks, pool, few, RUNS, deep, "x")[0] is None  # chain long enough
-    other_hash = {**entry, "pagetable": {**entry["pagetable"], "hash": "something-else"}}
+    other_hash = dataclasses.replace(entry, pagetable=dataclasses.replace(entry.pagetable, hash="something-else"))
     assert pagedelta.store_delta(chunks, pool, few, RUNS, other_hash, "x")[0] is None
     assert pagedelta.store_delta(chunks, pool, few, RUNS, entry, "x")[0] is not None
 
@@ -86,12 +86,12 @@ def test_a_rotten_base_chunk_is_not_referenced_when_verified_and_damages_a_delta
     entry = full_entry(chunks, pool, write_pages(tmp_path / "p0", data))
     path = write_pages(tmp_path / "p1", changed(data, 0.05, 2))
     delta, _ = pagedelta.store_delta(chunks, pool, path, RUNS, entry, "x")
-    victim = ChunkRef.from_json(entry["chunks"][3])
+    victim = entry.chunks[3]
     rotten = chunks.path(victim)
     with open(rotten, "r+b") as fh:
         fh.write(b"garbage")
     with pytest.raises(DamagedCheckpointError, match="fails its checksum"):
-        restored(chunks, {"size": len(data), **delta}, tmp_path / "r", pool)
+        restored(chunks, delta, tmp_path / "r", pool)
     # a checkpoint that verifies reused chunks writes the image in full instead of slicing a rotten chunk
     assert pagedelta.store_delta(chunks, pool, path, RUNS, entry, "x", verify=lambda _d: True)[0] is None
 
@@ -100,13 +100,13 @@ def test_page_table_chunks_are_referenced_and_bad_slices_are_a_damaged_manifest(
     chunks = ChunkStore(str(tmp_path / "chunks"), compression="none")
     data = bytearray(random.Random(1).randbytes(NPAGES * PAGE))
     entry = full_entry(chunks, pool, write_pages(tmp_path / "p0", data))
-    manifest = {"created": "x", "images": [entry], "files": []}
-    check_manifest(manifest, "t")
-    assert {r.digest for r in pagedelta.table_refs(entry)} <= {r.digest for r in manifest_refs(manifest)}
+    manifest = Manifest(format=FORMAT_VERSION, created="x", images=[entry], files=[])
+    check(manifest.to_json(), "t")
+    assert entry.pagetable.chunks and {r.digest for r in entry.pagetable.chunks} <= {r.digest for r in manifest.refs()}
     for slices in ([[0, 0, PAGE * 300]], [[99, 0, PAGE]], [[0, -1, PAGE]], "no"):
-        bad = {**entry, "slices": slices}
+        bad = {**entry.to_json(), "slices": slices}
         with pytest.raises(DamagedCheckpointError, match="bad slices|disagree"):
-            check_manifest({"created": "x", "images": [bad], "files": []}, "t")
+            check({"created": "x", "images": [bad], "files": []}, "t")
 
 
 def test_pruning_the_full_generation_keeps_the_chunks_a_kept_delta_slices(tmp_path, pool):
@@ -121,17 +121,16 @@ def test_pruning_the_full_generation_keeps_the_chunks_a_kept_delta_slices(tmp_pa
         if not images:
             entry = full_entry(chunks, pool, path)
         else:
-            delta, _ = pagedelta.store_delta(chunks, pool, path, RUNS, images[-1], "x")
-            entry = {"name": "pages-1.img", "size": len(data), **delta}
+            entry, _ = pagedelta.store_delta(chunks, pool, path, RUNS, images[-1], "x")
         images.append(entry)
         number, partial = store.begin("7", "main")
-        store.commit(partial, number, {"format": FORMAT_VERSION, "created": f"2026-12-01T00:00:0{gen}.000000Z",
-                                       "images": [entry], "files": []})
+        store.commit(partial, number, Manifest(format=FORMAT_VERSION, created=f"2026-12-01T00:00:0{gen}.000000Z",
+                                               images=[entry], files=[]))
         data = changed(data, 0.05, gen + 5)
     assert store.prune("7", "main", 1) == [1]
     store.sweep_chunks("7")
-    kept = store.load_manifest(store.latest_generation("7", "main"))["images"][0]
-    assert "slices" in kept and any(c in images[0]["chunks"] for c in kept["chunks"])
+    kept = store.load_manifest(store.latest_generation("7", "main")).images[0]
+    assert kept.slices is not None and any(c in images[0].chunks for c in kept.chunks)
     rebuilt = restored(store.chunks_for("7"), kept, tmp_path / "r", pool)
     assert rebuilt == (tmp_path / "p1").read_bytes()
 

@@ -154,6 +154,7 @@ def test_privilege_boundary_for_ordinary_users(cluster, agents, slurm_user, slur
 
     # restores: only a checkpoint the agent signed, for this user
     from ckpt_agent.store.generations import CheckpointStore, Signer
+    from ckpt_agent.store.manifest import parse
 
     signed = CheckpointStore(cluster.store, Signer(Path(agents.key).read_bytes().strip()))
     step_dir = jobdir / "main"
@@ -164,7 +165,7 @@ def test_privilege_boundary_for_ordinary_users(cluster, agents, slurm_user, slur
         number, partial = signed.begin(job, "main")
         manifest = {"format": 1, "job_id": job, "step": "main", "generation": number, "created": "now",
                     "uid": manifest_uid, "gid": manifest_uid, "images": [], "files": [], "pipes": {}}
-        gen = (signed if sign else CheckpointStore(cluster.store)).commit(partial, number, manifest)
+        gen = (signed if sign else CheckpointStore(cluster.store)).commit(partial, number, parse(manifest, "test"))
         if tamper:
             path = Path(gen.manifest_path)
             path.write_text(path.read_text().replace(*tamper))

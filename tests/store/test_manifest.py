@@ -1,0 +1,197 @@
+"""ckpt_agent.store.manifest: the manifest's dataclasses, written and read byte for byte as format 2 (a manifest an
+earlier agent signed still verifies and is written again identically), round trips, and one located line for every
+malformed, edited or unknown manifest."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+
+from ckpt_agent.errors import EXIT_DAMAGED, DamagedCheckpointError, PermissionDenied
+from ckpt_agent.store import pagedelta
+from ckpt_agent.store.chunks import ChunkRef
+from ckpt_agent.store.generations import Signer
+from ckpt_agent.store.manifest import (
+    FORMAT_VERSION,
+    PAGE_TABLE_ENTRY_BYTES,
+    FileEntry,
+    ImageEntry,
+    Manifest,
+    PageTable,
+    Stats,
+    Summary,
+    canonical_json,
+    decode,
+    encode,
+    parse,
+)
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "data", "store")
+# manifest-format2.json and summary.json were written by the agent before the manifest became dataclasses
+# (CheckpointStore.commit of a dict), signed with this key
+GOLDEN_KEY = b"test-key-for-the-golden-manifest"
+WHERE = "/store/4242/main/gen-000003/manifest.json"
+
+
+def golden() -> bytes:
+    with open(os.path.join(DATA, "manifest-format2.json"), "rb") as fh:
+        return fh.read()
+
+
+def golden_body() -> dict:
+    return json.loads(golden())["manifest"]
+
+
+def ref(ch: str, size: int, codec: str = "r") -> ChunkRef:
+    return ChunkRef(ch * 64, size, codec)
+
+
+def test_a_manifest_an_earlier_agent_signed_verifies_and_is_written_again_byte_for_byte():
+    signer = Signer(GOLDEN_KEY)
+    m = decode(golden(), WHERE, signer, require_signature=True)
+    assert encode(m, signer) == golden()
+    with open(os.path.join(DATA, "summary.json"), "rb") as fh:
+        assert json.dumps(m.summary().to_json()).encode() == fh.read()
+
+
+def test_readers_get_attributes():
+    m = decode(golden(), WHERE, Signer(GOLDEN_KEY))
+    assert (m.format, m.job_id, m.step, m.generation, m.final, m.reason) == (2, "4242", "main", 3, False, "periodic")
+    assert (m.cwd, m.uid, m.gid, m.argv) == ("/home/alice/run", 1001, 1001, ["spice", "-b", "deck.sp"])
+    assert m.pipes == {"stdout": 1234, "stderr": 1235, "status": 1236}
+    core, full, delta = m.images
+    assert core.chunks == [ref("a", 300)] and core.slices is None and core.pagetable is None
+    assert full.pagetable == PageTable(hash="xxh3_128", pages=2, chunks=[ref("d", 48)])
+    assert delta.slices == [[0, 0, 4096], [1, 0, 4096]] and delta.delta_depth == 1
+    assert delta.pieces() == delta.slices and full.pieces() == [[0, 0, 4096], [1, 0, 4096]]
+    d, f, s = m.files
+    assert (d.kind, f.kind, s.kind) == ("dir", "file", "symlink")
+    assert f.chunks == [ref("0", 10)] and f.size == 10 and s.target == "out.log" and d.chunks is None
+    assert m.stats.bytes_in == 16694 and m.stats.seconds["frozen_seconds"] == 0.412
+    assert m.image_bytes() == 300 + 8192 + 8192
+    digests = {r.digest[0] for r in m.refs()}
+    assert digests == set("abcdef0"), "images, page tables and files all keep their chunks"
+
+
+def test_a_manifest_built_from_dataclasses_round_trips():
+    m = Manifest(
+        format=FORMAT_VERSION, created="2026-12-03T06:00:00.000001Z", job_id="7_2", step="main", generation=1,
+        final=True, reason="spot interruption", machine={"arch": "aarch64"}, node="n1", instance={}, cwd="/w",
+        argv=["a"], uid=0, gid=0, pipes={"stdout": 1},
+        images=[ImageEntry(name="pages-1.img", size=5, chunks=[ref("1", 5, "z")],
+                           pagetable=PageTable(hash=None, pages=1, chunks=[ref("2", 24)]))],
+        files=[FileEntry(path="/w/x", kind="file", mode=0o100644, uid=0, gid=0, mtime_ns=1, size=3,
+                         chunks=[ref("3", 3)])],
+        stats=Stats(bytes_in=8, chunks_new=2, seconds={"dump_seconds": 0.5}),
+    )
+    for signer in (Signer(None), Signer(b"k")):
+        assert decode(encode(m, signer), WHERE, signer) == m
+    assert parse(m.to_json(), WHERE).to_json() == m.to_json()
+
+
+def test_keys_this_version_does_not_know_are_kept():
+    body = golden_body()
+    body["added_later"] = {"x": 1}
+    body["images"][0]["hint"] = "later"
+    body["images"][1]["pagetable"]["algo"] = 2
+    body["stats"]["new_counter"] = 5
+    m = parse(copy.deepcopy(body), WHERE)
+    assert m.extra == {"added_later": {"x": 1}} and m.images[0].extra == {"hint": "later"}
+    assert canonical_json(m.to_json()) == canonical_json(body)
+
+
+def test_a_summary_that_is_not_well_formed_is_none():
+    good = Summary(3, "t", False, "periodic", "n", 1, 2)
+    assert Summary.from_json(good.to_json()) == good
+    for bad in ({**good.to_json(), "generation": "3"}, {"generation": 3}, [], None):
+        assert Summary.from_json(bad) is None
+
+
+def test_the_page_table_entry_size_is_pagedeltas():
+    assert pagedelta._ENTRY.size == PAGE_TABLE_ENTRY_BYTES
+
+
+# --- malformed, edited and unknown manifests -------------------------------------------------------------------
+def edited(change) -> bytes:
+    envelope = json.loads(golden())
+    change(envelope["manifest"])
+    return canonical_json(envelope)
+
+
+def test_an_edited_manifest_no_longer_matches_its_signature():
+    data = edited(lambda m: m.update(uid=0))
+    with pytest.raises(DamagedCheckpointError, match="signature does not match") as e:
+        decode(data, WHERE, Signer(GOLDEN_KEY))
+    assert str(e.value).startswith(WHERE) and e.value.exit_code == EXIT_DAMAGED
+    with pytest.raises(DamagedCheckpointError, match="signature does not match"):
+        decode(golden(), WHERE, Signer(b"another key"))
+
+
+def test_an_unsigned_manifest_is_refused_where_a_key_exists_and_unverifiable_without_one():
+    unsigned = canonical_json({"manifest": golden_body()})
+    with pytest.raises(DamagedCheckpointError, match="not signed"):
+        decode(unsigned, WHERE, Signer(GOLDEN_KEY))
+    assert decode(unsigned, WHERE, Signer(None)).job_id == "4242"
+    with pytest.raises(PermissionDenied):
+        decode(unsigned, WHERE, Signer(None), require_signature=True)
+
+
+@pytest.mark.parametrize("fmt", [3, 0, "2", None, True, 2.0], ids=repr)
+def test_an_unknown_format_is_named(fmt):
+    data = edited(lambda m: m.update(format=fmt))
+    with pytest.raises(DamagedCheckpointError, match=f"unsupported manifest format {fmt!r}"):
+        decode(data, WHERE, Signer(None))
+
+
+def test_format_1_is_still_read():
+    assert decode(edited(lambda m: m.update(format=1)), WHERE, Signer(None)).format == 1
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1]", b'{"other": {}}', b'{"manifest": []}', b"[" * 100000],
+                         ids=["empty", "text", "list", "no-manifest", "manifest-not-object", "deep"])
+def test_an_unreadable_file_is_damaged(raw):
+    with pytest.raises(DamagedCheckpointError, match="manifest is unreadable") as e:
+        decode(raw, WHERE, Signer(None))
+    assert str(e.value).startswith(WHERE) and "\n" not in str(e.value)
+
+
+def drop(key):
+    return lambda m: m.pop(key)
+
+
+MALFORMED = {
+    "no-created": (drop("created"), "'created' is missing"),
+    "images-not-list": (lambda m: m.update(images={}), "'images' is missing or not a list"),
+    "no-files": (drop("files"), "'files' is missing or not a list"),
+    "image-name-escapes": (lambda m: m["images"][0].update(name="../x"), "bad image entry"),
+    "image-size-lies": (lambda m: m["images"][0].update(size=301), "image core-1.img: size and chunks disagree"),
+    "chunk-unknown-codec": (lambda m: m["images"][0].update(chunks=[["a" * 64, 300, "q"]]), "bad chunk reference"),
+    "chunk-not-a-digest": (lambda m: m["images"][0].update(chunks=[["../../etc", 300, "r"]]), "bad chunk reference"),
+    "slice-leaves-chunk": (lambda m: m["images"][2].update(slices=[[0, 1, 4096], [1, 0, 4096]]),
+                           "image pages-2.img: bad slices"),
+    "page-table-count": (lambda m: m["images"][1]["pagetable"].update(pages=3), "image pages-1.img: bad page table"),
+    "delta-depth": (lambda m: m["images"][2].update(delta_depth="1"), "'delta_depth' is not a whole number"),
+    "file-kind": (lambda m: m["files"][0].update(kind="fifo"), "bad file entry"),
+    "file-relative": (lambda m: m["files"][0].update(path="home/x"), "is not absolute and normal"),
+    "file-size-lies": (lambda m: m["files"][1].update(size=11), "size and chunks disagree"),
+    "symlink-target": (lambda m: m["files"][2].update(target=7), "symlink /home/alice/run/latest: bad target"),
+    "cwd": (lambda m: m.update(cwd=["/"]), "'cwd' is not a string"),
+    "uid": (lambda m: m.update(uid="0"), "'uid' is not a whole number"),
+    "uid-bool": (lambda m: m.update(uid=True), "'uid' is not a whole number"),
+    "final": (lambda m: m.update(final="yes"), "'final' is not true or false"),
+    "pipes": (lambda m: m.update(pipes=[]), "'pipes' is not a mapping"),
+    "pipe-inode": (lambda m: m.update(pipes={"stdout": "1234"}), "'pipes' does not map names to inode numbers"),
+    "stats": (lambda m: m.update(stats=[]), "'stats' is not a mapping"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_a_malformed_manifest_is_damaged_with_one_line_naming_file_and_part(name):
+    change, what = MALFORMED[name]
+    with pytest.raises(DamagedCheckpointError) as e:
+        decode(edited(change), WHERE, Signer(None))
+    msg = str(e.value)
+    assert msg.startswith(f"{WHERE}: malformed manifest: ") and what in msg and "\n" not in msg, msg
