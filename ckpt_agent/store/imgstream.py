@@ -164,15 +164,17 @@ def _listen(images_dir: str, name: str) -> socket.socket:
 
 
 def _stop_listening(server, name: str) -> None:
-    """Close a server's listening socket; when CRIU never connected, wake its accept() with a connection of our
-    own (closing a socket does not interrupt a thread blocked in accept on it), which then reads EOF and ends."""
+    """End a server's accept loop once CRIU has exited. When CRIU never connected, the accept() is woken by a
+    connection of our own (queued behind any real one, which is served first), which reads EOF at once; the
+    listening socket is closed only after that, so a connection already queued is never lost."""
     server._closing = True
-    if server._main.is_alive() and server._conn is None:
+    if server._conn is None:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.connect(os.path.join(server.images_dir, name))
         except OSError:
             pass
+    server._main.join()
     server._sock.close()
 
 
