@@ -267,6 +267,8 @@ class StreamDump:
 
     def abort(self) -> None:
         self.server.abort()
+        for e in self.server.errors[:1]:  # CRIU then only says "Broken pipe": name the cause
+            log.warning("image stream failed: %s", e)
         for sink in list(self.sinks.values()):  # let queued chunk writes end before the partial is removed
             for f in sink.futures:
                 f.exception()
