@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/checkpoint_bench.py
 	$(PY) bench/notice_bench.py
 	$(PY) bench/verify_bench.py
+	$(PY) bench/memory_bench.py
 
 upload: setup
 	@test -n "$(SITE)" || { echo "usage: make upload SITE=cluster-configs/site.yaml" >&2; exit 2; }
