@@ -98,6 +98,37 @@ class FileSink:
         return {"name": self.name, "size": self.size, "chunks": [r.to_json() for r in refs]}
 
 
+HASH_BYTES = 16  # xxh3-128
+
+
+class _Vaddrs:
+    """The pages' virtual addresses from the pagemap's runs, generated, not held (8+ bytes a page otherwise)."""
+
+    def __init__(self, runs):
+        self.runs = runs
+
+    def __len__(self) -> int:
+        return sum(n for _, n in self.runs)
+
+    def __iter__(self):
+        for v, n in self.runs:
+            for k in range(n):
+                yield v + k * pagedelta.PAGE
+
+
+class _Hashes:
+    def __init__(self, packed: bytearray):
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return len(self.packed) // HASH_BYTES
+
+    def __iter__(self):
+        view = memoryview(self.packed)
+        for i in range(0, len(view), HASH_BYTES):
+            yield bytes(view[i:i + HASH_BYTES])
+
+
 class PagesSink:
     """A pages-N.img: hashed page by page; pages found in `reuse` become slices of old chunks, the rest new chunks."""
 
@@ -108,7 +139,7 @@ class PagesSink:
         self.buf = bytearray()
         self.new = bytearray()
         self.futures: List[concurrent.futures.Future] = []
-        self.hashes: List[bytes] = []
+        self.hashes = bytearray()  # 16 bytes a page, packed: a list of bytes objects would cost 57
         # [key, offset, length]; key: ("o", ChunkRef) for an old chunk, ("n", k) for the k-th new chunk
         self.slices: List[list] = []
         self.size = 0
@@ -145,7 +176,7 @@ class PagesSink:
         for off in range(0, whole, page):
             pg = view[off:off + page]
             h = pagedelta.page_hash(pg)
-            self.hashes.append(h)
+            self.hashes += h
             old = self.reuse.get(h)
             if old is not None:
                 self._slice(("o", old[0]), old[1], page)
@@ -155,7 +186,7 @@ class PagesSink:
 
     def close(self) -> None:
         if self.buf:  # never for a CRIU pages image (whole pages only); kept as data all the same
-            self.hashes = []  # no page table for a file that is not whole pages
+            self.hashes = bytearray()  # no page table for a file that is not whole pages
             self._new_piece(bytes(self.buf))
             self.buf = bytearray()
         self._flush_new()
@@ -181,9 +212,9 @@ class PagesSink:
             too_costly = old_bytes + new_bytes > pagedelta.MAX_READ_AMPLIFICATION * self.size
             # the next generation stores this image anew when reading it back costs too much
             entry["delta_depth"] = pagedelta.MAX_DELTA_DEPTH if too_costly else depth
-        if runs is not None and self.hashes and sum(n for _, n in runs) == len(self.hashes):
-            vaddrs = [v + k * pagedelta.PAGE for v, n in runs for k in range(n)]
-            entry["pagetable"] = (vaddrs, self.hashes)  # stored by StreamDump.finish
+        npages = len(self.hashes) // HASH_BYTES
+        if runs is not None and npages and sum(n for _, n in runs) == npages:
+            entry["pagetable"] = (_Vaddrs(runs), _Hashes(self.hashes))  # stored by StreamDump.finish
         return entry
 
 
