@@ -75,10 +75,18 @@ def _checkpointers(job_pid: int) -> Dict[int, int]:
     return out
 
 
-def _staged_bytes() -> int:
+def _staged_bytes(job: str) -> int:
+    """Bytes under this job's staging directories (dump.<pid>.<job>.<step>.*): other checkpoints on a shared
+    machine are not ours."""
     total = 0
+    dirs = []
     for base in STAGING_BASES:
-        for root, _dirs, files in os.walk(base):
+        try:
+            dirs += [os.path.join(base, n) for n in os.listdir(base) if f".{job}." in n]
+        except OSError:
+            continue
+    for top in dirs:
+        for root, _dirs, files in os.walk(top):
             for f in files:
                 try:
                     total += os.lstat(os.path.join(root, f)).st_blocks * 512
@@ -88,17 +96,16 @@ def _staged_bytes() -> int:
 
 
 class Sampler(threading.Thread):
-    def __init__(self, job_pid: int, baseline: Dict[int, int]):
+    def __init__(self, job_pid: int, baseline: Dict[int, int], job: str):
         super().__init__(daemon=True)
-        self.job_pid, self.baseline = job_pid, baseline
-        self.staged_before = _staged_bytes()  # other checkpoints' staging on this machine is not ours
+        self.job_pid, self.baseline, self.job = job_pid, baseline, job
         self.stop = threading.Event()
         self.peak = self.peak_rss = self.peak_staged = 0
 
     def run(self) -> None:
         while not self.stop.is_set():
             rss = sum(max(0, v - self.baseline.get(p, 0)) for p, v in _checkpointers(self.job_pid).items())
-            staged = max(0, _staged_bytes() - self.staged_before)
+            staged = _staged_bytes(self.job)
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_staged = max(self.peak_staged, staged)
             self.peak = max(self.peak, rss + staged)
@@ -141,7 +148,7 @@ def run(base: Path, mib: int, stream: str, dd_runs: int) -> Dict[str, float]:
         job_pid = _job_pid(work)
         job_rss = _status(job_pid).get("RssAnon", 0)
         sync()
-        sampler = Sampler(job_pid, _checkpointers(job_pid))
+        sampler = Sampler(job_pid, _checkpointers(job_pid), job)
         sampler.start()
         log(f"{mib} MiB job (RSS {job_rss / MIB:.0f} MiB): final checkpoint, stream={stream}")
         t = time.monotonic()
