@@ -2,7 +2,8 @@
 
 Checkpoint, numbered plan:
   1. reserve the next generation (a partial directory) under the job's shared lock;
-  2. `criu dump --leave-stopped` into a staging directory: the tree is frozen from here on;
+  2. `criu dump --leave-stopped`, streamed into the store as it is dumped (streamdump.py; step 5 is then done
+     here), else into a staging directory: the tree is frozen from here on;
   3. capture the working directory, extra paths and every file open for writing (incremental);
   4. periodic: let the tool run again (SIGCONT) — it was frozen only for steps 2 and 3;
   5. chunk the images into the store (only new chunks are written, compressed where it pays);
