@@ -25,6 +25,7 @@ images directory (for `criu cpuinfo check`).
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import logging
 import os
 import threading
@@ -38,7 +39,18 @@ from ckpt_agent.store.chunks import CHUNK_BYTES, ChunkRef, ChunkStore, WriteStat
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT_CHUNKS = 8  # chunks handed to the pool and not yet stored, per checkpoint: bounds RAM to ~8 MiB
-STREAM_MODES = ("auto", "on", "off")  # checkpoint.stream: auto = stream when CRIU supports it, else stage
+M_MMAP_THRESHOLD = -3  # mallopt(3): buffers above this size are mmap'ed, and unmapped at once when freed
+# glibc raises its mmap threshold whenever an mmap'ed buffer is freed (up to 32 MiB), after which the 1 MiB chunk
+# buffers come from per-thread heaps that keep freed memory: pinning the threshold keeps the checkpointer's RSS at
+# the buffers in flight
+MMAP_THRESHOLD_BYTES = 256 << 10
+
+
+def _pin_mmap_threshold() -> None:
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc: only the RSS bound is looser
+        pass
 
 
 class _Putter:
@@ -275,6 +287,7 @@ class StreamDump:
     def __init__(self, chunks: ChunkStore, pool, images_dir: str, previous: Optional[Dict[str, Any]] = None):
         self.chunks = chunks
         self.pool = pool
+        _pin_mmap_threshold()
         self.reuse, self.depth, self._verify_stats = reuse_map(chunks, pool, previous)
         self.putter = _Putter(chunks, pool)
         self.sinks: Dict[str, Any] = {}
