@@ -59,8 +59,10 @@ def _status(pid: int) -> Dict[str, int]:
     return out
 
 
-def _checkpointers(job_pid: int) -> Dict[int, int]:
-    """pid -> RssAnon of the processes doing the checkpoint: `ckpt` commands and CRIU, never the job itself."""
+def _checkpointers(job_pid: int, store: str) -> Dict[int, int]:
+    """pid -> RssAnon of the processes doing the checkpoint: `ckpt` commands and CRIU working for this bench's store
+    (CKPT_STORE in their environment: other `ckpt` processes on a shared machine are not ours), never the job."""
+    mark = f"CKPT_STORE={store}".encode()
     out = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == job_pid:
@@ -71,6 +73,12 @@ def _checkpointers(job_pid: int) -> Dict[int, int]:
         except OSError:
             continue
         if any(b"ckpt_agent" in c for c in cmd[:4]) or (cmd and os.path.basename(cmd[0]) == b"criu"):
+            try:
+                with open(f"/proc/{name}/environ", "rb") as fh:
+                    if mark not in fh.read().split(b"\0"):
+                        continue
+            except OSError:
+                continue
             out[int(name)] = _status(int(name)).get("RssAnon", 0)
     return out
 
@@ -96,15 +104,15 @@ def _staged_bytes(job: str) -> int:
 
 
 class Sampler(threading.Thread):
-    def __init__(self, job_pid: int, baseline: Dict[int, int], job: str):
+    def __init__(self, job_pid: int, baseline: Dict[int, int], job: str, store: str):
         super().__init__(daemon=True)
-        self.job_pid, self.baseline, self.job = job_pid, baseline, job
+        self.job_pid, self.baseline, self.job, self.store = job_pid, baseline, job, store
         self.stop = threading.Event()
         self.peak = self.peak_rss = self.peak_staged = 0
 
     def run(self) -> None:
         while not self.stop.is_set():
-            rss = sum(max(0, v - self.baseline.get(p, 0)) for p, v in _checkpointers(self.job_pid).items())
+            rss = sum(max(0, v - self.baseline.get(p, 0)) for p, v in _checkpointers(self.job_pid, self.store).items())
             staged = _staged_bytes(self.job)
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_staged = max(self.peak_staged, staged)
@@ -148,7 +156,7 @@ def run(base: Path, mib: int, stream: str, dd_runs: int) -> Dict[str, float]:
         job_pid = _job_pid(work)
         job_rss = _status(job_pid).get("RssAnon", 0)
         sync()
-        sampler = Sampler(job_pid, _checkpointers(job_pid), job)
+        sampler = Sampler(job_pid, _checkpointers(job_pid, str(store)), job, str(store))
         sampler.start()
         log(f"{mib} MiB job (RSS {job_rss / MIB:.0f} MiB): final checkpoint, stream={stream}")
         t = time.monotonic()
