@@ -38,6 +38,7 @@ bench: setup
 	$(PY) bench/notice_bench.py
 	$(PY) bench/verify_bench.py
 	$(PY) bench/big_job_bench.py --gib $(BIG_JOB_GIB)
+	$(PY) bench/memory_bench.py
 
 upload: setup
 	@test -n "$(SITE)" || { echo "usage: make upload SITE=cluster-configs/site.yaml" >&2; exit 2; }

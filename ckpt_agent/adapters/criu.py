@@ -89,6 +89,19 @@ class Criu:
         except CommandError:
             return False
 
+    def can_stream(self) -> bool:
+        """Whether this CRIU was built with the image streamer (`--stream`; every 4.x build has it, but a build
+        without it would fail every dump)."""
+        return "--stream" in self._help_text()
+
+    def _help_text(self) -> str:
+        if getattr(self, "_help", None) is None:
+            try:
+                self._help = self.run([self.binary, "--help"], timeout=20).stdout
+            except CommandError:
+                self._help = ""
+        return self._help
+
     def dump(
         self,
         pid: int,
@@ -99,8 +112,10 @@ class Criu:
         ghost_limit: str = "1G",
         timeout: Optional[float] = None,
         keep_fds: Sequence[int] = (),
+        stream: bool = False,
     ) -> None:
-        """keep_fds: descriptors CRIU inherits and holds until it exits (the dump guard's pipe, see engine.py)."""
+        """keep_fds: descriptors CRIU inherits and holds until it exits (the dump guard's pipe, see engine.py).
+        stream: images go to the streamer listening in images_dir (checkpoint/streamdump.py), not into files."""
         argv = [
             self.binary, "dump", "-t", str(pid), "-D", images_dir, "-o", "dump.log", "-v2",
             "--manage-cgroups=ignore", "--ext-unix-sk", "--file-locks", "--ghost-limit", ghost_limit,
@@ -110,6 +125,8 @@ class Criu:
             argv.append("--leave-stopped")
         if tcp_close:
             argv.append("--tcp-close")
+        if stream:
+            argv.append("--stream")
         self._run_logged(argv, images_dir, "dump.log", timeout, pass_fds=keep_fds)
 
     def restore(
@@ -122,6 +139,7 @@ class Criu:
         timeout: Optional[float] = None,
         sibling: bool = True,
         cgroup_pid: Optional[int] = None,
+        stream: bool = False,
     ) -> int:
         """Restore detached; return the restored root's host pid.
 
@@ -136,6 +154,8 @@ class Criu:
         ]
         if sibling:
             argv.append("-S")
+        if stream:
+            argv.append("--stream")
         if tcp_close:
             argv.append("--tcp-close")
         fds: List[int] = []
@@ -255,23 +275,35 @@ def _read_pagemap(buf: bytes):
 def pages_runs(images_dir: str, pages_name: str) -> Optional[List[Tuple[int, int]]]:
     """[(vaddr, nr_pages)] of the pages stored in pages-N.img, in file order; None when no pagemap describes it
     (any parse problem: callers then only lose deduplication or page-granular incrementals, never correctness)."""
-    m = re.match(r"pages-(\d+)\.img$", pages_name)
-    if not m:
-        return None
+    blobs = []
     try:
         for name in os.listdir(images_dir):
             if name.startswith("pagemap-") and name.endswith(".img"):
                 with open(os.path.join(images_dir, name), "rb") as fh:
-                    pages_id, found = _read_pagemap(fh.read())
-                if pages_id == int(m.group(1)):
-                    runs = []
-                    for vaddr, nr_pages, flags, in_parent in found:
-                        present = (bool(flags & _PE_PRESENT) and not flags & _PE_PARENT if flags is not None
-                                   else not in_parent)
-                        if present and nr_pages:
-                            runs.append((vaddr, nr_pages))
-                    return runs
-    except (OSError, ValueError, IndexError, struct.error):
+                    blobs.append(fh.read())
+    except OSError:
+        log.debug("no usable pagemap for %s", pages_name)
+        return None
+    return pages_runs_from(blobs, pages_name)
+
+
+def pages_runs_from(pagemaps: Sequence[bytes], pages_name: str) -> Optional[List[Tuple[int, int]]]:
+    """pages_runs() from the pagemap images' contents (a streamed dump has them in memory, not on disk)."""
+    m = re.match(r"pages-(\d+)\.img$", pages_name)
+    if not m:
+        return None
+    try:
+        for blob in pagemaps:
+            pages_id, found = _read_pagemap(blob)
+            if pages_id == int(m.group(1)):
+                runs = []
+                for vaddr, nr_pages, flags, in_parent in found:
+                    present = (bool(flags & _PE_PRESENT) and not flags & _PE_PARENT if flags is not None
+                               else not in_parent)
+                    if present and nr_pages:
+                        runs.append((vaddr, nr_pages))
+                return runs
+    except (ValueError, IndexError, struct.error):
         log.debug("no usable pagemap for %s", pages_name)
     return None
 

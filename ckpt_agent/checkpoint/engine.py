@@ -2,7 +2,8 @@
 
 Checkpoint, numbered plan:
   1. reserve the next generation (a partial directory) under the job's shared lock;
-  2. `criu dump --leave-stopped` into a staging directory: the tree is frozen from here on;
+  2. `criu dump --leave-stopped`, streamed into the store as it is dumped (streamdump.py; step 5 is then done
+     here), else into a staging directory: the tree is frozen from here on;
   3. capture the working directory, extra paths and every file open for writing (incremental);
   4. periodic: let the tool run again (SIGCONT) — it was frozen only for steps 2 and 3;
   5. chunk the images into the store (only new chunks are written, compressed where it pays);
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ckpt_agent.adapters.criu import Criu, pages_cut_points, pages_runs
-from ckpt_agent.checkpoint import capture
+from ckpt_agent.checkpoint import capture, streamdump
 from ckpt_agent.errors import (
     CkptError,
     DamagedCheckpointError,
@@ -271,10 +272,18 @@ class Engine:
             try:
                 guard = DumpGuard(job.init_pid, stage)
                 t_step = time.monotonic()
-                self.criu.dump(
-                    job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
-                    ghost_limit=self.settings.ghost_limit, timeout=timeout, keep_fds=(guard.fd,),
-                )
+                streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous)
+                try:  # streamed: the images enter the store while CRIU dumps (no staging copy)
+                    self.criu.dump(
+                        job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
+                        ghost_limit=self.settings.ghost_limit, timeout=timeout, keep_fds=(guard.fd,),
+                        stream=streamed is not None,
+                    )
+                except BaseException:
+                    if streamed is not None:
+                        streamed.abort()
+                    raise
+                stored = streamed.finish() if streamed is not None else None
                 timings["dump_seconds"] = time.monotonic() - t_step
                 t_step = time.monotonic()
                 stopped = capture.ns_pids(job.init_pid)
@@ -292,7 +301,7 @@ class Engine:
                     resumed = True
                     guard.tell(DumpGuard.RESUMED)
                 t_step = time.monotonic()
-                images, istats = self._store_images(chunks, pool, stage, previous)
+                images, istats = stored or self._store_images(chunks, pool, stage, previous)
                 timings["store_images_seconds"] = time.monotonic() - t_step
                 stats = WriteStats()
                 stats.add(fstats)
@@ -427,12 +436,16 @@ class Engine:
         chunks = self.store.chunks_for(gen.job_id)
         stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base(manifest))
         try:
+            streamed = streamdump.wanted(self.settings, self.criu)  # served from the store, else rebuilt here
             with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-                for img in manifest.images:
+                for img in [] if streamed else manifest.images:
                     name = os.path.basename(img.name)
                     restore_file(chunks, img.chunks, os.path.join(stage, name), pool, where=f"image {name}",
                                  slices=img.slices)
-                self.criu.cpuinfo_check(stage)
+                if streamed:
+                    streamdump.check_cpu(self.criu, chunks, manifest.images, stage)
+                else:
+                    self.criu.cpuinfo_check(stage)
                 # only below the job's working directory and extra paths; a signed checkpoint (whenever the store
                 # holds a key, every one) may also put back files the tool had open elsewhere
                 roots = [p for p in [manifest.cwd] + list(self.settings.extra_paths) if p]
@@ -442,10 +455,12 @@ class Engine:
             for key, ino in manifest.pipes.items():
                 if key in pipe_fds:
                     inherit[pipe_fds[key]] = f"pipe:[{ino}]"
-            pid = self.criu.restore(
-                stage, pidfile=os.path.join(stage, "restored.pid"), inherit_fds=inherit,
-                tcp_close=self.settings.tcp_close, sibling=creds is None, cgroup_pid=cgroup_pid,
-            )
+            args = dict(pidfile=os.path.join(stage, "restored.pid"), inherit_fds=inherit,
+                        tcp_close=self.settings.tcp_close, sibling=creds is None, cgroup_pid=cgroup_pid)
+            if streamed:
+                pid = streamdump.restore_streamed(self.criu, chunks, manifest.images, stage, **args)
+            else:
+                pid = self.criu.restore(stage, **args)
         finally:
             # also after a failed restore or a CPU refusal: the images are in the store and may fill RAM in
             # /dev/shm; CRIU's log is kept elsewhere, named in the error (adapters/criu.py)

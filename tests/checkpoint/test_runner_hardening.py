@@ -54,6 +54,15 @@ def staging_dirs(pid: int):
     return [p for base in STAGING_BASES if base.is_dir() for p in base.glob(f"dump.{pid}.*")]
 
 
+def dump_under_way(pid: int, init_pid: int) -> bool:
+    """CRIU is dumping for wrapper `pid`: staged pages images appear, or (streamed, checkpoint.stream: auto, where no
+    image reaches the disk) CRIU runs while the streamer socket is open in the staging directory."""
+    dirs = staging_dirs(pid)
+    if any(any(d.glob("pages-*.img")) for d in dirs):
+        return True
+    return any((d / "streamer-capture.sock").exists() for d in dirs) and bool(criu_dumping(init_pid))
+
+
 # --- defect 1: one live wrapper per job step ------------------------------------------------------------------------
 def test_second_wrapper_for_a_running_step_is_refused_and_touches_nothing(ck, tmp_path):
     env, store, runtime = ck
@@ -248,8 +257,8 @@ def test_wrapper_killed_during_a_checkpoint_leaves_no_frozen_tool_and_no_debris(
         init_pid = json.loads((runtime / "jobs" / "305.main.json").read_text())["init_pid"]
         checkpoint = subprocess.Popen(ckpt_cmd("checkpoint", "--job-id", "305", *(["--final"] if final else [])),
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # the dump has started: CRIU is writing images into the wrapper's staging directory
-        wait_for(lambda: any(any(d.glob("pages-*.img")) for d in staging_dirs(proc.pid)), 60, "the dump to start")
+        # the dump has started: CRIU is writing images into the wrapper's staging directory (or its streamer)
+        wait_for(lambda: dump_under_way(proc.pid, init_pid), 60, "the dump to start")
         os.kill(proc.pid, signal.SIGKILL)  # only the wrapper: the tool and CRIU live on
         proc.wait(timeout=10)
         checkpoint.wait(timeout=60)
@@ -332,7 +341,7 @@ def test_criu_killed_during_the_dump_leaves_the_tool_running(ck, tmp_path):
         checkpoint = subprocess.Popen(ckpt_cmd("checkpoint", "--job-id", "307"), env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
         criu = wait_for(lambda: criu_dumping(init_pid), 60, "criu dump to start")
-        wait_for(lambda: any(any(d.glob("pages-*.img")) for d in staging_dirs(proc.pid)), 60, "pages being dumped")
+        wait_for(lambda: dump_under_way(proc.pid, init_pid), 60, "pages being dumped")
         os.kill(criu, signal.SIGKILL)
         _, err = checkpoint.communicate(timeout=60)
         assert checkpoint.returncode == 69, err

@@ -1,0 +1,380 @@
+"""CRIU's image streamer protocol (`criu dump|restore --stream`), spoken by us instead of criu-image-streamer.
+
+The protocol (criu/img-streamer.c and images/img-streamer.proto of CRIU 4.2):
+  - dump: CRIU connects to `<images dir>/streamer-capture.sock`. For every image file it opens it sends a request
+    (u32 little-endian length + protobuf `img_streamer_request_entry{1: filename}`), then the read end of a fresh
+    pipe as SCM_RIGHTS on a one-byte message, and writes the image into the pipe's other end. Several pipes are
+    open at once (pagemap-N.img and pages-N.img are written side by side and closed at the end), so every pipe is
+    drained by its own thread: a pipe left unread would block CRIU. CRIU closes the socket when no more files come.
+  - restore: CRIU connects to `streamer-serve.sock` and sends the same request; we reply
+    (u32 length + `img_streamer_reply_entry{1: exists}`), and when the file exists CRIU sends the write end of a
+    pipe, from which it reads the image once, front to back.
+Images CRIU opens with O_FORCE_LOCAL (its stats files) never come through the socket; they stay in the images dir.
+
+Bounded memory: a pipe is read READ_BYTES at a time and handed to the sink at once; the sinks (streamdump.py) keep
+at most a few chunks in flight. An error in a sink closes that pipe, so CRIU fails with EPIPE instead of waiting.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import struct
+import threading
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
+
+log = logging.getLogger(__name__)
+
+CAPTURE_SOCKET = "streamer-capture.sock"
+SERVE_SOCKET = "streamer-serve.sock"
+READ_BYTES = 1 << 20  # one read from a pipe: a chunk's worth, the unit the sinks work in
+MAX_MESSAGE_BYTES = 1 << 16  # a request holds a file name; anything longer is not CRIU speaking
+_U32 = struct.Struct("<I")
+_FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+
+
+class StreamError(Exception):
+    """The peer broke the protocol, or a sink failed."""
+
+
+# --- protobuf, the two tiny messages only ------------------------------------------------------------------------
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int) -> Tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise StreamError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def encode_request(filename: str) -> bytes:
+    name = filename.encode()
+    msg = b"\x0a" + _varint(len(name)) + name
+    return _U32.pack(len(msg)) + msg
+
+
+def decode_request(msg: bytes) -> str:
+    pos = 0
+    name = None
+    while pos < len(msg):
+        key, pos = _read_varint(msg, pos)
+        wire = key & 7
+        if wire == 2:
+            n, pos = _read_varint(msg, pos)
+            if pos + n > len(msg):
+                raise StreamError("truncated request")
+            if key >> 3 == 1:
+                name = msg[pos:pos + n].decode("utf-8", "strict")
+            pos += n
+        elif wire == 0:
+            _, pos = _read_varint(msg, pos)
+        else:
+            raise StreamError(f"unexpected wire type {wire} in a request")
+    if not name or "/" in name or name in (".", ".."):
+        raise StreamError(f"bad image file name in a request: {name!r}")
+    return name
+
+
+def encode_reply(exists: bool) -> bytes:
+    msg = b"\x08" + (b"\x01" if exists else b"\x00")
+    return _U32.pack(len(msg)) + msg
+
+
+def decode_reply(msg: bytes) -> bool:
+    if len(msg) >= 2 and msg[0] == 0x08:
+        return bool(_read_varint(msg, 1)[0])
+    raise StreamError("bad reply")
+
+
+# --- socket I/O -----------------------------------------------------------------------------------------------
+class _Conn:
+    """One accepted connection; every read is a recvmsg that also collects passed descriptors (a descriptor rides
+    on a one-byte message, which a plain recv would swallow together with the descriptor)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.fds: List[int] = []
+
+    def recv_exact(self, n: int, eof_ok: bool = False) -> Optional[bytes]:
+        buf = bytearray()
+        while len(buf) < n:
+            data, anc, _flags, _addr = self.sock.recvmsg(n - len(buf), _FD_SPACE)
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                    self.fds.extend(fds)
+            if not data:
+                if eof_ok and not buf:
+                    return None
+                raise StreamError("CRIU closed the streamer socket mid-message")
+            buf += data
+        return bytes(buf)
+
+    def recv_message(self) -> Optional[bytes]:
+        head = self.recv_exact(4, eof_ok=True)
+        if head is None:
+            return None
+        (size,) = _U32.unpack(head)
+        if size > MAX_MESSAGE_BYTES:
+            raise StreamError(f"streamer message of {size} bytes")
+        return self.recv_exact(size)
+
+    def recv_fd(self) -> int:
+        while not self.fds:
+            self.recv_exact(1)  # the dummy byte the descriptor rides on
+        return self.fds.pop(0)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.sock.close()
+
+
+def _listen(images_dir: str, name: str) -> socket.socket:
+    path = os.path.join(images_dir, name)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _stop_listening(server, name: str) -> None:
+    """End a server's accept loop once CRIU has exited. When CRIU never connected, the accept() is woken by a
+    connection of our own (queued behind any real one, which is served first), which reads EOF at once; the
+    listening socket is closed only after that, so a connection already queued is never lost."""
+    server._closing = True
+    if server._conn is None:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(os.path.join(server.images_dir, name))
+        except OSError:
+            pass
+    server._main.join()
+    server._sock.close()
+
+
+# --- capture (dump) ---------------------------------------------------------------------------------------------
+class ImageSink(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CaptureServer:
+    """Receive the images of one `criu dump --stream`: `open_sink(name)` gives the sink each image is fed to.
+
+    start() before CRIU runs; finish() after it exited: waits for every pipe to drain and raises the first error a
+    sink or the protocol hit (the dump is then not to be committed). abort() when CRIU failed.
+    """
+
+    def __init__(self, images_dir: str, open_sink: Callable[[str], ImageSink]):
+        self.images_dir = images_dir
+        self.open_sink = open_sink
+        self.names: List[str] = []
+        self.errors: List[BaseException] = []
+        self._lock = threading.Lock()
+        self._sock = _listen(images_dir, CAPTURE_SOCKET)
+        self._threads: List[threading.Thread] = []
+        self._main = threading.Thread(target=self._serve, name="imgstream-capture", daemon=True)
+        self._conn: Optional[_Conn] = None
+
+    def start(self) -> CaptureServer:
+        self._main.start()
+        return self
+
+    def _fail(self, e: BaseException) -> None:
+        with self._lock:
+            self.errors.append(e)
+
+    def _stop_listening(self) -> None:
+        _stop_listening(self, CAPTURE_SOCKET)
+
+    def _serve(self) -> None:
+        try:
+            sock, _ = self._sock.accept()
+        except OSError as e:  # closed by abort() before CRIU connected
+            if not self._closing:
+                self._fail(e)
+            return
+        self._conn = conn = _Conn(sock)
+        try:
+            while True:
+                msg = conn.recv_message()
+                if msg is None:
+                    return  # CRIU is done opening files
+                name = decode_request(msg)
+                fd = conn.recv_fd()
+                t = threading.Thread(target=self._drain, args=(name, fd), name=f"imgstream-{name}", daemon=True)
+                with self._lock:
+                    self.names.append(name)
+                    self._threads.append(t)
+                t.start()
+        except (OSError, StreamError) as e:
+            self._fail(e)
+        finally:
+            conn.close()
+
+    _closing = False
+
+    def _drain(self, name: str, fd: int) -> None:
+        try:
+            sink = self.open_sink(name)
+            while True:
+                data = os.read(fd, READ_BYTES)
+                if not data:
+                    break
+                sink.write(data)
+            sink.close()
+        except BaseException as e:  # noqa: BLE001 - reported by finish(); closing the pipe makes CRIU fail too
+            log.debug("image %s: %s", name, e)
+            self._fail(e)
+        finally:
+            os.close(fd)
+
+    def _join(self) -> None:
+        self._main.join()
+        while True:
+            with self._lock:
+                pending = [t for t in self._threads if t.is_alive()]
+            if not pending:
+                return
+            for t in pending:
+                t.join()
+
+    def finish(self) -> List[str]:
+        """Wait until every image is stored; the names received, in order. Raises the first error."""
+        self._stop_listening()
+        self._join()
+        self._unlink()
+        if self.errors:
+            e = self.errors[0]
+            raise e if not isinstance(e, OSError) else StreamError(f"image stream: {e}")
+        return list(self.names)
+
+    def abort(self) -> None:
+        """CRIU failed or never ran: stop listening, let the drains end (the pipes' writers are gone)."""
+        self._stop_listening()
+        self._join()
+        self._unlink()
+
+    def _unlink(self) -> None:
+        try:
+            os.unlink(os.path.join(self.images_dir, CAPTURE_SOCKET))
+        except OSError:
+            pass
+
+
+# --- serve (restore) --------------------------------------------------------------------------------------------
+class ImageSource(Protocol):
+    def exists(self, name: str) -> bool: ...
+
+    def write_to(self, name: str, fd: int) -> None: ...
+
+
+class ServeServer:
+    """Serve images to one `criu restore --stream` from `source`. start() before CRIU runs, finish() after."""
+
+    def __init__(self, images_dir: str, source: ImageSource):
+        self.images_dir = images_dir
+        self.source = source
+        self.served: Dict[str, int] = {}
+        self.errors: List[BaseException] = []
+        self._lock = threading.Lock()
+        self._sock = _listen(images_dir, SERVE_SOCKET)
+        self._threads: List[threading.Thread] = []
+        self._main = threading.Thread(target=self._serve, name="imgstream-serve", daemon=True)
+        self._closing = False
+        self._conn: Optional[_Conn] = None
+
+    def start(self) -> ServeServer:
+        self._main.start()
+        return self
+
+    def _fail(self, e: BaseException) -> None:
+        with self._lock:
+            self.errors.append(e)
+
+    def _serve(self) -> None:
+        try:
+            sock, _ = self._sock.accept()
+        except OSError as e:
+            if not self._closing:
+                self._fail(e)
+            return
+        self._conn = conn = _Conn(sock)
+        try:
+            while True:
+                msg = conn.recv_message()
+                if msg is None:
+                    return
+                name = decode_request(msg)
+                exists = self.source.exists(name)
+                conn.sock.sendall(encode_reply(exists))
+                if not exists:
+                    continue
+                fd = conn.recv_fd()
+                with self._lock:
+                    self.served[name] = self.served.get(name, 0) + 1
+                t = threading.Thread(target=self._feed, args=(name, fd), name=f"imgserve-{name}", daemon=True)
+                self._threads.append(t)
+                t.start()
+        except (OSError, StreamError) as e:
+            self._fail(e)
+        finally:
+            conn.close()
+
+    def _feed(self, name: str, fd: int) -> None:
+        try:
+            self.source.write_to(name, fd)
+        except BrokenPipeError:
+            log.debug("CRIU stopped reading %s", name)  # it read what it needed (or failed, which it reports)
+        except BaseException as e:  # noqa: BLE001 - reported by finish(); CRIU sees a short image and fails
+            self._fail(e)
+        finally:
+            os.close(fd)
+
+    def finish(self) -> Dict[str, int]:
+        _stop_listening(self, SERVE_SOCKET)
+        self._main.join()
+        for t in list(self._threads):
+            t.join()
+        try:
+            os.unlink(os.path.join(self.images_dir, SERVE_SOCKET))
+        except OSError:
+            pass
+        if self.errors:
+            e = self.errors[0]
+            raise e if not isinstance(e, OSError) else StreamError(f"image serve: {e}")
+        return dict(self.served)
+
+
+def write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

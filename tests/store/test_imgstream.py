@@ -1,0 +1,262 @@
+"""The image streamer protocol against a fake CRIU that speaks it the way criu/img-streamer.c does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from ckpt_agent.store import imgstream
+from ckpt_agent.store.chunks import ChunkStore
+
+
+class FakeCriu:
+    """Connects like img_streamer_init(), then per file: request, pipe end as SCM_RIGHTS, data."""
+
+    def __init__(self, images_dir: str, name: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(os.path.join(images_dir, name))
+
+    def open_for_dump(self, filename: str) -> int:
+        self.sock.sendall(imgstream.encode_request(filename))
+        r, w = os.pipe()
+        socket.send_fds(self.sock, [b"\0"], [r])
+        os.close(r)
+        return w
+
+    def open_for_restore(self, filename: str):
+        self.sock.sendall(imgstream.encode_request(filename))
+        head = self._recv(4)
+        exists = imgstream.decode_reply(self._recv(int.from_bytes(head, "little")))
+        if not exists:
+            return None
+        r, w = os.pipe()
+        socket.send_fds(self.sock, [b"\0"], [w])
+        os.close(w)
+        return r
+
+    def _recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            data = self.sock.recv(n - len(buf))
+            assert data, "streamer closed the socket"
+            buf += data
+        return buf
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class MemorySink:
+    def __init__(self, store, name):
+        self.store, self.name, self.parts = store, name, []
+
+    def write(self, data):
+        self.parts.append(data)
+
+    def close(self):
+        self.store[self.name] = b"".join(self.parts)
+
+
+def test_request_and_reply_round_trip():
+    assert imgstream.decode_request(imgstream.encode_request("pages-1.img")[4:]) == "pages-1.img"
+    assert imgstream.decode_reply(imgstream.encode_reply(True)[4:]) is True
+    assert imgstream.decode_reply(imgstream.encode_reply(False)[4:]) is False
+    long = "x" * 300  # a name whose length needs a two-byte varint
+    assert imgstream.decode_request(imgstream.encode_request(long)[4:]) == long
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "", ".."], ids=["dotdot", "slash", "empty", "parent"])
+def test_bad_file_names_are_refused(name):
+    with pytest.raises(imgstream.StreamError):
+        imgstream.decode_request(imgstream.encode_request(name)[4:])
+
+
+def test_capture_drains_interleaved_pipes(tmp_path):
+    """pagemap and pages are open at once and pagemap is closed last: both pipes must be drained side by side,
+    or CRIU blocks on a full pipe."""
+    got = {}
+    server = imgstream.CaptureServer(str(tmp_path), lambda n: MemorySink(got, n)).start()
+    criu = FakeCriu(str(tmp_path), imgstream.CAPTURE_SOCKET)
+    pagemap = criu.open_for_dump("pagemap-1.img")
+    pages = criu.open_for_dump("pages-1.img")
+    big = os.urandom(3 << 20)  # far more than a pipe holds
+    imgstream.write_all(pages, big)
+    os.write(pagemap, b"map")
+    os.close(pages)
+    os.close(pagemap)
+    inv = criu.open_for_dump("inventory.img")
+    os.write(inv, b"inv")
+    os.close(inv)
+    criu.close()
+    assert server.finish() == ["pagemap-1.img", "pages-1.img", "inventory.img"]
+    assert got == {"pages-1.img": big, "pagemap-1.img": b"map", "inventory.img": b"inv"}
+    assert not os.path.exists(tmp_path / imgstream.CAPTURE_SOCKET)
+
+
+def test_a_failing_sink_fails_the_capture_and_breaks_the_pipe(tmp_path):
+    class Broken(MemorySink):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    server = imgstream.CaptureServer(str(tmp_path), lambda n: Broken({}, n)).start()
+    criu = FakeCriu(str(tmp_path), imgstream.CAPTURE_SOCKET)
+    w = criu.open_for_dump("pages-1.img")
+    with pytest.raises(BrokenPipeError):  # what CRIU sees: EPIPE, so the dump fails rather than hangs
+        for _ in range(64):
+            imgstream.write_all(w, bytes(1 << 20))
+    os.close(w)
+    criu.close()
+    with pytest.raises(imgstream.StreamError, match="No space left"):
+        server.finish()
+
+
+def test_abort_before_criu_connects_returns(tmp_path):
+    server = imgstream.CaptureServer(str(tmp_path), lambda n: MemorySink({}, n)).start()
+    server.abort()
+    assert not os.path.exists(tmp_path / imgstream.CAPTURE_SOCKET)
+
+
+def test_a_garbage_peer_is_an_error(tmp_path):
+    server = imgstream.CaptureServer(str(tmp_path), lambda n: MemorySink({}, n)).start()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(tmp_path / imgstream.CAPTURE_SOCKET))
+        s.sendall((1 << 30).to_bytes(4, "little"))
+    with pytest.raises(imgstream.StreamError):
+        server.finish()
+
+
+class DictSource:
+    def __init__(self, images):
+        self.images = images
+
+    def exists(self, name):
+        return name in self.images
+
+    def write_to(self, name, fd):
+        imgstream.write_all(fd, self.images[name])
+
+
+def test_serve_answers_exists_and_feeds_the_pipe(tmp_path):
+    big = os.urandom(2 << 20)
+    server = imgstream.ServeServer(str(tmp_path), DictSource({"pages-1.img": big, "inventory.img": b"i"})).start()
+    criu = FakeCriu(str(tmp_path), imgstream.SERVE_SOCKET)
+    assert criu.open_for_restore("no-such.img") is None
+    r = criu.open_for_restore("pages-1.img")
+    out = []
+    reader = threading.Thread(target=lambda: out.append(b"".join(iter(lambda: os.read(r, 1 << 16), b""))))
+    reader.start()
+    reader.join()
+    os.close(r)
+    r = criu.open_for_restore("inventory.img")
+    assert os.read(r, 10) == b"i"
+    os.close(r)
+    criu.close()
+    assert out == [big]
+    assert server.finish() == {"pages-1.img": 1, "inventory.img": 1}
+
+
+def test_serve_finish_without_criu_returns(tmp_path):
+    server = imgstream.ServeServer(str(tmp_path), DictSource({})).start()
+    assert server.finish() == {}
+
+
+# --- the store side: streamdump's sinks fed by the fake CRIU ------------------------------------------------------
+def _pagemap(pages_id: int, runs) -> bytes:
+    """A CRIU pagemap image: magics, pagemap_head{pages_id}, then pagemap_entry{vaddr, flags=PRESENT, nr_pages}."""
+    def msg(fields):
+        body = b"".join(bytes([(num << 3) | 0]) + imgstream._varint(val) for num, val in fields)
+        return len(body).to_bytes(4, "little") + body
+
+    out = (0x54123737).to_bytes(4, "little") + (0x56084025).to_bytes(4, "little") + msg([(1, pages_id)])
+    for vaddr, nr in runs:
+        out += msg([(1, vaddr), (4, 4), (5, nr)])
+    return out
+
+
+def _dump(tmp_path, chunks, pool, images, previous=None):
+    from ckpt_agent.checkpoint import streamdump
+
+    imgdir = tmp_path / f"img{len(list(tmp_path.iterdir()))}"
+    imgdir.mkdir()
+    sd = streamdump.StreamDump(chunks, pool, str(imgdir), previous).start()
+    criu = FakeCriu(str(imgdir), imgstream.CAPTURE_SOCKET)
+    fds = {name: criu.open_for_dump(name) for name in images}  # all open at once, as CRIU keeps pagemap and pages
+    for name, data in images.items():
+        imgstream.write_all(fds[name], data)
+        os.close(fds[name])
+    criu.close()
+    return sd.finish()
+
+
+def _read_back(chunks, images, name):
+    from ckpt_agent.checkpoint import streamdump
+
+    r, w = os.pipe()
+    out = []
+    reader = threading.Thread(target=lambda: out.append(b"".join(iter(lambda: os.read(r, 1 << 16), b""))))
+    reader.start()
+    try:
+        streamdump.StoreSource(chunks, images).write_to(name, w)
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    return out[0]
+
+
+def test_streamed_pages_are_stored_and_an_incremental_stores_only_changed_pages(tmp_path, chunks, pool):
+    pytest.importorskip("xxhash")
+    from ckpt_agent.store import pagedelta
+
+    page = pagedelta.PAGE
+    npages = 1024  # 4 MiB in two mappings
+    runs = [(0x7F0000000000, 600), (0x7F1000000000, npages - 600)]
+    data = bytearray(os.urandom(npages * page))
+    gen1, st1 = _dump(tmp_path, chunks, pool, {"pagemap-1.img": _pagemap(1, runs), "pages-1.img": bytes(data),
+                                                "inventory.img": b"inv"})
+    by_name = {i.name: i for i in gen1}
+    assert by_name["pages-1.img"].pagetable.pages == npages
+    assert _read_back(chunks, gen1, "pages-1.img") == bytes(data)
+    assert _read_back(chunks, gen1, "inventory.img") == b"inv"
+
+    changed = list(range(0, npages, 20))  # 5% of the pages, spread out
+    for p in changed:
+        data[p * page:(p + 1) * page] = os.urandom(page)
+    gen2, st2 = _dump(tmp_path, chunks, pool, {"pagemap-1.img": _pagemap(1, runs), "pages-1.img": bytes(data)},
+                      previous=_manifest(gen1))
+    assert _read_back(chunks, gen2, "pages-1.img") == bytes(data)
+    pages2 = {i.name: i for i in gen2}["pages-1.img"]
+    assert pages2.delta_depth == 1
+    assert st2.bytes_new <= len(changed) * page + 64 * 1024  # the changed pages plus the new page table
+    assert st1.bytes_new >= npages * page
+
+
+def test_a_rotten_previous_chunk_is_not_reused(tmp_path, chunks, pool):
+    pytest.importorskip("xxhash")
+    from ckpt_agent.store import pagedelta
+
+    runs = [(0x7F0000000000, 512)]
+    data = os.urandom(512 * pagedelta.PAGE)
+    gen1, _ = _dump(tmp_path, chunks, pool, {"pagemap-1.img": _pagemap(1, runs), "pages-1.img": data})
+    pages1 = {i.name: i for i in gen1}["pages-1.img"]
+    rotten = pages1.chunks[0].digest
+    path = chunks.path(pages1.chunks[0])
+    with open(path, "r+b") as fh:
+        fh.write(b"garbage")
+    chunks = ChunkStore(chunks.root, known=chunks.known)  # the next checkpoint's, as the engine makes one each
+    chunks.verify_reused = lambda _d: True  # a final checkpoint verifies every chunk it reuses
+    gen2, st2 = _dump(tmp_path, chunks, pool, {"pagemap-1.img": _pagemap(1, runs), "pages-1.img": data},
+                      previous=_manifest(gen1))
+    assert _read_back(chunks, gen2, "pages-1.img") == data  # repaired: the rotten chunk was written again
+    assert st2.chunks_verified >= 1 and st2.chunks_repaired == 1
+    assert rotten in {c.digest for c in {i.name: i for i in gen2}["pages-1.img"].chunks}
+
+
+def _manifest(images):
+    """The previous generation as the engine hands it over: a manifest holding these images."""
+    from ckpt_agent.store.manifest import Manifest
+
+    return Manifest(format=2, created="2026-12-03T00:00:00.000000Z", images=images, files=[])
