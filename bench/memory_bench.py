@@ -191,7 +191,7 @@ def run(base: Path, mib: int, stream: str, dd_runs: int) -> Dict[str, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=4096, help="job size in MiB (default 4096, issue 14's 4 GiB job)")
-    p.add_argument("--stream", default="auto", choices=("auto", "off"), help="checkpoint.stream setting")
+    p.add_argument("--stream", default="always", choices=("auto", "always", "off"), help="checkpoint.stream setting")
     p.add_argument("--dir", default="/var/tmp/ckpt-bench", help="working directory on the disk under test")
     p.add_argument("--dd-runs", type=int, default=1, help="dd runs; the median is used")
     args = p.parse_args(argv)

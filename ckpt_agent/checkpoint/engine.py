@@ -272,7 +272,8 @@ class Engine:
             try:
                 guard = DumpGuard(job.init_pid, stage)
                 t_step = time.monotonic()
-                streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous)
+                streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous, final=final,
+                                            staged_in_ram=stage.startswith(SHM_STAGING + os.sep))
                 try:  # streamed: the images enter the store while CRIU dumps (no staging copy)
                     self.criu.dump(
                         job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,

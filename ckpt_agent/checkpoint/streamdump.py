@@ -369,15 +369,30 @@ class StoreSource:
             os.close(fd)
 
 
+MODES = ("auto", "always", "off")  # checkpoint.stream in agent.yaml
+
+
 def wanted(settings, criu) -> bool:
-    """Whether to stream (checkpoint.stream: auto = when this CRIU has --stream; off = always stage the images)."""
-    mode = getattr(settings, "stream", "auto")
-    return mode != "off" and criu.can_stream()
+    """Whether streaming may be used at all (not `off`, and this CRIU has --stream). Restores always stream then."""
+    return getattr(settings, "stream", "auto") != "off" and criu.can_stream()
 
 
-def begin(settings, criu, chunks: ChunkStore, pool, images_dir: str, previous) -> Optional[StreamDump]:
+def stream_dump(settings, criu, *, final: bool, staged_in_ram: bool) -> bool:
+    """Whether this dump streams. `always`: every one. `auto`: a final checkpoint (the tool is stopped after it
+    anyway, and a notice is no time to take RAM the size of the job), and a periodic one whose images would be
+    staged on local disk; a periodic checkpoint whose images fit in tmpfs is staged there, which unfreezes the
+    tool as soon as CRIU is done instead of once the store has taken every page. `off`: never."""
+    if not wanted(settings, criu):
+        return False
+    return getattr(settings, "stream", "auto") == "always" or final or not staged_in_ram
+
+
+def begin(settings, criu, chunks: ChunkStore, pool, images_dir: str, previous, *, final: bool,
+          staged_in_ram: bool) -> Optional[StreamDump]:
     """A started StreamDump for this checkpoint, or None to stage the images (engine.py's fallback)."""
-    return StreamDump(chunks, pool, images_dir, previous).start() if wanted(settings, criu) else None
+    if not stream_dump(settings, criu, final=final, staged_in_ram=staged_in_ram):
+        return None
+    return StreamDump(chunks, pool, images_dir, previous).start()
 
 
 def check_cpu(criu, chunks: ChunkStore, images: List[ImageEntry], images_dir: str) -> None:

@@ -30,7 +30,7 @@ class CheckpointSettings:
     keep: int = 2  # committed generations kept per step: the newest plus one fallback if it turns out damaged
     compression: str = "zstd"  # zstd | none; zstd is applied per chunk only where it saves space
     staging_dir: str = "auto"  # where CRIU writes images before they enter the store; auto = tmpfs if RAM allows
-    stream: str = "auto"  # auto | off: images stream into the store as CRIU dumps (no staging copy) when CRIU can
+    stream: str = "auto"  # auto | always | off: images stream into the store as CRIU dumps (streamdump.stream_dump)
     extra_paths: list = field(default_factory=list)  # more directories captured with the working directory
     ghost_limit: str = "1G"  # deleted-but-open temp files up to this size are saved (CRIU's default 1 MiB is too small)
     tcp_close: bool = True  # restore TCP connections closed: a license-server client reconnects from the new IP
@@ -100,7 +100,7 @@ class AgentConfig:
 
 _ENUMS = {
     "checkpoint.compression": ("zstd", "none"),
-    "checkpoint.stream": ("auto", "off"),
+    "checkpoint.stream": ("auto", "always", "off"),
     "agent.rebalance_action": ("checkpoint", "drain", "ignore"),
 }
 _MINIMUMS = {

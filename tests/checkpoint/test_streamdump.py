@@ -26,7 +26,7 @@ def _pages(manifest):
     return [i for i in manifest["images"] if i["name"].startswith("pages-")]
 
 
-@pytest.mark.parametrize("stream", ["auto", "off"], ids=["streamed", "staged"])
+@pytest.mark.parametrize("stream", ["always", "off"], ids=["streamed", "staged"])
 def test_full_incremental_final_and_restore(ck, tmp_path, stream):
     env, store, runtime = ck
     config = Path(env["CKPT_CONFIG"])
@@ -34,7 +34,7 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
     config.write_text(json.dumps({**json.loads(config.read_text()), "checkpoint": settings}) + "\n")
     work = tmp_path / "work"
     work.mkdir()
-    job = "121" if stream == "auto" else "122"
+    job = "121" if stream == "always" else "122"
     argv = ["python3", str(TOOLS / "pagetool.py"), "64", "5"]
     proc = start_ckpt("run", "--job-id", job, "--interval", "1000", "--", *argv, env=env, cwd=work,
                       out=tmp_path / "o", err=tmp_path / "e")
@@ -57,7 +57,7 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
 
     first, second = manifest(1), manifest(2)
     # a streamed pages image is slices of chunks from the first checkpoint on; a staged one only as a delta
-    assert all(("slices" in i) == (stream == "auto") for i in _pages(first)), _pages(first)
+    assert all(("slices" in i) == (stream == "always") for i in _pages(first)), _pages(first)
     assert all("pagetable" in i for i in _pages(first))
     assert first["stats"]["bytes_written"] > 64 << 20
     assert second["stats"]["bytes_written"] <= 0.10 * first["stats"]["bytes_written"], second["stats"]
@@ -73,3 +73,28 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
             proc.kill()
             proc.wait()
     assert "from checkpoint 3 taken" in (tmp_path / "e2").read_text()
+
+
+class _Criu:
+    def __init__(self, can: bool):
+        self.can = can
+
+    def can_stream(self) -> bool:
+        return self.can
+
+
+@pytest.mark.parametrize("mode, final, in_ram, can, expected", [
+    ("auto", True, True, True, True),  # a final streams: no RAM the size of the job at notice time
+    ("auto", False, False, True, True),  # a periodic one that would be staged on disk streams
+    ("auto", False, True, True, False),  # a periodic one that fits in tmpfs is staged there: the shorter freeze
+    ("always", False, True, True, True),
+    ("off", True, False, True, False),
+    ("auto", True, False, False, False),  # a CRIU without --stream: staged
+])
+def test_which_dumps_stream(mode, final, in_ram, can, expected):
+    from types import SimpleNamespace
+
+    from ckpt_agent.checkpoint import streamdump
+
+    settings = SimpleNamespace(stream=mode)
+    assert streamdump.stream_dump(settings, _Criu(can), final=final, staged_in_ram=in_ram) is expected
