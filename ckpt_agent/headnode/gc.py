@@ -37,6 +37,7 @@ from ckpt_agent.errors import (
     SlurmError,
     StoreError,
 )
+from ckpt_agent.store import event_names as ev
 from ckpt_agent.store.generations import (
     _GEN_RE,
     _PARTIAL_RE,
@@ -476,7 +477,7 @@ class GarbageCollector:
             return 0
         self.out.removed.append((a, size))
         self.say(f"{self.act.verb} {a.target}: {a.reason}; {human_bytes(size)}")
-        events_log.info("%s", json.dumps({"event": "gc_removed", "time": _iso(self.now()), "job_id": a.job_id,
+        events_log.info("%s", json.dumps({"event": ev.GC_REMOVED, "time": _iso(self.now()), "job_id": a.job_id,
                                           "step": a.step, "target": a.target, "kind": a.kind, "reason": a.reason,
                                           "bytes": size, "dry_run": self.act.dry_run}, sort_keys=True))
         return size

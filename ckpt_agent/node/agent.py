@@ -33,6 +33,7 @@ from ckpt_agent.errors import CkptError, ImdsError
 from ckpt_agent.node.config import AgentSettings
 from ckpt_agent.node.monitor import InterruptionMonitor
 from ckpt_agent.node.requeue import Requeuer
+from ckpt_agent.store import event_names as ev
 from ckpt_agent.store.events import emit
 from ckpt_agent.store.generations import CheckpointStore, write_atomic
 
@@ -91,7 +92,7 @@ class NoticeHandler:
         if deadline is not None:
             remaining = (deadline - self.now()).total_seconds()
             if remaining <= 1:
-                self._emit(reg["job_id"], "checkpoint_failed", step=reg["step"], final=final, reason=reason,
+                self._emit(reg["job_id"], ev.CHECKPOINT_FAILED, step=reg["step"], final=final, reason=reason,
                            error="no time left before the deadline")
                 return None
         try:
@@ -150,7 +151,7 @@ class NoticeHandler:
         log.warning("spot interruption notice: %s at %s; %d job(s) on %s", notice.action, notice.time.isoformat(),
                     len(job_ids), self.node)
         for job_id in job_ids:
-            self._emit(job_id, "notice_received", action=notice.action, notice_time=_iso(notice.time),
+            self._emit(job_id, ev.NOTICE_RECEIVED, action=notice.action, notice_time=_iso(notice.time),
                        deadline=_iso(deadline))
         reason = f"spot interruption: instance {notice.action} at {_iso(notice.time)}"
         self._drain(reason, job_ids)
@@ -163,7 +164,7 @@ class NoticeHandler:
         log.warning("rebalance recommendation at %s: action %s for %d job(s)", _iso(notice.notice_time), action,
                     len(job_ids))
         for job_id in job_ids:
-            self._emit(job_id, "rebalance_received", notice_time=_iso(notice.notice_time), action=action)
+            self._emit(job_id, ev.REBALANCE_RECEIVED, notice_time=_iso(notice.notice_time), action=action)
         if action == "checkpoint":
             self.checkpoint_all(regs, final=False, reason="rebalance", deadline=None)
         elif action == "drain":
@@ -176,7 +177,7 @@ class NoticeHandler:
             log.error("drain of %s failed: %s", self.node, e)
             return
         for job_id in job_ids:
-            self._emit(job_id, "drained", reason=reason)
+            self._emit(job_id, ev.DRAINED, reason=reason)
 
 
 class Agent:
