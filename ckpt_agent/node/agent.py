@@ -30,6 +30,7 @@ from ckpt_agent.adapters import control
 from ckpt_agent.adapters.imds import ImdsClient, RebalanceNotice, SpotNotice
 from ckpt_agent.checkpoint.runner import list_registrations, registration_dir
 from ckpt_agent.errors import CkptError, ImdsError
+from ckpt_agent.node.actions import notice_handler, rebalance_action
 from ckpt_agent.node.config import AgentSettings
 from ckpt_agent.node.monitor import InterruptionMonitor
 from ckpt_agent.node.requeue import Requeuer
@@ -165,10 +166,16 @@ class NoticeHandler:
                     len(job_ids))
         for job_id in job_ids:
             self._emit(job_id, ev.REBALANCE_RECEIVED, notice_time=_iso(notice.notice_time), action=action)
-        if action == "checkpoint":
-            self.checkpoint_all(regs, final=False, reason="rebalance", deadline=None)
-        elif action == "drain":
-            self._drain(f"rebalance recommendation at {_iso(notice.notice_time)}", job_ids)
+        rebalance_action(self, action)(regs, job_ids, notice)
+
+    def rebalance_checkpoint(self, regs: List[Dict[str, Any]], job_ids: List[str], notice: RebalanceNotice) -> None:
+        self.checkpoint_all(regs, final=False, reason="rebalance", deadline=None)
+
+    def rebalance_drain(self, regs: List[Dict[str, Any]], job_ids: List[str], notice: RebalanceNotice) -> None:
+        self._drain(f"rebalance recommendation at {_iso(notice.notice_time)}", job_ids)
+
+    def rebalance_ignore(self, regs: List[Dict[str, Any]], job_ids: List[str], notice: RebalanceNotice) -> None:
+        pass  # the rebalance_received event above is the record
 
     def _drain(self, reason: str, job_ids: List[str]) -> None:
         try:
@@ -226,11 +233,11 @@ class Agent:
             log.warning("IMDS poll failed (retrying): %s", e)
             return
         for notice in notices:
+            handle = notice_handler(self.handler, notice)  # None: an unknown kind, logged
+            if handle is None:
+                continue
             try:
-                if isinstance(notice, SpotNotice):
-                    self.handler.on_spot(notice)
-                else:
-                    self.handler.on_rebalance(notice)
+                handle(notice)
             except Exception:  # one bad notice must not stop the agent
                 log.exception("handling %r failed", notice)
 
