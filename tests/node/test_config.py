@@ -238,3 +238,36 @@ def test_every_problem_is_reported_together(tmp_path):
     assert "agent.yaml:1: stor: unknown key (did you mean 'store'?)" in message
     assert "agent.yaml:3: checkpoint.interval: must be >= 10" in message
     assert "agent.yaml:4: checkpoint.compression: must be one of zstd, none" in message
+
+
+def test_rules_shared_with_the_site_file_apply_to_agent_yaml(tmp_path):
+    message = load_error(tmp_path, "checkpoint:\n  extra_paths: [rel/dir]\ngc:\n  high_watermark: 70\n"
+                                   "  low_watermark: 80\n")
+    assert "agent.yaml:2: checkpoint.extra_paths[0]: must be a normalized absolute path, got 'rel/dir'" in message
+    assert "agent.yaml:5: gc.low_watermark: must be below high_watermark (70), got 80" in message
+
+
+def test_a_misspelt_choice_gets_a_hint(tmp_path):
+    assert ("agent.rebalance_action: must be one of checkpoint, drain, ignore, got 'drian' (did you mean 'drain'?)"
+            in load_error(tmp_path, "agent:\n  rebalance_action: drian\n"))
+
+
+def test_durations_are_accepted_as_in_the_site_file(tmp_path):
+    cfg = load_agent_config(write(tmp_path, "checkpoint:\n  interval: 15m\ngc:\n  max_age: 14d\n"))
+    assert (cfg.checkpoint.interval, cfg.gc.max_age) == (900, 14 * 86400)
+
+
+def test_the_limits_are_the_site_files():
+    """One definition (node/fields.py): agent.yaml and the site file check the shared settings with one spec."""
+    from ckpt_agent.node import config
+    from ckpt_agent.site import schema
+
+    pairs = [(schema.CHECKPOINT, config.CHECKPOINT, k) for k in ("interval", "keep", "compression", "extra_paths",
+                                                                 "staging_dir", "ghost_limit")]
+    pairs += [(schema.CHECKPOINT, config.AGENT, k) for k in ("poll_interval", "deadline_margin", "rebalance_action")]
+    cleanup = schema.SITE.fields["cleanup"].spec
+    pairs += [(cleanup, config.GC, k) for k in ("grace", "max_age", "high_watermark", "low_watermark")]
+    pairs += [(schema.MONITORING, config.MONITORING, k) for k in ("namespace", "sns_topic_arn", "event_bus",
+                                                                  "dedupe_window")]
+    for site_map, node_map, key in pairs:
+        assert site_map.fields[key].spec is node_map.fields[key].spec, key
