@@ -38,6 +38,7 @@ from typing import Dict, List, Optional
 
 from ckpt_agent.errors import CkptError, ConfigError
 from ckpt_agent.site import render
+from ckpt_agent.store import event_names as ev
 from ckpt_dev import shared_venv
 from ckpt_dev.agents import NodeAgents
 from ckpt_dev.slurm_cluster import ClusterError, LocalCluster
@@ -63,29 +64,29 @@ def say(text: str) -> None:
 def describe(event: Dict) -> Optional[str]:
     kind = event["event"]
     where = f"{event.get('node', '?')} ({event.get('instance_id') or '-'})"
-    if kind == "segment_started":
+    if kind == ev.SEGMENT_STARTED:
         how = ("resumed from checkpoint " + str(event.get("generation"))) if event.get("how") == "restored" else "fresh"
         return f"job started on {where}: {how}"
-    if kind == "checkpoint_committed":
+    if kind == ev.CHECKPOINT_COMMITTED:
         size = event.get("bytes_in", 0) / 2**20
         written = event.get("bytes_written", 0) / 2**20
         kind_txt = "FINAL checkpoint" if event.get("final") else f"{event.get('reason')} checkpoint"
         return (f"{kind_txt} {event.get('generation')} committed on {where}: {size:.0f} MiB captured, "
                 f"{written:.1f} MiB new data written, tool frozen {event.get('frozen_seconds', 0):.2f} s, "
                 f"total {event.get('seconds', 0):.2f} s")
-    if kind == "notice_received":
+    if kind == ev.NOTICE_RECEIVED:
         return f"node agent on {where} received the Spot notice: {event.get('action')} at {event.get('notice_time')}"
-    if kind == "drained":
+    if kind == ev.DRAINED:
         return f"node {event.get('node')} drained: {event.get('reason')}"
-    if kind == "requeued":
+    if kind == ev.REQUEUED:
         return "job requeued in Slurm"
-    if kind == "restored":
+    if kind == ev.RESTORED:
         return (f"restored on {where} from checkpoint {event.get('generation')} in {event.get('seconds', 0):.2f} s "
                 f"(SLURM_RESTART_COUNT={event.get('restart_count')})")
-    if kind == "segment_ended":
+    if kind == ev.SEGMENT_ENDED:
         return f"job segment on {where} ended: {event.get('how')}" + (
             f", exit status {event['exit_status']}" if "exit_status" in event else "")
-    if kind in ("checkpoint_failed", "requeue_failed"):
+    if kind in (ev.CHECKPOINT_FAILED, ev.REQUEUE_FAILED):
         return f"{kind.replace('_', ' ')}: {event.get('error')}"
     return None
 
@@ -163,7 +164,7 @@ class Demo:
         deadline = time.monotonic() + self.interval * 3 + 120  # a safety net: the checkpoint comes after `interval`
         while True:
             for event in self.narrate(job):
-                if event["event"] == "checkpoint_committed" and not event.get("final"):
+                if event["event"] == ev.CHECKPOINT_COMMITTED and not event.get("final"):
                     return event
             state = self.cluster.job_info(job).state
             if state in FINISHED_STATES:
@@ -254,7 +255,7 @@ class Demo:
             time.sleep(0.5)
         self.narrate(job)
         say(f"    job {job} {final.state} on {final.nodes} after {final.restart_count} requeue(s)")
-        moved = any(e["event"] == "checkpoint_committed" and e.get("final") for e in self.events)
+        moved = any(e["event"] == ev.CHECKPOINT_COMMITTED and e.get("final") for e in self.events)
 
         say("4/7 comparing with an uninterrupted run of the same simulation")
         self.reference.wait(timeout=600 + self.work_seconds * self.sim_scale * 3)

@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 from ckpt_agent.errors import ImdsError
 
@@ -54,6 +54,7 @@ SPOT_ACTIONS = ("terminate", "stop", "hibernate")
 class SpotNotice:
     """An interruption notice: EC2 will `action` the instance at `time` (aware, UTC). Hashable, to handle it once."""
 
+    kind: ClassVar[str] = "spot-interruption"  # node/actions.py dispatches notices by kind
     action: str
     time: datetime
 
@@ -62,6 +63,7 @@ class SpotNotice:
 class RebalanceNotice:
     """EC2 advises that the instance is at elevated risk of interruption since `notice_time` (aware, UTC)."""
 
+    kind: ClassVar[str] = "rebalance-recommendation"
     notice_time: datetime
 
 

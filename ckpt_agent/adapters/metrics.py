@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 from ckpt_agent.adapters.aws import aws_call, region_of
 from ckpt_agent.adapters.sinks import BackgroundSink, client_config
 from ckpt_agent.headnode.report import parse_time
+from ckpt_agent.store import event_names as ev
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def datums_for(record: Dict[str, Any], cluster: str, queue: str) -> List[Dict[st
     kind = record.get("event")
     out: List[tuple] = []  # (name, value, unit)
     final = bool(record.get("final"))
-    if kind == "checkpoint_committed":
+    if kind == ev.CHECKPOINT_COMMITTED:
         seconds = float(record.get("seconds") or 0)
         out += [("CheckpointsCommitted", 1, "Count"), ("CheckpointDuration", seconds, "Seconds"),
                 ("FrozenTime", float(record.get("frozen_seconds") or 0), "Seconds"),
@@ -54,21 +55,21 @@ def datums_for(record: Dict[str, Any], cluster: str, queue: str) -> List[Dict[st
             out.append(("StoreBandwidth", float(record.get("bytes_written") or 0) / seconds, "Bytes/Second"))
         if final:
             out.append(("FinalCheckpointLate" if record.get("late") else "FinalCheckpointInTime", 1, "Count"))
-    elif kind == "checkpoint_failed":
+    elif kind == ev.CHECKPOINT_FAILED:
         out.append(("CheckpointFailures", 1, "Count"))
         if final:
             out.append(("FinalCheckpointLate" if final_late(record) else "FinalCheckpointFailed", 1, "Count"))
-    elif kind == "notice_received":
+    elif kind == ev.NOTICE_RECEIVED:
         out.append(("NoticesReceived", 1, "Count"))
-    elif kind == "requeued":
+    elif kind == ev.REQUEUED:
         out.append(("Requeues", 1, "Count"))
-    elif kind == "restored":
+    elif kind == ev.RESTORED:
         out += [("Restores", 1, "Count"), ("RestoreDuration", float(record.get("seconds") or 0), "Seconds")]
         if record.get("fell_back_from"):
             out.append(("RestoreFallbacks", 1, "Count"))
-    elif kind == "restore_failed":
+    elif kind == ev.RESTORE_FAILED:
         out.append(("RestoreFailures", 1, "Count"))
-    elif kind == "segment_started" and record.get("how") == "launched" and int(record.get("restart_count") or 0):
+    elif kind == ev.SEGMENT_STARTED and record.get("how") == "launched" and int(record.get("restart_count") or 0):
         out.append(("RestartsFromZero", 1, "Count"))
     if not out:
         return []

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ckpt_agent.adapters.aws import aws_call, region_of
 from ckpt_agent.adapters.sinks import BackgroundSink, client_config
+from ckpt_agent.store import event_names as ev
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def cause_of(record: Dict[str, Any]) -> Optional[Tuple[str, str]]:
     kind = record.get("event")
     step = record.get("step")
     where = f" of step {step}" if step else ""
-    if kind == "checkpoint_failed" and record.get("final"):
+    if kind == ev.CHECKPOINT_FAILED and record.get("final"):
         from ckpt_agent.adapters.metrics import final_late
 
         late = final_late(record)
@@ -43,15 +44,15 @@ def cause_of(record: Dict[str, Any]) -> Optional[Tuple[str, str]]:
         return ("final-late" if late else "final-failed",
                 f"final checkpoint{where} {'was late' if late else 'failed'}: {why}; "
                 "the job resumes from its last periodic checkpoint")
-    if kind == "checkpoint_committed" and record.get("final") and record.get("late"):
+    if kind == ev.CHECKPOINT_COMMITTED and record.get("final") and record.get("late"):
         return "final-late", f"final checkpoint{where} committed after the deadline"
-    if kind == "restored" and record.get("fell_back_from"):
+    if kind == ev.RESTORED and record.get("fell_back_from"):
         skipped = ", ".join(str(g) for g in record["fell_back_from"])
         return ("restore-fallback", f"restore{where} fell back to checkpoint {record.get('generation')}: "
                                     f"newer checkpoint(s) {skipped} damaged")
-    if kind == "restore_failed":
+    if kind == ev.RESTORE_FAILED:
         return "restore-failed", f"restore{where} failed: {record.get('error') or 'no reason given'}"
-    if kind == "segment_started" and record.get("how") == "launched" and int(record.get("restart_count") or 0):
+    if kind == ev.SEGMENT_STARTED and record.get("how") == "launched" and int(record.get("restart_count") or 0):
         return ("restarted-from-zero", f"step {step or '?'} restarted from zero after "
                                        f"{record.get('restart_count')} restart(s): no checkpoint to resume from")
     return None

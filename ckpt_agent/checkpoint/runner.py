@@ -43,6 +43,7 @@ from ckpt_agent.errors import (
     StoreError,
 )
 from ckpt_agent.node.requeue import read_marker
+from ckpt_agent.store import event_names as ev
 from ckpt_agent.store.events import emit, load_instance, node_name
 from ckpt_agent.store.generations import (
     CheckpointStore,
@@ -364,8 +365,7 @@ class Runner:
                 with RestoreProgress(sys.stderr, o.job_id, o.step, total):
                     res = self.backend.restore(o.job_id, o.step, pipes)
             except CkptError as e:
-                emit(self.store, o.job_id, "restore_failed", node=self.node, instance=self.instance, step=o.step,
-                     error=str(e), restart_count=_restart_count())
+                self._emit(ev.RESTORE_FAILED, error=str(e), restart_count=_restart_count())
                 raise
             for number, why in res.skipped:
                 print(f"ckpt: checkpoint {number} is damaged ({why}); using an older one", file=sys.stderr)
@@ -375,12 +375,10 @@ class Runner:
             print(f"ckpt: resumed {what} from checkpoint {res.generation} taken {res.created} "
                   f"(restart count {restart}, {res.seconds:.1f} s)", file=sys.stderr, flush=True)
             self.last_checkpoint = res.generation
-            emit(self.store, o.job_id, "restored", node=self.node, instance=self.instance, step=o.step,
-                 generation=res.generation, checkpoint_time=res.created, seconds=round(res.seconds, 3),
-                 files_written=res.files_written, restart_count=int(restart or 0),
-                 fell_back_from=[number for number, _ in res.skipped])
-            emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
-                 how="restored", generation=res.generation, mode=o.mode)
+            self._emit(ev.RESTORED, generation=res.generation, checkpoint_time=res.created,
+                       seconds=round(res.seconds, 3), files_written=res.files_written,
+                       restart_count=int(restart or 0), fell_back_from=[number for number, _ in res.skipped])
+            self._emit(ev.SEGMENT_STARTED, how="restored", generation=res.generation, mode=o.mode)
             return res.pid
         env = {**os.environ, NESTED_ENV: f"{o.job_id}/{o.step}"}
         pid = self.backend.launch(o.argv, o.cwd, env, pipes, o.job_id, o.step)
@@ -389,9 +387,13 @@ class Runner:
                   flush=True)
         else:
             print(f"ckpt: started job {o.job_id} step {o.step}: no checkpoint yet", file=sys.stderr, flush=True)
-        emit(self.store, o.job_id, "segment_started", node=self.node, instance=self.instance, step=o.step,
-             how="launched", argv=o.argv, cwd=o.cwd, mode=o.mode, restart_count=_restart_count())
+        self._emit(ev.SEGMENT_STARTED, how="launched", argv=o.argv, cwd=o.cwd, mode=o.mode,
+                   restart_count=_restart_count())
         return pid
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        """One lifecycle event of this step (the job, node, instance and step are always the same)."""
+        emit(self.store, self.opts.job_id, event, node=self.node, instance=self.instance, step=self.opts.step, **fields)
 
     def _refuse_orphaned_tool(self) -> None:
         """A wrapper killed on this node can leave its tool running (outside Slurm nothing ends it): restoring the
@@ -464,8 +466,7 @@ class Runner:
         for r in self._relays:  # everything the tool wrote reaches the output before we exit
             r.done.wait(timeout=30)
         if stopped_by_final:
-            emit(self.store, o.job_id, "segment_ended", node=self.node, instance=self.instance, step=o.step,
-                 how="interrupted", generation=self.last_checkpoint)
+            self._emit(ev.SEGMENT_ENDED, how="interrupted", generation=self.last_checkpoint)
             if self._await_requeue:
                 self._wait_for_requeue()
             return EXIT_FINAL
@@ -479,8 +480,7 @@ class Runner:
                   f"({where}: {why}); a rerun would resume it from its last checkpoint", file=sys.stderr, flush=True)
             log.error("cannot record the result of job %s step %s: %s: %s", o.job_id, o.step, where, why)
             return status
-        emit(self.store, o.job_id, "segment_ended", node=self.node, instance=self.instance, step=o.step,
-             how="completed" if status == 0 else "failed", exit_status=status)
+        self._emit(ev.SEGMENT_ENDED, how="completed" if status == 0 else "failed", exit_status=status)
         # a finished step needs no checkpoint: free the space now rather than at job end (gc does it otherwise)
         try:
             self.store.prune(o.job_id, o.step, 0)
@@ -611,8 +611,7 @@ class Runner:
                     return self._skip_final(decision, reason)
             if not self.instance:  # the agent may have learnt the instance facts after we started
                 self.instance = self.job.instance = load_instance(o.runtime_dir)
-            emit(self.store, o.job_id, "checkpoint_started", node=self.node, instance=self.instance, step=o.step,
-                 final=final, reason=reason)
+            self._emit(ev.CHECKPOINT_STARTED, final=final, reason=reason)
             try:
                 try:
                     res = self.backend.checkpoint(self.job, final=final, reason=reason, timeout=timeout)
@@ -620,8 +619,7 @@ class Runner:
                     raise StoreError(f"{e.filename or self.store.root}: {e.strerror or e}") from e
             except Exception as e:  # whatever failed (a bug too) is recorded; the tool runs on
                 error = str(e) if isinstance(e, CkptError) else f"internal error: {type(e).__name__}: {e}"
-                emit(self.store, o.job_id, "checkpoint_failed", node=self.node, instance=self.instance, step=o.step,
-                     final=final, reason=reason, error=error)
+                self._emit(ev.CHECKPOINT_FAILED, final=final, reason=reason, error=error)
                 print(f"ckpt: checkpoint of job {o.job_id} step {o.step} failed: {error}", file=sys.stderr,
                       flush=True)
                 raise
@@ -631,10 +629,9 @@ class Runner:
                 self._newest_periodic = {"at": self.clock(), "generation": res.generation,
                                          "frozen_seconds": res.frozen_seconds}
             self.last_checkpoint = res.generation
-            emit(self.store, o.job_id, "checkpoint_committed", node=self.node, instance=self.instance, step=o.step,
-                 generation=res.generation, final=final, reason=reason, bytes_in=res.bytes_in,
-                 bytes_written=res.bytes_written, bytes_new=res.bytes_new, frozen_seconds=round(res.frozen_seconds, 3),
-                 seconds=round(res.total_seconds, 3))
+            self._emit(ev.CHECKPOINT_COMMITTED, generation=res.generation, final=final, reason=reason,
+                       bytes_in=res.bytes_in, bytes_written=res.bytes_written, bytes_new=res.bytes_new,
+                       frozen_seconds=round(res.frozen_seconds, 3), seconds=round(res.total_seconds, 3))
             if final:
                 then = ("it resumes when Slurm requeues the job" if o.mode == "transparent"
                         else "run the same command again to resume")
@@ -673,8 +670,7 @@ class Runner:
         periodic generation, which the requeued job resumes from."""
         o = self.opts
         generation = self._newest_periodic["generation"]
-        emit(self.store, o.job_id, "final_skipped", node=self.node, instance=self.instance, step=o.step,
-             reason=reason, generation=generation, **decision.to_json())
+        self._emit(ev.FINAL_SKIPPED, reason=reason, generation=generation, **decision.to_json())
         print(f"ckpt: a final checkpoint of job {o.job_id} step {o.step} would take about "
               f"{decision.predicted_seconds:.0f} s, {decision.time_left_seconds:.0f} s are left: stopping the job "
               f"to resume from checkpoint {generation}, taken {decision.periodic_age_seconds:.0f} s ago",
@@ -716,9 +712,8 @@ class Runner:
             self._final_rates = plan
         if plan is None or abs(plan.interval_seconds - self.interval) < 1:
             return plan
-        emit(self.store, o.job_id, "interval_planned", node=self.node, instance=self.instance, step=o.step,
-             previous_interval_seconds=round(self.interval, 3), configured_interval_seconds=o.interval,
-             **plan.to_json())
+        self._emit(ev.INTERVAL_PLANNED, previous_interval_seconds=round(self.interval, 3),
+                   configured_interval_seconds=o.interval, **plan.to_json())
         print(f"ckpt: a final checkpoint of job {o.job_id} step {o.step} would take about "
               f"{plan.predicted_final_seconds:.0f} s at a {o.interval:g} s interval (budget "
               f"{plan.budget_seconds:g} s): periodic checkpoints every {plan.interval_seconds:.0f} s",

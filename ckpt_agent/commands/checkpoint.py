@@ -23,6 +23,7 @@ from ckpt_agent.commands._common import (
     seconds_arg,
 )
 from ckpt_agent.errors import PermissionDenied
+from ckpt_agent.store import event_names as ev
 from ckpt_agent.util.units import human_bytes
 from ckpt_agent.util.usercreds import owner_of_path
 
@@ -45,13 +46,13 @@ def _previous_size(job_dir: str, step: str) -> Optional[float]:
     try:
         with open(os.path.join(job_dir, "events.jsonl"), encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if '"checkpoint_committed"' in line:
+                if f'"{ev.CHECKPOINT_COMMITTED}"' in line:
                     try:
-                        ev = json.loads(line)
+                        record = json.loads(line)
                     except ValueError:
                         continue
-                    if ev.get("step") == step and ev.get("bytes_written"):
-                        last = float(ev["bytes_written"])
+                    if record.get("step") == step and record.get("bytes_written"):
+                        last = float(record["bytes_written"])
     except OSError:
         return None
     return last

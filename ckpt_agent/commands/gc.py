@@ -40,10 +40,7 @@ def main(args: argparse.Namespace) -> int:
     store = open_store(cfg, args)
     if not os.path.isdir(store.root):
         raise StoreError(f"checkpoint store {store.root} does not exist or is not a directory")
-    g = cfg.gc
-    policy = Policy(grace=args.grace if args.grace is not None else g.grace, max_age=g.max_age,
-                    keep=cfg.checkpoint.keep, high_watermark=g.high_watermark, low_watermark=g.low_watermark,
-                    keep_by_queue=dict(g.queue_keep))
+    policy = Policy.from_config(cfg, grace=args.grace)
     lock = GcLock(os.path.join(cfg.runtime_dir, "gc.lock"))
     if not lock.acquire():
         print(f"ckpt gc: another gc run holds {lock.path}; nothing done", file=sys.stderr)

@@ -29,7 +29,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ckpt_agent.adapters.slurm import FINAL_STATES, UNKNOWN
 from ckpt_agent.errors import (
@@ -38,11 +38,16 @@ from ckpt_agent.errors import (
     SlurmError,
     StoreError,
 )
+from ckpt_agent.node import fields as F
+from ckpt_agent.store import event_names as ev
 from ckpt_agent.store import layout
 from ckpt_agent.store.generations import CheckpointStore
 from ckpt_agent.store.layout import EVENTS, HISTORY_DIR, MANIFEST, RESULT
 from ckpt_agent.util.safeio import open_dir_nofollow, write_atomic
 from ckpt_agent.util.units import human_bytes, iso_seconds
+
+if TYPE_CHECKING:  # the node config module is not needed at run time here
+    from ckpt_agent.node.config import AgentConfig
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("ckpt.events")
@@ -73,12 +78,22 @@ class JobView:
 
 @dataclass
 class Policy:
-    grace: float = 3600
-    max_age: float = 14 * 24 * 3600
-    keep: int = 2
-    high_watermark: float = 85.0
-    low_watermark: float = 75.0
+    """What gc keeps: agent.yaml's `gc` section and `checkpoint.keep` (`from_config`); the defaults are theirs
+    (node/fields.py), so a policy built in a test means what the same numbers mean in a configuration."""
+
+    grace: float = F.GRACE.default
+    max_age: float = F.MAX_AGE.default
+    keep: int = F.KEEP.default
+    high_watermark: float = F.HIGH_WATERMARK.default
+    low_watermark: float = F.LOW_WATERMARK.default
     keep_by_queue: Dict[str, int] = field(default_factory=dict)  # {partition: keep}; others use `keep`
+
+    @classmethod
+    def from_config(cls, cfg: AgentConfig, grace: Optional[float] = None) -> Policy:
+        """The policy of a loaded agent.yaml; `grace` (the --grace flag) overrides gc.grace."""
+        g = cfg.gc
+        return cls(grace=g.grace if grace is None else grace, max_age=g.max_age, keep=cfg.checkpoint.keep,
+                   high_watermark=g.high_watermark, low_watermark=g.low_watermark, keep_by_queue=dict(g.queue_keep))
 
     def keep_for(self, partition: str) -> int:
         return self.keep_by_queue.get(partition, self.keep)
@@ -453,7 +468,7 @@ class GarbageCollector:
             return 0
         self.out.removed.append((a, size))
         self.say(f"{self.act.verb} {a.target}: {a.reason}; {human_bytes(size)}")
-        events_log.info("%s", json.dumps({"event": "gc_removed", "time": iso_seconds(self.now()), "job_id": a.job_id,
+        events_log.info("%s", json.dumps({"event": ev.GC_REMOVED, "time": iso_seconds(self.now()), "job_id": a.job_id,
                                           "step": a.step, "target": a.target, "kind": a.kind, "reason": a.reason,
                                           "bytes": size, "dry_run": self.act.dry_run}, sort_keys=True))
         return size

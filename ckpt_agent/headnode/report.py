@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from ckpt_agent.adapters.slurm import FINAL_STATES, UNKNOWN
+from ckpt_agent.store import event_names as ev
 from ckpt_agent.store.generations import CheckpointStore
 from ckpt_agent.store.layout import EVENTS, HISTORY_DIR
 from ckpt_agent.util.units import human_bytes, iso_seconds
 
 log = logging.getLogger(__name__)
 
-JOB_EVENTS = ("notice_received", "rebalance_received", "drained", "requeued", "requeue_failed")
+JOB_EVENTS = ev.JOB_EVENTS
 
 
 def parse_time(value: Any) -> Optional[dt.datetime]:
@@ -235,9 +236,9 @@ def build_job(job_id: str, events: List[Dict[str, Any]], now: dt.datetime, price
     for e in evs:
         t = parse_time(e["time"])
         kind = e.get("event")
-        if kind == "notice_received":
+        if kind == ev.NOTICE_RECEIVED:
             interruptions += 1
-        elif kind == "requeued":
+        elif kind == ev.REQUEUED:
             requeues += 1
         if kind in JOB_EVENTS or not e.get("step"):
             for seg in open_seg.values():
@@ -246,22 +247,22 @@ def build_job(job_id: str, events: List[Dict[str, Any]], now: dt.datetime, price
             continue
         step = steps.setdefault(e["step"], StepReport(e["step"]))
         seg = open_seg.get(step.step)
-        if seg is not None and kind in ("restored", "segment_started"):  # a new run: the open one was lost
+        if seg is not None and kind in (ev.RESTORED, ev.SEGMENT_STARTED):  # a new run: the open one was lost
             _close(seg, "lost", seg.last_event or seg.start)
             del open_seg[step.step]
             seg = None
         if seg is not None:
             seg.last_event = t
-        if kind == "segment_started":
+        if kind == ev.SEGMENT_STARTED:
             step.mode = e.get("mode") or step.mode
             seg = open_seg[step.step] = Segment(step.step, e.get("node", ""), e.get("instance_id", ""),
                                                 e.get("instance_type", ""), t, e.get("how", "launched"),
                                                 last_event=t)
             step.segments.append(seg)
-        elif kind == "segment_ended" and seg is not None:
+        elif kind == ev.SEGMENT_ENDED and seg is not None:
             _close(seg, e.get("how", "failed"), t)
             del open_seg[step.step]
-        elif kind == "checkpoint_committed":
+        elif kind == ev.CHECKPOINT_COMMITTED:
             step.checkpoints += 1
             step.checkpoint_seconds += float(e.get("seconds") or 0)
             step.frozen_seconds += float(e.get("frozen_seconds") or 0)
@@ -271,12 +272,12 @@ def build_job(job_id: str, events: List[Dict[str, Any]], now: dt.datetime, price
                 # a periodic checkpoint holds the state of its start; after a final one the tool ran no more
                 took = 0.0 if e.get("final") else float(e.get("seconds") or 0)
                 seg.captured = t - dt.timedelta(seconds=took)
-        elif kind == "checkpoint_failed":
+        elif kind == ev.CHECKPOINT_FAILED:
             step.checkpoints_failed += 1
-        elif kind == "final_skipped":
+        elif kind == ev.FINAL_SKIPPED:
             step.finals_skipped.append({k: e.get(k) for k in ("time", "generation", "predicted_seconds",
                                                                "time_left_seconds", "periodic_age_seconds")})
-        elif kind == "restored":
+        elif kind == ev.RESTORED:
             step.restores += 1
             step.restore_seconds += float(e.get("seconds") or 0)
     for seg in open_seg.values():

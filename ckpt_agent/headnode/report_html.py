@@ -19,6 +19,7 @@ import html
 from typing import Any, Dict, List, Optional, Tuple
 
 from ckpt_agent.headnode.report import hours, parse_time, usd
+from ckpt_agent.store import event_names as ev
 from ckpt_agent.util.units import human_bytes
 
 ROW = 18  # timeline row height, px
@@ -56,7 +57,7 @@ def _fmt_time(t: dt.datetime, span: float) -> str:
 
 def instants(events: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Dict[str, List[dt.datetime]]]:
     """{job id: {"checkpoint": [...], "notice": [...], "restore": [...]}} from the events."""
-    kinds = {"checkpoint_committed": "checkpoint", "notice_received": "notice", "restored": "restore"}
+    kinds = {ev.CHECKPOINT_COMMITTED: "checkpoint", ev.NOTICE_RECEIVED: "notice", ev.RESTORED: "restore"}
     out: Dict[str, Dict[str, List[dt.datetime]]] = {}
     for job_id, evs in events.items():
         got: Dict[str, List[dt.datetime]] = {"checkpoint": [], "notice": [], "restore": []}

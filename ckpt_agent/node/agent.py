@@ -33,9 +33,11 @@ from ckpt_agent.adapters import control
 from ckpt_agent.adapters.imds import ImdsClient, RebalanceNotice, SpotNotice
 from ckpt_agent.checkpoint.runner import list_registrations, registration_dir
 from ckpt_agent.errors import CkptError, ImdsError
+from ckpt_agent.node.actions import notice_handler, rebalance_action
 from ckpt_agent.node.config import AgentSettings
 from ckpt_agent.node.monitor import InterruptionMonitor
 from ckpt_agent.node.requeue import Requeuer
+from ckpt_agent.store import event_names as ev
 from ckpt_agent.store.events import emit
 from ckpt_agent.store.generations import CheckpointStore
 from ckpt_agent.util.safeio import write_atomic
@@ -96,7 +98,7 @@ class NoticeHandler:
         if deadline is not None:
             remaining = (deadline - self.now()).total_seconds()
             if remaining <= 1:
-                self._emit(reg["job_id"], "checkpoint_failed", step=reg["step"], final=final, reason=reason,
+                self._emit(reg["job_id"], ev.CHECKPOINT_FAILED, step=reg["step"], final=final, reason=reason,
                            error="no time left before the deadline")
                 return None
         try:
@@ -160,7 +162,7 @@ class NoticeHandler:
         log.warning("spot interruption notice: %s at %s; %d job(s) on %s", notice.action, notice.time.isoformat(),
                     len(job_ids), self.node)
         for job_id in job_ids:
-            self._emit(job_id, "notice_received", action=notice.action, notice_time=_iso(notice.time),
+            self._emit(job_id, ev.NOTICE_RECEIVED, action=notice.action, notice_time=_iso(notice.time),
                        deadline=_iso(deadline))
         reason = f"spot interruption: instance {notice.action} at {_iso(notice.time)}"
         self._drain(reason, job_ids)
@@ -173,11 +175,17 @@ class NoticeHandler:
         log.warning("rebalance recommendation at %s: action %s for %d job(s)", _iso(notice.notice_time), action,
                     len(job_ids))
         for job_id in job_ids:
-            self._emit(job_id, "rebalance_received", notice_time=_iso(notice.notice_time), action=action)
-        if action == "checkpoint":
-            self.checkpoint_all(regs, final=False, reason="rebalance", deadline=None)
-        elif action == "drain":
-            self._drain(f"rebalance recommendation at {_iso(notice.notice_time)}", job_ids)
+            self._emit(job_id, ev.REBALANCE_RECEIVED, notice_time=_iso(notice.notice_time), action=action)
+        rebalance_action(self, action)(regs, job_ids, notice)
+
+    def rebalance_checkpoint(self, regs: List[Dict[str, Any]], job_ids: List[str], notice: RebalanceNotice) -> None:
+        self.checkpoint_all(regs, final=False, reason="rebalance", deadline=None)
+
+    def rebalance_drain(self, regs: List[Dict[str, Any]], job_ids: List[str], notice: RebalanceNotice) -> None:
+        self._drain(f"rebalance recommendation at {_iso(notice.notice_time)}", job_ids)
+
+    def rebalance_ignore(self, regs: List[Dict[str, Any]], job_ids: List[str], notice: RebalanceNotice) -> None:
+        pass  # the rebalance_received event above is the record
 
     def _drain(self, reason: str, job_ids: List[str]) -> None:
         try:
@@ -186,7 +194,7 @@ class NoticeHandler:
             log.error("drain of %s failed: %s", self.node, e)
             return
         for job_id in job_ids:
-            self._emit(job_id, "drained", reason=reason)
+            self._emit(job_id, ev.DRAINED, reason=reason)
 
 
 class Agent:
@@ -235,11 +243,11 @@ class Agent:
             log.warning("IMDS poll failed (retrying): %s", e)
             return
         for notice in notices:
+            handle = notice_handler(self.handler, notice)  # None: an unknown kind, logged
+            if handle is None:
+                continue
             try:
-                if isinstance(notice, SpotNotice):
-                    self.handler.on_spot(notice)
-                else:
-                    self.handler.on_rebalance(notice)
+                handle(notice)
             except Exception:  # one bad notice must not stop the agent
                 log.exception("handling %r failed", notice)
 

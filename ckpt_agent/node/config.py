@@ -1,7 +1,10 @@
 """The node-side configuration, `agent.yaml`: what `ckpt run`, `ckpt agent` and `ckpt gc` read.
 
 `ckpt render` writes one per queue from the admin's site file. Every key has a default, so a machine with no file
-(tests, the demo) runs on defaults and the environment. Unknown keys and wrong types are errors naming the key path.
+(tests, the demo) runs on defaults and the environment. The file is checked with the site file's schema engine
+(util/yamlschema.py) and the settings both files have are defined once (node/fields.py), so the limits agree. Every
+problem is reported together, each as `FILE:LINE: key.path: message` (unknown keys with a "did you mean" hint), in one
+ConfigError (exit 78).
 
 Precedence, highest first: command-line flags, environment ($CKPT_STORE, $CKPT_RUNTIME_DIR,
 $AWS_EC2_METADATA_SERVICE_ENDPOINT), the file (--config, else $CKPT_CONFIG, else /etc/ckpt-agent/agent.yaml).
@@ -9,14 +12,26 @@ $AWS_EC2_METADATA_SERVICE_ENDPOINT), the file (--config, else $CKPT_CONFIG, else
 
 from __future__ import annotations
 
-import difflib
-import math
+import copy
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 from ckpt_agent.errors import ConfigError
-from ckpt_agent.util.yamlschema import Lines, load_yaml_with_lines, read_config_text
+from ckpt_agent.node import fields as F
+from ckpt_agent.util.yamlschema import (
+    AnyMap,
+    Bool,
+    Field,
+    Float,
+    Int,
+    List,
+    Map,
+    Str,
+    load_yaml_with_lines,
+    read_config_text,
+    validate,
+)
 
 DEFAULT_CONFIG_PATH = "/etc/ckpt-agent/agent.yaml"
 DEFAULT_RUNTIME_DIR = "/run/ckpt-agent"
@@ -26,21 +41,21 @@ DEFAULT_PRICES_FILE = "/var/lib/ckpt-agent/prices.json"
 
 @dataclass
 class CheckpointSettings:
-    interval: int = 900  # seconds between periodic checkpoints; 15 min bounds lost work at a few % of a long job
-    keep: int = 2  # committed generations kept per step: the newest plus one fallback if it turns out damaged
-    compression: str = "zstd"  # zstd | none; zstd is applied per chunk only where it saves space
-    staging_dir: str = "auto"  # where CRIU writes images before they enter the store; auto = tmpfs if RAM allows
+    interval: int = F.INTERVAL.default
+    keep: int = F.KEEP.default
+    compression: str = F.COMPRESSION.default
+    staging_dir: str = F.STAGING_DIR.default
     stream: str = "auto"  # auto | always | off: images stream into the store as CRIU dumps (streamdump.stream_dump)
-    extra_paths: list = field(default_factory=list)  # more directories captured with the working directory
-    ghost_limit: str = "1G"  # deleted-but-open temp files up to this size are saved (CRIU's default 1 MiB is too small)
+    extra_paths: list = field(default_factory=list)
+    ghost_limit: str = F.GHOST_LIMIT.default
     tcp_close: bool = True  # restore TCP connections closed: a license-server client reconnects from the new IP
 
 
 @dataclass
 class AgentSettings:
-    poll_interval: float = 2.0  # IMDS polls per notice window: 2 s wastes under 2% of the 120 s notice
-    deadline_margin: int = 20  # seconds before the reclaim time reserved for unmounting FSx
-    rebalance_action: str = "checkpoint"  # checkpoint | drain | ignore
+    poll_interval: float = F.POLL_INTERVAL.default
+    deadline_margin: int = F.DEADLINE_MARGIN.default
+    rebalance_action: str = F.REBALANCE_ACTION.default  # a key of node/actions.py REBALANCE_ACTIONS
     max_parallel: int = 4  # final checkpoints run at once; more only splits the store's bandwidth
     imds_endpoint: str = DEFAULT_IMDS_ENDPOINT
     socket: str = ""  # the agent's Unix socket; default <runtime_dir>/agent.sock
@@ -52,10 +67,10 @@ class AgentSettings:
 
 @dataclass
 class GcSettings:
-    grace: int = 3600
-    max_age: int = 14 * 24 * 3600
-    high_watermark: float = 85.0
-    low_watermark: float = 75.0
+    grace: int = F.GRACE.default
+    max_age: int = F.MAX_AGE.default
+    high_watermark: float = F.HIGH_WATERMARK.default
+    low_watermark: float = F.LOW_WATERMARK.default
     # {partition: generations kept}: each queue's checkpoint.keep, for the head node's gc (the job's partition
     # decides; partitions not listed use checkpoint.keep)
     queue_keep: Dict[str, int] = field(default_factory=dict)
@@ -67,10 +82,10 @@ class MonitoringSettings:
     cluster: str = ""  # the ClusterName dimension and the notification's cluster
     region: str = ""  # AWS region of CloudWatch, SNS and EventBridge; empty = the AWS SDK's default
     metrics: bool = False  # publish lifecycle metrics to CloudWatch
-    namespace: str = "CkptAgent"
+    namespace: str = F.NAMESPACE.default
     sns_topic_arn: str = ""  # notifications for what needs a human (failed or late final checkpoints, ...)
     event_bus: str = ""  # ... or to this EventBridge bus
-    dedupe_window: int = 3600  # the same job and cause is notified once per window (seconds)
+    dedupe_window: int = F.DEDUPE_WINDOW.default  # the same job and cause is notified once per window (seconds)
     timeout: float = 5.0  # per AWS call, in the background; also the most the wrapper waits at exit to flush
     endpoint_url: str = ""  # another endpoint for all three services (tests, VPC endpoints)
 
@@ -98,120 +113,68 @@ class AgentConfig:
         return self.agent.socket or os.path.join(self.runtime_dir, "agent.sock")
 
 
-_ENUMS = {
-    "checkpoint.compression": ("zstd", "none"),
-    "checkpoint.stream": ("auto", "always", "off"),
-    "agent.rebalance_action": ("checkpoint", "drain", "ignore"),
-}
-_MINIMUMS = {
-    "checkpoint.interval": 10,
-    "checkpoint.keep": 1,
-    "agent.poll_interval": 0.1,
-    "agent.deadline_margin": 0,
-    "agent.max_parallel": 1,
-    "gc.grace": 0,
-    "gc.max_age": 0,
-    "monitoring.dedupe_window": 0,
-    "monitoring.timeout": 0.1,
-}
+# ---- the schema: the shared fields (node/fields.py) plus the node's own ------------------------------------------
+
+_TEXT = Str(min_len=0)  # free text, may be empty (the dataclass default says what empty means)
 
 
-# upper bounds: a year for every interval and duration (larger values overflow timers and kill threads)
-_MAX_NUMBER = 365 * 24 * 3600
-_MAXIMUMS = {
-    "agent.max_parallel": 1024,
-    "gc.high_watermark": 100.0,
-    "gc.low_watermark": 100.0,
-}
+def _section(cls: type, specs: Dict[str, Any], rules=()) -> Map:
+    """A Map of `cls`'s fields: each spec (a Spec, or a shared Field whose spec is used) with the dataclass's default.
+    Every dataclass field needs a spec and every spec a field: a mismatch is a bug, caught at import."""
+    names = [f.name for f in fields(cls) if f.name != "source"]
+    assert sorted(names) == sorted(specs), (cls.__name__, sorted(set(names) ^ set(specs)))
+    blank = cls()
+    out: Dict[str, Field] = {}
+    for name in names:
+        spec = specs[name]
+        value = getattr(blank, name)
+        spec = spec.spec if isinstance(spec, Field) else spec
+        if isinstance(spec, Map):  # an absent section: the Map fills in its own defaults
+            out[name] = Field(spec)
+        elif isinstance(value, (list, dict)):
+            out[name] = Field(spec, default=lambda v=value: copy.deepcopy(v))
+        else:
+            out[name] = Field(spec, default=value)
+    return Map(out, rules=rules)
 
 
-class _Problems:
-    """Every problem found in one file, each as `FILE:LINE: key.path: message` (STYLE.md: report them together)."""
+CHECKPOINT = _section(CheckpointSettings, {
+    "interval": F.INTERVAL, "keep": F.KEEP, "compression": F.COMPRESSION, "staging_dir": F.STAGING_DIR,
+    "stream": Str(choices=("auto", "always", "off")),
+    "extra_paths": F.EXTRA_PATHS, "ghost_limit": F.GHOST_LIMIT, "tcp_close": Bool(),
+}, rules=[F.rule_extra_paths])
+AGENT = _section(AgentSettings, {
+    "poll_interval": F.POLL_INTERVAL, "deadline_margin": F.DEADLINE_MARGIN, "rebalance_action": F.REBALANCE_ACTION,
+    "max_parallel": Int(min=1, max=1024), "imds_endpoint": Str(), "socket": _TEXT, "key_file": Str(),
+    "cpu_families": List(Str(), unique=True),
+})
+GC = _section(GcSettings, {
+    "grace": F.GRACE, "max_age": F.MAX_AGE, "high_watermark": F.HIGH_WATERMARK, "low_watermark": F.LOW_WATERMARK,
+    "queue_keep": AnyMap(Str(), F.KEEP.spec),
+}, rules=[F.rule_watermarks])
+MONITORING = _section(MonitoringSettings, {
+    "cluster": _TEXT, "region": _TEXT, "metrics": Bool(), "namespace": F.NAMESPACE,
+    "sns_topic_arn": F.SNS_TOPIC_ARN, "event_bus": F.EVENT_BUS,
+    "dedupe_window": F.DEDUPE_WINDOW, "timeout": Float(min=0.1, max=3600, unit="s"), "endpoint_url": _TEXT,
+})
+AGENT_SCHEMA = _section(AgentConfig, {
+    "store": _TEXT, "runtime_dir": Str(), "queue": _TEXT, "cluster": _TEXT, "criu": Str(), "slurm_bin_dir": _TEXT,
+    "checkpoint": CHECKPOINT, "agent": AGENT, "gc": GC, "monitoring": MONITORING,
+    "prices": AnyMap(F.INSTANCE_TYPE, F.PRICE), "prices_file": Str(),
+})
 
-    def __init__(self, source: str, lines: Optional[Lines]):
-        self.source = source
-        self.lines = lines
-        self.items: List[str] = []
 
-    def add(self, path: Tuple[str, ...], message: str, key: bool = False) -> None:
-        where = self.source
-        if self.lines is not None:
-            line = self.lines.of_key(path) if key else self.lines.of_value(path)
-            where = f"{self.source}:{line}"
-        self.items.append(f"{where}: {'.'.join(path) or 'top level'}: {message}")
-
-
-def _apply(obj: Any, data: Any, path: Tuple[str, ...], problems: _Problems) -> None:
-    if not isinstance(data, dict):
-        problems.add(path, f"must be a mapping, got {type(data).__name__}")
-        return
-    known = {f.name: f for f in fields(obj) if f.name != "source"}
-    for key, value in data.items():
-        where = path + (str(key),)
-        if key not in known:
-            hint = difflib.get_close_matches(str(key), list(known), n=1)
-            problems.add(where, "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""), key=True)
+def _build(cls: type, data: Dict[str, Any]) -> Any:
+    """The dataclass `cls` from validated data (nested sections become their dataclasses)."""
+    blank = cls()
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
             continue
-        current = getattr(obj, key)
-        if hasattr(current, "__dataclass_fields__"):
-            _apply(current, value, where, problems)
-            continue
-        try:
-            setattr(obj, key, _coerce(current, value, ".".join(where)))
-        except ValueError as e:
-            problems.add(where, str(e))
-
-
-def _coerce(current: Any, value: Any, where: str) -> Any:
-    def bad(expected: str) -> ValueError:
-        return ValueError(f"must be {expected}, got {value!r}")
-
-    if isinstance(current, bool):
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if isinstance(current, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        if not math.isfinite(value):
-            raise bad("a finite number")
-        if isinstance(current, int) and not isinstance(current, bool) and value != int(value):
-            raise bad("a whole number")
-        value = type(current)(value)
-        low = _MINIMUMS.get(where)
-        if low is not None and value < low:
-            raise ValueError(f"must be >= {low:g}, got {value:g}")
-        high = _MAXIMUMS.get(where, _MAX_NUMBER)
-        if value > high:
-            raise ValueError(f"must be <= {high:g}, got {value:g}")
-        return value
-    if isinstance(current, str):
-        if not isinstance(value, str):
-            raise bad("a string")
-        allowed = _ENUMS.get(where)
-        if allowed and value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
-        return value
-    if isinstance(current, list):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of strings")
-        return value
-    if isinstance(current, dict):
-        if not isinstance(value, dict):
-            raise bad("a mapping")
-        if where == "prices":
-            for itype, p in value.items():
-                if not isinstance(p, dict) or not all(
-                        k in ("spot", "ondemand") and not isinstance(v, bool) and isinstance(v, (int, float))
-                        and math.isfinite(v) and v >= 0 for k, v in p.items()):
-                    raise ValueError(f"{itype}: must be a mapping of spot and ondemand to finite prices >= 0, "
-                                     f"got {p!r}")
-        if where == "gc.queue_keep" and not all(
-            isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 1 for k, n in value.items()
-        ):
-            raise bad("a mapping of partition names to whole numbers >= 1")
-        return value
-    return value
+        current = getattr(blank, f.name)
+        values[f.name] = _build(type(current), data[f.name]) if hasattr(current, "__dataclass_fields__") \
+            else data[f.name]
+    return cls(**values)
 
 
 def load_agent_config(path: Optional[str] = None, *, required: bool = False) -> AgentConfig:
@@ -232,10 +195,11 @@ def load_agent_config(path: Optional[str] = None, *, required: bool = False) -> 
         data, lines = load_yaml_with_lines(text, chosen)  # malformed YAML: ConfigError naming FILE:LINE
         cfg.source = chosen
         if data is not None:
-            problems = _Problems(chosen, lines)
-            _apply(cfg, data, (), problems)
-            if problems.items:
-                raise ConfigError("; ".join(problems.items))
+            converted, problems = validate(data, AGENT_SCHEMA, chosen, lines)
+            if problems:  # every problem, each `FILE:LINE: key.path: message`
+                raise ConfigError("; ".join(map(str, problems)))
+            cfg = _build(AgentConfig, converted)
+            cfg.source = chosen
     if os.environ.get("CKPT_STORE"):
         cfg.store = os.environ["CKPT_STORE"]
     if os.environ.get("CKPT_RUNTIME_DIR"):

@@ -47,6 +47,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from ckpt_agent.adapters.slurm import JobNotFound
 from ckpt_agent.errors import CkptError, ConfigError, SlurmError
+from ckpt_agent.store import event_names as ev
 from ckpt_agent.util.safeio import write_atomic
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class Requeuer:
         except CkptError as e:
             log.error("requeue of job %s failed: %s", job_id, e)
             self._mark(job_id, ok=False, error=str(e))
-            self.emit(job_id, "requeue_failed", error=str(e))
+            self.emit(job_id, ev.REQUEUE_FAILED, error=str(e))
             return False
         requeued_at = self.clock()
         self._mark(job_id, ok=True)
@@ -151,7 +152,7 @@ class Requeuer:
             except CkptError as e:
                 log.error("cannot constrain job %s to CPU family %s: %s", job_id, family, e)
                 features = None
-        self.emit(job_id, "requeued", reason=reason, features=features or "")
+        self.emit(job_id, ev.REQUEUED, reason=reason, features=features or "")
         self.last_features = features
         t = threading.Thread(target=self.expedite, args=(job_id, requeued_at), name=f"expedite-{job_id}",
                              daemon=True)
@@ -209,7 +210,7 @@ class Requeuer:
         except CkptError as e:
             log.warning("job %s: cannot cut the requeue delay: %s", job_id, e)
             return
-        self.emit(job_id, "requeue_expedited", seconds=round(self.clock() - requeued_at, 3))
+        self.emit(job_id, ev.REQUEUE_EXPEDITED, seconds=round(self.clock() - requeued_at, 3))
 
     def _mark(self, job_id: str, **fields) -> None:
         d = marker_dir(self.runtime_dir)

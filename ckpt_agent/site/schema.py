@@ -17,13 +17,12 @@ from typing import Any, Dict
 from typing import List as ListT
 
 from ckpt_agent.errors import ConfigError, UsageError
+from ckpt_agent.node import fields as F
 from ckpt_agent.util.yamlschema import (
     AnyMap,
     Bool,
     Context,
-    Duration,
     Field,
-    Float,
     Int,
     List,
     Map,
@@ -166,9 +165,7 @@ _CRON_FIELD = re.compile(r"[0-9A-Za-z*/,-]+")
 
 
 def _rule_cleanup(d: Dict[str, Any], path: Path, ctx: Context) -> None:
-    low, high = d.get("low_watermark"), d.get("high_watermark")
-    if low is not None and high is not None and low >= high:
-        ctx.error(path + ("low_watermark",), f"must be below high_watermark ({high:g}), got {low:g}")
+    F.rule_watermarks(d, path, ctx)
     fields = (d.get("schedule") or "").split()
     if d.get("schedule") is not None and (len(fields) != 5 or not all(_CRON_FIELD.fullmatch(f) for f in fields)):
         ctx.error(path + ("schedule",), f"must be a 5-field cron schedule like '*/15 * * * *', got {d['schedule']!r}")
@@ -215,12 +212,6 @@ def _rule_queue(d: Dict[str, Any], path: Path, ctx: Context) -> None:
         ctx.error(path + ("checkpoint", "rebalance_action"), "On-Demand nodes get no rebalance recommendations")
 
 
-def _rule_checkpoint(d: Dict[str, Any], path: Path, ctx: Context) -> None:
-    for i, p in enumerate(d.get("extra_paths") or []):
-        if not p.startswith("/") or posixpath.normpath(p) != p:
-            ctx.error(path + ("extra_paths", i), f"must be a normalized absolute path, got {p!r}")
-
-
 def _rule_site(d: Dict[str, Any], path: Path, ctx: Context) -> None:
     seen: Dict[str, int] = {}
     for i, q in enumerate(d.get("queues") or []):
@@ -258,7 +249,7 @@ def _rule_monitoring(d: Dict[str, Any], path: Path, ctx: Context) -> None:
 
 _NAME = Str(pattern=r"[a-z][a-z0-9-]*", pattern_help="lowercase letters, digits and '-', starting with a letter",
             max_len=QUEUE_NAME_MAX)
-_INSTANCE_TYPE = Str(pattern=r"[a-z0-9]+[a-z0-9-]*\.[a-z0-9-]+", pattern_help="an EC2 instance type like r6i.4xlarge")
+_INSTANCE_TYPE = F.INSTANCE_TYPE
 
 _ACTION = Map(
     {
@@ -289,17 +280,18 @@ CHECKPOINT = Map(
         "enabled": Field(Bool(), default=True),
         # Transparent mode: the job_submit plugin runs every batch script of this queue under `ckpt run`.
         "transparent": Field(Bool(), default=False),
-        "interval": Field(Duration(min=60, max=7 * 86400), default=900),
-        "keep": Field(Int(min=1, max=10), default=2),
-        "compression": Field(Str(choices=("zstd", "none")), default="zstd"),
-        "extra_paths": Field(List(Str(), unique=True), default=list),
-        "rebalance_action": Field(Str(choices=("checkpoint", "drain", "ignore")), default="checkpoint"),
-        "poll_interval": Field(Float(min=0.5, max=30, unit="s"), default=2.0),
-        "deadline_margin": Field(Duration(min=0, max=100), default=20),
-        "staging_dir": Field(Str(), default="auto"),
-        "ghost_limit": Field(Str(pattern=r"\d+[KMG]?", pattern_help="a size like 64M or 1G"), default="1G"),
+        # the settings agent.yaml has too, defined once (node/fields.py)
+        "interval": F.INTERVAL,
+        "keep": F.KEEP,
+        "compression": F.COMPRESSION,
+        "extra_paths": F.EXTRA_PATHS,
+        "rebalance_action": F.REBALANCE_ACTION,
+        "poll_interval": F.POLL_INTERVAL,
+        "deadline_margin": F.DEADLINE_MARGIN,
+        "staging_dir": F.STAGING_DIR,
+        "ghost_limit": F.GHOST_LIMIT,
     },
-    rules=[_rule_checkpoint],
+    rules=[F.rule_extra_paths],
 )
 
 QUEUE = Map(
@@ -349,15 +341,11 @@ TRANSPARENT = Map(
 MONITORING = Map(
     {
         "metrics": Field(Bool(), default=True),
-        "namespace": Field(Str(pattern=r"[A-Za-z0-9._/#:-]{1,255}", pattern_help="a CloudWatch namespace"),
-                           default="CkptAgent"),
+        "namespace": F.NAMESPACE,
         "dashboard": Field(Bool(), default=True),
-        "sns_topic_arn": Field(Str(pattern=r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?",
-                                   pattern_help="an SNS topic ARN")),
-        "event_bus": Field(Str(pattern=r"[A-Za-z0-9._/-]{1,256}|arn:aws[a-z-]*:events:[a-z0-9-]+:\d{12}:"
-                                       r"event-bus/[A-Za-z0-9._/-]{1,256}",
-                               pattern_help="an EventBridge bus name or ARN")),
-        "dedupe_window": Field(Duration(min=0, max=7 * 86400), default=3600),
+        "sns_topic_arn": F.SNS_TOPIC_ARN,
+        "event_bus": F.EVENT_BUS,
+        "dedupe_window": F.DEDUPE_WINDOW,
         "nodes_policy_arn": Field(Str(pattern=r"arn:aws[a-z-]*:iam::(\d{12}|aws):policy/[A-Za-z0-9+=,.@_/-]+",
                                       pattern_help="an IAM policy ARN")),
     },
@@ -462,10 +450,10 @@ SITE = Map(
             Map(
                 {
                     "schedule": Field(Str(), default="*/15 * * * *"),
-                    "grace": Field(Duration(min=0), default=3600),
-                    "max_age": Field(Duration(min=3600), default=14 * 86400),
-                    "high_watermark": Field(Float(min=1, max=100, unit="%"), default=85.0),
-                    "low_watermark": Field(Float(min=0, max=99, unit="%"), default=75.0),
+                    "grace": F.GRACE,  # these four are agent.yaml's gc settings (node/fields.py)
+                    "max_age": F.MAX_AGE,
+                    "high_watermark": F.HIGH_WATERMARK,
+                    "low_watermark": F.LOW_WATERMARK,
                 },
                 rules=[_rule_cleanup],
             )
@@ -489,8 +477,7 @@ SITE = Map(
             )
         ),
         "prices": Field(
-            AnyMap(_INSTANCE_TYPE, Map({"spot": Field(Float(min=0), required=True),
-                                        "ondemand": Field(Float(min=0), required=True)})),
+            AnyMap(_INSTANCE_TYPE, F.PRICE),
             default=dict,
         ),
         "transparent": Field(TRANSPARENT),

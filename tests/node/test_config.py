@@ -128,7 +128,7 @@ def test_unknown_key_with_did_you_mean(tmp_path, text, where, hint):
 
 def test_unknown_key_without_a_close_match_has_no_hint(tmp_path):
     message = load_error(tmp_path, "zzzzzz: 1\n")
-    assert message.endswith(": zzzzzz: unknown key")
+    assert ": zzzzzz: unknown key (known keys: store, runtime_dir," in message and "did you mean" not in message
 
 
 def test_source_is_not_a_settable_key(tmp_path):
@@ -138,21 +138,26 @@ def test_source_is_not_a_settable_key(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        pytest.param("checkpoint:\n  interval: soon\n", "checkpoint.interval: must be a number, got 'soon'",
+        pytest.param("checkpoint:\n  interval: soon\n",
+                     "checkpoint.interval: must be a duration (seconds, or like 15m, 1h, 14d), got a string ('soon')",
                      id="string-for-number"),
-        pytest.param("checkpoint:\n  interval: 60.5\n", "checkpoint.interval: must be a whole number, got 60.5",
+        pytest.param("checkpoint:\n  interval: 60.5\n",
+                     "checkpoint.interval: must be a duration (seconds, or like 15m, 1h, 14d), got float 60.5",
                      id="float-for-int"),
-        pytest.param("checkpoint:\n  keep: true\n", "checkpoint.keep: must be a number, got True", id="bool-for-int"),
-        pytest.param("checkpoint:\n  tcp_close: 'yes'\n", "checkpoint.tcp_close: must be true or false, got 'yes'",
+        pytest.param("checkpoint:\n  keep: true\n",
+                     "checkpoint.keep: must be a whole number, got a boolean (true)", id="bool-for-int"),
+        pytest.param("checkpoint:\n  tcp_close: 'yes'\n",
+                     "checkpoint.tcp_close: must be true or false, got a string ('yes')",
                      id="string-for-bool"),
-        pytest.param("store: 5\n", "store: must be a string, got 5", id="int-for-string"),
-        pytest.param("checkpoint:\n  extra_paths: /scratch\n", "checkpoint.extra_paths: must be a list of strings",
+        pytest.param("store: 5\n", "store: must be a string, got int 5", id="int-for-string"),
+        pytest.param("checkpoint:\n  extra_paths: /scratch\n",
+                     "checkpoint.extra_paths: must be a list, got a string ('/scratch')",
                      id="string-for-list"),
-        pytest.param("checkpoint:\n  extra_paths: [1]\n", "checkpoint.extra_paths: must be a list of strings",
+        pytest.param("checkpoint:\n  extra_paths: [1]\n", "checkpoint.extra_paths[0]: must be a string, got int 1",
                      id="list-of-ints"),
         pytest.param("checkpoint: 5\n", "checkpoint: must be a mapping, got int", id="scalar-for-section"),
         pytest.param("prices: [1]\n", "prices: must be a mapping", id="list-for-mapping"),
-        pytest.param("- a\n- b\n", "top level: must be a mapping, got list", id="top-level-list"),
+        pytest.param("- a\n- b\n", "(top level): must be a mapping, got a list", id="top-level-list"),
     ],
 )
 def test_wrong_types_name_the_key(tmp_path, text, expected):
@@ -162,11 +167,11 @@ def test_wrong_types_name_the_key(tmp_path, text, expected):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        pytest.param("checkpoint:\n  interval: 5\n", "checkpoint.interval: must be >= 10, got 5", id="interval"),
+        pytest.param("checkpoint:\n  interval: 5\n", "checkpoint.interval: must be >= 10 s, got 5", id="interval"),
         pytest.param("checkpoint:\n  keep: 0\n", "checkpoint.keep: must be >= 1, got 0", id="keep"),
-        pytest.param("agent:\n  poll_interval: 0.01\n", "agent.poll_interval: must be >= 0.1, got 0.01", id="poll"),
+        pytest.param("agent:\n  poll_interval: 0.01\n", "agent.poll_interval: must be >= 0.1 s, got 0.01", id="poll"),
         pytest.param("agent:\n  max_parallel: 0\n", "agent.max_parallel: must be >= 1, got 0", id="parallel"),
-        pytest.param("gc:\n  grace: -1\n", "gc.grace: must be >= 0, got -1", id="grace"),
+        pytest.param("gc:\n  grace: -1\n", "gc.grace: must be >= 0 s, got -1", id="grace"),
     ],
 )
 def test_minimums(tmp_path, text, expected):
@@ -233,3 +238,36 @@ def test_every_problem_is_reported_together(tmp_path):
     assert "agent.yaml:1: stor: unknown key (did you mean 'store'?)" in message
     assert "agent.yaml:3: checkpoint.interval: must be >= 10" in message
     assert "agent.yaml:4: checkpoint.compression: must be one of zstd, none" in message
+
+
+def test_rules_shared_with_the_site_file_apply_to_agent_yaml(tmp_path):
+    message = load_error(tmp_path, "checkpoint:\n  extra_paths: [rel/dir]\ngc:\n  high_watermark: 70\n"
+                                   "  low_watermark: 80\n")
+    assert "agent.yaml:2: checkpoint.extra_paths[0]: must be a normalized absolute path, got 'rel/dir'" in message
+    assert "agent.yaml:5: gc.low_watermark: must be below high_watermark (70), got 80" in message
+
+
+def test_a_misspelt_choice_gets_a_hint(tmp_path):
+    assert ("agent.rebalance_action: must be one of checkpoint, drain, ignore, got 'drian' (did you mean 'drain'?)"
+            in load_error(tmp_path, "agent:\n  rebalance_action: drian\n"))
+
+
+def test_durations_are_accepted_as_in_the_site_file(tmp_path):
+    cfg = load_agent_config(write(tmp_path, "checkpoint:\n  interval: 15m\ngc:\n  max_age: 14d\n"))
+    assert (cfg.checkpoint.interval, cfg.gc.max_age) == (900, 14 * 86400)
+
+
+def test_the_limits_are_the_site_files():
+    """One definition (node/fields.py): agent.yaml and the site file check the shared settings with one spec."""
+    from ckpt_agent.node import config
+    from ckpt_agent.site import schema
+
+    pairs = [(schema.CHECKPOINT, config.CHECKPOINT, k) for k in ("interval", "keep", "compression", "extra_paths",
+                                                                 "staging_dir", "ghost_limit")]
+    pairs += [(schema.CHECKPOINT, config.AGENT, k) for k in ("poll_interval", "deadline_margin", "rebalance_action")]
+    cleanup = schema.SITE.fields["cleanup"].spec
+    pairs += [(cleanup, config.GC, k) for k in ("grace", "max_age", "high_watermark", "low_watermark")]
+    pairs += [(schema.MONITORING, config.MONITORING, k) for k in ("namespace", "sns_topic_arn", "event_bus",
+                                                                  "dedupe_window")]
+    for site_map, node_map, key in pairs:
+        assert site_map.fields[key].spec is node_map.fields[key].spec, key
