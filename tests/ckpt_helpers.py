@@ -130,3 +130,19 @@ def store_with_job(tmp_path: Path, job: str, step: str = "main"):
     store = CheckpointStore(str(root))
     store.ensure_job(job, step)
     return store
+
+
+def page_tool_verdict(work) -> str:
+    """Ask the page tool (data/runner/pagetool.py) running in `work` to compare its memory with what its seeds say;
+    its verdict."""
+    work = Path(work)
+    (work / "check").touch()
+    wait_for(lambda: (work / "checked").exists(), 60, "the tool to check its memory")
+    verdict = (work / "checked").read_text().strip()
+    (work / "checked").unlink()
+    return verdict
+
+
+def pages_images(manifest):
+    """The pages-N.img entries of a manifest as stored (JSON)."""
+    return [i for i in manifest["images"] if i["name"].startswith("pages-")]

@@ -230,9 +230,12 @@ def _keep_log(path: str) -> str:
         return path
 
 
-def _varint(buf: bytes, pos: int):
+def read_varint(buf: bytes, pos: int) -> Tuple[int, int]:
+    """A protobuf varint at `pos`: (value, position after it); ValueError when `buf` ends inside it."""
     value = shift = 0
     while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
         b = buf[pos]
         pos += 1
         value |= (b & 0x7F) << shift
@@ -245,10 +248,10 @@ def _fields(msg: bytes) -> Dict[int, int]:
     out: Dict[int, int] = {}
     i = 0
     while i < len(msg):
-        key, i = _varint(msg, i)
+        key, i = read_varint(msg, i)
         if key & 7 != 0:
             raise ValueError("unexpected wire type in pagemap image")
-        out[key >> 3], i = _varint(msg, i)
+        out[key >> 3], i = read_varint(msg, i)
     return out
 
 

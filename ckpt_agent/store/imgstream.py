@@ -25,6 +25,8 @@ import struct
 import threading
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
+from ckpt_agent.adapters.criu import read_varint
+
 log = logging.getLogger(__name__)
 
 CAPTURE_SOCKET = "streamer-capture.sock"
@@ -53,16 +55,10 @@ def _varint(value: int) -> bytes:
 
 
 def _read_varint(buf: bytes, pos: int) -> Tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise StreamError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
+    try:
+        return read_varint(buf, pos)
+    except ValueError as e:
+        raise StreamError(str(e)) from None
 
 
 def encode_request(filename: str) -> bytes:
@@ -179,42 +175,26 @@ def _stop_listening(server, name: str) -> None:
 
 
 # --- capture (dump) ---------------------------------------------------------------------------------------------
-class ImageSink(Protocol):
-    def write(self, data: bytes) -> None: ...
+class _Server:
+    """What the capture and the serve server share: the listening socket in the images dir, the accept thread, and
+    the errors of the threads serving it (the first one is raised by finish())."""
 
-    def close(self) -> None: ...
+    SOCKET = ""
+    THREAD = ""
 
-
-class CaptureServer:
-    """Receive the images of one `criu dump --stream`: `open_sink(name)` gives the sink each image is fed to.
-
-    start() before CRIU runs; finish() after it exited: waits for every pipe to drain and raises the first error a
-    sink or the protocol hit (the dump is then not to be committed). abort() when CRIU failed.
-    """
-
-    def __init__(self, images_dir: str, open_sink: Callable[[str], ImageSink]):
+    def __init__(self, images_dir: str):
         self.images_dir = images_dir
-        self.open_sink = open_sink
-        self.names: List[str] = []
         self.errors: List[BaseException] = []
         self._lock = threading.Lock()
-        self._sock = _listen(images_dir, CAPTURE_SOCKET)
+        self._sock = _listen(images_dir, self.SOCKET)
         self._threads: List[threading.Thread] = []
-        self._main = threading.Thread(target=self._serve, name="imgstream-capture", daemon=True)
+        self._main = threading.Thread(target=self._serve, name=self.THREAD, daemon=True)
         self._conn: Optional[_Conn] = None
 
-    def start(self) -> CaptureServer:
-        self._main.start()
-        return self
-
-    def _fail(self, e: BaseException) -> None:
-        with self._lock:
-            self.errors.append(e)
-
-    def _stop_listening(self) -> None:
-        _stop_listening(self, CAPTURE_SOCKET)
+    _closing = False
 
     def _serve(self) -> None:
+        """Accept CRIU's one connection and answer each request on it until CRIU closes it."""
         try:
             sock, _ = self._sock.accept()
         except OSError as e:  # closed by abort() before CRIU connected
@@ -226,20 +206,59 @@ class CaptureServer:
             while True:
                 msg = conn.recv_message()
                 if msg is None:
-                    return  # CRIU is done opening files
-                name = decode_request(msg)
-                fd = conn.recv_fd()
-                t = threading.Thread(target=self._drain, args=(name, fd), name=f"imgstream-{name}", daemon=True)
-                with self._lock:
-                    self.names.append(name)
-                    self._threads.append(t)
-                t.start()
+                    return  # CRIU is done opening images
+                self._request(conn, decode_request(msg))
         except (OSError, StreamError) as e:
             self._fail(e)
         finally:
             conn.close()
 
-    _closing = False
+    def _request(self, conn: _Conn, name: str) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, target, name: str, fd: int, thread_name: str) -> None:
+        t = threading.Thread(target=target, args=(name, fd), name=thread_name, daemon=True)
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+
+    def start(self):
+        self._main.start()
+        return self
+
+    def _fail(self, e: BaseException) -> None:
+        with self._lock:
+            self.errors.append(e)
+
+
+class ImageSink(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CaptureServer(_Server):
+    """Receive the images of one `criu dump --stream`: `open_sink(name)` gives the sink each image is fed to.
+
+    start() before CRIU runs; finish() after it exited: waits for every pipe to drain and raises the first error a
+    sink or the protocol hit (the dump is then not to be committed). abort() when CRIU failed.
+    """
+
+    SOCKET, THREAD = CAPTURE_SOCKET, "imgstream-capture"
+
+    def __init__(self, images_dir: str, open_sink: Callable[[str], ImageSink]):
+        super().__init__(images_dir)
+        self.open_sink = open_sink
+        self.names: List[str] = []
+
+    def _stop_listening(self) -> None:
+        _stop_listening(self, CAPTURE_SOCKET)
+
+    def _request(self, conn: _Conn, name: str) -> None:
+        fd = conn.recv_fd()
+        with self._lock:
+            self.names.append(name)
+        self._spawn(self._drain, name, fd, f"imgstream-{name}")
 
     def _drain(self, name: str, fd: int) -> None:
         try:
@@ -296,57 +315,26 @@ class ImageSource(Protocol):
     def write_to(self, name: str, fd: int) -> None: ...
 
 
-class ServeServer:
+class ServeServer(_Server):
     """Serve images to one `criu restore --stream` from `source`. start() before CRIU runs, finish() after."""
 
+    SOCKET, THREAD = SERVE_SOCKET, "imgstream-serve"
+
     def __init__(self, images_dir: str, source: ImageSource):
-        self.images_dir = images_dir
+        super().__init__(images_dir)
         self.source = source
         self.served: Dict[str, int] = {}
-        self.errors: List[BaseException] = []
-        self._lock = threading.Lock()
-        self._sock = _listen(images_dir, SERVE_SOCKET)
-        self._threads: List[threading.Thread] = []
-        self._main = threading.Thread(target=self._serve, name="imgstream-serve", daemon=True)
         self._closing = False
-        self._conn: Optional[_Conn] = None
 
-    def start(self) -> ServeServer:
-        self._main.start()
-        return self
-
-    def _fail(self, e: BaseException) -> None:
-        with self._lock:
-            self.errors.append(e)
-
-    def _serve(self) -> None:
-        try:
-            sock, _ = self._sock.accept()
-        except OSError as e:
-            if not self._closing:
-                self._fail(e)
+    def _request(self, conn: _Conn, name: str) -> None:
+        exists = self.source.exists(name)
+        conn.sock.sendall(encode_reply(exists))
+        if not exists:
             return
-        self._conn = conn = _Conn(sock)
-        try:
-            while True:
-                msg = conn.recv_message()
-                if msg is None:
-                    return
-                name = decode_request(msg)
-                exists = self.source.exists(name)
-                conn.sock.sendall(encode_reply(exists))
-                if not exists:
-                    continue
-                fd = conn.recv_fd()
-                with self._lock:
-                    self.served[name] = self.served.get(name, 0) + 1
-                t = threading.Thread(target=self._feed, args=(name, fd), name=f"imgserve-{name}", daemon=True)
-                self._threads.append(t)
-                t.start()
-        except (OSError, StreamError) as e:
-            self._fail(e)
-        finally:
-            conn.close()
+        fd = conn.recv_fd()
+        with self._lock:
+            self.served[name] = self.served.get(name, 0) + 1
+        self._spawn(self._feed, name, fd, f"imgserve-{name}")
 
     def _feed(self, name: str, fd: int) -> None:
         try:

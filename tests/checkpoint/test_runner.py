@@ -18,6 +18,8 @@ from ckpt_helpers import (
     DATA,
     REPO,
     kill_job,
+    page_tool_verdict,
+    pages_images,
     registered,
     run_ckpt,
     start_ckpt,
@@ -278,21 +280,6 @@ def test_second_checkpoint_after_5_percent_change_stores_little(ck, tmp_path):
     assert second["bytes_written"] < 0.15 * first["bytes_written"], (first, second)
     (work / "stop").touch()
     assert proc.wait(timeout=30) == 0
-
-
-def _checked(work: Path) -> str:
-    """Ask the page tool to compare its memory with what its seeds say; its verdict."""
-    (work / "check").touch()
-    wait_for(lambda: (work / "checked").exists(), 60, "the tool to check its memory")
-    verdict = (work / "checked").read_text().strip()
-    (work / "checked").unlink()
-    return verdict
-
-
-def _pages_images(manifest):
-    return [i for i in manifest["images"] if i["name"].startswith("pages-")]
-
-
 def test_random_page_changes_are_stored_as_page_deltas_and_a_damaged_base_falls_back(ck, tmp_path):
     env, store, runtime = ck
     config = Path(env["CKPT_CONFIG"])
@@ -316,21 +303,21 @@ def test_random_page_changes_are_stored_as_page_deltas_and_a_damaged_base_falls_
     first, second, third = manifest(1), manifest(2), manifest(3)
     assert first["stats"]["bytes_written"] > 256 << 20
     assert second["stats"]["bytes_written"] <= 0.10 * first["stats"]["bytes_written"], second["stats"]
-    assert any("slices" in i for i in _pages_images(second)) and any("slices" in i for i in _pages_images(third))
+    assert any("slices" in i for i in pages_images(second)) and any("slices" in i for i in pages_images(third))
 
     # a restore of the delta generation gives the tool exactly its memory back
     proc = start_ckpt("run", "--job-id", "111", "--", *argv, env=env, cwd=work, out=tmp_path / "o2",
                       err=tmp_path / "e2")
-    assert _checked(work) == "intact mutated=True"
+    assert page_tool_verdict(work) == "intact mutated=True"
     assert run_ckpt("checkpoint", "--job-id", "111", "--final", env=env, timeout=120).returncode == 0
     assert proc.wait(timeout=30) == 75
     assert "from checkpoint 3 taken" in (tmp_path / "e2").read_text()
 
     # damage a chunk the second checkpoint wrote (changed pages) that the fourth still uses: 4, 3 and 2 are damaged
     fourth = manifest(4)
-    base = {c[0] for i in _pages_images(first) for c in i["chunks"]}
-    in_second = {c[0] for i in _pages_images(second) for c in i["chunks"]}
-    digest = next(c[0] for i in _pages_images(fourth) for c in i["chunks"] if c[0] in in_second - base)
+    base = {c[0] for i in pages_images(first) for c in i["chunks"]}
+    in_second = {c[0] for i in pages_images(second) for c in i["chunks"]}
+    digest = next(c[0] for i in pages_images(fourth) for c in i["chunks"] if c[0] in in_second - base)
     chunk = next((store / "111" / "chunks" / digest[:2]).glob(digest + "*"))
     chunk.write_bytes(b"garbage" + chunk.read_bytes()[7:])
     bad = run_ckpt("verify", "--job-id", "111", env=env)
@@ -339,7 +326,7 @@ def test_random_page_changes_are_stored_as_page_deltas_and_a_damaged_base_falls_
     proc = start_ckpt("run", "--job-id", "111", "--", *argv, env=env, cwd=work, out=tmp_path / "o3",
                       err=tmp_path / "e3")
     (work / "mutate").touch()
-    assert _checked(work) == "intact mutated=True"
+    assert page_tool_verdict(work) == "intact mutated=True"
     (work / "stop").touch()
     assert proc.wait(timeout=60) == 0
     err = (tmp_path / "e3").read_text()

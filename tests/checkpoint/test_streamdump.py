@@ -8,22 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import DATA, run_ckpt, start_ckpt, wait_for
+from ckpt_helpers import DATA, page_tool_verdict, pages_images, run_ckpt, start_ckpt, wait_for
 
 pytestmark = pytest.mark.criu
 TOOLS = DATA / "runner"
-
-
-def _checked(work: Path) -> str:
-    (work / "check").touch()
-    wait_for(lambda: (work / "checked").exists(), 60, "the tool to check its memory")
-    verdict = (work / "checked").read_text().strip()
-    (work / "checked").unlink()
-    return verdict
-
-
-def _pages(manifest):
-    return [i for i in manifest["images"] if i["name"].startswith("pages-")]
 
 
 @pytest.mark.parametrize("stream", ["always", "off"], ids=["streamed", "staged"])
@@ -57,15 +45,15 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
 
     first, second = manifest(1), manifest(2)
     # a streamed pages image is slices of chunks from the first checkpoint on; a staged one only as a delta
-    assert all(("slices" in i) == (stream == "always") for i in _pages(first)), _pages(first)
-    assert all("pagetable" in i for i in _pages(first))
+    assert all(("slices" in i) == (stream == "always") for i in pages_images(first)), pages_images(first)
+    assert all("pagetable" in i for i in pages_images(first))
     assert first["stats"]["bytes_written"] > 64 << 20
     assert second["stats"]["bytes_written"] <= 0.10 * first["stats"]["bytes_written"], second["stats"]
 
     proc = start_ckpt("run", "--job-id", job, "--", *argv, env=env, cwd=work, out=tmp_path / "o2",
                       err=tmp_path / "e2")
     try:
-        assert _checked(work) == "intact mutated=True"
+        assert page_tool_verdict(work) == "intact mutated=True"
         (work / "stop").touch()
         assert proc.wait(timeout=60) == 0
     finally:
