@@ -83,6 +83,7 @@ class Policy:
 
     grace: float = F.GRACE.default
     max_age: float = F.MAX_AGE.default
+    history_max_age: float = F.HISTORY_MAX_AGE.default
     keep: int = F.KEEP.default
     high_watermark: float = F.HIGH_WATERMARK.default
     low_watermark: float = F.LOW_WATERMARK.default
@@ -92,7 +93,8 @@ class Policy:
     def from_config(cls, cfg: AgentConfig, grace: Optional[float] = None) -> Policy:
         """The policy of a loaded agent.yaml; `grace` (the --grace flag) overrides gc.grace."""
         g = cfg.gc
-        return cls(grace=g.grace if grace is None else grace, max_age=g.max_age, keep=cfg.checkpoint.keep,
+        return cls(grace=g.grace if grace is None else grace, max_age=g.max_age, history_max_age=g.history_max_age,
+                   keep=cfg.checkpoint.keep,
                    high_watermark=g.high_watermark, low_watermark=g.low_watermark, keep_by_queue=dict(g.queue_keep))
 
     def keep_for(self, partition: str) -> int:
@@ -237,6 +239,9 @@ class Actuator:
         self._rmdir(parent_fd, name)
         return total
 
+    def unlink_history(self, dir_fd: int, name: str) -> None:
+        self._unlink(dir_fd, name)
+
     def unlink_chunk(self, dir_fd: int, name: str, size: int) -> None:
         self._unlink(dir_fd, name)
 
@@ -348,9 +353,37 @@ class GarbageCollector:
                     continue  # busy: nothing of it under pressure either
                 pressure.extend(d.pressure)
             self._relieve(pressure)
+            self._prune_history(now)
         finally:
             os.close(root_fd)
         return self.out
+
+    def _prune_history(self, now: float) -> None:
+        """Remove the events of removed jobs (<store>/.history/<job>.jsonl) older than policy.history_max_age. Only
+        regular files of ours, never through a link; a directory planted there is left alone."""
+        hist = open_dir_nofollow(HISTORY_DIR, self.root_fd)
+        if hist is None:
+            return
+        try:
+            if os.fstat(hist).st_uid != os.geteuid():
+                return
+            for name in sorted(os.listdir(hist)):
+                try:
+                    st = os.stat(name, dir_fd=hist, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not name.endswith(".jsonl") or not stat.S_ISREG(st.st_mode):
+                    continue
+                age = now - st.st_mtime
+                if age <= self.policy.history_max_age:
+                    continue
+                self.act.unlink_history(hist, name)
+                self.say(f"{self.act.verb} {HISTORY_DIR}/{name}: events of a removed job, "
+                         f"{age / 86400:.0f} days old (gc.history_max_age)")
+        except OSError as e:
+            self.out.errors.append(f"{HISTORY_DIR}: {e.strerror or e}")
+        finally:
+            os.close(hist)
 
     # 1. what is in the store, and what Slurm says about it
     def _scan(self) -> List[JobView]:

@@ -69,6 +69,7 @@ class AgentSettings:
 class GcSettings:
     grace: int = F.GRACE.default
     max_age: int = F.MAX_AGE.default
+    history_max_age: int = F.HISTORY_MAX_AGE.default
     high_watermark: float = F.HIGH_WATERMARK.default
     low_watermark: float = F.LOW_WATERMARK.default
     # {partition: generations kept}: each queue's checkpoint.keep, for the head node's gc (the job's partition
@@ -149,7 +150,8 @@ AGENT = _section(AgentSettings, {
     "cpu_families": List(Str(), unique=True),
 })
 GC = _section(GcSettings, {
-    "grace": F.GRACE, "max_age": F.MAX_AGE, "high_watermark": F.HIGH_WATERMARK, "low_watermark": F.LOW_WATERMARK,
+    "grace": F.GRACE, "max_age": F.MAX_AGE, "history_max_age": F.HISTORY_MAX_AGE,
+    "high_watermark": F.HIGH_WATERMARK, "low_watermark": F.LOW_WATERMARK,
     "queue_keep": AnyMap(Str(), F.KEEP.spec),
 }, rules=[F.rule_watermarks])
 MONITORING = _section(MonitoringSettings, {

@@ -35,6 +35,9 @@ DEADLINE_MARGIN = Field(Duration(min=0, max=100), default=20)  # seconds before 
 # -- what gc removes (site: cleanup; node: gc) --------------------------------------------------------------------
 GRACE = Field(Duration(min=0, max=YEAR), default=3600)
 MAX_AGE = Field(Duration(min=3600, max=YEAR), default=14 * 86400)
+# the events of removed jobs kept in <store>/.history for `ckpt report`: about a year and a month, so a yearly report
+# still sees every job
+HISTORY_MAX_AGE = Field(Duration(min=86400, max=5 * YEAR), default=400 * 86400)
 HIGH_WATERMARK = Field(Float(min=1, max=100, unit="%"), default=85.0)
 LOW_WATERMARK = Field(Float(min=0, max=99, unit="%"), default=75.0)
 

@@ -450,8 +450,9 @@ SITE = Map(
             Map(
                 {
                     "schedule": Field(Str(), default="*/15 * * * *"),
-                    "grace": F.GRACE,  # these four are agent.yaml's gc settings (node/fields.py)
+                    "grace": F.GRACE,  # these five are agent.yaml's gc settings (node/fields.py)
                     "max_age": F.MAX_AGE,
+                    "history_max_age": F.HISTORY_MAX_AGE,
                     "high_watermark": F.HIGH_WATERMARK,
                     "low_watermark": F.LOW_WATERMARK,
                 },

@@ -401,6 +401,32 @@ def test_planted_history_link_is_refused(store, outside):
     assert snapshot(outside) == before and not os.path.exists(store.job_dir("6501"))
 
 
+def test_history_older_than_history_max_age_is_pruned_links_and_strangers_kept(store, outside):
+    """<store>/.history grows by one file per removed job: gc removes those older than gc.history_max_age, and
+    never follows a link or removes what is not a history file."""
+    hist = os.path.join(store.root, ".history")
+    os.mkdir(hist, 0o700)
+    ages = {"old.jsonl": 500 * DAY, "recent.jsonl": 10 * DAY, "notes.txt": 900 * DAY}
+    for name, age in ages.items():
+        path = os.path.join(hist, name)
+        with open(path, "w") as fh:
+            fh.write('{"event": "segment_started"}\n')
+        os.utime(path, (NOW - age, NOW - age))
+    os.symlink(outside, os.path.join(hist, "linked.jsonl"))
+    os.mkdir(os.path.join(hist, "dir.jsonl"))
+    for name in ("linked.jsonl", "dir.jsonl"):  # as old as the oldest: only their kind keeps them
+        os.utime(os.path.join(hist, name), (NOW - 900 * DAY, NOW - 900 * DAY), follow_symlinks=False)
+    before = snapshot(outside)
+
+    _, lines = run_gc(store, FakeSlurm({}), dry_run=True, history_max_age=400 * DAY)
+    assert "old.jsonl" in os.listdir(hist) and any("would remove .history/old.jsonl" in ln for ln in lines)
+
+    _, lines = run_gc(store, FakeSlurm({}), history_max_age=400 * DAY)
+    assert sorted(os.listdir(hist)) == ["dir.jsonl", "linked.jsonl", "notes.txt", "recent.jsonl"]
+    assert any("removed .history/old.jsonl: events of a removed job, 500 days old" in ln for ln in lines), lines
+    assert snapshot(outside) == before
+
+
 # --- lock and CLI ----------------------------------------------------------------------------------------------
 def test_overlapping_runs_are_excluded(tmp_path):
     first, second = GcLock(str(tmp_path / "run" / "gc.lock")), GcLock(str(tmp_path / "run" / "gc.lock"))
