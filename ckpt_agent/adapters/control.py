@@ -81,9 +81,13 @@ class ControlServer:
             except OSError:
                 return
             t = threading.Thread(target=self._handle, args=(conn,), daemon=True)
-            with self._inflight_lock:
+            with self._inflight_lock:  # started under the lock: a request close() can see is one that runs
                 self._inflight.add(t)
-            t.start()
+                try:
+                    t.start()
+                except RuntimeError:  # no thread to be had: the request is dropped, the client sees EOF
+                    self._inflight.discard(t)
+                    conn.close()
 
     def _handle(self, conn: socket.socket) -> None:
         try:
