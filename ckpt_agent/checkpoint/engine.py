@@ -437,7 +437,7 @@ class Engine:
         chunks = self.store.chunks_for(gen.job_id)
         stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base(manifest))
         try:
-            streamed = streamdump.wanted(self.settings, self.criu)  # served from the store, else rebuilt here
+            streamed = streamdump.wanted(self.settings, self.criu, stage)  # served from the store, else rebuilt here
             with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
                 for img in [] if streamed else manifest.images:
                     name = os.path.basename(img.name)

@@ -372,17 +372,23 @@ class StoreSource:
 MODES = ("auto", "always", "off")  # checkpoint.stream in agent.yaml
 
 
-def wanted(settings, criu) -> bool:
-    """Whether streaming may be used at all (not `off`, and this CRIU has --stream). Restores always stream then."""
-    return getattr(settings, "stream", "auto") != "off" and criu.can_stream()
+def wanted(settings, criu, images_dir: str) -> bool:
+    """Whether streaming may be used at all (not `off`, this CRIU has --stream, and the images directory is short
+    enough for a socket address). Restores always stream then."""
+    if getattr(settings, "stream", "auto") == "off" or not criu.can_stream():
+        return False
+    if not imgstream.sockets_fit(images_dir):
+        log.warning("%s is too long a path for CRIU's streamer sockets: images are staged instead", images_dir)
+        return False
+    return True
 
 
-def stream_dump(settings, criu, *, final: bool, staged_in_ram: bool) -> bool:
+def stream_dump(settings, criu, images_dir: str, *, final: bool, staged_in_ram: bool) -> bool:
     """Whether this dump streams. `always`: every one. `auto`: a final checkpoint (the tool is stopped after it
     anyway, and a notice is no time to take RAM the size of the job), and a periodic one whose images would be
     staged on local disk; a periodic checkpoint whose images fit in tmpfs is staged there, which unfreezes the
     tool as soon as CRIU is done instead of once the store has taken every page. `off`: never."""
-    if not wanted(settings, criu):
+    if not wanted(settings, criu, images_dir):
         return False
     return getattr(settings, "stream", "auto") == "always" or final or not staged_in_ram
 
@@ -390,7 +396,7 @@ def stream_dump(settings, criu, *, final: bool, staged_in_ram: bool) -> bool:
 def begin(settings, criu, chunks: ChunkStore, pool, images_dir: str, previous, *, final: bool,
           staged_in_ram: bool) -> Optional[StreamDump]:
     """A started StreamDump for this checkpoint, or None to stage the images (engine.py's fallback)."""
-    if not stream_dump(settings, criu, final=final, staged_in_ram=staged_in_ram):
+    if not stream_dump(settings, criu, images_dir, final=final, staged_in_ram=staged_in_ram):
         return None
     return StreamDump(chunks, pool, images_dir, previous).start()
 

@@ -146,6 +146,17 @@ class _Conn:
         self.sock.close()
 
 
+# sockaddr_un's sun_path: CRIU builds the socket's address from the images directory and cuts it at this length
+SUN_PATH_MAX = 108
+
+
+def sockets_fit(images_dir: str) -> bool:
+    """Whether CRIU can reach the streamer's sockets in `images_dir` (a path too long for a Unix socket address is
+    cut short by CRIU, which then connects nowhere)."""
+    longest = max(len(CAPTURE_SOCKET), len(SERVE_SOCKET))
+    return len(os.fsencode(os.path.join(os.path.abspath(images_dir), "x" * longest))) < SUN_PATH_MAX
+
+
 def _listen(images_dir: str, name: str) -> socket.socket:
     path = os.path.join(images_dir, name)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

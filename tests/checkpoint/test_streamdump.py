@@ -85,4 +85,19 @@ def test_which_dumps_stream(mode, final, in_ram, can, expected):
     from ckpt_agent.checkpoint import streamdump
 
     settings = SimpleNamespace(stream=mode)
-    assert streamdump.stream_dump(settings, _Criu(can), final=final, staged_in_ram=in_ram) is expected
+    assert streamdump.stream_dump(settings, _Criu(can), "/dev/shm/ckpt-agent/dump.1", final=final,
+                                  staged_in_ram=in_ram) is expected
+
+
+def test_an_images_directory_too_long_for_a_socket_address_is_staged(tmp_path):
+    """CRIU cuts the streamer's socket path at sun_path's 108 bytes and would connect nowhere: stage instead."""
+    from types import SimpleNamespace
+
+    from ckpt_agent.checkpoint import streamdump
+
+    settings = SimpleNamespace(stream="always")
+    assert streamdump.stream_dump(settings, _Criu(True), "/var/tmp/ckpt-agent/dump.1.2.main.x", final=True,
+                                  staged_in_ram=False)
+    deep = "/var/tmp/ckpt-agent/" + "d" * 90
+    assert not streamdump.stream_dump(settings, _Criu(True), deep, final=True, staged_in_ram=False)
+    assert not streamdump.wanted(settings, _Criu(True), deep)
