@@ -36,11 +36,13 @@ sys.path.insert(0, str(BENCH))
 
 from checkpoint_bench import (  # noqa: E402
     MIB,
+    bench_store,
     ckpt,
-    events,
+    cold_restore,
     log,
     manifest,
     mem_available,
+    store_filesystem,
     sync,
     wait_for,
     write_kind,  # noqa: E402
@@ -102,17 +104,10 @@ def run_big_job(base: Path, store: Path, env: Dict[str, str], mib: int) -> Dict[
             raise StepFailed(f"final checkpoint: ckpt run exited with {code}, expected 75; see {out_path}")
 
         log(f"{mib} MiB: restore")
-        sync()
-        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)  # a cold restore
-        t = time.monotonic()
-        proc = subprocess.Popen(ckpt("run", "--job-id", job, "--", *argv), env=env, cwd=work, stdout=out,
-                                stderr=out, start_new_session=True)
-        restored = wait_for(lambda: [e for e in events(store, job) if e["event"] == "restored"]
-                            or proc.poll() is not None, 600 + mib / 10, "the restore")
-        r["restore_wall"] = time.monotonic() - t
-        if not isinstance(restored, list):
+        proc, restored, r["restore_wall"] = cold_restore(store, job, argv, env, work, out, 600 + mib / 10)
+        if restored is None:
             raise StepFailed(f"restore: ckpt run exited with {proc.returncode} instead of restoring; see {out_path}")
-        r["restore"] = restored[0]["seconds"]
+        r["restore"] = restored["seconds"]
         (work / "stop").touch()
         code = proc.wait(timeout=300 + mib / 10)
         if code != 0:
@@ -207,23 +202,14 @@ def main(argv=None) -> int:
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="big-", dir=base))
-    store, runtime = base / "store", base / "run"
-    store.mkdir()
+    store, env = bench_store(base)
     free = shutil.disk_usage(store).free
     if free < 3 * mib * MIB:
         print(f"big_job_bench: skipped: needs {3 * mib * MIB / GIB:.0f} GiB free on {store}'s file system, "
               f"has {free / GIB:.0f} GiB")
         shutil.rmtree(base, ignore_errors=True)
         return 0
-    config = base / "agent.yaml"
-    config.write_text("{}\n")  # defaults, whatever /etc holds
-    env = dict(os.environ, CKPT_STORE=str(store), CKPT_RUNTIME_DIR=str(runtime), CKPT_CONFIG=str(config))
-    env["PATH"] = "/usr/local/sbin:" + env.get("PATH", "")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
-        env.pop(k, None)
-    fs = subprocess.run(["df", "-T", str(store)], capture_output=True, text=True).stdout.splitlines()[-1].split()
-    log(f"store {store} on {fs[0]} ({fs[1]}); CPUs {os.cpu_count()}; memory available "
+    log(f"store {store} on {store_filesystem(store)}; CPUs {os.cpu_count()}; memory available "
         f"{mem_available() / GIB:.1f} GiB")
     try:
         r = run_big_job(base, store, env, mib)

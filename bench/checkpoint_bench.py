@@ -135,6 +135,39 @@ def time_dd(src: str, dest: Path, mib: int, runs: int) -> float:
 
 
 # --- one case -----------------------------------------------------------------------------------------------------
+def bench_store(base: Path):
+    """A store, runtime dir and agent.yaml of defaults (whatever /etc holds) under `base`: (store, env for `ckpt`)."""
+    store, runtime = base / "store", base / "run"
+    store.mkdir(exist_ok=True)
+    config = base / "agent.yaml"
+    config.write_text("{}\n")  # defaults (zstd, tmpfs staging when RAM allows)
+    env = dict(os.environ, CKPT_STORE=str(store), CKPT_RUNTIME_DIR=str(runtime), CKPT_CONFIG=str(config))
+    env["PATH"] = "/usr/local/sbin:" + env.get("PATH", "")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        env.pop(k, None)
+    return store, env
+
+
+def store_filesystem(store: Path) -> str:
+    """The store's device and file-system type, as `df -T` names them."""
+    fs = subprocess.run(["df", "-T", str(store)], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    return f"{fs[0]} ({fs[1]})"
+
+
+def cold_restore(store: Path, job: str, argv: List[str], env: Dict[str, str], work: Path, out, timeout: float):
+    """Resume `job` with `ckpt run` after dropping the page cache: (the process, its `restored` event or None when
+    it ended without one, wall seconds until then)."""
+    sync()
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)  # a cold restore
+    t = time.monotonic()
+    proc = subprocess.Popen(ckpt("run", "--job-id", job, "--", *argv), env=env, cwd=work, stdout=out,
+                            stderr=out, start_new_session=True)
+    restored = wait_for(lambda: [e for e in events(store, job) if e["event"] == "restored"]
+                        or proc.poll() is not None, timeout, "the restore")
+    return proc, restored[0] if isinstance(restored, list) else None, time.monotonic() - t
+
+
 def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, dd_runs: int) -> Dict[str, Any]:
     job = f"bench-{kind}-{mib}m-{os.getpid()}"
     work = base / f"work-{job}"
@@ -174,17 +207,10 @@ def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, 
             raise RuntimeError(f"ckpt run exited with {code} after a final checkpoint, expected 75")
 
         log(f"{kind} {mib} MiB: restore")
-        sync()
-        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)  # a cold restore
-        t = time.monotonic()
-        proc = subprocess.Popen(ckpt("run", "--job-id", job, "--", *argv), env=env, cwd=work, stdout=out,
-                                stderr=out, start_new_session=True)
-        restored = wait_for(lambda: [e for e in events(store, job) if e["event"] == "restored"]
-                            or proc.poll() is not None, 300, "the restore")
-        r["restore_wall"] = time.monotonic() - t
-        if proc.poll() is not None and not isinstance(restored, list):
+        proc, restored, r["restore_wall"] = cold_restore(store, job, argv, env, work, out, 300)
+        if restored is None:
             raise RuntimeError(f"ckpt run exited with {proc.returncode} instead of restoring; see {out.name}")
-        r["restore_engine"] = restored[0]["seconds"]
+        r["restore_engine"] = restored["seconds"]
         (work / "stop").touch()
         code = proc.wait(timeout=120)
         if code != 0:
@@ -349,17 +375,8 @@ def main(argv=None) -> int:
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="run-", dir=base))
-    store, runtime = base / "store", base / "run"
-    store.mkdir()
-    config = base / "agent.yaml"
-    config.write_text("{}\n")  # defaults (zstd, tmpfs staging when RAM allows), whatever /etc holds
-    env = dict(os.environ, CKPT_STORE=str(store), CKPT_RUNTIME_DIR=str(runtime), CKPT_CONFIG=str(config))
-    env["PATH"] = "/usr/local/sbin:" + env.get("PATH", "")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
-        env.pop(k, None)
-    fs = subprocess.run(["df", "-T", str(store)], capture_output=True, text=True).stdout.splitlines()[-1].split()
-    log(f"store {store} on {fs[0]} ({fs[1]}); CPUs {os.cpu_count()}; workers {chunkstore.WORKERS}")
+    store, env = bench_store(base)
+    log(f"store {store} on {store_filesystem(store)}; CPUs {os.cpu_count()}; workers {chunkstore.WORKERS}")
     results = []
     try:
         for size in sizes:
