@@ -272,7 +272,7 @@ class Engine:
             try:
                 guard = DumpGuard(job.init_pid, stage)
                 t_step = time.monotonic()
-                streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous, final=final,
+                streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous,
                                             staged_in_ram=stage.startswith(SHM_STAGING + os.sep))
                 try:  # streamed: the images enter the store while CRIU dumps (no staging copy)
                     self.criu.dump(
@@ -437,7 +437,9 @@ class Engine:
         chunks = self.store.chunks_for(gen.job_id)
         stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base(manifest))
         try:
-            streamed = streamdump.wanted(self.settings, self.criu, stage)  # served from the store, else rebuilt here
+            # served from the store, else rebuilt here
+            streamed = streamdump.stream_images(self.settings, self.criu, stage,
+                                                staged_in_ram=stage.startswith(SHM_STAGING + os.sep))
             with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
                 for img in [] if streamed else manifest.images:
                     name = os.path.basename(img.name)

@@ -383,20 +383,21 @@ def wanted(settings, criu, images_dir: str) -> bool:
     return True
 
 
-def stream_dump(settings, criu, images_dir: str, *, final: bool, staged_in_ram: bool) -> bool:
-    """Whether this dump streams. `always`: every one. `auto`: a final checkpoint (the tool is stopped after it
-    anyway, and a notice is no time to take RAM the size of the job), and a periodic one whose images would be
-    staged on local disk; a periodic checkpoint whose images fit in tmpfs is staged there, which unfreezes the
-    tool as soon as CRIU is done instead of once the store has taken every page. `off`: never."""
+def stream_images(settings, criu, images_dir: str, *, staged_in_ram: bool) -> bool:
+    """Whether a dump or a restore streams its images. `always`: every one. `auto`: those whose images would
+    otherwise be staged on local disk; images that fit in tmpfs are staged there, which is faster on few cores (the
+    chunk workers hash and compress in parallel, where a stream is hashed as it arrives) and, for a periodic
+    checkpoint, unfreezes the tool as soon as CRIU is done instead of once the store has taken every page. `off`:
+    never (also when this CRIU cannot stream, or the images directory is too long a path for its sockets)."""
     if not wanted(settings, criu, images_dir):
         return False
-    return getattr(settings, "stream", "auto") == "always" or final or not staged_in_ram
+    return getattr(settings, "stream", "auto") == "always" or not staged_in_ram
 
 
-def begin(settings, criu, chunks: ChunkStore, pool, images_dir: str, previous, *, final: bool,
+def begin(settings, criu, chunks: ChunkStore, pool, images_dir: str, previous, *,
           staged_in_ram: bool) -> Optional[StreamDump]:
     """A started StreamDump for this checkpoint, or None to stage the images (engine.py's fallback)."""
-    if not stream_dump(settings, criu, images_dir, final=final, staged_in_ram=staged_in_ram):
+    if not stream_images(settings, criu, images_dir, staged_in_ram=staged_in_ram):
         return None
     return StreamDump(chunks, pool, images_dir, previous).start()
 
