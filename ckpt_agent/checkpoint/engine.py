@@ -280,9 +280,10 @@ class Engine:
                         ghost_limit=self.settings.ghost_limit, timeout=timeout, keep_fds=(guard.fd,),
                         stream=streamed is not None,
                     )
-                except BaseException:
-                    if streamed is not None:
-                        streamed.abort()
+                except BaseException as e:
+                    cause = streamed.abort() if streamed is not None else None
+                    if cause is not None and isinstance(e, CkptError):  # the store made CRIU fail: name the store
+                        raise cause from e
                     raise
                 stored = streamed.finish() if streamed is not None else None
                 timings["dump_seconds"] = time.monotonic() - t_step

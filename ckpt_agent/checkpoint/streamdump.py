@@ -32,7 +32,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from ckpt_agent.adapters.criu import pages_runs_from
-from ckpt_agent.errors import DamagedCheckpointError
+from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.store import imgstream, pagedelta
 from ckpt_agent.store.chunks import CHUNK_BYTES, ChunkRef, ChunkStore, WriteStats
 from ckpt_agent.store.manifest import ImageEntry, Manifest
@@ -306,13 +306,15 @@ class StreamDump:
         self.server.start()
         return self
 
-    def abort(self) -> None:
+    def abort(self) -> Optional[BaseException]:
+        """After CRIU failed: stop serving, let queued chunk writes end (before the partial is removed), and return
+        the store's error when one made CRIU fail (CRIU itself then only says "Broken pipe"), else None."""
         self.server.abort()
-        for e in self.server.errors[:1]:  # CRIU then only says "Broken pipe": name the cause
+        for e in self.server.errors[:1]:
             log.warning("image stream failed: %s", e)
-        for sink in list(self.sinks.values()):  # let queued chunk writes end before the partial is removed
-            for f in sink.futures:
-                f.exception()
+        failed = [f.exception() for sink in list(self.sinks.values()) for f in sink.futures]
+        store_errors = [e for e in self.server.errors + failed if isinstance(e, (OSError, StoreError))]
+        return store_errors[0] if store_errors else None
 
     def finish(self) -> Tuple[List[ImageEntry], WriteStats]:
         self.server.finish()

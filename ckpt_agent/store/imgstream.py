@@ -26,6 +26,7 @@ import threading
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 from ckpt_agent.adapters.criu import read_varint
+from ckpt_agent.errors import CriuError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ _U32 = struct.Struct("<I")
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
 
 
-class StreamError(Exception):
-    """The peer broke the protocol, or a sink failed."""
+class StreamError(CriuError):
+    """CRIU's side of the stream broke the protocol or went away (exit 69, as any failed dump or restore)."""
 
 
 # --- protobuf, the two tiny messages only ------------------------------------------------------------------------

@@ -260,3 +260,27 @@ def _manifest(images):
     from ckpt_agent.store.manifest import Manifest
 
     return Manifest(format=2, created="2026-12-03T00:00:00.000000Z", images=images, files=[])
+
+
+def test_a_store_that_fails_during_a_failed_dump_is_named_not_criu(tmp_path, chunks, pool, monkeypatch):
+    """A full store makes CRIU fail with only "Broken pipe": abort() hands back the store's error, which the engine
+    raises (exit 74, naming the path) instead of CRIU's."""
+    import errno
+
+    from ckpt_agent.checkpoint import streamdump
+
+    def full(data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "store" / "chunk"))
+
+    monkeypatch.setattr(chunks, "put", full)
+    imgdir = tmp_path / "img"
+    imgdir.mkdir()
+    sd = streamdump.StreamDump(chunks, pool, str(imgdir)).start()
+    criu = FakeCriu(str(imgdir), imgstream.CAPTURE_SOCKET)
+    fd = criu.open_for_dump("inventory.img")
+    imgstream.write_all(fd, b"x" * (3 << 20))  # whole chunks: handed to the store while the dump goes on
+    os.close(fd)
+    criu.close()  # as CRIU does when it fails
+    cause = sd.abort()
+    assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+    assert imgstream.StreamError("x").exit_code == 69  # a broken stream is a failed dump or restore, not a bug
