@@ -152,12 +152,13 @@ def time_cold_read(src: str, dest: Path, mib: int) -> float:
 
 
 # --- one case -----------------------------------------------------------------------------------------------------
-def bench_store(base: Path):
-    """A store, runtime dir and agent.yaml of defaults (whatever /etc holds) under `base`: (store, env for `ckpt`)."""
+def bench_store(base: Path, stream: str = "auto"):
+    """A store, runtime dir and agent.yaml of defaults (whatever /etc holds; `stream`: checkpoint.stream) under
+    `base`: (store, env for `ckpt`)."""
     store, runtime = base / "store", base / "run"
     store.mkdir(exist_ok=True)
     config = base / "agent.yaml"
-    config.write_text("{}\n")  # defaults (zstd, tmpfs staging when RAM allows)
+    config.write_text(json.dumps({"checkpoint": {"stream": stream}}) + "\n")  # else defaults (zstd, tmpfs staging)
     env = dict(os.environ, CKPT_STORE=str(store), CKPT_RUNTIME_DIR=str(runtime), CKPT_CONFIG=str(config))
     env["PATH"] = "/usr/local/sbin:" + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -388,6 +389,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-profile", action="store_true", help="skip the chunk pipeline profile")
     p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     p.add_argument("--keep", action="store_true", help="keep --dir afterwards")
+    p.add_argument("--stream", default="auto", choices=("auto", "always", "off"),
+                   help="checkpoint.stream: auto (the default: images staged in tmpfs when RAM allows), always "
+                        "(streamed into the store as CRIU dumps), off")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("checkpoint_bench: needs root (CRIU)", file=sys.stderr)
@@ -401,8 +405,9 @@ def main(argv=None) -> int:
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="run-", dir=base))
-    store, env = bench_store(base)
-    log(f"store {store} on {store_filesystem(store)}; CPUs {os.cpu_count()}; workers {chunkstore.WORKERS}")
+    store, env = bench_store(base, args.stream)
+    log(f"store {store} on {store_filesystem(store)}; CPUs {os.cpu_count()}; workers {chunkstore.WORKERS}; "
+        f"checkpoint.stream {args.stream}")
     results = []
     try:
         for size in sizes:

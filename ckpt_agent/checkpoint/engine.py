@@ -14,8 +14,9 @@ Checkpoint, numbered plan:
 A checkpointer that dies mid-checkpoint (SIGKILL) never leaves the tool stopped: a guard process started before the
 dump (dumpguard.py) outlives it and resumes the tree (or kills it, once a final checkpoint is committed) and removes
 the staging images; staging directories of dead checkpointers are also swept at the next start (`sweep_staging`).
-Chunks a checkpoint reuses are verified against their digest and rewritten from the fresh data when rotten: all of
-them by a final checkpoint, a rotating 1/SCRUB_SLICES of them by each periodic one (chunkstore.ChunkStore.put).
+Chunks a checkpoint reuses are verified against their digest and rewritten from the fresh data when rotten: each
+checkpoint re-reads a rotating 1/SCRUB_SLICES of them; a final checkpoint also checks all the others, each by a
+stat that shows whether its file changed since this process wrote it or found it whole (chunks.py, CHECKED).
 Every store failure is a StoreError (exit 74) naming the path.
 
 Restore: newest generation first, falling back to older ones when one is damaged; images are rebuilt from
@@ -74,9 +75,9 @@ SHM_HEADROOM_BYTES = 512 << 20  # keep this much RAM free beyond the images when
 SHM_STAGING, DISK_STAGING = "/dev/shm/ckpt-agent", "/var/tmp/ckpt-agent"  # images in RAM when it fits, else disk
 STAGING_BASES = (SHM_STAGING, DISK_STAGING)  # where dump images are staged (staging_dir "auto")
 _DUMP_STAGE_RE = re.compile(r"^dump\.(\d+)\.")  # dump.<checkpointer pid>.<job>.<step>.<random>
-# a periodic checkpoint verifies the reused chunks whose digest falls in one of this many slices, in turn: every
-# chunk at rest is re-read at least once per SCRUB_SLICES periodic checkpoints, at 1/SCRUB_SLICES of the cost of
-# verifying them all (which a final checkpoint does; bench/verify_bench.py measures it)
+# a checkpoint re-reads the reused chunks whose digest falls in one of this many slices, in turn: every chunk at
+# rest is re-read at least once per SCRUB_SLICES checkpoints, at 1/SCRUB_SLICES of the cost of re-reading them all;
+# a final checkpoint checks the others too, by their stat (bench/verify_bench.py measures both)
 SCRUB_SLICES = 8
 DUMPGUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dumpguard.py")
 GUARD_EXIT_WAIT_SECONDS = 10  # the guard exits as soon as it reads our verdict; this only bounds a wedged one
@@ -262,9 +263,11 @@ class Engine:
                 number, partial = store.begin(job.job_id, job.step)
             previous = self._previous_manifest(job, signed_only=owner is not None)
             chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner)
-            # a final checkpoint (the one a resume will use) never reuses a rotten chunk; periodic ones scrub a slice
-            chunks.verify_reused = (lambda _d: True) if final else (
-                lambda d: int(d[:2], 16) % SCRUB_SLICES == number % SCRUB_SLICES)
+            # a final checkpoint (the one a resume will use) never reuses a rotten chunk: it checks every one, by
+            # re-reading its slice and the rest by their stat (chunks.py); periodic ones re-read a slice
+            scrub = lambda d: int(d[:2], 16) % SCRUB_SLICES == number % SCRUB_SLICES  # noqa: E731
+            chunks.verify_reused = (lambda _d: True) if final else scrub
+            chunks.scrub = scrub if final else None
             stage = self._staging_dir(job)
             stopped: List[int] = []
             resumed = False
@@ -273,7 +276,7 @@ class Engine:
                 guard = DumpGuard(job.init_pid, stage)
                 t_step = time.monotonic()
                 streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous,
-                                            staged_in_ram=stage.startswith(SHM_STAGING + os.sep))
+                                            staged_in_ram=stage.startswith(SHM_STAGING + os.sep), final=final)
                 try:  # streamed: the images enter the store while CRIU dumps (no staging copy)
                     self.criu.dump(
                         job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
@@ -440,7 +443,8 @@ class Engine:
         try:
             # served from the store, else rebuilt here
             streamed = streamdump.stream_images(self.settings, self.criu, stage,
-                                                staged_in_ram=stage.startswith(SHM_STAGING + os.sep))
+                                                staged_in_ram=stage.startswith(SHM_STAGING + os.sep),
+                                                purpose="restore")
             with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
                 for img in [] if streamed else manifest.images:
                     name = os.path.basename(img.name)

@@ -29,27 +29,33 @@ import ctypes
 import logging
 import os
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+import time
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ckpt_agent.adapters.criu import pages_runs_from
 from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.store import imgstream, pagedelta
-from ckpt_agent.store.chunks import CHUNK_BYTES, ChunkRef, ChunkStore, WriteStats
+from ckpt_agent.store.chunks import CHUNK_BYTES, WORKERS, ChunkRef, ChunkStore, WriteStats
 from ckpt_agent.store.manifest import ImageEntry, Manifest
 
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT_CHUNKS = 8  # chunks handed to the pool and not yet stored, per checkpoint: bounds RAM to ~8 MiB
-M_MMAP_THRESHOLD = -3  # mallopt(3): buffers above this size are mmap'ed, and unmapped at once when freed
-# glibc raises its mmap threshold whenever an mmap'ed buffer is freed (up to 32 MiB), after which the 1 MiB chunk
-# buffers come from per-thread heaps that keep freed memory: pinning the threshold keeps the checkpointer's RSS at
-# the buffers in flight
-MMAP_THRESHOLD_BYTES = 256 << 10
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3)
+# glibc's mmap threshold moves (up to 32 MiB) whenever an mmap'ed buffer is freed. Fixed here, above the 1 MiB chunk
+# buffers: they come from the heap and freed ones are reused, where mmap'ing each (a threshold below 1 MiB) cost a
+# page fault per 4 KiB and a TLB shootdown per buffer, which more than doubled the time a streamed dump takes on 2
+# vCPUs; the trim threshold returns freed memory at the top of the heap, so the checkpointer's RSS stays near the
+# buffers in flight (bench/memory_bench.py measures it)
+MMAP_THRESHOLD_BYTES = 8 << 20
+TRIM_THRESHOLD_BYTES = 4 << 20
 
 
 def _pin_mmap_threshold() -> None:
     try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     except (OSError, AttributeError):  # not glibc: only the RSS bound is looser
         pass
 
@@ -96,6 +102,9 @@ class FileSink:
         self.size += len(data)
         if self.kept is not None:
             self.kept += data
+        if not self.buf and len(data) == CHUNK_BYTES:  # a whole block (imgstream.read_block): no copy
+            self.futures.append(self.putter.submit(data))
+            return
         self.buf += data
         while len(self.buf) >= CHUNK_BYTES:
             self.futures.append(self.putter.submit(bytes(self.buf[:CHUNK_BYTES])))
@@ -142,9 +151,12 @@ class _Hashes:
 
 
 class PagesSink:
-    """A pages-N.img: hashed page by page; pages found in `reuse` become slices of old chunks, the rest new chunks."""
+    """A pages-N.img: hashed page by page; pages found in `reuse` become slices of old chunks, the rest new chunks.
 
-    def __init__(self, name: str, putter: _Putter, reuse: Dict[bytes, Tuple[ChunkRef, int]]):
+    Work is done per read, not per page where it can be: the pages of a read are hashed in one pass, and a run of
+    pages not found in `reuse` (all of them in a full checkpoint) is copied into the new chunk as one piece."""
+
+    def __init__(self, name: str, putter: _Putter, reuse: ReuseMap):
         self.name = name
         self.putter = putter
         self.reuse = reuse
@@ -152,23 +164,28 @@ class PagesSink:
         self.new = bytearray()
         self.futures: List[concurrent.futures.Future] = []
         self.hashes = bytearray()  # 16 bytes a page, packed: a list of bytes objects would cost 57
-        # [key, offset, length]; key: ("o", ChunkRef) for an old chunk, ("n", k) for the k-th new chunk
+        # [key, offset, length]; key: the ChunkRef of an old chunk, or k (an int) for the k-th new chunk
         self.slices: List[list] = []
         self.size = 0
         self.reused_bytes = 0
 
     def _slice(self, key, off: int, length: int) -> None:
         last = self.slices[-1] if self.slices else None
-        if last is not None and last[0] == key and last[1] + last[2] == off:
+        if last is not None and (last[0] is key or last[0] == key) and last[1] + last[2] == off:
             last[2] += length
         else:
             self.slices.append([key, off, length])
 
-    def _new_piece(self, data) -> None:
-        if len(self.new) + len(data) > CHUNK_BYTES:
-            self._flush_new()
-        self._slice(("n", len(self.futures)), len(self.new), len(data))
-        self.new += data
+    def _new_run(self, data) -> None:
+        """Pages to store anew, cut at chunk boundaries."""
+        while data:
+            room = CHUNK_BYTES - len(self.new)
+            if room <= 0:
+                self._flush_new()
+                continue
+            piece, data = data[:room], data[room:]
+            self._slice(len(self.futures), len(self.new), len(piece))
+            self.new += piece
 
     def _flush_new(self) -> None:
         if self.new:
@@ -185,21 +202,36 @@ class PagesSink:
         if whole < len(data):
             self.buf += data[whole:]
         view = memoryview(data)
-        for off in range(0, whole, page):
-            pg = view[off:off + page]
-            h = pagedelta.page_hash(pg)
-            self.hashes += h
-            old = self.reuse.get(h)
-            if old is not None:
-                self._slice(("o", old[0]), old[1], page)
-                self.reused_bytes += page
+        hashes = [pagedelta.page_hash(view[off:off + page]) for off in range(0, whole, page)]
+        self.hashes += b"".join(hashes)
+        reuse = self.reuse
+        if not reuse or not any(h in reuse.where for h in hashes):
+            if not self.new and whole == len(data) == CHUNK_BYTES:  # a whole new chunk as read: no copy
+                self._slice(len(self.futures), 0, CHUNK_BYTES)
+                self.futures.append(self.putter.submit(data))
             else:
-                self._new_piece(pg)
+                self._new_run(view[:whole])
+            return
+        where, refs, bits = reuse.where, reuse.refs, ReuseMap.OFFSET_BITS
+        mask = (1 << bits) - 1
+        i, n = 0, len(hashes)
+        while i < n:
+            v = where.get(hashes[i])
+            if v is None:
+                j = i + 1
+                while j < n and hashes[j] not in where:
+                    j += 1
+                self._new_run(view[i * page:j * page])
+                i = j
+                continue
+            self._slice(refs[v >> bits], v & mask, page)
+            self.reused_bytes += page
+            i += 1
 
     def close(self) -> None:
         if self.buf:  # never for a CRIU pages image (whole pages only); kept as data all the same
             self.hashes = bytearray()  # no page table for a file that is not whole pages
-            self._new_piece(bytes(self.buf))
+            self._new_run(memoryview(bytes(self.buf)))
             self.buf = bytearray()
         self._flush_new()
 
@@ -211,11 +243,12 @@ class PagesSink:
         slices = []
         old_bytes = 0
         for key, off, length in self.slices:
-            ref = key[1] if key[0] == "o" else new_refs[key[1]]
+            is_old = isinstance(key, ChunkRef)
+            ref = key if is_old else new_refs[key]
             if ref.digest not in index:
                 index[ref.digest] = len(refs)
                 refs.append(ref)
-                if key[0] == "o":
+                if is_old:
                     old_bytes += ref.size
             slices.append([index[ref.digest], off, length])
         entry = ImageEntry(name=self.name, size=self.size, chunks=refs, slices=slices)
@@ -230,50 +263,89 @@ class PagesSink:
         return entry, None
 
 
-def reuse_map(chunks: ChunkStore, pool, previous: Optional[Manifest]
-              ) -> Tuple[Dict[bytes, Tuple[ChunkRef, int]], int, WriteStats]:
-    """page hash -> (chunk, offset) over every pages image of the previous generation, and the delta depth the new
-    one will have. Empty (a full generation) without page tables or once MAX_DELTA_DEPTH is reached. Chunks the
-    scrub policy picks are re-read first; a rotten one is left out (its pages are stored anew, repairing it)."""
+class ReuseMap:
+    """page hash -> where a chunk of the previous generation holds that page. One int a page (the chunk's number in
+    `refs` << OFFSET_BITS | the offset in it), about 110 bytes a page with the key; a (chunk, offset) tuple a page
+    cost about 180."""
+
+    OFFSET_BITS = 32
+
+    def __init__(self) -> None:
+        self.where: Dict[bytes, int] = {}
+        self.refs: List[ChunkRef] = []
+        self._numbers: Dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __contains__(self, page_hash: bytes) -> bool:
+        return page_hash in self.where
+
+    def get(self, page_hash: bytes) -> Optional[Tuple[ChunkRef, int]]:
+        v = self.where.get(page_hash)
+        if v is None:
+            return None
+        return self.refs[v >> self.OFFSET_BITS], v & ((1 << self.OFFSET_BITS) - 1)
+
+    def number(self, ref: ChunkRef) -> int:
+        k = self._numbers.get(ref.digest)
+        if k is None:
+            k = self._numbers[ref.digest] = len(self.refs)
+            self.refs.append(ref)
+        return k
+
+    def add_pages(self, hashes: List[bytes], ref: ChunkRef, off: int) -> None:
+        """The pages with these hashes, one after the other in `ref` from offset `off`."""
+        base = (self.number(ref) << self.OFFSET_BITS) + off
+        self.where.update(zip(hashes, range(base, base + len(hashes) * pagedelta.PAGE, pagedelta.PAGE)))
+
+    def drop(self, digests: Set[str]) -> None:
+        """Forget every page held by these chunks."""
+        gone = {self._numbers[d] for d in digests if d in self._numbers}
+        if gone:
+            self.where = {h: v for h, v in self.where.items() if v >> self.OFFSET_BITS not in gone}
+
+
+def reuse_map(chunks: ChunkStore, pool, previous: Optional[Manifest]) -> Tuple[ReuseMap, int, WriteStats]:
+    """Where each page of every pages image of the previous generation is, by its hash, and the delta depth the new
+    generation will have. Empty (a full generation) without page tables or once MAX_DELTA_DEPTH is reached. Chunks
+    due for checking are checked first (ChunkStore.intact); a rotten one is left out (its pages are stored anew,
+    repairing it)."""
     stats = WriteStats()
+    out = ReuseMap()
     images = [i for i in (previous.images if previous else []) if i.name.startswith("pages-")]
     depth = 1 + max([i.delta_depth or 0 for i in images] or [0])
     if pagedelta.PAGE_HASH is None or not images or depth > pagedelta.MAX_DELTA_DEPTH:
-        return {}, 0, stats
-    out: Dict[bytes, Tuple[ChunkRef, int]] = {}
+        return out, 0, stats
+    page = pagedelta.PAGE
     for img in images:
         try:
-            table = pagedelta.load_table(chunks, img, f"image {img.name}")
+            hashes = pagedelta.load_hashes(chunks, img, f"image {img.name}")
         except DamagedCheckpointError:
             continue
-        refs, pieces = img.chunks, img.pieces()
-        if table is None:
+        if hashes is None:
             continue
-        by_offset = sorted((off, h) for h, off in table.values())
+        refs = img.chunks
         pos = 0
-        it = iter(by_offset)
-        nxt = next(it, None)
-        for idx, off, length in pieces:
-            while nxt is not None and nxt[0] < pos + length:
-                inner = nxt[0] - pos
-                if inner >= 0 and inner + pagedelta.PAGE <= length and idx < len(refs):
-                    out.setdefault(nxt[1], (refs[idx], off + inner))
-                nxt = next(it, None)
+        for idx, off, length in img.pieces():
+            first = -(-pos // page)  # the pages wholly inside this piece
+            end = min((pos + length) // page, len(hashes))
+            if idx < len(refs) and end > first:
+                out.add_pages(hashes[first:end], refs[idx], off + first * page - pos)
             pos += length
-    due = {ref.digest: ref for ref, _ in out.values() if chunks.claim_verification(ref.digest)}
+    due = {ref.digest: ref for ref in out.refs if chunks.claim_verification(ref.digest)}
 
     def rotten(ref: ChunkRef) -> Optional[str]:
-        try:
-            chunks.get(ref, "previous pages")
-        except DamagedCheckpointError:
-            return ref.digest
-        return None
+        return None if chunks.intact(ref, "previous pages") else ref.digest
 
     bad = {d for d in pool.map(rotten, due.values()) if d}
     stats.chunks_verified = len(due)
     if bad:
         chunks.unclaim(bad)
-        out = {h: v for h, v in out.items() if v[0].digest not in bad}
+        out.drop(bad)
     return out, depth, stats
 
 
@@ -285,7 +357,9 @@ class StreamDump:
         self.chunks = chunks
         self.pool = pool
         _pin_mmap_threshold()
+        self._t0 = time.monotonic()
         self.reuse, self.depth, self._verify_stats = reuse_map(chunks, pool, previous)
+        self._times = {"reuse_map": time.monotonic() - self._t0}  # where a streamed dump's time goes (debug log)
         self.putter = _Putter(chunks, pool)
         self.sinks: Dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -317,7 +391,9 @@ class StreamDump:
         return store_errors[0] if store_errors else None
 
     def finish(self) -> Tuple[List[ImageEntry], WriteStats]:
+        self._times["criu"] = time.monotonic() - self._t0
         self.server.finish()
+        self._times["drained"] = time.monotonic() - self._t0
         pagemaps = [bytes(s.kept) for s in self.sinks.values() if isinstance(s, FileSink) and s.kept is not None]
         images = []
         stats = WriteStats()
@@ -335,33 +411,72 @@ class StreamDump:
                 entry = sink.entry()
             images.append(entry)
         stats.add(self.putter.stats)
+        self._times["tables"] = time.monotonic() - self._t0
+        log.debug("streamed dump: reuse map of %d pages %.2f s; CRIU done at %.2f s, pipes drained at %.2f s, page "
+                  "tables stored at %.2f s", len(self.reuse), self._times["reuse_map"], self._times["criu"],
+                  self._times["drained"], self._times["tables"])
         # put() counted the bytes it was handed; pages taken over from older chunks were looked at too
         stats.bytes_in += sum(s.reused_bytes for s in self.sinks.values() if isinstance(s, PagesSink))
         return images, stats
 
 
-class StoreSource:
-    """Images of one manifest, served from verified chunks (restore through the serve socket)."""
+PREFETCH_CHUNKS = 8  # chunks read and verified ahead of the one CRIU is reading, per image being served
+HELD_CHUNKS = 32  # at most this many chunks held for later slices of a delta (one evicted is read again if needed)
 
-    def __init__(self, chunks: ChunkStore, images: List[ImageEntry]):
+
+class StoreSource:
+    """Images of one manifest, served from verified chunks (restore through the serve socket).
+
+    The chunks of an image are read, decompressed and checked by the pool, up to PREFETCH_CHUNKS ahead of the one
+    being written to CRIU's pipe, in the order the image's slices first need them: the store's reads and the sha256
+    work overlap each other and CRIU, as a staged restore's parallel chunk reads do. A chunk that later slices of a
+    delta come back to is kept (up to HELD_CHUNKS) until its last use."""
+
+    def __init__(self, chunks: ChunkStore, images: List[ImageEntry],
+                 pool: Optional[concurrent.futures.Executor] = None):
         self.chunks = chunks
+        self.pool = pool
         self.images = {os.path.basename(i.name): i for i in images}
 
     def exists(self, name: str) -> bool:
         return name in self.images
 
+    def _fetch(self, ref: ChunkRef, where: str):
+        if self.pool is None:
+            return _Done(self.chunks.get, ref, where)
+        return self.pool.submit(self.chunks.get, ref, where)
+
     def write_to(self, name: str, fd: int) -> None:
         img = self.images[name]
         refs = img.chunks
-        cache: Dict[int, bytes] = {}
-        for idx, off, length in img.pieces():
-            data = cache.get(idx)
-            if data is None:
-                data = self.chunks.get(refs[idx], f"image {name}")
-                if len(cache) >= 4:  # slices of a delta mostly go back to recent chunks; bound what is held
-                    cache.pop(next(iter(cache)))
-                cache[idx] = data
-            imgstream.write_all(fd, memoryview(data)[off:off + length])
+        pieces = img.pieces()
+        where = f"image {name}"
+        last_use: Dict[int, int] = {}
+        for n, (idx, _off, _len) in enumerate(pieces):
+            last_use[idx] = n
+        order = list(dict.fromkeys(idx for idx, _o, _l in pieces))  # each chunk once, in first-use order
+        rank = {idx: r for r, idx in enumerate(order)}
+        held: Dict[int, Any] = {}  # chunk index -> its read (a future), in the order fetched
+        ahead = 0
+        try:
+            for n, (idx, off, length) in enumerate(pieces):
+                while ahead < len(order) and ahead <= rank[idx] + PREFETCH_CHUNKS:
+                    nxt = order[ahead]
+                    ahead += 1
+                    if nxt not in held:
+                        held[nxt] = self._fetch(refs[nxt], where)
+                fut = held.get(idx)
+                if fut is None:  # evicted while later slices still needed it
+                    fut = held[idx] = self._fetch(refs[idx], where)
+                data = fut.result()
+                imgstream.write_all(fd, memoryview(data)[off:off + length])
+                if last_use[idx] == n:
+                    del held[idx]
+                while len(held) > HELD_CHUNKS + PREFETCH_CHUNKS:
+                    held.pop(next(iter(held))).cancel()
+        finally:
+            for fut in held.values():
+                fut.cancel()
 
     def write_file(self, name: str, path: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -385,21 +500,30 @@ def wanted(settings, criu, images_dir: str) -> bool:
     return True
 
 
-def stream_images(settings, criu, images_dir: str, *, staged_in_ram: bool) -> bool:
-    """Whether a dump or a restore streams its images. `always`: every one. `auto`: those whose images would
-    otherwise be staged on local disk; images that fit in tmpfs are staged there, which is faster on few cores (the
-    chunk workers hash and compress in parallel, where a stream is hashed as it arrives) and, for a periodic
-    checkpoint, unfreezes the tool as soon as CRIU is done instead of once the store has taken every page. `off`:
-    never (also when this CRIU cannot stream, or the images directory is too long a path for its sockets)."""
+PURPOSES = ("periodic", "final", "restore")  # what the images are streamed for
+
+
+def stream_images(settings, criu, images_dir: str, *, staged_in_ram: bool, purpose: str) -> bool:
+    """Whether a dump or a restore streams its images (`purpose`: periodic, final or restore).
+
+    `always`: every one. `auto`: a final checkpoint and a restore stream (they are judged by their total time, and
+    streaming overlaps CRIU, the hashing and the store's I/O instead of copying every image once more); a periodic
+    checkpoint whose images fit in tmpfs is staged there, because the tool then resumes as soon as CRIU is done
+    instead of once the store has taken every page (a shorter freeze, which is what a periodic checkpoint costs the
+    job), and streams otherwise (no copy of the job's memory on local disk). `off`: never (also when this CRIU
+    cannot stream, or the images directory is too long a path for its sockets)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown purpose {purpose!r}")
     if not wanted(settings, criu, images_dir):
         return False
-    return getattr(settings, "stream", "auto") == "always" or not staged_in_ram
+    return getattr(settings, "stream", "auto") == "always" or purpose != "periodic" or not staged_in_ram
 
 
 def begin(settings, criu, chunks: ChunkStore, pool, images_dir: str, previous, *,
-          staged_in_ram: bool) -> Optional[StreamDump]:
+          staged_in_ram: bool, final: bool) -> Optional[StreamDump]:
     """A started StreamDump for this checkpoint, or None to stage the images (engine.py's fallback)."""
-    if not stream_images(settings, criu, images_dir, staged_in_ram=staged_in_ram):
+    if not stream_images(settings, criu, images_dir, staged_in_ram=staged_in_ram,
+                         purpose="final" if final else "periodic"):
         return None
     return StreamDump(chunks, pool, images_dir, previous).start()
 
@@ -412,12 +536,26 @@ def check_cpu(criu, chunks: ChunkStore, images: List[ImageEntry], images_dir: st
     criu.cpuinfo_check(images_dir)
 
 
+class _Done:
+    """A chunk read in the calling thread (no pool), with a Future's result()/cancel()."""
+
+    def __init__(self, fn, *args):
+        self.value = fn(*args)
+
+    def result(self):
+        return self.value
+
+    def cancel(self) -> bool:
+        return False
+
+
 def restore_streamed(criu, chunks: ChunkStore, images: List[ImageEntry], images_dir: str, **restore_args) -> int:
     """`criu restore --stream` fed from the store through the serve socket. Returns the restored root's pid."""
-    server = imgstream.ServeServer(images_dir, StoreSource(chunks, images)).start()
-    try:
-        pid = criu.restore(images_dir, stream=True, **restore_args)
-    finally:
-        served = server.finish()
-        log.debug("served %d images to CRIU", len(served))
+    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+        server = imgstream.ServeServer(images_dir, StoreSource(chunks, images, pool)).start()
+        try:
+            pid = criu.restore(images_dir, stream=True, **restore_args)
+        finally:
+            served = server.finish()
+            log.debug("served %d images to CRIU", len(served))
     return pid

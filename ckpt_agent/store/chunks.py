@@ -14,10 +14,21 @@ started as soon as it is written (sync_file_range, a hint only), so the disk wor
 and that syncfs finds little left to write.
 
 A chunk at rest is not trusted forever: `verify_reused` (set per checkpoint by the engine) picks the reused chunks to
-re-read before a manifest refers to them again. A chunk that no longer matches (a flipped bit, a truncated or
+check before a manifest refers to them again. A chunk that no longer matches (a flipped bit, a truncated or
 missing file) is rewritten from the fresh data under the same name and codec, which also repairs every older
 generation that refers to it. Verifying costs a read and a compare (a decompression for .zst chunks) of each chunk
 verified, no hash: the data it must equal is in hand; each digest is verified once per checkpoint.
+
+Checking without re-reading: this process remembers the stat (device, inode, size, mtime, ctime) of every chunk file
+it wrote, or read back and found whole (CHECKED). Any write to a file, a truncation or a file put in its place
+changes its ctime or inode, and nobody can set a ctime back, so while the file stats the same its bytes are the ones
+checked. Of the chunks `verify_reused` picks, those `scrub` does not pick are checked by that stat alone when it
+matches (one stat instead of a read: a final checkpoint of a 100 GiB job would otherwise re-read 100 GiB from the
+store inside the Spot notice); every other is re-read. Rot below the file system, which no stat shows, is what the
+rotating `scrub` slice finds, and every restore still checks every chunk it reads by its sha256. One window is left:
+a file system whose timestamps are coarse (kernels before 6.13 tick in milliseconds, Lustre in seconds) does not
+show a same-size write within the same tick as the chunk's own write; the scrub slice and the restore's check cover
+that too.
 
 Speed on small machines: WORKERS threads (at least 4, even on 2 CPUs) keep the store's disk busy while chunks are
 hashed. Compression, the CPU-bound part, runs on at most CPUs - 1 chunks at a time (process-wide; one CPU stays free
@@ -42,8 +53,10 @@ import hashlib
 import logging
 import os
 import stat
+import struct
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -52,7 +65,7 @@ import zstandard
 from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.store import layout
 from ckpt_agent.store.layout import CODEC_RAW, CODEC_ZSTD
-from ckpt_agent.util.safeio import NotRegularFile, open_dir_nofollow, read_regular, scandir_names
+from ckpt_agent.util.safeio import NotRegularFile, open_dir_nofollow, read_regular_stat, scandir_names
 from ckpt_agent.util.usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
@@ -77,6 +90,57 @@ SYNC_FILE_RANGE_WRITE = 2
 # zstd frames are never stored unless they save 10%; this slack only covers frame headers of tiny chunks
 ZSTD_SLACK_BYTES = 1024
 
+
+
+_STAT_KEY = struct.Struct("<QQQqq")  # device, inode, size, mtime ns, ctime ns of a checked chunk file
+
+
+def _stat_key(st: os.stat_result) -> bytes:
+    return _STAT_KEY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class CheckedFiles:
+    """Chunk files this process wrote, or read back and found whole, by store root: chunk -> their stat then.
+
+    About 150 bytes a chunk (a 500 GiB job: ~75 MiB); the stores of the MAX_ROOTS jobs used last are remembered (an
+    agent serves many jobs over its life)."""
+
+    MAX_ROOTS = 16
+
+    def __init__(self) -> None:
+        self._roots: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(ref: ChunkRef) -> bytes:
+        return bytes.fromhex(ref.digest[:32]) + ref.codec.encode()
+
+    def _root(self, root: str) -> Dict[bytes, bytes]:
+        files = self._roots.get(root)
+        if files is None:
+            files = self._roots[root] = {}
+            while len(self._roots) > self.MAX_ROOTS:
+                self._roots.popitem(last=False)
+        else:
+            self._roots.move_to_end(root)
+        return files
+
+    def record(self, root: str, ref: ChunkRef, st: os.stat_result) -> None:
+        with self._lock:
+            self._root(root)[self._key(ref)] = _stat_key(st)
+
+    def forget(self, root: str, ref: ChunkRef) -> None:
+        with self._lock:
+            self._root(root).pop(self._key(ref), None)
+
+    def unchanged(self, root: str, ref: ChunkRef, st: os.stat_result) -> bool:
+        """Whether `st` (a fresh lstat of the chunk's file) is the stat recorded when it was checked."""
+        with self._lock:
+            known = self._root(root).get(self._key(ref))
+        return known is not None and stat.S_ISREG(st.st_mode) and known == _stat_key(st)
+
+
+CHECKED = CheckedFiles()
 
 
 @dataclass(frozen=True)
@@ -251,8 +315,11 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._pending: Dict[str, threading.Event] = {}  # digests being written by one thread right now
         self._local = threading.local()
-        # digest -> whether a reused chunk must be re-read and compared before it is referenced again
+        # digest -> whether a reused chunk must be checked before it is referenced again
         self.verify_reused: Optional[Callable[[str], bool]] = None
+        # digest -> whether a checked chunk is re-read even when its file is unchanged since this process checked it
+        # (None: every one); see "Checking without re-reading" above
+        self.scrub: Optional[Callable[[str], bool]] = None
         self._verified: Set[str] = set()  # digests already checked (or written) in this checkpoint
         self._checked: set = set()  # prefix directories found to be real directories
         self._level: Optional[int] = None
@@ -368,15 +435,40 @@ class ChunkStore:
         log.warning("chunk %s (%s) does not match its digest: rewriting it from the fresh data",
                     ref.digest[:16], self.path(ref))
         payload = self._compressor().compress(data) if ref.codec == CODEC_ZSTD else data  # same name, same codec
-        stats.bytes_written += self._write_file(self.path(ref), payload, replace=True)
+        stats.bytes_written += self._write_file(ref, payload, replace=True)
         stats.chunks_repaired = 1
+
+    def unchanged_since_checked(self, ref: ChunkRef) -> bool:
+        """Whether a chunk due for checking may be trusted without a re-read: `scrub` does not pick it, and its file
+        stats exactly as when this process last wrote it or found it whole."""
+        if self.scrub is None or self.scrub(ref.digest):
+            return False
+        try:
+            with acting_as(self._creds):
+                st = os.lstat(self.path(ref))
+        except OSError:
+            return False
+        return CHECKED.unchanged(self.root, ref, st)
+
+    def intact(self, ref: ChunkRef, where: str = "") -> bool:
+        """Whether a stored chunk is whole (checked by its stat or re-read, see unchanged_since_checked), for a
+        chunk reused without its data in hand; a missing or damaged one is not."""
+        if self.unchanged_since_checked(ref):
+            return True
+        try:
+            self.get(ref, where)
+        except DamagedCheckpointError:
+            return False
+        return True
 
     def _stored_equals(self, ref: ChunkRef, data: bytes) -> bool:
         """Whether the stored chunk holds exactly `data`: anything unreadable, misplaced or different is rotten."""
+        if self.unchanged_since_checked(ref):
+            return True
         bound = ref.size + (ZSTD_SLACK_BYTES if ref.codec == CODEC_ZSTD else 0)
         try:
             with acting_as(self._creds):
-                payload = read_regular(self.path(ref), bound)
+                payload, st = read_regular_stat(self.path(ref), bound)
         except OSError:
             return False
         if ref.codec == CODEC_ZSTD:
@@ -384,7 +476,10 @@ class ChunkStore:
                 payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=ref.size)
             except zstandard.ZstdError:
                 return False
-        return payload == data
+        if payload != data:
+            return False
+        CHECKED.record(self.root, ref, st)
+        return True
 
     def _write(self, digest: str, data: bytes) -> Tuple[ChunkRef, int]:
         payload, codec = self._encode(data, wait=False)
@@ -395,11 +490,13 @@ class ChunkStore:
         with acting_as(self._creds):
             if os.path.exists(final):
                 return ref, 0
-            return ref, self._write_file(final, payload)
+            return ref, self._write_file(ref, payload)
 
-    def _write_file(self, final: str, payload: bytes, replace: bool = False) -> int:
+    def _write_file(self, ref: ChunkRef, payload: bytes, replace: bool = False) -> int:
         """Write a chunk file under a temporary name, then rename it into place (over a rotten one: `replace`),
-        with the user's file-system identity when acting for a user's job."""
+        with the user's file-system identity when acting for a user's job; its stat after the rename is recorded
+        (CHECKED)."""
+        final = self.path(ref)
         tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
         with acting_as(self._creds):
             try:
@@ -411,9 +508,11 @@ class ChunkStore:
                 try:
                     _write_all(fd, payload)
                     start_writeback(fd)
+                    os.rename(tmp, final)  # over a rotten chunk, or a link planted in its place, not through it
+                    st = os.fstat(fd)  # after the rename, which sets the ctime: any later write changes it again
                 finally:
                     os.close(fd)
-                os.rename(tmp, final)  # over a rotten chunk, or a link planted in its place, not through it
+                CHECKED.record(self.root, ref, st)
             except OSError as e:  # a full or read-only store: name the chunk, leave no temporary file behind
                 _unlink_quiet(tmp)
                 raise StoreError(f"cannot write chunk {final}: {e.strerror or e}") from e
@@ -427,7 +526,7 @@ class ChunkStore:
         bound = ref.size + (ZSTD_SLACK_BYTES if ref.codec == CODEC_ZSTD else 0)
         try:
             self._check_prefix(os.path.dirname(path))
-            payload = read_regular(path, bound)
+            payload, st = read_regular_stat(path, bound)
         except FileNotFoundError:
             raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} is missing ({path})") from None
         except NotRegularFile as e:
@@ -442,7 +541,9 @@ class ChunkStore:
         else:
             data = payload
         if len(data) != ref.size or chunk_digest(data) != ref.digest:
+            CHECKED.forget(self.root, ref)
             raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} fails its checksum ({path})")
+        CHECKED.record(self.root, ref, st)
         return data
 
 

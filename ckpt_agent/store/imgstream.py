@@ -11,7 +11,8 @@ The protocol (criu/img-streamer.c and images/img-streamer.proto of CRIU 4.2):
     pipe, from which it reads the image once, front to back.
 Images CRIU opens with O_FORCE_LOCAL (its stats files) never come through the socket; they stay in the images dir.
 
-Bounded memory: a pipe is read READ_BYTES at a time and handed to the sink at once; the sinks (streamdump.py) keep
+Bounded memory: a pipe is read READ_BYTES at a time (one chunk's worth: a sink hands a whole aligned block on to the
+chunk store as it is) and handed to the sink at once; the sinks (streamdump.py) keep
 at most a few chunks in flight. An error in a sink closes that pipe, so CRIU fails with EPIPE instead of waiting.
 """
 
@@ -274,12 +275,14 @@ class CaptureServer(_Server):
 
     def _drain(self, name: str, fd: int) -> None:
         try:
+            widen_pipe(fd)
             sink = self.open_sink(name)
             while True:
-                data = os.read(fd, READ_BYTES)
-                if not data:
+                block = read_block(fd, READ_BYTES)
+                if block:
+                    sink.write(block)
+                if len(block) < READ_BYTES:
                     break
-                sink.write(data)
             sink.close()
         except BaseException as e:  # noqa: BLE001 - reported by finish(); closing the pipe makes CRIU fail too
             log.debug("image %s: %s", name, e)
@@ -318,6 +321,38 @@ class CaptureServer(_Server):
             os.unlink(os.path.join(self.images_dir, CAPTURE_SOCKET))
         except OSError:
             pass
+
+
+F_SETPIPE_SZ = 1031  # fcntl(2), Linux
+PIPE_BYTES = 1 << 20  # what CRIU's pipes are widened to (the default 64 KiB costs a wake-up per 16 pages)
+
+
+def widen_pipe(fd: int) -> None:
+    """Make a pipe CRIU passed hold PIPE_BYTES, so it splices a chunk's worth at a time; best effort (an ordinary
+    user's pipes may be capped by fs.pipe-user-pages-soft, and then stay as they are)."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass
+
+
+def read_block(fd: int, size: int) -> bytearray:
+    """Up to `size` bytes from a pipe into a fresh buffer, filled whole unless the writer closed its end first:
+    the sinks then get chunk-sized blocks they can hand on as they are, without copying them again."""
+    block = bytearray(size)
+    view = memoryview(block)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            break
+        got += n
+    view.release()
+    if got < size:
+        del block[got:]
+    return block
 
 
 # --- serve (restore) --------------------------------------------------------------------------------------------

@@ -94,15 +94,31 @@ def store_table(chunks: ChunkStore, vaddrs: List[int], hashes: List[bytes], pool
     return PageTable(hash=PAGE_HASH, pages=len(vaddrs), chunks=refs), st
 
 
-def load_table(chunks: ChunkStore, entry: ImageEntry, where: str) -> Optional[Dict[int, Tuple[bytes, int]]]:
-    """vaddr -> (hash, offset in the image) from a stored image's page table; None when it has none we can use."""
+def _table_blob(chunks: ChunkStore, entry: ImageEntry, where: str) -> Optional[bytes]:
     table = entry.pagetable
     if PAGE_HASH is None or table is None or table.hash != PAGE_HASH:
         return None
     blob = b"".join(chunks.get(r, where) for r in table.chunks)
     if len(blob) != _ENTRY.size * table.pages:
         raise DamagedCheckpointError(f"{where}: page table does not match its page count")
+    return blob
+
+
+def load_table(chunks: ChunkStore, entry: ImageEntry, where: str) -> Optional[Dict[int, Tuple[bytes, int]]]:
+    """vaddr -> (hash, offset in the image) from a stored image's page table; None when it has none we can use."""
+    blob = _table_blob(chunks, entry, where)
+    if blob is None:
+        return None
     return {v: (h, i * PAGE) for i, (v, h) in enumerate(_ENTRY.iter_unpack(blob))}
+
+
+def load_hashes(chunks: ChunkStore, entry: ImageEntry, where: str) -> Optional[List[bytes]]:
+    """The hash of every page of a stored image, in file order (page i at offset i * PAGE); None as load_table."""
+    blob = _table_blob(chunks, entry, where)
+    if blob is None:
+        return None
+    step = _ENTRY.size
+    return [blob[i + 8:i + step] for i in range(0, len(blob), step)]
 
 
 def store_delta(
@@ -167,11 +183,7 @@ def store_delta(
         due = [r for d, r in reused.items() if verify(d)]
 
         def rotten(ref: ChunkRef) -> Optional[str]:
-            try:
-                chunks.get(ref, where)
-            except DamagedCheckpointError:
-                return ref.digest
-            return None
+            return None if chunks.intact(ref, where) else ref.digest
 
         bad = [d for d in pool.map(rotten, due) if d]
         none.chunks_verified = len(due)

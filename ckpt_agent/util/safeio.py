@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 class NotRegularFile(OSError):
@@ -18,6 +18,13 @@ def read_regular(path: str, max_bytes: int, dir_fd: Optional[int] = None, follow
     """The content of a regular file of at most `max_bytes`: opened without following a link (unless `follow`)
     and without blocking (a FIFO in its place is refused, never waited on), checked with fstat before reading.
     FileNotFoundError when missing; NotRegularFile for anything else in its place or a file beyond the bound."""
+    return read_regular_stat(path, max_bytes, dir_fd, follow)[0]
+
+
+def read_regular_stat(path: str, max_bytes: int, dir_fd: Optional[int] = None,
+                      follow: bool = False) -> Tuple[bytes, os.stat_result]:
+    """read_regular(), and the file's fstat taken before reading: a write after that stat changes its ctime, so
+    a caller that checks the content may trust the file for as long as it stats the same (chunks.py)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags, dir_fd=dir_fd)
@@ -42,7 +49,7 @@ def read_regular(path: str, max_bytes: int, dir_fd: Optional[int] = None, follow
         data = b"".join(chunks)
         if len(data) > max_bytes:
             raise NotRegularFile(errno.EFBIG, f"{path} grew beyond the {max_bytes} bytes expected")
-        return data
+        return data, st
     finally:
         os.close(fd)
 

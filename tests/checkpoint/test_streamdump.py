@@ -71,21 +71,27 @@ class _Criu:
         return self.can
 
 
-@pytest.mark.parametrize("mode, in_ram, can, expected", [
-    ("auto", False, True, True),  # images that would be staged on local disk stream
-    ("auto", True, True, False),  # images that fit in tmpfs are staged there: faster here, the shorter freeze
-    ("always", True, True, True),
-    ("off", False, True, False),
-    ("auto", False, False, False),  # a CRIU without --stream: staged
+@pytest.mark.parametrize("mode, purpose, in_ram, can, expected", [
+    ("auto", "periodic", False, True, True),  # images that would be staged on local disk stream
+    ("auto", "periodic", True, True, False),  # images that fit in tmpfs are staged there: the shorter freeze
+    ("auto", "final", True, True, True),  # a final checkpoint streams: the shorter total time
+    ("auto", "restore", True, True, True),
+    ("always", "periodic", True, True, True),
+    ("off", "final", False, True, False),
+    ("off", "restore", False, True, False),
+    ("auto", "final", False, False, False),  # a CRIU without --stream: staged
+    ("auto", "restore", True, False, False),
 ])
-def test_which_dumps_and_restores_stream(mode, in_ram, can, expected):
+def test_which_dumps_and_restores_stream(mode, purpose, in_ram, can, expected):
     from types import SimpleNamespace
 
     from ckpt_agent.checkpoint import streamdump
 
     settings = SimpleNamespace(stream=mode)
-    assert streamdump.stream_images(settings, _Criu(can), "/dev/shm/ckpt-agent/dump.1", staged_in_ram=in_ram) \
-        is expected
+    assert streamdump.stream_images(settings, _Criu(can), "/dev/shm/ckpt-agent/dump.1", staged_in_ram=in_ram,
+                                    purpose=purpose) is expected
+    with pytest.raises(ValueError):
+        streamdump.stream_images(settings, _Criu(can), "/dev/shm/x", staged_in_ram=in_ram, purpose="bogus")
 
 
 def test_an_images_directory_too_long_for_a_socket_address_is_staged(tmp_path):
@@ -96,7 +102,7 @@ def test_an_images_directory_too_long_for_a_socket_address_is_staged(tmp_path):
 
     settings = SimpleNamespace(stream="always")
     assert streamdump.stream_images(settings, _Criu(True), "/var/tmp/ckpt-agent/dump.1.2.main.x",
-                                    staged_in_ram=False)
+                                    staged_in_ram=False, purpose="final")
     deep = "/var/tmp/ckpt-agent/" + "d" * 90
-    assert not streamdump.stream_images(settings, _Criu(True), deep, staged_in_ram=False)
+    assert not streamdump.stream_images(settings, _Criu(True), deep, staged_in_ram=False, purpose="final")
     assert not streamdump.wanted(settings, _Criu(True), deep)

@@ -191,7 +191,7 @@ def _dump(tmp_path, chunks, pool, images, previous=None):
     return sd.finish()
 
 
-def _read_back(chunks, images, name):
+def _read_back(chunks, images, name, pool=None):
     from ckpt_agent.checkpoint import streamdump
 
     r, w = os.pipe()
@@ -199,7 +199,7 @@ def _read_back(chunks, images, name):
     reader = threading.Thread(target=lambda: out.append(b"".join(iter(lambda: os.read(r, 1 << 16), b""))))
     reader.start()
     try:
-        streamdump.StoreSource(chunks, images).write_to(name, w)
+        streamdump.StoreSource(chunks, images, pool).write_to(name, w)
     finally:
         os.close(w)
         reader.join()
@@ -232,6 +232,84 @@ def test_streamed_pages_are_stored_and_an_incremental_stores_only_changed_pages(
     assert pages2.delta_depth == 1
     assert st2.bytes_new <= len(changed) * page + 64 * 1024  # the changed pages plus the new page table
     assert st1.bytes_new >= npages * page
+
+
+@pytest.mark.parametrize("prefetch, held", [(8, 32), (1, 0)], ids=["default", "evicting"])
+def test_a_delta_image_is_served_in_order_with_chunks_read_ahead(tmp_path, chunks, pool, monkeypatch, prefetch, held):
+    """The restore side reads chunks ahead in the pool; a delta's slices go back to chunks used before, which are
+    held (or, when evicted, read again): the bytes CRIU reads are the image's, in order, either way."""
+    pytest.importorskip("xxhash")
+    from ckpt_agent.checkpoint import streamdump
+    from ckpt_agent.store import pagedelta
+
+    monkeypatch.setattr(streamdump, "PREFETCH_CHUNKS", prefetch)
+    monkeypatch.setattr(streamdump, "HELD_CHUNKS", held)
+    page = pagedelta.PAGE
+    npages = 2048
+    runs = [(0x7F0000000000, npages)]
+    data = bytearray(os.urandom(npages * page))
+    gen1, _ = _dump(tmp_path, chunks, pool, {"pagemap-1.img": _pagemap(1, runs), "pages-1.img": bytes(data)})
+    for p in range(3, npages, 37):  # changed pages all over: new chunks interleave with the old ones
+        data[p * page:(p + 1) * page] = os.urandom(page)
+    gen2, _ = _dump(tmp_path, chunks, pool, {"pagemap-1.img": _pagemap(1, runs), "pages-1.img": bytes(data)},
+                    previous=_manifest(gen1))
+    pages2 = {i.name: i for i in gen2}["pages-1.img"]
+    assert len(pages2.slices) > len(pages2.chunks)  # slices come back to chunks used before
+    assert _read_back(chunks, gen2, "pages-1.img", pool) == bytes(data)
+    assert _read_back(chunks, gen1, "pages-1.img", pool) != bytes(data)
+
+
+def test_a_damaged_chunk_read_ahead_fails_the_image(tmp_path, chunks, pool):
+    from ckpt_agent.errors import DamagedCheckpointError
+
+    gen1, _ = _dump(tmp_path, chunks, pool, {"inventory.img": os.urandom(5 << 20)})
+    img = gen1[0]
+    with open(chunks.path(img.chunks[3]), "r+b") as fh:
+        fh.write(b"garbage")
+    with pytest.raises(DamagedCheckpointError, match="image inventory.img"):
+        _read_back(chunks, gen1, "inventory.img", pool)
+
+
+def test_reuse_map_points_each_page_hash_into_its_chunk():
+    from ckpt_agent.checkpoint.streamdump import ReuseMap
+    from ckpt_agent.store import pagedelta
+    from ckpt_agent.store.chunks import ChunkRef
+
+    a, b = ChunkRef("aa" * 32, 1 << 20, "r"), ChunkRef("bb" * 32, 1 << 20, "r")
+    m = ReuseMap()
+    assert not m and m.get(b"x" * 16) is None
+    m.add_pages([b"1" * 16, b"2" * 16], a, 0)
+    m.add_pages([b"3" * 16], b, 5 * pagedelta.PAGE)
+    m.add_pages([b"4" * 16], ChunkRef("aa" * 32, 1 << 20, "r"), 9 * pagedelta.PAGE)  # the same chunk again
+    assert m.get(b"2" * 16) == (a, pagedelta.PAGE) and m.get(b"3" * 16) == (b, 5 * pagedelta.PAGE)
+    assert m.get(b"4" * 16) == (a, 9 * pagedelta.PAGE) and len(m.refs) == 2 and len(m) == 4
+    m.drop({a.digest})
+    assert b"1" * 16 not in m and m.get(b"3" * 16) == (b, 5 * pagedelta.PAGE) and len(m) == 1
+
+
+def test_read_block_fills_whole_blocks_from_a_pipe_written_in_small_pieces():
+    r, w = os.pipe()
+    data = os.urandom(3 * 65536 + 100)
+
+    def writer():
+        for i in range(0, len(data), 1000):
+            os.write(w, data[i:i + 1000])
+        os.close(w)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        imgstream.widen_pipe(r)
+        blocks = []
+        while True:
+            block = imgstream.read_block(r, 65536)
+            blocks.append(block)
+            if len(block) < 65536:
+                break
+    finally:
+        t.join()
+        os.close(r)
+    assert [len(b) for b in blocks] == [65536, 65536, 65536, 100] and b"".join(blocks) == data
 
 
 def test_a_rotten_previous_chunk_is_not_reused(tmp_path, chunks, pool):
