@@ -42,6 +42,7 @@ from checkpoint_bench import (  # noqa: E402
     log,
     manifest,
     mem_available,
+    stop_workload,
     store_filesystem,
     sync,
     wait_for,
@@ -120,9 +121,7 @@ def run_big_job(base: Path, store: Path, env: Dict[str, str], mib: int) -> Dict[
                              f"checkpoint {r['digest']}")
         log(f"{mib} MiB: memory after restore matches (sha256 {r['digest'][:16]}...)")
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop_workload(proc, work)
         out.close()
         shutil.rmtree(store / job, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)

@@ -186,6 +186,34 @@ def cold_restore(store: Path, job: str, argv: List[str], env: Dict[str, str], wo
     return proc, restored[0] if isinstance(restored, list) else None, time.monotonic() - t
 
 
+def stop_workload(proc: Optional[subprocess.Popen], work: Path, grace: float = 30) -> None:
+    """Stop a `ckpt run` and its tool on every path, failure included: SIGTERM to the wrapper (which forwards it to
+    the tool), then SIGKILL to whatever still runs in the workload's directory (a tool restored by CRIU is no child
+    of ours) and to the wrapper."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    here = str(work.resolve())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd == here or cwd.startswith(here + os.sep):
+            try:
+                os.kill(int(entry.name), 9)
+            except OSError:
+                pass
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, dd_runs: int) -> Dict[str, Any]:
     job = f"bench-{kind}-{mib}m-{os.getpid()}"
     work = base / f"work-{job}"
@@ -193,6 +221,7 @@ def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, 
     out = open(base / f"{job}.out", "ab")
     argv = [sys.executable, str(BENCH / "memhog.py"), str(mib), kind, "5"]
     r: Dict[str, Any] = {"kind": kind, "mib": mib}
+    proc = None
     try:
         log(f"{kind} {mib} MiB: starting the workload under ckpt run")
         proc = subprocess.Popen(ckpt("run", "--job-id", job, "--interval", "1000000", "--", *argv), env=env,
@@ -234,6 +263,7 @@ def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, 
         if code != 0:
             raise RuntimeError(f"the restored workload exited with {code}; see {out.name}")
     finally:
+        stop_workload(proc, work)
         out.close()
         shutil.rmtree(store / job, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)

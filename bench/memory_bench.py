@@ -34,7 +34,16 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from checkpoint_bench import ckpt, log, manifest, mem_available, sync, time_dd, wait_for  # noqa: E402
+from checkpoint_bench import (  # noqa: E402
+    ckpt,
+    log,
+    manifest,
+    mem_available,
+    stop_workload,
+    sync,
+    time_dd,
+    wait_for,
+)
 
 from ckpt_agent.checkpoint.engine import STAGING_BASES  # noqa: E402
 
@@ -169,9 +178,7 @@ def run(base: Path, mib: int, stream: str, dd_runs: int) -> Dict[str, float]:
             raise RuntimeError(f"ckpt run exited with {proc.returncode} after a final checkpoint, expected 75")
         stats = manifest(store, job, 1)["stats"]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_workload(proc, work)
         out.close()
     raw = stats["bytes_in"]
     shutil.rmtree(store / job, ignore_errors=True)

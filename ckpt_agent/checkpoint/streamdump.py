@@ -119,37 +119,6 @@ class FileSink:
         return ImageEntry(name=self.name, size=self.size, chunks=[f.result()[0] for f in self.futures])
 
 
-HASH_BYTES = 16  # xxh3-128
-
-
-class _Vaddrs:
-    """The pages' virtual addresses from the pagemap's runs, generated, not held (8+ bytes a page otherwise)."""
-
-    def __init__(self, runs):
-        self.runs = runs
-
-    def __len__(self) -> int:
-        return sum(n for _, n in self.runs)
-
-    def __iter__(self):
-        for v, n in self.runs:
-            for k in range(n):
-                yield v + k * pagedelta.PAGE
-
-
-class _Hashes:
-    def __init__(self, packed: bytearray):
-        self.packed = packed
-
-    def __len__(self) -> int:
-        return len(self.packed) // HASH_BYTES
-
-    def __iter__(self):
-        view = memoryview(self.packed)
-        for i in range(0, len(view), HASH_BYTES):
-            yield bytes(view[i:i + HASH_BYTES])
-
-
 class PagesSink:
     """A pages-N.img: hashed page by page; pages found in `reuse` become slices of old chunks, the rest new chunks.
 
@@ -212,21 +181,25 @@ class PagesSink:
             else:
                 self._new_run(view[:whole])
             return
-        where, refs, bits = reuse.where, reuse.refs, ReuseMap.OFFSET_BITS
+        refs, bits = reuse.refs, ReuseMap.OFFSET_BITS
         mask = (1 << bits) - 1
-        i, n = 0, len(hashes)
-        while i < n:
-            v = where.get(hashes[i])
+        found = list(map(reuse.where.get, hashes))
+        i, n = 0, len(found)
+        while i < n:  # runs of new pages, and runs of pages lying one after the other in an old chunk
+            v = found[i]
+            j = i + 1
             if v is None:
-                j = i + 1
-                while j < n and hashes[j] not in where:
+                while j < n and found[j] is None:
                     j += 1
                 self._new_run(view[i * page:j * page])
-                i = j
-                continue
-            self._slice(refs[v >> bits], v & mask, page)
-            self.reused_bytes += page
-            i += 1
+            else:
+                nxt = v + page
+                while j < n and found[j] == nxt:
+                    j += 1
+                    nxt += page
+                self._slice(refs[v >> bits], v & mask, (j - i) * page)
+                self.reused_bytes += (j - i) * page
+            i = j
 
     def close(self) -> None:
         if self.buf:  # never for a CRIU pages image (whole pages only); kept as data all the same
@@ -235,7 +208,7 @@ class PagesSink:
             self.buf = bytearray()
         self._flush_new()
 
-    def entry(self, runs, depth: int) -> Tuple[ImageEntry, Optional[Tuple[_Vaddrs, _Hashes]]]:
+    def entry(self, runs, depth: int) -> Tuple[ImageEntry, Optional[Tuple[Any, bytearray]]]:
         """The image's manifest entry, and its page table to store (None when the pagemap does not match)."""
         new_refs = [f.result()[0] for f in self.futures]
         refs: List[ChunkRef] = []
@@ -257,9 +230,9 @@ class PagesSink:
             too_costly = old_bytes + new_bytes > pagedelta.MAX_READ_AMPLIFICATION * self.size
             # the next generation stores this image anew when reading it back costs too much
             entry.delta_depth = pagedelta.MAX_DELTA_DEPTH if too_costly else depth
-        npages = len(self.hashes) // HASH_BYTES
+        npages = len(self.hashes) // pagedelta.HASH_BYTES
         if runs is not None and npages and sum(n for _, n in runs) == npages:
-            return entry, (_Vaddrs(runs), _Hashes(self.hashes))  # stored by StreamDump.finish
+            return entry, (pagedelta.run_vaddrs(runs), self.hashes)  # stored by StreamDump.finish
         return entry, None
 
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from ckpt_agent.adapters.criu import Criu
-from ckpt_agent.checkpoint.engine import Engine
 from ckpt_agent.errors import UsageError
 from ckpt_agent.node.config import AgentConfig, load_agent_config, require_store
 from ckpt_agent.store.generations import CheckpointStore, Signer
 from ckpt_agent.store.layout import check_name
 from ckpt_agent.util.units import check_seconds
+
+if TYPE_CHECKING:  # the engine is imported by the commands that use it: `ckpt checkpoint` only talks to a wrapper
+    from ckpt_agent.checkpoint.engine import Engine
 
 
 def add_config_args(parser: argparse.ArgumentParser, store: bool = True) -> None:
@@ -72,6 +74,8 @@ def open_store(cfg: AgentConfig, args: argparse.Namespace) -> CheckpointStore:
 
 
 def make_engine(cfg: AgentConfig, store: CheckpointStore) -> Engine:
+    from ckpt_agent.checkpoint.engine import Engine
+
     criu = Criu(cfg.criu if os.path.sep in cfg.criu else _find_criu(cfg.criu))
     criu.require_version()
     return Engine(criu, store, cfg.checkpoint)

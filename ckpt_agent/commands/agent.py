@@ -10,7 +10,7 @@ import socket
 from ckpt_agent.adapters import control
 from ckpt_agent.adapters.imds import ImdsClient
 from ckpt_agent.adapters.slurm import Slurm
-from ckpt_agent.checkpoint.runner import registration_dir
+from ckpt_agent.checkpoint.registry import registration_dir
 from ckpt_agent.commands._common import (
     add_config_args,
     load,

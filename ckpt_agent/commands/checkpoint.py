@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 
 from ckpt_agent.adapters import control
 from ckpt_agent.checkpoint.progress import DirectoryGrowth, ProgressLine
-from ckpt_agent.checkpoint.runner import find_registration
+from ckpt_agent.checkpoint.registry import find_registration
 from ckpt_agent.commands._common import (
     add_config_args,
     add_job_args,

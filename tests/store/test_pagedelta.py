@@ -142,3 +142,23 @@ def test_without_the_xxhash_wheel_images_are_stored_whole(tmp_path, pool, monkey
     monkeypatch.setattr(pagedelta, "PAGE_HASH", None)
     few = write_pages(tmp_path / "p1", changed(data, 0.01, 3))
     assert pagedelta.store_delta(chunks, pool, few, RUNS, entry, "x")[0] is None
+
+
+def test_the_page_table_is_packed_entry_by_entry_whatever_the_path(monkeypatch):
+    """The strided copy that builds a page table writes exactly the (vaddr, hash) entries struct.pack would, and
+    so does the fallback for big-endian machines."""
+    import struct
+    import sys
+
+    runs = [(0x7F0000000000, 3), (0x7F1000000000, 2)]
+    vaddrs = pagedelta.run_vaddrs(runs)
+    assert list(vaddrs) == [0x7F0000000000 + k * pagedelta.PAGE for k in range(3)] + [
+        0x7F1000000000 + k * pagedelta.PAGE for k in range(2)]
+    hashes = [bytes([i]) * 16 for i in range(5)]
+    expected = b"".join(struct.pack("<Q16s", v, h) for v, h in zip(vaddrs, hashes))
+    assert pagedelta.pack_table(vaddrs, b"".join(hashes)) == expected
+    assert pagedelta.pack_table(list(vaddrs), bytearray(b"".join(hashes))) == expected
+    monkeypatch.setattr(sys, "byteorder", "big")
+    assert pagedelta.pack_table(vaddrs, b"".join(hashes)) == expected
+    with pytest.raises(ValueError):
+        pagedelta.pack_table(vaddrs, b"x" * 16)
