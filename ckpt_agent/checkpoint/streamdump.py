@@ -331,18 +331,41 @@ class StreamDump:
         self.pool = pool
         _pin_mmap_threshold()
         self._t0 = time.monotonic()
-        self.reuse, self.depth, self._verify_stats = reuse_map(chunks, pool, previous)
-        self._times = {"reuse_map": time.monotonic() - self._t0}  # where a streamed dump's time goes (debug log)
+        self._times: Dict[str, float] = {}  # where a streamed dump's time goes (debug log)
+        self.reuse, self.depth, self._verify_stats = ReuseMap(), 0, WriteStats()
+        self._reuse_error: Optional[BaseException] = None
+        # the previous generation's pages are looked up (and their chunks checked) while CRIU freezes the tree and
+        # collects it, before the first page arrives: a pages image waits for the map, nothing else does
+        self._reuse_thread = threading.Thread(target=self._build_reuse, args=(previous,), name="reuse-map",
+                                              daemon=True)
+        self._reuse_thread.start()
         self.putter = _Putter(chunks, pool)
         self.sinks: Dict[str, Any] = {}
         self._lock = threading.Lock()
-        self.server = imgstream.CaptureServer(images_dir, self._open)
+        try:
+            self.server = imgstream.CaptureServer(images_dir, self._open)
+        except BaseException:
+            self._reuse_thread.join()
+            raise
+
+    def _build_reuse(self, previous: Optional[Manifest]) -> None:
+        try:
+            self.reuse, self.depth, self._verify_stats = reuse_map(self.chunks, self.pool, previous)
+        except BaseException as e:  # noqa: BLE001 - raised where the map is needed, and by finish()
+            self._reuse_error = e
+        self._times["reuse_map"] = time.monotonic() - self._t0
+
+    def _reuse(self) -> ReuseMap:
+        self._reuse_thread.join()
+        if self._reuse_error is not None:
+            raise self._reuse_error
+        return self.reuse
 
     def _open(self, name: str):
         if name in self.sinks:
             raise imgstream.StreamError(f"CRIU sent image {name} twice")
         if name.startswith("pages-"):
-            sink = PagesSink(name, self.putter, self.reuse)
+            sink = PagesSink(name, self.putter, self._reuse())
         else:
             sink = FileSink(name, self.putter, keep=name.startswith("pagemap-"))
         with self._lock:
@@ -357,6 +380,9 @@ class StreamDump:
         """After CRIU failed: stop serving, let queued chunk writes end (before the partial is removed), and return
         the store's error when one made CRIU fail (CRIU itself then only says "Broken pipe"), else None."""
         self.server.abort()
+        self._reuse_thread.join()
+        if self._reuse_error is not None:
+            self.server.errors.append(self._reuse_error)
         for e in self.server.errors[:1]:
             log.warning("image stream failed: %s", e)
         failed = [f.exception() for sink in list(self.sinks.values()) for f in sink.futures]
@@ -366,6 +392,7 @@ class StreamDump:
     def finish(self) -> Tuple[List[ImageEntry], WriteStats]:
         self._times["criu"] = time.monotonic() - self._t0
         self.server.finish()
+        self._reuse()  # built, or its error raised, even when CRIU sent no pages image
         self._times["drained"] = time.monotonic() - self._t0
         pagemaps = [bytes(s.kept) for s in self.sinks.values() if isinstance(s, FileSink) and s.kept is not None]
         images = []

@@ -362,3 +362,22 @@ def test_a_store_that_fails_during_a_failed_dump_is_named_not_criu(tmp_path, chu
     cause = sd.abort()
     assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC
     assert imgstream.StreamError("x").exit_code == 69  # a broken stream is a failed dump or restore, not a bug
+
+
+def test_the_reuse_map_is_built_beside_criu_and_its_failure_fails_the_dump(tmp_path, chunks, pool, monkeypatch):
+    """The previous generation's page map is built while CRIU starts; a store error building it (an unreadable
+    page table) fails the dump, naming the store, instead of being lost in a thread."""
+    from ckpt_agent.checkpoint import streamdump
+    from ckpt_agent.errors import StoreError
+
+    started = threading.Event()
+
+    def failing(*_a):
+        started.set()
+        raise StoreError("/store/job/chunks/ab/abcd: cannot read chunk")
+
+    monkeypatch.setattr(streamdump, "reuse_map", failing)
+    with pytest.raises(StoreError, match="cannot read chunk"):
+        _dump(tmp_path, chunks, pool, {"pagemap-1.img": _pagemap(1, [(0x7F0000000000, 1)]),
+                                       "pages-1.img": os.urandom(4096)})
+    assert started.is_set()
