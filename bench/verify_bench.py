@@ -1,14 +1,18 @@
 """What verifying reused chunks costs a checkpoint (issue 11, defect 2), measured with the engine's own chunk code.
 
-A checkpoint that reuses a chunk the job stored before re-reads it first when the chunk is picked for verification:
-a final checkpoint verifies every reused chunk, a periodic one the 1/SCRUB_SLICES of them whose digest falls in its
-slice. For each kind of data (random = stored raw, text = netlist-like, stored zstd-compressed where a CPU is free):
+A checkpoint that reuses a chunk the job stored before checks it first when the chunk is picked for verification: a
+periodic checkpoint re-reads the 1/SCRUB_SLICES of them whose digest falls in its slice; a final one checks every
+reused chunk, re-reading its slice and checking the others by their stat when this process wrote or read them before
+(chunks.py, CHECKED), re-reading them otherwise. For each kind of data (random = stored raw, text = netlist-like,
+stored zstd-compressed where a CPU is free):
   1. store FILE (MIB MiB) into an empty chunk store: the first checkpoint, every chunk written;
   2. store it again with every chunk known and none verified: what an incremental checkpoint of unchanged memory
      cost before (hashing only);
-  3. again, verifying the periodic slice (1/SCRUB_SLICES of the chunks);
-  4. again, verifying every chunk (a final checkpoint), with the chunk files in the page cache (warm: the node that
-     wrote them) and dropped from it with posix_fadvise (cold: read back from the disk);
+  3. again, re-reading the periodic slice (1/SCRUB_SLICES of the chunks);
+  4. again as a final checkpoint does in the process that wrote the chunks: the slice re-read, the others checked by
+     their stat, the chunk files dropped from the page cache with posix_fadvise (cold: read back from the disk);
+  5. again as a final checkpoint in a process that never wrote nor read them: every chunk re-read, with the chunk
+     files in the page cache (warm: the node that wrote them) and dropped from it (cold);
 and prints each time with its ratio to step 2 and to step 1. The store lives under --dir (default
 /var/tmp/ckpt-bench, the real disk). Run `python bench/verify_bench.py [--mib 512] [--kinds random,text]`.
 """
@@ -60,9 +64,10 @@ def drop_cache(root: str) -> None:
             os.close(fd)
 
 
-def timed_store(root: str, data: Path, known, verify, pool) -> tuple:
+def timed_store(root: str, data: Path, known, verify, pool, scrub=None) -> tuple:
     chunks = chunkstore.ChunkStore(root, "zstd", known)
     chunks.verify_reused = verify
+    chunks.scrub = scrub
     t0 = time.monotonic()
     refs, stats, _ = chunkstore.store_file(chunks, str(data), pool)
     chunkstore.syncfs(root)
@@ -79,19 +84,25 @@ def bench_kind(base: str, kind: str, mib: int) -> None:
             t_first, refs, _ = timed_store(root, data, None, None, pool)
             known = {r.digest: r.codec for r in refs}
             t_reuse, _, _ = timed_store(root, data, known, None, pool)
-            t_slice, _, s_slice = timed_store(root, data, known, lambda d: int(d[:2], 16) % SCRUB_SLICES == 0, pool)
+            in_slice = lambda d: int(d[:2], 16) % SCRUB_SLICES == 0  # noqa: E731
+            t_slice, _, s_slice = timed_store(root, data, known, in_slice, pool)
+            drop_cache(root)
+            t_final, _, s_final = timed_store(root, data, known, lambda _d: True, pool, scrub=in_slice)
+            chunkstore.CHECKED = chunkstore.CheckedFiles()  # a process that never wrote nor read these chunks
             t_warm, _, s_all = timed_store(root, data, known, lambda _d: True, pool)
+            chunkstore.CHECKED = chunkstore.CheckedFiles()
             drop_cache(root)
             t_cold, _, _ = timed_store(root, data, known, lambda _d: True, pool)
         codecs = sorted({r.codec for r in refs})
         print(f"{kind} {mib} MiB ({len(refs)} chunks, codecs {','.join(codecs)}):")
         print(f"  first checkpoint, all chunks written      {t_first:7.2f} s")
         print(f"  reuse, no verification (before)           {t_reuse:7.2f} s")
-        for label, t, n in ((f"periodic: verify 1/{SCRUB_SLICES} slice", t_slice, s_slice.chunks_verified),
-                            ("final: verify all, page cache warm", t_warm, s_all.chunks_verified),
-                            ("final: verify all, cold (from disk)", t_cold, s_all.chunks_verified)):
-            print(f"  {label:<40}  {t:7.2f} s  {t / t_reuse:5.2f}x reuse  {t / t_first:5.2f}x first  "
-                  f"({n} chunks verified)")
+        for label, t, n in ((f"periodic: re-read the 1/{SCRUB_SLICES} slice", t_slice, s_slice.chunks_verified),
+                            ("final: slice re-read, others by stat, cold", t_final, s_final.chunks_verified),
+                            ("final, none checked before: all re-read, warm", t_warm, s_all.chunks_verified),
+                            ("final, none checked before: all re-read, cold", t_cold, s_all.chunks_verified)):
+            print(f"  {label:<46}  {t:7.2f} s  {t / t_reuse:5.2f}x reuse  {t / t_first:5.2f}x first  "
+                  f"({n} chunks checked)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
