@@ -7,10 +7,11 @@ CRIU's log, its stats files and the sockets.
 
 Pages images arrive before their pagemap (CRIU writes pagemap-N.img and pages-N.img side by side and closes the
 pagemap last), so incrementals here are by content, not by address:
-  1. before the dump, a map page hash -> (chunk, offset) is built from the previous generation's page tables
-     (every pages image of it), after verifying the chunks the scrub policy picks (rotten ones are left out);
-  2. while pages stream in, each page is hashed (xxh3-128); a page whose hash is in the map becomes a slice of the
-     old chunk, any other is packed into new 1 MiB chunks, written while the dump goes on;
+  1. while CRIU freezes and collects the tree, a map page hash -> (chunk, offset) is built from the previous
+     generation's page tables (every pages image of it), after checking the chunks the policy picks (chunks.py;
+     rotten ones are left out); a pages image waits for it;
+  2. while pages stream in, the pages of each read are hashed (xxh3-128); runs of pages found in the map become
+     slices of the old chunks, the others are packed into new 1 MiB chunks, written while the dump goes on;
   3. once CRIU is done, the pagemap gives the pages' addresses and the (vaddr, hash) page table is stored, as on
      the staged path (store/pagedelta.py), for the next generation.
 Compaction follows pagedelta's rules where they can be applied to a stream: after MAX_DELTA_DEPTH generations that
@@ -18,8 +19,8 @@ reuse old pages, the next stores all pages anew; a generation whose restore woul
 MAX_READ_AMPLIFICATION times its size marks itself so that the next one is stored anew. Every chunk is still named
 and checked by its sha256 on restore.
 
-Restore: the images are served from verified chunks through the serve socket; only cpuinfo.img is written to the
-images directory (for `criu cpuinfo check`).
+Restore: the images are served from verified chunks through the serve socket, read ahead by the chunk workers
+(StoreSource); only cpuinfo.img is written to the images directory (for `criu cpuinfo check`).
 """
 
 from __future__ import annotations
