@@ -17,6 +17,10 @@ than the raw write. The checkpoint time judged is the wall time of `ckpt checkpo
 A profile section then times the chunk pipeline's parts on the same kinds of data (sha256, the zstd decision and
 compression, chunk writes without sync, syncfs) with the engine's own code, to show where a checkpoint's time goes.
 
+`--stream` sets checkpoint.stream: with the default `auto` the first (periodic) checkpoint is staged in tmpfs and
+the second (final) one and the restore stream; `--stream always` streams all three, which is how a final checkpoint
+of a full job's memory (a job's first, or after compaction) is measured; `make bench` runs both.
+
 Run as root (CRIU): `make bench`, or `python bench/checkpoint_bench.py --sizes 1,4 [--kinds random,text,zeros]`;
 `--quick` runs 256 MiB cases. One workload runs at a time; the store lives under --dir (default /var/tmp/ckpt-bench,
 on the real disk, not tmpfs).

@@ -105,7 +105,7 @@ class CheckedFiles:
     About 150 bytes a chunk (a 500 GiB job: ~75 MiB); the stores of the MAX_ROOTS jobs used last are remembered (an
     agent serves many jobs over its life)."""
 
-    MAX_ROOTS = 16
+    MAX_ROOTS = 64
 
     def __init__(self) -> None:
         self._roots: OrderedDict = OrderedDict()
