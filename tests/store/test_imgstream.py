@@ -377,7 +377,17 @@ def test_the_reuse_map_is_built_beside_criu_and_its_failure_fails_the_dump(tmp_p
         raise StoreError("/store/job/chunks/ab/abcd: cannot read chunk")
 
     monkeypatch.setattr(streamdump, "reuse_map", failing)
+    imgdir = tmp_path / "img"
+    imgdir.mkdir()
+    sd = streamdump.StreamDump(chunks, pool, str(imgdir)).start()
+    criu = FakeCriu(str(imgdir), imgstream.CAPTURE_SOCKET)
+    fd = criu.open_for_dump("pages-1.img")
+    try:
+        imgstream.write_all(fd, os.urandom(1 << 20))
+    except BrokenPipeError:  # the sink failed and closed its end first, as CRIU would see it
+        pass
+    os.close(fd)
+    criu.close()
     with pytest.raises(StoreError, match="cannot read chunk"):
-        _dump(tmp_path, chunks, pool, {"pagemap-1.img": _pagemap(1, [(0x7F0000000000, 1)]),
-                                       "pages-1.img": os.urandom(4096)})
+        sd.finish()
     assert started.is_set()
