@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ckpt_agent.adapters.criu import pages_runs_from
 from ckpt_agent.errors import DamagedCheckpointError, StoreError
+from ckpt_agent.node.fields import STREAM_MODES
 from ckpt_agent.store import imgstream, pagedelta
 from ckpt_agent.store.chunks import CHUNK_BYTES, WORKERS, ChunkRef, ChunkStore, WriteStats
 from ckpt_agent.store.manifest import ImageEntry, Manifest
@@ -487,7 +488,7 @@ class StoreSource:
             os.close(fd)
 
 
-MODES = ("auto", "always", "off")  # checkpoint.stream in agent.yaml
+MODES = STREAM_MODES  # checkpoint.stream in agent.yaml and the site file (node/fields.py)
 
 
 def wanted(settings, criu, images_dir: str) -> bool:

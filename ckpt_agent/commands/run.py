@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     backend = choose_backend(lambda: make_engine(cfg, store), cfg.socket_path)
     opts = RunOptions(job_id=job_id, step=args.name, argv=cmd, interval=interval, runtime_dir=cfg.runtime_dir,
                       cwd=os.getcwd(), mode="transparent" if args.transparent else "explicit",
-                      agent_socket=cfg.socket_path,
+                      agent_socket=cfg.socket_path, recent=cfg.checkpoint.recent_periodic,
                       budget=budget_seconds({"deadline_margin": cfg.agent.deadline_margin,
                                              "poll_interval": cfg.agent.poll_interval}))
     return Runner(opts, store, backend).run()

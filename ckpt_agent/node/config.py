@@ -45,7 +45,8 @@ class CheckpointSettings:
     keep: int = F.KEEP.default
     compression: str = F.COMPRESSION.default
     staging_dir: str = F.STAGING_DIR.default
-    stream: str = "auto"  # auto | always | off: images stream into the store as CRIU dumps (streamdump.stream_dump)
+    stream: str = F.STREAM.default  # auto | always | off: images stream into the store as CRIU dumps (streamdump.py)
+    recent_periodic: Optional[int] = None  # see node/fields.py RECENT_PERIODIC (None: one interval)
     extra_paths: list = field(default_factory=list)
     ghost_limit: str = F.GHOST_LIMIT.default
     tcp_close: bool = True  # restore TCP connections closed: a license-server client reconnects from the new IP
@@ -141,7 +142,7 @@ def _section(cls: type, specs: Dict[str, Any], rules=()) -> Map:
 
 CHECKPOINT = _section(CheckpointSettings, {
     "interval": F.INTERVAL, "keep": F.KEEP, "compression": F.COMPRESSION, "staging_dir": F.STAGING_DIR,
-    "stream": Str(choices=("auto", "always", "off")),
+    "stream": F.STREAM, "recent_periodic": F.RECENT_PERIODIC,
     "extra_paths": F.EXTRA_PATHS, "ghost_limit": F.GHOST_LIMIT, "tcp_close": Bool(),
 }, rules=[F.rule_extra_paths])
 AGENT = _section(AgentSettings, {

@@ -24,6 +24,12 @@ KEEP = Field(Int(min=1, max=10), default=2)  # the newest plus one fallback if i
 COMPRESSION = Field(Str(choices=("zstd", "none")), default="zstd")  # zstd only where it saves space, per chunk
 EXTRA_PATHS = Field(List(Str(), unique=True), default=list)  # more directories captured with the working directory
 STAGING_DIR = Field(Str(), default="auto")  # where CRIU writes images before the store; auto = tmpfs if RAM allows
+# whether images stream into the store as CRIU dumps (checkpoint/streamdump.py: auto streams finals and restores)
+STREAM_MODES = ("auto", "always", "off")
+STREAM = Field(Str(choices=STREAM_MODES), default="auto")
+# on a notice, a periodic checkpoint younger than this stands in for a final checkpoint that cannot fit the time left
+# (the job is requeued from it at once); absent: one checkpoint interval; 0: always try the final checkpoint
+RECENT_PERIODIC = Field(Duration(min=0, max=7 * 86400))
 # deleted-but-open temp files up to this size are saved (CRIU's default 1 MiB is too small)
 GHOST_LIMIT = Field(Str(pattern=r"\d+[KMG]?", pattern_help="a size like 64M or 1G"), default="1G")
 

@@ -289,6 +289,8 @@ CHECKPOINT = Map(
         "poll_interval": F.POLL_INTERVAL,
         "deadline_margin": F.DEADLINE_MARGIN,
         "staging_dir": F.STAGING_DIR,
+        "stream": F.STREAM,
+        "recent_periodic": F.RECENT_PERIODIC,
         "ghost_limit": F.GHOST_LIMIT,
     },
     rules=[F.rule_extra_paths],

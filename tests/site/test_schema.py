@@ -130,6 +130,18 @@ def test_rules(old, new, expected):
     assert problems_of(text) == [expected]
 
 
+@pytest.mark.parametrize("setting, expected", [
+    ("stream: fast", "queues[0].checkpoint.stream: must be one of auto, always, off, got 'fast'"),
+    ("recent_periodic: -5", "queues[0].checkpoint.recent_periodic: must be >= 0 s, got -5"),
+    ("recent_periodic: soon", "queues[0].checkpoint.recent_periodic: must be a duration (seconds, or like 15m, 1h, "
+                              "14d), got a string ('soon')"),
+])
+def test_stream_and_recent_periodic_are_checked(setting, expected):
+    text = MINIMAL + f"    checkpoint: {{{setting}}}\n"
+    problems = problems_of(text)
+    assert len(problems) == 1 and problems[0].split(": ", 1)[1] == expected, problems
+
+
 def test_ondemand_cannot_drain_on_rebalance():
     text = MINIMAL.replace("capacity: spot", "capacity: ondemand") + "    checkpoint: {rebalance_action: drain}\n"
     assert problems_of(text) == [
