@@ -340,25 +340,37 @@ def _manifest(images):
     return Manifest(format=2, created="2026-12-03T00:00:00.000000Z", images=images, files=[])
 
 
+def _failing_dump(tmp_path, chunks, pool, name: str, data: bytes):
+    """A streamed dump of one image whose store side fails: written as CRIU would (a broken pipe included, once the
+    failing sink has closed its end), the connection then closed; the StreamDump, to finish() or abort()."""
+    from ckpt_agent.checkpoint import streamdump
+
+    imgdir = tmp_path / "img"
+    imgdir.mkdir()
+    sd = streamdump.StreamDump(chunks, pool, str(imgdir)).start()
+    criu = FakeCriu(str(imgdir), imgstream.CAPTURE_SOCKET)
+    fd = criu.open_for_dump(name)
+    try:
+        imgstream.write_all(fd, data)
+    except BrokenPipeError:
+        pass
+    os.close(fd)
+    criu.close()  # as CRIU does when it fails
+    return sd
+
+
 def test_a_store_that_fails_during_a_failed_dump_is_named_not_criu(tmp_path, chunks, pool, monkeypatch):
     """A full store makes CRIU fail with only "Broken pipe": abort() hands back the store's error, which the engine
     raises (exit 74, naming the path) instead of CRIU's."""
     import errno
 
-    from ckpt_agent.checkpoint import streamdump
 
     def full(data):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "store" / "chunk"))
 
     monkeypatch.setattr(chunks, "put", full)
-    imgdir = tmp_path / "img"
-    imgdir.mkdir()
-    sd = streamdump.StreamDump(chunks, pool, str(imgdir)).start()
-    criu = FakeCriu(str(imgdir), imgstream.CAPTURE_SOCKET)
-    fd = criu.open_for_dump("inventory.img")
-    imgstream.write_all(fd, b"x" * (3 << 20))  # whole chunks: handed to the store while the dump goes on
-    os.close(fd)
-    criu.close()  # as CRIU does when it fails
+    # whole chunks: handed to the store while the dump goes on
+    sd = _failing_dump(tmp_path, chunks, pool, "inventory.img", b"x" * (3 << 20))
     cause = sd.abort()
     assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC
     assert imgstream.StreamError("x").exit_code == 69  # a broken stream is a failed dump or restore, not a bug
@@ -377,17 +389,7 @@ def test_the_reuse_map_is_built_beside_criu_and_its_failure_fails_the_dump(tmp_p
         raise StoreError("/store/job/chunks/ab/abcd: cannot read chunk")
 
     monkeypatch.setattr(streamdump, "reuse_map", failing)
-    imgdir = tmp_path / "img"
-    imgdir.mkdir()
-    sd = streamdump.StreamDump(chunks, pool, str(imgdir)).start()
-    criu = FakeCriu(str(imgdir), imgstream.CAPTURE_SOCKET)
-    fd = criu.open_for_dump("pages-1.img")
-    try:
-        imgstream.write_all(fd, os.urandom(1 << 20))
-    except BrokenPipeError:  # the sink failed and closed its end first, as CRIU would see it
-        pass
-    os.close(fd)
-    criu.close()
+    sd = _failing_dump(tmp_path, chunks, pool, "pages-1.img", os.urandom(1 << 20))
     with pytest.raises(StoreError, match="cannot read chunk"):
         sd.finish()
     assert started.is_set()
