@@ -29,6 +29,8 @@ MIN_VERSION = (4, 2, 1)  # < 4.2 cannot dump any INET socket on kernels >= 6.16;
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CPU_CAPS = "fpu,ins"
 RLIMITS_PATCH = "ckpt-agent-0001-rlimits-from-proc"  # bootstrap/patches/criu-4.2.1/0001-rlimits-from-proc.patch
+WRITTEN_ONLY_PATCH = "ckpt-agent-0002-written-only"  # bootstrap/patches/criu-4.2.1/0002-written-only.patch
+WRITTEN_ONLY_ENV = "CKPT_CRIU_WRITTEN_ONLY"  # set to 1: pages still userfaultfd-write-protected become PE_PARENT holes
 
 _PAGEMAP_MAGIC = 0x56084025
 _PE_PARENT = 1 << 0
@@ -67,6 +69,12 @@ class Criu:
         CAP_SYS_RESOURCE, which root lacks in some containers and microVMs. Our patch 0001 reads them from
         /proc/PID/limits instead, so a patched CRIU dumps ordinary users' jobs either way."""
         return root_has_cap_sys_resource() or RLIMITS_PATCH in self.patches()
+
+    def can_dump_written_only(self) -> bool:
+        """Whether this CRIU carries our patch 0002: with WRITTEN_ONLY_ENV=1 a dump writes only the pages written
+        since adapters/uffd.py write-protected them, the others as PE_PARENT holes (dirty tracking without
+        soft-dirty)."""
+        return WRITTEN_ONLY_PATCH in self.patches()
 
     def require_version(self) -> str:
         ver = self.version()
@@ -113,9 +121,12 @@ class Criu:
         timeout: Optional[float] = None,
         keep_fds: Sequence[int] = (),
         stream: bool = False,
+        written_only: bool = False,
     ) -> None:
         """keep_fds: descriptors CRIU inherits and holds until it exits (the dump guard's pipe, see engine.py).
-        stream: images go to the streamer listening in images_dir (checkpoint/streamdump.py), not into files."""
+        stream: images go to the streamer listening in images_dir (checkpoint/streamdump.py), not into files.
+        written_only: pages not written since they were write-protected (adapters/uffd.py) are PE_PARENT holes in
+        the pagemaps (patch 0002; the caller resolves them from the previous generation)."""
         argv = [
             self.binary, "dump", "-t", str(pid), "-D", images_dir, "-o", "dump.log", "-v2",
             "--manage-cgroups=ignore", "--ext-unix-sk", "--file-locks", "--ghost-limit", ghost_limit,
@@ -127,7 +138,8 @@ class Criu:
             argv.append("--tcp-close")
         if stream:
             argv.append("--stream")
-        self._run_logged(argv, images_dir, "dump.log", timeout, pass_fds=keep_fds)
+        env = {**os.environ, WRITTEN_ONLY_ENV: "1"} if written_only else None
+        self._run_logged(argv, images_dir, "dump.log", timeout, pass_fds=keep_fds, env=env)
 
     def restore(
         self,
@@ -184,10 +196,14 @@ class Criu:
             ) from e
 
     def _run_logged(
-        self, argv: List[str], images_dir: str, log_name: str, timeout: Optional[float], pass_fds: Sequence[int] = ()
+        self, argv: List[str], images_dir: str, log_name: str, timeout: Optional[float], pass_fds: Sequence[int] = (),
+        env: Optional[Dict[str, str]] = None,
     ) -> None:
         try:
-            self.run(argv, timeout=timeout, pass_fds=pass_fds)
+            if env is None:
+                self.run(argv, timeout=timeout, pass_fds=pass_fds)
+            else:
+                self.run(argv, timeout=timeout, pass_fds=pass_fds, env=env)
         except CommandError as e:
             detail = _log_errors(os.path.join(images_dir, log_name)) or str(e)
             if "Can't get rlimit" in detail:
@@ -245,13 +261,31 @@ def read_varint(buf: bytes, pos: int) -> Tuple[int, int]:
 
 
 def _fields(msg: bytes) -> Dict[int, int]:
+    """The varint fields of one protobuf message (a pagemap entry: tens of thousands an image, so decoded inline)."""
     out: Dict[int, int] = {}
-    i = 0
-    while i < len(msg):
-        key, i = read_varint(msg, i)
-        if key & 7 != 0:
-            raise ValueError("unexpected wire type in pagemap image")
-        out[key >> 3], i = read_varint(msg, i)
+    i, n = 0, len(msg)
+    try:
+        while i < n:
+            key = msg[i]
+            if key & 0x80:
+                key, i = read_varint(msg, i)
+            else:
+                i += 1
+            if key & 7 != 0:
+                raise ValueError("unexpected wire type in pagemap image")
+            value = shift = 0
+            while True:
+                b = msg[i]
+                i += 1
+                value |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+                if shift > 63:
+                    raise ValueError("varint too long")
+            out[key >> 3] = value
+    except IndexError:
+        raise ValueError("truncated varint") from None
     return out
 
 
@@ -273,6 +307,96 @@ def _read_pagemap(buf: bytes):
         # CRIU >= 4.0 keeps the page count in nr_pages (field 5); older images in compat_nr_pages (field 2)
         entries.append((f.get(1, 0), f.get(5, f.get(2, 0)), f.get(4), bool(f.get(3, 0))))
     return head, entries
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def pagemap_entries(buf: bytes) -> Tuple[int, List[Tuple[int, int, bool]]]:
+    """(pages_id, [(vaddr, nr_pages, in_parent)]) of a pagemap image's entries that cover pages, in order: present
+    ones (their data is next in pages-<pages_id>.img) and PE_PARENT holes (the data is in the previous dump).
+    ValueError when it is not a pagemap image."""
+    try:
+        head, found = _read_pagemap(buf)
+    except (IndexError, struct.error) as e:
+        raise ValueError(f"damaged pagemap image: {e}") from e
+    out = []
+    for vaddr, nr_pages, flags, in_parent in found:
+        parent = bool(flags & _PE_PARENT) if flags is not None else in_parent
+        present = bool(flags & _PE_PRESENT) if flags is not None else not in_parent
+        if nr_pages and (parent or present):
+            out.append((vaddr, nr_pages, parent and not present))
+    return head, out
+
+
+def pagemap_without_parents(buf: bytes) -> bytes:
+    """The pagemap image with each PE_PARENT hole turned into present pages (the caller put those pages into the
+    pages image, in order): what a restore reads, with no parent images."""
+    if len(buf) < 8 or struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
+        raise ValueError("not a pagemap image")
+    patched = _parents_patched_in_place(buf)
+    if patched is not None:
+        return patched
+    out = bytearray(buf[:8])
+    pos, first = 8, True
+    while pos + 4 <= len(buf):
+        (size,) = struct.unpack_from("<I", buf, pos)
+        msg = buf[pos + 4 : pos + 4 + size]
+        pos += 4 + size
+        f = _fields(msg)
+        if not first and (f.get(4, 0) & _PE_PARENT or f.get(3)):
+            f[4] = (f.get(4, 0) & ~_PE_PARENT) | _PE_PRESENT
+            f.pop(3, None)  # in_parent (images before flags existed)
+            msg = b"".join(_varint(k << 3) + _varint(v) for k, v in sorted(f.items()))
+        first = False
+        out += struct.pack("<I", len(msg)) + msg
+    if pos != len(buf):
+        raise ValueError("pagemap image ends inside an entry")
+    return bytes(out)
+
+
+def _parents_patched_in_place(buf: bytes) -> Optional[bytes]:
+    """pagemap_without_parents() for entries laid out as CRIU 4.x writes them (vaddr, compat_nr_pages, flags,
+    nr_pages):
+    flags PE_PARENT (1) becomes PE_PRESENT (4), one byte each, so the image keeps its size; None for any other
+    layout of a hole (the caller then re-encodes)."""
+    out = bytearray(buf)
+    pos, first, n = 8, True, len(buf)
+    parent, present = _PE_PARENT, _PE_PRESENT
+    while pos + 4 <= n:
+        (size,) = struct.unpack_from("<I", buf, pos)
+        i, end = pos + 4, pos + 4 + size
+        pos = end
+        if first:
+            first = False
+            continue
+        if end > n or size < 4 or buf[i] != 0x08:  # field 1 (vaddr), varint
+            return None
+        i += 1
+        while i < end and buf[i] & 0x80:
+            i += 1
+        i += 1
+        if i + 1 < end and buf[i] == 0x10:  # field 2 (compat_nr_pages), varint: CRIU 4.x writes 0
+            i += 1
+            while i < end and buf[i] & 0x80:
+                i += 1
+            i += 1
+        if i + 1 >= end or buf[i] != 0x20:  # field 4 (flags), varint; in_parent (3) is never written by 4.x
+            return None
+        if buf[i + 1] == parent:
+            out[i + 1] = present
+        elif buf[i + 1] & 0x80 or buf[i + 1] & parent:
+            return None
+    return bytes(out) if pos == n else None
 
 
 def pages_runs(images_dir: str, pages_name: str) -> Optional[List[Tuple[int, int]]]:

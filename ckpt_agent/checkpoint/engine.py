@@ -232,6 +232,42 @@ class Engine:
         self.criu = criu
         self.store = store
         self.settings = settings
+        # dirty tracking without soft-dirty (adapters/uffd.py): the tracker, made at first use (False: not here), and
+        # per (job, step) the generation whose dump left the tree's pages write-protected: (number, created, pid)
+        self._tracker: Any = None
+        self._armed: Dict[Tuple[str, str], Tuple[int, str, int]] = {}
+
+    def _dirty_tracker(self):
+        """The DirtyTracker, or None where this kernel, CPU architecture or CRIU build cannot track written pages."""
+        if self._tracker is None:
+            self._tracker = False
+            if self.settings.dirty_tracking and self.criu.can_dump_written_only():
+                from ckpt_agent.adapters import uffd  # noqa: PLC0415 - only where a checkpoint is taken
+
+                if uffd.DirtyTracker.supported():
+                    self._tracker = uffd.DirtyTracker()
+        return self._tracker or None
+
+    def _written_only(self, job: JobState, previous: Optional[Manifest], stage: str) -> bool:
+        """Whether this dump may send only the pages written since `previous`: its dump write-protected this very
+        tree (same init pid), and nothing since (an armed record is used once: every dump arms anew)."""
+        armed = self._armed.pop((job.job_id, job.step), None)
+        if armed is None or previous is None or self._dirty_tracker() is None:
+            return False
+        if armed != (previous.generation, previous.created, job.init_pid):
+            return False
+        return streamdump.stream_written_only(self.settings, self.criu, stage, previous)
+
+    def _arm(self, pids: List[int]) -> bool:
+        """Write-protect the stopped tree's pages, so that the next dump finds the pages written since."""
+        tracker = self._dirty_tracker()
+        if tracker is None or not pids:
+            return False
+        outcome = tracker.arm(pids)
+        failed = {pid: why for pid, why in outcome.items() if why != "armed"}
+        if failed:
+            log.debug("dirty tracking not armed for %s", failed)
+        return len(failed) < len(outcome)
 
     # --- checkpoint ---------------------------------------------------------------------------------------------
     def sweep_staging(self) -> List[str]:
@@ -275,20 +311,33 @@ class Engine:
             try:
                 guard = DumpGuard(job.init_pid, stage)
                 t_step = time.monotonic()
-                streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous,
-                                            staged_in_ram=stage.startswith(SHM_STAGING + os.sep), final=final)
-                try:  # streamed: the images enter the store while CRIU dumps (no staging copy)
-                    self.criu.dump(
-                        job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
-                        ghost_limit=self.settings.ghost_limit, timeout=timeout, keep_fds=(guard.fd,),
-                        stream=streamed is not None,
-                    )
-                except BaseException as e:
-                    cause = streamed.abort() if streamed is not None else None
-                    if cause is not None and isinstance(e, CkptError):  # the store made CRIU fail: name the store
-                        raise cause from e
-                    raise
-                stored = streamed.finish() if streamed is not None else None
+                written_only = self._written_only(job, previous, stage)
+                while True:
+                    streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous,
+                                                staged_in_ram=stage.startswith(SHM_STAGING + os.sep), final=final,
+                                                written_only=written_only)
+                    try:  # streamed: the images enter the store while CRIU dumps (no staging copy)
+                        self.criu.dump(
+                            job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
+                            ghost_limit=self.settings.ghost_limit, timeout=timeout, keep_fds=(guard.fd,),
+                            stream=streamed is not None, written_only=written_only,
+                        )
+                    except BaseException as e:
+                        cause = streamed.abort() if streamed is not None else None
+                        if cause is not None and isinstance(e, CkptError):  # the store made CRIU fail: name it
+                            raise cause from e
+                        raise
+                    try:
+                        stored = streamed.finish() if streamed is not None else None
+                        unchanged = streamed.pages_unchanged if streamed is not None else 0
+                    except streamdump.ParentPagesMissing as e:
+                        if not written_only:
+                            raise
+                        # the tree is still stopped: dump it again, every page (rare: a rotten old chunk)
+                        log.warning("checkpoint of job %s: %s; dumping every page instead", job.job_id, e)
+                        written_only = False
+                        continue
+                    break
                 timings["dump_seconds"] = time.monotonic() - t_step
                 t_step = time.monotonic()
                 stopped = capture.ns_pids(job.init_pid)
@@ -300,6 +349,11 @@ class Engine:
                     files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files,
                                                     owner_uid=job.uid if owner else None)
                 timings["capture_seconds"] = time.monotonic() - t_step
+                armed = False
+                if not final:  # before the tool runs again: its next write to any page is then seen
+                    t_step = time.monotonic()
+                    armed = self._arm(stopped)
+                    timings["arm_seconds"] = time.monotonic() - t_step
                 t_frozen = time.monotonic() - t0
                 if not final:
                     _resume(stopped)
@@ -318,10 +372,13 @@ class Engine:
                     instance=job.instance, cwd=job.cwd, argv=job.argv, uid=job.uid, gid=job.gid,
                     pipes=job.pipe_inodes, images=images, files=files,
                     stats=Stats(**dataclasses.asdict(stats), seconds={
-                        "frozen_seconds": round(t_frozen, 3), **{k: round(v, 3) for k, v in timings.items()}}),
+                        "frozen_seconds": round(t_frozen, 3), **{k: round(v, 3) for k, v in timings.items()}},
+                        extra={"pages_unchanged": unchanged} if unchanged else {}),
                 )
                 with acting_as(user):
                     store.commit(partial, number, manifest, owner)
+                if armed:
+                    self._armed[(job.job_id, job.step)] = (number, created, job.init_pid)
                 if final:
                     guard.tell(DumpGuard.KILL)
             except BaseException as e:

@@ -25,15 +25,18 @@ Restore: the images are served from verified chunks through the serve socket, re
 
 from __future__ import annotations
 
+import array
+import bisect
 import concurrent.futures
 import ctypes
 import logging
 import os
+import re
 import threading
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from ckpt_agent.adapters.criu import pages_runs_from
+from ckpt_agent.adapters.criu import pagemap_entries, pagemap_without_parents, pages_runs_from
 from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.node.fields import STREAM_MODES
 from ckpt_agent.store import imgstream, pagedelta
@@ -92,18 +95,21 @@ class _Putter:
 class FileSink:
     """Any image but pages: cut into CHUNK_BYTES chunks as it arrives (pagemaps are kept too, they are small)."""
 
-    def __init__(self, name: str, putter: _Putter, keep: bool = False):
+    def __init__(self, name: str, putter: _Putter, keep: bool = False, store: bool = True):
         self.name = name
         self.putter = putter
         self.buf = bytearray()
         self.futures: List[concurrent.futures.Future] = []
         self.size = 0
-        self.kept = bytearray() if keep else None
+        self.kept = bytearray() if keep or not store else None
+        self.store = store  # False: only kept, stored by StreamDump.finish (a written-only dump's pagemaps)
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.kept is not None:
             self.kept += data
+        if not self.store:
+            return
         if not self.buf and len(data) == CHUNK_BYTES:  # a whole block (imgstream.read_block): no copy
             self.futures.append(self.putter.submit(data))
             return
@@ -113,7 +119,7 @@ class FileSink:
             del self.buf[:CHUNK_BYTES]
 
     def close(self) -> None:
-        if self.buf:
+        if self.buf and self.store:
             self.futures.append(self.putter.submit(bytes(self.buf)))
             self.buf = bytearray()
 
@@ -238,6 +244,193 @@ class PagesSink:
         return entry, None
 
 
+    def entry_with_parents(self, entries: Sequence[Tuple[int, int, bool]], parent: ParentImage, depth: int,
+                           dropped: Set[str]) -> Tuple[ImageEntry, Tuple[Any, bytearray]]:
+        """The entry of a written-only dump's pages image (CRIU patch 0002): `entries` (the pagemap's, in order)
+        interleave the pages CRIU sent (in this sink) with PE_PARENT holes, pages unchanged since the previous
+        generation, taken from its image by address. The stored image holds every page, as a full dump's does, and
+        so does its page table. ParentPagesMissing when a hole is not in the previous image or lies in a rotten
+        chunk (the caller dumps again without holes)."""
+        new_refs = [f.result()[0] for f in self.futures]
+        streamed = [(key if isinstance(key, ChunkRef) else new_refs[key], off, length)
+                    for key, off, length in self.slices]
+        page, hb = pagedelta.PAGE, pagedelta.HASH_BYTES
+        out: List[list] = []  # [ref, offset, length]
+
+        def add(ref: ChunkRef, off: int, length: int) -> None:
+            last = out[-1] if out else None
+            if last is not None and last[0] is ref and last[1] + last[2] == off:
+                last[2] += length
+            else:
+                out.append([ref, off, length])
+
+        vaddrs = array.array("Q")
+        hashes = bytearray()
+        zero: Optional[ChunkRef] = None  # a chunk of zeros, for pages that were not there (ParentImage)
+        si, used, hpos, parent_bytes = 0, 0, 0, 0  # cursors: streamed slice, bytes used of it, self.hashes
+        for vaddr, nr, in_parent in entries:
+            vaddrs.extend(range(vaddr, vaddr + nr * page, page))
+            want = nr * page
+            if in_parent:
+                for i, n in parent.runs(vaddr, nr):
+                    if i == ParentImage.ZERO:
+                        zero = zero or self.putter.chunks.put(bytes(CHUNK_BYTES))[0]
+                        for at in range(0, n * page, CHUNK_BYTES):
+                            add(zero, 0, min(CHUNK_BYTES, n * page - at))
+                        hashes += pagedelta.page_hash(bytes(page)) * n
+                        continue
+                    for ref, off, length in parent.pieces_of(i, n):
+                        if ref.digest in dropped:
+                            raise ParentPagesMissing(f"{self.name}: pages at {vaddr:#x} lie in rotten chunk "
+                                                     f"{ref.digest}")
+                        add(ref, off, length)
+                    hashes += parent.hashes[i * hb:(i + n) * hb]
+                parent_bytes += want
+                continue
+            hashes += self.hashes[hpos:hpos + nr * hb]
+            hpos += nr * hb
+            while want:
+                if si >= len(streamed):
+                    raise ParentPagesMissing(f"{self.name}: the pagemap names more pages than CRIU sent")
+                ref, off, length = streamed[si]
+                n = min(want, length - used)
+                add(ref, off + used, n)
+                used += n
+                want -= n
+                if used == length:
+                    si, used = si + 1, 0
+        if si != len(streamed) or hpos != len(self.hashes):
+            raise ParentPagesMissing(f"{self.name}: CRIU sent pages the pagemap does not name")
+        refs: List[ChunkRef] = []
+        index: Dict[str, int] = {}
+        slices = []
+        fresh = {r.digest for r in new_refs}
+        old_bytes = 0
+        for ref, off, length in out:
+            if ref.digest not in index:
+                index[ref.digest] = len(refs)
+                refs.append(ref)
+                if ref.digest not in fresh:
+                    old_bytes += ref.size
+            slices.append([index[ref.digest], off, length])
+        size = len(vaddrs) * page
+        entry = ImageEntry(name=self.name, size=size, chunks=refs, slices=slices)
+        if old_bytes:
+            new_bytes = sum(r.size for r in new_refs)
+            too_costly = old_bytes + new_bytes > pagedelta.MAX_READ_AMPLIFICATION * size
+            entry.delta_depth = pagedelta.MAX_DELTA_DEPTH if too_costly else depth
+        self.reused_bytes += parent_bytes
+        return entry, (vaddrs, hashes)
+
+
+class ParentPagesMissing(StoreError):
+    """A written-only dump named pages as unchanged that the previous generation cannot give back."""
+
+
+class ParentImage:
+    """One process's pages image in the previous generation, looked up by address: its page table's columns
+    (vaddrs ascending, hashes) and where its bytes lie (the image's pieces).
+
+    A hole CRIU names may also cover pages the previous image does not hold. With userfaultfd write-protection in
+    async mode the kernel always applies WP_UNPOPULATED (fs/userfaultfd.c), so the protection leaves markers on
+    page-table entries that had no page, and pagemap reports them as swapped pages that were not written since:
+    pages that were not there (no page, so zero) when the previous dump was taken, and were not written since. They
+    are zero pages (ZERO)."""
+
+    ZERO = -1  # a run of zero pages, in runs()
+
+    def __init__(self, entry: ImageEntry, vaddrs: array.array, hashes: bytes):
+        self.entry = entry
+        self.vaddrs = vaddrs
+        self.hashes = hashes
+        self.pieces = entry.pieces()
+        self.starts = []  # byte offset in the image where each piece begins
+        pos = 0
+        for _idx, _off, length in self.pieces:
+            self.starts.append(pos)
+            pos += length
+        self.size = pos
+        if len(vaddrs) * pagedelta.PAGE != self.size or len(hashes) != len(vaddrs) * pagedelta.HASH_BYTES:
+            raise ParentPagesMissing(f"{entry.name}: its page table does not match the image")
+
+    def runs(self, vaddr: int, nr: int) -> List[Tuple[int, int]]:
+        """The nr pages from vaddr as runs (index of the first in the previous image, or ZERO; pages)."""
+        v, page = self.vaddrs, pagedelta.PAGE
+        out = []
+        k = 0
+        while k < nr:
+            va = vaddr + k * page
+            i = bisect.bisect_left(v, va)
+            left = nr - k
+            if i < len(v) and v[i] == va:
+                # v ascends by at least a page: v[i + j] == va + j * page holds for a prefix of j, found by bisection
+                lo, hi = 1, min(left, len(v) - i)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if v[i + mid - 1] == va + (mid - 1) * page:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                out.append((i, lo))
+                k += lo
+            else:
+                n = left if i >= len(v) else min(left, (v[i] - va) // page)
+                out.append((self.ZERO, n))
+                k += n
+        return out
+
+    def pieces_of(self, i: int, nr: int) -> List[Tuple[ChunkRef, int, int]]:
+        """(chunk, offset, length) pieces holding the nr pages from index i of the previous image, in order."""
+        begin = i * pagedelta.PAGE
+        end = begin + nr * pagedelta.PAGE
+        k = bisect.bisect_right(self.starts, begin) - 1
+        out = []
+        pos = begin
+        while pos < end:
+            idx, off, length = self.pieces[k]
+            skip = pos - self.starts[k]
+            n = min(length - skip, end - pos)
+            out.append((self.entry.chunks[idx], off + skip, n))
+            pos += n
+            k += 1
+        return out
+
+
+_PAGEMAP_NAME = re.compile(r"pagemap-(\d+)\.img$")  # a task's (pagemap-shmem-N.img never holds PE_PARENT holes)
+
+
+def parents_usable(previous: Optional[Manifest]) -> bool:
+    """Whether a written-only dump may name pages as unchanged since `previous`: each of its pages images has a page
+    table of this hash and the compaction rule lets the next generation be a delta again."""
+    if previous is None or pagedelta.PAGE_HASH is None:
+        return False
+    pages = [i for i in previous.images if i.name.startswith("pages-")]
+    if not pages or any(i.pagetable is None or i.pagetable.hash != pagedelta.PAGE_HASH for i in pages):
+        return False
+    return 1 + max(i.delta_depth or 0 for i in pages) <= pagedelta.MAX_DELTA_DEPTH
+
+
+def parent_images(chunks: ChunkStore, previous: Manifest) -> Dict[str, ParentImage]:
+    """pagemap image name (pagemap-<pid>.img, one a task) -> that task's pages image in `previous`."""
+    by_name = {i.name: i for i in previous.images}
+    out: Dict[str, ParentImage] = {}
+    for name, img in by_name.items():
+        if not _PAGEMAP_NAME.match(name):
+            continue
+        blob = b"".join(chunks.get(r, f"image {name}") for r in img.chunks)
+        try:
+            pages_id, _ = pagemap_entries(blob)
+        except ValueError as e:
+            raise DamagedCheckpointError(f"image {name} of the previous generation: {e}") from e
+        pages = by_name.get(f"pages-{pages_id}.img")
+        if pages is None:
+            continue
+        columns = pagedelta.load_columns(chunks, pages, f"image {pages.name}")
+        if columns is not None:
+            out[name] = ParentImage(pages, *columns)
+    return out
+
+
 class ReuseMap:
     """page hash -> where a chunk of the previous generation holds that page. One int a page (the chunk's number in
     `refs` << OFFSET_BITS | the offset in it), about 110 bytes a page with the key; a (chunk, offset) tuple a page
@@ -249,6 +442,7 @@ class ReuseMap:
         self.where: Dict[bytes, int] = {}
         self.refs: List[ChunkRef] = []
         self._numbers: Dict[str, int] = {}
+        self.dropped: Set[str] = set()  # chunks found rotten: nothing may be taken from them
 
     def __bool__(self) -> bool:
         return bool(self.where)
@@ -279,16 +473,19 @@ class ReuseMap:
 
     def drop(self, digests: Set[str]) -> None:
         """Forget every page held by these chunks."""
+        self.dropped |= set(digests)
         gone = {self._numbers[d] for d in digests if d in self._numbers}
         if gone:
             self.where = {h: v for h, v in self.where.items() if v >> self.OFFSET_BITS not in gone}
 
 
-def reuse_map(chunks: ChunkStore, pool, previous: Optional[Manifest]) -> Tuple[ReuseMap, int, WriteStats]:
+def reuse_map(chunks: ChunkStore, pool, previous: Optional[Manifest],
+              content: bool = True) -> Tuple[ReuseMap, int, WriteStats]:
     """Where each page of every pages image of the previous generation is, by its hash, and the delta depth the new
     generation will have. Empty (a full generation) without page tables or once MAX_DELTA_DEPTH is reached. Chunks
     due for checking are checked first (ChunkStore.intact); a rotten one is left out (its pages are stored anew,
-    repairing it)."""
+    repairing it). content=False (a written-only dump, whose unchanged pages come as holes): no map by hash, only
+    the checks, whose rotten chunks are then in `dropped`."""
     stats = WriteStats()
     out = ReuseMap()
     images = [i for i in (previous.images if previous else []) if i.name.startswith("pages-")]
@@ -296,7 +493,10 @@ def reuse_map(chunks: ChunkStore, pool, previous: Optional[Manifest]) -> Tuple[R
     if pagedelta.PAGE_HASH is None or not images or depth > pagedelta.MAX_DELTA_DEPTH:
         return out, 0, stats
     page = pagedelta.PAGE
-    for img in images:
+    for img in images if not content else []:
+        for ref in img.chunks:
+            out.number(ref)
+    for img in images if content else []:
         try:
             hashes = pagedelta.load_hashes(chunks, img, f"image {img.name}")
         except DamagedCheckpointError:
@@ -328,9 +528,14 @@ class StreamDump:
     """One streamed dump into the store: start() before `criu dump --stream -D images_dir`, finish() after it
     returned (the images' manifest entries and stats), abort() when it failed."""
 
-    def __init__(self, chunks: ChunkStore, pool, images_dir: str, previous: Optional[Manifest] = None):
+    def __init__(self, chunks: ChunkStore, pool, images_dir: str, previous: Optional[Manifest] = None,
+                 written_only: bool = False):
         self.chunks = chunks
         self.pool = pool
+        # CRIU dumps with patch 0002 on: pages unchanged since `previous` come as PE_PARENT holes in the pagemaps
+        self.written_only = written_only and previous is not None
+        self.parents: Dict[str, ParentImage] = {}
+        self.pages_unchanged = 0  # pages CRIU sent as holes (written-only), taken from `previous`
         _pin_mmap_threshold()
         self._t0 = time.monotonic()
         self._times: Dict[str, float] = {}  # where a streamed dump's time goes (debug log)
@@ -352,7 +557,13 @@ class StreamDump:
 
     def _build_reuse(self, previous: Optional[Manifest]) -> None:
         try:
-            self.reuse, self.depth, self._verify_stats = reuse_map(self.chunks, self.pool, previous)
+            self.reuse, self.depth, self._verify_stats = reuse_map(self.chunks, self.pool, previous,
+                                                                   content=not self.written_only)
+            if self.written_only:
+                try:
+                    self.parents = parent_images(self.chunks, previous)
+                except DamagedCheckpointError as e:
+                    raise ParentPagesMissing(str(e)) from e
         except BaseException as e:  # noqa: BLE001 - raised where the map is needed, and by finish()
             self._reuse_error = e
         self._times["reuse_map"] = time.monotonic() - self._t0
@@ -369,10 +580,26 @@ class StreamDump:
         if name.startswith("pages-"):
             sink = PagesSink(name, self.putter, self._reuse())
         else:
-            sink = FileSink(name, self.putter, keep=name.startswith("pagemap-"))
+            pagemap = name.startswith("pagemap-")
+            sink = FileSink(name, self.putter, keep=pagemap, store=not (pagemap and self.written_only))
         with self._lock:
             self.sinks[name] = sink
         return sink
+
+    @staticmethod
+    def _holes(kept: Dict[str, bytes]) -> Dict[str, Tuple[str, List[Tuple[int, int, bool]]]]:
+        """pages image name -> (its pagemap's name, the pagemap's entries), for the pagemaps with PE_PARENT holes."""
+        out = {}
+        for name, blob in kept.items():
+            if not _PAGEMAP_NAME.match(name):
+                continue
+            try:
+                pages_id, entries = pagemap_entries(blob)
+            except ValueError as e:
+                raise ParentPagesMissing(f"{name}: {e}") from e
+            if any(parent for _, _, parent in entries):
+                out[f"pages-{pages_id}.img"] = (name, entries)
+        return out
 
     def start(self) -> StreamDump:
         self.server.start()
@@ -396,19 +623,37 @@ class StreamDump:
         self.server.finish()
         self._reuse()  # built, or its error raised, even when CRIU sent no pages image
         self._times["drained"] = time.monotonic() - self._t0
-        pagemaps = [bytes(s.kept) for s in self.sinks.values() if isinstance(s, FileSink) and s.kept is not None]
+        kept = {n: bytes(s.kept) for n, s in self.sinks.items() if isinstance(s, FileSink) and s.kept is not None}
+        pagemaps = list(kept.values())
+        holes = self._holes(kept) if self.written_only else {}
         images = []
         stats = WriteStats()
         stats.add(self._verify_stats)
         for name in sorted(self.sinks):
             sink = self.sinks[name]
-            if isinstance(sink, PagesSink):
+            if isinstance(sink, PagesSink) and name in holes:
+                pagemap, entries = holes[name]
+                if pagemap not in self.parents:
+                    raise ParentPagesMissing(f"{name}: no page table of {pagemap} in the previous generation")
+                entry, table = sink.entry_with_parents(entries, self.parents[pagemap], self.depth,
+                                                       self.reuse.dropped)
+                stats.chunks_reused += len({r.digest for r in entry.chunks} - {f.result()[0].digest
+                                                                               for f in sink.futures})
+                self.pages_unchanged += sum(nr for _, nr, parent in entries if parent)
+                entry.pagetable, tst = pagedelta.store_table(self.chunks, *table, self.pool)
+                stats.add(tst)
+            elif isinstance(sink, PagesSink):
                 entry, table = sink.entry(pages_runs_from(pagemaps, name), self.depth)
                 reused = {r.digest for r in entry.chunks} - {f.result()[0].digest for f in sink.futures}
                 stats.chunks_reused += len(reused)
                 if table is not None:
                     entry.pagetable, tst = pagedelta.store_table(self.chunks, *table, self.pool)
                     stats.add(tst)
+            elif not sink.store:  # a written-only dump's pagemap: stored with its holes filled
+                data = pagemap_without_parents(kept[name]) if name in {p for p, _ in holes.values()} else kept[name]
+                refs, pst = pagedelta.store_bytes(self.chunks, data, self.pool)
+                stats.add(pst)
+                entry = ImageEntry(name=name, size=len(data), chunks=refs)
             else:
                 entry = sink.entry()
             images.append(entry)
@@ -522,12 +767,24 @@ def stream_images(settings, criu, images_dir: str, *, staged_in_ram: bool, purpo
 
 
 def begin(settings, criu, chunks: ChunkStore, pool, images_dir: str, previous, *,
-          staged_in_ram: bool, final: bool) -> Optional[StreamDump]:
-    """A started StreamDump for this checkpoint, or None to stage the images (engine.py's fallback)."""
+          staged_in_ram: bool, final: bool, written_only: bool = False) -> Optional[StreamDump]:
+    """A started StreamDump for this checkpoint, or None to stage the images (engine.py's fallback).
+
+    written_only: the tree's pages were write-protected when `previous` was taken (adapters/uffd.py) and CRIU has
+    patch 0002: the dump streams (even a periodic one under `auto`: only the pages written since are dumped, so the
+    tool resumes sooner than after staging every page) and CRIU sends the unchanged pages as holes. The caller
+    checks stream_written_only() first."""
+    if written_only:
+        return StreamDump(chunks, pool, images_dir, previous, written_only=True).start()
     if not stream_images(settings, criu, images_dir, staged_in_ram=staged_in_ram,
                          purpose="final" if final else "periodic"):
         return None
     return StreamDump(chunks, pool, images_dir, previous).start()
+
+
+def stream_written_only(settings, criu, images_dir: str, previous: Optional[Manifest]) -> bool:
+    """Whether a dump may be written-only: streaming allowed, CRIU patched, and `previous` usable as its parent."""
+    return wanted(settings, criu, images_dir) and criu.can_dump_written_only() and parents_usable(previous)
 
 
 def check_cpu(criu, chunks: ChunkStore, images: List[ImageEntry], images_dir: str) -> None:

@@ -47,6 +47,7 @@ class CheckpointSettings:
     staging_dir: str = F.STAGING_DIR.default
     stream: str = F.STREAM.default  # auto | always | off: images stream into the store as CRIU dumps (streamdump.py)
     recent_periodic: Optional[int] = None  # see node/fields.py RECENT_PERIODIC (None: one interval)
+    dirty_tracking: bool = F.DIRTY_TRACKING.default  # dumps send only the pages written since, where possible
     extra_paths: list = field(default_factory=list)
     ghost_limit: str = F.GHOST_LIMIT.default
     tcp_close: bool = True  # restore TCP connections closed: a license-server client reconnects from the new IP
@@ -142,7 +143,7 @@ def _section(cls: type, specs: Dict[str, Any], rules=()) -> Map:
 
 CHECKPOINT = _section(CheckpointSettings, {
     "interval": F.INTERVAL, "keep": F.KEEP, "compression": F.COMPRESSION, "staging_dir": F.STAGING_DIR,
-    "stream": F.STREAM, "recent_periodic": F.RECENT_PERIODIC,
+    "stream": F.STREAM, "recent_periodic": F.RECENT_PERIODIC, "dirty_tracking": F.DIRTY_TRACKING,
     "extra_paths": F.EXTRA_PATHS, "ghost_limit": F.GHOST_LIMIT, "tcp_close": Bool(),
 }, rules=[F.rule_extra_paths])
 AGENT = _section(AgentSettings, {

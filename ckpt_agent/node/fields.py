@@ -14,7 +14,7 @@ import posixpath
 from typing import Any, Dict
 
 from ckpt_agent.node.actions import DEFAULT_REBALANCE_ACTION, REBALANCE_ACTIONS
-from ckpt_agent.util.yamlschema import Context, Duration, Field, Float, Int, List, Map, Path, Str
+from ckpt_agent.util.yamlschema import Bool, Context, Duration, Field, Float, Int, List, Map, Path, Str
 
 YEAR = 365 * 24 * 3600  # the largest interval or duration anywhere (larger values overflow timers)
 
@@ -27,6 +27,9 @@ STAGING_DIR = Field(Str(), default="auto")  # where CRIU writes images before th
 # whether images stream into the store as CRIU dumps (checkpoint/streamdump.py: auto streams finals and restores)
 STREAM_MODES = ("auto", "always", "off")
 STREAM = Field(Str(choices=STREAM_MODES), default="auto")
+# whether a dump sends only the pages written since the previous checkpoint where this node can tell (adapters/uffd.py:
+# userfaultfd write-protection, Linux >= 6.7 on x86_64, with CRIU patch 0002); false: every dump reads every page
+DIRTY_TRACKING = Field(Bool(), default=True)
 # on a notice, a periodic checkpoint younger than this stands in for a final checkpoint that cannot fit the time left
 # (the job is requeued from it at once); absent: one checkpoint interval; 0: always try the final checkpoint
 RECENT_PERIODIC = Field(Duration(min=0, max=7 * 86400))

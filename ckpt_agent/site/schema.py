@@ -291,6 +291,7 @@ CHECKPOINT = Map(
         "staging_dir": F.STAGING_DIR,
         "stream": F.STREAM,
         "recent_periodic": F.RECENT_PERIODIC,
+        "dirty_tracking": F.DIRTY_TRACKING,
         "ghost_limit": F.GHOST_LIMIT,
     },
     rules=[F.rule_extra_paths],

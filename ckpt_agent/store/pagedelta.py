@@ -81,7 +81,8 @@ def hash_file(path: str, runs: Sequence[Tuple[int, int]]) -> Tuple[List[int], Li
             return hash_pages(buf, runs)
 
 
-def _store_bytes(chunks: ChunkStore, data: bytes, pool) -> Tuple[List[ChunkRef], WriteStats]:
+def store_bytes(chunks: ChunkStore, data: bytes, pool) -> Tuple[List[ChunkRef], WriteStats]:
+    """data as CHUNK_BYTES chunks (the last shorter), written by the pool."""
     parts = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
     total = WriteStats()
     refs = []
@@ -126,7 +127,7 @@ def store_table(chunks: ChunkStore, vaddrs: Sequence[int], hashes, pool) -> Tupl
     them packed into one bytes-like)."""
     packed = hashes if isinstance(hashes, (bytes, bytearray)) else b"".join(hashes)
     blob = pack_table(vaddrs, packed)
-    refs, st = _store_bytes(chunks, blob, pool)
+    refs, st = store_bytes(chunks, blob, pool)
     return PageTable(hash=PAGE_HASH, pages=len(vaddrs), chunks=refs), st
 
 
@@ -155,6 +156,25 @@ def load_hashes(chunks: ChunkStore, entry: ImageEntry, where: str) -> Optional[L
         return None
     step = _ENTRY.size
     return [blob[i + 8:i + step] for i in range(0, len(blob), step)]
+
+
+def load_columns(chunks: ChunkStore, entry: ImageEntry, where: str) -> Optional[Tuple[array.array, bytes]]:
+    """A stored image's page table as two columns: every page's vaddr (array "Q", ascending, in file order) and the
+    pages' hashes packed HASH_BYTES each; None as load_table."""
+    blob = _table_blob(chunks, entry, where)
+    if blob is None:
+        return None
+    n = len(blob) // _ENTRY.size
+    if sys.byteorder != "little":
+        rows = [_ENTRY.unpack_from(blob, i * _ENTRY.size) for i in range(n)]
+        return array.array("Q", (v for v, _ in rows)), b"".join(h for _, h in rows)
+    words = memoryview(blob).cast("Q")  # 3 words an entry: vaddr, hash[:8], hash[8:]
+    vaddrs = array.array("Q", words[0::3])
+    hashes = array.array("Q", bytes(HASH_BYTES * n))
+    hashes[0::2] = array.array("Q", words[1::3])
+    hashes[1::2] = array.array("Q", words[2::3])
+    words.release()
+    return vaddrs, hashes.tobytes()
 
 
 def store_delta(
@@ -226,7 +246,7 @@ def store_delta(
         if bad:  # a rotten chunk is never referenced again: the image is written in full, which repairs it
             chunks.unclaim(bad)
             return None, none
-    new_refs, stats = _store_bytes(chunks, new_data, pool)
+    new_refs, stats = store_bytes(chunks, new_data, pool)
     stats.bytes_in = size
     stats.chunks_reused += len(reused)
     stats.chunks_verified += none.chunks_verified

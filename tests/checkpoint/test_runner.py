@@ -17,6 +17,7 @@ import pytest
 from ckpt_helpers import (
     DATA,
     REPO,
+    criu_binary,
     kill_job,
     page_tool_verdict,
     pages_images,
@@ -237,20 +238,56 @@ def test_damaged_newest_generation_falls_back_to_the_previous_one(ck, tmp_path):
     assert (work / "log.txt").read_text().splitlines() == [f"step {i}" for i in range(200)]
 
 
+def _stopped_child(parent: int):
+    """The pid of a stopped process whose parent is `parent`, or None."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+            if state == "T" and int(ppid) == parent:
+                return int(entry)
+    return None
+
+
+def _criu_stopping_at_dump(tmp_path: Path, flag: Path) -> Path:
+    """A `criu` that stops itself before a dump once `flag` exists (and runs the real one otherwise)."""
+    script = tmp_path / "criu-stops"
+    script.write_text(f"""#!/bin/sh
+if [ "$1" = dump ] && [ -e '{flag}' ]; then kill -STOP $$; fi
+exec '{criu_binary()}' "$@"
+""")
+    script.chmod(0o755)
+    return script
+
+
 def test_checkpointer_killed_midway_leaves_previous_checkpoint_usable(ck, tmp_path):
     env, store, runtime = ck
     work = tmp_path / "work"
     work.mkdir()
+    flag = tmp_path / "stop-at-dump"
+    config = Path(env["CKPT_CONFIG"])
+    stopping = _criu_stopping_at_dump(tmp_path, flag)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "criu": str(stopping)}) + "\n")
     argv = ["python3", str(TOOLS / "memtool.py"), "400", "5"]
     proc = start_ckpt("run", "--job-id", "109", "--interval", "1000", "--", *argv, env=env, cwd=work,
                       out=tmp_path / "o", err=tmp_path / "e")
     wait_for(lambda: (work / "ready").exists(), 60, "the tool to fill its memory")
     assert run_ckpt("checkpoint", "--job-id", "109", env=env, timeout=120).returncode == 0
+    flag.touch()
     second = subprocess.Popen(__import__("ckpt_helpers").ckpt_cmd("checkpoint", "--job-id", "109"), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: list((store / "109" / "main").glob("gen-000002.partial-*")), 30, "the second checkpoint")
-    time.sleep(0.3)
-    kill_job(proc, runtime, "109")  # the checkpointer (the wrapper) and the tool die mid-checkpoint
+    # midway by an event, not by a guess of how long a dump takes: the second dump's CRIU stops itself before it
+    # starts (the wrapper script below), then the checkpointer (`ckpt run`) and the tool die while it is stopped
+    criu = wait_for(lambda: _stopped_child(proc.pid), 60, "the second checkpoint's CRIU to stop")
+    try:
+        assert list((store / "109" / "main").glob("gen-000002.partial-*"))
+        kill_job(proc, runtime, "109")
+    finally:
+        flag.unlink()
+        os.kill(criu, signal.SIGKILL)
     second.wait(timeout=60)
 
     assert [g["generation"] for g in generations(env, "109")] == [1]

@@ -14,6 +14,14 @@ pytestmark = pytest.mark.criu
 TOOLS = DATA / "runner"
 
 
+def written_only_here() -> bool:
+    """This kernel tracks written pages (adapters/uffd.py) and the CRIU on PATH has patch 0002."""
+    from ckpt_agent.adapters.criu import Criu
+    from ckpt_agent.adapters.uffd import DirtyTracker
+
+    return DirtyTracker.supported() and Criu("criu").can_dump_written_only()
+
+
 @pytest.mark.parametrize("stream", ["always", "off"], ids=["streamed", "staged"])
 def test_full_incremental_final_and_restore(ck, tmp_path, stream):
     env, store, runtime = ck
@@ -43,12 +51,18 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
     def manifest(n):
         return json.loads((store / job / "main" / f"gen-{n:06d}" / "manifest.json").read_text())["manifest"]
 
-    first, second = manifest(1), manifest(2)
+    first, second, third = manifest(1), manifest(2), manifest(3)
     # a streamed pages image is slices of chunks from the first checkpoint on; a staged one only as a delta
     assert all(("slices" in i) == (stream == "always") for i in pages_images(first)), pages_images(first)
     assert all("pagetable" in i for i in pages_images(first))
     assert first["stats"]["bytes_written"] > 64 << 20
     assert second["stats"]["bytes_written"] <= 0.10 * first["stats"]["bytes_written"], second["stats"]
+    # with dirty tracking, CRIU sends only the pages written since: the others are taken from the previous one
+    unchanged = [m["stats"].get("pages_unchanged", 0) for m in (first, second, third)]
+    if stream == "always" and written_only_here():
+        assert unchanged[0] == 0 and unchanged[1] >= 0.9 * 16384 and unchanged[2] >= 0.95 * 16384, unchanged
+    else:
+        assert unchanged == [0, 0, 0], unchanged
 
     proc = start_ckpt("run", "--job-id", job, "--", *argv, env=env, cwd=work, out=tmp_path / "o2",
                       err=tmp_path / "e2")

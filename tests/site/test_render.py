@@ -74,15 +74,18 @@ def test_every_agent_yaml_loads_with_the_agent_config_loader(tmp_path):
 
 
 def test_stream_and_recent_periodic_reach_the_queues_agent_yaml(tmp_path):
-    text = EXAMPLE.read_text().replace("      keep: 3\n", "      keep: 3\n      stream: always\n", 1)
+    added = "      stream: always\n      dirty_tracking: false\n"
+    text = EXAMPLE.read_text().replace("      keep: 3\n", "      keep: 3\n" + added, 1)
     text = text.replace("recent_periodic: 5m ", "recent_periodic: 0  ", 1)
     site_file = tmp_path / "site.yaml"
     site_file.write_text(text)
     render.write_tree(str(tmp_path / "out"), render.render_site(load_site(str(site_file)), "site.yaml"))
     xl = load_agent_config(str(tmp_path / "out" / "nodes/sim-spot-xl/agent.yaml"))
     assert (xl.checkpoint.stream, xl.checkpoint.recent_periodic) == ("always", 0)  # 0: always try the final
+    assert xl.checkpoint.dirty_tracking is False
     spot = load_agent_config(str(tmp_path / "out" / "nodes/sim-spot/agent.yaml"))
     assert (spot.checkpoint.stream, spot.checkpoint.recent_periodic) == ("auto", None)
+    assert spot.checkpoint.dirty_tracking is True  # the default is not written out
 
 
 def test_cluster_yaml_content():

@@ -132,6 +132,8 @@ def test_rules(old, new, expected):
 
 @pytest.mark.parametrize("setting, expected", [
     ("stream: fast", "queues[0].checkpoint.stream: must be one of auto, always, off, got 'fast'"),
+    ("dirty_tracking: sometimes", "queues[0].checkpoint.dirty_tracking: must be true or false, got a string "
+                                  "('sometimes')"),
     ("recent_periodic: -5", "queues[0].checkpoint.recent_periodic: must be >= 0 s, got -5"),
     ("recent_periodic: soon", "queues[0].checkpoint.recent_periodic: must be a duration (seconds, or like 15m, 1h, "
                               "14d), got a string ('soon')"),

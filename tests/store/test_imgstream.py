@@ -384,7 +384,7 @@ def test_the_reuse_map_is_built_beside_criu_and_its_failure_fails_the_dump(tmp_p
 
     started = threading.Event()
 
-    def failing(*_a):
+    def failing(*_a, **_kw):
         started.set()
         raise StoreError("/store/job/chunks/ab/abcd: cannot read chunk")
 
