@@ -326,6 +326,15 @@ def profile_kind(kind: str, store_dir: Path, mib: int) -> Dict[str, float]:
 
 
 # --- report -------------------------------------------------------------------------------------------------------
+def _tracking(stats2: dict, stats1: dict) -> str:
+    """How the incremental found the changed pages (README: Dirty tracking without soft-dirty)."""
+    unchanged = stats2.get("pages_unchanged", 0)
+    if not unchanged:
+        return "CRIU read every page (no dirty tracking: hashes found the changes)"
+    pages = stats1["bytes_in"] // os.sysconf("SC_PAGE_SIZE")
+    return f"dirty tracking: CRIU sent only written pages, {unchanged} unchanged taken from the first (of ~{pages})"
+
+
 def fmt_ratio(x: float) -> str:
     return f"{x:.2f}x"
 
@@ -377,7 +386,8 @@ def report(results: List[Dict[str, Any]], profile: Dict[str, Dict[str, float]],
               f"({fmt_ratio(share)} of the first checkpoint's, "
               f"{r['stats2']['bytes_written'] / r['stats1']['bytes_in'] * 100:.1f}% of the raw memory): "
               f"{'PASS' if ok else 'MISS'}; in {r['incr_wall']:.2f} s ({fmt_ratio(time_share)} of the first's): "
-              f"{'PASS' if time_ok else 'MISS'}; frozen {r['stats2']['frozen_seconds']:.2f} s")
+              f"{'PASS' if time_ok else 'MISS'}; frozen {r['stats2']['frozen_seconds']:.2f} s; "
+              + _tracking(r["stats2"], r["stats1"]))
     print()
     speeds = chunkstore.codec_speeds()
     level = chunkstore.choose_level(bandwidth, speeds)

@@ -299,6 +299,8 @@ def _read_pagemap(buf: bytes):
     while pos + 4 <= len(buf):
         (size,) = struct.unpack_from("<I", buf, pos)
         pos += 4
+        if pos + size > len(buf):
+            raise ValueError("pagemap image ends inside an entry")
         f = _fields(buf[pos : pos + size])
         pos += size
         if head is None:

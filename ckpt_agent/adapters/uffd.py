@@ -26,7 +26,8 @@ appeared since) while the tree is stopped.
 Safety: a page counts as unchanged only if its bit is still set. Mappings that were never registered (created
 since, or refused), processes that were not armed (new ones, or a pid reused) and everything after this process
 lets go of the descriptor (closing it unregisters the ranges and clears the bits) read as written, and are dumped.
-x86_64 only for now (registers and syscall numbers); elsewhere supported() is False and dumps read every page.
+x86_64 only for now (registers and syscall numbers), Linux >= 6.13 (MIN_KERNEL); elsewhere supported() is False
+and dumps read every page.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ UFFDIO_API = _iowr(0xAA, 0x3F, 24)  # struct uffdio_api: api, features, ioctls
 UFFDIO_REGISTER = _iowr(0xAA, 0x00, 32)  # struct uffdio_register: range (start, len), mode, ioctls
 UFFDIO_WRITEPROTECT = _iowr(0xAA, 0x06, 24)  # struct uffdio_writeprotect: range (start, len), mode
 
+# 6.7 brought async mode; before 6.13 mremap() moved pages with their uffd-wp bits to the new address (the kernel's
+# "mm: clear uffd-wp PTE/PMD state on mremap()"), where they would read as unchanged pages that were never there
+MIN_KERNEL = (6, 13)
 PM_UFFD_WP = 1 << 57  # /proc/PID/pagemap: the page is still write-protected (not written since)
 PM_PRESENT = 1 << 63
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
@@ -277,10 +281,10 @@ class DirtyTracker:
 
     @classmethod
     def supported(cls) -> bool:
-        """x86_64, and this kernel's userfaultfd accepts write-protection in async mode (probed once, in this
-        process: the target makes the same call)."""
+        """x86_64, Linux >= MIN_KERNEL, and this kernel's userfaultfd accepts write-protection in async mode (probed
+        once, in this process: the target makes the same call)."""
         if cls._supported is None:
-            cls._supported = platform.machine() == "x86_64" and _probe()
+            cls._supported = platform.machine() == "x86_64" and _kernel() >= MIN_KERNEL and _probe()
         return cls._supported
 
     def arm(self, pids: Iterable[int]) -> Dict[int, str]:
@@ -321,6 +325,8 @@ class DirtyTracker:
 
     def _adopt(self, pid: int) -> int:
         """Make the process create a userfaultfd, take a copy of it, and close the process's own."""
+        if _seccomp_filtered(pid, self.proc):  # a filter might kill it for a system call it does not expect
+            raise TrackError("it runs under a seccomp filter")
         with _Injector(pid, self.proc) as inj:
             page = os.sysconf("SC_PAGE_SIZE")
             prot, flags = 3, 0x22  # PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS
@@ -365,6 +371,19 @@ class DirtyTracker:
 
     def close(self) -> None:
         self.release()
+
+
+def _kernel() -> Tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", platform.release())
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _seccomp_filtered(pid: int, proc: str = "/proc") -> bool:
+    with open(f"{proc}/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("Seccomp:"):
+                return line.split()[1] != "0"
+    return False
 
 
 def _probe() -> bool:

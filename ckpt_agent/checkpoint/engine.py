@@ -333,9 +333,11 @@ class Engine:
                     except streamdump.ParentPagesMissing as e:
                         if not written_only:
                             raise
-                        # the tree is still stopped: dump it again, every page (rare: a rotten old chunk)
+                        # dump it again, every page (rare: a rotten old chunk); resumed first, since CRIU records a
+                        # stopped task as stopped and the restored tool would never run
                         log.warning("checkpoint of job %s: %s; dumping every page instead", job.job_id, e)
                         written_only = False
+                        _resume(capture.ns_pids(job.init_pid))
                         continue
                     break
                 timings["dump_seconds"] = time.monotonic() - t_step

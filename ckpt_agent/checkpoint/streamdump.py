@@ -535,6 +535,7 @@ class StreamDump:
         # CRIU dumps with patch 0002 on: pages unchanged since `previous` come as PE_PARENT holes in the pagemaps
         self.written_only = written_only and previous is not None
         self.parents: Dict[str, ParentImage] = {}
+        self._parents_error: Optional[ParentPagesMissing] = None
         self.pages_unchanged = 0  # pages CRIU sent as holes (written-only), taken from `previous`
         _pin_mmap_threshold()
         self._t0 = time.monotonic()
@@ -562,8 +563,8 @@ class StreamDump:
             if self.written_only:
                 try:
                     self.parents = parent_images(self.chunks, previous)
-                except DamagedCheckpointError as e:
-                    raise ParentPagesMissing(str(e)) from e
+                except DamagedCheckpointError as e:  # raised by finish() if CRIU sends holes, not in the stream
+                    self._parents_error = ParentPagesMissing(str(e))
         except BaseException as e:  # noqa: BLE001 - raised where the map is needed, and by finish()
             self._reuse_error = e
         self._times["reuse_map"] = time.monotonic() - self._t0
@@ -626,6 +627,8 @@ class StreamDump:
         kept = {n: bytes(s.kept) for n, s in self.sinks.items() if isinstance(s, FileSink) and s.kept is not None}
         pagemaps = list(kept.values())
         holes = self._holes(kept) if self.written_only else {}
+        if holes and self._parents_error is not None:
+            raise self._parents_error
         images = []
         stats = WriteStats()
         stats.add(self._verify_stats)

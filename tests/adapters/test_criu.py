@@ -341,3 +341,58 @@ def test_cut_points_keep_unchanged_memory_in_identical_chunks(workload, tmp_path
         store_file(plain, os.path.join(first, "pages-1.img"), pool)
         _, fixed, _ = store_file(plain, os.path.join(second, "pages-1.img"), pool)
     assert fixed.bytes_new > 3 * st2.bytes_new, "fixed-size chunks would have stored the shifted memory again"
+
+
+def _pagemap(pages_id, *entries):
+    """A pagemap image as CRIU 4.x writes it: each entry vaddr (1), compat_nr_pages 0 (2), flags (4), nr_pages (5)."""
+    import struct
+
+    def msg(fields):
+        return b"".join(criu_mod._varint(k << 3) + criu_mod._varint(v) for k, v in fields)
+
+    msgs = [msg([(1, pages_id)])] + [msg(e) for e in entries]
+    return struct.pack("<II", 0x54576519, criu_mod._PAGEMAP_MAGIC) + b"".join(
+        struct.pack("<I", len(m)) + m for m in msgs)
+
+
+PE_PRESENT, PE_PARENT = 4, 1
+
+
+def test_pagemap_holes_of_a_written_only_dump_are_read_and_filled():
+    blob = _pagemap(3, [(1, 0x1000), (2, 0), (4, PE_PRESENT), (5, 2)],
+                    [(1, 0x7FFF00003000), (2, 0), (4, PE_PARENT), (5, 300)],
+                    [(1, 0x7FFF00200000), (2, 0), (4, PE_PRESENT | 2), (5, 1)])
+    assert criu_mod.pagemap_entries(blob) == (3, [(0x1000, 2, False), (0x7FFF00003000, 300, True),
+                                                  (0x7FFF00200000, 1, False)])
+    filled = criu_mod.pagemap_without_parents(blob)
+    assert len(filled) == len(blob)  # one flags byte changed in place
+    assert criu_mod.pagemap_entries(filled)[1] == [(0x1000, 2, False), (0x7FFF00003000, 300, False),
+                                                   (0x7FFF00200000, 1, False)]
+    # what a restore (and the next dump's page table) reads: every page present, in order
+    assert criu_mod.pages_runs_from([filled], "pages-3.img") == [(0x1000, 2), (0x7FFF00003000, 300),
+                                                                 (0x7FFF00200000, 1)]
+    assert criu_mod.pages_runs_from([blob], "pages-3.img") == [(0x1000, 2), (0x7FFF00200000, 1)]
+
+
+def test_a_pagemap_in_another_layout_is_filled_by_reencoding_and_garbage_is_refused():
+    old_style = _pagemap(1, [(1, 0x1000), (3, 1), (5, 4)])  # in_parent (3), no flags: images before flags existed
+    assert criu_mod._parents_patched_in_place(old_style) is None
+    assert criu_mod.pagemap_entries(criu_mod.pagemap_without_parents(old_style))[1] == [(0x1000, 4, False)]
+    with pytest.raises(ValueError):
+        criu_mod.pagemap_without_parents(b"not a pagemap at all")
+    with pytest.raises(ValueError):
+        criu_mod.pagemap_entries(old_style[:-2])  # ends inside an entry
+
+
+def test_the_written_only_patch_is_asked_for_only_when_wanted(monkeypatch):
+    seen = {}
+    c = Criu("/usr/local/sbin/criu",
+             run=lambda argv, **kw: seen.setdefault("env", kw.get("env")) or Result(argv, 0, "", ""))
+    monkeypatch.setattr(c, "_version_text", lambda: "Version: 4.2.1\nPatches: ckpt-agent-0001-rlimits-from-proc "
+                                                    "ckpt-agent-0002-written-only\n")
+    assert c.can_dump_written_only()
+    c.dump(42, "/nonexistent", written_only=True)
+    assert seen["env"][criu_mod.WRITTEN_ONLY_ENV] == "1"
+    seen.clear()
+    c.dump(42, "/nonexistent")
+    assert seen["env"] is None

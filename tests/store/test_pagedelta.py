@@ -162,3 +162,13 @@ def test_the_page_table_is_packed_entry_by_entry_whatever_the_path(monkeypatch):
     assert pagedelta.pack_table(vaddrs, b"".join(hashes)) == expected
     with pytest.raises(ValueError):
         pagedelta.pack_table(vaddrs, b"x" * 16)
+
+
+def test_a_page_table_reads_back_as_address_and_hash_columns(tmp_path, pool):
+    chunks = ChunkStore(str(tmp_path / "chunks"))
+    data = random.Random(5).randbytes(NPAGES * PAGE)
+    entry = full_entry(chunks, pool, write_pages(tmp_path / "pages-1.img", data))
+    vaddrs, hashes = pagedelta.load_columns(chunks, entry, "image pages-1.img")
+    assert list(vaddrs) == list(pagedelta.run_vaddrs(RUNS))
+    assert hashes == b"".join(pagedelta.page_hash(data[i * PAGE:(i + 1) * PAGE]) for i in range(NPAGES))
+    assert pagedelta.load_columns(chunks, dataclasses.replace(entry, pagetable=None), "x") is None

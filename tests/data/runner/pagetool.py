@@ -1,6 +1,7 @@
 """Holds MIB MiB of seeded random memory. On `mutate` (a file appearing) rewrites PERCENT% of its 4 KiB pages at
-random places; on `check` writes `checked`: "intact" when its memory equals what the seeds say it must hold (rebuilt
-independently of the memory under test), else "differs"; exits on `stop`."""
+random places and fills a new 4 MiB buffer (a mapping that did not exist at the previous checkpoint); on `check`
+writes `checked`: "intact" when its memory equals what the seeds say it must hold (rebuilt independently of the
+memory under test), else "differs"; exits on `stop`."""
 import ctypes
 import os
 import random
@@ -24,20 +25,26 @@ def mutate(buf, start):
         buf[start + p * PAGE:start + (p + 1) * PAGE] = rng.randbytes(PAGE)
 
 
+def grown():
+    return bytearray(random.Random(3).randbytes(4 << 20))
+
+
 data = fill()
 aligned = -ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data)) % PAGE
 mutated = False
+extra = bytearray()
 open("ready", "w").close()
 while not os.path.exists("stop"):
     if not mutated and os.path.exists("mutate"):
         mutate(data, aligned)
+        extra = grown()
         mutated = True
         open("mutated", "w").close()
     if os.path.exists("check"):
         expected = fill()
         if mutated:
             mutate(expected, aligned)
-        verdict = "intact" if expected == data else "differs"
+        verdict = "intact" if expected == data and extra == (grown() if mutated else bytearray()) else "differs"
         del expected
         with open("checked.tmp", "w") as fh:
             fh.write(f"{verdict} mutated={mutated}\n")
