@@ -312,6 +312,7 @@ class Engine:
                 guard = DumpGuard(job.init_pid, stage)
                 t_step = time.monotonic()
                 written_only = self._written_only(job, previous, stage)
+                checked = WriteStats()  # chunk checks of a written-only dump given up for a full one
                 while True:
                     streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous,
                                                 staged_in_ram=stage.startswith(SHM_STAGING + os.sep), final=final,
@@ -337,6 +338,7 @@ class Engine:
                         # stopped task as stopped and the restored tool would never run
                         log.warning("checkpoint of job %s: %s; dumping every page instead", job.job_id, e)
                         written_only = False
+                        checked.add(streamed.checks())
                         _resume(capture.ns_pids(job.init_pid))
                         continue
                     break
@@ -367,6 +369,7 @@ class Engine:
                 stats = WriteStats()
                 stats.add(fstats)
                 stats.add(istats)
+                stats.add(checked)
                 created = iso(utcnow())
                 manifest = Manifest(
                     format=FORMAT_VERSION, job_id=job.job_id, step=job.step, generation=number, created=created,

@@ -619,6 +619,13 @@ class StreamDump:
         store_errors = [e for e in self.server.errors + failed if isinstance(e, (OSError, StoreError))]
         return store_errors[0] if store_errors else None
 
+    def checks(self) -> WriteStats:
+        """The checks of the previous generation's chunks this dump made (ChunkStore.claim_verification claims each
+        digest once a checkpoint): what a dump that is given up and redone still counts, since the redone one does
+        not check those chunks again."""
+        self._reuse_thread.join()
+        return self._verify_stats
+
     def finish(self) -> Tuple[List[ImageEntry], WriteStats]:
         self._times["criu"] = time.monotonic() - self._t0
         self.server.finish()

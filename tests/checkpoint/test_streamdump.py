@@ -56,7 +56,9 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
     assert all(("slices" in i) == (stream == "always") for i in pages_images(first)), pages_images(first)
     assert all("pagetable" in i for i in pages_images(first))
     assert first["stats"]["bytes_written"] > 64 << 20
-    assert second["stats"]["bytes_written"] <= 0.10 * first["stats"]["bytes_written"], second["stats"]
+    # 5% of the pages rewritten, a new 1 MiB buffer (1.6%), and what the interpreter wrote meanwhile: far from a full
+    # copy (measured: 7.5% staged, where pages are deduplicated one by one; 9.2% streamed, by chunk)
+    assert second["stats"]["bytes_written"] <= 0.12 * first["stats"]["bytes_written"], second["stats"]
     # with dirty tracking, CRIU sends only the pages written since: the others are taken from the previous one
     unchanged = [m["stats"].get("pages_unchanged", 0) for m in (first, second, third)]
     if stream == "always" and written_only_here():

@@ -1,5 +1,5 @@
 """Holds MIB MiB of seeded random memory. On `mutate` (a file appearing) rewrites PERCENT% of its 4 KiB pages at
-random places and fills a new 4 MiB buffer (a mapping that did not exist at the previous checkpoint); on `check`
+random places and fills a new 1 MiB buffer (a mapping that did not exist at the previous checkpoint); on `check`
 writes `checked`: "intact" when its memory equals what the seeds say it must hold (rebuilt independently of the
 memory under test), else "differs"; exits on `stop`."""
 import ctypes
@@ -26,7 +26,7 @@ def mutate(buf, start):
 
 
 def grown():
-    return bytearray(random.Random(3).randbytes(4 << 20))
+    return bytearray(random.Random(3).randbytes(1 << 20))
 
 
 data = fill()
