@@ -48,6 +48,7 @@ from checkpoint_bench import (  # noqa: E402
     wait_for,
     write_kind,  # noqa: E402
 )
+from vmhost import held_page_reporting  # noqa: E402
 
 GIB = 1 << 30
 CHANGED_PERCENT = 5
@@ -185,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--headroom-gib", type=float, default=4,
                    help="memory needed beyond the job's for CRIU and the rest of the machine (default 4)")
     p.add_argument("--dir", default="/var/tmp/ckpt-bench", help="working directory on the disk under test")
+    p.add_argument("--leave-page-reporting", action="store_true",
+                   help="on a VM with free page reporting, measure with the host's page faults (vmhost.py)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("big_job_bench: needs root (CRIU)", file=sys.stderr)
@@ -211,7 +214,8 @@ def main(argv=None) -> int:
     log(f"store {store} on {store_filesystem(store)}; CPUs {os.cpu_count()}; memory available "
         f"{mem_available() / GIB:.1f} GiB")
     try:
-        r = run_big_job(base, store, env, mib)
+        with held_page_reporting(min(need, max(mem_available() - GIB, 0)), log, hold=not args.leave_page_reporting):
+            r = run_big_job(base, store, env, mib)
     except (StepFailed, RuntimeError) as e:
         print(f"big_job_bench: FAILED: {e}", file=sys.stderr)
         for out in base.glob("*.out"):  # the wrapper's and the workload's output, before it is removed

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import math
@@ -50,6 +51,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
 from memhog import BLOCK, POOL_MIB, netlist_pool  # noqa: E402
+from vmhost import held_page_reporting  # noqa: E402
 
 from ckpt_agent.store import chunks as chunkstore  # noqa: E402
 
@@ -60,6 +62,7 @@ COMPRESSIBLE_TARGET = 0.8  # compressible (netlist-like) memory: 0.8x of the raw
 INCREMENTAL_TARGET = 0.10  # 5% of the pages changed at random places: at most 10% of the first's bytes (issue 14)
 INCREMENTAL_TIME_TARGET = 0.35  # ... in at most 0.35 of the first checkpoint's time (issue 14)
 RESTORE_TARGET = 1.5  # restore / a cold read of the same bytes from the store's file system (issue 14)
+GIB = 1 << 30
 MEM_HEADROOM_BYTES = 2 << 30  # workload + tmpfs staging + restore staging must fit with this to spare
 PROFILE_MIB = 256  # data per kind for the chunk-pipeline profile: long enough to time, short enough to stay quick
 
@@ -433,6 +436,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-profile", action="store_true", help="skip the chunk pipeline profile")
     p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     p.add_argument("--keep", action="store_true", help="keep --dir afterwards")
+    p.add_argument("--leave-page-reporting", action="store_true",
+                   help="on a VM with free page reporting, measure with the host's page faults (vmhost.py)")
     p.add_argument("--stream", default="auto", choices=("auto", "always", "off"),
                    help="checkpoint.stream: auto (the default: images staged in tmpfs when RAM allows), always "
                         "(streamed into the store as CRIU dumps), off")
@@ -449,11 +454,14 @@ def main(argv=None) -> int:
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    held = contextlib.ExitStack()
     store, env = bench_store(base, args.stream)
     log(f"store {store} on {store_filesystem(store)}; CPUs {os.cpu_count()}; workers {chunkstore.WORKERS}; "
         f"checkpoint.stream {args.stream}")
     results = []
+    warm = min(int(3 * max(sizes) * GIB) + MEM_HEADROOM_BYTES, max(mem_available() - MEM_HEADROOM_BYTES, 0))
     try:
+        held.enter_context(held_page_reporting(warm, log, hold=not args.leave_page_reporting))
         for size in sizes:
             mib = int(size * 1024)
             for kind in kinds:
@@ -469,6 +477,7 @@ def main(argv=None) -> int:
                 profile[kind] = profile_kind(kind, store, PROFILE_MIB)
         bandwidth = chunkstore.store_bandwidth(str(store))  # what the codec choice compares with
     finally:
+        held.close()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     if args.json:

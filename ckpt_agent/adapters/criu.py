@@ -323,31 +323,179 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+class PagemapReader:
+    """A pagemap image read as it arrives (a streamed dump feeds it while CRIU still dumps, so the entries are ready
+    when CRIU ends): the pages id, the entries that cover pages, and where each PE_PARENT hole's flags byte is, so
+    that without_parents() patches them in place. ValueError (from feed() on, kept for result()) for anything that
+    is not a whole pagemap image."""
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._at = 0  # offset in the image of _pending[0]
+        self.pages_id: Optional[int] = None
+        self.entries: List[Tuple[int, int, bool]] = []  # (vaddr, nr_pages, in the parent), in order
+        self._flag_bytes: Optional[List[int]] = []  # offsets of the holes' flags bytes; None: re-encode instead
+        self._error: Optional[ValueError] = None
+
+    def feed(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._pending += data
+        try:
+            self._parse()
+        except (ValueError, IndexError, struct.error) as e:
+            self._error = ValueError(f"damaged pagemap image: {e}")
+
+    def _parse(self) -> None:
+        buf = self._pending
+        pos = 0
+        if self._at == 0:
+            if len(buf) < 8:
+                return
+            if struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
+                raise ValueError("not a pagemap image")
+            pos = 8
+        n = len(buf)
+        entries, flag_bytes = self.entries, self._flag_bytes
+        while pos + 4 <= n:
+            size = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16 | buf[pos + 3] << 24
+            if pos + 4 + size > n:
+                break
+            i, end = pos + 4, pos + 4 + size
+            if self.pages_id is not None and buf[i] == 0x08:
+                fast = _v4_entry(buf, i, end)  # tens of thousands an image: CRIU 4.x's layout decoded inline
+                if fast is not None:
+                    vaddr, nr, flags, at = fast
+                    if nr and flags & (_PE_PARENT | _PE_PRESENT):
+                        hole = not flags & _PE_PRESENT
+                        entries.append((vaddr, nr, hole))
+                        if hole and flag_bytes is not None:
+                            if flags == _PE_PARENT:
+                                flag_bytes.append(self._at + at)
+                            else:
+                                self._flag_bytes = flag_bytes = None
+                    pos = end
+                    continue
+            f = _fields(buf[i:end])
+            if self.pages_id is None:
+                self.pages_id = f.get(1, 0)  # pagemap_head.pages_id: which pages-<id>.img holds the data
+            else:
+                # CRIU >= 4.0 keeps the page count in nr_pages (field 5); older images in compat_nr_pages (field 2)
+                nr, flags = f.get(5, f.get(2, 0)), f.get(4)
+                parent = bool(flags & _PE_PARENT) if flags is not None else bool(f.get(3, 0))
+                present = bool(flags & _PE_PRESENT) if flags is not None else not parent
+                if nr and (parent or present):
+                    hole = parent and not present
+                    entries.append((f.get(1, 0), nr, hole))
+                    if hole and flag_bytes is not None:
+                        at = _hole_flags_byte(buf, i, end)
+                        if at is None:
+                            self._flag_bytes = flag_bytes = None
+                        else:
+                            flag_bytes.append(self._at + at)
+            pos = end
+        del buf[:pos]
+        self._at += pos
+
+    def result(self) -> Tuple[int, List[Tuple[int, int, bool]]]:
+        """(pages_id, [(vaddr, nr_pages, in_parent)]) of a whole image."""
+        if self._error is not None:
+            raise self._error
+        if self.pages_id is None or self._pending:
+            raise ValueError("pagemap image ends inside an entry" if self._pending else "not a pagemap image")
+        return self.pages_id, self.entries
+
+    def without_parents(self, buf: bytes) -> bytes:
+        """pagemap_without_parents(buf) of the image fed: its holes' flags bytes patched where CRIU 4.x laid them
+        out, else re-encoded."""
+        self.result()
+        if self._flag_bytes is None:
+            return _reencoded_without_parents(buf)
+        out = bytearray(buf)
+        for at in self._flag_bytes:
+            out[at] = _PE_PRESENT
+        return bytes(out)
+
+
+def _v4_entry(buf, i: int, end: int) -> Optional[Tuple[int, int, int, int]]:
+    """(vaddr, nr_pages, flags, offset of the flags byte) of a pagemap entry buf[i:end] laid out as CRIU 4.x writes
+    it: vaddr (1), compat_nr_pages 0 (2), flags (4) in one byte, nr_pages (5); None for any other layout."""
+    i += 1  # field 1 (vaddr), varint
+    vaddr = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        vaddr |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+        if shift > 63:
+            return None
+    if i + 5 > end or buf[i] != 0x10 or buf[i + 1] != 0 or buf[i + 2] != 0x20 or buf[i + 3] & 0x80 \
+            or buf[i + 4] != 0x28:
+        return None
+    at, flags = i + 3, buf[i + 3]
+    i += 5
+    nr = shift = 0
+    while i < end:
+        b = buf[i]
+        i += 1
+        nr |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (vaddr, nr, flags, at) if i == end else None
+        shift += 7
+    return None
+
+
+def _hole_flags_byte(buf, i: int, end: int) -> Optional[int]:
+    """Where the flags byte of a hole entry buf[i:end] is, laid out as CRIU 4.x writes it (vaddr, compat_nr_pages,
+    flags, nr_pages) with flags exactly PE_PARENT, one byte: PE_PRESENT fits in its place, so the image keeps its
+    size; None for any other layout (the caller re-encodes)."""
+    if buf[i] != 0x08:  # field 1 (vaddr), varint
+        return None
+    i += 1
+    while i < end and buf[i] & 0x80:
+        i += 1
+    i += 1
+    if i + 1 < end and buf[i] == 0x10:  # field 2 (compat_nr_pages), varint: CRIU 4.x writes 0
+        i += 1
+        while i < end and buf[i] & 0x80:
+            i += 1
+        i += 1
+    if i + 1 >= end or buf[i] != 0x20 or buf[i + 1] != _PE_PARENT:  # field 4 (flags); in_parent (3): never in 4.x
+        return None
+    return i + 1
+
+
 def pagemap_entries(buf: bytes) -> Tuple[int, List[Tuple[int, int, bool]]]:
     """(pages_id, [(vaddr, nr_pages, in_parent)]) of a pagemap image's entries that cover pages, in order: present
     ones (their data is next in pages-<pages_id>.img) and PE_PARENT holes (the data is in the previous dump).
     ValueError when it is not a pagemap image."""
-    try:
-        head, found = _read_pagemap(buf)
-    except (IndexError, struct.error) as e:
-        raise ValueError(f"damaged pagemap image: {e}") from e
-    out = []
-    for vaddr, nr_pages, flags, in_parent in found:
-        parent = bool(flags & _PE_PARENT) if flags is not None else in_parent
-        present = bool(flags & _PE_PRESENT) if flags is not None else not in_parent
-        if nr_pages and (parent or present):
-            out.append((vaddr, nr_pages, parent and not present))
-    return head, out
+    reader = PagemapReader()
+    reader.feed(buf)
+    return reader.result()
+
+
+def pagemap_pages_id(buf: bytes) -> int:
+    """Which pages-<id>.img a pagemap image's data is in (its head only). ValueError when it is not a pagemap
+    image."""
+    if len(buf) < 12 or struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
+        raise ValueError("not a pagemap image")
+    (size,) = struct.unpack_from("<I", buf, 8)
+    if 12 + size > len(buf):
+        raise ValueError("pagemap image ends inside its head")
+    return _fields(buf[12:12 + size]).get(1, 0)
 
 
 def pagemap_without_parents(buf: bytes) -> bytes:
     """The pagemap image with each PE_PARENT hole turned into present pages (the caller put those pages into the
     pages image, in order): what a restore reads, with no parent images."""
-    if len(buf) < 8 or struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
-        raise ValueError("not a pagemap image")
-    patched = _parents_patched_in_place(buf)
-    if patched is not None:
-        return patched
+    reader = PagemapReader()
+    reader.feed(buf)
+    return reader.without_parents(buf)
+
+
+def _reencoded_without_parents(buf: bytes) -> bytes:
     out = bytearray(buf[:8])
     pos, first = 8, True
     while pos + 4 <= len(buf):
@@ -364,41 +512,6 @@ def pagemap_without_parents(buf: bytes) -> bytes:
     if pos != len(buf):
         raise ValueError("pagemap image ends inside an entry")
     return bytes(out)
-
-
-def _parents_patched_in_place(buf: bytes) -> Optional[bytes]:
-    """pagemap_without_parents() for entries laid out as CRIU 4.x writes them (vaddr, compat_nr_pages, flags,
-    nr_pages):
-    flags PE_PARENT (1) becomes PE_PRESENT (4), one byte each, so the image keeps its size; None for any other
-    layout of a hole (the caller then re-encodes)."""
-    out = bytearray(buf)
-    pos, first, n = 8, True, len(buf)
-    parent, present = _PE_PARENT, _PE_PRESENT
-    while pos + 4 <= n:
-        (size,) = struct.unpack_from("<I", buf, pos)
-        i, end = pos + 4, pos + 4 + size
-        pos = end
-        if first:
-            first = False
-            continue
-        if end > n or size < 4 or buf[i] != 0x08:  # field 1 (vaddr), varint
-            return None
-        i += 1
-        while i < end and buf[i] & 0x80:
-            i += 1
-        i += 1
-        if i + 1 < end and buf[i] == 0x10:  # field 2 (compat_nr_pages), varint: CRIU 4.x writes 0
-            i += 1
-            while i < end and buf[i] & 0x80:
-                i += 1
-            i += 1
-        if i + 1 >= end or buf[i] != 0x20:  # field 4 (flags), varint; in_parent (3) is never written by 4.x
-            return None
-        if buf[i + 1] == parent:
-            out[i + 1] = present
-        elif buf[i + 1] & 0x80 or buf[i + 1] & parent:
-            return None
-    return bytes(out) if pos == n else None
 
 
 def pages_runs(images_dir: str, pages_name: str) -> Optional[List[Tuple[int, int]]]:
@@ -423,6 +536,8 @@ def pages_runs_from(pagemaps: Sequence[bytes], pages_name: str) -> Optional[List
         return None
     try:
         for blob in pagemaps:
+            if pagemap_pages_id(blob) != int(m.group(1)):  # the head alone: a big pagemap is parsed once
+                continue
             pages_id, found = _read_pagemap(blob)
             if pages_id == int(m.group(1)):
                 runs = []

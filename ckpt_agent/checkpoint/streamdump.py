@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from ckpt_agent.adapters.criu import pagemap_entries, pagemap_without_parents, pages_runs_from
+from ckpt_agent.adapters.criu import PagemapReader, pagemap_pages_id, pages_runs_from
 from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.node.fields import STREAM_MODES
 from ckpt_agent.store import imgstream, pagedelta
@@ -95,7 +95,8 @@ class _Putter:
 class FileSink:
     """Any image but pages: cut into CHUNK_BYTES chunks as it arrives (pagemaps are kept too, they are small)."""
 
-    def __init__(self, name: str, putter: _Putter, keep: bool = False, store: bool = True):
+    def __init__(self, name: str, putter: _Putter, keep: bool = False, store: bool = True,
+                 reader: Optional[PagemapReader] = None):
         self.name = name
         self.putter = putter
         self.buf = bytearray()
@@ -103,11 +104,14 @@ class FileSink:
         self.size = 0
         self.kept = bytearray() if keep or not store else None
         self.store = store  # False: only kept, stored by StreamDump.finish (a written-only dump's pagemaps)
+        self.reader = reader  # a pagemap's entries, read while CRIU dumps: ready when it ends
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.kept is not None:
             self.kept += data
+        if self.reader is not None:
+            self.reader.feed(data)
         if not self.store:
             return
         if not self.buf and len(data) == CHUNK_BYTES:  # a whole block (imgstream.read_block): no copy
@@ -419,7 +423,7 @@ def parent_images(chunks: ChunkStore, previous: Manifest) -> Dict[str, ParentIma
             continue
         blob = b"".join(chunks.get(r, f"image {name}") for r in img.chunks)
         try:
-            pages_id, _ = pagemap_entries(blob)
+            pages_id = pagemap_pages_id(blob)
         except ValueError as e:
             raise DamagedCheckpointError(f"image {name} of the previous generation: {e}") from e
         pages = by_name.get(f"pages-{pages_id}.img")
@@ -582,20 +586,22 @@ class StreamDump:
             sink = PagesSink(name, self.putter, self._reuse())
         else:
             pagemap = name.startswith("pagemap-")
-            sink = FileSink(name, self.putter, keep=pagemap, store=not (pagemap and self.written_only))
+            task_pagemap = self.written_only and _PAGEMAP_NAME.match(name) is not None
+            sink = FileSink(name, self.putter, keep=pagemap, store=not (pagemap and self.written_only),
+                            reader=PagemapReader() if task_pagemap else None)
         with self._lock:
             self.sinks[name] = sink
         return sink
 
-    @staticmethod
-    def _holes(kept: Dict[str, bytes]) -> Dict[str, Tuple[str, List[Tuple[int, int, bool]]]]:
-        """pages image name -> (its pagemap's name, the pagemap's entries), for the pagemaps with PE_PARENT holes."""
+    def _holes(self) -> Dict[str, Tuple[str, List[Tuple[int, int, bool]]]]:
+        """pages image name -> (its pagemap's name, the pagemap's entries), for the pagemaps with PE_PARENT holes
+        (read while CRIU sent them)."""
         out = {}
-        for name, blob in kept.items():
-            if not _PAGEMAP_NAME.match(name):
+        for name, sink in list(self.sinks.items()):
+            if not isinstance(sink, FileSink) or sink.reader is None:
                 continue
             try:
-                pages_id, entries = pagemap_entries(blob)
+                pages_id, entries = sink.reader.result()
             except ValueError as e:
                 raise ParentPagesMissing(f"{name}: {e}") from e
             if any(parent for _, _, parent in entries):
@@ -633,7 +639,7 @@ class StreamDump:
         self._times["drained"] = time.monotonic() - self._t0
         kept = {n: bytes(s.kept) for n, s in self.sinks.items() if isinstance(s, FileSink) and s.kept is not None}
         pagemaps = list(kept.values())
-        holes = self._holes(kept) if self.written_only else {}
+        holes = self._holes() if self.written_only else {}
         if holes and self._parents_error is not None:
             raise self._parents_error
         images = []
@@ -645,8 +651,10 @@ class StreamDump:
                 pagemap, entries = holes[name]
                 if pagemap not in self.parents:
                     raise ParentPagesMissing(f"{name}: no page table of {pagemap} in the previous generation")
+                t_holes = time.monotonic()
                 entry, table = sink.entry_with_parents(entries, self.parents[pagemap], self.depth,
                                                        self.reuse.dropped)
+                self._times["holes"] = self._times.get("holes", 0.0) + time.monotonic() - t_holes
                 stats.chunks_reused += len({r.digest for r in entry.chunks} - {f.result()[0].digest
                                                                                for f in sink.futures})
                 self.pages_unchanged += sum(nr for _, nr, parent in entries if parent)
@@ -660,7 +668,8 @@ class StreamDump:
                     entry.pagetable, tst = pagedelta.store_table(self.chunks, *table, self.pool)
                     stats.add(tst)
             elif not sink.store:  # a written-only dump's pagemap: stored with its holes filled
-                data = pagemap_without_parents(kept[name]) if name in {p for p, _ in holes.values()} else kept[name]
+                filled = name in {p for p, _ in holes.values()} and sink.reader is not None
+                data = sink.reader.without_parents(kept[name]) if filled else kept[name]
                 refs, pst = pagedelta.store_bytes(self.chunks, data, self.pool)
                 stats.add(pst)
                 entry = ImageEntry(name=name, size=len(data), chunks=refs)
@@ -670,8 +679,8 @@ class StreamDump:
         stats.add(self.putter.stats)
         self._times["tables"] = time.monotonic() - self._t0
         log.debug("streamed dump: reuse map of %d pages %.2f s; CRIU done at %.2f s, pipes drained at %.2f s, page "
-                  "tables stored at %.2f s", len(self.reuse), self._times["reuse_map"], self._times["criu"],
-                  self._times["drained"], self._times["tables"])
+                  "tables stored at %.2f s (holes filled in %.2f s)", len(self.reuse), self._times["reuse_map"],
+                  self._times["criu"], self._times["drained"], self._times["tables"], self._times.get("holes", 0.0))
         # put() counted the bytes it was handed; pages taken over from older chunks were looked at too
         stats.bytes_in += sum(s.reused_bytes for s in self.sinks.values() if isinstance(s, PagesSink))
         return images, stats

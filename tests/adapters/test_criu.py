@@ -374,9 +374,39 @@ def test_pagemap_holes_of_a_written_only_dump_are_read_and_filled():
     assert criu_mod.pages_runs_from([blob], "pages-3.img") == [(0x1000, 2), (0x7FFF00200000, 1)]
 
 
+def test_a_pagemap_read_as_it_arrives_equals_the_whole_image():
+    """A streamed dump feeds the pagemap in whatever pieces CRIU's writes come in; split anywhere, even inside the
+    magic or an entry's size, it reads and patches the same."""
+    entries = [[(1, 0x7F0000000000 + k * 0x3000), (2, 0), (4, PE_PARENT if k % 2 else PE_PRESENT), (5, k + 1)]
+               for k in range(200)]
+    blob = _pagemap(7, *entries)
+    whole = criu_mod.pagemap_entries(blob)
+    assert whole[0] == 7 and len(whole[1]) == 200 and sum(p for _, _, p in whole[1]) == 100
+    for step in (1, 3, 5, 64, len(blob)):
+        reader = criu_mod.PagemapReader()
+        for at in range(0, len(blob), step):
+            reader.feed(blob[at:at + step])
+        assert reader.result() == whole
+        assert reader.without_parents(blob) == criu_mod.pagemap_without_parents(blob)
+    assert criu_mod.pagemap_pages_id(blob) == 7
+    cut = criu_mod.PagemapReader()
+    cut.feed(blob[:-1])
+    with pytest.raises(ValueError, match="ends inside an entry"):
+        cut.result()
+    bad = criu_mod.PagemapReader()
+    bad.feed(b"\0" * 4)
+    bad.feed(b"\1" * 8)
+    with pytest.raises(ValueError, match="not a pagemap image"):
+        bad.result()
+    with pytest.raises(ValueError):
+        criu_mod.pagemap_pages_id(blob[:10])
+
+
 def test_a_pagemap_in_another_layout_is_filled_by_reencoding_and_garbage_is_refused():
     old_style = _pagemap(1, [(1, 0x1000), (3, 1), (5, 4)])  # in_parent (3), no flags: images before flags existed
-    assert criu_mod._parents_patched_in_place(old_style) is None
+    reader = criu_mod.PagemapReader()
+    reader.feed(old_style)
+    assert reader._flag_bytes is None  # no flags byte to patch: re-encoded
     assert criu_mod.pagemap_entries(criu_mod.pagemap_without_parents(old_style))[1] == [(0x1000, 4, False)]
     with pytest.raises(ValueError):
         criu_mod.pagemap_without_parents(b"not a pagemap at all")
