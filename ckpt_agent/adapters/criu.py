@@ -289,28 +289,6 @@ def _fields(msg: bytes) -> Dict[int, int]:
     return out
 
 
-def _read_pagemap(buf: bytes):
-    """(pages_id, [(vaddr, nr_pages, flags, in_parent)]) from a CRIU pagemap image (u32-size-framed protobuf)."""
-    if len(buf) < 8 or struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
-        raise ValueError("not a pagemap image")
-    pos = 8
-    head = None
-    entries = []
-    while pos + 4 <= len(buf):
-        (size,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        if pos + size > len(buf):
-            raise ValueError("pagemap image ends inside an entry")
-        f = _fields(buf[pos : pos + size])
-        pos += size
-        if head is None:
-            head = f.get(1, 0)  # pagemap_head.pages_id: which pages-<id>.img holds the data
-            continue
-        # CRIU >= 4.0 keeps the page count in nr_pages (field 5); older images in compat_nr_pages (field 2)
-        entries.append((f.get(1, 0), f.get(5, f.get(2, 0)), f.get(4), bool(f.get(3, 0))))
-    return head, entries
-
-
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -538,15 +516,8 @@ def pages_runs_from(pagemaps: Sequence[bytes], pages_name: str) -> Optional[List
         for blob in pagemaps:
             if pagemap_pages_id(blob) != int(m.group(1)):  # the head alone: a big pagemap is parsed once
                 continue
-            pages_id, found = _read_pagemap(blob)
-            if pages_id == int(m.group(1)):
-                runs = []
-                for vaddr, nr_pages, flags, in_parent in found:
-                    present = (bool(flags & _PE_PRESENT) and not flags & _PE_PARENT if flags is not None
-                               else not in_parent)
-                    if present and nr_pages:
-                        runs.append((vaddr, nr_pages))
-                return runs
+            _pages_id, found = pagemap_entries(blob)
+            return [(vaddr, nr_pages) for vaddr, nr_pages, in_parent in found if not in_parent]
     except (ValueError, IndexError, struct.error):
         log.debug("no usable pagemap for %s", pages_name)
     return None

@@ -593,9 +593,9 @@ class StreamDump:
             self.sinks[name] = sink
         return sink
 
-    def _holes(self) -> Dict[str, Tuple[str, List[Tuple[int, int, bool]]]]:
-        """pages image name -> (its pagemap's name, the pagemap's entries), for the pagemaps with PE_PARENT holes
-        (read while CRIU sent them)."""
+    def _read_pagemaps(self) -> Dict[str, Tuple[str, List[Tuple[int, int, bool]]]]:
+        """pages image name -> (its pagemap's name, the pagemap's entries), for the tasks' pagemaps (read while CRIU
+        sent them)."""
         out = {}
         for name, sink in list(self.sinks.items()):
             if not isinstance(sink, FileSink) or sink.reader is None:
@@ -603,9 +603,10 @@ class StreamDump:
             try:
                 pages_id, entries = sink.reader.result()
             except ValueError as e:
-                raise ParentPagesMissing(f"{name}: {e}") from e
-            if any(parent for _, _, parent in entries):
-                out[f"pages-{pages_id}.img"] = (name, entries)
+                if self.written_only:
+                    raise ParentPagesMissing(f"{name}: {e}") from e
+                continue  # only deduplication is lost: pages_runs_from() says so for this one
+            out[f"pages-{pages_id}.img"] = (name, entries)
         return out
 
     def start(self) -> StreamDump:
@@ -639,7 +640,9 @@ class StreamDump:
         self._times["drained"] = time.monotonic() - self._t0
         kept = {n: bytes(s.kept) for n, s in self.sinks.items() if isinstance(s, FileSink) and s.kept is not None}
         pagemaps = list(kept.values())
-        holes = self._holes() if self.written_only else {}
+        read = self._read_pagemaps()
+        holes = {n: v for n, v in read.items() if any(parent for _, _, parent in v[1])} if self.written_only else {}
+        filled = {pagemap for pagemap, _ in holes.values()}
         if holes and self._parents_error is not None:
             raise self._parents_error
         images = []
@@ -661,15 +664,16 @@ class StreamDump:
                 entry.pagetable, tst = pagedelta.store_table(self.chunks, *table, self.pool)
                 stats.add(tst)
             elif isinstance(sink, PagesSink):
-                entry, table = sink.entry(pages_runs_from(pagemaps, name), self.depth)
+                runs = ([(vaddr, nr) for vaddr, nr, parent in read[name][1] if not parent] if name in read
+                        else pages_runs_from(pagemaps, name))
+                entry, table = sink.entry(runs, self.depth)
                 reused = {r.digest for r in entry.chunks} - {f.result()[0].digest for f in sink.futures}
                 stats.chunks_reused += len(reused)
                 if table is not None:
                     entry.pagetable, tst = pagedelta.store_table(self.chunks, *table, self.pool)
                     stats.add(tst)
             elif not sink.store:  # a written-only dump's pagemap: stored with its holes filled
-                filled = name in {p for p, _ in holes.values()} and sink.reader is not None
-                data = sink.reader.without_parents(kept[name]) if filled else kept[name]
+                data = sink.reader.without_parents(kept[name]) if name in filled else kept[name]
                 refs, pst = pagedelta.store_bytes(self.chunks, data, self.pool)
                 stats.add(pst)
                 entry = ImageEntry(name=name, size=len(data), chunks=refs)

@@ -267,13 +267,8 @@ def pages_images(images: str):
     for name in os.listdir(images):
         if name.startswith("pagemap-") and name.endswith(".img") and not name.startswith("pagemap-shmem"):
             with open(os.path.join(images, name), "rb") as fh:
-                pages_id, entries = criu_mod._read_pagemap(fh.read())
-            present = 0
-            for _vaddr, nr_pages, flags, in_parent in entries:
-                if flags is None:
-                    present += 0 if in_parent else nr_pages
-                elif flags & criu_mod._PE_PRESENT and not flags & criu_mod._PE_PARENT:
-                    present += nr_pages
+                pages_id, entries = criu_mod.pagemap_entries(fh.read())
+            present = sum(nr_pages for _vaddr, nr_pages, in_parent in entries if not in_parent)
             listed[pages_id] = present * criu_mod.PAGE_SIZE
         m = name.startswith("pages-") and name.endswith(".img")
         if m:
