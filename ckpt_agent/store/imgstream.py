@@ -385,6 +385,7 @@ class ServeServer(_Server):
 
     def _feed(self, name: str, fd: int) -> None:
         try:
+            widen_pipe(fd)
             self.source.write_to(name, fd)
         except BrokenPipeError:
             log.debug("CRIU stopped reading %s", name)  # it read what it needed (or failed, which it reports)

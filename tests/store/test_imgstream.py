@@ -158,6 +158,40 @@ def test_serve_answers_exists_and_feeds_the_pipe(tmp_path):
     assert server.finish() == {"pages-1.img": 1, "inventory.img": 1}
 
 
+F_GETPIPE_SZ = 1032  # fcntl(2), Linux
+
+
+def test_capture_and_serve_widen_criu_pipes(tmp_path):
+    """Both directions widen the pipe CRIU passes to PIPE_BYTES: at the default 64 KiB, CRIU's read() of a restored
+    region wakes up every 16 pages (a 1 GiB streamed restore took 2.0 s instead of 1.4 s)."""
+    import fcntl
+
+    got = {}
+    (tmp_path / "c").mkdir()
+    capture = imgstream.CaptureServer(str(tmp_path / "c"), lambda n: MemorySink(got, n)).start()
+    criu = FakeCriu(str(tmp_path / "c"), imgstream.CAPTURE_SOCKET)
+    w = criu.open_for_dump("pages-1.img")
+    big = os.urandom(imgstream.PIPE_BYTES)
+    os.write(w, big[:1])  # the server drains (and so has widened) once this is gone
+    imgstream.write_all(w, big[1:])  # more than a 64 KiB pipe takes without a reader
+    assert fcntl.fcntl(w, F_GETPIPE_SZ) == imgstream.PIPE_BYTES
+    os.close(w)
+    criu.close()
+    capture.finish()
+    assert got == {"pages-1.img": big}
+
+    server = imgstream.ServeServer(str(tmp_path), DictSource({"pages-1.img": big})).start()
+    criu = FakeCriu(str(tmp_path), imgstream.SERVE_SOCKET)
+    r = criu.open_for_restore("pages-1.img")
+    first = os.read(r, 1)  # the feeder widened the pipe before its first write
+    assert fcntl.fcntl(r, F_GETPIPE_SZ) == imgstream.PIPE_BYTES
+    rest = b"".join(iter(lambda: os.read(r, 1 << 20), b""))
+    os.close(r)
+    criu.close()
+    assert first + rest == big
+    assert server.finish() == {"pages-1.img": 1}
+
+
 def test_serve_finish_without_criu_returns(tmp_path):
     server = imgstream.ServeServer(str(tmp_path), DictSource({})).start()
     assert server.finish() == {}
