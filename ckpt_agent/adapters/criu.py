@@ -365,12 +365,8 @@ class PagemapReader:
                 if nr and (parent or present):
                     hole = parent and not present
                     entries.append((f.get(1, 0), nr, hole))
-                    if hole and flag_bytes is not None:
-                        at = _hole_flags_byte(buf, i, end)
-                        if at is None:
-                            self._flag_bytes = flag_bytes = None
-                        else:
-                            flag_bytes.append(self._at + at)
+                    if hole:  # not CRIU 4.x's layout (_v4_entry): without_parents() re-encodes the image
+                        self._flag_bytes = flag_bytes = None
             pos = end
         del buf[:pos]
         self._at += pos
@@ -423,26 +419,6 @@ def _v4_entry(buf, i: int, end: int) -> Optional[Tuple[int, int, int, int]]:
             return (vaddr, nr, flags, at) if i == end else None
         shift += 7
     return None
-
-
-def _hole_flags_byte(buf, i: int, end: int) -> Optional[int]:
-    """Where the flags byte of a hole entry buf[i:end] is, laid out as CRIU 4.x writes it (vaddr, compat_nr_pages,
-    flags, nr_pages) with flags exactly PE_PARENT, one byte: PE_PRESENT fits in its place, so the image keeps its
-    size; None for any other layout (the caller re-encodes)."""
-    if buf[i] != 0x08:  # field 1 (vaddr), varint
-        return None
-    i += 1
-    while i < end and buf[i] & 0x80:
-        i += 1
-    i += 1
-    if i + 1 < end and buf[i] == 0x10:  # field 2 (compat_nr_pages), varint: CRIU 4.x writes 0
-        i += 1
-        while i < end and buf[i] & 0x80:
-            i += 1
-        i += 1
-    if i + 1 >= end or buf[i] != 0x20 or buf[i + 1] != _PE_PARENT:  # field 4 (flags); in_parent (3): never in 4.x
-        return None
-    return i + 1
 
 
 def pagemap_entries(buf: bytes) -> Tuple[int, List[Tuple[int, int, bool]]]:
