@@ -13,7 +13,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import DATA, ckpt_cmd, ckpt_env, kill_job, registered, require_criu, run_ckpt, start_ckpt, wait_for
+from ckpt_helpers import (
+    DATA,
+    ckpt_cmd,
+    ckpt_env,
+    criu_binary,
+    kill_job,
+    registered,
+    require_criu,
+    run_ckpt,
+    start_ckpt,
+    wait_for,
+)
 
 from ckpt_agent.errors import EXIT_BUSY, EXIT_FINAL, EXIT_STORE
 
@@ -54,13 +65,39 @@ def staging_dirs(pid: int):
     return [p for base in STAGING_BASES if base.is_dir() for p in base.glob(f"dump.{pid}.*")]
 
 
-def dump_under_way(pid: int, init_pid: int) -> bool:
-    """CRIU is dumping for wrapper `pid`: staged pages images appear, or (streamed, checkpoint.stream: auto, where no
-    image reaches the disk) CRIU runs while the streamer socket is open in the staging directory."""
-    dirs = staging_dirs(pid)
-    if any(any(d.glob("pages-*.img")) for d in dirs):
-        return True
-    return any((d / "streamer-capture.sock").exists() for d in dirs) and bool(criu_dumping(init_pid))
+class PausedDump:
+    """A `criu` for the job that, once armed, holds its next dump at CRIU's post-dump action script: every image is
+    written and the tree is still frozen (CRIU has not yet left it stopped or resumed it). The test acts then, on
+    that event, not on a guess of how long a dump takes, and releases the dump after."""
+
+    def __init__(self, tmp_path: Path, env):
+        self.armed, self.paused, self.go = tmp_path / "pause-armed", tmp_path / "dump-paused", tmp_path / "dump-go"
+        script = tmp_path / "post-dump-pause"
+        script.write_text(f"""#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0
+touch '{self.paused}'
+i=0
+while [ ! -e '{self.go}' ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
+exit 0
+""")
+        script.chmod(0o755)
+        criu = tmp_path / "criu-pausing"
+        criu.write_text(f"""#!/bin/sh
+if [ "$1" = dump ] && [ -e '{self.armed}' ]; then exec '{criu_binary()}' "$@" --action-script '{script}'; fi
+exec '{criu_binary()}' "$@"
+""")
+        criu.chmod(0o755)
+        config = Path(env["CKPT_CONFIG"])
+        config.write_text(json.dumps({**json.loads(config.read_text()), "criu": str(criu)}) + "\n")
+
+    def arm(self) -> None:
+        self.armed.touch()
+
+    def wait(self) -> None:
+        wait_for(self.paused.exists, 120, "the dump to reach post-dump with the tree frozen")
+
+    def release(self) -> None:
+        self.go.touch()
 
 
 # --- defect 1: one live wrapper per job step ------------------------------------------------------------------------
@@ -229,20 +266,25 @@ def test_job_directory_removed_during_a_checkpoint_gives_74(ck, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     argv = ["python3", str(TOOLS / "memtool.py"), "256", "5"]
+    pause = PausedDump(tmp_path, env)
     proc = start_ckpt("run", "--job-id", "304", "--interval", "1000", "--", *argv, env=env, cwd=work,
                       out=tmp_path / "o", err=tmp_path / "e")
     try:
         wait_for(lambda: (work / "ready").exists() and registered(runtime, "304"), 60, "the tool to fill memory")
+        pause.arm()
         checkpoint = subprocess.Popen(ckpt_cmd("checkpoint", "--job-id", "304"), env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: list((store / "304" / "main").glob("gen-000001.partial-*")), 60, "the checkpoint to begin")
-        shutil.rmtree(store / "304", ignore_errors=True)  # before the commit: the partial is still there
+        pause.wait()
+        assert list((store / "304" / "main").glob("gen-000001.partial-*"))  # before the commit
+        shutil.rmtree(store / "304", ignore_errors=True)
+        pause.release()
         _, err = checkpoint.communicate(timeout=120)
         assert checkpoint.returncode == EXIT_STORE, err
         assert len(err.strip().splitlines()) == 1 and str(store / "304") in err
         assert proc.poll() is None  # the tool runs on
         assert process_state(json.loads((runtime / "jobs" / "304.main.json").read_text())["init_pid"]) != "T"
     finally:
+        pause.release()
         stop_all(proc, runtime, "304")
 
 
@@ -255,6 +297,7 @@ def test_wrapper_killed_during_a_checkpoint_leaves_no_frozen_tool_and_no_debris(
     work = tmp_path / "work"
     work.mkdir()
     argv = ["python3", str(TOOLS / "memtool.py"), "256", "5"]
+    pause = PausedDump(tmp_path, env)
     proc = start_ckpt("run", "--job-id", "305", "--interval", "1000", "--", *argv, env=env, cwd=work,
                       out=tmp_path / "o", err=tmp_path / "e")
     init_pid = None
@@ -262,12 +305,14 @@ def test_wrapper_killed_during_a_checkpoint_leaves_no_frozen_tool_and_no_debris(
         wait_for(lambda: (work / "ready").exists() and registered(runtime, "305"), 60, "the tool to fill memory")
         assert run_ckpt("checkpoint", "--job-id", "305", env=env).returncode == 0
         init_pid = json.loads((runtime / "jobs" / "305.main.json").read_text())["init_pid"]
+        pause.arm()
         checkpoint = subprocess.Popen(ckpt_cmd("checkpoint", "--job-id", "305", *(["--final"] if final else [])),
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # the dump has started: CRIU is writing images into the wrapper's staging directory (or its streamer)
-        wait_for(lambda: dump_under_way(proc.pid, init_pid), 60, "the dump to start")
+        pause.wait()  # CRIU has dumped the frozen tree and has not let it go yet
+        assert process_state(init_pid) in ("T", "t")
         os.kill(proc.pid, signal.SIGKILL)  # only the wrapper: the tool and CRIU live on
         proc.wait(timeout=10)
+        pause.release()  # CRIU finishes, leaving the tree stopped (--leave-stopped), or fails on the dead streamer
         checkpoint.wait(timeout=60)
 
         wait_for(lambda: process_state(init_pid) not in ("T", "t"), 60, "the tool to run again")
@@ -291,6 +336,7 @@ def test_wrapper_killed_during_a_checkpoint_leaves_no_frozen_tool_and_no_debris(
         assert not list((store / "305" / "main").glob("gen-*.partial-*"))
         assert generations(env, "305") == []  # a finished step keeps no checkpoint
     finally:
+        pause.release()
         if init_pid:
             try:
                 os.kill(init_pid, signal.SIGKILL)
@@ -340,16 +386,18 @@ def test_criu_killed_during_the_dump_leaves_the_tool_running(ck, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     argv = ["python3", str(TOOLS / "memtool.py"), "256", "5"]
+    pause = PausedDump(tmp_path, env)
     proc = start_ckpt("run", "--job-id", "307", "--interval", "1000", "--", *argv, env=env, cwd=work,
                       out=tmp_path / "o", err=tmp_path / "e")
     try:
         wait_for(lambda: (work / "ready").exists() and registered(runtime, "307"), 60, "the tool to fill memory")
         init_pid = json.loads((runtime / "jobs" / "307.main.json").read_text())["init_pid"]
+        pause.arm()
         checkpoint = subprocess.Popen(ckpt_cmd("checkpoint", "--job-id", "307"), env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
-        criu = wait_for(lambda: criu_dumping(init_pid), 60, "criu dump to start")
-        wait_for(lambda: dump_under_way(proc.pid, init_pid), 60, "pages being dumped")
-        os.kill(criu, signal.SIGKILL)
+        pause.wait()  # every page dumped, the tree still frozen
+        assert process_state(init_pid) in ("T", "t")
+        os.kill(wait_for(lambda: criu_dumping(init_pid), 10, "criu dump's pid"), signal.SIGKILL)
         _, err = checkpoint.communicate(timeout=60)
         assert checkpoint.returncode == 69, err
         assert "criu dump failed" in err and len(err.strip().splitlines()) == 1
@@ -360,4 +408,5 @@ def test_criu_killed_during_the_dump_leaves_the_tool_running(ck, tmp_path):
         assert proc.wait(timeout=60) == 0
         assert (tmp_path / "o").read_text().startswith("checksum ")
     finally:
+        pause.release()
         stop_all(proc, runtime, "307")
