@@ -136,12 +136,11 @@ def test_output_is_continuous_and_exit_status_passes_through_a_final_checkpoint(
     env, store, runtime = ck
     work = tmp_path / "work"
     work.mkdir()
-    argv = ["python3", str(TOOLS / "appender.py"), "60", "0.05", "3"]
+    argv = ["python3", str(TOOLS / "appender.py"), "200", "0.05", "3"]
     out, err = tmp_path / "job.out", tmp_path / "job.err"
     proc = start_ckpt("run", "--job-id", "103", "--interval", "1000", "--", *argv, env=env, cwd=work, out=out,
                       err=err)
-    wait_for(lambda: registered(runtime, "103"), 30, "the wrapper to register")
-    time.sleep(1.2)
+    wait_for(lambda: registered(runtime, "103") and len(tool_lines(out)) >= 5, 30, "the tool's fifth step")
     assert run_ckpt("checkpoint", "--job-id", "103", "--final", env=env).returncode == 0
     assert proc.wait(timeout=30) == 75
     assert "stopped by final checkpoint 1" in err.read_text()
@@ -150,7 +149,7 @@ def test_output_is_continuous_and_exit_status_passes_through_a_final_checkpoint(
         res = subprocess.run([*__import__("ckpt_helpers").ckpt_cmd("run", "--job-id", "103", "--", *argv)],
                              env=env, cwd=work, stdout=fh, stderr=subprocess.PIPE, text=True, timeout=120)
     assert res.returncode == 3, res.stderr
-    assert tool_lines(out) == [f"step {i}" for i in range(60)] + ["finished"]
+    assert tool_lines(out) == [f"step {i}" for i in range(200)] + ["finished"]
 
     again = run_ckpt("run", "--job-id", "103", "--", *argv, env=env, cwd=work)
     assert again.returncode == 3

@@ -94,7 +94,7 @@ def test_spot_notice_checkpoints_drains_and_requeues(imds, tmp_path, running_age
         wait_for(lambda job=job: registered(runtime, job), 30, f"job {job} to register")
     slurm = RecordingSlurm()
     agent = running_agent(make_agent(imds, runtime, store, slurm))
-    time.sleep(0.5)
+    wait_for(lambda: (runtime / "instance.json").exists(), 30, "the agent to record the instance's facts")
     assert json.loads((runtime / "instance.json").read_text())["instance_type"] == "r6i.large"
     imds.inject_spot_notice("terminate", seconds_from_now=120)
     assert [p.wait(timeout=60) for p in procs] == [75, 75]
