@@ -40,6 +40,10 @@ class LocalBackend:
     def checkpoint(self, job: JobState, *, final: bool, reason: str, timeout: Optional[float]) -> CheckpointResult:
         return self.engine.checkpoint(job, final=final, reason=reason, timeout=timeout)
 
+    def wait_cleanups(self, timeout: float) -> bool:
+        """The store's cleanup after a final checkpoint runs after its reply: let it end before the wrapper does."""
+        return self.engine.wait_cleanups(timeout)
+
 
 class AgentBackend:
     """An ordinary user: the node agent (root) launches, checkpoints and restores on the job's behalf."""
@@ -72,6 +76,9 @@ class AgentBackend:
         })
         fields = CheckpointResult.__dataclass_fields__
         return CheckpointResult(**{k: reply[k] for k in fields})
+
+    def wait_cleanups(self, timeout: float) -> bool:
+        return True  # the agent, which outlives the wrapper, cleans up after its checkpoints
 
 
 def choose_backend(engine_factory, socket_path: str):

@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -236,6 +237,8 @@ class Engine:
         # per (job, step) the generation whose dump left the tree's pages write-protected: (number, created, pid)
         self._tracker: Any = None
         self._armed: Dict[Tuple[str, str], Tuple[int, str, int]] = {}
+        self._cleanups: List[threading.Thread] = []  # cleanups of final checkpoints, after their reply
+        self._cleanups_lock = threading.Lock()
 
     def _dirty_tracker(self):
         """The DirtyTracker, or None where this kernel, CPU architecture or CRIU build cannot track written pages."""
@@ -402,18 +405,45 @@ class Engine:
         if final:
             _kill(job.init_pid)
         guard.close()
-        try:
-            with acting_as(user):
-                store.prune(job.job_id, job.step, self.settings.keep)
-                store.sweep_chunks(job.job_id)
-        except (OSError, CkptError) as e:  # the checkpoint is committed; gc reclaims what is left
-            log.warning("checkpoint %d of job %s committed, but cleaning up older ones failed: %s", number,
-                        job.job_id, e)
+        if final:  # the reply, and the requeue after it, never wait for the store's cleanup (a shared FS can hang)
+            self._clean_up_later(job, user, number)
+        else:
+            self._clean_up(job, user, number)
         return CheckpointResult(
             generation=number, final=final, reason=reason, bytes_in=stats.bytes_in,
             bytes_written=stats.bytes_written, bytes_new=stats.bytes_new, frozen_seconds=t_frozen,
             total_seconds=time.monotonic() - t0, created=created,
         )
+
+    def _clean_up(self, job: JobState, user: Optional[Creds], number: int) -> None:
+        """After checkpoint `number` committed: older generations beyond checkpoint.keep and the chunks no manifest
+        references any more go."""
+        try:
+            with acting_as(user):
+                self.store.prune(job.job_id, job.step, self.settings.keep)
+                self.store.sweep_chunks(job.job_id)
+        except (OSError, CkptError) as e:  # the checkpoint is committed; gc reclaims what is left
+            log.warning("checkpoint %d of job %s committed, but cleaning up older ones failed: %s", number,
+                        job.job_id, e)
+
+    def _clean_up_later(self, job: JobState, user: Optional[Creds], number: int) -> None:
+        """_clean_up in a thread of its own (acting_as is per thread): after a final checkpoint, the listing and
+        unlinking of the job's chunks on the store's file system come after the reply, not before it. Cut short
+        (the process exits first), the next checkpoint of the job or `ckpt gc` does what is left."""
+        worker = threading.Thread(target=self._clean_up, args=(job, user, number), daemon=True,
+                                  name=f"cleanup-{job.job_id}-{job.step}")
+        with self._cleanups_lock:
+            self._cleanups = [t for t in self._cleanups if t.is_alive()] + [worker]
+        worker.start()
+
+    def wait_cleanups(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds in all for the cleanups of final checkpoints; False if one still runs."""
+        deadline = time.monotonic() + timeout
+        with self._cleanups_lock:
+            workers = list(self._cleanups)
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        return not any(w.is_alive() for w in workers)
 
     def _previous_manifest(self, job: JobState, signed_only: bool = False) -> Optional[Manifest]:
         """The newest readable manifest, whose file entries let unchanged files skip re-reading. For a user's job

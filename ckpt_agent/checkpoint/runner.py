@@ -83,6 +83,9 @@ def enclosing_step(job_id: str, environ=None) -> Optional[str]:
 # and the instance is gone 120 s after the notice anyway.
 REQUEUE_WAIT_SECONDS = 60
 REQUEUE_POLL_SECONDS = 0.1
+# The store's cleanup after a final checkpoint (prune, chunk sweep) runs after the reply (engine.py); the wrapper
+# gives it this long before it exits anyway: what is left, the next checkpoint or `ckpt gc` removes.
+CLEANUP_WAIT_SECONDS = 30
 class StepLock:
     """One live wrapper per job step: an exclusive flock on <step>/run.lock in the store, held for the wrapper's life.
 
@@ -381,6 +384,9 @@ class Runner:
             self._emit(ev.SEGMENT_ENDED, how="interrupted", generation=self.last_checkpoint)
             if self._await_requeue:
                 self._wait_for_requeue()
+            if not self.backend.wait_cleanups(CLEANUP_WAIT_SECONDS):
+                log.warning("job %s step %s: the store's cleanup after the final checkpoint still runs after %d s; "
+                            "the next checkpoint or ckpt gc finishes it", o.job_id, o.step, CLEANUP_WAIT_SECONDS)
             return EXIT_FINAL
         status = 137 if code is None else code
         try:

@@ -415,3 +415,72 @@ def test_a_fifo_or_huge_file_in_the_registration_directory_is_refused_not_waited
         with pytest.raises(errors.CkptError, match="registration"):
             find_registration(str(d), job, "main")
     assert find_registration(str(d), "9", "main")["job_id"] == "9"
+
+
+_SWEEP_HOLD = '''"""Test hook (sitecustomize): once <hold>/armed exists, the chunk sweep waits for <hold>/go."""
+import os
+import time
+
+try:
+    from ckpt_agent.store import generations
+except ImportError:  # the tool's own python
+    generations = None
+
+if generations is not None and os.environ.get("CKPT_TEST_SWEEP_HOLD"):
+    _hold = os.environ["CKPT_TEST_SWEEP_HOLD"]
+    _sweep = generations.CheckpointStore.sweep_chunks
+
+    def sweep_chunks(self, job_id, **kw):
+        if kw.get("locked"):  # the inner call, under the job lock
+            return _sweep(self, job_id, **kw)
+        if os.path.exists(os.path.join(_hold, "armed")):
+            open(os.path.join(_hold, "started"), "w").close()
+            deadline = time.monotonic() + 300
+            while not os.path.exists(os.path.join(_hold, "go")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        out = _sweep(self, job_id, **kw)
+        open(os.path.join(_hold, "swept"), "a").write(f"{out[0]}\\n")
+        return out
+
+    generations.CheckpointStore.sweep_chunks = sweep_chunks
+'''
+
+
+def test_a_final_checkpoint_replies_before_the_store_cleanup_and_the_wrapper_waits_for_it(ck, tmp_path):
+    """The prune and chunk sweep after a final checkpoint are off the deadline path: `ckpt checkpoint --final`
+    (and the agent's requeue after it) returns while the sweep is held; the wrapper exits 75 only once it ran."""
+    env, store, runtime = ck
+    hook, hold, work = tmp_path / "hook", tmp_path / "hold", tmp_path / "work"
+    for d in (hook, hold, work):
+        d.mkdir()
+    (hook / "sitecustomize.py").write_text(_SWEEP_HOLD)
+    env = dict(env, CKPT_TEST_SWEEP_HOLD=str(hold),
+               PYTHONPATH=os.pathsep.join(p for p in (str(hook), str(REPO), env.get("PYTHONPATH", "")) if p))
+    argv = ["python3", str(TOOLS / "memtool.py"), "64", "5"]
+    proc = start_ckpt("run", "--job-id", "110", "--interval", "1000", "--", *argv, env=env, cwd=work,
+                      out=tmp_path / "o", err=tmp_path / "e")
+    try:
+        wait_for(lambda: (work / "ready").exists() and registered(runtime, "110"), 60, "the tool to fill memory")
+        # generation 1's changed blocks are referenced by it alone: the final (3) prunes it (keep: 2)
+        assert run_ckpt("checkpoint", "--job-id", "110", env=env).returncode == 0
+        (work / "mutate").touch()
+        wait_for((work / "mutated").exists, 60, "the tool to change its memory")
+        before = len((hold / "swept").read_text().splitlines())
+        assert run_ckpt("checkpoint", "--job-id", "110", env=env).returncode == 0
+        # a periodic checkpoint sweeps before its reply
+        assert len((hold / "swept").read_text().splitlines()) == before + 1 and not (hold / "started").exists()
+        (hold / "armed").touch()
+        final = run_ckpt("checkpoint", "--job-id", "110", "--final", env=env)
+        assert final.returncode == 0, final.stderr
+        assert (hold / "started").exists(), "the sweep began after the commit"
+        assert proc.poll() is None, "the wrapper waits for the cleanup before it exits"
+        swept_before = (hold / "swept").read_text().splitlines()
+        (hold / "go").touch()
+        assert proc.wait(timeout=60) == errors.EXIT_FINAL
+        swept = (hold / "swept").read_text().splitlines()
+        assert len(swept) == len(swept_before) + 1 and int(swept[-1]) > 0, swept
+        assert [g["generation"] for g in generations(env, "110")] == [2, 3]
+    finally:
+        (hold / "go").touch()
+        if proc.poll() is None:
+            kill_job(proc, runtime, "110")
