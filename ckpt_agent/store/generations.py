@@ -54,6 +54,7 @@ from ckpt_agent.store import layout
 from ckpt_agent.store import manifest as manifest_file
 from ckpt_agent.store.chunks import (
     ChunkStore,
+    present_chunk_paths,
     sweep_chunk_dir,
 )
 from ckpt_agent.store.layout import EVENTS, MANIFEST, RESULT, SUMMARY
@@ -413,8 +414,17 @@ class CheckpointStore:
                     continue
                 for ref in manifest.refs():
                     known[ref.digest] = ref.codec
-        chunk_dir = self.chunk_dir(job_id)
-        return {d: c for d, c in known.items() if os.path.exists(os.path.join(chunk_dir, layout.chunk_relpath(d, c)))}
+        if not known:
+            return known
+        job_fd = open_dir_nofollow(self.job_dir(job_id))
+        chunks_fd = open_dir_nofollow(layout.CHUNKS_DIR, job_fd) if job_fd is not None else None
+        try:  # listed, not stat'ed one by one (present_chunk_paths)
+            present = present_chunk_paths(chunks_fd, (d[:2] for d in known)) if chunks_fd is not None else set()
+        finally:
+            for fd in (chunks_fd, job_fd):
+                if fd is not None:
+                    os.close(fd)
+        return {d: c for d, c in known.items() if layout.chunk_relpath(d, c) in present}
 
     def prune(self, job_id: str, step: str, keep: int) -> List[int]:
         """Remove all but the newest `keep` committed generations of a step; return the removed numbers."""

@@ -183,6 +183,30 @@ def test_known_chunks_lists_only_chunks_that_exist(store):
     assert store.known_chunks(JOB) == {a.digest: a.codec}
 
 
+def test_known_chunks_lists_directories_and_stats_no_chunk(store, monkeypatch):
+    """On Lustre a stat of each chunk also asks the object servers: known_chunks lists the prefix directories
+    instead. A chunk under another codec's name is not the one referenced; a prefix directory replaced by a link is
+    not entered."""
+    chunks = store.chunks_for(JOB)
+    refs = [chunks.put(bytes([i]) * 5000)[0] for i in range(40)]
+    commit_one(store, refs)
+    gone, renamed, linked = refs[0], refs[1], refs[2]
+    os.unlink(chunks.path(gone))
+    os.rename(chunks.path(renamed), chunks.path(renamed) + ".zst")
+    prefix_dir = os.path.dirname(chunks.path(linked))
+    moved = prefix_dir + ".elsewhere"
+    os.rename(prefix_dir, moved)
+    os.symlink(moved, prefix_dir)
+    in_linked_dir = {r.digest for r in refs if r.digest[:2] == linked.digest[:2]}
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *a, **kw: stats.append(path) or real_stat(path, *a, **kw))
+    known = store.known_chunks(JOB)
+    monkeypatch.undo()
+    assert not [p for p in stats if any(r.digest in str(p) for r in refs)], stats
+    assert set(known) == {r.digest for r in refs} - {gone.digest, renamed.digest} - in_linked_dir
+
+
 # --- signatures ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def signed(tmp_path):
