@@ -331,42 +331,54 @@ class Engine:
                         if cause is not None and isinstance(e, CkptError):  # the store made CRIU fail: name it
                             raise cause from e
                         raise
+                    timings["dump_seconds"] = time.monotonic() - t_step
+                    t_step = time.monotonic()
+                    stopped = capture.ns_pids(job.init_pid)
+                    open_files = capture.open_writable_files(stopped)
+                    roots = [job.cwd] + list(self.settings.extra_paths)
+                    exclude = set(job.exclude) | {store.root, stage, os.path.dirname(stage)}
+                    prev_files = {e.path: e for e in previous.files} if previous else {}
+                    with acting_as(user):  # never read, as root, what a link swapped in by the user points to
+                        files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files,
+                                                        owner_uid=job.uid if owner else None)
+                    timings["capture_seconds"] = time.monotonic() - t_step
+                    armed = False
+                    if not final:  # before the tool runs again: its next write to any page is then seen
+                        t_step = time.monotonic()
+                        armed = self._arm(stopped)
+                        timings["arm_seconds"] = time.monotonic() - t_step
+                    t_step = time.monotonic()
                     try:
+                        if streamed is not None:  # every page read out of CRIU's pipes, which may hold the tool's
+                            streamed.drain()      # own pages (vmsplice) until then
+                        t_frozen = time.monotonic() - t0
+                        if not final:
+                            # the tool runs again while the last chunks are written and the page tables made (a
+                            # staged dump's images are stored after this point too)
+                            _resume(stopped)
+                            resumed = True
+                            guard.tell(DumpGuard.RESUMED)
                         stored = streamed.finish() if streamed is not None else None
                         unchanged = streamed.pages_unchanged if streamed is not None else 0
                     except streamdump.ParentPagesMissing as e:
                         if not written_only:
                             raise
-                        # dump it again, every page (rare: a rotten old chunk); resumed first, since CRIU records a
-                        # stopped task as stopped and the restored tool would never run
+                        # dump it again, every page, with its files (rare: a rotten old chunk); a final's tree is
+                        # resumed first, since CRIU records a stopped task as stopped and the restored tool would
+                        # never run; a periodic one's runs already, and the next dump gets a guard of its own
                         log.warning("checkpoint of job %s: %s; dumping every page instead", job.job_id, e)
                         written_only = False
                         checked.add(streamed.checks())
-                        _resume(capture.ns_pids(job.init_pid))
+                        if resumed:
+                            guard.close()
+                            guard = DumpGuard(job.init_pid, stage)
+                            resumed = False
+                        else:
+                            _resume(stopped)
+                        t_step = time.monotonic()
                         continue
                     break
-                timings["dump_seconds"] = time.monotonic() - t_step
-                t_step = time.monotonic()
-                stopped = capture.ns_pids(job.init_pid)
-                open_files = capture.open_writable_files(stopped)
-                roots = [job.cwd] + list(self.settings.extra_paths)
-                exclude = set(job.exclude) | {store.root, stage, os.path.dirname(stage)}
-                prev_files = {e.path: e for e in previous.files} if previous else {}
-                with acting_as(user):  # never read, as root, what a link swapped in by the user points to
-                    files, fstats = capture.capture(chunks, pool, roots, open_files, exclude, prev_files,
-                                                    owner_uid=job.uid if owner else None)
-                timings["capture_seconds"] = time.monotonic() - t_step
-                armed = False
-                if not final:  # before the tool runs again: its next write to any page is then seen
-                    t_step = time.monotonic()
-                    armed = self._arm(stopped)
-                    timings["arm_seconds"] = time.monotonic() - t_step
-                t_frozen = time.monotonic() - t0
-                if not final:
-                    _resume(stopped)
-                    resumed = True
-                    guard.tell(DumpGuard.RESUMED)
-                t_step = time.monotonic()
+                # since t_step: a streamed dump's last chunks and page tables (finish), or a staged one's images
                 images, istats = stored or self._store_images(chunks, pool, stage, previous)
                 timings["store_images_seconds"] = time.monotonic() - t_step
                 stats = WriteStats()

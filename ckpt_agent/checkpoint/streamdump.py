@@ -633,11 +633,19 @@ class StreamDump:
         self._reuse_thread.join()
         return self._verify_stats
 
-    def finish(self) -> Tuple[List[ImageEntry], WriteStats]:
+    def drain(self) -> None:
+        """Wait until every pipe CRIU wrote is read to its end. CRIU moves pages by vmsplice(2), by reference: until
+        they are read out of the pipes they may still be the tool's own pages, so the tool must not run before
+        this returns. Raises what the stream or the reuse map hit. Done once; finish() calls it too."""
+        if "drained" in self._times:
+            return
         self._times["criu"] = time.monotonic() - self._t0
         self.server.finish()
         self._reuse()  # built, or its error raised, even when CRIU sent no pages image
         self._times["drained"] = time.monotonic() - self._t0
+
+    def finish(self) -> Tuple[List[ImageEntry], WriteStats]:
+        self.drain()
         kept = {n: bytes(s.kept) for n, s in self.sinks.items() if isinstance(s, FileSink) and s.kept is not None}
         pagemaps = list(kept.values())
         read = self._read_pagemaps()

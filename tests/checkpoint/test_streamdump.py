@@ -149,9 +149,11 @@ def test_holes_are_found_by_address_in_the_previous_image_and_pages_that_were_no
                     vaddrs, hashes)
 
 
-def test_a_previous_page_table_that_cannot_be_read_makes_the_dump_read_every_page(ck, tmp_path):
+@pytest.mark.parametrize("final", [True, False], ids=["final", "periodic"])
+def test_a_previous_page_table_that_cannot_be_read_makes_the_dump_read_every_page(ck, tmp_path, final):
     """The written-only dump's fallback: the holes cannot be filled (here the previous generation's page table is
-    rotten), so the stopped tree is dumped again, every page, and the checkpoint restores exactly."""
+    rotten), so the tree is dumped again, every page, and the checkpoint restores exactly. A final's tree is still
+    stopped then; a periodic one's already runs again (the holes are filled after the resume) and is frozen anew."""
     if not written_only_here():
         pytest.skip("no dirty tracking here (Linux >= 6.7 on x86_64 and CRIU patch 0002)")
     env, store, runtime = ck
@@ -172,7 +174,11 @@ def test_a_previous_page_table_that_cannot_be_read_makes_the_dump_read_every_pag
                 chunk.write_bytes(b"rotten" + chunk.read_bytes()[6:])
         (work / "mutate").touch()
         wait_for(lambda: (work / "mutated").exists(), 30, "the tool to change 5% of its pages")
-        assert run_ckpt("checkpoint", "--job-id", "123", "--final", env=env, timeout=120).returncode == 0
+        assert run_ckpt("checkpoint", "--job-id", "123", *(["--final"] if final else []), env=env,
+                        timeout=120).returncode == 0
+        if not final:
+            assert proc.poll() is None, "the tool runs on after the periodic checkpoint"
+            assert run_ckpt("checkpoint", "--job-id", "123", "--final", env=env, timeout=120).returncode == 0
         assert proc.wait(timeout=30) == 75
     finally:
         if proc.poll() is None:
