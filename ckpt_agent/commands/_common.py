@@ -7,15 +7,14 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from ckpt_agent.adapters.criu import Criu
 from ckpt_agent.errors import UsageError
 from ckpt_agent.node.config import AgentConfig, load_agent_config, require_store
-from ckpt_agent.store.generations import CheckpointStore, Signer
 from ckpt_agent.store.layout import check_name
 from ckpt_agent.util.units import check_seconds
 
-if TYPE_CHECKING:  # the engine is imported by the commands that use it: `ckpt checkpoint` only talks to a wrapper
-    from ckpt_agent.checkpoint.engine import Engine
+if TYPE_CHECKING:  # imported by the commands that use them: `ckpt checkpoint` only talks to a wrapper, and starts
+    from ckpt_agent.checkpoint.engine import Engine  # faster without the store's and CRIU's modules
+    from ckpt_agent.store.generations import CheckpointStore
 
 
 def add_config_args(parser: argparse.ArgumentParser, store: bool = True) -> None:
@@ -69,11 +68,14 @@ def load(args: argparse.Namespace) -> AgentConfig:
 
 
 def open_store(cfg: AgentConfig, args: argparse.Namespace) -> CheckpointStore:
+    from ckpt_agent.store.generations import CheckpointStore, Signer  # noqa: PLC0415 - see TYPE_CHECKING above
+
     root = require_store(cfg, getattr(args, "store", None))
     return CheckpointStore(root, Signer.from_file(cfg.agent.key_file))
 
 
 def make_engine(cfg: AgentConfig, store: CheckpointStore) -> Engine:
+    from ckpt_agent.adapters.criu import Criu  # noqa: PLC0415 - see TYPE_CHECKING above
     from ckpt_agent.checkpoint.engine import Engine
 
     criu = Criu(cfg.criu if os.path.sep in cfg.criu else _find_criu(cfg.criu))
