@@ -86,6 +86,8 @@ REQUEUE_POLL_SECONDS = 0.1
 # The store's cleanup after a final checkpoint (prune, chunk sweep) runs after the reply (engine.py); the wrapper
 # gives it this long before it exits anyway: what is left, the next checkpoint or `ckpt gc` removes.
 CLEANUP_WAIT_SECONDS = 30
+
+
 class StepLock:
     """One live wrapper per job step: an exclusive flock on <step>/run.lock in the store, held for the wrapper's life.
 

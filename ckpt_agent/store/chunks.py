@@ -662,21 +662,24 @@ def iter_chunk_files(root: str) -> Iterator[Tuple[str, str]]:
             yield layout.digest_of_chunk_name(entry.name) or "", entry.path
 
 
-def present_chunk_paths(chunks_fd: int, prefixes: Iterable[str]) -> Set[str]:
-    """The `<prefix>/<name>` of every entry in these prefix directories of the chunk directory open at `chunks_fd`
-    (layout.chunk_relpath's form): one listing per directory and no stat of any chunk. On Lustre a listing asks
-    only the metadata server, where a stat of each chunk would also ask the object servers for its size: a job of
-    500 GiB has half a million chunks. A prefix directory replaced by a link is not entered (nothing in it is
-    present)."""
-    present: Set[str] = set()
-    for prefix in sorted(set(prefixes)):
+def present_chunks(chunks_fd: int, wanted: Dict[str, str]) -> Dict[str, str]:
+    """The digests (-> codec) of `wanted` whose chunk file is in the chunk directory open at `chunks_fd`: one
+    listing per prefix directory and no stat of any chunk. On Lustre a listing asks only the metadata server, where
+    a stat of each chunk would also ask the object servers for its size: a job of 500 GiB has half a million
+    chunks. A prefix directory replaced by a link is not entered (nothing in it is present)."""
+    by_prefix: Dict[str, List[str]] = {}
+    for digest in wanted:
+        by_prefix.setdefault(digest[:2], []).append(digest)
+    present: Dict[str, str] = {}
+    for prefix, digests in sorted(by_prefix.items()):
         prefix_fd = open_dir_nofollow(prefix, chunks_fd) if len(prefix) == 2 else None
         if prefix_fd is None:
             continue
         try:
-            present.update(os.path.join(prefix, name) for name in scandir_names(prefix_fd))
+            names = set(scandir_names(prefix_fd))
         finally:
             os.close(prefix_fd)
+        present.update((d, wanted[d]) for d in digests if layout.chunk_name(d, wanted[d]) in names)
     return present
 
 

@@ -54,7 +54,7 @@ from ckpt_agent.store import layout
 from ckpt_agent.store import manifest as manifest_file
 from ckpt_agent.store.chunks import (
     ChunkStore,
-    present_chunk_paths,
+    present_chunks,
     sweep_chunk_dir,
 )
 from ckpt_agent.store.layout import EVENTS, MANIFEST, RESULT, SUMMARY
@@ -418,13 +418,12 @@ class CheckpointStore:
             return known
         job_fd = open_dir_nofollow(self.job_dir(job_id))
         chunks_fd = open_dir_nofollow(layout.CHUNKS_DIR, job_fd) if job_fd is not None else None
-        try:  # listed, not stat'ed one by one (present_chunk_paths)
-            present = present_chunk_paths(chunks_fd, (d[:2] for d in known)) if chunks_fd is not None else set()
+        try:  # listed, not stat'ed one by one (present_chunks)
+            return present_chunks(chunks_fd, known) if chunks_fd is not None else {}
         finally:
             for fd in (chunks_fd, job_fd):
                 if fd is not None:
                     os.close(fd)
-        return {d: c for d, c in known.items() if layout.chunk_relpath(d, c) in present}
 
     def prune(self, job_id: str, step: str, keep: int) -> List[int]:
         """Remove all but the newest `keep` committed generations of a step; return the removed numbers."""
