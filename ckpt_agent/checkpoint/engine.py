@@ -331,6 +331,8 @@ class Engine:
                         if cause is not None and isinstance(e, CkptError):  # the store made CRIU fail: name it
                             raise cause from e
                         raise
+                    if streamed is not None:  # every page read out of CRIU's pipes, which may hold the tool's own
+                        streamed.drain()      # pages (vmsplice) until then: before the tool may run again
                     timings["dump_seconds"] = time.monotonic() - t_step
                     t_step = time.monotonic()
                     stopped = capture.ns_pids(job.init_pid)
@@ -347,17 +349,15 @@ class Engine:
                         t_step = time.monotonic()
                         armed = self._arm(stopped)
                         timings["arm_seconds"] = time.monotonic() - t_step
+                    t_frozen = time.monotonic() - t0
+                    if not final:
+                        # the tool runs again while the page tables are made and stored (a staged dump's images are
+                        # stored after this point too)
+                        _resume(stopped)
+                        resumed = True
+                        guard.tell(DumpGuard.RESUMED)
                     t_step = time.monotonic()
                     try:
-                        if streamed is not None:  # every page read out of CRIU's pipes, which may hold the tool's
-                            streamed.drain()      # own pages (vmsplice) until then
-                        t_frozen = time.monotonic() - t0
-                        if not final:
-                            # the tool runs again while the last chunks are written and the page tables made (a
-                            # staged dump's images are stored after this point too)
-                            _resume(stopped)
-                            resumed = True
-                            guard.tell(DumpGuard.RESUMED)
                         stored = streamed.finish() if streamed is not None else None
                         unchanged = streamed.pages_unchanged if streamed is not None else 0
                     except streamdump.ParentPagesMissing as e:
