@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
-from ckpt_agent.errors import DamagedCheckpointError
+from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.store import layout
 from ckpt_agent.store.chunks import CHUNK_BYTES, ChunkRef, WriteStats
 
@@ -271,7 +271,12 @@ def encode(manifest: Manifest, signer: Signer) -> bytes:
     """The manifest file's bytes: the envelope with the manifest and, where the signer holds a key, its signature."""
     body = manifest.to_json()
     signature = signer.sign(canonical_json(body))
-    return canonical_json({"manifest": body, "signature": signature} if signature else {"manifest": body})
+    data = canonical_json({"manifest": body, "signature": signature} if signature else {"manifest": body})
+    if len(data) > MAX_MANIFEST_BYTES:  # committed, it would read as damaged: the checkpoint fails here instead
+        raise StoreError(f"the manifest of job {manifest.job_id} step {manifest.step} generation "
+                         f"{manifest.generation} takes {len(data)} bytes, more than a reader accepts "
+                         f"({MAX_MANIFEST_BYTES}); not committed")
+    return data
 
 
 def decode(raw: bytes, where: str, signer: Signer, require_signature: bool = False) -> Manifest:

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from ckpt_agent.errors import EXIT_DAMAGED, DamagedCheckpointError, PermissionDenied
+from ckpt_agent.errors import EXIT_DAMAGED, DamagedCheckpointError, PermissionDenied, StoreError
 from ckpt_agent.store import pagedelta
 from ckpt_agent.store.chunks import ChunkRef
 from ckpt_agent.store.generations import Signer
@@ -90,6 +90,20 @@ def test_a_manifest_built_from_dataclasses_round_trips():
     for signer in (Signer(None), Signer(b"k")):
         assert decode(encode(m, signer), WHERE, signer) == m
     assert parse(m.to_json(), WHERE).to_json() == m.to_json()
+
+
+def test_a_manifest_no_reader_would_accept_is_never_written(monkeypatch):
+    """A manifest over the read bound would read as damaged once committed (and a restore fall back past it):
+    encode refuses it, so the checkpoint fails where it is taken, with the reason."""
+    from ckpt_agent.store import manifest as manifest_module
+
+    m = parse(golden_body(), WHERE)
+    data = encode(m, Signer(None))
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", len(data) - 1)
+    with pytest.raises(StoreError, match=rf"takes {len(data)} bytes, more than a reader accepts \({len(data) - 1}\)"):
+        encode(m, Signer(None))
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", len(data))
+    assert decode(encode(m, Signer(None)), WHERE, Signer(None)) == m
 
 
 def test_keys_this_version_does_not_know_are_kept():
