@@ -472,7 +472,7 @@ def test_a_final_checkpoint_replies_before_the_store_cleanup_and_the_wrapper_wai
         (hold / "armed").touch()
         final = run_ckpt("checkpoint", "--job-id", "110", "--final", env=env)
         assert final.returncode == 0, final.stderr
-        assert (hold / "started").exists(), "the sweep began after the commit"
+        wait_for((hold / "started").exists, 60, "the sweep after the final checkpoint's reply")
         assert proc.poll() is None, "the wrapper waits for the cleanup before it exits"
         swept_before = (hold / "swept").read_text().splitlines()
         (hold / "go").touch()
