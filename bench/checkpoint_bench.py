@@ -256,6 +256,8 @@ def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, 
                        stdout=subprocess.DEVNULL)
         r["incr_wall"] = time.monotonic() - t
         r["stats2"] = manifest(store, job, 2)["stats"]
+        # a written-only delta lists a slice per run of changed or unchanged pages: its manifest grows with them
+        r["manifest_bytes"] = [(store / job / "main" / f"gen-{g:06d}" / "manifest.json").stat().st_size for g in (1, 2)]
         code = proc.wait(timeout=60)
         if code != 75:
             raise RuntimeError(f"ckpt run exited with {code} after a final checkpoint, expected 75")
@@ -390,6 +392,8 @@ def report(results: List[Dict[str, Any]], profile: Dict[str, Dict[str, float]],
               f"{r['stats2']['bytes_written'] / r['stats1']['bytes_in'] * 100:.1f}% of the raw memory): "
               f"{'PASS' if ok else 'MISS'}; in {r['incr_wall']:.2f} s ({fmt_ratio(time_share)} of the first's): "
               f"{'PASS' if time_ok else 'MISS'}; frozen {r['stats2']['frozen_seconds']:.2f} s; "
+              f"manifest {r['manifest_bytes'][1] / 1024:.0f} KiB (the first's "
+              f"{r['manifest_bytes'][0] / 1024:.0f} KiB); "
               + _tracking(r["stats2"], r["stats1"]))
     print()
     speeds = chunkstore.codec_speeds()
