@@ -301,7 +301,8 @@ class Engine:
                 held.enter_context(store.job_lock(job.job_id))
                 number, partial = store.begin(job.job_id, job.step)
             previous = self._previous_manifest(job, signed_only=owner is not None)
-            chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner)
+            known = store.known_chunks(job.job_id, loaded=[previous] if previous else [])
+            chunks = store.chunks_for(job.job_id, self.settings.compression, known, owner)
             # a final checkpoint (the one a resume will use) never reuses a rotten chunk: it checks every one, by
             # re-reading its slice and the rest by their stat (chunks.py); periodic ones re-read a slice
             scrub = lambda d: int(d[:2], 16) % SCRUB_SLICES == number % SCRUB_SLICES  # noqa: E731

@@ -183,6 +183,23 @@ def test_known_chunks_lists_only_chunks_that_exist(store):
     assert store.known_chunks(JOB) == {a.digest: a.codec}
 
 
+def test_known_chunks_does_not_parse_again_a_manifest_the_caller_loaded(store, monkeypatch):
+    chunks = store.chunks_for(JOB)
+    a, _ = chunks.put(b"a" * 5000)
+    b, _ = chunks.put(b"b" * 5000)
+    first = commit_one(store, [a], step=STEP, generation=1)
+    second = commit_one(store, [b], step=STEP, generation=2)
+    newest = store.load_manifest(second)
+    parsed = []
+    real_load = store.load_manifest
+    monkeypatch.setattr(store, "load_manifest", lambda gen, **kw: parsed.append(gen.number) or real_load(gen, **kw))
+    assert store.known_chunks(JOB, loaded=[newest]) == {a.digest: a.codec, b.digest: b.codec}
+    assert parsed == [first.number]
+    parsed.clear()
+    assert store.known_chunks(JOB) == {a.digest: a.codec, b.digest: b.codec}
+    assert sorted(parsed) == [1, 2]
+
+
 def test_known_chunks_lists_directories_and_stats_no_chunk(store, monkeypatch):
     """On Lustre a stat of each chunk also asks the object servers: known_chunks lists the prefix directories
     instead. A chunk under another codec's name is not the one referenced; a prefix directory replaced by a link is
