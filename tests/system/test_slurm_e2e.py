@@ -128,8 +128,10 @@ def test_privilege_boundary_for_ordinary_users(cluster, agents, slurm_user, slur
     reg = json.loads(reg_path.read_text())
     wrapper = _status(reg["pid"])
     tool_pid = wait_for(lambda: _children(reg["init_pid"]), 30, "the tool")[0]
-    # the init's child drops its capabilities and then execs the tool: look once the exec has happened
-    wait_for(lambda: b"appender.py" in _cmdline(tool_pid), 30, "the tool to exec")
+    # the init's child drops its capabilities and then execs the tool: look once the exec has happened (until then
+    # the child's command line is the init's, nsinit.py with the tool's argv after it)
+    wait_for(lambda: _cmdline(tool_pid).startswith(b"python3\0") and b"nsinit.py" not in _cmdline(tool_pid), 30,
+             "the tool to exec")
     st = _status(tool_pid)
     assert wrapper["Uid"].split()[0] != "0"
     assert st["Uid"] == wrapper["Uid"] and st["Gid"] == wrapper["Gid"] and st["Groups"] == wrapper["Groups"]
