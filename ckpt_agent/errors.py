@@ -87,6 +87,11 @@ class DamagedCheckpointError(StoreError):
     exit_code = EXIT_DAMAGED
 
 
+class NewerFormatError(DamagedCheckpointError):
+    """A manifest of a format a newer agent writes: unreadable here, but not damaged. A restore passes over it as
+    over a damaged one; nothing it references is ever swept as unreferenced (a rolling upgrade keeps its chunks)."""
+
+
 class SlurmError(CkptError):
     exit_code = EXIT_SLURM
 

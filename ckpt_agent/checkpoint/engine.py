@@ -546,6 +546,7 @@ class Engine:
         chunks = self.store.chunks_for(gen.job_id)
         stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base(manifest))
         try:
+            pagedelta.load_slices(chunks, manifest.images)  # a damaged slice table: the next older generation
             # served from the store, else rebuilt here
             streamed = streamdump.stream_images(self.settings, self.criu, stage,
                                                 staged_in_ram=stage.startswith(SHM_STAGING + os.sep),

@@ -29,6 +29,7 @@ import array
 import bisect
 import concurrent.futures
 import ctypes
+import itertools
 import logging
 import os
 import re
@@ -223,25 +224,9 @@ class PagesSink:
     def entry(self, runs, depth: int) -> Tuple[ImageEntry, Optional[Tuple[Any, bytearray]]]:
         """The image's manifest entry, and its page table to store (None when the pagemap does not match)."""
         new_refs = [f.result()[0] for f in self.futures]
-        refs: List[ChunkRef] = []
-        index: Dict[str, int] = {}
-        slices = []
-        old_bytes = 0
-        for key, off, length in self.slices:
-            is_old = isinstance(key, ChunkRef)
-            ref = key if is_old else new_refs[key]
-            if ref.digest not in index:
-                index[ref.digest] = len(refs)
-                refs.append(ref)
-                if is_old:
-                    old_bytes += ref.size
-            slices.append([index[ref.digest], off, length])
-        entry = ImageEntry(name=self.name, size=self.size, chunks=refs, slices=slices)
-        if old_bytes:
-            new_bytes = sum(r.size for r in new_refs)
-            too_costly = old_bytes + new_bytes > pagedelta.MAX_READ_AMPLIFICATION * self.size
-            # the next generation stores this image anew when reading it back costs too much
-            entry.delta_depth = pagedelta.MAX_DELTA_DEPTH if too_costly else depth
+        entry = pagedelta.sliced_entry(self.name, self.size, ((key if isinstance(key, ChunkRef) else new_refs[key],
+                                                               off, length) for key, off, length in self.slices))
+        _mark_depth(entry, new_refs, depth)
         npages = len(self.hashes) // pagedelta.HASH_BYTES
         if runs is not None and npages and sum(n for _, n in runs) == npages:
             return entry, (pagedelta.run_vaddrs(runs), self.hashes)  # stored by StreamDump.finish
@@ -305,26 +290,22 @@ class PagesSink:
                     si, used = si + 1, 0
         if si != len(streamed) or hpos != len(self.hashes):
             raise ParentPagesMissing(f"{self.name}: CRIU sent pages the pagemap does not name")
-        refs: List[ChunkRef] = []
-        index: Dict[str, int] = {}
-        slices = []
-        fresh = {r.digest for r in new_refs}
-        old_bytes = 0
-        for ref, off, length in out:
-            if ref.digest not in index:
-                index[ref.digest] = len(refs)
-                refs.append(ref)
-                if ref.digest not in fresh:
-                    old_bytes += ref.size
-            slices.append([index[ref.digest], off, length])
         size = len(vaddrs) * page
-        entry = ImageEntry(name=self.name, size=size, chunks=refs, slices=slices)
-        if old_bytes:
-            new_bytes = sum(r.size for r in new_refs)
-            too_costly = old_bytes + new_bytes > pagedelta.MAX_READ_AMPLIFICATION * size
-            entry.delta_depth = pagedelta.MAX_DELTA_DEPTH if too_costly else depth
+        entry = pagedelta.sliced_entry(self.name, size, out)
+        _mark_depth(entry, new_refs, depth)
         self.reused_bytes += parent_bytes
         return entry, (vaddrs, hashes)
+
+
+def _mark_depth(entry: ImageEntry, new_refs: List[ChunkRef], depth: int) -> None:
+    """A pages image that reuses chunks of older generations is a delta of `depth`; one whose restore would read
+    more than MAX_READ_AMPLIFICATION times its size makes the next generation store the image anew."""
+    fresh = {r.digest for r in new_refs}
+    old = {r.digest: r.size for r in entry.chunks if r.digest not in fresh}
+    if old:
+        new_bytes = sum(r.size for r in new_refs)
+        too_costly = sum(old.values()) + new_bytes > pagedelta.MAX_READ_AMPLIFICATION * entry.size
+        entry.delta_depth = pagedelta.MAX_DELTA_DEPTH if too_costly else depth
 
 
 class ParentPagesMissing(StoreError):
@@ -348,12 +329,9 @@ class ParentImage:
         self.vaddrs = vaddrs
         self.hashes = hashes
         self.pieces = entry.pieces()
-        self.starts = []  # byte offset in the image where each piece begins
-        pos = 0
-        for _idx, _off, length in self.pieces:
-            self.starts.append(pos)
-            pos += length
-        self.size = pos
+        lengths = [length for _idx, _off, length in self.pieces]
+        self.starts = array.array("Q", itertools.accumulate(lengths[:-1], initial=0) if lengths else ())
+        self.size = sum(lengths)  # starts: byte offset in the image where each piece begins
         if len(vaddrs) * pagedelta.PAGE != self.size or len(hashes) != len(vaddrs) * pagedelta.HASH_BYTES:
             raise ParentPagesMissing(f"{entry.name}: its page table does not match the image")
 
@@ -429,6 +407,7 @@ def parent_images(chunks: ChunkStore, previous: Manifest) -> Dict[str, ParentIma
         pages = by_name.get(f"pages-{pages_id}.img")
         if pages is None:
             continue
+        pagedelta.load_slices(chunks, [pages])
         columns = pagedelta.load_columns(chunks, pages, f"image {pages.name}")
         if columns is not None:
             out[name] = ParentImage(pages, *columns)
@@ -502,6 +481,7 @@ def reuse_map(chunks: ChunkStore, pool, previous: Optional[Manifest],
             out.number(ref)
     for img in images if content else []:
         try:
+            pagedelta.load_slices(chunks, [img])
             hashes = pagedelta.load_hashes(chunks, img, f"image {img.name}")
         except DamagedCheckpointError:
             continue
@@ -544,6 +524,7 @@ class StreamDump:
         _pin_mmap_threshold()
         self._t0 = time.monotonic()
         self._times: Dict[str, float] = {}  # where a streamed dump's time goes (debug log)
+        self._drained = False
         self.reuse, self.depth, self._verify_stats = ReuseMap(), 0, WriteStats()
         self._reuse_error: Optional[BaseException] = None
         # the previous generation's pages are looked up (and their chunks checked) while CRIU freezes the tree and
@@ -637,12 +618,13 @@ class StreamDump:
         """Wait until every pipe CRIU wrote is read to its end. CRIU moves pages by vmsplice(2), by reference: until
         they are read out of the pipes they may still be the tool's own pages, so the tool must not run before
         this returns. Raises what the stream or the reuse map hit. Done once; finish() calls it too."""
-        if "drained" in self._times:
+        if self._drained:
             return
         self._times["criu"] = time.monotonic() - self._t0
         self.server.finish()
         self._reuse()  # built, or its error raised, even when CRIU sent no pages image
         self._times["drained"] = time.monotonic() - self._t0
+        self._drained = True
 
     def finish(self) -> Tuple[List[ImageEntry], WriteStats]:
         self.drain()
@@ -671,6 +653,7 @@ class StreamDump:
                 self.pages_unchanged += sum(nr for _, nr, parent in entries if parent)
                 entry.pagetable, tst = pagedelta.store_table(self.chunks, *table, self.pool)
                 stats.add(tst)
+                stats.add(pagedelta.store_slices(self.chunks, entry, self.pool))
             elif isinstance(sink, PagesSink):
                 runs = ([(vaddr, nr) for vaddr, nr, parent in read[name][1] if not parent] if name in read
                         else pages_runs_from(pagemaps, name))
@@ -680,6 +663,7 @@ class StreamDump:
                 if table is not None:
                     entry.pagetable, tst = pagedelta.store_table(self.chunks, *table, self.pool)
                     stats.add(tst)
+                stats.add(pagedelta.store_slices(self.chunks, entry, self.pool))
             elif not sink.store:  # a written-only dump's pagemap: stored with its holes filled
                 data = sink.reader.without_parents(kept[name]) if name in filled else kept[name]
                 refs, pst = pagedelta.store_bytes(self.chunks, data, self.pool)

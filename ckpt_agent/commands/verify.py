@@ -12,6 +12,7 @@ from ckpt_agent.commands._common import (
     load,
     open_store,
 )
+from ckpt_agent.store import pagedelta
 from ckpt_agent.store.chunks import WORKERS, verify_refs
 
 HELP = "verify the newest checkpoint of a job (exit 0 when intact, 65 naming the damaged part otherwise)"
@@ -33,9 +34,15 @@ def main(args: argparse.Namespace) -> int:
     files = [f for f in manifest.files if f.kind == "file"]
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         for img in manifest.images:
-            verify_refs(chunks, img.chunks, pool, f"checkpoint {gen.number} image {img.name}")
+            where = f"checkpoint {gen.number} image {img.name}"
+            verify_refs(chunks, img.chunks, pool, where)
             count += len(img.chunks)
             size += img.size
+            for part, table in (("page table", img.pagetable), ("slice table", img.slice_table)):
+                if table is not None:
+                    verify_refs(chunks, table.chunks, pool, f"{where} {part}")
+                    count += len(table.chunks)
+        pagedelta.load_slices(chunks, manifest.images)  # and the slices fit their chunks and the image's size
         for f in files:
             verify_refs(chunks, f.chunks or [], pool, f"checkpoint {gen.number} file {f.path}")
             count += len(f.chunks or [])

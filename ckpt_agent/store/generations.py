@@ -46,6 +46,7 @@ from ckpt_agent.errors import (
     CkptError,
     ConfigError,
     DamagedCheckpointError,
+    NewerFormatError,
     NotFoundError,
     PermissionDenied,
     StoreError,
@@ -442,7 +443,8 @@ class CheckpointStore:
     def referenced_digests(self, job_id: str, skip: Iterable[Tuple[str, int]] = (), strict: bool = False) -> Set[str]:
         """Digests referenced by the job's committed manifests, leaving out the generations in `skip`
         ((step, number) pairs that are about to be removed). `strict`: an unreadable manifest raises instead of
-        being ignored (`ckpt gc` then keeps all of the job's chunks)."""
+        being ignored (`ckpt gc` then keeps all of the job's chunks). One a newer agent wrote (NewerFormatError)
+        always raises: its chunks are not garbage, the caller sweeps nothing."""
         leave_out = set(skip)
         referenced: Set[str] = set()
         for step in self.steps(job_id):
@@ -451,6 +453,8 @@ class CheckpointStore:
                     continue
                 try:
                     manifest = self.load_manifest(gen)
+                except NewerFormatError:
+                    raise
                 except (DamagedCheckpointError, PermissionDenied):
                     if strict:
                         raise

@@ -12,29 +12,36 @@ what is wrong. Readers use the dataclasses' attributes; nothing outside this mod
 Keys this version does not know are kept (`extra`), so an entry read and written again stays the same.
 
 Format 1 differs only in that images are never slices of chunks; format 2 images may be (store/pagedelta.py:
-`slices` [chunk index, offset, length], a `pagetable` of page hashes, `delta_depth`). Older agents refuse format 2.
+`slices` [chunk index, offset, length] inline, a `pagetable` of page hashes, `delta_depth`). Format 3 stores an
+image's slices in chunks of their own (`slicetable`: count and chunks, 12 bytes a slice, like the page tables):
+inline, a delta of a 500 GiB job after a 5% random change would list ~13 million slices, ~300 MB of JSON, more than
+a reader accepts and parsed before every dump. A manifest's size is then linear in its chunks only (~85 bytes per
+MiB of image). Format 3 readers read formats 1 and 2; older agents refuse format 3 (and format 2).
 """
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
-from ckpt_agent.errors import DamagedCheckpointError, StoreError
+from ckpt_agent.errors import DamagedCheckpointError, NewerFormatError, StoreError
 from ckpt_agent.store import layout
 from ckpt_agent.store.chunks import CHUNK_BYTES, ChunkRef, WriteStats
 
 if TYPE_CHECKING:
     from ckpt_agent.store.generations import Signer
 
-FORMAT_VERSION = 2  # 2: images may be slices of chunks with a page table (pagedelta.py); older agents refuse it
-READABLE_FORMATS = (1, FORMAT_VERSION)
+FORMAT_VERSION = 3  # 3: slices in chunks (slicetable); 2: slices inline; older agents refuse a newer format
+READABLE_FORMATS = (1, 2, FORMAT_VERSION)
 # read bound: a manifest lists ~85 bytes per MiB of image (1 MiB for 12 GiB), so 256 MiB covers 3 TiB of memory
 MAX_MANIFEST_BYTES = 256 << 20
 PAGE_TABLE_ENTRY_BYTES = 24  # one page of a page table: vaddr (8) and hash (16), pagedelta._ENTRY
+SLICE_BYTES = 12  # one slice of a slice table: chunk index, offset, length, 32-bit little-endian words
 FILE_KINDS = ("dir", "file", "symlink")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
@@ -58,6 +65,101 @@ def _known(cls: type) -> frozenset:
 
 
 # --- the dataclasses ----------------------------------------------------------------------------------------------
+_WORD = "I" if array.array("I").itemsize == 4 else "L"  # a 32-bit unsigned word
+
+
+class Slices:
+    """An image's [chunk index, offset, length] pieces, in file order, three 32-bit words each (4 bytes a number
+    instead of ~30 as Python lists: a delta of a large job holds millions). Iterates and indexes as tuples."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, words: Optional[array.array] = None):
+        self.words = words if words is not None else array.array(_WORD)
+
+    @classmethod
+    def of(cls, pieces: Any) -> Slices:
+        """From [chunk index, offset, length] sequences (a format 2 manifest's inline slices, a test's lists)."""
+        if isinstance(pieces, Slices):
+            return pieces
+        words = array.array(_WORD)
+        for piece in pieces:
+            words.extend(piece)
+        return cls(words)
+
+    def append(self, idx: int, off: int, length: int) -> None:
+        self.words.extend((idx, off, length))
+
+    def __len__(self) -> int:
+        return len(self.words) // 3
+
+    def __getitem__(self, k: int) -> tuple:
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        w = self.words
+        return w[3 * k], w[3 * k + 1], w[3 * k + 2]
+
+    def __iter__(self) -> Iterator[tuple]:
+        w = self.words
+        return zip(w[0::3], w[1::3], w[2::3])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Slices):
+            return self.words == other.words
+        try:
+            return list(self) == [tuple(p) for p in other]  # type: ignore[attr-defined]
+        except TypeError:
+            return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Slices({[list(p) for p in self][:8]}{'...' if len(self) > 8 else ''}, n={len(self)})"
+
+    def indexes(self) -> array.array:
+        return self.words[0::3]
+
+    def total(self) -> int:
+        return sum(self.words[2::3])
+
+    def to_json(self) -> List[List[int]]:
+        return [list(p) for p in self]
+
+    def to_bytes(self) -> bytes:
+        if sys.byteorder == "little":
+            return self.words.tobytes()
+        swapped = array.array(_WORD, self.words)
+        swapped.byteswap()
+        return swapped.tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Slices:
+        if len(blob) % SLICE_BYTES:
+            raise ValueError(f"{len(blob)} bytes are not whole slices")
+        words = array.array(_WORD)
+        words.frombytes(blob)
+        if sys.byteorder != "little":
+            words.byteswap()
+        return cls(words)
+
+
+@dataclass
+class SliceTable:
+    """Where an image's slices are stored (format 3): `count` slices of SLICE_BYTES in these chunks."""
+
+    count: int
+    chunks: List[ChunkRef]
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {**self.extra, "count": self.count, "chunks": _refs_json(self.chunks)}
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> SliceTable:
+        return cls(count=d["count"], chunks=_refs(d["chunks"]),
+                   extra={k: v for k, v in d.items() if k not in _known(cls)})
+
+
 @dataclass
 class PageTable:
     """(vaddr, hash) of every page of a pages image, stored as chunks: what the next generation's delta compares."""
@@ -81,26 +183,38 @@ class PageTable:
 
 @dataclass
 class ImageEntry:
-    """A CRIU image: its chunks in file order, or (a delta) slices [chunk index, offset, length] of its chunks."""
+    """A CRIU image: its chunks in file order, or (a delta) slices [chunk index, offset, length] of its chunks.
+
+    The slices of a format 3 entry are stored in chunks (`slice_table`); `slices` is None until they are read
+    (pagedelta.load_slices), and `pieces()` refuses to guess before. Entries of format 2 carry them inline."""
 
     name: str
     size: int
     chunks: List[ChunkRef]
-    slices: Optional[List[List[int]]] = None
+    slices: Optional[Slices] = None
     pagetable: Optional[PageTable] = None
     delta_depth: Optional[int] = None  # generations since the image was last written in full
+    slice_table: Optional[SliceTable] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
-    def pieces(self) -> List[List[int]]:
-        """[chunk index, offset in chunk, length] of the image in file order: its slices, or its whole chunks."""
+    def __post_init__(self) -> None:
+        if self.slices is not None and not isinstance(self.slices, Slices):
+            self.slices = Slices.of(self.slices)
+
+    def pieces(self) -> Any:
+        """(chunk index, offset in chunk, length) of the image in file order: its slices, or its whole chunks."""
         if self.slices is not None:
             return self.slices
-        return [[i, 0, r.size] for i, r in enumerate(self.chunks)]
+        if self.slice_table is not None:
+            raise RuntimeError(f"image {self.name}: its slices are not read yet (pagedelta.load_slices)")
+        return [(i, 0, r.size) for i, r in enumerate(self.chunks)]
 
     def to_json(self) -> Dict[str, Any]:
         d = {**self.extra, "name": self.name, "size": self.size, "chunks": _refs_json(self.chunks)}
-        if self.slices is not None:
-            d["slices"] = self.slices
+        if self.slice_table is not None:
+            d["slicetable"] = self.slice_table.to_json()
+        elif self.slices is not None:  # a format 2 entry, read and written again
+            d["slices"] = self.slices.to_json()
         if self.pagetable is not None:
             d["pagetable"] = self.pagetable.to_json()
         if self.delta_depth is not None:
@@ -109,10 +223,14 @@ class ImageEntry:
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> ImageEntry:
-        table = d.get("pagetable")
-        return cls(name=d["name"], size=d["size"], chunks=_refs(d["chunks"]), slices=d.get("slices"),
+        table, stable = d.get("pagetable"), d.get("slicetable")
+        slices = d.get("slices")
+        return cls(name=d["name"], size=d["size"], chunks=_refs(d["chunks"]),
+                   slices=Slices.of(slices) if slices is not None else None,
                    pagetable=PageTable.from_json(table) if isinstance(table, dict) else None,
-                   delta_depth=d.get("delta_depth"), extra={k: v for k, v in d.items() if k not in _known(cls)})
+                   slice_table=SliceTable.from_json(stable) if isinstance(stable, dict) else None,
+                   delta_depth=d.get("delta_depth"),
+                   extra={k: v for k, v in d.items() if k not in _known(cls) and k not in ("slicetable",)})
 
 
 @dataclass
@@ -229,6 +347,8 @@ class Manifest:
             yield from img.chunks
             if img.pagetable is not None:  # what the next generation's page-granular delta compares with
                 yield from img.pagetable.chunks
+            if img.slice_table is not None:
+                yield from img.slice_table.chunks
         for f in self.files:
             yield from f.chunks or ()
 
@@ -295,8 +415,12 @@ def decode(raw: bytes, where: str, signer: Signer, require_signature: bool = Fal
 
 def parse(body: Dict[str, Any], where: str) -> Manifest:
     """A manifest's JSON object as dataclasses, after `check`."""
-    if body.get("format") not in READABLE_FORMATS or type(body.get("format")) is not int:
-        raise DamagedCheckpointError(f"{where}: unsupported manifest format {body.get('format')!r}")
+    fmt = body.get("format")
+    if type(fmt) is int and fmt > FORMAT_VERSION:
+        raise NewerFormatError(f"{where}: unsupported manifest format {fmt} (this agent reads formats up to "
+                               f"{FORMAT_VERSION}: a newer agent wrote it)")
+    if fmt not in READABLE_FORMATS or type(fmt) is not int:
+        raise DamagedCheckpointError(f"{where}: unsupported manifest format {fmt!r}")
     check(body, where)
     return Manifest.from_json(body)
 
@@ -327,6 +451,28 @@ def _check_slices(slices: Any, refs: List[list]) -> Optional[int]:
     return total
 
 
+def check_loaded_slices(entry: ImageEntry, slices: Slices, where: str) -> None:
+    """Slices read from an entry's slice table, against the entry: each inside its chunk, the lengths adding up to
+    the image's size. C-speed passes over the words (a large delta holds millions of slices)."""
+    def bad(what: str) -> DamagedCheckpointError:
+        return DamagedCheckpointError(f"{where}: image {entry.name}: bad slice table: {what}")
+
+    if entry.slice_table is None or len(slices) != entry.slice_table.count:
+        raise bad("it does not hold the slices it counts")
+    if not slices:
+        raise bad("no slices")
+    w = slices.words
+    indexes, offsets, lengths = w[0::3], w[1::3], w[2::3]
+    if max(indexes) >= len(entry.chunks) or min(lengths) == 0:
+        raise bad("a slice names no chunk or is empty")
+    sizes = [r.size for r in entry.chunks]
+    ends = map(int.__add__, offsets, lengths)
+    if not all(map(int.__le__, ends, map(sizes.__getitem__, indexes))):
+        raise bad("a slice leaves its chunk")
+    if sum(lengths) != entry.size:
+        raise bad("its slices and the image's size disagree")
+
+
 def check(manifest: Dict[str, Any], where: str) -> None:
     """The shape every reader relies on; anything else is a damaged generation (never a KeyError later).
     Messages are built only on failure: a manifest of a large process lists ~12,000 chunks per 12 GiB."""
@@ -345,7 +491,14 @@ def check(manifest: Dict[str, Any], where: str) -> None:
                 and type(img.get("size")) is int):
             raise bad(f"bad image entry {str(img)[:100]}")
         total = _check_refs(img.get("chunks"), where)
-        if "slices" in img:
+        if "slicetable" in img:  # its slices are checked where they are read (pagedelta.load_slices)
+            stable = img["slicetable"]
+            if "slices" in img or not (isinstance(stable, dict) and type(stable.get("count")) is int
+                                       and stable["count"] > 0 and _check_refs(stable.get("chunks"), where)
+                                       == SLICE_BYTES * stable["count"]):
+                raise bad(f"image {img['name']}: bad slice table")
+            total = img["size"]
+        elif "slices" in img:
             total = _check_slices(img["slices"], img["chunks"])
             if total is None:
                 raise bad(f"image {img['name']}: bad slices")

@@ -5,11 +5,12 @@ non-cryptographic hash of its bytes (4 KiB pages on x86): xxh3-128 from the xxha
 wheel, PAGE_HASH is None and images are stored in address-window chunks only, as before). The next checkpoint hashes
 the freshly dumped pages and compares them, by address, with the previous generation's table: only the pages that
 changed are written, packed together into new chunks; the image is then described as slices of chunks (`slices`:
-[chunk index, offset, length] over the image's `chunks`), the unchanged runs pointing into chunks the previous
-generation already uses. Every chunk is still named and checked by its sha256, so a restore reads only verified
-data, and a generation referring to a damaged chunk of an older one is damaged itself (the restore falls back to an
-older generation). Slices are always resolved to chunks, never to an older manifest: a restore reads no chain of
-generations, and gc keeps whatever a kept manifest lists.
+[chunk index, offset, length] over the image's `chunks`, stored in chunks of their own: the entry's slice table,
+manifest format 3), the unchanged runs pointing into chunks the previous generation already uses. Every chunk is
+still named and checked by its sha256, so a restore reads only verified data, and a generation referring to a
+damaged chunk of an older one is damaged itself (the restore falls back to an older generation). Slices are always
+resolved to chunks, never to an older manifest: a restore reads no chain of generations, and gc keeps whatever a
+kept manifest lists.
 
 Compaction: a delta image is written in full instead (address-window chunks, as without a previous generation) when
 more than MAX_CHANGED_SHARE of its pages changed, when MAX_DELTA_DEPTH deltas already follow the last full one, or
@@ -28,7 +29,7 @@ import mmap
 import os
 import struct
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ckpt_agent.errors import DamagedCheckpointError
 from ckpt_agent.store.chunks import (
@@ -37,7 +38,7 @@ from ckpt_agent.store.chunks import (
     ChunkStore,
     WriteStats,
 )
-from ckpt_agent.store.manifest import ImageEntry, PageTable
+from ckpt_agent.store.manifest import ImageEntry, PageTable, Slices, SliceTable, check_loaded_slices
 
 try:
     import xxhash
@@ -131,6 +132,56 @@ def store_table(chunks: ChunkStore, vaddrs: Sequence[int], hashes, pool) -> Tupl
     return PageTable(hash=PAGE_HASH, pages=len(vaddrs), chunks=refs), st
 
 
+def sliced_entry(name: str, size: int, pieces: Iterable[Tuple[ChunkRef, int, int]]) -> ImageEntry:
+    """The entry of an image made of these (chunk, offset, length) pieces, in file order: the chunks one after the
+    other when each piece is a whole chunk (a full image: no slices), else each chunk once, in the order first used,
+    and the slices over them (stored by store_slices)."""
+    refs: List[ChunkRef] = []
+    whole: Optional[List[ChunkRef]] = []
+    index: Dict[str, int] = {}
+    slices = Slices()
+    for ref, off, length in pieces:
+        if whole is not None:
+            if off == 0 and length == ref.size:
+                whole.append(ref)
+            else:
+                whole = None
+        i = index.get(ref.digest)
+        if i is None:
+            i = index[ref.digest] = len(refs)
+            refs.append(ref)
+        slices.append(i, off, length)
+    if whole is not None:
+        return ImageEntry(name=name, size=size, chunks=whole)
+    return ImageEntry(name=name, size=size, chunks=refs, slices=slices)
+
+
+def store_slices(chunks: ChunkStore, entry: ImageEntry, pool) -> WriteStats:
+    """Store a sliced entry's slices in chunks of their own (its slice table, manifest format 3); nothing for an
+    entry without slices or whose table is stored already."""
+    if entry.slices is None or entry.slice_table is not None:
+        return WriteStats()
+    refs, stats = store_bytes(chunks, entry.slices.to_bytes(), pool)
+    entry.slice_table = SliceTable(count=len(entry.slices), chunks=refs)
+    return stats
+
+
+def load_slices(chunks: ChunkStore, images: Iterable[ImageEntry]) -> None:
+    """Read the slices of every entry that has a slice table and whose slices are not in memory, checked against
+    the entry (DamagedCheckpointError naming the image otherwise)."""
+    for entry in images:
+        if entry.slice_table is None or entry.slices is not None:
+            continue
+        where = f"image {entry.name}"
+        blob = b"".join(chunks.get(r, f"{where} slice table") for r in entry.slice_table.chunks)
+        try:
+            slices = Slices.from_bytes(blob)
+        except ValueError as e:
+            raise DamagedCheckpointError(f"{where}: bad slice table: {e}") from e
+        check_loaded_slices(entry, slices, where)
+        entry.slices = slices
+
+
 def _table_blob(chunks: ChunkStore, entry: ImageEntry, where: str) -> Optional[bytes]:
     table = entry.pagetable
     if PAGE_HASH is None or table is None or table.hash != PAGE_HASH:
@@ -197,6 +248,7 @@ def store_delta(
     if size != sum(nr for _, nr in runs) * PAGE or size == 0:
         return None, none
     try:
+        load_slices(chunks, [previous])
         prev_table = load_table(chunks, previous, where)
     except DamagedCheckpointError:
         return None, none
@@ -252,24 +304,16 @@ def store_delta(
     stats.chunks_verified += none.chunks_verified
     table, tstats = store_table(chunks, vaddrs, hashes, pool)
     stats.add(tstats)
-    refs: List[ChunkRef] = []
-    index: Dict[str, int] = {}
-
-    def idx_of(ref: ChunkRef) -> int:
-        if ref.digest not in index:
-            index[ref.digest] = len(refs)
-            refs.append(ref)
-        return index[ref.digest]
-
-    slices: List[List[int]] = []
+    pieces: List[list] = []  # [ref, offset, length], adjacent runs of one chunk merged
     for ref, off in sources:
         if ref is None:
             ref, off = new_refs[off // per_new], (off % per_new) * PAGE
-        i = idx_of(ref)
-        last = slices[-1] if slices else None
-        if last is not None and last[0] == i and last[1] + last[2] == off:
+        last = pieces[-1] if pieces else None
+        if last is not None and last[0].digest == ref.digest and last[1] + last[2] == off:
             last[2] += PAGE
         else:
-            slices.append([i, off, PAGE])
-    return ImageEntry(name=previous.name, size=size, chunks=refs, slices=slices, pagetable=table,
-                      delta_depth=depth), stats
+            pieces.append([ref, off, PAGE])
+    entry = sliced_entry(previous.name, size, pieces)
+    entry.pagetable, entry.delta_depth = table, depth
+    stats.add(store_slices(chunks, entry, pool))
+    return entry, stats

@@ -339,7 +339,7 @@ def test_random_page_changes_are_stored_as_page_deltas_and_a_damaged_base_falls_
     first, second, third = manifest(1), manifest(2), manifest(3)
     assert first["stats"]["bytes_written"] > 256 << 20
     assert second["stats"]["bytes_written"] <= 0.10 * first["stats"]["bytes_written"], second["stats"]
-    assert any("slices" in i for i in pages_images(second)) and any("slices" in i for i in pages_images(third))
+    assert any("slicetable" in i for i in pages_images(second)) and any("slicetable" in i for i in pages_images(third))
 
     # a restore of the delta generation gives the tool exactly its memory back
     proc = start_ckpt("run", "--job-id", "111", "--", *argv, env=env, cwd=work, out=tmp_path / "o2",
@@ -349,8 +349,19 @@ def test_random_page_changes_are_stored_as_page_deltas_and_a_damaged_base_falls_
     assert proc.wait(timeout=30) == 75
     assert "from checkpoint 3 taken" in (tmp_path / "e2").read_text()
 
-    # damage a chunk the second checkpoint wrote (changed pages) that the fourth still uses: 4, 3 and 2 are damaged
     fourth = manifest(4)
+    # a damaged slice table (format 3: a delta's slices are chunks of their own) is named by `ckpt verify`
+    table = next(i["slicetable"]["chunks"][0][0] for i in pages_images(fourth) if "slicetable" in i)
+    table_chunk = next((store / "111" / "chunks" / table[:2]).glob(table + "*"))
+    intact = table_chunk.read_bytes()
+    table_chunk.write_bytes(b"garbage" + intact[7:])
+    bad = run_ckpt("verify", "--job-id", "111", env=env)
+    assert bad.returncode == 65 and "checkpoint 4 image pages-" in bad.stderr and "slice table" in bad.stderr, \
+        bad.stderr
+    table_chunk.write_bytes(intact)
+    assert run_ckpt("verify", "--job-id", "111", env=env).returncode == 0
+
+    # damage a chunk the second checkpoint wrote (changed pages) that the fourth still uses: 4, 3 and 2 are damaged
     base = {c[0] for i in pages_images(first) for c in i["chunks"]}
     in_second = {c[0] for i in pages_images(second) for c in i["chunks"]}
     digest = next(c[0] for i in pages_images(fourth) for c in i["chunks"] if c[0] in in_second - base)

@@ -52,8 +52,10 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
         return json.loads((store / job / "main" / f"gen-{n:06d}" / "manifest.json").read_text())["manifest"]
 
     first, second, third = manifest(1), manifest(2), manifest(3)
-    # a streamed pages image is slices of chunks from the first checkpoint on; a staged one only as a delta
-    assert all(("slices" in i) == (stream == "always") for i in pages_images(first)), pages_images(first)
+    # a first checkpoint's pages images are whole chunks, streamed or staged; deltas are slices in a slice table
+    assert not any("slices" in i or "slicetable" in i for i in pages_images(first)), pages_images(first)
+    assert first["format"] == 3 and any("slicetable" in i for i in pages_images(second)), pages_images(second)
+    assert not any("slices" in i for i in pages_images(second) + pages_images(third))
     assert all("pagetable" in i for i in pages_images(first))
     assert first["stats"]["bytes_written"] > 64 << 20
     # 5% of the pages rewritten, a new 1 MiB buffer (1.6%), and what the interpreter wrote meanwhile: far from a full

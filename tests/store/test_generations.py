@@ -13,6 +13,7 @@ from ckpt_helpers import store_with_job
 from ckpt_agent.errors import (
     EXIT_DAMAGED,
     DamagedCheckpointError,
+    NewerFormatError,
     NotFoundError,
     PermissionDenied,
     StoreError,
@@ -141,6 +142,25 @@ def test_sweep_removes_only_unreferenced_chunks(store):
     assert not os.path.exists(chunks.path(dropped))
     assert not os.path.exists(leftover_tmp)
     assert store.chunks_for(JOB).get(kept) == b"referenced " * 1000
+
+
+def test_a_manifest_a_newer_agent_wrote_keeps_its_chunks(store):
+    """Unreadable here but not damaged (a rolling upgrade): the sweep after a checkpoint removes nothing while such
+    a generation is there, and a restore passes over it as over a damaged one."""
+    chunks = store.chunks_for(JOB)
+    newer, _ = chunks.put(b"only the newer generation references this " * 100)
+    orphan, _ = chunks.put(b"no generation references this " * 100)
+    gen = commit_one(store, [newer])
+    rewrite_manifest(gen, lambda env: env["manifest"].update(format=FORMAT_VERSION + 1))
+    with pytest.raises(NewerFormatError, match=f"format {FORMAT_VERSION + 1} .*a newer agent wrote it"):
+        store.load_manifest(gen)
+    with pytest.raises(NewerFormatError):
+        store.referenced_digests(JOB)
+    with pytest.raises(NewerFormatError):
+        store.sweep_chunks(JOB)
+    assert os.path.exists(chunks.path(newer)) and os.path.exists(chunks.path(orphan))
+    rewrite_manifest(gen, lambda env: env["manifest"].update(format=FORMAT_VERSION))
+    assert store.sweep_chunks(JOB)[0] == 1 and not os.path.exists(chunks.path(orphan))
 
 
 def test_sweep_keeps_chunks_of_every_step(store):

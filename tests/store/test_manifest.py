@@ -1,6 +1,6 @@
 """ckpt_agent.store.manifest: the manifest's dataclasses, written and read byte for byte as format 2 (a manifest an
-earlier agent signed still verifies and is written again identically), round trips, and one located line for every
-malformed, edited or unknown manifest."""
+earlier agent signed still verifies and is written again identically), format 3's slice tables, round trips, and one
+located line for every malformed, edited or unknown manifest."""
 
 from __future__ import annotations
 
@@ -17,13 +17,16 @@ from ckpt_agent.store.generations import Signer
 from ckpt_agent.store.manifest import (
     FORMAT_VERSION,
     PAGE_TABLE_ENTRY_BYTES,
+    SLICE_BYTES,
     FileEntry,
     ImageEntry,
     Manifest,
     PageTable,
+    Slices,
     Stats,
     Summary,
     canonical_json,
+    check_loaded_slices,
     decode,
     encode,
     parse,
@@ -66,7 +69,7 @@ def test_readers_get_attributes():
     assert core.chunks == [ref("a", 300)] and core.slices is None and core.pagetable is None
     assert full.pagetable == PageTable(hash="xxh3_128", pages=2, chunks=[ref("d", 48)])
     assert delta.slices == [[0, 0, 4096], [1, 0, 4096]] and delta.delta_depth == 1
-    assert delta.pieces() == delta.slices and full.pieces() == [[0, 0, 4096], [1, 0, 4096]]
+    assert delta.pieces() == delta.slices and full.pieces() == [(0, 0, 4096), (1, 0, 4096)]
     d, f, s = m.files
     assert (d.kind, f.kind, s.kind) == ("dir", "file", "symlink")
     assert f.chunks == [ref("0", 10)] and f.size == 10 and s.target == "out.log" and d.chunks is None
@@ -117,6 +120,53 @@ def test_keys_this_version_does_not_know_are_kept():
     assert canonical_json(m.to_json()) == canonical_json(body)
 
 
+def format3_delta() -> ImageEntry:
+    """pages-2.img of the golden manifest as format 3 writes it: its slices in a slice table of their own."""
+    body = golden_body()["images"][2]
+    slices = body.pop("slices")
+    entry = ImageEntry.from_json({**body, "slicetable": {"count": len(slices), "chunks": [["9" * 64, 24, "r"]]}})
+    assert entry.slices is None
+    return entry
+
+
+def test_a_format3_manifest_keeps_its_slices_out_of_the_json_and_round_trips():
+    m = parse(golden_body(), WHERE)
+    m.format = FORMAT_VERSION
+    m.images[2] = format3_delta()
+    body = m.to_json()
+    assert "slices" not in body["images"][2] and body["images"][2]["slicetable"]["count"] == 2
+    for signer in (Signer(None), Signer(b"k")):
+        assert decode(encode(m, signer), WHERE, signer) == m
+    assert "9" in {r.digest[0] for r in m.refs()}, "gc keeps the slice table's chunks"
+    with pytest.raises(RuntimeError, match="pages-2.img: its slices are not read yet"):
+        m.images[2].pieces()
+
+
+def test_slices_are_32_bit_words_little_endian_and_compare_as_sequences():
+    s = Slices.of([[0, 0, 4096], [1, 8192, 4096]])
+    assert s.to_bytes() == bytes.fromhex("00000000" "00000000" "00100000" "01000000" "00200000" "00100000")
+    assert Slices.from_bytes(s.to_bytes()) == s == [(0, 0, 4096), (1, 8192, 4096)] and len(s) * SLICE_BYTES == 24
+    assert s[-1] == (1, 8192, 4096) and list(s) == [(0, 0, 4096), (1, 8192, 4096)] and s.total() == 8192
+    with pytest.raises(IndexError):
+        s[2]
+    with pytest.raises(ValueError, match="not whole slices"):
+        Slices.from_bytes(b"\0" * 13)
+
+
+@pytest.mark.parametrize("slices, what", [
+    ([[0, 0, 4096]], "does not hold the slices it counts"),
+    ([[0, 0, 4096], [2, 0, 4096]], "names no chunk"),
+    ([[0, 0, 4096], [1, 0, 0]], "is empty"),
+    ([[0, 0, 4096], [1, 1, 4096]], "leaves its chunk"),
+    ([[0, 0, 4096], [1, 0, 2048]], "image's size disagree"),
+], ids=["count", "index", "empty", "leaves", "size"])
+def test_slices_read_from_a_slice_table_are_checked_against_the_entry(slices, what):
+    entry = format3_delta()
+    with pytest.raises(DamagedCheckpointError, match=f"^x: image pages-2.img: bad slice table: .*{what}"):
+        check_loaded_slices(entry, Slices.of(slices), "x")
+    check_loaded_slices(entry, Slices.of([[0, 0, 4096], [1, 0, 4096]]), "x")
+
+
 def test_a_summary_that_is_not_well_formed_is_none():
     good = Summary(3, "t", False, "periodic", "n", 1, 2)
     assert Summary.from_json(good.to_json()) == good
@@ -153,7 +203,7 @@ def test_an_unsigned_manifest_is_refused_where_a_key_exists_and_unverifiable_wit
         decode(unsigned, WHERE, Signer(None), require_signature=True)
 
 
-@pytest.mark.parametrize("fmt", [3, 0, "2", None, True, 2.0], ids=repr)
+@pytest.mark.parametrize("fmt", [4, 0, "2", None, True, 2.0], ids=repr)
 def test_an_unknown_format_is_named(fmt):
     data = edited(lambda m: m.update(format=fmt))
     with pytest.raises(DamagedCheckpointError, match=f"unsupported manifest format {fmt!r}"):
@@ -187,6 +237,15 @@ MALFORMED = {
     "slice-leaves-chunk": (lambda m: m["images"][2].update(slices=[[0, 1, 4096], [1, 0, 4096]]),
                            "image pages-2.img: bad slices"),
     "page-table-count": (lambda m: m["images"][1]["pagetable"].update(pages=3), "image pages-1.img: bad page table"),
+    "slice-table-count": (lambda m: m["images"][2].update(slicetable={"count": 3, "chunks": [["9" * 64, 24, "r"]]}),
+                          "image pages-2.img: bad slice table"),
+    "slice-table-empty": (lambda m: m["images"][2].update(slicetable={"count": 0, "chunks": []}),
+                          "image pages-2.img: bad slice table"),
+    "slice-table-not-a-mapping": (lambda m: m["images"][2].update(slicetable=[2]),
+                                  "image pages-2.img: bad slice table"),
+    "slice-table-and-inline": (lambda m: m["images"][2].update(slicetable={"count": 2,
+                                                                           "chunks": [["9" * 64, 24, "r"]]}),
+                               "image pages-2.img: bad slice table"),
     "delta-depth": (lambda m: m["images"][2].update(delta_depth="1"), "'delta_depth' is not a whole number"),
     "file-kind": (lambda m: m["files"][0].update(kind="fifo"), "bad file entry"),
     "file-relative": (lambda m: m["files"][0].update(path="home/x"), "is not absolute and normal"),

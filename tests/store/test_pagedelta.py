@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import random
 
 import pytest
@@ -13,7 +14,7 @@ from ckpt_agent.errors import DamagedCheckpointError
 from ckpt_agent.store import pagedelta
 from ckpt_agent.store.chunks import ChunkStore, restore_file, store_file
 from ckpt_agent.store.generations import CheckpointStore
-from ckpt_agent.store.manifest import FORMAT_VERSION, ImageEntry, Manifest, check
+from ckpt_agent.store.manifest import FORMAT_VERSION, SLICE_BYTES, ImageEntry, Manifest, check
 
 PAGE = pagedelta.PAGE
 NPAGES = 2048  # 8 MiB
@@ -60,10 +61,21 @@ def test_a_chain_of_deltas_stores_changed_pages_and_restores_exactly(tmp_path, p
         entry, stats = pagedelta.store_delta(chunks, pool, path, RUNS, entry, "image pages-1.img")
         assert entry is not None and (entry.name, entry.size) == ("pages-1.img", len(data))
         assert entry.delta_depth == gen
-        # the changed pages plus the page table (24 bytes a page), nothing of the unchanged 95%
-        assert stats.bytes_written <= 0.05 * len(data) + 24 * NPAGES + PAGE, stats
-        check({"created": "x", "images": [entry.to_json()], "files": []}, "test")
+        # the changed pages plus the page table (24 bytes a page) and the slice table (12 bytes a slice), nothing
+        # of the unchanged 95%
+        assert entry.slice_table.count == len(entry.slices)
+        assert stats.bytes_written <= 0.05 * len(data) + 24 * NPAGES + SLICE_BYTES * len(entry.slices) + PAGE, stats
+        as_stored = entry.to_json()
+        assert "slices" not in as_stored and as_stored["slicetable"]["count"] == len(entry.slices)
+        check({"created": "x", "images": [as_stored], "files": []}, "test")
         assert restored(chunks, entry, tmp_path / f"r{gen}", pool) == bytes(data)
+        # read back as a manifest holds it: the slices come from their chunks, checked, before any use
+        reread = ImageEntry.from_json(as_stored)
+        with pytest.raises(RuntimeError, match="not read yet"):
+            reread.pieces()
+        pagedelta.load_slices(chunks, [reread])
+        assert reread.slices == entry.slices
+        entry = reread
 
 
 def test_compaction_rule_writes_a_full_image(tmp_path, pool):
@@ -109,6 +121,34 @@ def test_page_table_chunks_are_referenced_and_bad_slices_are_a_damaged_manifest(
             check({"created": "x", "images": [bad], "files": []}, "t")
 
 
+def test_a_deltas_manifest_entry_does_not_grow_with_its_slices(tmp_path, pool):
+    """Format 3: the slices are in chunks; the entry lists chunks only (inline, 40% of the pages changed at random
+    make ~1,000 slices here, ~20 bytes of JSON each inline)."""
+    chunks = ChunkStore(str(tmp_path / "chunks"), compression="none")
+    data = bytearray(random.Random(1).randbytes(NPAGES * PAGE))
+    first = full_entry(chunks, pool, write_pages(tmp_path / "p0", data))
+    path = write_pages(tmp_path / "p1", changed(data, 0.4, 2))
+    delta, _ = pagedelta.store_delta(chunks, pool, path, RUNS, first, "x")
+    refs = len(delta.chunks) + len(delta.pagetable.chunks) + len(delta.slice_table.chunks)
+    stored = len(json.dumps(delta.to_json()))
+    assert len(delta.slices) > 500 and stored < 100 * refs + 200 < 4 * len(delta.slices), (len(delta.slices), stored)
+
+
+def test_a_damaged_slice_table_is_a_damaged_image_and_the_next_delta_is_written_in_full(tmp_path, pool):
+    chunks = ChunkStore(str(tmp_path / "chunks"), compression="none")
+    data = bytearray(random.Random(1).randbytes(NPAGES * PAGE))
+    first = full_entry(chunks, pool, write_pages(tmp_path / "p0", data))
+    data = changed(data, 0.05, 2)
+    delta, _ = pagedelta.store_delta(chunks, pool, write_pages(tmp_path / "p1", data), RUNS, first, "x")
+    with open(chunks.path(delta.slice_table.chunks[0]), "r+b") as fh:
+        fh.write(b"garbage")
+    reread = ImageEntry.from_json(delta.to_json())
+    with pytest.raises(DamagedCheckpointError, match="image pages-1.img slice table.*fails its checksum"):
+        pagedelta.load_slices(chunks, [reread])
+    nxt = write_pages(tmp_path / "p2", changed(data, 0.05, 3))
+    assert pagedelta.store_delta(chunks, pool, nxt, RUNS, ImageEntry.from_json(delta.to_json()), "x")[0] is None
+
+
 def test_pruning_the_full_generation_keeps_the_chunks_a_kept_delta_slices(tmp_path, pool):
     (tmp_path / "store").mkdir()
     store = CheckpointStore(str(tmp_path / "store"))
@@ -130,7 +170,8 @@ def test_pruning_the_full_generation_keeps_the_chunks_a_kept_delta_slices(tmp_pa
     assert store.prune("7", "main", 1) == [1]
     store.sweep_chunks("7")
     kept = store.load_manifest(store.latest_generation("7", "main")).images[0]
-    assert kept.slices is not None and any(c in images[0].chunks for c in kept.chunks)
+    assert kept.slice_table is not None and any(c in images[0].chunks for c in kept.chunks)
+    pagedelta.load_slices(store.chunks_for("7"), [kept])  # the sweep kept the slice table's chunks too
     rebuilt = restored(store.chunks_for("7"), kept, tmp_path / "r", pool)
     assert rebuilt == (tmp_path / "p1").read_bytes()
 
