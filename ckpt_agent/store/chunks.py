@@ -662,6 +662,20 @@ def iter_chunk_files(root: str) -> Iterator[Tuple[str, str]]:
             yield layout.digest_of_chunk_name(entry.name) or "", entry.path
 
 
+def _prefix_dirs(chunks_fd: int, prefixes: Iterable[str]) -> Iterator[Tuple[str, int]]:
+    """(prefix, its fd) for each of these prefix directories of the chunk directory open at `chunks_fd` that is a
+    directory of two characters' name, opened without following a link (one replaced by a link is passed over).
+    Each fd is closed once the caller moves on (or stops)."""
+    for prefix in prefixes:
+        prefix_fd = open_dir_nofollow(prefix, chunks_fd) if len(prefix) == 2 else None
+        if prefix_fd is None:
+            continue
+        try:
+            yield prefix, prefix_fd
+        finally:
+            os.close(prefix_fd)
+
+
 def present_chunks(chunks_fd: int, wanted: Dict[str, str]) -> Dict[str, str]:
     """The digests (-> codec) of `wanted` whose chunk file is in the chunk directory open at `chunks_fd`: one
     listing per prefix directory and no stat of any chunk. On Lustre a listing asks only the metadata server, where
@@ -671,15 +685,9 @@ def present_chunks(chunks_fd: int, wanted: Dict[str, str]) -> Dict[str, str]:
     for digest in wanted:
         by_prefix.setdefault(digest[:2], []).append(digest)
     present: Dict[str, str] = {}
-    for prefix, digests in sorted(by_prefix.items()):
-        prefix_fd = open_dir_nofollow(prefix, chunks_fd) if len(prefix) == 2 else None
-        if prefix_fd is None:
-            continue
-        try:
-            names = set(scandir_names(prefix_fd))
-        finally:
-            os.close(prefix_fd)
-        present.update((d, wanted[d]) for d in digests if layout.chunk_name(d, wanted[d]) in names)
+    for prefix, prefix_fd in _prefix_dirs(chunks_fd, sorted(by_prefix)):
+        names = set(scandir_names(prefix_fd))
+        present.update((d, wanted[d]) for d in by_prefix[prefix] if layout.chunk_name(d, wanted[d]) in names)
     return present
 
 
@@ -697,26 +705,20 @@ def sweep_chunk_dir(
         def unlink(dir_fd: int, name: str, size: int) -> None:
             os.unlink(name, dir_fd=dir_fd)
     removed = freed = 0
-    for prefix in scandir_names(chunks_fd):
-        prefix_fd = open_dir_nofollow(prefix, chunks_fd) if len(prefix) == 2 else None
-        if prefix_fd is None:
-            continue
-        try:
-            for name in scandir_names(prefix_fd):
-                digest = layout.digest_of_chunk_name(name)
-                if digest and digest in referenced:
+    for _prefix, prefix_fd in _prefix_dirs(chunks_fd, scandir_names(chunks_fd)):
+        for name in scandir_names(prefix_fd):
+            digest = layout.digest_of_chunk_name(name)
+            if digest and digest in referenced:
+                continue
+            try:
+                st = os.stat(name, dir_fd=prefix_fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
                     continue
-                try:
-                    st = os.stat(name, dir_fd=prefix_fd, follow_symlinks=False)
-                    if not stat.S_ISREG(st.st_mode):
-                        continue
-                    unlink(prefix_fd, name, st.st_size)
-                except OSError:
-                    continue
-                removed += 1
-                freed += st.st_size
-        finally:
-            os.close(prefix_fd)
+                unlink(prefix_fd, name, st.st_size)
+            except OSError:
+                continue
+            removed += 1
+            freed += st.st_size
     return removed, freed
 
 
