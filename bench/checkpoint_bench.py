@@ -256,7 +256,7 @@ def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, 
                        stdout=subprocess.DEVNULL)
         r["incr_wall"] = time.monotonic() - t
         r["stats2"] = manifest(store, job, 2)["stats"]
-        # a written-only delta lists a slice per run of changed or unchanged pages: its manifest grows with them
+        # manifest format 3: a delta's slices are chunks of their own, its manifest grows with its chunks only
         r["manifest_bytes"] = [(store / job / "main" / f"gen-{g:06d}" / "manifest.json").stat().st_size for g in (1, 2)]
         code = proc.wait(timeout=60)
         if code != 75:

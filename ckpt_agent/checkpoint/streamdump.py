@@ -42,7 +42,7 @@ from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.node.fields import STREAM_MODES
 from ckpt_agent.store import imgstream, pagedelta
 from ckpt_agent.store.chunks import CHUNK_BYTES, WORKERS, ChunkRef, ChunkStore, WriteStats
-from ckpt_agent.store.manifest import ImageEntry, Manifest
+from ckpt_agent.store.manifest import ImageEntry, Manifest, Slices
 
 log = logging.getLogger(__name__)
 
@@ -234,67 +234,115 @@ class PagesSink:
 
 
     def entry_with_parents(self, entries: Sequence[Tuple[int, int, bool]], parent: ParentImage, depth: int,
-                           dropped: Set[str]) -> Tuple[ImageEntry, Tuple[Any, bytearray]]:
+                           dropped: Set[str]) -> Tuple[ImageEntry, Tuple[Any, Any]]:
         """The entry of a written-only dump's pages image (CRIU patch 0002): `entries` (the pagemap's, in order)
         interleave the pages CRIU sent (in this sink) with PE_PARENT holes, pages unchanged since the previous
         generation, taken from its image by address. The stored image holds every page, as a full dump's does, and
         so does its page table. ParentPagesMissing when a hole is not in the previous image or lies in a rotten
-        chunk (the caller dumps again without holes)."""
+        chunk (the caller dumps again without holes).
+
+        One walk of the entries: each is first expected where the previous one ended in the previous image's
+        pages (true of nearly every entry: a written-only final of a big job holds a run per scattered write, and
+        the tool mapped or unmapped little since), and looked up by address (ParentImage.runs) only when it is not
+        there. The previous image's pieces are walked with a cursor, moved by bisection only where the pages it
+        gives do not follow on."""
         new_refs = [f.result()[0] for f in self.futures]
         streamed = [(key if isinstance(key, ChunkRef) else new_refs[key], off, length)
                     for key, off, length in self.slices]
         page, hb = pagedelta.PAGE, pagedelta.HASH_BYTES
-        out: List[list] = []  # [ref, offset, length]
+        pv, total = parent.vaddrs, len(parent.vaddrs)
+        words, refs, starts = parent.piece_words, parent.entry.chunks, parent.starts
+        mine = self.hashes
+        out: List[list] = []  # [ref, offset, length], runs that follow on in one chunk merged
+        parts: List[Any] = []  # the pages' hashes, in order
+        zero: Optional[ChunkRef] = None  # a chunk of zeros, for pages that were not there (ParentImage)
+        k = inner = at = 0  # cursor in the previous image's pieces: piece k, `inner` bytes into it, at page `at`
+        guess = 0  # where in the previous image's pages the next entry is expected
+        # the pages' vaddrs as segments: [True, a, b] the previous image's pages a..b-1, [False, vaddr, pages]
+        segments: List[list] = []
+        si = used = hpos = parent_bytes = npages = 0  # cursors: streamed slice, bytes used of it, own hashes
 
-        def add(ref: ChunkRef, off: int, length: int) -> None:
+        def add(ref: ChunkRef, off: int, n: int) -> None:
             last = out[-1] if out else None
             if last is not None and last[0] is ref and last[1] + last[2] == off:
-                last[2] += length
+                last[2] += n
             else:
-                out.append([ref, off, length])
+                out.append([ref, off, n])
 
-        vaddrs = array.array("Q")
-        hashes = bytearray()
-        zero: Optional[ChunkRef] = None  # a chunk of zeros, for pages that were not there (ParentImage)
-        si, used, hpos, parent_bytes = 0, 0, 0, 0  # cursors: streamed slice, bytes used of it, self.hashes
         for vaddr, nr, in_parent in entries:
-            vaddrs.extend(range(vaddr, vaddr + nr * page, page))
-            want = nr * page
+            end = guess + nr
+            # (pv ascends by at least a page: first and last equal means every page is there)
+            here = end <= total and pv[guess] == vaddr and pv[end - 1] == vaddr + (nr - 1) * page
+            if not here:
+                segments.append([False, vaddr, nr])
+            elif segments and segments[-1][0] and segments[-1][2] == guess:
+                segments[-1][2] = end
+            else:
+                segments.append([True, guess, end])
             if in_parent:
-                for i, n in parent.runs(vaddr, nr):
+                for i, n in ([(guess, nr)] if here else parent.runs(vaddr, nr)):
                     if i == ParentImage.ZERO:
                         zero = zero or self.putter.chunks.put(bytes(CHUNK_BYTES))[0]
-                        for at in range(0, n * page, CHUNK_BYTES):
-                            add(zero, 0, min(CHUNK_BYTES, n * page - at))
-                        hashes += pagedelta.page_hash(bytes(page)) * n
+                        for z in range(0, n * page, CHUNK_BYTES):
+                            add(zero, 0, min(CHUNK_BYTES, n * page - z))
+                        parts.append(pagedelta.page_hash(bytes(page)) * n)
                         continue
-                    for ref, off, length in parent.pieces_of(i, n):
-                        if ref.digest in dropped:
+                    if i != at:
+                        k = bisect.bisect_right(starts, i * page) - 1
+                        inner, at = i * page - starts[k], i
+                    parts.append(parent.hashes[i * hb:(i + n) * hb])
+                    want = n * page
+                    while want:
+                        length = words[3 * k + 2]
+                        step = min(want, length - inner)
+                        ref = refs[words[3 * k]]
+                        if dropped and ref.digest in dropped:
                             raise ParentPagesMissing(f"{self.name}: pages at {vaddr:#x} lie in rotten chunk "
                                                      f"{ref.digest}")
-                        add(ref, off, length)
-                    hashes += parent.hashes[i * hb:(i + n) * hb]
-                parent_bytes += want
-                continue
-            hashes += self.hashes[hpos:hpos + nr * hb]
-            hpos += nr * hb
-            while want:
-                if si >= len(streamed):
-                    raise ParentPagesMissing(f"{self.name}: the pagemap names more pages than CRIU sent")
-                ref, off, length = streamed[si]
-                n = min(want, length - used)
-                add(ref, off + used, n)
-                used += n
-                want -= n
-                if used == length:
-                    si, used = si + 1, 0
-        if si != len(streamed) or hpos != len(self.hashes):
+                        off = words[3 * k + 1] + inner
+                        last = out[-1] if out else None
+                        if last is not None and last[0] is ref and last[1] + last[2] == off:
+                            last[2] += step
+                        else:
+                            out.append([ref, off, step])
+                        inner += step
+                        want -= step
+                        if inner == length:
+                            k, inner = k + 1, 0
+                    at += n
+                parent_bytes += nr * page
+            else:
+                parts.append(mine[hpos:hpos + nr * hb])
+                hpos += nr * hb
+                want = nr * page
+                while want:
+                    if si >= len(streamed):
+                        raise ParentPagesMissing(f"{self.name}: the pagemap names more pages than CRIU sent")
+                    ref, off, length = streamed[si]
+                    step = min(want, length - used)
+                    last = out[-1] if out else None
+                    if last is not None and last[0] is ref and last[1] + last[2] == off + used:
+                        last[2] += step
+                    else:
+                        out.append([ref, off + used, step])
+                    used += step
+                    want -= step
+                    if used == length:
+                        si, used = si + 1, 0
+            guess = end if here else bisect.bisect_right(pv, vaddr + (nr - 1) * page)
+            npages += nr
+        if si != len(streamed) or hpos != len(mine):
             raise ParentPagesMissing(f"{self.name}: CRIU sent pages the pagemap does not name")
-        size = len(vaddrs) * page
-        entry = pagedelta.sliced_entry(self.name, size, out)
+        if len(segments) == 1 and segments[0] == [True, 0, total]:
+            vaddrs = pv  # the same pages as the previous image
+        else:
+            vaddrs = array.array("Q")
+            for known, a, b in segments:
+                vaddrs.extend(pv[a:b] if known else range(a, a + b * page, page))
+        entry = pagedelta.sliced_entry(self.name, npages * page, out)
         _mark_depth(entry, new_refs, depth)
         self.reused_bytes += parent_bytes
-        return entry, (vaddrs, hashes)
+        return entry, (vaddrs, b"".join(parts))
 
 
 def _mark_depth(entry: ImageEntry, new_refs: List[ChunkRef], depth: int) -> None:
@@ -328,10 +376,13 @@ class ParentImage:
         self.entry = entry
         self.vaddrs = vaddrs
         self.hashes = hashes
-        self.pieces = entry.pieces()
-        lengths = [length for _idx, _off, length in self.pieces]
+        pieces = entry.pieces()
+        # the pieces as three words each (chunk index, offset, length), and the byte offset where each begins
+        self.piece_words = (pieces.words if isinstance(pieces, Slices)
+                            else array.array("Q", itertools.chain.from_iterable(pieces)))
+        lengths = self.piece_words[2::3]
         self.starts = array.array("Q", itertools.accumulate(lengths[:-1], initial=0) if lengths else ())
-        self.size = sum(lengths)  # starts: byte offset in the image where each piece begins
+        self.size = sum(lengths)
         if len(vaddrs) * pagedelta.PAGE != self.size or len(hashes) != len(vaddrs) * pagedelta.HASH_BYTES:
             raise ParentPagesMissing(f"{entry.name}: its page table does not match the image")
 
@@ -359,22 +410,6 @@ class ParentImage:
                 n = left if i >= len(v) else min(left, (v[i] - va) // page)
                 out.append((self.ZERO, n))
                 k += n
-        return out
-
-    def pieces_of(self, i: int, nr: int) -> List[Tuple[ChunkRef, int, int]]:
-        """(chunk, offset, length) pieces holding the nr pages from index i of the previous image, in order."""
-        begin = i * pagedelta.PAGE
-        end = begin + nr * pagedelta.PAGE
-        k = bisect.bisect_right(self.starts, begin) - 1
-        out = []
-        pos = begin
-        while pos < end:
-            idx, off, length = self.pieces[k]
-            skip = pos - self.starts[k]
-            n = min(length - skip, end - pos)
-            out.append((self.entry.chunks[idx], off + skip, n))
-            pos += n
-            k += 1
         return out
 
 

@@ -140,6 +140,7 @@ def sliced_entry(name: str, size: int, pieces: Iterable[Tuple[ChunkRef, int, int
     whole: Optional[List[ChunkRef]] = []
     index: Dict[str, int] = {}
     slices = Slices()
+    extend = slices.words.extend
     for ref, off, length in pieces:
         if whole is not None:
             if off == 0 and length == ref.size:
@@ -150,7 +151,7 @@ def sliced_entry(name: str, size: int, pieces: Iterable[Tuple[ChunkRef, int, int
         if i is None:
             i = index[ref.digest] = len(refs)
             refs.append(ref)
-        slices.append(i, off, length)
+        extend((i, off, length))
     if whole is not None:
         return ImageEntry(name=name, size=size, chunks=whole)
     return ImageEntry(name=name, size=size, chunks=refs, slices=slices)
