@@ -2,15 +2,15 @@
 
 A checkpoint that reuses a chunk the job stored before checks it first when the chunk is picked for verification: a
 periodic checkpoint re-reads the 1/SCRUB_SLICES of them whose digest falls in its slice; a final one checks every
-reused chunk, re-reading its slice and checking the others by their stat when this process wrote or read them before
-(chunks.py, CHECKED), re-reading them otherwise. For each kind of data (random = stored raw, text = netlist-like,
+reused chunk by its stat when this process wrote or read it before (chunks.py, CHECKED), re-reading it otherwise
+(engine.reuse_checks). For each kind of data (random = stored raw, text = netlist-like,
 stored zstd-compressed where a CPU is free):
   1. store FILE (MIB MiB) into an empty chunk store: the first checkpoint, every chunk written;
   2. store it again with every chunk known and none verified: what an incremental checkpoint of unchanged memory
      cost before (hashing only);
   3. again, re-reading the periodic slice (1/SCRUB_SLICES of the chunks);
-  4. again as a final checkpoint does in the process that wrote the chunks: the slice re-read, the others checked by
-     their stat, the chunk files dropped from the page cache with posix_fadvise (cold: read back from the disk);
+  4. again as a final checkpoint does in the process that wrote the chunks: every chunk checked by its stat, the
+     chunk files dropped from the page cache with posix_fadvise (cold: a chunk re-read comes from the disk);
   5. again as a final checkpoint in a process that never wrote nor read them: every chunk re-read, with the chunk
      files in the page cache (warm: the node that wrote them) and dropped from it (cold);
 and prints each time with its ratio to step 2 and to step 1. The store lives under --dir (default
@@ -35,7 +35,7 @@ sys.path.insert(0, str(BENCH))
 
 from memhog import POOL_MIB, netlist_pool  # noqa: E402
 
-from ckpt_agent.checkpoint.engine import SCRUB_SLICES  # noqa: E402
+from ckpt_agent.checkpoint.engine import SCRUB_SLICES, reuse_checks  # noqa: E402
 from ckpt_agent.store import chunks as chunkstore  # noqa: E402
 
 MIB = 1 << 20
@@ -87,7 +87,8 @@ def bench_kind(base: str, kind: str, mib: int) -> None:
             in_slice = lambda d: int(d[:2], 16) % SCRUB_SLICES == 0  # noqa: E731
             t_slice, _, s_slice = timed_store(root, data, known, in_slice, pool)
             drop_cache(root)
-            t_final, _, s_final = timed_store(root, data, known, lambda _d: True, pool, scrub=in_slice)
+            final_verify, final_scrub = reuse_checks(0, final=True)
+            t_final, _, s_final = timed_store(root, data, known, final_verify, pool, scrub=final_scrub)
             chunkstore.CHECKED = chunkstore.CheckedFiles()  # a process that never wrote nor read these chunks
             t_warm, _, s_all = timed_store(root, data, known, lambda _d: True, pool)
             chunkstore.CHECKED = chunkstore.CheckedFiles()
@@ -98,7 +99,7 @@ def bench_kind(base: str, kind: str, mib: int) -> None:
         print(f"  first checkpoint, all chunks written      {t_first:7.2f} s")
         print(f"  reuse, no verification (before)           {t_reuse:7.2f} s")
         for label, t, n in ((f"periodic: re-read the 1/{SCRUB_SLICES} slice", t_slice, s_slice.chunks_verified),
-                            ("final: slice re-read, others by stat, cold", t_final, s_final.chunks_verified),
+                            ("final: every chunk by its stat, cold", t_final, s_final.chunks_verified),
                             ("final, none checked before: all re-read, warm", t_warm, s_all.chunks_verified),
                             ("final, none checked before: all re-read, cold", t_cold, s_all.chunks_verified)):
             print(f"  {label:<46}  {t:7.2f} s  {t / t_reuse:5.2f}x reuse  {t / t_first:5.2f}x first  "

@@ -15,8 +15,9 @@ A checkpointer that dies mid-checkpoint (SIGKILL) never leaves the tool stopped:
 dump (dumpguard.py) outlives it and resumes the tree (or kills it, once a final checkpoint is committed) and removes
 the staging images; staging directories of dead checkpointers are also swept at the next start (`sweep_staging`).
 Chunks a checkpoint reuses are verified against their digest and rewritten from the fresh data when rotten: each
-checkpoint re-reads a rotating 1/SCRUB_SLICES of them; a final checkpoint also checks all the others, each by a
-stat that shows whether its file changed since this process wrote it or found it whole (chunks.py, CHECKED).
+periodic checkpoint re-reads a rotating 1/SCRUB_SLICES of them; a final checkpoint checks every one by a stat that
+shows whether its file changed since this process wrote it or found it whole (chunks.py, CHECKED), and re-reads
+only those (reuse_checks).
 Every store failure is a StoreError (exit 74) naming the path.
 
 Restore: newest generation first, falling back to older ones when one is damaged; images are rebuilt from
@@ -76,12 +77,26 @@ SHM_HEADROOM_BYTES = 512 << 20  # keep this much RAM free beyond the images when
 SHM_STAGING, DISK_STAGING = "/dev/shm/ckpt-agent", "/var/tmp/ckpt-agent"  # images in RAM when it fits, else disk
 STAGING_BASES = (SHM_STAGING, DISK_STAGING)  # where dump images are staged (staging_dir "auto")
 _DUMP_STAGE_RE = re.compile(r"^dump\.(\d+)\.")  # dump.<checkpointer pid>.<job>.<step>.<random>
-# a checkpoint re-reads the reused chunks whose digest falls in one of this many slices, in turn: every chunk at
-# rest is re-read at least once per SCRUB_SLICES checkpoints, at 1/SCRUB_SLICES of the cost of re-reading them all;
-# a final checkpoint checks the others too, by their stat (bench/verify_bench.py measures both)
+# a periodic checkpoint re-reads the reused chunks whose digest falls in one of this many slices, in turn: every
+# chunk at rest is re-read at least once per SCRUB_SLICES periodic checkpoints, at 1/SCRUB_SLICES of the cost of
+# re-reading them all; a final checkpoint checks them all by their stat (reuse_checks; bench/verify_bench.py)
 SCRUB_SLICES = 8
 DUMPGUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dumpguard.py")
 GUARD_EXIT_WAIT_SECONDS = 10  # the guard exits as soon as it reads our verdict; this only bounds a wedged one
+
+
+def reuse_checks(number: int, final: bool) -> Tuple[Callable[[str], bool], Optional[Callable[[str], bool]]]:
+    """How checkpoint `number` checks the chunks it reuses (ChunkStore.verify_reused, ChunkStore.scrub).
+
+    A periodic checkpoint re-reads the chunks whose digest falls in its slice (1/SCRUB_SLICES of them, in turn) and
+    checks no other. A final checkpoint, the one a resume will use, checks every reused chunk by its stat against
+    what this process wrote or read back whole (chunks.py, CHECKED) and re-reads only those that stat otherwise or
+    that it never saw: it is on the notice's deadline, where its slice of a 500 GiB job would be 62 GiB read back
+    from the shared file system while every reclaimed node writes to it."""
+    in_slice = lambda d: int(d[:2], 16) % SCRUB_SLICES == number % SCRUB_SLICES  # noqa: E731
+    if final:
+        return (lambda _d: True), (lambda _d: False)
+    return in_slice, None
 
 
 @dataclass
@@ -303,11 +318,7 @@ class Engine:
             previous = self._previous_manifest(job, signed_only=owner is not None)
             known = store.known_chunks(job.job_id, loaded=[previous] if previous else [])
             chunks = store.chunks_for(job.job_id, self.settings.compression, known, owner)
-            # a final checkpoint (the one a resume will use) never reuses a rotten chunk: it checks every one, by
-            # re-reading its slice and the rest by their stat (chunks.py); periodic ones re-read a slice
-            scrub = lambda d: int(d[:2], 16) % SCRUB_SLICES == number % SCRUB_SLICES  # noqa: E731
-            chunks.verify_reused = (lambda _d: True) if final else scrub
-            chunks.scrub = scrub if final else None
+            chunks.verify_reused, chunks.scrub = reuse_checks(number, final)
             stage = self._staging_dir(job)
             stopped: List[int] = []
             resumed = False
