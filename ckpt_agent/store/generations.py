@@ -39,6 +39,8 @@ import os
 import shutil
 import socket
 import stat
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
@@ -60,7 +62,14 @@ from ckpt_agent.store.chunks import (
 )
 from ckpt_agent.store.layout import EVENTS, MANIFEST, RESULT, SUMMARY
 from ckpt_agent.store.manifest import Manifest, Summary
-from ckpt_agent.util.safeio import NotRegularFile, fsync_dir, open_dir_nofollow, read_regular, write_atomic
+from ckpt_agent.util.safeio import (
+    NotRegularFile,
+    fsync_dir,
+    open_dir_nofollow,
+    read_regular,
+    read_regular_stat,
+    write_atomic,
+)
 from ckpt_agent.util.usercreds import owner_of_path
 
 log = logging.getLogger(__name__)
@@ -186,10 +195,64 @@ def _keep_traversable(path: str) -> None:
                     stat.S_IMODE(st.st_mode) | 0o055)
 
 
+# the manifest files' bytes whose decoded manifests a store keeps (a 500 GiB job's manifest: about 40 MB)
+MANIFEST_CACHE_BYTES = 128 << 20
+
+
+class ManifestCache:
+    """Manifests this store decoded, by path, with the stat of the file when it was read (device, inode, size, mtime,
+    ctime): every checkpoint reads the previous generation's manifest, the chunks known to the job (all of them)
+    and the sweep after it (all again), and decoding a large job's manifest takes about a second. A file that stats
+    the same holds the bytes that were checked (any write changes the ctime, which nobody can set back; another
+    file renamed in its place has another inode), so it is returned without reading or checking it again. Least
+    recently used first out beyond MANIFEST_CACHE_BYTES of manifest files. Callers must not change what they get."""
+
+    def __init__(self, max_bytes: int = MANIFEST_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, Tuple[Tuple[int, ...], bool, int, Manifest]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(st: os.stat_result) -> Tuple[int, ...]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def get(self, path: str, require_signature: bool) -> Optional[Manifest]:
+        with self._lock:
+            entry = self._entries.get(path)
+        if entry is None:
+            return None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        key, signed, _size, manifest = entry
+        if not stat.S_ISREG(st.st_mode) or self._key(st) != key or (require_signature and not signed):
+            return None
+        with self._lock:
+            if path in self._entries:
+                self._entries.move_to_end(path)
+        return manifest
+
+    def put(self, path: str, st: os.stat_result, size: int, require_signature: bool, manifest: Manifest) -> None:
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(path, None)
+            if old is not None:
+                self._bytes -= old[2]
+            self._entries[path] = (self._key(st), require_signature, size, manifest)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _path, (_k, _s, gone, _m) = self._entries.popitem(last=False)
+                self._bytes -= gone
+
+
 class CheckpointStore:
     def __init__(self, root: str, signer: Optional[Signer] = None):
         self.root = os.path.abspath(root)
         self.signer = signer or Signer(None)
+        self.manifests = ManifestCache()
 
     # --- layout -----------------------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> str:
@@ -373,15 +436,20 @@ class CheckpointStore:
         """The generation's manifest, checked (manifest.decode): signed (whenever this store holds a key, and always
         when `require_signature`), of a readable format and shape. DamagedCheckpointError otherwise."""
         where = gen.manifest_path
+        cached = self.manifests.get(where, require_signature)
+        if cached is not None:
+            return cached
         try:
-            raw = read_regular(where, manifest_file.MAX_MANIFEST_BYTES)
+            raw, st = read_regular_stat(where, manifest_file.MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             raise DamagedCheckpointError(f"{where}: manifest is missing") from None
         except NotRegularFile as e:
             raise DamagedCheckpointError(f"manifest: {e.strerror}") from None
         except OSError as e:
             raise StoreError(f"{where}: cannot read manifest: {e.strerror}") from e
-        return manifest_file.decode(raw, where, self.signer, require_signature)
+        manifest = manifest_file.decode(raw, where, self.signer, require_signature)
+        self.manifests.put(where, st, len(raw), require_signature or bool(self.signer.key), manifest)
+        return manifest
 
     def load_summary(self, gen: Generation) -> Summary:
         """The generation's listing facts: from its summary file, else (older generations, or a summary that is not

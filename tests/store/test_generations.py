@@ -312,6 +312,56 @@ def test_signer_from_missing_or_empty_key_file_has_no_key(tmp_path):
     assert Signer.from_file(str(keyfile)).key == b"secret"
 
 
+class _Decodes:
+    """Counts the manifests decoded (read and checked) by the store."""
+
+    def __init__(self, monkeypatch):
+        from ckpt_agent.store import manifest as manifest_module
+
+        self.n = 0
+        real = manifest_module.decode
+
+        def counting(*a, **kw):
+            self.n += 1
+            return real(*a, **kw)
+
+        monkeypatch.setattr(manifest_module, "decode", counting)
+
+
+def test_a_manifest_that_stats_as_when_it_was_read_is_not_decoded_again(store, monkeypatch):
+    gen = commit_one(store)
+    decodes = _Decodes(monkeypatch)
+    first = store.load_manifest(gen)
+    assert store.load_manifest(gen) is first and store.referenced_digests(JOB) == set() and decodes.n == 1
+    os.utime(gen.manifest_path)  # any change to the file (here its times; a write changes its ctime too)
+    assert store.load_manifest(gen) == first and decodes.n == 2
+    rewrite_manifest(gen, lambda env: env["manifest"].update(reason="edited"))
+    assert store.load_manifest(gen).reason == "edited" and decodes.n == 3
+
+
+def test_a_cached_manifest_read_without_a_signature_check_is_checked_when_one_is_required(store, monkeypatch):
+    gen = commit_one(store)
+    decodes = _Decodes(monkeypatch)
+    store.load_manifest(gen)
+    with pytest.raises(PermissionDenied):  # no key: cannot check, so refused where a signature is required
+        store.load_manifest(gen, require_signature=True)
+    assert decodes.n == 2
+
+
+def test_the_manifest_cache_keeps_the_manifests_read_last_within_its_bound(store, monkeypatch):
+    gens = [commit_one(store) for _ in range(3)]
+    size = os.path.getsize(gens[0].manifest_path)
+    store.manifests.max_bytes = 2 * size + size // 2  # two of them
+    decodes = _Decodes(monkeypatch)
+    for gen in gens:
+        store.load_manifest(gen)
+    store.load_manifest(gens[2])
+    store.load_manifest(gens[1])
+    assert decodes.n == 3
+    store.load_manifest(gens[0])  # the first was let go
+    assert decodes.n == 4
+
+
 @pytest.mark.parametrize("content, words", [("{not json", "unreadable"), ('{"other": 1}', "unreadable"),
                                             ('{"manifest": {"format": 99}}', "unsupported manifest format")])
 def test_unreadable_manifest_is_damaged(store, content, words):
