@@ -531,11 +531,7 @@ def reuse_map(chunks: ChunkStore, pool, previous: Optional[Manifest],
                 out.add_pages(hashes[first:end], refs[idx], off + first * page - pos)
             pos += length
     due = {ref.digest: ref for ref in out.refs if chunks.claim_verification(ref.digest)}
-
-    def rotten(ref: ChunkRef) -> Optional[str]:
-        return None if chunks.intact(ref, "previous pages") else ref.digest
-
-    bad = {d for d in pool.map(rotten, due.values()) if d}
+    bad = chunks.rotten(due.values(), pool, "previous pages")
     stats.chunks_verified = len(due)
     if bad:
         chunks.unclaim(bad)

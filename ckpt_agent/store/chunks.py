@@ -81,6 +81,7 @@ COMPRESS_MIN_SAVING = 0.10  # store compressed only when it saves at least 10%
 CPUS = os.cpu_count() or 2
 # threads per checkpoint: at least 4 so the disk always has writes queued while other chunks are hashed, even on 2 CPUs
 WORKERS = max(4, min(8, CPUS))
+CHECK_BATCHES = 4 * WORKERS  # ChunkStore.rotten: reused chunks are checked in this many batches
 # chunks compressed at once, process-wide: zstd is CPU-bound; one CPU stays free for hashing, copying and writeback
 COMPRESS_SLOTS = max(1, CPUS - 1)
 ZERO_CHUNK = bytes(CHUNK_BYTES)
@@ -306,6 +307,7 @@ class ChunkStore:
         owner: Optional[Tuple[int, int]] = None,
     ):
         self.root = root
+        self._dir = os.path.join(root, "")  # the root with one separator after it: chunk paths are built on it
         self.owner = owner  # (uid, gid) of an ordinary user's job the agent writes chunks for
         # ... with the user's file-system identity: chunks are the user's, and a link the user plants in the job
         # directory leads only where the user could write anyway
@@ -334,7 +336,7 @@ class ChunkStore:
         self._checked.add(prefix)
 
     def path(self, ref: ChunkRef) -> str:
-        return os.path.join(self.root, layout.chunk_relpath(ref.digest, ref.codec))
+        return self._dir + layout.chunk_relpath(ref.digest, ref.codec)
 
     @property
     def level(self) -> int:
@@ -460,6 +462,21 @@ class ChunkStore:
         except DamagedCheckpointError:
             return False
         return True
+
+    def rotten(self, refs: Iterable[ChunkRef], pool: concurrent.futures.Executor, where: str = "") -> Set[str]:
+        """The digests of those of `refs` that are not intact (intact()), checked by the pool in CHECK_BATCHES
+        batches: a pool task per chunk cost about 30 us of the pool's own work where the check itself (a stat and a
+        lookup) takes 6 (measured on the dev VM; a 500 GiB job reuses half a million chunks), while the batches
+        still overlap the store's latency as the workers do."""
+        refs = list(refs)
+        if not refs:
+            return set()
+        size = -(-len(refs) // CHECK_BATCHES)
+
+        def check(batch: List[ChunkRef]) -> List[str]:
+            return [r.digest for r in batch if not self.intact(r, where)]
+
+        return {d for bad in pool.map(check, [refs[i:i + size] for i in range(0, len(refs), size)]) for d in bad}
 
     def _stored_equals(self, ref: ChunkRef, data: bytes) -> bool:
         """Whether the stored chunk holds exactly `data`: anything unreadable, misplaced or different is rotten."""

@@ -105,8 +105,9 @@ def chunk_name(digest: str, codec: str) -> str:
 
 
 def chunk_relpath(digest: str, codec: str) -> str:
-    """The chunk's path below the job's chunk directory: `<first two hex digits>/<name>`."""
-    return os.path.join(digest[:2], chunk_name(digest, codec))
+    """The chunk's path below the job's chunk directory: `<first two hex digits>/<name>` (a string built, not
+    joined: it is made for every chunk a checkpoint checks)."""
+    return f"{digest[:2]}/{digest}{CODEC_SUFFIXES[codec]}"
 
 
 def digest_of_chunk_name(name: str) -> Optional[str]:

@@ -290,11 +290,7 @@ def store_delta(
         return None, none
     if verify is not None:
         due = [r for d, r in reused.items() if verify(d)]
-
-        def rotten(ref: ChunkRef) -> Optional[str]:
-            return None if chunks.intact(ref, where) else ref.digest
-
-        bad = [d for d in pool.map(rotten, due) if d]
+        bad = chunks.rotten(due, pool, where)
         none.chunks_verified = len(due)
         if bad:  # a rotten chunk is never referenced again: the image is written in full, which repairs it
             chunks.unclaim(bad)

@@ -520,3 +520,29 @@ def test_every_level_round_trips(tmp_path, level):
     ref, _ = chunks.put(data)
     assert ref.codec == CODEC_ZSTD
     assert chunks.get(ref) == data
+
+
+def test_reused_chunks_are_checked_in_a_bounded_number_of_batches(tmp_path):
+    """ChunkStore.rotten: every chunk checked, the rotten ones named, in at most CHECK_BATCHES pool tasks (a task
+    per chunk cost the pool more than the checks: half a million chunks for a 500 GiB job)."""
+    import concurrent.futures
+
+    root = str(tmp_path / "chunks")
+    writer = ChunkStore(root, compression="none")
+    refs = [writer.put(random_bytes(4096, seed))[0] for seed in range(3 * chunkstore.CHECK_BATCHES + 5)]
+    with open(writer.path(refs[7]), "r+b") as fh:
+        fh.write(b"rot")
+    os.unlink(writer.path(refs[20]))
+    store = ChunkStore(root, compression="none", known={r.digest: r.codec for r in refs})
+    store.verify_reused, store.scrub = (lambda _d: True), (lambda _d: False)  # a final checkpoint's checks
+    tasks = []
+
+    class Counting(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            tasks.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    with Counting(4) as pool:
+        assert store.rotten(refs, pool, "x") == {refs[7].digest, refs[20].digest}
+        assert store.rotten([], pool) == set()
+    assert 0 < len(tasks) <= chunkstore.CHECK_BATCHES
