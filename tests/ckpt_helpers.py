@@ -146,3 +146,17 @@ def page_tool_verdict(work) -> str:
 def pages_images(manifest):
     """The pages-N.img entries of a manifest as stored (JSON)."""
     return [i for i in manifest["images"] if i["name"].startswith("pages-")]
+
+
+class CallCounter:
+    """Counts the calls of `module.name` during one test (monkeypatched), passing each on to the real function."""
+
+    def __init__(self, monkeypatch, module, name: str):
+        self.n = 0
+        real = getattr(module, name)
+
+        def counting(*a, **kw):
+            self.n += 1
+            return real(*a, **kw)
+
+        monkeypatch.setattr(module, name, counting)

@@ -235,13 +235,17 @@ class ManifestCache:
                 self._entries.move_to_end(path)
         return manifest
 
-    def put(self, path: str, st: os.stat_result, size: int, require_signature: bool, manifest: Manifest) -> None:
-        if size > self.max_bytes:
-            return
+    def forget(self, path: str) -> None:
         with self._lock:
             old = self._entries.pop(path, None)
             if old is not None:
                 self._bytes -= old[2]
+
+    def put(self, path: str, st: os.stat_result, size: int, require_signature: bool, manifest: Manifest) -> None:
+        if size > self.max_bytes:
+            return
+        self.forget(path)
+        with self._lock:
             self._entries[path] = (self._key(st), require_signature, size, manifest)
             self._bytes += size
             while self._bytes > self.max_bytes:
@@ -506,6 +510,7 @@ class CheckpointStore:
         removed = []
         for gen in gens[: max(0, len(gens) - keep)]:
             shutil.rmtree(gen.path, ignore_errors=True)
+            self.manifests.forget(gen.manifest_path)
             removed.append(gen.number)
         return removed
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from ckpt_helpers import CallCounter
+
 from ckpt_agent.checkpoint.engine import SCRUB_SLICES, reuse_checks
 from ckpt_agent.store import chunks as chunkstore
 from ckpt_agent.store.chunks import ChunkStore
@@ -21,13 +23,11 @@ def _stored(root: str):
 
 def _reuse(root: str, refs, blobs, number: int, final: bool, monkeypatch):
     """Store the same data again as checkpoint `number` would: (chunks checked, chunk files read back)."""
-    reads = []
-    real = chunkstore.read_regular_stat
-    monkeypatch.setattr(chunkstore, "read_regular_stat", lambda *a, **kw: reads.append(a) or real(*a, **kw))
+    reads = CallCounter(monkeypatch, chunkstore, "read_regular_stat")
     store = ChunkStore(root, compression="none", known={r.digest: r.codec for r in refs})
     store.verify_reused, store.scrub = reuse_checks(number, final)
     checked = sum(store.put(b)[1].chunks_verified for b in blobs)
-    return checked, len(reads)
+    return checked, reads.n
 
 
 def test_a_final_checkpoint_checks_every_reused_chunk_by_its_stat_and_reads_none_back(tmp_path, monkeypatch):

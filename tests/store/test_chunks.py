@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from ckpt_helpers import CallCounter
 
 from ckpt_agent.errors import EXIT_DAMAGED, DamagedCheckpointError, StoreError
 from ckpt_agent.store import chunks as chunkstore
@@ -392,18 +393,9 @@ def test_sampled_verification_skips_chunks_outside_the_slice(tmp_path):
 
 
 # --- checking a reused chunk by its stat (a final checkpoint's chunks outside the scrub slice) ---------------------
-class _Reads:
+def _reads(monkeypatch) -> CallCounter:
     """Counts the chunk files the store reads back."""
-
-    def __init__(self, monkeypatch):
-        self.n = 0
-        real = chunkstore.read_regular_stat
-
-        def counting(*a, **kw):
-            self.n += 1
-            return real(*a, **kw)
-
-        monkeypatch.setattr(chunkstore, "read_regular_stat", counting)
+    return CallCounter(monkeypatch, chunkstore, "read_regular_stat")
 
 
 def _final_store(root: str, ref: ChunkRef, scrubbed=lambda _d: False) -> ChunkStore:
@@ -416,7 +408,7 @@ def _final_store(root: str, ref: ChunkRef, scrubbed=lambda _d: False) -> ChunkSt
 def test_a_chunk_unchanged_since_this_process_wrote_it_is_checked_by_its_stat(tmp_path, monkeypatch):
     data = random_bytes(MIB)
     ref, _ = ChunkStore(str(tmp_path / "chunks")).put(data)
-    reads = _Reads(monkeypatch)
+    reads = _reads(monkeypatch)
     store = _final_store(str(tmp_path / "chunks"), ref)
     again, stats = store.put(data)
     assert again == ref and (stats.chunks_verified, stats.chunks_repaired) == (1, 0)
@@ -453,7 +445,7 @@ def test_a_chunk_changed_after_it_was_checked_is_re_read_and_repaired(tmp_path, 
         other = path.with_name("planted")
         other.write_bytes(bytes(rotten))
         os.rename(other, path)
-    reads = _Reads(monkeypatch)
+    reads = _reads(monkeypatch)
     store = _final_store(root, ref)
     assert not store.intact(ref)
     _, stats = store.put(data)
@@ -466,7 +458,7 @@ def test_a_chunk_this_process_never_checked_is_re_read(tmp_path, monkeypatch):
     root = str(tmp_path / "chunks")
     ref, _ = ChunkStore(root).put(data)
     monkeypatch.setattr(chunkstore, "CHECKED", chunkstore.CheckedFiles())  # a new process: nothing remembered
-    reads = _Reads(monkeypatch)
+    reads = _reads(monkeypatch)
     store = _final_store(root, ref)
     assert store.intact(ref) and reads.n == 1
     assert store.intact(ref) and reads.n == 1  # found whole by that read: remembered

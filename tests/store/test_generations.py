@@ -8,7 +8,7 @@ import os
 import stat
 
 import pytest
-from ckpt_helpers import store_with_job
+from ckpt_helpers import CallCounter, store_with_job
 
 from ckpt_agent.errors import (
     EXIT_DAMAGED,
@@ -20,6 +20,7 @@ from ckpt_agent.errors import (
     UsageError,
 )
 from ckpt_agent.store import chunks as chunkstore
+from ckpt_agent.store import manifest as manifest_module
 from ckpt_agent.store.generations import CheckpointStore, Signer
 from ckpt_agent.store.layout import MANIFEST, check_name
 from ckpt_agent.store.manifest import FORMAT_VERSION, parse
@@ -312,25 +313,14 @@ def test_signer_from_missing_or_empty_key_file_has_no_key(tmp_path):
     assert Signer.from_file(str(keyfile)).key == b"secret"
 
 
-class _Decodes:
+def _decodes(monkeypatch) -> CallCounter:
     """Counts the manifests decoded (read and checked) by the store."""
-
-    def __init__(self, monkeypatch):
-        from ckpt_agent.store import manifest as manifest_module
-
-        self.n = 0
-        real = manifest_module.decode
-
-        def counting(*a, **kw):
-            self.n += 1
-            return real(*a, **kw)
-
-        monkeypatch.setattr(manifest_module, "decode", counting)
+    return CallCounter(monkeypatch, manifest_module, "decode")
 
 
 def test_a_manifest_that_stats_as_when_it_was_read_is_not_decoded_again(store, monkeypatch):
     gen = commit_one(store)
-    decodes = _Decodes(monkeypatch)
+    decodes = _decodes(monkeypatch)
     first = store.load_manifest(gen)
     assert store.load_manifest(gen) is first and store.referenced_digests(JOB) == set() and decodes.n == 1
     os.utime(gen.manifest_path)  # any change to the file (here its times; a write changes its ctime too)
@@ -341,7 +331,7 @@ def test_a_manifest_that_stats_as_when_it_was_read_is_not_decoded_again(store, m
 
 def test_a_cached_manifest_read_without_a_signature_check_is_checked_when_one_is_required(store, monkeypatch):
     gen = commit_one(store)
-    decodes = _Decodes(monkeypatch)
+    decodes = _decodes(monkeypatch)
     store.load_manifest(gen)
     with pytest.raises(PermissionDenied):  # no key: cannot check, so refused where a signature is required
         store.load_manifest(gen, require_signature=True)
@@ -352,7 +342,7 @@ def test_the_manifest_cache_keeps_the_manifests_read_last_within_its_bound(store
     gens = [commit_one(store) for _ in range(3)]
     size = os.path.getsize(gens[0].manifest_path)
     store.manifests.max_bytes = 2 * size + size // 2  # two of them
-    decodes = _Decodes(monkeypatch)
+    decodes = _decodes(monkeypatch)
     for gen in gens:
         store.load_manifest(gen)
     store.load_manifest(gens[2])
@@ -360,6 +350,9 @@ def test_the_manifest_cache_keeps_the_manifests_read_last_within_its_bound(store
     assert decodes.n == 3
     store.load_manifest(gens[0])  # the first was let go
     assert decodes.n == 4
+    assert sorted(store.manifests._entries) == [gens[0].manifest_path, gens[1].manifest_path]
+    assert store.prune(JOB, STEP, keep=1) == [1, 2]
+    assert not store.manifests._entries, "pruned generations are let go"
 
 
 @pytest.mark.parametrize("content, words", [("{not json", "unreadable"), ('{"other": 1}', "unreadable"),
