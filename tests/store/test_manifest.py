@@ -34,7 +34,7 @@ from ckpt_agent.store.manifest import (
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "store")
 # manifest-format2.json and summary.json were written by the agent before the manifest became dataclasses
-# (CheckpointStore.commit of a dict), signed with this key
+# (CheckpointStore.commit of a dict), signed with this key; manifest-format3.json by the agent that introduced format 3
 GOLDEN_KEY = b"test-key-for-the-golden-manifest"
 WHERE = "/store/4242/main/gen-000003/manifest.json"
 
@@ -58,6 +58,18 @@ def test_a_manifest_an_earlier_agent_signed_verifies_and_is_written_again_byte_f
     assert encode(m, signer) == golden()
     with open(os.path.join(DATA, "summary.json"), "rb") as fh:
         assert json.dumps(m.summary().to_json()).encode() == fh.read()
+
+
+def test_a_format3_manifest_signed_by_this_version_verifies_and_is_written_again_byte_for_byte():
+    """manifest-format3.json: the golden manifest as format 3 writes it (pages-2.img's slices in a slice table), for
+    the agents after this one to read."""
+    with open(os.path.join(DATA, "manifest-format3.json"), "rb") as fh:
+        data = fh.read()
+    signer = Signer(GOLDEN_KEY)
+    m = decode(data, WHERE, signer, require_signature=True)
+    assert m.format == 3 and encode(m, signer) == data
+    delta = m.images[2]
+    assert delta.slices is None and delta.slice_table.count == 2 and delta.chunks == format3_delta().chunks
 
 
 def test_readers_get_attributes():
