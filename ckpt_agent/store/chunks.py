@@ -24,11 +24,12 @@ it wrote, or read back and found whole (CHECKED). Any write to a file, a truncat
 changes its ctime or inode, and nobody can set a ctime back, so while the file stats the same its bytes are the ones
 checked. Of the chunks `verify_reused` picks, those `scrub` does not pick are checked by that stat alone when it
 matches (one stat instead of a read: a final checkpoint of a 100 GiB job would otherwise re-read 100 GiB from the
-store inside the Spot notice); every other is re-read. Rot below the file system, which no stat shows, is what the
-rotating `scrub` slice finds, and every restore still checks every chunk it reads by its sha256. One window is left:
+store inside the Spot notice); every other is re-read (engine.reuse_checks: a final checkpoint's `scrub` picks
+none). Rot below the file system, which no stat shows, is what the periodic checkpoints' rotating `scrub` slice finds,
+and every restore still checks every chunk it reads by its sha256. One window is left:
 a file system whose timestamps are coarse (kernels before 6.13 tick in milliseconds, Lustre in seconds) does not
-show a same-size write within the same tick as the chunk's own write; the scrub slice and the restore's check cover
-that too.
+show a same-size write within the same tick as the chunk's own write; the periodic scrub slice and the restore's
+check cover that too.
 
 Speed on small machines: WORKERS threads (at least 4, even on 2 CPUs) keep the store's disk busy while chunks are
 hashed. Compression, the CPU-bound part, runs on at most CPUs - 1 chunks at a time (process-wide; one CPU stays free

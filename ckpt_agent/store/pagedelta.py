@@ -15,9 +15,9 @@ kept manifest lists.
 Compaction: a delta image is written in full instead (address-window chunks, as without a previous generation) when
 more than MAX_CHANGED_SHARE of its pages changed, when MAX_DELTA_DEPTH deltas already follow the last full one, or
 when restoring it would read more than MAX_READ_AMPLIFICATION times its size (chunks only partly still in use).
-A reused chunk is checked first when the checkpoint's policy picks it (chunks.py: re-read in the scrub slice; a final
-checkpoint checks all of them, the others by their stat); one that fails its checksum makes the image be written in
-full.
+A reused chunk is checked first when the checkpoint's policy picks it (engine.reuse_checks: a periodic checkpoint
+re-reads its scrub slice, a final one checks every reused chunk by its stat); one that fails its checksum makes the
+image be written in full.
 """
 
 from __future__ import annotations
