@@ -241,12 +241,13 @@ class ManifestCache:
             if old is not None:
                 self._bytes -= old[2]
 
-    def put(self, path: str, st: os.stat_result, size: int, require_signature: bool, manifest: Manifest) -> None:
+    def put(self, path: str, st: os.stat_result, size: int, signed: bool, manifest: Manifest) -> None:
+        """`signed`: its signature was checked (the store holds a key, or one was required)."""
         if size > self.max_bytes:
             return
         self.forget(path)
         with self._lock:
-            self._entries[path] = (self._key(st), require_signature, size, manifest)
+            self._entries[path] = (self._key(st), signed, size, manifest)
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _path, (_k, _s, gone, _m) = self._entries.popitem(last=False)

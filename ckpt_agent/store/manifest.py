@@ -116,12 +116,6 @@ class Slices:
     def __repr__(self) -> str:
         return f"Slices({[list(p) for p in self][:8]}{'...' if len(self) > 8 else ''}, n={len(self)})"
 
-    def indexes(self) -> array.array:
-        return self.words[0::3]
-
-    def total(self) -> int:
-        return sum(self.words[2::3])
-
     def to_json(self) -> List[List[int]]:
         return [list(p) for p in self]
 
