@@ -715,6 +715,7 @@ class StreamDump:
 
 PREFETCH_CHUNKS = 8  # chunks read and verified ahead of the one CRIU is reading, per image being served
 HELD_CHUNKS = 32  # at most this many chunks held for later slices of a delta (one evicted is read again if needed)
+WRITE_BATCH_BYTES = 1 << 20  # pieces of an image written to CRIU's pipe together (one writev), the pipe's size
 
 
 class StoreSource:
@@ -751,6 +752,8 @@ class StoreSource:
         rank = {idx: r for r, idx in enumerate(order)}
         held: Dict[int, Any] = {}  # chunk index -> its read (a future), in the order fetched
         ahead = 0
+        batch: List[memoryview] = []  # pieces not yet written, up to WRITE_BATCH_BYTES (writev_all)
+        batched = 0
         try:
             for n, (idx, off, length) in enumerate(pieces):
                 while ahead < len(order) and ahead <= rank[idx] + PREFETCH_CHUNKS:
@@ -761,12 +764,20 @@ class StoreSource:
                 fut = held.get(idx)
                 if fut is None:  # evicted while later slices still needed it
                     fut = held[idx] = self._fetch(refs[idx], where)
-                data = fut.result()
-                imgstream.write_all(fd, memoryview(data)[off:off + length])
+                if not fut.done() and batch:  # CRIU gets what is ready before this waits for a chunk
+                    imgstream.writev_all(fd, batch)
+                    batch, batched = [], 0
+                batch.append(memoryview(fut.result())[off:off + length])
+                batched += length
+                if batched >= WRITE_BATCH_BYTES or len(batch) >= imgstream.IOV_BATCH:
+                    imgstream.writev_all(fd, batch)
+                    batch, batched = [], 0
                 if last_use[idx] == n:
                     del held[idx]
                 while len(held) > HELD_CHUNKS + PREFETCH_CHUNKS:
                     held.pop(next(iter(held))).cancel()
+            if batch:
+                imgstream.writev_all(fd, batch)
         finally:
             for fut in held.values():
                 fut.cancel()
@@ -842,13 +853,16 @@ def check_cpu(criu, chunks: ChunkStore, images: List[ImageEntry], images_dir: st
 
 
 class _Done:
-    """A chunk read in the calling thread (no pool), with a Future's result()/cancel()."""
+    """A chunk read in the calling thread (no pool), with a Future's result()/done()/cancel()."""
 
     def __init__(self, fn, *args):
         self.value = fn(*args)
 
     def result(self):
         return self.value
+
+    def done(self) -> bool:
+        return True
 
     def cancel(self) -> bool:
         return False

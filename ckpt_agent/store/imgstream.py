@@ -414,3 +414,19 @@ def write_all(fd: int, data) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+IOV_BATCH = 512  # buffers a writev_all call hands the kernel at most (Linux's IOV_MAX is 1024)
+
+
+def writev_all(fd: int, views: List[memoryview]) -> None:
+    """Write these buffers in order, several per system call (a delta image is served as one slice per run of pages:
+    a write each cost a system call per 4 KiB of scattered changes)."""
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i:i + IOV_BATCH])
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]

@@ -427,3 +427,36 @@ def test_the_reuse_map_is_built_beside_criu_and_its_failure_fails_the_dump(tmp_p
     with pytest.raises(StoreError, match="cannot read chunk"):
         sd.finish()
     assert started.is_set()
+
+
+def test_writev_all_writes_every_buffer_in_order_through_short_writes(monkeypatch):
+    """A delta image's pieces go to CRIU's pipe several per writev; a short write (a signal, a full pipe) resumes
+    where it stopped, mid-buffer included."""
+    views = [memoryview(os.urandom(n)) for n in [4096, 1, 8192, 4096, 3000, 1, 65536] * 100]
+    expected = b"".join(bytes(v) for v in views)
+    real = os.writev
+    calls = []
+
+    def short(fd, bufs):
+        calls.append(len(bufs))
+        assert len(bufs) <= imgstream.IOV_BATCH
+        out, room = [], 5000  # at most 5000 bytes a call
+        for b in bufs:
+            out.append(b[:room])
+            room -= len(out[-1])
+            if not room:
+                break
+        return real(fd, out)
+
+    monkeypatch.setattr(os, "writev", short)
+    r, w = os.pipe()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: [got.extend(b) for b in iter(lambda: os.read(r, 1 << 16), b"")])
+    reader.start()
+    try:
+        imgstream.writev_all(w, views)
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    assert bytes(got) == expected and len(calls) > 1
