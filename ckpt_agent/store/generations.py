@@ -203,7 +203,7 @@ class ManifestCache:
     """Manifests this store decoded, by path, with the stat of the file when it was read (device, inode, size, mtime,
     ctime): every checkpoint reads the previous generation's manifest, the chunks known to the job (all of them) and
     the sweep after it (all again), and decoding a large job's manifest takes seconds (a synthetic 500 GiB job's, 43
-    MB: 2.3 s on the 2-vCPU dev VM). A file that stats the same holds the bytes that were checked (any write changes
+    MB: about 2 s on the 2-vCPU dev VM). A file that stats the same holds the bytes that were checked (any write changes
     the ctime, which nobody can set back; another file renamed in its place has another inode), so it is returned
     without reading or checking it again. Least recently used first out beyond MANIFEST_CACHE_BYTES of manifest
     files. Callers must not change what they get."""
