@@ -93,10 +93,9 @@ def reuse_checks(number: int, final: bool) -> Tuple[Callable[[str], bool], Optio
     what this process wrote or read back whole (chunks.py, CHECKED) and re-reads only those that stat otherwise or
     that it never saw: it is on the notice's deadline, where its slice of a 500 GiB job would be 62 GiB read back
     from the shared file system while every reclaimed node writes to it."""
-    in_slice = lambda d: int(d[:2], 16) % SCRUB_SLICES == number % SCRUB_SLICES  # noqa: E731
     if final:
         return (lambda _d: True), (lambda _d: False)
-    return in_slice, None
+    return (lambda d: int(d[:2], 16) % SCRUB_SLICES == number % SCRUB_SLICES), None
 
 
 @dataclass
@@ -316,8 +315,7 @@ class Engine:
                 held.enter_context(store.job_lock(job.job_id))
                 number, partial = store.begin(job.job_id, job.step)
             previous = self._previous_manifest(job, signed_only=owner is not None)
-            known = store.known_chunks(job.job_id, loaded=[previous] if previous else [])
-            chunks = store.chunks_for(job.job_id, self.settings.compression, known, owner)
+            chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner)
             chunks.verify_reused, chunks.scrub = reuse_checks(number, final)
             stage = self._staging_dir(job)
             stopped: List[int] = []

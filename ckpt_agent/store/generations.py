@@ -478,20 +478,16 @@ class CheckpointStore:
         self.read_job_dir(job_id)
         return ChunkStore(self._no_link(self.chunk_dir(job_id)), compression, known, owner)
 
-    def known_chunks(self, job_id: str, loaded: Iterable[Manifest] = ()) -> Dict[str, str]:
+    def known_chunks(self, job_id: str) -> Dict[str, str]:
         """digest -> codec of every chunk referenced by a committed manifest of the job (what need not be rewritten).
-        `loaded`: manifests the caller has read already (the engine's previous one), not parsed again: a big job's
-        delta manifest lists a slice per run of pages."""
-        have = {(m.step, m.generation): m for m in loaded}
+        Manifests this store decoded before (the engine's previous one) come from the cache (ManifestCache)."""
         known: Dict[str, str] = {}
         for step in self.steps(job_id):
             for gen in self.generations(job_id, step):
-                manifest = have.get((step, gen.number))
-                if manifest is None:
-                    try:
-                        manifest = self.load_manifest(gen)
-                    except (DamagedCheckpointError, PermissionDenied):
-                        continue
+                try:
+                    manifest = self.load_manifest(gen)
+                except (DamagedCheckpointError, PermissionDenied):
+                    continue
                 for ref in manifest.refs():
                     known[ref.digest] = ref.codec
         if not known:

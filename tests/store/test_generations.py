@@ -210,15 +210,17 @@ def test_known_chunks_does_not_parse_again_a_manifest_the_caller_loaded(store, m
     b, _ = chunks.put(b"b" * 5000)
     first = commit_one(store, [a], step=STEP, generation=1)
     second = commit_one(store, [b], step=STEP, generation=2)
-    newest = store.load_manifest(second)
+    store.load_manifest(second)  # the engine's previous manifest
     parsed = []
-    real_load = store.load_manifest
-    monkeypatch.setattr(store, "load_manifest", lambda gen, **kw: parsed.append(gen.number) or real_load(gen, **kw))
-    assert store.known_chunks(JOB, loaded=[newest]) == {a.digest: a.codec, b.digest: b.codec}
-    assert parsed == [first.number]
-    parsed.clear()
+    real_decode = manifest_module.decode
+    monkeypatch.setattr(manifest_module, "decode", lambda raw, where, *a, **kw: parsed.append(where) or
+                        real_decode(raw, where, *a, **kw))
     assert store.known_chunks(JOB) == {a.digest: a.codec, b.digest: b.codec}
-    assert sorted(parsed) == [1, 2]
+    assert parsed == [first.manifest_path]
+    parsed.clear()
+    os.utime(first.manifest_path)  # changed since it was read: parsed again, and only it
+    assert store.known_chunks(JOB) == {a.digest: a.codec, b.digest: b.codec}
+    assert parsed == [first.manifest_path]
 
 
 def test_known_chunks_lists_directories_and_stats_no_chunk(store, monkeypatch):
