@@ -6,6 +6,8 @@ Files in the working directory drive it (they survive checkpoint/restore, unlike
   ready    written once the memory is filled
   mutate   when it appears, PERCENT% of the 4 KiB pages, at random places, are rewritten with new data of the same
            kind (zeros: with random data, since new zeros would change nothing), then `mutated` is written
+  mutate2  after that, when it appears: another PERCENT% rewritten the same way, then `mutated2` is written (the
+           change before the first checkpoint after a restore)
   stop     when it appears, the workload prints a checksum and exits 0
 With --digest, `mutated` holds the sha256 of the whole memory after the change, and `stop` prints it again
 (`sha256 HEX`) from the memory as it is then: after a checkpoint and restore, the two must be equal.
@@ -61,6 +63,20 @@ def fill(data: bytearray, blocks, kind: str, rng: random.Random, pool: bytes) ->
             data[start:start + BLOCK] = pool[off:off + BLOCK]
 
 
+def change(data: bytearray, kind: str, percent: float, rng: random.Random, pool: bytes) -> None:
+    """Rewrite percent% of the whole pages (malloc puts a header before the buffer: from its first page boundary),
+    at random places."""
+    start = -ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data)) % PAGE
+    npages = len(data) // PAGE - 1
+    for p in rng.sample(range(npages), max(1, int(npages * percent / 100))):
+        at = start + p * PAGE
+        if kind == "text":
+            off = rng.randrange(len(pool) - PAGE)
+            data[at:at + PAGE] = pool[off:off + PAGE]
+        else:
+            data[at:at + PAGE] = os.urandom(PAGE)
+
+
 def main() -> None:
     mib, kind, percent = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
     digest = "--digest" in sys.argv[4:]
@@ -74,21 +90,16 @@ def main() -> None:
     else:
         fill(data, range(mib), kind, rng, pool)
     open("ready", "w").close()
-    while not os.path.exists("mutate"):
-        time.sleep(0.05)
-    # whole pages (malloc puts a header before the buffer: start at its first page boundary), at random places
-    start = -ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data)) % PAGE
-    npages = len(data) // PAGE - 1
-    for p in rng.sample(range(npages), max(1, int(npages * percent / 100))):
-        at = start + p * PAGE
-        if kind == "text":
-            off = rng.randrange(len(pool) - PAGE)
-            data[at:at + PAGE] = pool[off:off + PAGE]
+    for trigger, done in (("mutate", "mutated"), ("mutate2", "mutated2")):
+        while not os.path.exists(trigger):
+            if os.path.exists("stop"):
+                break
+            time.sleep(0.05)
         else:
-            data[at:at + PAGE] = os.urandom(PAGE)
-    with open("mutated.tmp", "w") as fh:
-        fh.write(hashlib.sha256(data).hexdigest() if digest else "")
-    os.rename("mutated.tmp", "mutated")  # whole when it appears
+            change(data, kind, percent, rng, pool)
+            with open(f"{done}.tmp", "w") as fh:
+                fh.write(hashlib.sha256(data).hexdigest() if digest else "")
+            os.rename(f"{done}.tmp", done)  # whole when it appears
     while not os.path.exists("stop"):
         time.sleep(0.05)
     print(f"checksum {sum(data[::PAGE])}", flush=True)

@@ -143,6 +143,14 @@ def page_tool_verdict(work) -> str:
     return verdict
 
 
+def written_only_here() -> bool:
+    """This kernel tracks written pages (adapters/uffd.py) and the CRIU on PATH has patch 0002."""
+    from ckpt_agent.adapters.criu import Criu
+    from ckpt_agent.adapters.uffd import DirtyTracker
+
+    return DirtyTracker.supported() and Criu(criu_binary() or "criu").can_dump_written_only()
+
+
 def pages_images(manifest):
     """The pages-N.img entries of a manifest as stored (JSON)."""
     return [i for i in manifest["images"] if i["name"].startswith("pages-")]

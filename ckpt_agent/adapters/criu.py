@@ -152,12 +152,16 @@ class Criu:
         sibling: bool = True,
         cgroup_pid: Optional[int] = None,
         stream: bool = False,
+        leave_stopped: bool = False,
     ) -> int:
         """Restore detached; return the restored root's host pid.
 
         sibling=True (a root wrapper restoring its own job): the restored root becomes our child, to be waited for.
         sibling=False (the agent restoring for a user): it is reparented to the system's init once CRIU exits.
         cgroup_pid: CRIU runs in that process's cgroups, so with --manage-cgroups=ignore the tree lands there.
+        leave_stopped: every restored process gets SIGSTOP before CRIU lets go of it (cr-restore.c's
+        finalize_restore), so none runs code of its own until the caller sends SIGCONT (engine.py arms dirty
+        tracking meanwhile).
         """
         argv = [
             self.binary, "restore", "-D", images_dir, "-o", "restore.log", "-v2", "-d",
@@ -168,6 +172,8 @@ class Criu:
             argv.append("-S")
         if stream:
             argv.append("--stream")
+        if leave_stopped:
+            argv.append("--leave-stopped")
         if tcp_close:
             argv.append("--tcp-close")
         fds: List[int] = []

@@ -23,6 +23,10 @@ group. A userfaultfd's ioctls act on the creator's memory from any process, so t
 writable private mappings and write-protects them. At every later dump it protects them again (with mappings that
 appeared since) while the tree is stopped.
 
+A restored tree is armed the same way before it runs (`criu restore --leave-stopped`, engine._track_restored);
+there the span above each thread's stack pointer is left reading as written (SIGNAL_FRAMES_SPAN: signal frames the
+kernel may have written before the stop).
+
 Safety: a page counts as unchanged only if its bit is still set. Mappings that were never registered (created
 since, or refused), processes that were not armed (new ones, or a pid reused) and everything after this process
 lets go of the descriptor (closing it unregisters the ranges and clears the bits) read as written, and are dumped.
@@ -41,6 +45,7 @@ import platform
 import re
 import signal
 import struct
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -78,6 +83,15 @@ UFFDIO_WRITEPROTECT = _iowr(0xAA, 0x06, 24)  # struct uffdio_writeprotect: range
 MIN_KERNEL = (6, 13)
 PM_UFFD_WP = 1 << 57  # /proc/PID/pagemap: the page is still write-protected (not written since)
 PM_PRESENT = 1 << 63
+# After `criu restore --leave-stopped` (engine.py arms a restored tree before it runs), a handled signal CRIU restored
+# as pending, or that a restored timer raised meanwhile, is delivered before that SIGSTOP when its number is lower
+# (the kernel's next_signal): the kernel writes its frame on the thread's stack or signal stack before the process
+# is armed, and that write would not count. No code of the process runs before the stop, so those frames are the
+# only such writes (and the rseq fields, which the kernel rewrites after every restore). Frames lie from the
+# thread's stack pointer up, at most one per signal below SIGSTOP, each a few KiB with AVX-512's state (about 11 KiB
+# with AMX): this much above each thread's stack pointer reads as written when a restored tree is armed.
+SIGNAL_FRAMES_SPAN = 256 << 10
+STOP_WAIT_SECONDS = 10.0  # for a restored tree's threads to take their SIGSTOP (no code of theirs runs before)
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
 _MAPS = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\S+)[ \t]*(.*)$", re.M)
 
@@ -129,6 +143,54 @@ def writable_mappings(pid: int, proc: str = "/proc") -> List[Tuple[int, int]]:
     return [(int(a, 16), int(b, 16)) for a, b, perms, inode, path in _MAPS.findall(maps)
             if perms[1] == "w" and perms[3] == "p" and inode == "0" and (not path or path.startswith("["))
             and path.strip() not in SPECIAL]
+
+
+def _thread_states(pid: int, proc: str = "/proc") -> Dict[int, str]:
+    out = {}
+    try:
+        tids = os.listdir(f"{proc}/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"{proc}/{pid}/task/{tid}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        out[int(tid)] = stat[stat.rindex(b")") + 2:][:1].decode()
+    return out
+
+
+def wait_stopped(pids: Iterable[int], timeout: float, proc: str = "/proc") -> bool:
+    """Whether every thread of these processes is stopped (or gone) within `timeout` seconds."""
+    pids = list(pids)
+    deadline = time.monotonic() + timeout
+    while True:
+        if all(st in "TtZX" for pid in pids for st in _thread_states(pid, proc).values()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
+def stack_pointers(pid: int, proc: str = "/proc") -> Dict[int, int]:
+    """tid -> user stack pointer of each live thread of a stopped process (/proc/PID/task/TID/syscall ends with
+    "SP PC"). A thread that is not stopped could move it: TrackError."""
+    out = {}
+    for tid, state in _thread_states(pid, proc).items():
+        if state in "ZX":
+            continue
+        if state not in "Tt":
+            raise TrackError(f"thread {tid} is not stopped (state {state})")
+        try:
+            with open(f"{proc}/{pid}/task/{tid}/syscall") as fh:
+                fields = fh.read().split()
+        except OSError:
+            continue
+        if len(fields) < 3:
+            raise TrackError(f"thread {tid} is not stopped ({' '.join(fields)})")
+        out[tid] = int(fields[-2], 16)
+    return out
 
 
 def pagemap_bits(pid: int, start: int, end: int, proc: str = "/proc") -> List[int]:
@@ -287,22 +349,28 @@ class DirtyTracker:
             cls._supported = platform.machine() == "x86_64" and _kernel() >= MIN_KERNEL and _probe()
         return cls._supported
 
-    def arm(self, pids: Iterable[int]) -> Dict[int, str]:
+    def arm(self, pids: Iterable[int], restored: bool = False) -> Dict[int, str]:
         """Write-protect the writable private memory of these stopped processes: pid -> "armed", or why not. The
-        processes stay stopped. Never raises for one process: its pages then read as written."""
+        processes stay stopped. Never raises for one process: its descriptor is let go, and its pages then read as
+        written.
+
+        restored: the processes were just restored with --leave-stopped; the SIGNAL_FRAMES_SPAN above each
+        thread's stack pointer is left reading as written (signal frames the kernel may have written before the
+        stop)."""
         pids = list(pids)
         self._forget_gone()
         out = {}
         for pid in pids:
             try:
-                self._arm_one(pid)
+                self._arm_one(pid, restored)
                 out[pid] = "armed"
             except (TrackError, OSError) as e:
+                self.release([pid])
                 out[pid] = str(e)
                 log.debug("dirty tracking: process %d not armed: %s", pid, e)
         return out
 
-    def _arm_one(self, pid: int) -> None:
+    def _arm_one(self, pid: int, restored: bool = False) -> None:
         start = _start_time(pid, self.proc)
         if start is None:
             raise TrackError("no such process")
@@ -312,16 +380,32 @@ class DirtyTracker:
             held = None
         if held is None:
             held = self._held[pid] = _Held(self._adopt(pid), start)
-        protected = 0
+        protected: List[Tuple[int, int]] = []
         for begin, end in writable_mappings(pid, self.proc):
             try:  # registering a range again with the same descriptor and mode is a no-op
                 _ioctl(held.fd, UFFDIO_REGISTER, begin, end - begin, UFFDIO_REGISTER_MODE_WP, 0)
                 _ioctl(held.fd, UFFDIO_WRITEPROTECT, begin, end - begin, UFFDIO_WRITEPROTECT_MODE_WP)
-                protected += end - begin
+                protected.append((begin, end))
             except OSError as e:  # in use by the job's own userfaultfd, a special mapping, gone: read as written
                 log.debug("dirty tracking: process %d, %#x-%#x not protected: %s", pid, begin, end, e)
         if not protected:
             raise TrackError("no mapping could be protected")
+        if restored:
+            self._unprotect_signal_frames(pid, held.fd, protected)
+
+    def _unprotect_signal_frames(self, pid: int, fd: int, protected: List[Tuple[int, int]]) -> None:
+        """Make SIGNAL_FRAMES_SPAN above each thread's stack pointer read as written. The injected thread goes back
+        into its group's stop once detached (see _Injector), so the stop is waited for first."""
+        if not wait_stopped([pid], STOP_WAIT_SECONDS, self.proc):
+            raise TrackError("not stopped again after arming")
+        page = os.sysconf("SC_PAGE_SIZE")
+        for sp in stack_pointers(pid, self.proc).values():
+            low = sp - sp % page
+            high = low + SIGNAL_FRAMES_SPAN + page
+            for begin, end in protected:
+                a, b = max(low, begin), min(high, end)
+                if a < b:
+                    _ioctl(fd, UFFDIO_WRITEPROTECT, a, b - a, 0)
 
     def _adopt(self, pid: int) -> int:
         """Make the process create a userfaultfd, take a copy of it, and close the process's own."""

@@ -21,7 +21,9 @@ only those (reuse_checks).
 Every store failure is a StoreError (exit 74) naming the path.
 
 Restore: newest generation first, falling back to older ones when one is damaged; images are rebuilt from
-verified chunks, files are put back, the CPU is checked, then `criu restore -d -S` with the new stdio pipes.
+verified chunks, files are put back, the CPU is checked, then `criu restore -d -S` with the new stdio pipes. With
+dirty tracking the tree is restored stopped (--leave-stopped) and armed before it runs (_track_restored), so its
+first checkpoint sends only the pages written since the restore.
 """
 
 from __future__ import annotations
@@ -275,12 +277,12 @@ class Engine:
             return False
         return streamdump.stream_written_only(self.settings, self.criu, stage, previous)
 
-    def _arm(self, pids: List[int]) -> bool:
+    def _arm(self, pids: List[int], restored: bool = False) -> bool:
         """Write-protect the stopped tree's pages, so that the next dump finds the pages written since."""
         tracker = self._dirty_tracker()
         if tracker is None or not pids:
             return False
-        outcome = tracker.arm(pids)
+        outcome = tracker.arm(pids, restored=restored)
         failed = {pid: why for pid, why in outcome.items() if why != "armed"}
         if failed:
             log.debug("dirty tracking not armed for %s", failed)
@@ -578,12 +580,18 @@ class Engine:
             for key, ino in manifest.pipes.items():
                 if key in pipe_fds:
                     inherit[pipe_fds[key]] = f"pipe:[{ino}]"
+            # with dirty tracking the tree stays stopped until it is armed (_track_restored), so that its first
+            # checkpoint sends only the pages written since the restore, as after a periodic checkpoint
+            track = self._dirty_tracker() is not None
             args = dict(pidfile=os.path.join(stage, "restored.pid"), inherit_fds=inherit,
-                        tcp_close=self.settings.tcp_close, sibling=creds is None, cgroup_pid=cgroup_pid)
+                        tcp_close=self.settings.tcp_close, sibling=creds is None, cgroup_pid=cgroup_pid,
+                        leave_stopped=track)
             if streamed:
                 pid = streamdump.restore_streamed(self.criu, chunks, manifest.images, stage, **args)
             else:
                 pid = self.criu.restore(stage, **args)
+            if track:
+                self._track_restored(gen, manifest, pid, stage)
         finally:
             # also after a failed restore or a CPU refusal: the images are in the store and may fill RAM in
             # /dev/shm; CRIU's log is kept elsewhere, named in the error (adapters/criu.py)
@@ -592,6 +600,33 @@ class Engine:
             pid=pid, generation=gen.number, created=manifest.created, skipped=skipped,
             seconds=time.monotonic() - t0, files_written=written,
         )
+
+    def _track_restored(self, gen: Generation, manifest: Manifest, pid: int, stage: str) -> None:
+        """A tree restored with --leave-stopped: write-protect its pages, then let it run. Its memory then equals
+        the images of `gen` except where it writes (the signal frames the kernel may have written before the stop
+        are left reading as written: uffd.SIGNAL_FRAMES_SPAN), so its next dump may be written-only against `gen`
+        (_written_only). Whatever fails here, the tree runs, and its next dump reads every page."""
+        pids: List[int] = []
+        guard: Optional[DumpGuard] = None
+        try:
+            guard = DumpGuard(pid, stage)  # should this process die before the SIGCONT below, the guard sends it
+            pids = capture.ns_pids(pid)
+            from ckpt_agent.adapters import uffd  # noqa: PLC0415 - _dirty_tracker() imported it already
+
+            t0 = time.monotonic()
+            if not uffd.wait_stopped(pids, uffd.STOP_WAIT_SECONDS):
+                log.warning("restored job %s step %s: its processes did not stop within %.0f s; dirty tracking "
+                            "starts at its next checkpoint", gen.job_id, gen.step, uffd.STOP_WAIT_SECONDS)
+            elif self._arm(pids, restored=True):
+                self._armed[(gen.job_id, gen.step)] = (gen.number, manifest.created, pid)
+                log.debug("restored job %s step %s: dirty tracking armed in %.3f s", gen.job_id, gen.step,
+                          time.monotonic() - t0)
+        except (CkptError, OSError) as e:
+            log.warning("restored job %s step %s: dirty tracking not armed: %s", gen.job_id, gen.step, e)
+        finally:
+            _resume(pids or capture.ns_pids(pid))
+            if guard is not None:
+                guard.close()
 
 
 def _mem_available() -> int:

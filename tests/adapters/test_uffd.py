@@ -114,6 +114,35 @@ def test_exactly_the_pages_written_since_arming_read_as_written(child):
     assert child.proc.wait(timeout=30) == 0  # its sleep, interrupted by the arming, went on
 
 
+@pytest.mark.parametrize("restored", [True, False], ids=["restored", "after-a-dump"])
+def test_a_restored_process_is_armed_with_the_span_above_each_stack_pointer_reading_as_written(child, restored):
+    """Signal frames the kernel may write between a restore and its SIGSTOP lie from the stack pointer up: armed as
+    restored, that span reads as written (so the next dump sends it), the rest of the memory as not written."""
+    tracker = uffd.DirtyTracker()
+    try:
+        child.stop()
+        assert tracker.arm([child.pid], restored=restored) == {child.pid: "armed"}
+        assert uffd.wait_stopped([child.pid], 30)
+        (sp,) = uffd.stack_pointers(child.pid).values()
+        low = sp - sp % PAGE
+        span = uffd.pagemap_bits(child.pid, low, low + uffd.SIGNAL_FRAMES_SPAN)
+        in_use = [b for b in span if b & uffd.PM_PRESENT]  # the stack's pages from the pointer up, down to its top
+        assert in_use and span[0] & uffd.PM_PRESENT
+        if restored:
+            assert not any(b & uffd.PM_UFFD_WP for b in span)
+        else:
+            assert all(b & uffd.PM_UFFD_WP for b in in_use)
+        assert all(child.protected())  # the buffer, far from the stack: not written since arming either way
+    finally:
+        tracker.close()
+
+
+def test_stack_pointers_refuse_a_thread_that_is_not_stopped(child):
+    with pytest.raises(uffd.TrackError, match="not stopped"):
+        uffd.stack_pointers(child.pid)
+    assert not uffd.wait_stopped([child.pid], 0)
+
+
 def test_a_process_that_is_gone_is_reported_and_its_descriptor_let_go(tmp_path):
     tracker = uffd.DirtyTracker()
     first = Child(tmp_path)

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 import pytest
+from ckpt_helpers import wait_for
 
 from ckpt_agent.adapters.criu import Criu
 from ckpt_agent.checkpoint import engine as engine_mod
@@ -60,3 +63,37 @@ def test_a_refused_or_failed_restore_leaves_no_images_behind(staged, error):
     assert criu.saw_images == ["cpuinfo.img", "pages-1.img"]  # the images were rebuilt, then the check refused
     left = [os.path.join(b, n) for b in bases if os.path.isdir(b) for n in os.listdir(b)]
     assert left == []
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("failure", ["does-not-stop", "arming-fails"])
+def test_a_restored_tree_that_cannot_be_armed_runs_all_the_same(staged, tmp_path, monkeypatch, failure):
+    """engine._track_restored: whatever goes wrong while a tree restored with --leave-stopped is armed, it gets its
+    SIGCONT, and its next checkpoint is not written-only."""
+    from ckpt_agent.adapters import uffd
+
+    store, _bases = staged
+    eng = Engine(Criu("/bin/false"), store, CheckpointSettings())
+    tree = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(tree.pid, signal.SIGSTOP)
+        wait_for(lambda: _state(tree.pid) == "T", 30, "the stand-in tree to stop")
+        monkeypatch.setattr(engine_mod.capture, "ns_pids", lambda pid: [tree.pid])
+        if failure == "does-not-stop":
+            monkeypatch.setattr(uffd, "wait_stopped", lambda pids, timeout: False)
+        else:
+            def broken(pids, restored=False):
+                raise OSError(5, "Input/output error")
+
+            monkeypatch.setattr(eng, "_arm", broken)
+        gen = store.generations(JOB, STEP)[-1]
+        eng._track_restored(gen, store.load_manifest(gen), tree.pid, str(tmp_path / "stage"))
+        wait_for(lambda: _state(tree.pid) != "T", 30, "the stand-in tree to run again")
+        assert eng._armed == {}
+    finally:
+        tree.kill()
+        tree.wait()

@@ -9,18 +9,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from ckpt_helpers import DATA, page_tool_verdict, pages_images, run_ckpt, start_ckpt, wait_for
+from ckpt_helpers import (
+    DATA,
+    page_tool_verdict,
+    pages_images,
+    run_ckpt,
+    start_ckpt,
+    wait_for,
+    written_only_here,
+)
 
 pytestmark = pytest.mark.criu
 TOOLS = DATA / "runner"
-
-
-def written_only_here() -> bool:
-    """This kernel tracks written pages (adapters/uffd.py) and the CRIU on PATH has patch 0002."""
-    from ckpt_agent.adapters.criu import Criu
-    from ckpt_agent.adapters.uffd import DirtyTracker
-
-    return DirtyTracker.supported() and Criu("criu").can_dump_written_only()
 
 
 @pytest.mark.parametrize("stream", ["always", "off"], ids=["streamed", "staged"])
