@@ -151,6 +151,21 @@ def written_only_here() -> bool:
     return DirtyTracker.supported() and Criu(criu_binary() or "criu").can_dump_written_only()
 
 
+def restore_page_tool_and_check(job: str, argv: List[str], env: Dict[str, str], work: Path, out: Path,
+                                err: Path) -> None:
+    """`ckpt run` the page tool's job again (a restore), ask it to check its memory (page_tool_verdict: intact,
+    after its change), stop it, and expect exit 0; the wrapper is killed on any failure."""
+    proc = start_ckpt("run", "--job-id", job, "--", *argv, env=env, cwd=work, out=out, err=err)
+    try:
+        assert page_tool_verdict(work) == "intact mutated=True"
+        (work / "stop").touch()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def pages_images(manifest):
     """The pages-N.img entries of a manifest as stored (JSON)."""
     return [i for i in manifest["images"] if i["name"].startswith("pages-")]

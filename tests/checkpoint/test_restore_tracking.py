@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import DATA, page_tool_verdict, run_ckpt, start_ckpt, wait_for, written_only_here
+from ckpt_helpers import DATA, restore_page_tool_and_check, run_ckpt, start_ckpt, wait_for, written_only_here
 
 pytestmark = pytest.mark.criu
 TOOLS = DATA / "runner"
@@ -68,16 +68,7 @@ def test_the_first_checkpoint_after_a_restore_sends_only_the_pages_written_since
     second = _manifest(store, job, 2)
     assert second["stats"].get("pages_unchanged", 0) >= 0.9 * 16384, second["stats"]
 
-    proc = start_ckpt("run", "--job-id", job, "--", *argv, env=env, cwd=work, out=tmp_path / "o3",
-                      err=tmp_path / "e3")
-    try:
-        assert page_tool_verdict(work) == "intact mutated=True"
-        (work / "stop").touch()
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    restore_page_tool_and_check(job, argv, env, work, tmp_path / "o3", tmp_path / "e3")
     assert "from checkpoint 2 taken" in (tmp_path / "e3").read_text()
 
 

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 from ckpt_helpers import (
     DATA,
-    page_tool_verdict,
     pages_images,
+    restore_page_tool_and_check,
     run_ckpt,
     start_ckpt,
     wait_for,
@@ -69,16 +69,7 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
     else:
         assert unchanged == [0, 0, 0], unchanged
 
-    proc = start_ckpt("run", "--job-id", job, "--", *argv, env=env, cwd=work, out=tmp_path / "o2",
-                      err=tmp_path / "e2")
-    try:
-        assert page_tool_verdict(work) == "intact mutated=True"
-        (work / "stop").touch()
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    restore_page_tool_and_check(job, argv, env, work, tmp_path / "o2", tmp_path / "e2")
     assert "from checkpoint 3 taken" in (tmp_path / "e2").read_text()
 
 
@@ -301,13 +292,4 @@ def test_a_previous_page_table_that_cannot_be_read_makes_the_dump_read_every_pag
     second = json.loads((store / "123" / "main" / "gen-000002" / "manifest.json").read_text())["manifest"]
     assert "pages_unchanged" not in second["stats"]
 
-    proc = start_ckpt("run", "--job-id", "123", "--", *argv, env=env, cwd=work, out=tmp_path / "o2",
-                      err=tmp_path / "e2")
-    try:
-        assert page_tool_verdict(work) == "intact mutated=True"
-        (work / "stop").touch()
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    restore_page_tool_and_check("123", argv, env, work, tmp_path / "o2", tmp_path / "e2")
