@@ -74,8 +74,8 @@ class AgentBackend:
             "argv": job.argv, "pipe_inodes": job.pipe_inodes, "exclude": sorted(job.exclude), "node": job.node,
             "instance": job.instance, "final": final, "reason": reason, "timeout": timeout,
         })
-        fields = CheckpointResult.__dataclass_fields__
-        return CheckpointResult(**{k: reply[k] for k in fields})
+        fields = [k for k in CheckpointResult.__dataclass_fields__ if k != "pages_unchanged"]
+        return CheckpointResult(**{k: reply[k] for k in fields}, pages_unchanged=int(reply.get("pages_unchanged", 0)))
 
     def wait_cleanups(self, timeout: float) -> bool:
         return True  # the agent, which outlives the wrapper, cleans up after its checkpoints

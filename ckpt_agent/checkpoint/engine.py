@@ -129,6 +129,7 @@ class CheckpointResult:
     frozen_seconds: float
     total_seconds: float
     created: str
+    pages_unchanged: int = 0  # pages dirty tracking found not written since the previous checkpoint (not sent)
 
 
 @dataclass
@@ -436,7 +437,7 @@ class Engine:
         return CheckpointResult(
             generation=number, final=final, reason=reason, bytes_in=stats.bytes_in,
             bytes_written=stats.bytes_written, bytes_new=stats.bytes_new, frozen_seconds=t_frozen,
-            total_seconds=time.monotonic() - t0, created=created,
+            total_seconds=time.monotonic() - t0, created=created, pages_unchanged=unchanged,
         )
 
     def _clean_up(self, job: JobState, user: Optional[Creds], number: int) -> None:

@@ -551,7 +551,8 @@ class Runner:
             self.last_checkpoint = res.generation
             self._emit(ev.CHECKPOINT_COMMITTED, generation=res.generation, final=final, reason=reason,
                        bytes_in=res.bytes_in, bytes_written=res.bytes_written, bytes_new=res.bytes_new,
-                       frozen_seconds=round(res.frozen_seconds, 3), seconds=round(res.total_seconds, 3))
+                       frozen_seconds=round(res.frozen_seconds, 3), seconds=round(res.total_seconds, 3),
+                       pages_unchanged=res.pages_unchanged)
             if final:
                 then = ("it resumes when Slurm requeues the job" if o.mode == "transparent"
                         else "run the same command again to resume")
