@@ -113,6 +113,18 @@ def kill_job(proc: subprocess.Popen, runtime: Path, job: str, step: str = "main"
     proc.wait(timeout=10)
 
 
+def stop_ckpt_run(proc: subprocess.Popen, runtime: Path, job: str, step: str = "main") -> None:
+    """On a test's failure path: a `ckpt run` still running is killed with its job's tree (kill_job), which a restored
+    tree needs (it is no child of the wrapper's once the wrapper dies); one not registered yet, by itself."""
+    if proc.poll() is not None:
+        return
+    try:
+        kill_job(proc, runtime, job, step)
+    except (OSError, ValueError, KeyError):
+        proc.kill()
+        proc.wait()
+
+
 def keep_or_remove(request, workdir: str, what: str) -> None:
     """A stopped cluster's work directory: kept for its logs when a test failed or CKPT_KEEP_CLUSTER=1, else removed."""
     if request.session.testsfailed or os.environ.get("CKPT_KEEP_CLUSTER") == "1":
@@ -154,16 +166,14 @@ def written_only_here() -> bool:
 def restore_page_tool_and_check(job: str, argv: List[str], env: Dict[str, str], work: Path, out: Path,
                                 err: Path) -> None:
     """`ckpt run` the page tool's job again (a restore), ask it to check its memory (page_tool_verdict: intact,
-    after its change), stop it, and expect exit 0; the wrapper is killed on any failure."""
+    after its change), stop it, and expect exit 0; on any failure the wrapper and the tool are killed."""
     proc = start_ckpt("run", "--job-id", job, "--", *argv, env=env, cwd=work, out=out, err=err)
     try:
         assert page_tool_verdict(work) == "intact mutated=True"
         (work / "stop").touch()
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_ckpt_run(proc, Path(env["CKPT_RUNTIME_DIR"]), job)
 
 
 def pages_images(manifest):

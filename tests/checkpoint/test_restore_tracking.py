@@ -12,7 +12,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import DATA, restore_page_tool_and_check, run_ckpt, start_ckpt, wait_for, written_only_here
+from ckpt_helpers import (
+    DATA,
+    restore_page_tool_and_check,
+    run_ckpt,
+    start_ckpt,
+    stop_ckpt_run,
+    wait_for,
+    written_only_here,
+)
 
 pytestmark = pytest.mark.criu
 TOOLS = DATA / "runner"
@@ -39,9 +47,7 @@ def _run_until_final(env, tmp_path: Path, work: Path, job: str, argv, n: int, be
         assert final.returncode == 0, final.stderr
         assert proc.wait(timeout=30) == 75
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_ckpt_run(proc, Path(env["CKPT_RUNTIME_DIR"]), job)
 
 
 def _resumed(err: Path) -> None:
@@ -138,8 +144,6 @@ def test_signal_frames_written_before_the_restored_tree_stops_are_kept_by_its_ne
         (work / "stop").touch()
         code = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_ckpt_run(proc, Path(env["CKPT_RUNTIME_DIR"]), job)
     out = (tmp_path / "o3").read_text()
     assert code == 0 and "entered=6 left=6 bad_words=0 badframe=0" in out, (code, out, (tmp_path / "e3").read_text())
