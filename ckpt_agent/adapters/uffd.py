@@ -217,13 +217,9 @@ class _Injector:
 
     def _live_thread(self) -> int:
         """The leader, or another thread when the leader has exited (a zombie leader cannot be traced)."""
-        for tid in [self.pid] + sorted(int(t) for t in os.listdir(f"{self.proc}/{self.pid}/task")):
-            try:
-                with open(f"{self.proc}/{self.pid}/task/{tid}/stat", "rb") as fh:
-                    stat = fh.read()
-            except OSError:
-                continue
-            if stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X"):
+        states = _thread_states(self.pid, self.proc)
+        for tid in [self.pid] + sorted(states):
+            if states.get(tid, "Z") not in "ZX":
                 return tid
         raise TrackError("no live thread")
 

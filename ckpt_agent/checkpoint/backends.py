@@ -5,6 +5,7 @@ Both offer the same three operations, so the wrapper's logic does not depend on 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -74,8 +75,10 @@ class AgentBackend:
             "argv": job.argv, "pipe_inodes": job.pipe_inodes, "exclude": sorted(job.exclude), "node": job.node,
             "instance": job.instance, "final": final, "reason": reason, "timeout": timeout,
         })
-        fields = [k for k in CheckpointResult.__dataclass_fields__ if k != "pages_unchanged"]
-        return CheckpointResult(**{k: reply[k] for k in fields}, pages_unchanged=int(reply.get("pages_unchanged", 0)))
+        # a field with a default may be missing from an older agent's reply; the others may not
+        fields = dataclasses.fields(CheckpointResult)
+        return CheckpointResult(**{f.name: reply[f.name] for f in fields
+                                   if f.name in reply or f.default is dataclasses.MISSING})
 
     def wait_cleanups(self, timeout: float) -> bool:
         return True  # the agent, which outlives the wrapper, cleans up after its checkpoints
