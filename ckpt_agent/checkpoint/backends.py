@@ -30,6 +30,7 @@ class LocalBackend:
         self.engine = engine
         launcher.become_subreaper()
         engine.sweep_staging()  # images a killed wrapper left in /dev/shm (RAM) go at the next start
+        engine.warm_up()  # measured while the tool starts, not inside its first checkpoint
 
     def launch(self, argv: List[str], cwd: str, env: Mapping[str, str], pipes: Dict[str, int], job_id: str,
                step: str) -> int:

@@ -63,6 +63,7 @@ from ckpt_agent.store.chunks import (
     WriteStats,
     restore_file,
     store_file,
+    warm_up,
 )
 from ckpt_agent.store.generations import (
     CheckpointStore,
@@ -288,6 +289,13 @@ class Engine:
         if failed:
             log.debug("dirty tracking not armed for %s", failed)
         return len(failed) < len(outcome)
+
+    def warm_up(self) -> Optional[threading.Thread]:
+        """When a job starts or is restored on this node: measure what the first compressing checkpoint needs (the
+        codec speeds, the store's bandwidth) in the background, not inside that checkpoint (store/chunks.py)."""
+        if self.settings.compression != "zstd":
+            return None
+        return warm_up(self.store.root)
 
     # --- checkpoint ---------------------------------------------------------------------------------------------
     def sweep_staging(self) -> List[str]:

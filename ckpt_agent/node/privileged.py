@@ -49,6 +49,7 @@ class PrivilegedService:
         self._authorize(job_id, uid)
         if op in ("launch", "restore"):  # a job (re)starts: staging images of checkpointers that died go
             self.engine.sweep_staging()
+            self.engine.warm_up()  # and what its first checkpoint would measure is measured now, in the background
         if op == "launch":
             return self._launch(req, pid, fds)
         if op == "restore":

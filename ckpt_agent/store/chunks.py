@@ -42,7 +42,10 @@ The codec outruns the disk where it can: once per process, zstd's speed at level
 netlist-like text and the store's durable write bandwidth with a small probe file; a store uses the best-compressing
 level whose speed on the compression slots keeps up with that bandwidth (choose_level). Whether a chunk is worth
 compressing at all is decided from a 64 KiB sample in four pieces spread over it (probe): random data costs one
-small compression, not a whole chunk's.
+small compression, not a whole chunk's. `warm_up` takes both measurements in the background when a job starts on the
+node (`ckpt run` as root, the node agent's launch and restore), so that they are not taken inside the job's first
+checkpoint: on a node that has just restored a job, that one may be the final checkpoint of a Spot notice, and the
+probe writes to the shared file system every reclaimed node is writing to at that moment.
 """
 
 from __future__ import annotations
@@ -231,7 +234,8 @@ _measure_lock = threading.Lock()
 
 
 def codec_speeds() -> Dict[int, float]:
-    """zstd level -> compression bytes/s of one core on this machine, measured once per process (~30 ms)."""
+    """zstd level -> compression bytes/s of one core on this machine, measured once per process (about 0.15-0.25 s
+    of one CPU on the 2-vCPU bench machine, much of it building the sample)."""
     with _measure_lock:
         if not _speeds:
             sample = _text_sample(SPEED_SAMPLE_BYTES)
@@ -243,6 +247,20 @@ def codec_speeds() -> Dict[int, float]:
         return dict(_speeds)
 
 
+def _probe_file(root: str) -> Tuple[int, Optional[str]]:
+    """An open file under `root` to time writes with, and its name: unnamed (O_TMPFILE) where the file system
+    allows it, so that a process killed in the middle of the probe leaves nothing behind; else a named one (None:
+    nothing to unlink)."""
+    try:
+        return os.open(root, os.O_TMPFILE | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), None
+    except OSError as e:
+        # EOPNOTSUPP: the file system has no unnamed files; EISDIR: a kernel without O_TMPFILE
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
+            raise
+    path = os.path.join(root, f".bandwidth-probe.tmp-{os.getpid()}")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), path
+
+
 def store_bandwidth(root: str) -> Optional[float]:
     """Bytes/s the store's file system takes durable writes at: BANDWIDTH_PROBE_BYTES written and fdatasync'ed to a
     temporary file under `root`, once per process and file system. None when it cannot be measured."""
@@ -252,9 +270,8 @@ def store_bandwidth(root: str) -> Optional[float]:
         return None
     with _measure_lock:
         if dev not in _bandwidths:
-            path = os.path.join(root, f".bandwidth-probe.tmp-{os.getpid()}")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                fd, path = _probe_file(root)
                 try:
                     block = os.urandom(1 << 20)  # incompressible: a compressing file system must not flatter it
                     t = time.perf_counter()
@@ -264,11 +281,46 @@ def store_bandwidth(root: str) -> Optional[float]:
                     _bandwidths[dev] = BANDWIDTH_PROBE_BYTES / max(time.perf_counter() - t, 1e-6)
                 finally:
                     os.close(fd)
-                    _unlink_quiet(path)
+                    if path is not None:
+                        _unlink_quiet(path)
             except OSError as e:
                 log.debug("cannot measure the write bandwidth of %s: %s", root, e)
                 return None
         return _bandwidths[dev]
+
+
+def measured(root: str) -> bool:
+    """Whether the codec speeds, and the bandwidth of the file system holding `root`, are known to this process."""
+    try:
+        dev = os.stat(root).st_dev
+    except OSError:
+        return bool(_speeds)
+    with _measure_lock:
+        return bool(_speeds) and dev in _bandwidths
+
+
+def warm_up(root: str) -> Optional[threading.Thread]:
+    """Measure the codec speeds and the store's bandwidth now, in a daemon thread, instead of inside the first
+    checkpoint that compresses (see the module docstring). The thread, or None when both are known already. A
+    checkpoint that needs them while the thread runs waits for its measurement instead of taking another."""
+    if measured(root):
+        return None
+    thread = threading.Thread(target=_warm, args=(root,), name="ckpt-measure", daemon=True)
+    thread.start()
+    return thread
+
+
+def _warm(root: str) -> None:
+    t = time.perf_counter()
+    try:
+        speeds = codec_speeds()
+        bandwidth = store_bandwidth(root)
+    except Exception as e:  # noqa: BLE001 - best effort: the first checkpoint measures again and reports
+        log.debug("measuring ahead of the first checkpoint failed: %s", e)
+        return
+    log.debug("measured ahead of the first checkpoint in %.2f s: %s takes %s, zstd level %d chosen",
+              time.perf_counter() - t, root, "unknown bytes/s" if bandwidth is None else f"{bandwidth / 1e6:.0f} MB/s",
+              choose_level(bandwidth, speeds))
 
 
 def choose_level(bandwidth: Optional[float], speeds: Dict[int, float], slots: int = COMPRESS_SLOTS) -> int:

@@ -24,6 +24,7 @@ from ckpt_helpers import (
     registered,
     run_ckpt,
     start_ckpt,
+    stop_ckpt_run,
     wait_for,
 )
 
@@ -154,6 +155,27 @@ def test_output_is_continuous_and_exit_status_passes_through_a_final_checkpoint(
     again = run_ckpt("run", "--job-id", "103", "--", *argv, env=env, cwd=work)
     assert again.returncode == 3
     assert "already finished with status 3" in again.stderr
+
+
+def test_the_wrapper_measures_the_store_while_the_tool_starts_not_in_its_first_checkpoint(ck, tmp_path):
+    """The codec speeds and the store's bandwidth are measured in the background when `ckpt run` starts, so the first
+    checkpoint (on a node that has just restored a job, maybe the final one of a notice) does not take them."""
+    env, store, runtime = ck
+    work = tmp_path / "work"
+    work.mkdir()
+    out, err = tmp_path / "job.out", tmp_path / "job.err"
+    proc = start_ckpt("-v", "run", "--job-id", "104", "--interval", "1000", "--", "sleep", "600", env=env, cwd=work,
+                      out=out, err=err)
+    try:
+        wait_for(lambda: "measured ahead of the first checkpoint" in err.read_text() or proc.poll() is not None, 60,
+                 "the wrapper's measurement")
+        assert proc.poll() is None, err.read_text()
+        assert "checkpoint_started" not in err.read_text()
+        wait_for(lambda: registered(runtime, "104"), 30, "the wrapper's registration")
+        assert run_ckpt("checkpoint", "--job-id", "104", env=env).returncode == 0
+        assert not [p for p in store.rglob("*") if "probe" in p.name]
+    finally:
+        stop_ckpt_run(proc, runtime, "104")
 
 
 def test_sigterm_reaches_the_tool_before_and_after_restore(ck, tmp_path):

@@ -26,6 +26,10 @@ NOBODY = pwd.getpwnam("nobody")
 class FakeEngine:
     def __init__(self):
         self.calls = []
+        self.warmed = 0
+
+    def warm_up(self):  # the real one measures the codecs and the store's bandwidth in the background (test_chunks)
+        self.warmed += 1
 
     def checkpoint(self, job, *, final, reason, timeout=None):
         self.calls.append(("checkpoint", job, final))
@@ -101,6 +105,7 @@ def test_restore_requires_a_signed_checkpoint_of_the_requester(manifest_uid, ok)
         os.close(r)
         os.close(w)
     assert engine.calls[0][:4] == ("restore", "42", "main", True), "only signed checkpoints are restored"
+    assert engine.warmed == 1, "a job restored on this node: its first checkpoint's measurements are taken now"
 
 
 def test_checkpoint_only_of_our_namespace_init_running_the_requesters_job(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -502,6 +503,64 @@ def test_store_bandwidth_is_measured_once_and_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
     assert chunkstore.store_bandwidth(str(tmp_path)) == first  # cached per file system
     assert chunkstore.store_bandwidth(str(tmp_path / "missing")) is None
+
+
+def _listing_at_fdatasync(monkeypatch, root):
+    """The names in `root` while the bandwidth probe waits for its fdatasync."""
+    seen = []
+    real = os.fdatasync
+
+    def spy(fd):
+        seen.append(sorted(os.listdir(root)))
+        return real(fd)
+
+    monkeypatch.setattr(chunkstore, "_bandwidths", {})
+    monkeypatch.setattr(chunkstore.os, "fdatasync", spy)
+    return seen
+
+
+def test_the_bandwidth_probe_has_no_name_a_killed_process_could_leave_behind(tmp_path, monkeypatch):
+    seen = _listing_at_fdatasync(monkeypatch, tmp_path)
+    assert chunkstore.store_bandwidth(str(tmp_path)) > 0
+    assert seen == [[]], "the probe was a named file while it was written"
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_bandwidth_probe_falls_back_to_a_named_file(tmp_path, monkeypatch):
+    """A file system without unnamed files (EOPNOTSUPP): a named probe, removed afterwards."""
+    seen = _listing_at_fdatasync(monkeypatch, tmp_path)
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *a, **kw):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(chunkstore.os, "open", no_tmpfile)
+    assert chunkstore.store_bandwidth(str(tmp_path)) > 0
+    assert seen == [[f".bandwidth-probe.tmp-{os.getpid()}"]]
+    assert os.listdir(tmp_path) == []
+
+
+def test_warm_up_measures_ahead_so_the_first_compression_does_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(chunkstore, "_speeds", {})
+    monkeypatch.setattr(chunkstore, "_bandwidths", {})
+    assert not chunkstore.measured(str(tmp_path))
+    thread = chunkstore.warm_up(str(tmp_path))
+    assert thread is not None and thread.daemon
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert chunkstore.measured(str(tmp_path))
+    assert chunkstore.warm_up(str(tmp_path)) is None, "measured once per process and file system"
+    assert os.listdir(tmp_path) == []
+
+    def measuring_again(*_a):
+        raise AssertionError("measured inside the checkpoint")
+
+    monkeypatch.setattr(chunkstore, "_text_sample", measuring_again)
+    monkeypatch.setattr(chunkstore, "_probe_file", measuring_again)
+    chunks = ChunkStore(str(tmp_path))
+    assert chunks.level in chunkstore.ZSTD_LEVELS
 
 
 @pytest.mark.parametrize("level", chunkstore.ZSTD_LEVELS)
