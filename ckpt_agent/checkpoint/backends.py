@@ -30,14 +30,17 @@ class LocalBackend:
         self.engine = engine
         launcher.become_subreaper()
         engine.sweep_staging()  # images a killed wrapper left in /dev/shm (RAM) go at the next start
-        engine.warm_up()  # measured while the tool starts, not inside its first checkpoint
 
     def launch(self, argv: List[str], cwd: str, env: Mapping[str, str], pipes: Dict[str, int], job_id: str,
                step: str) -> int:
-        return launcher.launch(argv, cwd, env, pipes["stdout"], pipes["stderr"], pipes["status"])
+        pid = launcher.launch(argv, cwd, env, pipes["stdout"], pipes["stderr"], pipes["status"])
+        self.engine.warm_up()  # measured while the tool runs, not inside its first checkpoint
+        return pid
 
     def restore(self, job_id: str, step: str, pipes: Dict[str, int]) -> RestoreResult:
-        return self.engine.restore(job_id, step, pipes)
+        res = self.engine.restore(job_id, step, pipes)
+        self.engine.warm_up()  # after the restore, which is bound by the CPU too
+        return res
 
     def checkpoint(self, job: JobState, *, final: bool, reason: str, timeout: Optional[float]) -> CheckpointResult:
         return self.engine.checkpoint(job, final=final, reason=reason, timeout=timeout)

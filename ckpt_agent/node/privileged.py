@@ -49,11 +49,11 @@ class PrivilegedService:
         self._authorize(job_id, uid)
         if op in ("launch", "restore"):  # a job (re)starts: staging images of checkpointers that died go
             self.engine.sweep_staging()
-            self.engine.warm_up()  # and what its first checkpoint would measure is measured now, in the background
-        if op == "launch":
-            return self._launch(req, pid, fds)
-        if op == "restore":
-            return self._restore(job_id, step, pid, uid, fds)
+            reply = self._launch(req, pid, fds) if op == "launch" else self._restore(job_id, step, pid, uid, fds)
+            # what the job's first checkpoint would measure is measured now, in the background (store/chunks.py),
+            # once the restore is done: it is bound by the CPU too
+            self.engine.warm_up()
+            return reply
         if op == "checkpoint":
             return self._checkpoint(req, job_id, step, pid, uid)
         if op == "requeue" and self.requeuer is not None:

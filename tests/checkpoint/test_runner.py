@@ -164,18 +164,24 @@ def test_the_wrapper_measures_the_store_while_the_tool_starts_not_in_its_first_c
     work = tmp_path / "work"
     work.mkdir()
     out, err = tmp_path / "job.out", tmp_path / "job.err"
-    proc = start_ckpt("-v", "run", "--job-id", "104", "--interval", "1000", "--", "sleep", "600", env=env, cwd=work,
-                      out=out, err=err)
+    proc = None
     try:
-        wait_for(lambda: "measured ahead of the first checkpoint" in err.read_text() or proc.poll() is not None, 60,
-                 "the wrapper's measurement")
-        assert proc.poll() is None, err.read_text()
-        assert "checkpoint_started" not in err.read_text()
-        wait_for(lambda: registered(runtime, "104"), 30, "the wrapper's registration")
-        assert run_ckpt("checkpoint", "--job-id", "104", env=env).returncode == 0
+        for how in ("launched", "restored"):  # a new wrapper process each time, as on the next node
+            err.write_text("")
+            proc = start_ckpt("-v", "run", "--job-id", "104", "--interval", "1000", "--", "sleep", "600", env=env,
+                              cwd=work, out=out, err=err)
+            wanted = ("measured ahead of the first checkpoint", f'"how": "{how}"')
+            wait_for(lambda p=proc, w=wanted: all(s in err.read_text() for s in w) or p.poll() is not None, 60,
+                     f"the measurement of the wrapper that {how} the tool")
+            assert proc.poll() is None, err.read_text()
+            assert "checkpoint_started" not in err.read_text()
+            wait_for(lambda: registered(runtime, "104"), 30, "the wrapper's registration")
+            assert run_ckpt("checkpoint", "--job-id", "104", "--final", env=env).returncode == 0
+            assert proc.wait(timeout=60) == 75
         assert not [p for p in store.rglob("*") if "probe" in p.name]
     finally:
-        stop_ckpt_run(proc, runtime, "104")
+        if proc is not None:
+            stop_ckpt_run(proc, runtime, "104")
 
 
 def test_sigterm_reaches_the_tool_before_and_after_restore(ck, tmp_path):
