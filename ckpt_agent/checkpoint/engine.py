@@ -259,10 +259,14 @@ class Engine:
         self._cleanups_lock = threading.Lock()
 
     def _dirty_tracker(self):
-        """The DirtyTracker, or None where this kernel, CPU architecture or CRIU build cannot track written pages."""
+        """The DirtyTracker, or None where this kernel, CPU architecture or CRIU build cannot track written pages, or
+        where no dump could send only the written pages (`checkpoint.stream: off`, or a CRIU without `--stream`):
+        arming would then cost the tool a fault at its first write to each page, and a restore its --leave-stopped
+        wait, for nothing."""
         if self._tracker is None:
             self._tracker = False
-            if self.settings.dirty_tracking and self.criu.can_dump_written_only():
+            if (self.settings.dirty_tracking and self.settings.stream != "off" and self.criu.can_stream()
+                    and self.criu.can_dump_written_only()):
                 from ckpt_agent.adapters import uffd  # noqa: PLC0415 - only where a checkpoint is taken
 
                 if uffd.DirtyTracker.supported():

@@ -97,3 +97,21 @@ def test_a_restored_tree_that_cannot_be_armed_runs_all_the_same(staged, tmp_path
     finally:
         tree.kill()
         tree.wait()
+
+
+@pytest.mark.parametrize("stream, tracked", [("off", False), ("auto", True), ("always", True)])
+def test_no_dirty_tracking_where_no_dump_could_send_only_the_written_pages(tmp_path, monkeypatch, stream, tracked):
+    """With `checkpoint.stream: off` no dump is written-only, so neither a dump nor a restore arms the tree (the tool
+    would take a fault at its first write to each page for nothing)."""
+    from ckpt_agent.adapters import uffd
+
+    class Patched(Criu):
+        def can_stream(self):
+            return True
+
+        def can_dump_written_only(self):
+            return True
+
+    monkeypatch.setattr(uffd.DirtyTracker, "supported", classmethod(lambda cls: True))
+    eng = Engine(Patched("/bin/false"), CheckpointStore(str(tmp_path)), CheckpointSettings(stream=stream))
+    assert (eng._dirty_tracker() is not None) == tracked
