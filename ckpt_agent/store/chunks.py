@@ -231,6 +231,7 @@ def _text_sample(nbytes: int) -> bytes:
 _speeds: Dict[int, float] = {}
 _bandwidths: Dict[int, float] = {}
 _measure_lock = threading.Lock()
+_warm_lock = threading.Lock()
 
 
 def codec_speeds() -> Dict[int, float]:
@@ -289,22 +290,18 @@ def store_bandwidth(root: str) -> Optional[float]:
         return _bandwidths[dev]
 
 
-def measured(root: str) -> bool:
-    """Whether the codec speeds, and the bandwidth of the file system holding `root`, are known to this process."""
-    try:
-        dev = os.stat(root).st_dev
-    except OSError:
-        return bool(_speeds)
-    with _measure_lock:
-        return bool(_speeds) and dev in _bandwidths
+_warmed: Set[str] = set()  # store roots warm_up was asked to measure (each once per process)
 
 
 def warm_up(root: str) -> Optional[threading.Thread]:
-    """Measure the codec speeds and the store's bandwidth now, in a daemon thread, instead of inside the first
-    checkpoint that compresses (see the module docstring). The thread, or None when both are known already. A
-    checkpoint that needs them while the thread runs waits for its measurement instead of taking another."""
-    if measured(root):
-        return None
+    """Measure the codec speeds and the bandwidth of the file system holding `root` now, in a daemon thread, instead
+    of inside the first checkpoint that compresses (see the module docstring). The thread, or None when this root was
+    asked for before. The caller's thread does not touch the store: a shared file system can hang. A checkpoint that
+    needs the figures while the thread runs waits for its measurement instead of taking another."""
+    with _warm_lock:
+        if root in _warmed:
+            return None
+        _warmed.add(root)
     thread = threading.Thread(target=_warm, args=(root,), name="ckpt-measure", daemon=True)
     thread.start()
     return thread

@@ -545,13 +545,14 @@ def test_the_bandwidth_probe_falls_back_to_a_named_file(tmp_path, monkeypatch):
 def test_warm_up_measures_ahead_so_the_first_compression_does_not(tmp_path, monkeypatch):
     monkeypatch.setattr(chunkstore, "_speeds", {})
     monkeypatch.setattr(chunkstore, "_bandwidths", {})
-    assert not chunkstore.measured(str(tmp_path))
+    monkeypatch.setattr(chunkstore, "_warmed", set())
     thread = chunkstore.warm_up(str(tmp_path))
     assert thread is not None and thread.daemon
     thread.join(timeout=120)
     assert not thread.is_alive()
-    assert chunkstore.measured(str(tmp_path))
-    assert chunkstore.warm_up(str(tmp_path)) is None, "measured once per process and file system"
+    assert set(chunkstore._speeds) == set(chunkstore.ZSTD_LEVELS)
+    assert os.stat(tmp_path).st_dev in chunkstore._bandwidths
+    assert chunkstore.warm_up(str(tmp_path)) is None, "asked once per process and store"
     assert os.listdir(tmp_path) == []
 
     def measuring_again(*_a):
