@@ -35,7 +35,7 @@ BIG_JOB_GIB ?= 12
 
 bench: setup
 	$(PY) bench/checkpoint_bench.py
-	$(PY) bench/checkpoint_bench.py --sizes 1 --kinds random,text --no-profile --stream always
+	$(PY) bench/checkpoint_bench.py --sizes 1 --kinds random,text --no-profile --stream always --repeat 3
 	$(PY) bench/notice_bench.py
 	$(PY) bench/verify_bench.py
 	$(PY) bench/big_job_bench.py --gib $(BIG_JOB_GIB)

@@ -25,7 +25,8 @@ of a full job's memory (a job's first, or after compaction) is measured; `make b
 
 Run as root (CRIU): `make bench`, or `python bench/checkpoint_bench.py --sizes 1,4 [--kinds random,text,zeros]`;
 `--quick` runs 256 MiB cases. One workload runs at a time; the store lives under --dir (default /var/tmp/ckpt-bench,
-on the real disk, not tmpfs).
+on the real disk, not tmpfs). `--repeat N` runs each case N times: the report's figures are then the medians of each
+time, and every run's times are listed below them (on a noisy VM one run can be off by half).
 """
 
 from __future__ import annotations
@@ -306,6 +307,23 @@ def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, 
     return r
 
 
+TIMES = ("ckpt_wall", "ckpt_engine", "incr_wall", "restore_wall", "restore_engine", "after_restore_wall", "dd", "read")
+
+
+def median_case(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One case's runs as one result: each time is the median of the runs' (ratios are then taken between medians;
+    this VM's noise is as large as the effects measured), the stats of the run whose full checkpoint took the median
+    time; `runs` keeps every run's times for the report."""
+    if len(runs) == 1:
+        return runs[0]
+    middle = sorted(runs, key=lambda r: r["ckpt_wall"])[len(runs) // 2]
+    out = dict(middle)
+    for key in TIMES:
+        out[key] = statistics.median(r[key] for r in runs)
+    out["runs"] = [{key: r[key] for key in TIMES} for r in runs]
+    return out
+
+
 # --- profile of the chunk pipeline --------------------------------------------------------------------------------
 def profile_kind(kind: str, store_dir: Path, mib: int) -> Dict[str, float]:
     """Seconds per GiB for each part of storing images, with the engine's own chunk code and worker count."""
@@ -414,6 +432,19 @@ def report(results: List[Dict[str, Any]], profile: Dict[str, Dict[str, float]],
               f"({fmt_ratio(r['after_restore_wall'] / r['ckpt_wall'])} of the first checkpoint's), "
               f"{s3['bytes_written'] / MIB:.1f} MiB written, frozen {s3['frozen_seconds']:.2f} s; "
               + _tracking(s3, r["stats1"], "the restored one"))
+    repeated = [r for r in results if r.get("runs")]
+    if repeated:
+        print()
+        print("every run (seconds; the figures above are the medians):")
+        for r in repeated:
+            runs = r["runs"]
+            print(f"  {r['kind']} {r['mib']} MiB, {len(runs)} runs:")
+            for key, label in (("ckpt_wall", "full checkpoint"), ("dd", "dd"), ("incr_wall", "incremental"),
+                               ("restore_engine", "restore"), ("read", "cold read"),
+                               ("after_restore_wall", "after the restore")):
+                print(f"    {label:<18} " + " ".join(f"{x[key]:.2f}" for x in runs))
+            ratios = " ".join(fmt_ratio(x["ckpt_wall"] / x["dd"]) for x in runs)
+            print(f"    full checkpoint / dd, run by run: {ratios}")
     print()
     speeds = chunkstore.codec_speeds()
     level = chunkstore.choose_level(bandwidth, speeds)
@@ -457,6 +488,8 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="/var/tmp/ckpt-bench", help="working directory on the disk under test")
     p.add_argument("--dd-runs", type=int, default=3, help="dd runs per case; the median is used")
     p.add_argument("--no-profile", action="store_true", help="skip the chunk pipeline profile")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run each case N times; the report uses each time's median and lists every run's")
     p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     p.add_argument("--keep", action="store_true", help="keep --dir afterwards")
     p.add_argument("--leave-page-reporting", action="store_true",
@@ -467,6 +500,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("checkpoint_bench: needs root (CRIU)", file=sys.stderr)
+        return 2
+    if args.repeat < 1:
+        print("checkpoint_bench: --repeat needs at least 1", file=sys.stderr)
         return 2
     sizes = [0.25] if args.quick else [float(s) for s in args.sizes.split(",") if s.strip()]
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -492,7 +528,12 @@ def main(argv=None) -> int:
                 if mem_available() < need:
                     log(f"skipping {kind} {mib} MiB: needs {need >> 30} GiB of available memory")
                     continue
-                results.append(run_case(base, store, env, mib, kind, args.dd_runs))
+                runs = []
+                for n in range(args.repeat):
+                    if args.repeat > 1:
+                        log(f"{kind} {mib} MiB: run {n + 1} of {args.repeat}")
+                    runs.append(run_case(base, store, env, mib, kind, args.dd_runs))
+                results.append(median_case(runs))
         profile = {}
         if not args.no_profile:
             for kind in kinds:
