@@ -265,7 +265,7 @@ class Engine:
         wait, for nothing."""
         if self._tracker is None:
             self._tracker = False
-            if (self.settings.dirty_tracking and self.settings.stream != "off" and self.criu.can_stream()
+            if (self.settings.dirty_tracking and streamdump.allowed(self.settings, self.criu)
                     and self.criu.can_dump_written_only()):
                 from ckpt_agent.adapters import uffd  # noqa: PLC0415 - only where a checkpoint is taken
 

@@ -793,10 +793,16 @@ class StoreSource:
 MODES = STREAM_MODES  # checkpoint.stream in agent.yaml and the site file (node/fields.py)
 
 
+def allowed(settings, criu) -> bool:
+    """Whether any dump may stream on this node: checkpoint.stream is not `off` and this CRIU has --stream (a dump
+    that sends only written pages streams, so dirty tracking needs this too: engine._dirty_tracker)."""
+    return getattr(settings, "stream", "auto") != "off" and criu.can_stream()
+
+
 def wanted(settings, criu, images_dir: str) -> bool:
-    """Whether streaming may be used at all (not `off`, this CRIU has --stream, and the images directory is short
-    enough for a socket address). Restores always stream then."""
-    if getattr(settings, "stream", "auto") == "off" or not criu.can_stream():
+    """Whether streaming may be used at all (allowed, and the images directory is short enough for a socket
+    address). Restores always stream then."""
+    if not allowed(settings, criu):
         return False
     if not imgstream.sockets_fit(images_dir):
         log.warning("%s is too long a path for CRIU's streamer sockets: images are staged instead", images_dir)
