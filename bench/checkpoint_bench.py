@@ -32,6 +32,7 @@ time, and every run's times are listed below them (on a noisy VM one run can be 
 from __future__ import annotations
 
 import argparse
+import compileall
 import concurrent.futures
 import contextlib
 import hashlib
@@ -56,6 +57,7 @@ sys.path.insert(0, str(BENCH))
 from memhog import BLOCK, POOL_MIB, netlist_pool  # noqa: E402
 from vmhost import held_page_reporting  # noqa: E402
 
+from ckpt_agent import PACKAGE_DIR  # noqa: E402
 from ckpt_agent.store import chunks as chunkstore  # noqa: E402
 
 MIB = 1 << 20
@@ -510,6 +512,9 @@ def main(argv=None) -> int:
     if bad:
         print(f"checkpoint_bench: unknown kind(s) {', '.join(bad)}; use {', '.join(KINDS)}", file=sys.stderr)
         return 2
+    # `ckpt checkpoint` is timed from its start: measure it with bytecode, as a node's wheel install has it (an
+    # editable checkout under PYTHONDONTWRITEBYTECODE would compile its modules again in every call, ~60 ms here)
+    compileall.compile_dir(PACKAGE_DIR, quiet=1)
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="run-", dir=base))

@@ -35,6 +35,9 @@ def refresh(venv: str = SHARED_VENV) -> str:
     tmp = dest.with_name("ckpt_agent.new")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(PACKAGE_DIR, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # compiled by the venv's own interpreter, as pip compiles a wheel it installs: without bytecode every `ckpt`
+    # command of a user's job compiles its modules again (PYTHONDONTWRITEBYTECODE, or a directory it cannot write)
+    proc.run([os.path.join(bin_dir, "python"), "-m", "compileall", "-q", "-d", str(dest), str(tmp)], timeout=120)
     for root, _dirs, files in os.walk(tmp):
         os.chmod(root, 0o755)
         for f in files:
