@@ -17,7 +17,7 @@ import os
 import re
 import struct
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ckpt_agent.errors import CommandError, CriuError, IncompatibleCpuError
 from ckpt_agent.util import proc
@@ -35,6 +35,9 @@ WRITTEN_ONLY_ENV = "CKPT_CRIU_WRITTEN_ONLY"  # set to 1: pages still userfaultfd
 _PAGEMAP_MAGIC = 0x56084025
 _PE_PARENT = 1 << 0
 _PE_PRESENT = 1 << 2
+_CORE_MAGIC = 0x55053847  # criu/include/magic.h
+TASK_STOPPED = 0x03  # criu/include/pid.h (COMPEL_TASK_STOPPED): task_core_entry.task_state of a stopped process
+CORE_IMAGE = re.compile(r"core-(\d+)\.img$")  # one per thread, named by its pid in the dumped tree's namespace
 
 
 class Criu:
@@ -293,6 +296,67 @@ def _fields(msg: bytes) -> Dict[int, int]:
     except IndexError:
         raise ValueError("truncated varint") from None
     return out
+
+
+def _protobuf_fields(msg: bytes) -> Iterator[Tuple[int, Union[int, bytes, None]]]:
+    """(field number, value) of each field of protobuf `msg`: an int for a varint, the bytes of a length-delimited
+    one, None for fixed-width ones (not needed here). ValueError when `msg` is not whole."""
+    i, n = 0, len(msg)
+    while i < n:
+        key, i = read_varint(msg, i)
+        wire, value = key & 7, None
+        if wire == 0:
+            value, i = read_varint(msg, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            size, i = read_varint(msg, i)
+            value, i = msg[i:i + size], i + size
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+        if i > n:
+            raise ValueError("truncated field")
+        yield key >> 3, value
+
+
+def core_task_state(image: bytes) -> Optional[int]:
+    """task_core_entry.task_state of a core-N.img (CRIU writes it for each process; a thread's core has none:
+    None). ValueError for anything that is not a core image."""
+    if len(image) < 12 or struct.unpack_from("<I", image, 4)[0] != _CORE_MAGIC:
+        raise ValueError("not a core image")
+    size = struct.unpack_from("<I", image, 8)[0]
+    if 12 + size > len(image):
+        raise ValueError("core image ends inside its entry")
+    tc = None
+    for field, value in _protobuf_fields(image[12:12 + size]):
+        if field == 3 and isinstance(value, bytes):  # core_entry.tc
+            tc = value
+    if tc is None:
+        return None
+    state = None
+    for field, value in _protobuf_fields(tc):
+        if field == 1 and isinstance(value, int):  # task_core_entry.task_state
+            state = value
+    return state
+
+
+def stopped_tasks(images: Dict[str, bytes]) -> List[int]:
+    """The pids (in the dumped tree's namespace) of the processes CRIU found stopped, from the core images of a dump
+    {name: bytes}: a process the job itself stopped (SIGSTOP, SIGTSTP) is recorded stopped, and must stay so when
+    the tree CRIU left stopped is let go. A core image that cannot be read names no process (it then runs again)."""
+    out = []
+    for name, data in images.items():
+        m = CORE_IMAGE.match(os.path.basename(name))
+        if not m:
+            continue
+        try:
+            if core_task_state(data) == TASK_STOPPED:
+                out.append(int(m.group(1)))
+        except ValueError as e:
+            log.debug("image %s: %s", name, e)
+    return sorted(out)
 
 
 def _varint(value: int) -> bytes:

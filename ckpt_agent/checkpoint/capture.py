@@ -52,6 +52,22 @@ def ns_pids(init_pid: int) -> List[int]:
     return sorted(pids)
 
 
+def by_ns_pid(pids: Iterable[int]) -> Dict[int, int]:
+    """{pid in its own (innermost) PID namespace: host pid} of these host pids, from /proc/<pid>/status NSpid (what
+    CRIU names a dumped tree's images by); a process that is gone is left out."""
+    out: Dict[int, int] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("NSpid:"):
+                        out[int(line.split()[-1])] = pid
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def tree_rss_bytes(pids: Iterable[int]) -> int:
     total = 0
     for pid in pids:

@@ -5,7 +5,8 @@ Checkpoint, numbered plan:
   2. `criu dump --leave-stopped`, streamed into the store as it is dumped (streamdump.py; step 5 is then done
      here), else into a staging directory: the tree is frozen from here on;
   3. capture the working directory, extra paths and every file open for writing (incremental);
-  4. periodic: let the tool run again (SIGCONT) — it was frozen only for steps 2 and 3;
+  4. periodic: let the tool run again (SIGCONT) — it was frozen only for steps 2 and 3; a process the job had
+     stopped itself stays stopped (CRIU's core image says so: _held);
   5. chunk the images into the store (only new chunks are written, compressed where it pays);
   6. commit: sync the file system, write the manifest last, rename the generation into place;
   7. final: kill the tree once the commit is durable; on any failure before that, the tool resumes instead;
@@ -46,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from ckpt_agent.adapters.criu import Criu, pages_cut_points, pages_runs
+from ckpt_agent.adapters.criu import CORE_IMAGE, Criu, pages_cut_points, pages_runs, stopped_tasks
 from ckpt_agent.checkpoint import capture, streamdump
 from ckpt_agent.errors import (
     CkptError,
@@ -143,12 +144,52 @@ class RestoreResult:
     files_written: int
 
 
-def _resume(pids: List[int]) -> None:
+NS_INIT_PID = 1  # the job's namespace init (nsinit.py), the root of the tree CRIU dumps, in its own namespace
+
+
+def _resume(pids: List[int], held: Set[int] = frozenset()) -> None:
+    """Let the tree CRIU left stopped run again, but the processes in `held`: those the job had stopped itself."""
     for pid in pids:
+        if pid in held:
+            continue
         try:
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+def _held(core_images: Dict[str, bytes], pids: List[int]) -> Set[int]:
+    """Host pids (of `pids`, the tree's) of the processes CRIU recorded as stopped in these core images: stopped by
+    the job itself (SIGSTOP, SIGTSTP), which a restore leaves stopped and so must the resume after a dump. CRIU
+    names the images by the pid in the tree's namespace."""
+    try:
+        vpids = stopped_tasks(core_images)
+        if not vpids:
+            return set()
+        by_vpid = capture.by_ns_pid(pids)
+        held = {by_vpid[v] for v in vpids if v in by_vpid}
+    except Exception as e:  # noqa: BLE001 - never a reason to leave the whole tree stopped
+        log.warning("cannot tell which processes the job stopped itself (%s): every one runs again", e)
+        return set()
+    log.debug("processes the job stopped itself stay stopped: %s", sorted(held))
+    return held
+
+
+def _core_images_in(images_dir: str) -> Dict[str, bytes]:
+    """The core-N.img images of a dump or restore staged in `images_dir` (a few KiB a thread)."""
+    out: Dict[str, bytes] = {}
+    try:
+        names = os.listdir(images_dir)
+    except OSError:
+        return out
+    for name in names:
+        if CORE_IMAGE.match(name):
+            try:
+                with open(os.path.join(images_dir, name), "rb") as fh:
+                    out[name] = fh.read()
+            except OSError:
+                continue
+    return out
 
 
 def _kill(init_pid: int) -> None:
@@ -334,6 +375,7 @@ class Engine:
             chunks.verify_reused, chunks.scrub = reuse_checks(number, final)
             stage = self._staging_dir(job)
             stopped: List[int] = []
+            held: Set[int] = set()  # of `stopped`, those the job had stopped itself: left so
             resumed = False
             timings: Dict[str, float] = {"prepare_seconds": time.monotonic() - t0}  # where a checkpoint's time goes
             try:
@@ -361,6 +403,7 @@ class Engine:
                     timings["dump_seconds"] = time.monotonic() - t_step
                     t_step = time.monotonic()
                     stopped = capture.ns_pids(job.init_pid)
+                    held = _held(streamed.core_images() if streamed is not None else _core_images_in(stage), stopped)
                     open_files = capture.open_writable_files(stopped)
                     roots = [job.cwd] + list(self.settings.extra_paths)
                     exclude = set(job.exclude) | {store.root, stage, os.path.dirname(stage)}
@@ -378,7 +421,7 @@ class Engine:
                     if not final:
                         # the tool runs again while the page tables are made and stored (a staged dump's images are
                         # stored after this point too)
-                        _resume(stopped)
+                        _resume(stopped, held)
                         resumed = True
                         guard.tell(DumpGuard.RESUMED)
                     t_step = time.monotonic()
@@ -399,7 +442,7 @@ class Engine:
                             guard = DumpGuard(job.init_pid, stage)
                             resumed = False
                         else:
-                            _resume(stopped)
+                            _resume(stopped, held)
                         t_step = time.monotonic()
                         continue
                     break
@@ -430,7 +473,7 @@ class Engine:
                 with acting_as(user):
                     store.abort(partial)
                 if not resumed:  # a failed checkpoint never costs the running tool anything, even a failed dump
-                    _resume(stopped or capture.ns_pids(job.init_pid))
+                    _resume(stopped or capture.ns_pids(job.init_pid), held)
                 if guard is not None:
                     guard.close()
                 if isinstance(e, OSError):
@@ -599,12 +642,24 @@ class Engine:
             args = dict(pidfile=os.path.join(stage, "restored.pid"), inherit_fds=inherit,
                         tcp_close=self.settings.tcp_close, sibling=creds is None, cgroup_pid=cgroup_pid,
                         leave_stopped=track)
+            core_images: Dict[str, bytes] = {}  # which processes were stopped
             if streamed:
-                pid = streamdump.restore_streamed(self.criu, chunks, manifest.images, stage, **args)
+                pid = streamdump.restore_streamed(self.criu, chunks, manifest.images, stage, core_images=core_images,
+                                                  **args)
             else:
                 pid = self.criu.restore(stage, **args)
+                core_images = _core_images_in(stage)
+            # the namespace's init stopped too: the whole job was stopped from outside when it was checkpointed
+            # (Slurm's suspend stops every process of a job; from inside, nothing can stop init), and its requeued
+            # run is not suspended: every process runs. Else those the job stopped itself stay stopped.
+            suspended = NS_INIT_PID in stopped_tasks(core_images)
+            if suspended:
+                log.info("job %s step %s was stopped from outside when checkpoint %d was taken; its restored "
+                         "processes run", gen.job_id, gen.step, gen.number)
             if track:
-                self._track_restored(gen, manifest, pid, stage)
+                self._track_restored(gen, manifest, pid, stage, {} if suspended else core_images)
+            elif suspended:  # CRIU restored them stopped
+                _resume(capture.ns_pids(pid))
         finally:
             # also after a failed restore or a CPU refusal: the images are in the store and may fill RAM in
             # /dev/shm; CRIU's log is kept elsewhere, named in the error (adapters/criu.py)
@@ -614,11 +669,13 @@ class Engine:
             seconds=time.monotonic() - t0, files_written=written,
         )
 
-    def _track_restored(self, gen: Generation, manifest: Manifest, pid: int, stage: str) -> None:
-        """A tree restored with --leave-stopped: write-protect its pages, then let it run. Its memory then equals
-        the images of `gen` except where it writes (the signal frames the kernel may have written before the stop
-        are left reading as written: uffd.SIGNAL_FRAMES_SPAN), so its next dump may be written-only against `gen`
-        (_written_only). Whatever fails here, the tree runs, and its next dump reads every page."""
+    def _track_restored(self, gen: Generation, manifest: Manifest, pid: int, stage: str,
+                        core_images: Optional[Dict[str, bytes]] = None) -> None:
+        """A tree restored with --leave-stopped: write-protect its pages, then let it run (but the processes its
+        `core_images` record as stopped). Its memory then equals the images of `gen` except where it writes (the
+        signal frames the kernel may have written before the stop are left reading as written:
+        uffd.SIGNAL_FRAMES_SPAN), so its next dump may be written-only against `gen` (_written_only). Whatever
+        fails here, the tree runs, and its next dump reads every page."""
         pids: List[int] = []
         guard: Optional[DumpGuard] = None
         try:
@@ -637,7 +694,8 @@ class Engine:
         except (CkptError, OSError) as e:
             log.warning("restored job %s step %s: dirty tracking not armed: %s", gen.job_id, gen.step, e)
         finally:
-            _resume(pids or capture.ns_pids(pid))
+            pids = pids or capture.ns_pids(pid)
+            _resume(pids, _held(core_images or {}, pids))
             if guard is not None:
                 guard.close()
 

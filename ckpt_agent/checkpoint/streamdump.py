@@ -37,7 +37,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from ckpt_agent.adapters.criu import PagemapReader, pagemap_pages_id, pages_runs_from
+from ckpt_agent.adapters.criu import CORE_IMAGE, PagemapReader, pagemap_pages_id, pages_runs_from
 from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.node.fields import STREAM_MODES
 from ckpt_agent.store import imgstream, pagedelta
@@ -599,7 +599,10 @@ class StreamDump:
         else:
             pagemap = name.startswith("pagemap-")
             task_pagemap = self.written_only and _PAGEMAP_NAME.match(name) is not None
-            sink = FileSink(name, self.putter, keep=pagemap, store=not (pagemap and self.written_only),
+            # pagemaps and core images (a few KiB a thread: the engine reads which processes CRIU found stopped)
+            # are kept as well as stored
+            keep = pagemap or CORE_IMAGE.match(name) is not None
+            sink = FileSink(name, self.putter, keep=keep, store=not (pagemap and self.written_only),
                             reader=PagemapReader() if task_pagemap else None)
         with self._lock:
             self.sinks[name] = sink
@@ -657,9 +660,15 @@ class StreamDump:
         self._times["drained"] = time.monotonic() - self._t0
         self._drained = True
 
+    def core_images(self) -> Dict[str, bytes]:
+        """The dump's core-N.img images, after drain()."""
+        return {n: bytes(s.kept) for n, s in list(self.sinks.items())
+                if isinstance(s, FileSink) and s.kept is not None and CORE_IMAGE.match(n)}
+
     def finish(self) -> Tuple[List[ImageEntry], WriteStats]:
         self.drain()
-        kept = {n: bytes(s.kept) for n, s in self.sinks.items() if isinstance(s, FileSink) and s.kept is not None}
+        kept = {n: bytes(s.kept) for n, s in self.sinks.items()
+                if isinstance(s, FileSink) and s.kept is not None and n.startswith("pagemap-")}
         pagemaps = list(kept.values())
         read = self._read_pagemaps()
         holes = {n: v for n, v in read.items() if any(parent for _, _, parent in v[1])} if self.written_only else {}
@@ -727,10 +736,11 @@ class StoreSource:
     delta come back to is kept (up to HELD_CHUNKS) until its last use."""
 
     def __init__(self, chunks: ChunkStore, images: List[ImageEntry],
-                 pool: Optional[concurrent.futures.Executor] = None):
+                 pool: Optional[concurrent.futures.Executor] = None, kept: Optional[Dict[str, bytes]] = None):
         self.chunks = chunks
         self.pool = pool
         self.images = {os.path.basename(i.name): i for i in images}
+        self.kept = kept  # core images served go here too (which processes were stopped: engine.py)
 
     def exists(self, name: str) -> bool:
         return name in self.images
@@ -754,6 +764,7 @@ class StoreSource:
         ahead = 0
         batch: List[memoryview] = []  # pieces not yet written, up to WRITE_BATCH_BYTES (writev_all)
         batched = 0
+        keep = bytearray() if self.kept is not None and CORE_IMAGE.match(name) else None
         try:
             for n, (idx, off, length) in enumerate(pieces):
                 while ahead < len(order) and ahead <= rank[idx] + PREFETCH_CHUNKS:
@@ -769,6 +780,8 @@ class StoreSource:
                     batch, batched = [], 0
                 batch.append(memoryview(fut.result())[off:off + length])
                 batched += length
+                if keep is not None:
+                    keep += batch[-1]
                 if batched >= WRITE_BATCH_BYTES or len(batch) >= imgstream.IOV_BATCH:
                     imgstream.writev_all(fd, batch)
                     batch, batched = [], 0
@@ -778,6 +791,8 @@ class StoreSource:
                     held.pop(next(iter(held))).cancel()
             if batch:
                 imgstream.writev_all(fd, batch)
+            if keep is not None:
+                self.kept[name] = bytes(keep)
         finally:
             for fut in held.values():
                 fut.cancel()
@@ -874,10 +889,12 @@ class _Done:
         return False
 
 
-def restore_streamed(criu, chunks: ChunkStore, images: List[ImageEntry], images_dir: str, **restore_args) -> int:
-    """`criu restore --stream` fed from the store through the serve socket. Returns the restored root's pid."""
+def restore_streamed(criu, chunks: ChunkStore, images: List[ImageEntry], images_dir: str,
+                     core_images: Optional[Dict[str, bytes]] = None, **restore_args) -> int:
+    """`criu restore --stream` fed from the store through the serve socket. Returns the restored root's pid; the
+    core images CRIU read are copied into `core_images` when given."""
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-        server = imgstream.ServeServer(images_dir, StoreSource(chunks, images, pool)).start()
+        server = imgstream.ServeServer(images_dir, StoreSource(chunks, images, pool, core_images)).start()
         try:
             pid = criu.restore(images_dir, stream=True, **restore_args)
         finally:

@@ -421,3 +421,66 @@ def test_the_written_only_patch_is_asked_for_only_when_wanted(monkeypatch):
     seen.clear()
     c.dump(42, "/nonexistent")
     assert seen["env"] is None
+
+
+# --- which processes CRIU found stopped (core images) -------------------------------------------------------------
+def _core(*fields):
+    """A core-N.img as CRIU writes it: the two magics, then one core_entry of `fields` ((number, int or bytes))."""
+    import struct
+
+    def msg(items):
+        out = b""
+        for k, v in items:
+            if isinstance(v, bytes):
+                out += criu_mod._varint(k << 3 | 2) + criu_mod._varint(len(v)) + v
+            else:
+                out += criu_mod._varint(k << 3) + criu_mod._varint(v)
+        return out
+
+    body = msg(fields)
+    return struct.pack("<III", 0x54564319, criu_mod._CORE_MAGIC, len(body)) + body
+
+
+def _task_core(state):
+    """task_core_entry: task_state (1), exit_code (2), comm (6), blk_sigset (5), as CRIU fills them."""
+    return [(1, state), (2, 0), (6, b"sleep"), (5, 1 << 40)]
+
+
+def _msg(items):
+    return _core(*items)[12:]
+
+
+def test_the_task_state_is_read_from_a_core_image_and_threads_have_none():
+    stopped = _core((1, 1), (2, b"\x0a\x00"), (3, _msg(_task_core(3))), (5, b""))
+    alive = _core((1, 1), (3, _msg(_task_core(1))), (5, b""))
+    thread = _core((1, 1), (2, b"\x0a\x00"), (5, b"\x08\x01"))  # a thread's core: no task_core_entry
+    assert criu_mod.core_task_state(stopped) == criu_mod.TASK_STOPPED
+    assert criu_mod.core_task_state(alive) == 1
+    assert criu_mod.core_task_state(thread) is None
+    images = {"core-7.img": stopped, "core-1.img": alive, "core-8.img": thread, "pstree.img": stopped,
+              "core-9.img": stopped[:-3], "core-10.img": b"\0" * 40}
+    # a damaged or foreign core image names no process: that one runs again, as before
+    assert criu_mod.stopped_tasks(images) == [7]
+    for bad in (stopped[:-3], stopped[:11], _core((3, b"\x08")), b"\0" * 40):
+        with pytest.raises(ValueError):
+            criu_mod.core_task_state(bad)
+
+
+@pytest.mark.criu
+def test_the_process_criu_finds_stopped_is_named_by_its_core_image(tmp_path):
+    require_criu()
+    script = "import os, signal, time\npid = os.fork()\nif pid == 0:\n    time.sleep(600)\n    os._exit(0)\n" \
+             "os.kill(pid, signal.SIGSTOP)\nopen('ready', 'w').write(str(pid))\ntime.sleep(600)\n"
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        child = int(wait_for(lambda: (tmp_path / "ready").exists() and (tmp_path / "ready").read_text(), 30,
+                             "the child to be stopped"))
+        images = str(tmp_path / "d")
+        dump(proc.pid, images)
+        found = {n: open(os.path.join(images, n), "rb").read() for n in os.listdir(images)
+                 if criu_mod.CORE_IMAGE.match(n)}
+        assert criu_mod.stopped_tasks(found) == [child]  # not in a PID namespace: the host pid
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

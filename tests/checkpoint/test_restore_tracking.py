@@ -101,8 +101,9 @@ def _pending(pid: int) -> int:
 
 def test_signal_frames_written_before_the_restored_tree_stops_are_kept_by_its_next_checkpoint(ck, tmp_path):
     """Six handled signals pending at a restore are delivered before CRIU's SIGSTOP, so the kernel writes their frames
-    before the tree is armed (data/runner/sigframes.c). The next checkpoint is taken while the innermost handler waits
-    and is written-only; after a restore from it, every handler must return through an intact frame. Without the
+    before the tree is armed (data/runner/sigframes.c). The tool was stopped when checkpointed, so it is restored
+    stopped; the test sends it SIGCONT. The next checkpoint is taken while the innermost handler waits and is
+    written-only; after a restore from it, every handler must return through an intact frame. Without the
     span above each stack pointer reading as written (uffd.SIGNAL_FRAMES_SPAN), the outer frames, not written since
     the arming, were taken from the previous checkpoint, which has no frames there: the tool died or saw them
     changed."""
@@ -131,6 +132,9 @@ def test_signal_frames_written_before_the_restored_tree_stops_are_kept_by_its_ne
 
     def inside_the_handlers(err: Path) -> None:
         _resumed(err)
+        # it was stopped when checkpointed, so it is restored stopped (the engine sends the others SIGCONT): its
+        # frames are written by now, and whoever stopped it lets it go on
+        os.kill(wait_for(lambda: _tool_pid(work, "sigframes"), 30, "the tool's pid"), signal.SIGCONT)
         wait_for(lambda: (work / "inside").exists(), 30, "the innermost handler")
 
     _run_until_final(env, tmp_path, work, job, [str(tool)], 2, inside_the_handlers)
