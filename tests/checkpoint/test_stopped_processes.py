@@ -97,24 +97,37 @@ def test_a_periodic_checkpoint_leaves_the_process_the_job_stopped_stopped(ck, tm
         stop_ckpt_run(proc, runtime, "41")
 
 
-@pytest.mark.parametrize("mode", ["always", "off"])
-def test_a_restored_job_gets_its_stopped_process_back_stopped(ck, tmp_path, mode):
-    env, _store, runtime = ck
+def _final_then_restored(env, runtime: Path, tmp_path: Path, mode: str, job: str, before_final=lambda: None):
+    """The tool under `ckpt run` (checkpoint.stream `mode`), `before_final()` once it stopped its child, a final
+    checkpoint, then `ckpt run` again: the new wrapper once it says the tool is resumed (the caller stops it)."""
     _stream(env, mode)
     if mode == "always" and not written_only_here():
         pytest.skip("the engine resumes a restored tree itself only with dirty tracking (Linux >= 6.13 on x86_64)")
     work = tmp_path / "work"
     work.mkdir()
-    argv = ["run", "--job-id", "42", "--interval", "100000", "--", "python3", "-c", TOOL, MARK]
+    argv = ["run", "--job-id", job, "--interval", "100000", "--", "python3", "-c", TOOL, MARK]
     proc = start_ckpt(*argv, env=env, cwd=work, out=tmp_path / "out", err=tmp_path / "err")
     try:
         wait_for(lambda: (work / "ready").exists(), 60, "the job to stop its child")
-        final = run_ckpt("checkpoint", "--job-id", "42", "--final", env=env)
+        before_final()
+        final = run_ckpt("checkpoint", "--job-id", job, "--final", env=env)
         assert final.returncode == 0, final.stderr
         assert proc.wait(timeout=30) == 75
         assert _stopped_one(work) is None
         proc = start_ckpt(*argv, env=env, cwd=work, out=tmp_path / "out2", err=tmp_path / "err2")
         wait_for(lambda: "resumed job" in (tmp_path / "err2").read_text(), 60, "the restore")
+        return proc
+    except BaseException:
+        stop_ckpt_run(proc, runtime, job)
+        raise
+
+
+@pytest.mark.parametrize("mode", ["always", "off"])
+def test_a_restored_job_gets_its_stopped_process_back_stopped(ck, tmp_path, mode):
+    env, _store, runtime = ck
+    work = tmp_path / "work"
+    proc = _final_then_restored(env, runtime, tmp_path, mode, "42")
+    try:
         _runs_on(work)
         pid = _stopped_one(work)
         assert pid and _state(pid) == "T"
@@ -129,25 +142,16 @@ def test_a_job_suspended_when_checkpointed_runs_when_restored(ck, tmp_path, mode
     from ckpt_agent.checkpoint.capture import ns_pids
 
     env, _store, runtime = ck
-    _stream(env, mode)
-    if mode == "always" and not written_only_here():
-        pytest.skip("the engine resumes a restored tree itself only with dirty tracking (Linux >= 6.13 on x86_64)")
     work = tmp_path / "work"
-    work.mkdir()
-    argv = ["run", "--job-id", "43", "--interval", "100000", "--", "python3", "-c", TOOL, MARK]
-    proc = start_ckpt(*argv, env=env, cwd=work, out=tmp_path / "out", err=tmp_path / "err")
-    try:
-        wait_for(lambda: (work / "ready").exists(), 60, "the job to stop its child")
-        init = json.loads((runtime / "jobs" / "43.main.json").read_text())["init_pid"]
-        tree = ns_pids(init)
+
+    def suspend() -> None:  # as slurmstepd does: SIGSTOP to every process of the job
+        tree = ns_pids(json.loads((runtime / "jobs" / "43.main.json").read_text())["init_pid"])
         for pid in tree:
             os.kill(pid, signal.SIGSTOP)
         wait_for(lambda: all(_state(pid) == "T" for pid in tree), 30, "the whole job to stop")
-        final = run_ckpt("checkpoint", "--job-id", "43", "--final", env=env)
-        assert final.returncode == 0, final.stderr
-        assert proc.wait(timeout=30) == 75
-        proc = start_ckpt(*argv, env=env, cwd=work, out=tmp_path / "out2", err=tmp_path / "err2")
-        wait_for(lambda: "resumed job" in (tmp_path / "err2").read_text(), 60, "the restore")
+
+    proc = _final_then_restored(env, runtime, tmp_path, mode, "43", suspend)
+    try:
         _runs_on(work)
         pid = wait_for(lambda: _stopped_one(work), 30, "the tool's child")
         wait_for(lambda: _state(pid) != "T", 30, "the tool's child to run")
