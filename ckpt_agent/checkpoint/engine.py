@@ -228,6 +228,11 @@ class DumpGuard:
         except OSError:
             pass
 
+    def hold(self, pids: Set[int]) -> None:
+        """Processes the job had stopped itself: should we die, the guard lets them be, as _resume does."""
+        if pids:
+            self.tell(b"H" + b",".join(str(p).encode() for p in sorted(pids)) + b";")
+
     def close(self) -> None:
         self.tell(self.RESUMED)
         os.close(self.fd)
@@ -404,6 +409,7 @@ class Engine:
                     t_step = time.monotonic()
                     stopped = capture.ns_pids(job.init_pid)
                     held = _held(streamed.core_images() if streamed is not None else _core_images_in(stage), stopped)
+                    guard.hold(held)
                     open_files = capture.open_writable_files(stopped)
                     roots = [job.cwd] + list(self.settings.extra_paths)
                     exclude = set(job.exclude) | {store.root, stage, os.path.dirname(stage)}
@@ -677,10 +683,13 @@ class Engine:
         uffd.SIGNAL_FRAMES_SPAN), so its next dump may be written-only against `gen` (_written_only). Whatever
         fails here, the tree runs, and its next dump reads every page."""
         pids: List[int] = []
+        held: Optional[Set[int]] = None
         guard: Optional[DumpGuard] = None
         try:
             guard = DumpGuard(pid, stage)  # should this process die before the SIGCONT below, the guard sends it
             pids = capture.ns_pids(pid)
+            held = _held(core_images or {}, pids)
+            guard.hold(held)
             from ckpt_agent.adapters import uffd  # noqa: PLC0415 - _dirty_tracker() imported it already
 
             t0 = time.monotonic()
@@ -695,7 +704,7 @@ class Engine:
             log.warning("restored job %s step %s: dirty tracking not armed: %s", gen.job_id, gen.step, e)
         finally:
             pids = pids or capture.ns_pids(pid)
-            _resume(pids, _held(core_images or {}, pids))
+            _resume(pids, held if held is not None else _held(core_images or {}, pids))
             if guard is not None:
                 guard.close()
 
