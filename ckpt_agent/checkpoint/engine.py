@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ckpt_agent.adapters.criu import CORE_IMAGE, Criu, pages_cut_points, pages_runs, stopped_tasks
 from ckpt_agent.checkpoint import capture, streamdump
@@ -158,19 +158,14 @@ def _resume(pids: List[int], held: Set[int] = frozenset()) -> None:
             pass
 
 
-def _held(core_images: Dict[str, bytes], pids: List[int]) -> Set[int]:
-    """Host pids (of `pids`, the tree's) of the processes CRIU recorded as stopped in these core images: stopped by
-    the job itself (SIGSTOP, SIGTSTP), which a restore leaves stopped and so must the resume after a dump. CRIU
-    names the images by the pid in the tree's namespace."""
-    try:
-        vpids = stopped_tasks(core_images)
-        if not vpids:
-            return set()
-        by_vpid = capture.by_ns_pid(pids)
-        held = {by_vpid[v] for v in vpids if v in by_vpid}
-    except Exception as e:  # noqa: BLE001 - never a reason to leave the whole tree stopped
-        log.warning("cannot tell which processes the job stopped itself (%s): every one runs again", e)
+def _held(vpids: Sequence[int], pids: List[int]) -> Set[int]:
+    """Host pids (of `pids`, the tree's) of the processes CRIU recorded as stopped (`vpids`, stopped_tasks() of the
+    core images, pids in the tree's namespace): stopped by the job itself (SIGSTOP, SIGTSTP), which a restore leaves
+    stopped and so must the resume after a dump."""
+    if not vpids:
         return set()
+    by_vpid = capture.by_ns_pid(pids)  # a process gone, or whose status cannot be read, is left out: it runs
+    held = {by_vpid[v] for v in vpids if v in by_vpid}
     log.debug("processes the job stopped itself stay stopped: %s", sorted(held))
     return held
 
@@ -408,7 +403,8 @@ class Engine:
                     timings["dump_seconds"] = time.monotonic() - t_step
                     t_step = time.monotonic()
                     stopped = capture.ns_pids(job.init_pid)
-                    held = _held(streamed.core_images() if streamed is not None else _core_images_in(stage), stopped)
+                    held = _held(stopped_tasks(streamed.core_images() if streamed is not None
+                                               else _core_images_in(stage)), stopped)
                     guard.hold(held)
                     open_files = capture.open_writable_files(stopped)
                     roots = [job.cwd] + list(self.settings.extra_paths)
@@ -658,12 +654,13 @@ class Engine:
             # the namespace's init stopped too: the whole job was stopped from outside when it was checkpointed
             # (Slurm's suspend stops every process of a job; from inside, nothing can stop init), and its requeued
             # run is not suspended: every process runs. Else those the job stopped itself stay stopped.
-            suspended = NS_INIT_PID in stopped_tasks(core_images)
+            stopped_vpids = stopped_tasks(core_images)
+            suspended = NS_INIT_PID in stopped_vpids
             if suspended:
                 log.info("job %s step %s was stopped from outside when checkpoint %d was taken; its restored "
                          "processes run", gen.job_id, gen.step, gen.number)
             if track:
-                self._track_restored(gen, manifest, pid, stage, {} if suspended else core_images)
+                self._track_restored(gen, manifest, pid, stage, [] if suspended else stopped_vpids)
             elif suspended:  # CRIU restored them stopped
                 _resume(capture.ns_pids(pid))
         finally:
@@ -676,10 +673,10 @@ class Engine:
         )
 
     def _track_restored(self, gen: Generation, manifest: Manifest, pid: int, stage: str,
-                        core_images: Optional[Dict[str, bytes]] = None) -> None:
+                        stopped_vpids: Sequence[int] = ()) -> None:
         """A tree restored with --leave-stopped: write-protect its pages, then let it run (but the processes its
-        `core_images` record as stopped). Its memory then equals the images of `gen` except where it writes (the
-        signal frames the kernel may have written before the stop are left reading as written:
+        images record as stopped, `stopped_vpids`). Its memory then equals the images of `gen` except where it
+        writes (the signal frames the kernel may have written before the stop are left reading as written:
         uffd.SIGNAL_FRAMES_SPAN), so its next dump may be written-only against `gen` (_written_only). Whatever
         fails here, the tree runs, and its next dump reads every page."""
         pids: List[int] = []
@@ -688,7 +685,7 @@ class Engine:
         try:
             guard = DumpGuard(pid, stage)  # should this process die before the SIGCONT below, the guard sends it
             pids = capture.ns_pids(pid)
-            held = _held(core_images or {}, pids)
+            held = _held(stopped_vpids, pids)
             guard.hold(held)
             from ckpt_agent.adapters import uffd  # noqa: PLC0415 - _dirty_tracker() imported it already
 
@@ -704,7 +701,7 @@ class Engine:
             log.warning("restored job %s step %s: dirty tracking not armed: %s", gen.job_id, gen.step, e)
         finally:
             pids = pids or capture.ns_pids(pid)
-            _resume(pids, held if held is not None else _held(core_images or {}, pids))
+            _resume(pids, held if held is not None else _held(stopped_vpids, pids))
             if guard is not None:
                 guard.close()
 
