@@ -4,11 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast lint demo bench upload clean fresh-root-check
+.PHONY: setup test test-fast lint demo bench upload clean fresh-root-check kernel-check
 
 setup: $(SETUP_STAMP)
 
-$(SETUP_STAMP): pyproject.toml scripts/setup-dev.sh bootstrap/install-criu.sh
+$(SETUP_STAMP): pyproject.toml scripts/setup-dev.sh bootstrap/install-criu.sh $(wildcard bootstrap/patches/*/*.patch)
 	bash scripts/setup-dev.sh
 	touch $@
 
@@ -25,6 +25,10 @@ lint: setup
 # `make setup` from this checkout in a clean Debian 12 root (as root; no venv or setup needed on this machine).
 fresh-root-check:
 	bash scripts/fresh-root-check.sh
+
+# The dirty-tracking tests on a kernel with soft-dirty (Debian 12's 6.1, in a virtual machine; run as root)
+kernel-check: setup
+	bash scripts/kernel-vm-check.sh
 
 demo: setup
 	$(PY) -m ckpt_dev.demo

@@ -156,11 +156,29 @@ def page_tool_verdict(work) -> str:
 
 
 def written_only_here() -> bool:
-    """This kernel tracks written pages (adapters/uffd.py) and the CRIU on PATH has patch 0002."""
+    """This kernel tracks written pages and the CRIU on PATH can dump only those: userfaultfd (adapters/uffd.py)
+    with patch 0002, or soft-dirty bits (adapters/softdirty.py) with patch 0003, as engine.py chooses."""
     from ckpt_agent.adapters.criu import Criu
+    from ckpt_agent.adapters.softdirty import SoftDirtyTracker
     from ckpt_agent.adapters.uffd import DirtyTracker
 
-    return DirtyTracker.supported() and Criu(criu_binary() or "criu").can_dump_written_only()
+    criu = Criu(criu_binary() or "criu")
+    if not criu.can_dump_written_only():
+        return False
+    return DirtyTracker.supported() or (criu.can_dump_soft_dirty_written() and SoftDirtyTracker.supported())
+
+
+def whole_huge_pages_tracked() -> bool:
+    """Dirty tracking here marks a transparent huge page written as a whole (soft-dirty, adapters/softdirty.py, with
+    THP always on): a 5% change at random places then leaves few pages unmarked."""
+    from ckpt_agent.adapters.uffd import DirtyTracker
+
+    if not written_only_here() or DirtyTracker.supported():
+        return False
+    try:
+        return "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
 
 
 def restore_page_tool_and_check(job: str, argv: List[str], env: Dict[str, str], work: Path, out: Path,

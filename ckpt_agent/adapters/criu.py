@@ -31,6 +31,9 @@ CPU_CAPS = "fpu,ins"
 RLIMITS_PATCH = "ckpt-agent-0001-rlimits-from-proc"  # bootstrap/patches/criu-4.2.1/0001-rlimits-from-proc.patch
 WRITTEN_ONLY_PATCH = "ckpt-agent-0002-written-only"  # bootstrap/patches/criu-4.2.1/0002-written-only.patch
 WRITTEN_ONLY_ENV = "CKPT_CRIU_WRITTEN_ONLY"  # set to 1: pages still userfaultfd-write-protected become PE_PARENT holes
+SOFT_DIRTY_PATCH = "ckpt-agent-0003-soft-dirty"  # bootstrap/patches/criu-4.2.1/0003-soft-dirty.patch
+WRITTEN_SOFT_DIRTY = "soft-dirty"  # WRITTEN_ONLY_ENV's value for patch 0003: pages whose soft-dirty bit is clear
+TRACKED_SINCE_ENV = "CKPT_CRIU_TRACKED_SINCE"  # patch 0003: processes started since (CLOCK_BOOTTIME us) dump every page
 
 _PAGEMAP_MAGIC = 0x56084025
 _PE_PARENT = 1 << 0
@@ -79,6 +82,11 @@ class Criu:
         soft-dirty)."""
         return WRITTEN_ONLY_PATCH in self.patches()
 
+    def can_dump_soft_dirty_written(self) -> bool:
+        """Whether this CRIU carries our patch 0003: the same written-only dump from soft-dirty bits that
+        adapters/softdirty.py cleared (kernels with soft-dirty but without userfaultfd's async write-protection)."""
+        return SOFT_DIRTY_PATCH in self.patches() and self.can_dump_written_only()
+
     def require_version(self) -> str:
         ver = self.version()
         parts = tuple(int(p) for p in re.findall(r"\d+", ver)[:3])
@@ -125,11 +133,14 @@ class Criu:
         keep_fds: Sequence[int] = (),
         stream: bool = False,
         written_only: bool = False,
+        tracked_since_us: Optional[int] = None,
     ) -> None:
         """keep_fds: descriptors CRIU inherits and holds until it exits (the dump guard's pipe, see engine.py).
         stream: images go to the streamer listening in images_dir (checkpoint/streamdump.py), not into files.
         written_only: pages not written since they were write-protected (adapters/uffd.py) are PE_PARENT holes in
-        the pagemaps (patch 0002; the caller resolves them from the previous generation)."""
+        the pagemaps (patch 0002; the caller resolves them from the previous generation).
+        tracked_since_us: with written_only, the pages are those whose soft-dirty bits adapters/softdirty.py
+        cleared from this time on (CLOCK_BOOTTIME microseconds; patch 0003): a process started since is dumped whole."""
         argv = [
             self.binary, "dump", "-t", str(pid), "-D", images_dir, "-o", "dump.log", "-v2",
             "--manage-cgroups=ignore", "--ext-unix-sk", "--file-locks", "--ghost-limit", ghost_limit,
@@ -141,7 +152,11 @@ class Criu:
             argv.append("--tcp-close")
         if stream:
             argv.append("--stream")
-        env = {**os.environ, WRITTEN_ONLY_ENV: "1"} if written_only else None
+        env = None
+        if written_only and tracked_since_us is not None:
+            env = {**os.environ, WRITTEN_ONLY_ENV: WRITTEN_SOFT_DIRTY, TRACKED_SINCE_ENV: str(int(tracked_since_us))}
+        elif written_only:
+            env = {**os.environ, WRITTEN_ONLY_ENV: "1"}
         self._run_logged(argv, images_dir, "dump.log", timeout, pass_fds=keep_fds, env=env)
 
     def restore(

@@ -292,26 +292,29 @@ class Engine:
         self.criu = criu
         self.store = store
         self.settings = settings
-        # dirty tracking without soft-dirty (adapters/uffd.py): the tracker, made at first use (False: not here), and
-        # per (job, step) the generation whose dump left the tree's pages write-protected: (number, created, pid)
+        # dirty tracking (adapters/uffd.py, else adapters/softdirty.py): the tracker, made at first use (False: not
+        # here), and per (job, step) the generation whose dump armed the tree: (number, created, pid)
         self._tracker: Any = None
         self._armed: Dict[Tuple[str, str], Tuple[int, str, int]] = {}
         self._cleanups: List[threading.Thread] = []  # cleanups of final checkpoints, after their reply
         self._cleanups_lock = threading.Lock()
 
     def _dirty_tracker(self):
-        """The DirtyTracker, or None where this kernel, CPU architecture or CRIU build cannot track written pages, or
-        where no dump could send only the written pages (`checkpoint.stream: off`, or a CRIU without `--stream`):
+        """The dirty tracker, or None where this kernel, CPU architecture or CRIU build cannot track written pages,
+        or where no dump could send only the written pages (`checkpoint.stream: off`, or a CRIU without `--stream`):
         arming would then cost the tool a fault at its first write to each page, and a restore its --leave-stopped
-        wait, for nothing."""
+        wait, for nothing. userfaultfd's async write-protection where the kernel has it (adapters/uffd.py), else
+        soft-dirty bits (adapters/softdirty.py: the 5.x and 6.1 kernels of today's cluster nodes)."""
         if self._tracker is None:
             self._tracker = False
             if (self.settings.dirty_tracking and streamdump.allowed(self.settings, self.criu)
                     and self.criu.can_dump_written_only()):
-                from ckpt_agent.adapters import uffd  # noqa: PLC0415 - only where a checkpoint is taken
+                from ckpt_agent.adapters import softdirty, uffd  # noqa: PLC0415 - only where a checkpoint is taken
 
                 if uffd.DirtyTracker.supported():
                     self._tracker = uffd.DirtyTracker()
+                elif self.criu.can_dump_soft_dirty_written() and softdirty.SoftDirtyTracker.supported():
+                    self._tracker = softdirty.SoftDirtyTracker()
         return self._tracker or None
 
     def _written_only(self, job: JobState, previous: Optional[Manifest], stage: str) -> bool:
@@ -322,7 +325,17 @@ class Engine:
             return False
         if armed != (previous.generation, previous.created, job.init_pid):
             return False
+        if self._tracked_since(job) is None and getattr(self._dirty_tracker(), "MARKS_INHERITED", False):
+            return False
         return streamdump.stream_written_only(self.settings, self.criu, stage, previous)
+
+    def _tracked_since(self, job: JobState) -> Optional[int]:
+        """For soft-dirty tracking (whose marks fork() copies): when the tree's arming began, which the dump needs to
+        read every page of a process started since (adapters/softdirty.py). None for userfaultfd tracking."""
+        tracker = self._dirty_tracker()
+        if tracker is None or not getattr(tracker, "MARKS_INHERITED", False):
+            return None
+        return tracker.tracked_since(job.init_pid)
 
     def _arm(self, pids: List[int], restored: bool = False) -> bool:
         """Write-protect the stopped tree's pages, so that the next dump finds the pages written since."""
@@ -382,16 +395,20 @@ class Engine:
                 guard = DumpGuard(job.init_pid, stage)
                 t_step = time.monotonic()
                 written_only = self._written_only(job, previous, stage)
+                tracked_since = self._tracked_since(job)  # soft-dirty tracking's arming time, for this dump
                 checked = WriteStats()  # chunk checks of a written-only dump given up for a full one
                 while True:
                     streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous,
                                                 staged_in_ram=stage.startswith(SHM_STAGING + os.sep), final=final,
-                                                written_only=written_only)
+                                                written_only=written_only,
+                                                compare_written=getattr(self._dirty_tracker(), "WHOLE_HUGE_PAGES",
+                                                                        False))
                     try:  # streamed: the images enter the store while CRIU dumps (no staging copy)
                         self.criu.dump(
                             job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
                             ghost_limit=self.settings.ghost_limit, timeout=timeout, keep_fds=(guard.fd,),
                             stream=streamed is not None, written_only=written_only,
+                            tracked_since_us=tracked_since if written_only else None,
                         )
                     except BaseException as e:
                         cause = streamed.abort() if streamed is not None else None

@@ -544,11 +544,14 @@ class StreamDump:
     returned (the images' manifest entries and stats), abort() when it failed."""
 
     def __init__(self, chunks: ChunkStore, pool, images_dir: str, previous: Optional[Manifest] = None,
-                 written_only: bool = False):
+                 written_only: bool = False, compare_written: bool = False):
         self.chunks = chunks
         self.pool = pool
         # CRIU dumps with patch 0002 on: pages unchanged since `previous` come as PE_PARENT holes in the pagemaps
         self.written_only = written_only and previous is not None
+        # and the pages it sends are still looked up by content in `previous` (soft-dirty marks a whole transparent
+        # huge page written at a write to any of its 512 pages: adapters/softdirty.py)
+        self.compare_written = compare_written
         self.parents: Dict[str, ParentImage] = {}
         self._parents_error: Optional[ParentPagesMissing] = None
         self.pages_unchanged = 0  # pages CRIU sent as holes (written-only), taken from `previous`
@@ -575,7 +578,8 @@ class StreamDump:
     def _build_reuse(self, previous: Optional[Manifest]) -> None:
         try:
             self.reuse, self.depth, self._verify_stats = reuse_map(self.chunks, self.pool, previous,
-                                                                   content=not self.written_only)
+                                                                   content=self.compare_written or
+                                                                   not self.written_only)
             if self.written_only:
                 try:
                     self.parents = parent_images(self.chunks, previous)
@@ -845,15 +849,18 @@ def stream_images(settings, criu, images_dir: str, *, staged_in_ram: bool, purpo
 
 
 def begin(settings, criu, chunks: ChunkStore, pool, images_dir: str, previous, *,
-          staged_in_ram: bool, final: bool, written_only: bool = False) -> Optional[StreamDump]:
+          staged_in_ram: bool, final: bool, written_only: bool = False,
+          compare_written: bool = False) -> Optional[StreamDump]:
     """A started StreamDump for this checkpoint, or None to stage the images (engine.py's fallback).
 
     written_only: the tree's pages were write-protected when `previous` was taken (adapters/uffd.py) and CRIU has
     patch 0002: the dump streams (even a periodic one under `auto`: only the pages written since are dumped, so the
     tool resumes sooner than after staging every page) and CRIU sends the unchanged pages as holes. The caller
-    checks stream_written_only() first."""
+    checks stream_written_only() first. compare_written: the pages CRIU sends are compared by content too (a
+    tracker that marks more than was written: soft-dirty's transparent huge pages)."""
     if written_only:
-        return StreamDump(chunks, pool, images_dir, previous, written_only=True).start()
+        return StreamDump(chunks, pool, images_dir, previous, written_only=True,
+                          compare_written=compare_written).start()
     if not stream_images(settings, criu, images_dir, staged_in_ram=staged_in_ram,
                          purpose="final" if final else "periodic"):
         return None

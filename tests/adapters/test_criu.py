@@ -421,6 +421,22 @@ def test_the_written_only_patch_is_asked_for_only_when_wanted(monkeypatch):
     seen.clear()
     c.dump(42, "/nonexistent")
     assert seen["env"] is None
+    assert not c.can_dump_soft_dirty_written()  # patch 0003 is not in this build
+
+
+def test_a_soft_dirty_dump_names_the_mode_and_when_the_tracking_began(monkeypatch):
+    seen = {}
+    c = Criu("/usr/local/sbin/criu",
+             run=lambda argv, **kw: seen.setdefault("env", kw.get("env")) or Result(argv, 0, "", ""))
+    monkeypatch.setattr(c, "_version_text", lambda: "Version: 4.2.1\nPatches: ckpt-agent-0001-rlimits-from-proc "
+                                                    "ckpt-agent-0002-written-only ckpt-agent-0003-soft-dirty\n")
+    assert c.can_dump_soft_dirty_written()
+    c.dump(42, "/nonexistent", written_only=True, tracked_since_us=123456789)
+    assert seen["env"][criu_mod.WRITTEN_ONLY_ENV] == "soft-dirty"
+    assert seen["env"][criu_mod.TRACKED_SINCE_ENV] == "123456789"
+    seen.clear()
+    c.dump(42, "/nonexistent", tracked_since_us=123456789)  # not written-only: every page, whatever the time
+    assert seen["env"] is None
 
 
 # --- which processes CRIU found stopped (core images) -------------------------------------------------------------

@@ -115,3 +115,63 @@ def test_no_dirty_tracking_where_no_dump_could_send_only_the_written_pages(tmp_p
     monkeypatch.setattr(uffd.DirtyTracker, "supported", classmethod(lambda cls: True))
     eng = Engine(Patched("/bin/false"), CheckpointStore(str(tmp_path)), CheckpointSettings(stream=stream))
     assert (eng._dirty_tracker() is not None) == tracked
+
+
+@pytest.mark.parametrize("uffd_here, soft_dirty_here, patch_0003, expected", [
+    (True, True, True, "DirtyTracker"),  # userfaultfd is preferred where the kernel has both
+    (False, True, True, "SoftDirtyTracker"),  # the 6.1 kernels of today's nodes
+    (False, True, False, None),  # a CRIU without patch 0003 cannot make holes from soft-dirty bits
+    (False, False, True, None),
+])
+def test_soft_dirty_tracking_where_userfaultfd_cannot(tmp_path, monkeypatch, uffd_here, soft_dirty_here, patch_0003,
+                                                     expected):
+    from ckpt_agent.adapters import softdirty, uffd
+
+    class Patched(Criu):
+        def can_stream(self):
+            return True
+
+        def can_dump_written_only(self):
+            return True
+
+        def can_dump_soft_dirty_written(self):
+            return patch_0003
+
+    monkeypatch.setattr(uffd.DirtyTracker, "supported", classmethod(lambda cls: uffd_here))
+    monkeypatch.setattr(softdirty.SoftDirtyTracker, "supported", classmethod(lambda cls: soft_dirty_here))
+    eng = Engine(Patched("/bin/false"), CheckpointStore(str(tmp_path)), CheckpointSettings(stream="always"))
+    tracker = eng._dirty_tracker()
+    assert (type(tracker).__name__ if tracker is not None else None) == expected
+
+
+def test_a_soft_dirty_dump_is_written_only_only_with_the_time_its_tree_was_armed(tmp_path, monkeypatch):
+    """fork() copies soft-dirty bits: without the arming's time CRIU could not tell new processes, so no holes."""
+    from types import SimpleNamespace
+
+    from ckpt_agent.adapters import softdirty, uffd
+    from ckpt_agent.checkpoint import streamdump
+
+    class Patched(Criu):
+        def can_stream(self):
+            return True
+
+        def can_dump_written_only(self):
+            return True
+
+        def can_dump_soft_dirty_written(self):
+            return True
+
+    monkeypatch.setattr(uffd.DirtyTracker, "supported", classmethod(lambda cls: False))
+    monkeypatch.setattr(softdirty.SoftDirtyTracker, "supported", classmethod(lambda cls: True))
+    monkeypatch.setattr(streamdump, "stream_written_only", lambda *a: True)
+    eng = Engine(Patched("/bin/false"), CheckpointStore(str(tmp_path)), CheckpointSettings(stream="always"))
+    job = SimpleNamespace(job_id="1", step="main", init_pid=4242)
+    previous = SimpleNamespace(generation=3, created="t3")
+    tracker = eng._dirty_tracker()
+    eng._armed[("1", "main")] = (3, "t3", 4242)
+    monkeypatch.setattr(tracker, "tracked_since", lambda pid: None)
+    assert not eng._written_only(job, previous, str(tmp_path))
+    eng._armed[("1", "main")] = (3, "t3", 4242)
+    monkeypatch.setattr(tracker, "tracked_since", lambda pid: 1000 if pid == 4242 else None)
+    assert eng._written_only(job, previous, str(tmp_path))
+    assert eng._tracked_since(job) == 1000

@@ -16,6 +16,7 @@ from ckpt_helpers import (
     run_ckpt,
     start_ckpt,
     wait_for,
+    whole_huge_pages_tracked,
     written_only_here,
 )
 
@@ -65,7 +66,10 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
     # with dirty tracking, CRIU sends only the pages written since: the others are taken from the previous one
     unchanged = [m["stats"].get("pages_unchanged", 0) for m in (first, second, third)]
     if stream == "always" and written_only_here():
-        assert unchanged[0] == 0 and unchanged[1] >= 0.9 * 16384 and unchanged[2] >= 0.95 * 16384, unchanged
+        # (soft-dirty with transparent huge pages marks each 2 MiB written at a write to any of its pages: a 5% change
+        # at random places touches nearly all of them, and the bytes stored above are kept small by content instead)
+        assert unchanged[0] == 0 and unchanged[2] >= 0.95 * 16384, unchanged
+        assert unchanged[1] >= 0.9 * 16384 or whole_huge_pages_tracked(), unchanged
     else:
         assert unchanged == [0, 0, 0], unchanged
 
