@@ -409,12 +409,17 @@ def test_a_pagemap_in_another_layout_is_filled_by_reencoding_and_garbage_is_refu
         criu_mod.pagemap_entries(old_style[:-2])  # ends inside an entry
 
 
-def test_the_written_only_patch_is_asked_for_only_when_wanted(monkeypatch):
+def _criu_recording_env(monkeypatch, patches: str):
+    """A Criu built with `patches` whose runs only record the environment they were given (seen["env"])."""
     seen = {}
     c = Criu("/usr/local/sbin/criu",
              run=lambda argv, **kw: seen.setdefault("env", kw.get("env")) or Result(argv, 0, "", ""))
-    monkeypatch.setattr(c, "_version_text", lambda: "Version: 4.2.1\nPatches: ckpt-agent-0001-rlimits-from-proc "
-                                                    "ckpt-agent-0002-written-only\n")
+    monkeypatch.setattr(c, "_version_text", lambda: f"Version: 4.2.1\nPatches: {patches}\n")
+    return c, seen
+
+
+def test_the_written_only_patch_is_asked_for_only_when_wanted(monkeypatch):
+    c, seen = _criu_recording_env(monkeypatch, "ckpt-agent-0001-rlimits-from-proc ckpt-agent-0002-written-only")
     assert c.can_dump_written_only()
     c.dump(42, "/nonexistent", written_only=True)
     assert seen["env"][criu_mod.WRITTEN_ONLY_ENV] == "1"
@@ -425,11 +430,8 @@ def test_the_written_only_patch_is_asked_for_only_when_wanted(monkeypatch):
 
 
 def test_a_soft_dirty_dump_names_the_mode_and_when_the_tracking_began(monkeypatch):
-    seen = {}
-    c = Criu("/usr/local/sbin/criu",
-             run=lambda argv, **kw: seen.setdefault("env", kw.get("env")) or Result(argv, 0, "", ""))
-    monkeypatch.setattr(c, "_version_text", lambda: "Version: 4.2.1\nPatches: ckpt-agent-0001-rlimits-from-proc "
-                                                    "ckpt-agent-0002-written-only ckpt-agent-0003-soft-dirty\n")
+    c, seen = _criu_recording_env(monkeypatch, "ckpt-agent-0001-rlimits-from-proc ckpt-agent-0002-written-only "
+                                               "ckpt-agent-0003-soft-dirty")
     assert c.can_dump_soft_dirty_written()
     c.dump(42, "/nonexistent", written_only=True, tracked_since_us=123456789)
     assert seen["env"][criu_mod.WRITTEN_ONLY_ENV] == "soft-dirty"

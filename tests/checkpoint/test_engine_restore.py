@@ -117,6 +117,23 @@ def test_no_dirty_tracking_where_no_dump_could_send_only_the_written_pages(tmp_p
     assert (eng._dirty_tracker() is not None) == tracked
 
 
+class _StreamingCriu(Criu):
+    """A CRIU with --stream and patch 0002, and patch 0003 as asked."""
+
+    def __init__(self, patch_0003: bool = True):
+        super().__init__("/bin/false")
+        self.patch_0003 = patch_0003
+
+    def can_stream(self):
+        return True
+
+    def can_dump_written_only(self):
+        return True
+
+    def can_dump_soft_dirty_written(self):
+        return self.patch_0003
+
+
 @pytest.mark.parametrize("uffd_here, soft_dirty_here, patch_0003, expected", [
     (True, True, True, "DirtyTracker"),  # userfaultfd is preferred where the kernel has both
     (False, True, True, "SoftDirtyTracker"),  # the 6.1 kernels of today's nodes
@@ -127,19 +144,9 @@ def test_soft_dirty_tracking_where_userfaultfd_cannot(tmp_path, monkeypatch, uff
                                                      expected):
     from ckpt_agent.adapters import softdirty, uffd
 
-    class Patched(Criu):
-        def can_stream(self):
-            return True
-
-        def can_dump_written_only(self):
-            return True
-
-        def can_dump_soft_dirty_written(self):
-            return patch_0003
-
     monkeypatch.setattr(uffd.DirtyTracker, "supported", classmethod(lambda cls: uffd_here))
     monkeypatch.setattr(softdirty.SoftDirtyTracker, "supported", classmethod(lambda cls: soft_dirty_here))
-    eng = Engine(Patched("/bin/false"), CheckpointStore(str(tmp_path)), CheckpointSettings(stream="always"))
+    eng = Engine(_StreamingCriu(patch_0003), CheckpointStore(str(tmp_path)), CheckpointSettings(stream="always"))
     tracker = eng._dirty_tracker()
     assert (type(tracker).__name__ if tracker is not None else None) == expected
 
@@ -151,20 +158,10 @@ def test_a_soft_dirty_dump_is_written_only_only_with_the_time_its_tree_was_armed
     from ckpt_agent.adapters import softdirty, uffd
     from ckpt_agent.checkpoint import streamdump
 
-    class Patched(Criu):
-        def can_stream(self):
-            return True
-
-        def can_dump_written_only(self):
-            return True
-
-        def can_dump_soft_dirty_written(self):
-            return True
-
     monkeypatch.setattr(uffd.DirtyTracker, "supported", classmethod(lambda cls: False))
     monkeypatch.setattr(softdirty.SoftDirtyTracker, "supported", classmethod(lambda cls: True))
     monkeypatch.setattr(streamdump, "stream_written_only", lambda *a: True)
-    eng = Engine(Patched("/bin/false"), CheckpointStore(str(tmp_path)), CheckpointSettings(stream="always"))
+    eng = Engine(_StreamingCriu(), CheckpointStore(str(tmp_path)), CheckpointSettings(stream="always"))
     job = SimpleNamespace(job_id="1", step="main", init_pid=4242)
     previous = SimpleNamespace(generation=3, created="t3")
     tracker = eng._dirty_tracker()
