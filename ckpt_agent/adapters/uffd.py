@@ -332,6 +332,8 @@ class DirtyTracker:
     """One userfaultfd per tracked process, held by this (long-lived) process: the agent's engine, or `ckpt run`'s."""
 
     _supported: Optional[bool] = None
+    MARKS_INHERITED = False  # a child is not armed (no UFFD_FEATURE_EVENT_FORK): its pages read as written
+    WHOLE_HUGE_PAGES = False  # async mode splits a protected huge page at its first write (mm/memory.c wp_huge_pmd)
 
     def __init__(self, proc: str = "/proc"):
         self.proc = proc

@@ -325,7 +325,7 @@ class Engine:
             return False
         if armed != (previous.generation, previous.created, job.init_pid):
             return False
-        if self._tracked_since(job) is None and getattr(self._dirty_tracker(), "MARKS_INHERITED", False):
+        if self._dirty_tracker().MARKS_INHERITED and self._tracked_since(job) is None:
             return False
         return streamdump.stream_written_only(self.settings, self.criu, stage, previous)
 
@@ -333,7 +333,7 @@ class Engine:
         """For soft-dirty tracking (whose marks fork() copies): when the tree's arming began, which the dump needs to
         read every page of a process started since (adapters/softdirty.py). None for userfaultfd tracking."""
         tracker = self._dirty_tracker()
-        if tracker is None or not getattr(tracker, "MARKS_INHERITED", False):
+        if tracker is None or not tracker.MARKS_INHERITED:
             return None
         return tracker.tracked_since(job.init_pid)
 
@@ -396,13 +396,13 @@ class Engine:
                 t_step = time.monotonic()
                 written_only = self._written_only(job, previous, stage)
                 tracked_since = self._tracked_since(job)  # soft-dirty tracking's arming time, for this dump
+                tracker = self._dirty_tracker()
+                compare_written = tracker is not None and tracker.WHOLE_HUGE_PAGES  # soft-dirty: 2 MiB marks
                 checked = WriteStats()  # chunk checks of a written-only dump given up for a full one
                 while True:
                     streamed = streamdump.begin(self.settings, self.criu, chunks, pool, stage, previous,
                                                 staged_in_ram=stage.startswith(SHM_STAGING + os.sep), final=final,
-                                                written_only=written_only,
-                                                compare_written=getattr(self._dirty_tracker(), "WHOLE_HUGE_PAGES",
-                                                                        False))
+                                                written_only=written_only, compare_written=compare_written)
                     try:  # streamed: the images enter the store while CRIU dumps (no staging copy)
                         self.criu.dump(
                             job.init_pid, stage, leave_stopped=True, tcp_close=self.settings.tcp_close,
