@@ -94,6 +94,7 @@ class SoftDirtyTracker:
         restored: the processes were just restored with --leave-stopped; the uffd.SIGNAL_FRAMES_SPAN above each
         thread's stack pointer is made to read as written."""
         pids = list(pids)
+        self._forget_gone()
         since = boottime_us()
         out: Dict[int, str] = {}
         for pid in pids:
@@ -146,6 +147,12 @@ class SoftDirtyTracker:
                         os.pwrite(fd, os.pread(fd, 1, addr), addr)
         finally:
             os.close(fd)
+
+    def _forget_gone(self) -> None:
+        """Drop the processes that exited (or whose pid names another now): a node agent outlives many jobs."""
+        for pid, (start, _since) in list(self._since.items()):
+            if uffd._start_time(pid, self.proc) != start:
+                del self._since[pid]
 
     def release(self, pids: Optional[Iterable[int]] = None) -> None:
         """Forget these processes (all when None): their next dump reads every page."""

@@ -58,6 +58,17 @@ def test_an_arming_names_its_process_by_start_time(tmp_path):
     assert tracker.arm([21]) == {21: "no such process"}
 
 
+def test_processes_gone_are_forgotten_at_the_next_arming(tmp_path):
+    proc = tmp_path / "proc"
+    for pid in (30, 31):
+        _fake_process(proc, pid, start=700)
+    tracker = SoftDirtyTracker(proc=str(proc))
+    assert tracker.arm([30]) == {30: "armed"}
+    (proc / "30" / "stat").unlink()  # it exited
+    assert tracker.arm([31]) == {31: "armed"}
+    assert tracker.tracked() == [31]
+
+
 # --- on a kernel with soft-dirty bits ------------------------------------------------------------------------------
 
 needs_soft_dirty = pytest.mark.skipif(not SoftDirtyTracker.supported(), reason="this kernel keeps no soft-dirty bits")
