@@ -59,14 +59,6 @@ def boottime_us() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
 
 
-def _pagemap(pid: int, start: int, pages: int, proc: str = "/proc") -> List[int]:
-    page = mmap.PAGESIZE
-    with open(f"{proc}/{pid}/pagemap", "rb") as fh:
-        fh.seek(start // page * 8)
-        data = fh.read(pages * 8)
-    return list(struct.unpack(f"<{len(data) // 8}Q", data))
-
-
 class SoftDirtyTracker:
     """Clears the soft-dirty bits of stopped trees; keeps, per process armed, when its tree's arming began."""
 
@@ -141,7 +133,7 @@ class SoftDirtyTracker:
         fd = os.open(f"{self.proc}/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         try:
             for a, b in spans:
-                for i, entry in enumerate(_pagemap(pid, a, (b - a) // page, self.proc)):
+                for i, entry in enumerate(uffd.pagemap_bits(pid, a, b, self.proc)):
                     if entry & uffd.PM_PRESENT:  # a page not there is not written back (that would allocate it)
                         addr = a + i * page
                         os.pwrite(fd, os.pread(fd, 1, addr), addr)
@@ -177,7 +169,7 @@ def _probe() -> bool:
         with open("/proc/self/clear_refs", "wb", buffering=0) as fh:
             fh.write(CLEAR_SOFT_DIRTY)
         buf[0] = 2
-        written, untouched = _pagemap(os.getpid(), addr, 2)
+        written, untouched = uffd.pagemap_bits(os.getpid(), addr, addr + 2 * mmap.PAGESIZE)
         ok = bool(written & PM_SOFT_DIRTY) and not untouched & PM_SOFT_DIRTY
         if not ok:
             log.debug("dirty tracking: this kernel keeps no soft-dirty bits")

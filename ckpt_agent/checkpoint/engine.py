@@ -317,7 +317,8 @@ class Engine:
                     self._tracker = softdirty.SoftDirtyTracker()
         return self._tracker or None
 
-    def _written_only(self, job: JobState, previous: Optional[Manifest], stage: str) -> bool:
+    def _written_only(self, job: JobState, previous: Optional[Manifest], stage: str,
+                      tracked_since: Optional[int] = None) -> bool:
         """Whether this dump may send only the pages written since `previous`: its dump write-protected this very
         tree (same init pid), and nothing since (an armed record is used once: every dump arms anew)."""
         armed = self._armed.pop((job.job_id, job.step), None)
@@ -325,7 +326,7 @@ class Engine:
             return False
         if armed != (previous.generation, previous.created, job.init_pid):
             return False
-        if self._dirty_tracker().MARKS_INHERITED and self._tracked_since(job) is None:
+        if self._dirty_tracker().MARKS_INHERITED and tracked_since is None:  # soft-dirty: see _tracked_since
             return False
         return streamdump.stream_written_only(self.settings, self.criu, stage, previous)
 
@@ -394,8 +395,8 @@ class Engine:
             try:
                 guard = DumpGuard(job.init_pid, stage)
                 t_step = time.monotonic()
-                written_only = self._written_only(job, previous, stage)
                 tracked_since = self._tracked_since(job)  # soft-dirty tracking's arming time, for this dump
+                written_only = self._written_only(job, previous, stage, tracked_since)
                 tracker = self._dirty_tracker()
                 compare_written = tracker is not None and tracker.WHOLE_HUGE_PAGES  # soft-dirty: 2 MiB marks
                 checked = WriteStats()  # chunk checks of a written-only dump given up for a full one

@@ -15,7 +15,7 @@ import pytest
 
 from ckpt_agent.adapters import softdirty
 from ckpt_agent.adapters.softdirty import PM_SOFT_DIRTY, SoftDirtyTracker
-from ckpt_agent.adapters.uffd import SIGNAL_FRAMES_SPAN, stack_pointers, wait_stopped
+from ckpt_agent.adapters.uffd import SIGNAL_FRAMES_SPAN, pagemap_bits, stack_pointers, wait_stopped
 
 
 def _fake_process(proc: Path, pid: int, start: int, clearable: bool = True) -> None:
@@ -98,7 +98,7 @@ def tool():
 
 
 def _dirty(pid: int, start: int, pages: int):
-    return [bool(e & PM_SOFT_DIRTY) for e in softdirty._pagemap(pid, start, pages)]
+    return [bool(e & PM_SOFT_DIRTY) for e in pagemap_bits(pid, start, start + pages * PAGE)]
 
 
 @needs_soft_dirty
@@ -128,7 +128,7 @@ def test_a_restored_tree_keeps_its_signal_frame_span_dirty_and_its_contents(tool
         before = mem.read(PAGE * 2)
     assert SoftDirtyTracker().arm([p.pid], restored=True) == {p.pid: "armed"}
     assert not any(_dirty(p.pid, addr, 64))  # the buffer lies elsewhere: cleared
-    present = [e for e in softdirty._pagemap(p.pid, low, 2) if e & softdirty.uffd.PM_PRESENT]
+    present = [e for e in pagemap_bits(p.pid, low, low + 2 * PAGE) if e & softdirty.uffd.PM_PRESENT]
     assert present and all(e & PM_SOFT_DIRTY for e in present), [hex(e) for e in present]
     with open(f"/proc/{p.pid}/mem", "rb") as mem:
         mem.seek(low)

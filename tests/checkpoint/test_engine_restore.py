@@ -167,8 +167,8 @@ def test_a_soft_dirty_dump_is_written_only_only_with_the_time_its_tree_was_armed
     tracker = eng._dirty_tracker()
     eng._armed[("1", "main")] = (3, "t3", 4242)
     monkeypatch.setattr(tracker, "tracked_since", lambda pid: None)
-    assert not eng._written_only(job, previous, str(tmp_path))
+    assert not eng._written_only(job, previous, str(tmp_path), eng._tracked_since(job))
     eng._armed[("1", "main")] = (3, "t3", 4242)
     monkeypatch.setattr(tracker, "tracked_since", lambda pid: 1000 if pid == 4242 else None)
-    assert eng._written_only(job, previous, str(tmp_path))
     assert eng._tracked_since(job) == 1000
+    assert eng._written_only(job, previous, str(tmp_path), eng._tracked_since(job))
