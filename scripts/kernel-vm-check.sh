@@ -1,31 +1,37 @@
 #!/bin/bash
-# Runs the dirty-tracking tests on the kernel series cluster nodes run today, in a virtual machine: Debian 12's cloud
-# kernel (6.1, as Amazon Linux 2023's) has soft-dirty bits but no userfaultfd async write-protection, so there the
-# engine tracks written pages with adapters/softdirty.py and CRIU's patch 0003, a path this machine's own kernel
-# (userfaultfd, or nothing) never takes.
+# Runs the dirty-tracking tests on kernels this machine does not run, in virtual machines:
+#   - soft-dirty: Debian 12's cloud kernel (6.1, the series Amazon Linux 2023 runs) has soft-dirty bits but no
+#     userfaultfd async write-protection, so the engine tracks written pages with adapters/softdirty.py and CRIU's
+#     patch 0003, a path this machine's own kernel never takes;
+#   - uffd: the cloud kernel of KERNEL_VM_UFFD_SUITE (Debian's trixie-backports: 7.3 in 2026-12) has userfaultfd async
+#     write-protection and reports PAGEMAP_SCAN categories as newer kernels do (on 7.3 a CRIU without patch 0004 took
+#     the written pages of unprotected mappings as unchanged, and the restored tool crashed).
 #
 # Plan:
-#   1. Install qemu-system-x86 from this machine's apt sources; download (not install) the kernel package that
-#      linux-image-cloud-amd64 names and busybox-static, and unpack them in the work directory.
-#   2. Build an initramfs: busybox, the virtio modules, and an init that mounts the root disk and the data disk,
-#      loads the modules CRIU's kernel probe needs, runs the command in a chroot and powers off.
-#   3. Build the root disk (ext4, a scratch copy) from this machine's /usr and /etc, the venv's interpreter and
-#      this checkout with its venv and CRIU: the files the host's own tests run, at the same paths.
-#   4. Build the data disk: the kernel's modules and the command, which checks that the guest has soft-dirty and no
-#      userfaultfd tracking, runs the tests and writes their exit status.
-#   5. Boot it with qemu (software emulation by default: it works in any VM; VM_ACCEL=kvm where nested KVM works).
-#   6. Verdict from the data disk; on every path qemu is stopped, bind mounts are undone and the work directory is
+#   1. Install qemu-system-x86 from this machine's apt sources; download (not install) each kernel's packages and
+#      busybox-static: the 6.1 kernel from this machine's own suites, the newer one from KERNEL_VM_UFFD_SUITE on the
+#      same Debian mirror (a private apt list under KERNEL_VM_CACHE; the machine's apt configuration is not touched).
+#   2. Per kernel, build an initramfs: busybox, the virtio modules, and an init that mounts the root disk and the
+#      data disk, loads the modules CRIU's kernel probe needs, runs the command in a chroot and powers off.
+#   3. Build the root disk once (ext4) from this machine's /usr and /etc, the venv's interpreter and this checkout
+#      with its venv and CRIU: the files the host's own tests run, at the same paths. Each guest writes to a snapshot.
+#   4. Per kernel, build the data disk: the kernel's modules and the command, which checks that the guest tracks
+#      written pages the expected way, runs the tests and writes their exit status.
+#   5. Boot each with qemu (software emulation by default: it works in any VM; VM_ACCEL=kvm where nested KVM works).
+#   6. Verdict from the data disks; on every path qemu is stopped, bind mounts are undone and the work directory is
 #      removed (downloads are kept in KERNEL_VM_CACHE).
 set -euo pipefail
 shopt -s inherit_errexit
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KERNEL_META=linux-image-cloud-amd64
+KERNEL_VM_UFFD_SUITE="${KERNEL_VM_UFFD_SUITE:-trixie-backports}"
 KERNEL_VM_CACHE="${KERNEL_VM_CACHE:-/var/cache/ckpt-kernel-vm}"
 KERNEL_VM_WORKDIR="${KERNEL_VM_WORKDIR:-/var/tmp}"
 VM_ACCEL="${VM_ACCEL:-tcg}"
 VM_MEMORY="${VM_MEMORY:-4G}"
-# A safety net against a hung guest, not a performance target: the tests took about 5 min under emulation on 2 cores.
+# A safety net against a hung guest, not a performance target: each guest's tests took 3-5 min under emulation on
+# 2 cores.
 VM_TIMEOUT_SECONDS="${VM_TIMEOUT_SECONDS:-2400}"
 TESTS=(
   tests/adapters/test_softdirty.py
@@ -34,7 +40,8 @@ TESTS=(
   tests/checkpoint/test_streamdump.py
   tests/checkpoint/test_stopped_processes.py
 )
-MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
+UFFD_TESTS=(tests/adapters/test_uffd.py)  # on the newer kernel only (on 6.1 they are skipped)
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)  # or built in
 CRIU_MODULES=(unix_diag inet_diag tcp_diag udp_diag raw_diag netlink_diag packet_diag nf_tables nf_conntrack tun veth
   overlay)
 
@@ -80,45 +87,100 @@ trap 'fail "interrupted"' INT TERM
 [ -x "$REPO/.venv/bin/python" ] || fail "no venv at $REPO/.venv: run \`make setup\` first"
 [ -x /usr/local/sbin/criu ] || fail "no CRIU at /usr/local/sbin/criu: run \`make setup\` first"
 
-# 1. qemu, the kernel, busybox
+# 1. qemu, the kernels, busybox
 log "installing qemu-system-x86"
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-system-x86 >/dev/null \
   || fail "apt-get install qemu-system-x86 failed"
-kernel_pkg="$(apt-cache depends "$KERNEL_META" | awk '/Depends: linux-image-/ {print $2; exit}')"
-[ -n "$kernel_pkg" ] || fail "no kernel package named by $KERNEL_META in this machine's apt sources"
 mkdir -p "$KERNEL_VM_CACHE"
-(
-  cd "$KERNEL_VM_CACHE"
-  for pkg in "$kernel_pkg" busybox-static; do
-    compgen -G "${pkg}_*.deb" >/dev/null || apt-get download -q "$pkg" >/dev/null 2>&1
-  done
-) || fail "cannot download $kernel_pkg and busybox-static"
 WORK="$(mktemp -d "$KERNEL_VM_WORKDIR/ckpt-kernel-vm.XXXXXX")"
-for pkg in "$kernel_pkg" busybox-static; do
-  deb="$(compgen -G "$KERNEL_VM_CACHE/${pkg}_*.deb" | head -n 1)"
-  dpkg-deb -x "$deb" "$WORK/pkgs"
-done
-kver="${kernel_pkg#linux-image-}"
-vmlinuz="$WORK/pkgs/boot/vmlinuz-$kver"
-[ -f "$vmlinuz" ] || fail "no $vmlinuz in $kernel_pkg"
-grep -q '^CONFIG_MEM_SOFT_DIRTY=y' "$WORK/pkgs/boot/config-$kver" || fail "$kernel_pkg has no soft-dirty"
-log "guest kernel $kver"
 
-# 2. the initramfs
-initrd="$WORK/initrd"
-mkdir -p "$initrd"/{bin,sbin,mod,proc,sys,dev,newroot,lib/modules}
-cp "$WORK/pkgs/bin/busybox" "$initrd/bin/busybox"
-ln -s /bin/busybox "$initrd/sbin/modprobe"
-for m in "${MODULES[@]}"; do
-  found="$(find "$WORK/pkgs/lib/modules/$kver" -name "$m.ko" | head -n 1)"
-  [ -n "$found" ] || fail "module $m missing from $kernel_pkg"
-  cp "$found" "$initrd/mod/"
-done
-cat >"$initrd/init" <<EOF
+# download PKG... into KERNEL_VM_CACHE (kept there), with the apt options in APT_OPTS (none: this machine's sources)
+APT_OPTS=()
+download() {
+  local pkg
+  for pkg in "$@"; do
+    compgen -G "$KERNEL_VM_CACHE/${pkg}_*.deb" >/dev/null \
+      || (cd "$KERNEL_VM_CACHE" && apt-get "${APT_OPTS[@]}" download -q "$pkg" >/dev/null 2>&1) \
+      || return 1
+  done
+}
+
+# unpack_kernel LABEL: download the kernel KERNEL_META names (newer Debian kernels split it into linux-binary-*,
+# linux-modules-* and linux-base-* packages) and unpack it in $WORK/LABEL; sets KVER
+unpack_kernel() {
+  local label="$1" image pkg deb
+  local -a pkgs
+  image="$(apt-cache "${APT_OPTS[@]}" depends "$KERNEL_META" | awk '/Depends: linux-image-/ {print $2; exit}')"
+  [ -n "$image" ] || fail "no kernel package named by $KERNEL_META for the $label guest"
+  pkgs=("$image")
+  while IFS= read -r pkg; do
+    pkgs+=("$pkg")
+  done < <(apt-cache "${APT_OPTS[@]}" depends "$image" | awk '/Depends: linux-(binary|modules|base)-/ {print $2}')
+  download "${pkgs[@]}" || fail "cannot download ${pkgs[*]}"
+  for pkg in "${pkgs[@]}"; do
+    deb="$(compgen -G "$KERNEL_VM_CACHE/${pkg}_*.deb" | head -n 1)"
+    dpkg-deb -x "$deb" "$WORK/$label"
+  done
+  KVER="${image#linux-image-}"
+}
+
+# kernel_file ROOT WHAT: the unpacked kernel's vmlinuz, config or modules directory, in the old layout (/boot, /lib)
+# or the new one (/usr/lib/modules/VERSION)
+kernel_file() {
+  local root="$1" what="$2" f
+  case "$what" in
+    vmlinuz | config)
+      for f in "$root/boot/$what-$KVER" "$root/usr/lib/modules/$KVER/$what"; do
+        if [ -f "$f" ]; then echo "$f"; return 0; fi
+      done ;;
+    modules)
+      for f in "$root/lib/modules/$KVER" "$root/usr/lib/modules/$KVER"; do
+        if [ -d "$f" ]; then echo "$f"; return 0; fi
+      done ;;
+  esac
+  return 1
+}
+
+download busybox-static || fail "cannot download busybox-static"
+dpkg-deb -x "$(compgen -G "$KERNEL_VM_CACHE/busybox-static_*.deb" | head -n 1)" "$WORK/busybox"
+
+# 2. and 4. per kernel: prepare_guest LABEL EXPECTED_FACTS TEST... makes $WORK/LABEL.{vmlinuz,initrd.gz,data.img}
+prepare_guest() {
+  local label="$1" expected="$2" pkgs moddir config m found initrd data
+  local -a insmods=()
+  shift 2
+  pkgs="$WORK/$label"
+  moddir="$(kernel_file "$pkgs" modules)" || fail "no modules directory in the $label kernel $KVER"
+  config="$(kernel_file "$pkgs" config)" || fail "no config in the $label kernel $KVER"
+  cp "$(kernel_file "$pkgs" vmlinuz)" "$WORK/$label.vmlinuz" || fail "no vmlinuz in the $label kernel $KVER"
+  grep -q '^CONFIG_MEM_SOFT_DIRTY=y' "$config" || fail "the $label kernel $KVER has no soft-dirty"
+  # busybox's insmod reads plain modules only: unpack the xz-compressed ones (Debian's kernels after 6.1)
+  find "$moddir" -name '*.ko.xz' -print0 | xargs -0 -r "$REPO/.venv/bin/python" -c '
+import lzma, os, sys
+for f in sys.argv[1:]:
+    with lzma.open(f) as src, open(f[:-3], "wb") as dst:
+        dst.write(src.read())
+    os.unlink(f)'
+  log "$label guest: kernel $KVER"
+
+  initrd="$WORK/$label.initrd"
+  mkdir -p "$initrd"/{bin,sbin,mod,proc,sys,dev,newroot,lib/modules}
+  cp "$WORK/busybox/bin/busybox" "$initrd/bin/busybox"
+  ln -s /bin/busybox "$initrd/sbin/modprobe"
+  for m in "${MODULES[@]}"; do
+    found="$(find "$moddir" -name "$m.ko" | head -n 1)"
+    if [ -n "$found" ]; then
+      cp "$found" "$initrd/mod/"
+      insmods+=("$m")
+    elif ! grep -q "/$m\.ko\$" "$moddir/modules.builtin"; then
+      fail "module $m is neither in nor built into the $label kernel $KVER"
+    fi
+  done
+  cat >"$initrd/init" <<INIT
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in ${MODULES[*]}; do insmod /mod/\$m.ko || echo "insmod \$m failed"; done
+for m in ${insmods[*]}; do insmod /mod/\$m.ko || echo "insmod \$m failed"; done
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vdb ] && break; sleep 0.2; done
 mount /dev/vda /newroot || { echo "guest: no root disk"; poweroff -f; }
 mkdir -p /data && mount /dev/vdb /data || { echo "guest: no data disk"; poweroff -f; }
@@ -136,11 +198,57 @@ chroot /newroot /bin/bash /tmp/data/cmd.sh
 echo "guest: command exited \$?"
 umount /newroot/tmp/data; umount /data; sync
 poweroff -f
-EOF
-chmod 0755 "$initrd/init"
-(cd "$initrd" && find . | "$WORK/pkgs/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -1 >"$WORK/initrd.gz")
+INIT
+  chmod 0755 "$initrd/init"
+  (cd "$initrd" && find . | "$WORK/busybox/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -1 >"$WORK/$label.initrd.gz")
 
-# 3. the root disk: this machine's files at the same paths (a scratch copy: the guest writes to it)
+  data="$WORK/$label.data"
+  mkdir -p "$data/modules"
+  cp -a "$moddir" "$data/modules/"
+  cat >"$data/cmd.sh" <<CMD
+set -u
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin HOME=/root PYTHONDONTWRITEBYTECODE=1
+cd "$REPO"
+.venv/bin/python - <<'PY' || { echo 3 >/tmp/data/rc; exit 0; }
+import sys
+from ckpt_agent.adapters.criu import Criu
+from ckpt_agent.adapters.softdirty import SoftDirtyTracker
+from ckpt_agent.adapters.uffd import DirtyTracker
+criu = Criu("/usr/local/sbin/criu")
+facts = dict(soft_dirty=SoftDirtyTracker.supported() and criu.can_dump_soft_dirty_written(),
+             uffd=DirtyTracker.supported() and criu.can_dump_uffd_written())
+print("guest:", facts, "expected:", $expected)
+sys.exit(0 if facts == $expected else 1)
+PY
+.venv/bin/python -m pytest -p no:cacheprovider -q -rs $* 2>&1 | tee /tmp/data/pytest.log
+rc=\${PIPESTATUS[0]}
+if [ "\$rc" = 0 ] && grep -q " skipped" /tmp/data/pytest.log; then rc=4; fi
+echo "\$rc" >/tmp/data/rc
+CMD
+  truncate -s 2G "$WORK/$label.data.img"
+  mkfs.ext4 -q -F -d "$data" "$WORK/$label.data.img" || fail "mkfs.ext4 of the $label data disk failed"
+  rm -rf --one-file-system "$pkgs" "$initrd" "$data"
+}
+
+unpack_kernel soft-dirty
+prepare_guest soft-dirty "dict(soft_dirty=True, uffd=False)" "${TESTS[@]}"
+
+# the newer kernel: KERNEL_VM_UFFD_SUITE from the Debian mirror this machine's apt sources name (as install-criu.sh)
+mirror="$( { grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
+             grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $2}'; } \
+           | grep -v -- '-security' | grep -E '/debian/?$' | head -n 1)"
+[ -n "$mirror" ] || fail "no Debian mirror in this machine's apt sources"
+apt_dir="$KERNEL_VM_CACHE/apt-$KERNEL_VM_UFFD_SUITE"
+mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${mirror%/} $KERNEL_VM_UFFD_SUITE main" \
+  >"$apt_dir/sources.list"
+APT_OPTS=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
+  -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
+apt-get "${APT_OPTS[@]}" update -q >/dev/null 2>&1 || fail "apt-get update of $KERNEL_VM_UFFD_SUITE from $mirror failed"
+unpack_kernel uffd
+prepare_guest uffd "dict(soft_dirty=True, uffd=True)" "${TESTS[@]}" "${UFFD_TESTS[@]}"
+
+# 3. the root disk: this machine's files at the same paths (each guest writes to a snapshot of it)
 log "building the root disk"
 base_python="$(sed -n 's/^home = //p' "$REPO/.venv/pyvenv.cfg")"
 python_prefix="$(cd "$base_python/.." && pwd -P)"
@@ -159,57 +267,45 @@ mkfs.ext4 -q -F -E root_owner=0:0 -d "$stage" "$WORK/root.img" || fail "mkfs.ext
 for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do umount "${MOUNTS[i]}"; done
 MOUNTS=()
 
-# 4. the data disk: modules, command, results
-data="$WORK/data"
-mkdir -p "$data/modules"
-cp -a "$WORK/pkgs/lib/modules/$kver" "$data/modules/"
-cat >"$data/cmd.sh" <<EOF
-set -u
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin HOME=/root PYTHONDONTWRITEBYTECODE=1
-cd "$REPO"
-.venv/bin/python - <<'PY' || { echo 3 >/tmp/data/rc; exit 0; }
-import sys
-from ckpt_agent.adapters.criu import Criu
-from ckpt_agent.adapters.softdirty import SoftDirtyTracker
-from ckpt_agent.adapters.uffd import DirtyTracker
-criu = Criu("/usr/local/sbin/criu")
-facts = dict(soft_dirty=SoftDirtyTracker.supported(), uffd=DirtyTracker.supported(),
-             patch_0003=criu.can_dump_soft_dirty_written())
-print("guest:", facts)
-sys.exit(0 if facts == dict(soft_dirty=True, uffd=False, patch_0003=True) else 1)
-PY
-.venv/bin/python -m pytest -p no:cacheprovider -q -rs ${TESTS[*]} 2>&1 | tee /tmp/data/pytest.log
-rc=\${PIPESTATUS[0]}
-if [ "\$rc" = 0 ] && grep -q " skipped" /tmp/data/pytest.log; then rc=4; fi
-echo "\$rc" >/tmp/data/rc
-EOF
-truncate -s 2G "$WORK/data.img"
-mkfs.ext4 -q -F -d "$data" "$WORK/data.img" || fail "mkfs.ext4 of the data disk failed"
-
-# 5. boot
+# 5. boot, 6. verdict
 case "$VM_ACCEL" in
   kvm) accel=(-accel kvm -cpu "host,-arch-capabilities") ;;
-  tcg) accel=(-accel "tcg,thread=multi" -cpu max) ;;
+  # one host thread runs every vCPU: with thread=multi a 7.3 guest once died of an int3 in __schedule, the kernel's
+  # text_poke of a jump label seen half done by another vCPU (an emulation race, not seen on real CPUs)
+  tcg) accel=(-accel "tcg,thread=single" -cpu max) ;;
   *) fail "VM_ACCEL must be tcg or kvm, not $VM_ACCEL" ;;
 esac
-log "booting $kver ($VM_ACCEL, $VM_MEMORY); console in $WORK/console.log"
-timeout --kill-after=10 "$VM_TIMEOUT_SECONDS" qemu-system-x86_64 "${accel[@]}" -smp "$(nproc)" -m "$VM_MEMORY" \
-  -nographic -no-reboot -net none -kernel "$vmlinuz" -initrd "$WORK/initrd.gz" \
-  -append "console=ttyS0 quiet panic=-1" \
-  -drive "file=$WORK/root.img,format=raw,if=virtio,cache=unsafe" \
-  -drive "file=$WORK/data.img,format=raw,if=virtio,cache=unsafe" </dev/null >"$WORK/console.log" 2>&1 &
-QEMU_PID=$!
-wait "$QEMU_PID" || log "qemu exited $?"
-QEMU_PID=""
-grep -a '^guest:\|passed\|failed\|error' "$WORK/console.log" | tail -n 20 >&2 || true
-
-# 6. verdict
-mkdir -p "$WORK/out"
-debugfs -R "dump /rc $WORK/out/rc" "$WORK/data.img" >/dev/null 2>&1 || true
-rc="$(cat "$WORK/out/rc" 2>/dev/null || echo none)"
-case "$rc" in
-  0) echo "kernel-vm check: PASS ($kver, soft-dirty tracking) in $((SECONDS - START_SECONDS)) s" ;;
-  3) tail -n 40 "$WORK/console.log" >&2; fail "the guest has no soft-dirty tracking, or the CRIU lacks patch 0003" ;;
-  4) fail "tests were skipped in the guest: the soft-dirty path was not exercised" ;;
-  *) tail -n 60 "$WORK/console.log" >&2; fail "the tests in the guest exited $rc" ;;
-esac
+# boot_guest LABEL: boots it, fails unless its tests passed; its console is $WORK/LABEL.console.log
+boot_guest() {
+  local label="$1" rc
+  log "booting the $label guest ($VM_ACCEL, $VM_MEMORY); console in $WORK/$label.console.log"
+  # snapshot=on: the guest's writes to the root disk go to a temporary overlay, so each guest starts from the same disk
+  timeout --kill-after=10 "$VM_TIMEOUT_SECONDS" qemu-system-x86_64 "${accel[@]}" -smp "$(nproc)" -m "$VM_MEMORY" \
+    -nographic -no-reboot -net none -kernel "$WORK/$label.vmlinuz" -initrd "$WORK/$label.initrd.gz" \
+    -append "console=ttyS0 quiet panic=-1" \
+    -drive "file=$WORK/root.img,format=raw,if=virtio,cache=unsafe,snapshot=on" \
+    -drive "file=$WORK/$label.data.img,format=raw,if=virtio,cache=unsafe" </dev/null >"$WORK/$label.console.log" 2>&1 &
+  QEMU_PID=$!
+  wait "$QEMU_PID" || log "qemu exited $?"
+  QEMU_PID=""
+  grep -a '^guest:\|passed\|failed\|error' "$WORK/$label.console.log" | tail -n 20 >&2 || true
+  mkdir -p "$WORK/out-$label"
+  debugfs -R "dump /rc $WORK/out-$label/rc" "$WORK/$label.data.img" >/dev/null 2>&1 || true
+  rc="$(cat "$WORK/out-$label/rc" 2>/dev/null || echo none)"
+  case "$rc" in
+    0) log "$label guest: PASS" ;;
+    3)
+      tail -n 40 "$WORK/$label.console.log" >&2
+      fail "the $label guest does not track written pages the expected way (its kernel, or CRIU's patches)"
+      ;;
+    4) fail "tests were skipped in the $label guest: its tracking path was not exercised" ;;
+    *)
+      tail -n 60 "$WORK/$label.console.log" >&2
+      fail "the tests in the $label guest exited $rc"
+      ;;
+  esac
+}
+boot_guest soft-dirty
+boot_guest uffd
+echo "kernel-vm check: PASS (soft-dirty tracking on Debian 12's cloud kernel, userfaultfd tracking on" \
+  "$KERNEL_VM_UFFD_SUITE's) in $((SECONDS - START_SECONDS)) s"

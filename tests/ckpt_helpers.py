@@ -165,7 +165,8 @@ def written_only_here() -> bool:
     criu = Criu(criu_binary() or "criu")
     if not criu.can_dump_written_only():
         return False
-    return DirtyTracker.supported() or (criu.can_dump_soft_dirty_written() and SoftDirtyTracker.supported())
+    return ((criu.can_dump_uffd_written() and DirtyTracker.supported())
+            or (criu.can_dump_soft_dirty_written() and SoftDirtyTracker.supported()))
 
 
 def whole_huge_pages_tracked() -> bool:

@@ -32,6 +32,9 @@ RLIMITS_PATCH = "ckpt-agent-0001-rlimits-from-proc"  # bootstrap/patches/criu-4.
 WRITTEN_ONLY_PATCH = "ckpt-agent-0002-written-only"  # bootstrap/patches/criu-4.2.1/0002-written-only.patch
 WRITTEN_ONLY_ENV = "CKPT_CRIU_WRITTEN_ONLY"  # set to 1: pages still userfaultfd-write-protected become PE_PARENT holes
 SOFT_DIRTY_PATCH = "ckpt-agent-0003-soft-dirty"  # bootstrap/patches/criu-4.2.1/0003-soft-dirty.patch
+# bootstrap/patches/criu-4.2.1/0004-written-needs-wp.patch: without it, PAGEMAP_SCAN on Linux 7.3 made patch 0002 take
+# the written pages of mappings userfaultfd never protected as unchanged
+WRITTEN_NEEDS_WP_PATCH = "ckpt-agent-0004-written-needs-wp"
 WRITTEN_SOFT_DIRTY = "soft-dirty"  # WRITTEN_ONLY_ENV's value for patch 0003: pages whose soft-dirty bit is clear
 TRACKED_SINCE_ENV = "CKPT_CRIU_TRACKED_SINCE"  # patch 0003: processes started since (CLOCK_BOOTTIME us) dump every page
 
@@ -81,6 +84,11 @@ class Criu:
         since adapters/uffd.py write-protected them, the others as PE_PARENT holes (dirty tracking without
         soft-dirty)."""
         return WRITTEN_ONLY_PATCH in self.patches()
+
+    def can_dump_uffd_written(self) -> bool:
+        """Whether this CRIU may dump only the pages userfaultfd saw written: patch 0002 with patch 0004, which
+        counts a page as unchanged only in a mapping registered for the write-protection (PAGE_IS_WPALLOWED)."""
+        return WRITTEN_NEEDS_WP_PATCH in self.patches() and self.can_dump_written_only()
 
     def can_dump_soft_dirty_written(self) -> bool:
         """Whether this CRIU carries our patch 0003: the same written-only dump from soft-dirty bits that

@@ -7,7 +7,8 @@ Since Linux 6.7 a userfaultfd can write-protect a range in async mode: a write t
 uffd-wp bit and goes on, with no fault delivered to anyone, and /proc/PID/pagemap reports the bit (bit 57). A page
 whose bit is still set was not written since it was protected. CRIU with our patch 0002 (CKPT_CRIU_WRITTEN_ONLY=1)
 then dumps only the written pages and names the others as unchanged (checkpoint/streamdump.py takes them from the
-previous generation).
+previous generation); patch 0004 keeps PAGEMAP_SCAN from naming pages of mappings never protected as unchanged (Linux
+7.3 reports none of them as written), and the engine arms this tracker only with a CRIU that has both.
 
 A userfaultfd acts on the memory of the process that created it, so the engine makes the job's process create one.
 While the tree is stopped after a dump, one of its threads is taken with ptrace and runs five system calls:

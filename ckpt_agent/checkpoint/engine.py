@@ -311,7 +311,7 @@ class Engine:
                     and self.criu.can_dump_written_only()):
                 from ckpt_agent.adapters import softdirty, uffd  # noqa: PLC0415 - only where a checkpoint is taken
 
-                if uffd.DirtyTracker.supported():
+                if self.criu.can_dump_uffd_written() and uffd.DirtyTracker.supported():
                     self._tracker = uffd.DirtyTracker()
                 elif self.criu.can_dump_soft_dirty_written() and softdirty.SoftDirtyTracker.supported():
                     self._tracker = softdirty.SoftDirtyTracker()

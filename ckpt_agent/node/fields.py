@@ -28,8 +28,8 @@ STAGING_DIR = Field(Str(), default="auto")  # where CRIU writes images before th
 STREAM_MODES = ("auto", "always", "off")
 STREAM = Field(Str(choices=STREAM_MODES), default="auto")
 # whether a dump sends only the pages written since the previous checkpoint where this node can tell (adapters/uffd.py:
-# userfaultfd write-protection, Linux >= 6.13 on x86_64, with CRIU patch 0002; else adapters/softdirty.py: soft-dirty
-# bits, with patch 0003); false: every dump reads every page
+# userfaultfd write-protection, Linux >= 6.13 on x86_64, with CRIU patches 0002 and 0004; else adapters/softdirty.py:
+# soft-dirty bits, with patch 0003); false: every dump reads every page
 DIRTY_TRACKING = Field(Bool(), default=True)
 # on a notice, a periodic checkpoint younger than this stands in for a final checkpoint that cannot fit the time left
 # (the job is requeued from it at once); absent: one checkpoint interval; 0: always try the final checkpoint

@@ -427,6 +427,10 @@ def test_the_written_only_patch_is_asked_for_only_when_wanted(monkeypatch):
     c.dump(42, "/nonexistent")
     assert seen["env"] is None
     assert not c.can_dump_soft_dirty_written()  # patch 0003 is not in this build
+    assert not c.can_dump_uffd_written()  # nor 0004: without it userfaultfd's written-only dumps are not used
+    c, _ = _criu_recording_env(monkeypatch, "ckpt-agent-0001-rlimits-from-proc ckpt-agent-0002-written-only "
+                                            "ckpt-agent-0003-soft-dirty ckpt-agent-0004-written-needs-wp")
+    assert c.can_dump_uffd_written() and c.can_dump_soft_dirty_written()
 
 
 def test_a_soft_dirty_dump_names_the_mode_and_when_the_tracking_began(monkeypatch):

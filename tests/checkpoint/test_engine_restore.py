@@ -112,17 +112,21 @@ def test_no_dirty_tracking_where_no_dump_could_send_only_the_written_pages(tmp_p
         def can_dump_written_only(self):
             return True
 
+        def can_dump_uffd_written(self):
+            return True
+
     monkeypatch.setattr(uffd.DirtyTracker, "supported", classmethod(lambda cls: True))
     eng = Engine(Patched("/bin/false"), CheckpointStore(str(tmp_path)), CheckpointSettings(stream=stream))
     assert (eng._dirty_tracker() is not None) == tracked
 
 
 class _StreamingCriu(Criu):
-    """A CRIU with --stream and patch 0002, and patch 0003 as asked."""
+    """A CRIU with --stream and patch 0002, and patches 0003 and 0004 as asked."""
 
-    def __init__(self, patch_0003: bool = True):
+    def __init__(self, patch_0003: bool = True, patch_0004: bool = True):
         super().__init__("/bin/false")
         self.patch_0003 = patch_0003
+        self.patch_0004 = patch_0004
 
     def can_stream(self):
         return True
@@ -130,23 +134,30 @@ class _StreamingCriu(Criu):
     def can_dump_written_only(self):
         return True
 
+    def can_dump_uffd_written(self):
+        return self.patch_0004
+
     def can_dump_soft_dirty_written(self):
         return self.patch_0003
 
 
-@pytest.mark.parametrize("uffd_here, soft_dirty_here, patch_0003, expected", [
-    (True, True, True, "DirtyTracker"),  # userfaultfd is preferred where the kernel has both
-    (False, True, True, "SoftDirtyTracker"),  # the 6.1 kernels of today's nodes
-    (False, True, False, None),  # a CRIU without patch 0003 cannot make holes from soft-dirty bits
-    (False, False, True, None),
+@pytest.mark.parametrize("uffd_here, soft_dirty_here, patch_0003, patch_0004, expected", [
+    (True, True, True, True, "DirtyTracker"),  # userfaultfd is preferred where the kernel has both
+    (False, True, True, True, "SoftDirtyTracker"),  # the 6.1 kernels of today's nodes
+    (False, True, False, True, None),  # a CRIU without patch 0003 cannot make holes from soft-dirty bits
+    (False, False, True, True, None),
+    # without patch 0004, PAGEMAP_SCAN on Linux 7.3 would hide the writes to unprotected mappings: no userfaultfd
+    (True, True, True, False, "SoftDirtyTracker"),
+    (True, False, True, False, None),
 ])
 def test_soft_dirty_tracking_where_userfaultfd_cannot(tmp_path, monkeypatch, uffd_here, soft_dirty_here, patch_0003,
-                                                     expected):
+                                                     patch_0004, expected):
     from ckpt_agent.adapters import softdirty, uffd
 
     monkeypatch.setattr(uffd.DirtyTracker, "supported", classmethod(lambda cls: uffd_here))
     monkeypatch.setattr(softdirty.SoftDirtyTracker, "supported", classmethod(lambda cls: soft_dirty_here))
-    eng = Engine(_StreamingCriu(patch_0003), CheckpointStore(str(tmp_path)), CheckpointSettings(stream="always"))
+    eng = Engine(_StreamingCriu(patch_0003, patch_0004), CheckpointStore(str(tmp_path)),
+                 CheckpointSettings(stream="always"))
     tracker = eng._dirty_tracker()
     assert (type(tracker).__name__ if tracker is not None else None) == expected
 
