@@ -234,9 +234,9 @@ unpack_kernel soft-dirty
 prepare_guest soft-dirty "dict(soft_dirty=True, uffd=False)" "${TESTS[@]}"
 
 # the newer kernel: KERNEL_VM_UFFD_SUITE from the Debian mirror this machine's apt sources name (as install-criu.sh)
-mirror="$( { grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
-             grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $2}'; } \
-           | grep -v -- '-security' | grep -E '/debian/?$' | head -n 1)"
+mirror="$( { grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' || true
+             grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}' || true; } \
+           | grep -v -- '-security' | grep -E '/debian/?$' | head -n 1 || true)"
 [ -n "$mirror" ] || fail "no Debian mirror in this machine's apt sources"
 apt_dir="$KERNEL_VM_CACHE/apt-$KERNEL_VM_UFFD_SUITE"
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
