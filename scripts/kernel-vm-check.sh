@@ -3,14 +3,18 @@
 #   - soft-dirty: Debian 12's cloud kernel (6.1, the series Amazon Linux 2023 runs) has soft-dirty bits but no
 #     userfaultfd async write-protection, so the engine tracks written pages with adapters/softdirty.py and CRIU's
 #     patch 0003, a path this machine's own kernel never takes;
+#   - soft-dirty-scan: the cloud kernel of KERNEL_VM_SCAN_SUITE (Debian 13: 6.12, the series of Amazon Linux 2023's
+#     newer AMIs) still tracks with soft-dirty (userfaultfd needs >= 6.13), but CRIU reads the bits through
+#     PAGEMAP_SCAN (Linux >= 6.7) there instead of /proc/PID/pagemap;
 #   - uffd: the cloud kernel of KERNEL_VM_UFFD_SUITE (Debian's trixie-backports: 7.3 in 2026-12) has userfaultfd async
 #     write-protection and reports PAGEMAP_SCAN categories as newer kernels do (on 7.3 a CRIU without patch 0004 took
 #     the written pages of unprotected mappings as unchanged, and the restored tool crashed).
 #
 # Plan:
 #   1. Install qemu-system-x86 from this machine's apt sources; download (not install) each kernel's packages and
-#      busybox-static: the 6.1 kernel from this machine's own suites, the newer one from KERNEL_VM_UFFD_SUITE on the
-#      same Debian mirror (a private apt list under KERNEL_VM_CACHE; the machine's apt configuration is not touched).
+#      busybox-static: the 6.1 kernel from this machine's own suites, the newer ones from KERNEL_VM_SCAN_SUITE and
+#      KERNEL_VM_UFFD_SUITE on the same Debian mirror (private apt lists under KERNEL_VM_CACHE; the machine's apt
+#      configuration is not touched).
 #   2. Per kernel, build an initramfs: busybox, the virtio modules, and an init that mounts the root disk and the
 #      data disk, loads the modules CRIU's kernel probe needs, runs the command in a chroot and powers off.
 #   3. Build the root disk once (ext4) from this machine's /usr and /etc, the venv's interpreter and this checkout
@@ -25,6 +29,7 @@ shopt -s inherit_errexit
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KERNEL_META=linux-image-cloud-amd64
+KERNEL_VM_SCAN_SUITE="${KERNEL_VM_SCAN_SUITE:-trixie}"
 KERNEL_VM_UFFD_SUITE="${KERNEL_VM_UFFD_SUITE:-trixie-backports}"
 KERNEL_VM_CACHE="${KERNEL_VM_CACHE:-/var/cache/ckpt-kernel-vm}"
 KERNEL_VM_WORKDIR="${KERNEL_VM_WORKDIR:-/var/tmp}"
@@ -233,18 +238,24 @@ CMD
 unpack_kernel soft-dirty
 prepare_guest soft-dirty "dict(soft_dirty=True, uffd=False)" "${TESTS[@]}"
 
-# the newer kernel: KERNEL_VM_UFFD_SUITE from the Debian mirror this machine's apt sources name (as install-criu.sh)
+# the newer kernels, from the Debian mirror this machine's apt sources name (as install-criu.sh finds it)
 mirror="$( { grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' || true
              grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}' || true; } \
            | grep -v -- '-security' | grep -E '/debian/?$' | head -n 1 || true)"
 [ -n "$mirror" ] || fail "no Debian mirror in this machine's apt sources"
-apt_dir="$KERNEL_VM_CACHE/apt-$KERNEL_VM_UFFD_SUITE"
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${mirror%/} $KERNEL_VM_UFFD_SUITE main" \
-  >"$apt_dir/sources.list"
-APT_OPTS=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
-  -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
-apt-get "${APT_OPTS[@]}" update -q >/dev/null 2>&1 || fail "apt-get update of $KERNEL_VM_UFFD_SUITE from $mirror failed"
+# use_suite SUITE: APT_OPTS for a private apt list of SUITE on that mirror, under KERNEL_VM_CACHE
+use_suite() {
+  local suite="$1" apt_dir="$KERNEL_VM_CACHE/apt-$1"
+  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${mirror%/} $suite main" >"$apt_dir/sources.list"
+  APT_OPTS=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
+    -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
+  apt-get "${APT_OPTS[@]}" update -q >/dev/null 2>&1 || fail "apt-get update of $suite from $mirror failed"
+}
+use_suite "$KERNEL_VM_SCAN_SUITE"
+unpack_kernel soft-dirty-scan
+prepare_guest soft-dirty-scan "dict(soft_dirty=True, uffd=False)" "${TESTS[@]}"
+use_suite "$KERNEL_VM_UFFD_SUITE"
 unpack_kernel uffd
 prepare_guest uffd "dict(soft_dirty=True, uffd=True)" "${TESTS[@]}" "${UFFD_TESTS[@]}"
 
@@ -306,6 +317,7 @@ boot_guest() {
   esac
 }
 boot_guest soft-dirty
+boot_guest soft-dirty-scan
 boot_guest uffd
-echo "kernel-vm check: PASS (soft-dirty tracking on Debian 12's cloud kernel, userfaultfd tracking on" \
-  "$KERNEL_VM_UFFD_SUITE's) in $((SECONDS - START_SECONDS)) s"
+echo "kernel-vm check: PASS (soft-dirty tracking on the cloud kernels of Debian 12 and $KERNEL_VM_SCAN_SUITE," \
+  "userfaultfd tracking on $KERNEL_VM_UFFD_SUITE's) in $((SECONDS - START_SECONDS)) s"
