@@ -24,6 +24,7 @@ CRIU_CACHE_DIR="${CRIU_CACHE_DIR:-}"
 CRIU_BUILD_DIR="${CRIU_BUILD_DIR:-/var/tmp/ckpt-criu-build}"
 CRIU_SKIP_DEPS="${CRIU_SKIP_DEPS:-0}"
 CRIU_PATCH_DIR="${CRIU_PATCH_DIR:-$HERE/patches/criu-${CRIU_VERSION}}"
+CRIU_APT_ETC="${CRIU_APT_ETC:-/etc/apt}"
 
 # What `make criu` needs (CRIU's contrib/dependencies/{apt,dnf}-packages.sh, less docs, tests, plugins and crit).
 # libprotobuf-dev / protobuf-devel: descriptor.proto and protobuf.pc, which the image sources are generated from.
@@ -39,11 +40,12 @@ DNF_RUNTIME_DEPS=(protobuf-c libnl3 libnet libcap libbsd gnutls nftables-libs li
 
 usage() {
   cat <<EOF
-usage: install-criu.sh [--check-only | --print-deps]
+usage: install-criu.sh [--check-only | --print-deps | --print-mirror]
 
 Installs CRIU >= ${CRIU_VERSION} into ${CRIU_PREFIX}/sbin unless a working one is already there.
   --check-only   exit 0 when a usable criu is installed, 1 otherwise
   --print-deps   print the apt build dependencies, one a line
+  --print-mirror print the Debian mirror this machine's apt sources name (exit 1 if none)
 
 Environment:
   CRIU_VERSION      pinned release (default ${CRIU_VERSION}); CRIU_SHA256 must match its tarball
@@ -52,6 +54,7 @@ Environment:
   CRIU_PREFIX       install prefix (default /usr/local)
   CRIU_PATCH_DIR    patches applied after the checksum check (default: patches/criu-<version> beside this script)
   CRIU_SKIP_DEPS=1  do not install packages
+  CRIU_APT_ETC      where the apt sources are read from (default /etc/apt)
 EOF
 }
 
@@ -156,12 +159,15 @@ install_packages() {
   fi
 }
 
-# The Debian mirror this machine already uses, from its apt sources (deb822 or one-line format).
+# The Debian mirror this machine already uses, from its apt sources (deb822 or one-line format); the first that is
+# not a security mirror. Any kind of source file may be missing. The one place the project derives a mirror
+# (scripts/kernel-vm-check.sh asks through --print-mirror).
 debian_mirror() {
   local uri
-  uri="$( { grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
-            grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $2}'; } \
-          | grep -v -- '-security' | grep -E '/debian/?$' | head -n1)"
+  uri="$( { grep -hsE '^URIs:' "$CRIU_APT_ETC"/sources.list.d/*.sources | awk '{print $2}' || true
+            grep -hsE '^deb ' "$CRIU_APT_ETC"/sources.list "$CRIU_APT_ETC"/sources.list.d/*.list \
+              | sed -E 's/^deb +(\[[^]]*\] +)?//' | awk '{print $1}' || true; } \
+          | grep -v -- '-security' | grep -E '/debian/?$' | head -n 1 || true)"
   [ -n "$uri" ] || return 1
   echo "${uri%/}"
 }
@@ -252,6 +258,7 @@ main() {
     -h|--help) usage; exit 0 ;;
     --check-only) find_usable >/dev/null && exit 0 || exit 1 ;;
     --print-deps) printf '%s\n' "${APT_BUILD_DEPS[@]}"; exit 0 ;;
+    --print-mirror) debian_mirror || die "no Debian mirror in the apt sources under $CRIU_APT_ETC"; exit 0 ;;
     "") ;;
     *) usage >&2; exit 2 ;;
   esac

@@ -238,11 +238,8 @@ CMD
 unpack_kernel soft-dirty
 prepare_guest soft-dirty "dict(soft_dirty=True, uffd=False)" "${TESTS[@]}"
 
-# the newer kernels, from the Debian mirror this machine's apt sources name (as install-criu.sh finds it)
-mirror="$( { grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' || true
-             grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}' || true; } \
-           | grep -v -- '-security' | grep -E '/debian/?$' | head -n 1 || true)"
-[ -n "$mirror" ] || fail "no Debian mirror in this machine's apt sources"
+# the newer kernels, from the Debian mirror this machine's apt sources name (install-criu.sh owns that lookup)
+mirror="$(bash "$REPO/bootstrap/install-criu.sh" --print-mirror)" || fail "no Debian mirror in this machine's apt sources"
 # use_suite SUITE: APT_OPTS for a private apt list of SUITE on that mirror, under KERNEL_VM_CACHE
 use_suite() {
   local suite="$1" apt_dir="$KERNEL_VM_CACHE/apt-$1"

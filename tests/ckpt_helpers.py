@@ -163,8 +163,6 @@ def written_only_here() -> bool:
     from ckpt_agent.adapters.uffd import DirtyTracker
 
     criu = Criu(criu_binary() or "criu")
-    if not criu.can_dump_written_only():
-        return False
     return ((criu.can_dump_uffd_written() and DirtyTracker.supported())
             or (criu.can_dump_soft_dirty_written() and SoftDirtyTracker.supported()))
 
