@@ -9,6 +9,9 @@
 #   - uffd: the cloud kernel of KERNEL_VM_UFFD_SUITE (Debian's trixie-backports: 7.3 in 2026-12) has userfaultfd async
 #     write-protection and reports PAGEMAP_SCAN categories as newer kernels do (on 7.3 a CRIU without patch 0004 took
 #     the written pages of unprotected mappings as unchanged, and the restored tool crashed).
+# The soft-dirty guest also runs an ordinary user's job through Slurm and the node agent (the Spot notice end to end:
+# the agent checkpoints, restores and arms the user's tree on another node), the path of every real job on a node
+# whose kernel keeps soft-dirty bits.
 #
 # Plan:
 #   1. Install qemu-system-x86 from this machine's apt sources; download (not install) each kernel's packages and
@@ -18,7 +21,8 @@
 #   2. Per kernel, build an initramfs: busybox, the virtio modules, and an init that mounts the root disk and the
 #      data disk, loads the modules CRIU's kernel probe needs, runs the command in a chroot and powers off.
 #   3. Build the root disk once (ext4) from this machine's /usr and /etc, the venv's interpreter and this checkout
-#      with its venv and CRIU: the files the host's own tests run, at the same paths. Each guest writes to a snapshot.
+#      with its venv and CRIU, and the venv ordinary users' jobs run (/opt/ckpt-agent-dev, `make setup`): the files
+#      the host's own tests run, at the same paths. Each guest writes to a snapshot.
 #   4. Per kernel, build the data disk: the kernel's modules and the command, which checks that the guest tracks
 #      written pages the expected way, runs the tests and writes their exit status.
 #   5. Boot each with qemu (software emulation by default: it works in any VM; VM_ACCEL=kvm where nested KVM works).
@@ -46,6 +50,9 @@ TESTS=(
   tests/checkpoint/test_stopped_processes.py
 )
 UFFD_TESTS=(tests/adapters/test_uffd.py)  # on the newer kernel only (on 6.1 they are skipped)
+# on 6.1 only: an ordinary user's job moved by a Spot notice (about 5 min under emulation)
+USER_TESTS=("tests/system/test_slurm_e2e.py::test_spot_notice_moves_an_ngspice_job_to_another_node[ordinary-user]")
+SHARED_VENV=/opt/ckpt-agent-dev  # ckpt_dev/shared_venv.py's, made by `make setup`
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)  # or built in
 CRIU_MODULES=(unix_diag inet_diag tcp_diag udp_diag raw_diag netlink_diag packet_diag nf_tables nf_conntrack tun veth
   overlay)
@@ -91,6 +98,7 @@ trap 'fail "interrupted"' INT TERM
 [ "$(uname -m)" = x86_64 ] || fail "x86_64 only (the guest kernel is Debian's cloud-amd64)"
 [ -x "$REPO/.venv/bin/python" ] || fail "no venv at $REPO/.venv: run \`make setup\` first"
 [ -x /usr/local/sbin/criu ] || fail "no CRIU at /usr/local/sbin/criu: run \`make setup\` first"
+[ -x "$SHARED_VENV/venv/bin/ckpt" ] || fail "no venv for users' jobs at $SHARED_VENV: run \`make setup\` first"
 
 # 1. qemu, the kernels, busybox
 log "installing qemu-system-x86"
@@ -190,7 +198,7 @@ for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vdb ] && break; sleep 0.2; done
 mount /dev/vda /newroot || { echo "guest: no root disk"; poweroff -f; }
 mkdir -p /data && mount /dev/vdb /data || { echo "guest: no data disk"; poweroff -f; }
 mount --bind /data/modules /lib/modules && depmod
-for m in ${CRIU_MODULES[*]}; do modprobe \$m 2>/dev/null; done
+for m in ${CRIU_MODULES[*]} dummy; do modprobe \$m 2>/dev/null; done
 ip link set lo up
 mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /newroot/run
@@ -213,6 +221,12 @@ INIT
   cat >"$data/cmd.sh" <<CMD
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin HOME=/root PYTHONDONTWRITEBYTECODE=1
+# the local Slurm cluster (ckpt_dev/slurm_cluster.py): this machine's name, and an address on an interface other than
+# loopback (Slurm resolves with AI_ADDRCONFIG, which finds no address family on a machine with loopback only);
+# no accounting database under emulation
+hostname "$(hostname)"
+ip link add ckpt0 type dummy && ip addr add 192.0.2.1/24 dev ckpt0 && ip link set ckpt0 up || echo "guest: no dummy interface"
+export CKPT_CLUSTER_ACCOUNTING=0
 cd "$REPO"
 .venv/bin/python - <<'PY' || { echo 3 >/tmp/data/rc; exit 0; }
 import sys
@@ -225,7 +239,7 @@ facts = dict(soft_dirty=SoftDirtyTracker.supported() and criu.can_dump_soft_dirt
 print("guest:", facts, "expected:", $expected)
 sys.exit(0 if facts == $expected else 1)
 PY
-.venv/bin/python -m pytest -p no:cacheprovider -q -rs $* 2>&1 | tee /tmp/data/pytest.log
+.venv/bin/python -m pytest -p no:cacheprovider -q -rs $(printf '%q ' "$@") 2>&1 | tee /tmp/data/pytest.log
 rc=\${PIPESTATUS[0]}
 if [ "\$rc" = 0 ] && grep -q " skipped" /tmp/data/pytest.log; then rc=4; fi
 echo "\$rc" >/tmp/data/rc
@@ -236,7 +250,7 @@ CMD
 }
 
 unpack_kernel soft-dirty
-prepare_guest soft-dirty "dict(soft_dirty=True, uffd=False)" "${TESTS[@]}"
+prepare_guest soft-dirty "dict(soft_dirty=True, uffd=False)" "${TESTS[@]}" "${USER_TESTS[@]}"
 
 # the newer kernels, from the Debian mirror this machine's apt sources name (install-criu.sh owns that lookup)
 mirror="$(bash "$REPO/bootstrap/install-criu.sh" --print-mirror)" || fail "no Debian mirror in this machine's apt sources"
@@ -262,8 +276,9 @@ base_python="$(sed -n 's/^home = //p' "$REPO/.venv/pyvenv.cfg")"
 python_prefix="$(cd "$base_python/.." && pwd -P)"
 stage="$WORK/rootfs"
 mkdir -p "$stage"/{tmp,run,proc,sys,dev,var/tmp,root}
+chmod 1777 "$stage/tmp" "$stage/var/tmp"  # users' jobs write there (ngspice's tmpfile())
 for link in bin lib lib64 sbin; do ln -s "usr/$link" "$stage/$link"; done
-dirs=(/usr /etc "$REPO")
+dirs=(/usr /etc "$REPO" "$SHARED_VENV")
 case "$python_prefix" in /usr | /usr/*) ;; *) dirs+=("$python_prefix") ;; esac  # pyenv's, a venv's own
 for dir in "${dirs[@]}"; do
   mkdir -p "$stage$dir"
