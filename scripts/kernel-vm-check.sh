@@ -21,7 +21,7 @@
 #   2. Per kernel, build an initramfs: busybox, the virtio modules, and an init that mounts the root disk and the
 #      data disk, loads the modules CRIU's kernel probe needs, runs the command in a chroot and powers off.
 #   3. Build the root disk once (ext4) from this machine's /usr and /etc, the venv's interpreter and this checkout
-#      with its venv and CRIU, and the venv ordinary users' jobs run (/opt/ckpt-agent-dev, `make setup`): the files
+#      with its venv and CRIU, and the venv ordinary users' jobs run (CKPT_SHARED_VENV, `make setup`): the files
 #      the host's own tests run, at the same paths. Each guest writes to a snapshot.
 #   4. Per kernel, build the data disk: the kernel's modules and the command, which checks that the guest tracks
 #      written pages the expected way, runs the tests and writes their exit status.
@@ -52,7 +52,7 @@ TESTS=(
 UFFD_TESTS=(tests/adapters/test_uffd.py)  # on the newer kernel only (on 6.1 they are skipped)
 # on 6.1 only: an ordinary user's job moved by a Spot notice (about 5 min under emulation)
 USER_TESTS=("tests/system/test_slurm_e2e.py::test_spot_notice_moves_an_ngspice_job_to_another_node[ordinary-user]")
-SHARED_VENV=/opt/ckpt-agent-dev  # ckpt_dev/shared_venv.py's, made by `make setup`
+SHARED_VENV="${CKPT_SHARED_VENV:-/opt/ckpt-agent-dev/venv}"  # ckpt_dev/shared_venv.py's, made by `make setup`
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)  # or built in
 CRIU_MODULES=(unix_diag inet_diag tcp_diag udp_diag raw_diag netlink_diag packet_diag nf_tables nf_conntrack tun veth
   overlay)
@@ -98,7 +98,7 @@ trap 'fail "interrupted"' INT TERM
 [ "$(uname -m)" = x86_64 ] || fail "x86_64 only (the guest kernel is Debian's cloud-amd64)"
 [ -x "$REPO/.venv/bin/python" ] || fail "no venv at $REPO/.venv: run \`make setup\` first"
 [ -x /usr/local/sbin/criu ] || fail "no CRIU at /usr/local/sbin/criu: run \`make setup\` first"
-[ -x "$SHARED_VENV/venv/bin/ckpt" ] || fail "no venv for users' jobs at $SHARED_VENV: run \`make setup\` first"
+[ -x "$SHARED_VENV/bin/ckpt" ] || fail "no venv for users' jobs at $SHARED_VENV: run \`make setup\` first"
 
 # 1. qemu, the kernels, busybox
 log "installing qemu-system-x86"
@@ -226,7 +226,7 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin HOME=/root PYTHOND
 # no accounting database under emulation
 hostname "$(hostname)"
 ip link add ckpt0 type dummy && ip addr add 192.0.2.1/24 dev ckpt0 && ip link set ckpt0 up || echo "guest: no dummy interface"
-export CKPT_CLUSTER_ACCOUNTING=0
+export CKPT_CLUSTER_ACCOUNTING=0 CKPT_SHARED_VENV="$SHARED_VENV"
 cd "$REPO"
 .venv/bin/python - <<'PY' || { echo 3 >/tmp/data/rc; exit 0; }
 import sys
