@@ -214,8 +214,9 @@ while not os.path.exists("go"):
     time.sleep(0.01)
 far = libc.mmap(None, 2 * n, 0, 0x22, -1, 0)
 moved = libc.mremap(a, n, n, 3, far)  # MREMAP_MAYMOVE | MREMAP_FIXED: the same pages at another address
-with open("moved", "w") as fh:
+with open("moved.tmp", "w") as fh:
     fh.write(f"{moved}\n")
+os.rename("moved.tmp", "moved")  # whole when the test sees it (a slow guest once read it empty)
 while not os.path.exists("stop"):
     time.sleep(0.01)
 """

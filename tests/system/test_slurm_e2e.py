@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from ckpt_helpers import REPO, require_criu, wait_for, written_only_here
 
+from ckpt_agent.store import event_names as ev
 from ckpt_agent.store.generations import CheckpointStore
 from ckpt_dev import shared_venv
 from ckpt_dev.agents import NodeAgents
@@ -55,6 +56,11 @@ def committed(store: str, job: str, final: bool) -> list:
             if e["event"] == "checkpoint_committed" and bool(e.get("final")) == final]
 
 
+def ended(store: str, job: str) -> list:
+    """The job's segments that ended so far (its tool exited, failed or was killed), from its events."""
+    return [e for e in CheckpointStore(store).events(job) if e["event"] == ev.SEGMENT_ENDED]
+
+
 def user_workdir(cluster, user: str, name: str) -> Path:
     d = Path(cluster.user_dir(user)) / name
     d.mkdir(parents=True, exist_ok=True)
@@ -89,7 +95,11 @@ def test_spot_notice_moves_an_ngspice_job_to_another_node(cluster, agents, slurm
     assert info.nodes == "node1"
     reg = Path(cluster.runtime_dir("node1")) / "jobs" / f"{job}.main.json"
     wait_for(reg.exists, 30, "the wrapper to register on node1")
-    wait_for(lambda: committed(cluster.store, job, final=False), full * 3 + 60, "a periodic checkpoint on node1")
+    # or the tool ended first (it failed, or outran the interval): then say so at once, with its stderr
+    wait_for(lambda: committed(cluster.store, job, final=False) or ended(cluster.store, job),
+             full * 3 + 60, "a periodic checkpoint on node1")
+    assert not ended(cluster.store, job), ("the job ended before any periodic checkpoint",
+                                           ended(cluster.store, job), (work / "job.err").read_text())
     assert cluster.job_info(job).state == "RUNNING"
 
     agents.imds["node1"].inject_spot_notice("terminate", seconds_from_now=120)
