@@ -56,6 +56,7 @@ SHARED_VENV="${CKPT_SHARED_VENV:-/opt/ckpt-agent-dev/venv}"  # ckpt_dev/shared_v
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)  # or built in
 CRIU_MODULES=(unix_diag inet_diag tcp_diag udp_diag raw_diag netlink_diag packet_diag nf_tables nf_conntrack tun veth
   overlay)
+GUEST_MODULES=(dummy)  # not for CRIU: the guest's interface for Slurm (AI_ADDRCONFIG), made in cmd.sh
 
 WORK=""
 MOUNTS=()
@@ -198,7 +199,7 @@ for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vdb ] && break; sleep 0.2; done
 mount /dev/vda /newroot || { echo "guest: no root disk"; poweroff -f; }
 mkdir -p /data && mount /dev/vdb /data || { echo "guest: no data disk"; poweroff -f; }
 mount --bind /data/modules /lib/modules && depmod
-for m in ${CRIU_MODULES[*]} dummy; do modprobe \$m 2>/dev/null; done
+for m in ${CRIU_MODULES[*]} ${GUEST_MODULES[*]}; do modprobe \$m 2>/dev/null; done
 ip link set lo up
 mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /newroot/run

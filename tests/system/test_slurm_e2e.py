@@ -98,8 +98,8 @@ def test_spot_notice_moves_an_ngspice_job_to_another_node(cluster, agents, slurm
     # or the tool ended first (it failed, or outran the interval): then say so at once, with its stderr
     wait_for(lambda: committed(cluster.store, job, final=False) or ended(cluster.store, job),
              full * 3 + 60, "a periodic checkpoint on node1")
-    assert not ended(cluster.store, job), ("the job ended before any periodic checkpoint",
-                                           ended(cluster.store, job), (work / "job.err").read_text())
+    gone = ended(cluster.store, job)
+    assert not gone, ("the job ended before any periodic checkpoint", gone, (work / "job.err").read_text())
     assert cluster.job_info(job).state == "RUNNING"
 
     agents.imds["node1"].inject_spot_notice("terminate", seconds_from_now=120)
