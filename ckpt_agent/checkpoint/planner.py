@@ -8,8 +8,17 @@ network link. The model, per queue:
     nodes_at_once   = ceil(max_count * reclaimed_share)
     bytes           = job_memory * changed_share / compression_ratio      (what the final checkpoint writes)
     node_bandwidth  = min(fsx_throughput / nodes_at_once, node_network, measured_store_bandwidth)
-    predicted       = job_memory / dump_rate + bytes / node_bandwidth      (dump, then the write)
+    dump            = job_memory / dump_rate                               (every page read)
+                    = job_memory / scan_rate + job_memory * changed_share / dump_rate
+                                                  (an incremental final with dirty tracking: only written pages read)
+    predicted       = dump + bytes / node_bandwidth                        (dump, then the write)
     fits            = predicted <= budget
+
+The second form of the dump holds for an incremental final (changed_share < 1) of a queue whose
+`checkpoint.dirty_tracking` is on and `checkpoint.stream` is not off: CRIU then walks the job's page tables and
+sends only the pages written since the periodic checkpoint (userfaultfd or soft-dirty tracking, engine.py), where
+otherwise it reads every page. Its default scan rate is on the safe side of what the 12 GiB bench measured
+(bench/big_job_bench.py: the final after a 5% change froze the tool 1.9-2.6 s, about 5-7 GiB/s of memory on 2 vCPUs).
 
 FSx for Lustre's throughput is its capacity in TiB times its per-TiB throughput (SCRATCH_1 and SCRATCH_2: 200
 MB/s/TiB, AWS documentation). Instance memory and baseline network bandwidth come from a small table of common
@@ -31,6 +40,7 @@ GIB = 1 << 30
 TIB = 1 << 40
 SCRATCH_MB_S_PER_TIB = 200
 DEFAULT_DUMP_GIB_S = 2.0  # CRIU's dump into page pipes and a tmpfs stage, per node (bench/checkpoint_bench.py)
+DEFAULT_SCAN_GIB_S = 4.0  # memory a dump with dirty tracking walks per second for the written pages (see above)
 
 # instance type -> (memory GiB, baseline network Gbit/s)
 INSTANCE_FACTS: Dict[str, tuple] = {
@@ -53,6 +63,7 @@ class Inputs:
     compression_ratio: float = 1.0
     store_mb_s: Optional[float] = None  # measured store write bandwidth of one node
     dump_gib_s: float = DEFAULT_DUMP_GIB_S
+    scan_gib_s: float = DEFAULT_SCAN_GIB_S
     node_network_gbit: Optional[float] = None
     fsx_mb_s: Optional[float] = None  # needed for an existing file system
 
@@ -64,6 +75,8 @@ class QueuePlan:
     job_memory_gib: float
     nodes_at_once: int
     write_gib: float
+    dirty_tracking: bool  # an incremental final that reads only the written pages (see the model)
+    dump_seconds: float
     node_mb_s: float
     limited_by: str
     predicted_seconds: float
@@ -169,8 +182,9 @@ def decide_final(*, frozen_seconds: Optional[float], changed_bytes_per_second: O
 def plan_site(site: Dict[str, Any], inputs: Inputs) -> List[QueuePlan]:
     if not 0 < inputs.reclaimed_share <= 1:
         raise UsageError("the share of nodes reclaimed at once must be in (0, 1]")
-    if not 0 < inputs.changed_share <= 1 or inputs.compression_ratio < 1 or inputs.dump_gib_s <= 0:
-        raise UsageError("--changed must be in (0, 1], --compression >= 1 and --dump-gib-s > 0")
+    if (not 0 < inputs.changed_share <= 1 or inputs.compression_ratio < 1 or inputs.dump_gib_s <= 0
+            or inputs.scan_gib_s <= 0):
+        raise UsageError("--changed must be in (0, 1], --compression >= 1, --dump-gib-s and --scan-gib-s > 0")
     fsx = inputs.fsx_mb_s or fsx_throughput_mb_s(site)
     if fsx is None:
         raise UsageError("the site uses an existing file system: give its throughput with --fsx-mb-s")
@@ -197,7 +211,13 @@ def _plan_queue(q: Dict[str, Any], fsx: float, inputs: Inputs) -> QueuePlan:
     if inputs.store_mb_s:
         limits["measured store bandwidth"] = inputs.store_mb_s * MB
     limited_by, bw = min(limits.items(), key=lambda kv: kv[1])
-    dump = job_gib / inputs.dump_gib_s
+    settings = q["checkpoint"]
+    tracked = (inputs.changed_share < 1 and settings.get("dirty_tracking", True)
+               and settings.get("stream", "auto") != "off")
+    if tracked:
+        dump = job_gib / inputs.scan_gib_s + job_gib * inputs.changed_share / inputs.dump_gib_s
+    else:
+        dump = job_gib / inputs.dump_gib_s
     predicted = dump + write_bytes / bw
     budget = budget_seconds(q["checkpoint"])
     needed: Optional[float] = None
@@ -209,7 +229,8 @@ def _plan_queue(q: Dict[str, Any], fsx: float, inputs: Inputs) -> QueuePlan:
             if not others or min(others) >= per_node:
                 needed = per_node * nodes / MB
     return QueuePlan(queue=q["name"], instance_type=itype, job_memory_gib=round(job_gib, 1), nodes_at_once=nodes,
-                     write_gib=round(write_bytes / GIB, 1), node_mb_s=round(bw / MB, 1), limited_by=limited_by,
+                     write_gib=round(write_bytes / GIB, 1), dirty_tracking=tracked, dump_seconds=round(dump, 1),
+                     node_mb_s=round(bw / MB, 1), limited_by=limited_by,
                      predicted_seconds=round(predicted, 1), budget_seconds=budget, fits=predicted <= budget,
                      fsx_mb_s=round(fsx, 1), fsx_mb_s_needed=round(needed, 1) if needed else None,
                      max_write_gib=round(max(0.0, left) * bw / GIB, 1))
@@ -230,5 +251,7 @@ def advice(p: QueuePlan, site: Dict[str, Any]) -> str:
         line += (f"; a node can write at most {p.max_write_gib:g} GiB in time: keep what changes between periodic "
                  "checkpoints below that (a shorter interval), or use instances with a faster link")
     else:
-        line += "; dumping the job's memory alone takes longer than the notice allows"
+        line += (f"; the dump alone ({p.dump_seconds:g} s, "
+                 + ("its memory walked for the written pages" if p.dirty_tracking else "every page read")
+                 + ") takes longer than the notice allows")
     return line

@@ -1,5 +1,5 @@
 """`ckpt plan SITE.yaml`: will a final checkpoint fit inside the Spot notice, per queue, and if not, what would make
-it fit (the model is in ckpt_agent/planner.py)."""
+it fit (the model is in ckpt_agent/checkpoint/planner.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import json
 import math
 
-from ckpt_agent.checkpoint.planner import Inputs, advice, plan_site
+from ckpt_agent.checkpoint.planner import DEFAULT_DUMP_GIB_S, DEFAULT_SCAN_GIB_S, Inputs, advice, plan_site
 from ckpt_agent.commands._common import load_site_or_print
 from ckpt_agent.errors import EXIT_USAGE, UsageError
 
@@ -36,7 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how much smaller the stored data is (default 1: no gain)")
     parser.add_argument("--store-mb-s", type=_positive, metavar="MB/S",
                         help="store write bandwidth one node measured (bench/checkpoint_bench.py on the cluster)")
-    parser.add_argument("--dump-gib-s", type=_positive, default=2.0, metavar="GIB/S", help="CRIU's dump rate")
+    parser.add_argument("--dump-gib-s", type=_positive, default=DEFAULT_DUMP_GIB_S, metavar="GIB/S",
+                        help=f"CRIU's dump rate of the pages it reads (default {DEFAULT_DUMP_GIB_S:g})")
+    parser.add_argument("--scan-gib-s", type=_positive, default=DEFAULT_SCAN_GIB_S, metavar="GIB/S",
+                        help="memory an incremental final with dirty tracking walks per second for the written pages "
+                             f"(default {DEFAULT_SCAN_GIB_S:g})")
     parser.add_argument("--node-network", type=_positive, metavar="GBIT/S", help="a node's network bandwidth")
     parser.add_argument("--fsx-mb-s", type=_positive, metavar="MB/S",
                         help="the file system's total throughput (needed for an existing file system)")
@@ -51,7 +55,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--reclaimed and --changed are shares: at most 1")
     inputs = Inputs(job_memory_gib=args.job_memory, reclaimed_share=args.reclaimed, changed_share=args.changed,
                     compression_ratio=max(1.0, args.compression), store_mb_s=args.store_mb_s,
-                    dump_gib_s=args.dump_gib_s, node_network_gbit=args.node_network, fsx_mb_s=args.fsx_mb_s)
+                    dump_gib_s=args.dump_gib_s, scan_gib_s=args.scan_gib_s,
+                    node_network_gbit=args.node_network, fsx_mb_s=args.fsx_mb_s)
     plans = plan_site(site, inputs)
     if args.json:
         print(json.dumps([p.to_json() for p in plans], indent=2))
@@ -60,5 +65,6 @@ def main(args: argparse.Namespace) -> int:
           if plans else "no queue checkpoints")
     for p in plans:
         print(f"{p.queue}: {p.job_memory_gib:g} GiB job on {p.instance_type}, {p.nodes_at_once} node(s) at once, "
+              f"dump {p.dump_seconds:g} s{' (written pages only)' if p.dirty_tracking else ''}, "
               f"{p.write_gib:g} GiB to write at {p.node_mb_s:,.0f} MB/s per node -> {advice(p, site)}")
     return 0

@@ -56,6 +56,31 @@ def test_a_link_bound_node_is_told_what_it_can_write(site):
     assert f"at most {p.max_write_gib:g} GiB in time" in advice(p, site)
 
 
+def test_an_incremental_final_with_dirty_tracking_reads_only_the_written_pages(site):
+    """With dirty tracking CRIU walks the memory for the written pages and reads only those; a queue that turns it
+    off (or streaming, which it needs) reads every page, and so does a full checkpoint."""
+    incremental = Inputs(job_memory_gib=100, reclaimed_share=0.1, changed_share=0.05)
+    p = plan_site(site, incremental)[0]
+    assert p.dirty_tracking and p.dump_seconds == pytest.approx(100 / 4.0 + 5 / 2.0, abs=0.1)
+    assert p.predicted_seconds == pytest.approx(p.dump_seconds + 5 * GIB / (p.node_mb_s * MB), abs=0.2)
+    faster = plan_site(site, Inputs(job_memory_gib=100, reclaimed_share=0.1, changed_share=0.05, scan_gib_s=10))[0]
+    assert faster.dump_seconds == pytest.approx(100 / 10 + 5 / 2.0, abs=0.1)
+    for setting, value in (("dirty_tracking", False), ("stream", "off")):
+        untracked = copy.deepcopy(site)
+        untracked["queues"][0]["checkpoint"][setting] = value
+        q = plan_site(untracked, incremental)[0]
+        assert not q.dirty_tracking and q.dump_seconds == pytest.approx(100 / 2.0, abs=0.1), setting
+    full = plan_site(site, Inputs(job_memory_gib=100, reclaimed_share=0.1))[0]
+    assert not full.dirty_tracking and full.dump_seconds == pytest.approx(50, abs=0.1)
+    # a dump that cannot fit says which kind it is
+    huge = plan_site(site, Inputs(job_memory_gib=1000, reclaimed_share=0.1, changed_share=0.05))[0]
+    assert huge.dirty_tracking and not huge.fits
+    assert "the dump alone (275 s, its memory walked for the written pages)" in advice(huge, site)
+    assert "the dump alone (500 s, every page read)" in advice(plan_site(site, Inputs(job_memory_gib=1000))[0], site)
+    with pytest.raises(UsageError, match="--scan-gib-s"):
+        plan_site(site, Inputs(scan_gib_s=0))
+
+
 def test_an_existing_file_system_needs_its_throughput(site):
     existing = copy.deepcopy(site)
     del existing["storage"]["new"]
@@ -69,8 +94,11 @@ def test_plan_command(capsys):
     out = json.loads(capsys.readouterr().out)
     assert [p["queue"] for p in out] == ["sim-spot", "sim-spot-xl"] and out[1]["fits"] is True
     assert cli.main(["plan", str(EXAMPLE)]) == 0
-    assert "sim-spot: 115.2 GiB job on r6i.4xlarge" in capsys.readouterr().out
-    for bad in (["--reclaimed", "2"], ["--job-memory", "nan"], ["--changed", "-1"], ["--dump-gib-s", "inf"]):
+    assert "sim-spot: 115.2 GiB job on r6i.4xlarge, 10 node(s) at once, dump 57.6 s, " in capsys.readouterr().out
+    assert cli.main(["plan", str(EXAMPLE), "--changed", "0.05", "--scan-gib-s", "8"]) == 0
+    assert "dump 17.3 s (written pages only), 5.8 GiB to write" in capsys.readouterr().out
+    for bad in (["--reclaimed", "2"], ["--job-memory", "nan"], ["--changed", "-1"], ["--dump-gib-s", "inf"],
+                ["--scan-gib-s", "0"]):
         try:
             code = cli.main(["plan", str(EXAMPLE), *bad])
         except SystemExit as e:  # argparse refuses the value before main runs
