@@ -41,6 +41,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,7 @@ from memhog import BLOCK, POOL_MIB, netlist_pool  # noqa: E402
 from vmhost import held_page_reporting  # noqa: E402
 
 from ckpt_agent import PACKAGE_DIR  # noqa: E402
+from ckpt_agent.checkpoint import planner  # noqa: E402
 from ckpt_agent.store import chunks as chunkstore  # noqa: E402
 
 MIB = 1 << 20
@@ -312,6 +314,25 @@ def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, 
 TIMES = ("ckpt_wall", "ckpt_engine", "incr_wall", "restore_wall", "restore_engine", "after_restore_wall", "dd", "read")
 
 
+def plan_inputs(results: List[Dict[str, Any]], where: str) -> Dict[str, Any]:
+    """What `ckpt plan --measured` takes from this run (planner.measured_record): the store's write bandwidth (dd
+    conv=fsync, the median over the cases), CRIU's dump rate (the first checkpoints' dump time; a streamed dump's
+    includes its writes, so the rate is on the low side), and, where a dump sent only the written pages, the memory
+    it walked per second (the slowest case, less the written pages' own dump at that rate)."""
+    store = statistics.median(math.ceil(r["stats1"]["bytes_in"] / MIB) * MIB / r["dd"] for r in results) / 1e6
+    dump = statistics.median(r["stats1"]["bytes_in"] / r["stats1"]["dump_seconds"] for r in results
+                             if r["stats1"].get("dump_seconds"))
+    scans = []
+    for r in results:
+        s2 = r["stats2"]
+        if s2.get("pages_unchanged") and s2.get("dump_seconds"):
+            walk = max(s2["dump_seconds"] - s2["bytes_new"] / dump, 0.01)
+            scans.append(s2["bytes_in"] / walk / GIB)
+    return planner.measured_record(where=where, when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   store_mb_s=store, dump_gib_s=dump / GIB, scan_gib_s=min(scans) if scans else None,
+                                   dirty_tracking=bool(scans))
+
+
 def median_case(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """One case's runs as one result: each time is the median of the runs' (ratios are then taken between medians;
     this VM's noise is as large as the effects measured), the stats of the run whose full checkpoint took the median
@@ -493,6 +514,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run each case N times; the report uses each time's median and lists every run's")
     p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    p.add_argument("--plan-inputs", metavar="FILE",
+                   help="also write what `ckpt plan --measured FILE` takes (run with --dir on the cluster's FSx)")
     p.add_argument("--keep", action="store_true", help="keep --dir afterwards")
     p.add_argument("--leave-page-reporting", action="store_true",
                    help="on a VM with free page reporting, measure with the host's page faults (vmhost.py)")
@@ -520,7 +543,8 @@ def main(argv=None) -> int:
     base = Path(tempfile.mkdtemp(prefix="run-", dir=base))
     held = contextlib.ExitStack()
     store, env = bench_store(base, args.stream)
-    log(f"store {store} on {store_filesystem(store)}; CPUs {os.cpu_count()}; workers {chunkstore.WORKERS}; "
+    filesystem = store_filesystem(store)
+    log(f"store {store} on {filesystem}; CPUs {os.cpu_count()}; workers {chunkstore.WORKERS}; "
         f"checkpoint.stream {args.stream}")
     results = []
     warm = min(int(3 * max(sizes) * GIB) + MEM_HEADROOM_BYTES, max(mem_available() - MEM_HEADROOM_BYTES, 0))
@@ -554,6 +578,10 @@ def main(argv=None) -> int:
     if not results:
         print("checkpoint_bench: no case ran", file=sys.stderr)
         return 1
+    if args.plan_inputs:
+        where = f"{socket.gethostname()}, {os.cpu_count()} CPUs, store on {filesystem}"
+        Path(args.plan_inputs).write_text(json.dumps(plan_inputs(results, where), indent=2) + "\n")
+        log(f"wrote {args.plan_inputs}: `ckpt plan --measured {args.plan_inputs} SITE.yaml`")
     report(results, profile, bandwidth)
     return 0  # a MISS is a measurement, not a failure of the benchmark
 

@@ -23,16 +23,19 @@ otherwise it reads every page. Its default scan rate is on the safe side of what
 FSx for Lustre's throughput is its capacity in TiB times its per-TiB throughput (SCRATCH_1 and SCRATCH_2: 200
 MB/s/TiB, AWS documentation). Instance memory and baseline network bandwidth come from a small table of common
 EDA instance types (EC2 documentation); others need --job-memory and, to bound the link, --node-network.
-Measured figures (the store bandwidth one node saw, CRIU's dump rate) replace the published ones when given.
+Measured figures (the store bandwidth one node saw, CRIU's dump and scan rates, whether it could track written
+pages) replace the published ones when given: one by one on the command line, or all at once from the record
+`bench/checkpoint_bench.py --plan-inputs FILE` writes on a node (`measured_record`, read by `load_measured`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
-from ckpt_agent.errors import UsageError
+from ckpt_agent.errors import ConfigError, UsageError
 
 NOTICE_SECONDS = 120
 MB = 1000 * 1000
@@ -66,6 +69,7 @@ class Inputs:
     scan_gib_s: float = DEFAULT_SCAN_GIB_S
     node_network_gbit: Optional[float] = None
     fsx_mb_s: Optional[float] = None  # needed for an existing file system
+    dirty_tracking: bool = True  # False: the nodes cannot track written pages (a measured record said so)
 
 
 @dataclass
@@ -88,6 +92,52 @@ class QueuePlan:
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+MEASURED_FORMAT = 1
+MEASURED_RATES = ("store_mb_s", "dump_gib_s", "scan_gib_s")  # each optional in a record; > 0 where present
+MEASURED_MAX_BYTES = 64 * 1024
+
+
+def measured_record(*, where: str, when: str, store_mb_s: float, dump_gib_s: Optional[float],
+                    scan_gib_s: Optional[float], dirty_tracking: bool) -> Dict[str, Any]:
+    """What one node measured, for `ckpt plan --measured` (bench/checkpoint_bench.py --plan-inputs writes it).
+    scan_gib_s: None where no dump sent only the written pages (then dirty_tracking is False)."""
+    record: Dict[str, Any] = {"format": MEASURED_FORMAT, "where": where, "when": when,
+                              "store_mb_s": round(store_mb_s, 1), "dirty_tracking": bool(dirty_tracking)}
+    if dump_gib_s:
+        record["dump_gib_s"] = round(dump_gib_s, 2)
+    if scan_gib_s:
+        record["scan_gib_s"] = round(scan_gib_s, 2)
+    return record
+
+
+def load_measured(path: str) -> Dict[str, Any]:
+    """A measured record, checked: ConfigError naming the file and what is wrong with it."""
+    from ckpt_agent.util.safeio import NotRegularFile, read_regular  # noqa: PLC0415 - only with --measured
+
+    try:
+        record = json.loads(read_regular(path, MEASURED_MAX_BYTES, follow=True))
+    except (OSError, NotRegularFile) as e:
+        raise ConfigError(f"{path}: cannot read the measured figures: {e.strerror or e}") from None
+    except ValueError as e:  # not JSON, not UTF-8, or over the bound
+        raise ConfigError(f"{path}: not a measured record (bench/checkpoint_bench.py --plan-inputs): {e}") from None
+    if not isinstance(record, dict) or record.get("format") != MEASURED_FORMAT:
+        raise ConfigError(f"{path}: not a measured record of format {MEASURED_FORMAT} "
+                          "(bench/checkpoint_bench.py --plan-inputs writes one)")
+    for key in MEASURED_RATES:
+        value = record.get(key)
+        if value is None and key != "store_mb_s":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{path}: {key}: must be a number > 0, got {value!r}")
+    for key in ("where", "when"):  # printed by `ckpt plan`: plain text only
+        value = record.get(key)
+        if not isinstance(value, str) or len(value) > 200 or not value.isprintable():
+            raise ConfigError(f"{path}: {key}: must be a line of plain text, got {value!r:.80}")
+    if not isinstance(record.get("dirty_tracking"), bool):
+        raise ConfigError(f"{path}: dirty_tracking: must be true or false, got {record.get('dirty_tracking')!r}")
+    return record
 
 
 def fsx_throughput_mb_s(site: Dict[str, Any]) -> Optional[float]:
@@ -212,7 +262,7 @@ def _plan_queue(q: Dict[str, Any], fsx: float, inputs: Inputs) -> QueuePlan:
         limits["measured store bandwidth"] = inputs.store_mb_s * MB
     limited_by, bw = min(limits.items(), key=lambda kv: kv[1])
     settings = q["checkpoint"]
-    tracked = (inputs.changed_share < 1 and settings.get("dirty_tracking", True)
+    tracked = (inputs.changed_share < 1 and inputs.dirty_tracking and settings.get("dirty_tracking", True)
                and settings.get("stream", "auto") != "off")
     if tracked:
         dump = job_gib / inputs.scan_gib_s + job_gib * inputs.changed_share / inputs.dump_gib_s

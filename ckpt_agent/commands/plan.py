@@ -7,7 +7,14 @@ import argparse
 import json
 import math
 
-from ckpt_agent.checkpoint.planner import DEFAULT_DUMP_GIB_S, DEFAULT_SCAN_GIB_S, Inputs, advice, plan_site
+from ckpt_agent.checkpoint.planner import (
+    DEFAULT_DUMP_GIB_S,
+    DEFAULT_SCAN_GIB_S,
+    Inputs,
+    advice,
+    load_measured,
+    plan_site,
+)
 from ckpt_agent.commands._common import load_site_or_print
 from ckpt_agent.errors import EXIT_USAGE, UsageError
 
@@ -34,11 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of the job's memory a final checkpoint writes (default 1: a full checkpoint)")
     parser.add_argument("--compression", type=_positive, default=1.0, metavar="RATIO",
                         help="how much smaller the stored data is (default 1: no gain)")
+    parser.add_argument("--measured", metavar="FILE",
+                        help="the figures one node measured: `bench/checkpoint_bench.py --plan-inputs FILE` on it, "
+                             "with --dir on the cluster's FSx (the options below override them one by one)")
     parser.add_argument("--store-mb-s", type=_positive, metavar="MB/S",
                         help="store write bandwidth one node measured (bench/checkpoint_bench.py on the cluster)")
-    parser.add_argument("--dump-gib-s", type=_positive, default=DEFAULT_DUMP_GIB_S, metavar="GIB/S",
+    parser.add_argument("--dump-gib-s", type=_positive, metavar="GIB/S",
                         help=f"CRIU's dump rate of the pages it reads (default {DEFAULT_DUMP_GIB_S:g})")
-    parser.add_argument("--scan-gib-s", type=_positive, default=DEFAULT_SCAN_GIB_S, metavar="GIB/S",
+    parser.add_argument("--scan-gib-s", type=_positive, metavar="GIB/S",
                         help="memory an incremental final with dirty tracking walks per second for the written pages "
                              f"(default {DEFAULT_SCAN_GIB_S:g})")
     parser.add_argument("--node-network", type=_positive, metavar="GBIT/S", help="a node's network bandwidth")
@@ -53,14 +63,23 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.reclaimed > 1 or args.changed > 1:
         raise UsageError("--reclaimed and --changed are shares: at most 1")
+    measured = load_measured(args.measured) if args.measured else {}
     inputs = Inputs(job_memory_gib=args.job_memory, reclaimed_share=args.reclaimed, changed_share=args.changed,
-                    compression_ratio=max(1.0, args.compression), store_mb_s=args.store_mb_s,
-                    dump_gib_s=args.dump_gib_s, scan_gib_s=args.scan_gib_s,
+                    compression_ratio=max(1.0, args.compression),
+                    store_mb_s=args.store_mb_s or measured.get("store_mb_s"),
+                    dump_gib_s=args.dump_gib_s or measured.get("dump_gib_s") or DEFAULT_DUMP_GIB_S,
+                    scan_gib_s=args.scan_gib_s or measured.get("scan_gib_s") or DEFAULT_SCAN_GIB_S,
+                    dirty_tracking=measured.get("dirty_tracking", True),
                     node_network_gbit=args.node_network, fsx_mb_s=args.fsx_mb_s)
     plans = plan_site(site, inputs)
     if args.json:
         print(json.dumps([p.to_json() for p in plans], indent=2))
         return 0
+    if measured:
+        print(f"node figures ({args.measured}: {measured['where']}, {measured['when']}; options override them): store "
+              f"{inputs.store_mb_s:,.0f} MB/s, dump {inputs.dump_gib_s:g} GiB/s, "
+              + (f"dirty tracking, scan {inputs.scan_gib_s:g} GiB/s" if inputs.dirty_tracking
+                 else "no dirty tracking (every page read)"))
     print(f"FSx throughput {plans[0].fsx_mb_s:,.0f} MB/s; {args.reclaimed:g} of each queue's nodes reclaimed at once"
           if plans else "no queue checkpoints")
     for p in plans:

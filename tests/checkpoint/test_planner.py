@@ -4,17 +4,19 @@ it fit, from the site file's FSx, queues and instance types."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
 from ckpt_helpers import REPO
 
 from ckpt_agent import cli
-from ckpt_agent.checkpoint.planner import GIB, MB, Inputs, advice, plan_site
-from ckpt_agent.errors import UsageError
+from ckpt_agent.checkpoint.planner import GIB, MB, Inputs, advice, load_measured, plan_site
+from ckpt_agent.errors import ConfigError, UsageError
 from ckpt_agent.site.schema import load_site
 
 EXAMPLE = REPO / "cluster-configs" / "site.example.yaml"
+MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,74 @@ def test_an_incremental_final_with_dirty_tracking_reads_only_the_written_pages(s
     assert "the dump alone (500 s, every page read)" in advice(plan_site(site, Inputs(job_memory_gib=1000))[0], site)
     with pytest.raises(UsageError, match="--scan-gib-s"):
         plan_site(site, Inputs(scan_gib_s=0))
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("checkpoint_bench", REPO / "bench" / "checkpoint_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _case(dd: float, dump: float, stats2: dict) -> dict:
+    """One case of bench/checkpoint_bench.py's results, as it records them (a 1 GiB job)."""
+    return {"dd": dd, "stats1": {"bytes_in": GIB, "dump_seconds": dump},
+            "stats2": {"bytes_in": GIB, "bytes_new": 64 * MIB, "dump_seconds": 0.2, **stats2}}
+
+
+def test_the_bench_writes_what_plan_reads(tmp_path, capsys):
+    """bench/checkpoint_bench.py --plan-inputs: the store's dd bandwidth, the dump rate and, where a dump sent only the
+    written pages, the memory walked per second; `ckpt plan --measured` plans with them."""
+    bench = _bench_module()
+    results = [_case(0.5, 0.5, {"pages_unchanged": 250000}), _case(1.0, 1.0, {"pages_unchanged": 250000}),
+               _case(2.0, 0.25, {})]
+    record = bench.plan_inputs(results, "node1, 2 CPUs")
+    assert record["store_mb_s"] == pytest.approx(GIB / 1.0 / MB, abs=0.1)  # the median case's dd
+    assert record["dump_gib_s"] == pytest.approx(2.0, abs=0.01)
+    walked = 0.2 - 64 * MIB / (2.0 * GIB)  # the written pages' own dump taken off
+    assert record["dirty_tracking"] and record["scan_gib_s"] == pytest.approx(1 / walked, abs=0.01)
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(record))
+    assert load_measured(str(path)) == record
+
+    assert cli.main(["plan", str(EXAMPLE), "--measured", str(path), "--changed", "0.05", "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    assert plans[0]["dirty_tracking"]
+    assert plans[0]["dump_seconds"] == pytest.approx(115.2 / record["scan_gib_s"] + 115.2 * 0.05 / 2.0, abs=0.1)
+    # an option overrides its figure; the measured store bandwidth bounds a node that has a large share of FSx
+    assert cli.main(["plan", str(EXAMPLE), "--measured", str(path), "--store-mb-s", "50", "--fsx-mb-s", "1e6"]) == 0
+    out = capsys.readouterr().out
+    assert f"node figures ({path}: node1, 2 CPUs" in out and "store 50 MB/s, dump 2 GiB/s, dirty tracking" in out
+    assert "limited by measured store bandwidth" in out
+
+    # a node that could not track written pages: every page read, whatever the queue says
+    untracked = bench.plan_inputs([_case(1.0, 0.5, {})], "node2")
+    assert untracked["dirty_tracking"] is False and "scan_gib_s" not in untracked
+    path.write_text(json.dumps(untracked))
+    assert cli.main(["plan", str(EXAMPLE), "--measured", str(path), "--changed", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "no dirty tracking (every page read)" in out and "(written pages only)" not in out
+
+
+@pytest.mark.parametrize("content, what", [
+    (None, "cannot read the measured figures"),
+    ("{", "not a measured record"),
+    ("[]", "not a measured record of format 1"),
+    ('{"format": 2}', "not a measured record of format 1"),
+    ('{"format": 1, "store_mb_s": -1}', "store_mb_s: must be a number > 0"),
+    ('{"format": 1, "store_mb_s": 100, "scan_gib_s": "fast"}', "scan_gib_s: must be a number > 0"),
+    ('{"format": 1, "store_mb_s": 100, "where": "x\\u001b[2J", "when": "now"}', "where: must be a line of plain text"),
+    ('{"format": 1, "store_mb_s": 100, "where": "x", "when": "now"}', "dirty_tracking: must be true or false"),
+])
+def test_a_bad_measured_record_is_one_line_and_exit_78(tmp_path, capsys, content, what):
+    path = tmp_path / "measured.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=what):
+        load_measured(str(path))
+    assert cli.main(["plan", str(EXAMPLE), "--measured", str(path)]) == 78
+    err = capsys.readouterr().err
+    assert str(path) in err and what in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_an_existing_file_system_needs_its_throughput(site):
