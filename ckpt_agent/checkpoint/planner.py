@@ -120,7 +120,7 @@ def load_measured(path: str) -> Dict[str, Any]:
         record = json.loads(read_regular(path, MEASURED_MAX_BYTES, follow=True))
     except (OSError, NotRegularFile) as e:
         raise ConfigError(f"{path}: cannot read the measured figures: {e.strerror or e}") from None
-    except ValueError as e:  # not JSON, not UTF-8, or over the bound
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested deeper than the parser goes
         raise ConfigError(f"{path}: not a measured record (bench/checkpoint_bench.py --plan-inputs): {e}") from None
     if not isinstance(record, dict) or record.get("format") != MEASURED_FORMAT:
         raise ConfigError(f"{path}: not a measured record of format {MEASURED_FORMAT} "

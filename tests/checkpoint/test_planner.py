@@ -133,6 +133,7 @@ def test_the_bench_writes_what_plan_reads(tmp_path, capsys):
 @pytest.mark.parametrize("content, what", [
     (None, "cannot read the measured figures"),
     ("{", "not a measured record"),
+    ("[" * 30000 + "]" * 30000, "not a measured record"),  # deeper than json.loads goes
     ("[]", "not a measured record of format 1"),
     ('{"format": 2}', "not a measured record of format 1"),
     ('{"format": 1, "store_mb_s": -1}', "store_mb_s: must be a number > 0"),
