@@ -294,7 +294,7 @@ def run_case(base: Path, store: Path, env: Dict[str, str], mib: int, kind: str, 
         shutil.rmtree(work, ignore_errors=True)
 
     raw = r["stats1"]["bytes_in"]
-    dd_mib = math.ceil(raw / MIB)
+    dd_mib = r["dd_mib"] = math.ceil(raw / MIB)  # what dd writes: the checkpoint's bytes, whole MiB
     log(f"{kind} {mib} MiB: dd of {dd_mib} MiB to the store's file system, {dd_runs} run(s)")
     if kind == "zeros":
         r["dd"] = time_dd("/dev/zero", store / "dd.bin", dd_mib, dd_runs)
@@ -319,7 +319,7 @@ def plan_inputs(results: List[Dict[str, Any]], where: str) -> Dict[str, Any]:
     conv=fsync, the median over the cases), CRIU's dump rate (the first checkpoints' dump time; a streamed dump's
     includes its writes, so the rate is on the low side), and, where a dump sent only the written pages, the memory
     it walked per second (the slowest case, less the written pages' own dump at that rate)."""
-    store = statistics.median(math.ceil(r["stats1"]["bytes_in"] / MIB) * MIB / r["dd"] for r in results) / 1e6
+    store = statistics.median(r["dd_mib"] * MIB / r["dd"] for r in results) / 1e6
     dump = statistics.median(r["stats1"]["bytes_in"] / r["stats1"]["dump_seconds"] for r in results
                              if r["stats1"].get("dump_seconds"))
     scans = []
