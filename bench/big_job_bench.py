@@ -42,6 +42,7 @@ from checkpoint_bench import (  # noqa: E402
     log,
     manifest,
     mem_available,
+    model_check,
     stop_workload,
     store_filesystem,
     sync,
@@ -49,6 +50,8 @@ from checkpoint_bench import (  # noqa: E402
     write_kind,  # noqa: E402
 )
 from vmhost import held_page_reporting  # noqa: E402
+
+from ckpt_agent.checkpoint import planner  # noqa: E402
 
 GIB = 1 << 30
 CHANGED_PERCENT = 5
@@ -176,6 +179,15 @@ def report(r: Dict[str, Any]) -> None:
               + (f"{stored / GIB:>11.2f} {frozen:>9.1f}" if stored is not None else f"{'':>11} {'':>9}"))
     print(f"  final / full: time {r['final'] / r['full']:.2f}x, stored bytes "
           f"{s2['bytes_written'] / max(1, s1['bytes_written']):.3f}x")
+    store_mb_s = raw / dd / 1e6
+    print(f"  `ckpt plan`'s model (planner.final_seconds, its default rates: dump {planner.DEFAULT_DUMP_GIB_S:g} "
+          f"GiB/s, scan {planner.DEFAULT_SCAN_GIB_S:g} GiB/s; the store at dd's {store_mb_s:.0f} MB/s):")
+    print("    full checkpoint: " + model_check(
+        memory_bytes=raw, changed_bytes=raw, write_bytes=s1["bytes_written"], store_mb_s=store_mb_s, tracked=False,
+        rates={}, measured=r["full"]))
+    print("    final checkpoint: " + model_check(
+        memory_bytes=s2["bytes_in"], changed_bytes=s2["bytes_new"], write_bytes=s2["bytes_written"],
+        store_mb_s=store_mb_s, tracked=bool(s2.get("pages_unchanged")), rates={}, measured=r["final"]))
     print(f"  memory after restore equals memory before the final checkpoint: yes (sha256 {r['digest'][:16]}...)")
     print("big job: all steps succeeded")
 

@@ -315,13 +315,23 @@ TIMES = ("ckpt_wall", "ckpt_engine", "incr_wall", "restore_wall", "restore_engin
 
 
 def plan_inputs(results: List[Dict[str, Any]], where: str) -> Dict[str, Any]:
-    """What `ckpt plan --measured` takes from this run (planner.measured_record): the store's write bandwidth (dd
-    conv=fsync, the median over the cases), CRIU's dump rate (the first checkpoints' dump time; a streamed dump's
-    includes its writes, so the rate is on the low side), and, where a dump sent only the written pages, the memory
-    it walked per second (the slowest case, less the written pages' own dump at that rate)."""
+    """What `ckpt plan --measured` takes from this run (planner.measured_record):
+    - CRIU's dump rate: the first checkpoints' dump time, of those staged in tmpfs where any were (as with `--stream
+      auto`); a streamed dump's time includes its writes, so with `--stream always` the rate is on the low side;
+    - the store's write bandwidth as a checkpoint gets it: dd conv=fsync's (the median over the cases), or, where
+      lower, what the full checkpoints achieved once CRIU's dump at that rate is taken off their time (the median):
+      on a node with few cores the checkpoint's own hashing and copying share them with the writeback, and a
+      planner given dd's bandwidth would predict short (bench/big_job_bench.py shows by how much);
+    - where a dump sent only the written pages, the memory it walked per second (the slowest case, less the
+      written pages' own dump at that rate)."""
+    firsts = [r["stats1"] for r in results if r["stats1"].get("dump_seconds")]
+    staged = [s for s in firsts if s.get("streamed") is False]  # the engine records it (manifest stats)
+    dump = statistics.median(s["bytes_in"] / s["dump_seconds"] for s in staged or firsts)
     store = statistics.median(r["dd_mib"] * MIB / r["dd"] for r in results) / 1e6
-    dump = statistics.median(r["stats1"]["bytes_in"] / r["stats1"]["dump_seconds"] for r in results
-                             if r["stats1"].get("dump_seconds"))
+    writing = [(r["stats1"]["bytes_written"], r["ckpt_wall"] - r["stats1"]["bytes_in"] / dump) for r in results]
+    achieved = [written / seconds / 1e6 for written, seconds in writing if seconds > 0]
+    if achieved:
+        store = min(store, statistics.median(achieved))
     scans = []
     for r in results:
         s2 = r["stats2"]
@@ -345,6 +355,17 @@ def median_case(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         out[key] = statistics.median(r[key] for r in runs)
     out["runs"] = [{key: r[key] for key in TIMES} for r in runs]
     return out
+
+
+def model_check(*, memory_bytes: float, changed_bytes: float, write_bytes: float, store_mb_s: float,
+                tracked: bool, rates: Dict[str, Any], measured: float) -> str:
+    """`ckpt plan`'s model (planner.final_seconds) for one checkpoint this run took, next to its measured time."""
+    _, predicted = planner.final_seconds(
+        memory_bytes=memory_bytes, changed_bytes=changed_bytes, write_bytes=write_bytes,
+        bandwidth=store_mb_s * 1e6, tracked=tracked,
+        dump_gib_s=rates.get("dump_gib_s", planner.DEFAULT_DUMP_GIB_S),
+        scan_gib_s=rates.get("scan_gib_s", planner.DEFAULT_SCAN_GIB_S))
+    return f"predicted {predicted:.2f} s, measured {measured:.2f} s ({fmt_ratio(predicted / measured)})"
 
 
 # --- profile of the chunk pipeline --------------------------------------------------------------------------------

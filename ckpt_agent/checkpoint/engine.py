@@ -481,7 +481,8 @@ class Engine:
                     pipes=job.pipe_inodes, images=images, files=files,
                     stats=Stats(**dataclasses.asdict(stats), seconds={
                         "frozen_seconds": round(t_frozen, 3), **{k: round(v, 3) for k, v in timings.items()}},
-                        extra={"pages_unchanged": unchanged} if unchanged else {}),
+                        extra={"streamed": streamed is not None,
+                               **({"pages_unchanged": unchanged} if unchanged else {})}),
                 )
                 with acting_as(user):
                     store.commit(partial, number, manifest, owner)

@@ -10,9 +10,9 @@ import math
 from ckpt_agent.checkpoint.planner import (
     DEFAULT_DUMP_GIB_S,
     DEFAULT_SCAN_GIB_S,
-    Inputs,
     advice,
     load_measured,
+    measured_inputs,
     plan_site,
 )
 from ckpt_agent.commands._common import load_site_or_print
@@ -64,13 +64,11 @@ def main(args: argparse.Namespace) -> int:
     if args.reclaimed > 1 or args.changed > 1:
         raise UsageError("--reclaimed and --changed are shares: at most 1")
     measured = load_measured(args.measured) if args.measured else {}
-    inputs = Inputs(job_memory_gib=args.job_memory, reclaimed_share=args.reclaimed, changed_share=args.changed,
-                    compression_ratio=max(1.0, args.compression),
-                    store_mb_s=args.store_mb_s or measured.get("store_mb_s"),
-                    dump_gib_s=args.dump_gib_s or measured.get("dump_gib_s") or DEFAULT_DUMP_GIB_S,
-                    scan_gib_s=args.scan_gib_s or measured.get("scan_gib_s") or DEFAULT_SCAN_GIB_S,
-                    dirty_tracking=measured.get("dirty_tracking", True),
-                    node_network_gbit=args.node_network, fsx_mb_s=args.fsx_mb_s)
+    inputs = measured_inputs(measured, store_mb_s=args.store_mb_s, dump_gib_s=args.dump_gib_s,
+                             scan_gib_s=args.scan_gib_s, job_memory_gib=args.job_memory,
+                             reclaimed_share=args.reclaimed, changed_share=args.changed,
+                             compression_ratio=max(1.0, args.compression), node_network_gbit=args.node_network,
+                             fsx_mb_s=args.fsx_mb_s)
     plans = plan_site(site, inputs)
     if args.json:
         print(json.dumps([p.to_json() for p in plans], indent=2))

@@ -11,7 +11,16 @@ import pytest
 from ckpt_helpers import REPO
 
 from ckpt_agent import cli
-from ckpt_agent.checkpoint.planner import GIB, MB, Inputs, advice, load_measured, plan_site
+from ckpt_agent.checkpoint.planner import (
+    GIB,
+    MB,
+    Inputs,
+    advice,
+    final_seconds,
+    load_measured,
+    measured_record,
+    plan_site,
+)
 from ckpt_agent.errors import ConfigError, UsageError
 from ckpt_agent.site.schema import load_site
 
@@ -90,18 +99,57 @@ def _bench_module():
     return module
 
 
-def _case(dd: float, dump: float, stats2: dict) -> dict:
-    """One case of bench/checkpoint_bench.py's results, as it records them (a 1 GiB job)."""
-    return {"dd": dd, "dd_mib": 1024, "stats1": {"bytes_in": GIB, "dump_seconds": dump},
+def _case(dd: float, dump: float, stats2: dict, streamed=None, ckpt_wall=None) -> dict:
+    """One case of bench/checkpoint_bench.py's results, as it records them (a 1 GiB job; by default its full
+    checkpoint took the dump and then dd's time)."""
+    stats1 = {"bytes_in": GIB, "bytes_written": GIB, "dump_seconds": dump,
+              **({} if streamed is None else {"streamed": streamed})}
+    return {"dd": dd, "dd_mib": 1024, "stats1": stats1, "ckpt_wall": dump + dd if ckpt_wall is None else ckpt_wall,
             "stats2": {"bytes_in": GIB, "bytes_new": 64 * MIB, "dump_seconds": 0.2, **stats2}}
+
+
+def test_the_store_bandwidth_is_what_checkpoints_achieved_where_lower_than_dd():
+    """On a node whose cores the checkpoint's hashing shares with the writeback, a checkpoint writes slower than dd:
+    the record then holds what the full checkpoints achieved (their time less the dump), never more than dd's."""
+    bench = _bench_module()
+    slow = [_case(1.0, 0.5, {}, streamed=False, ckpt_wall=0.5 + 2.0) for _ in range(3)]  # writes took 2 s, dd 1 s
+    assert bench.plan_inputs(slow, "n")["store_mb_s"] == pytest.approx(GIB / 2.0 / MB, abs=0.1)
+    fast = [_case(1.0, 0.5, {}, streamed=False, ckpt_wall=0.5 + 0.5)]  # overlapped: faster than dd, dd's is kept
+    assert bench.plan_inputs(fast, "n")["store_mb_s"] == pytest.approx(GIB / 1.0 / MB, abs=0.1)
+    streamed_only = [_case(1.0, 1.2, {}, streamed=True, ckpt_wall=1.0)]  # the dump's time covers it all: dd's
+    assert bench.plan_inputs(streamed_only, "n")["store_mb_s"] == pytest.approx(GIB / 1.0 / MB, abs=0.1)
+
+
+def test_the_dump_rate_comes_from_staged_dumps_where_the_bench_had_any():
+    """A streamed dump's time includes its writes to the store: with `--stream auto` the first checkpoints are staged
+    in tmpfs and give CRIU's own rate; only without any staged one the streamed rate is taken (on the low side)."""
+    bench = _bench_module()
+    mixed = [_case(1.0, 1.0, {}, streamed=True), _case(1.0, 0.25, {}, streamed=False),
+             _case(1.0, 0.5, {}, streamed=False)]
+    assert bench.plan_inputs(mixed, "n")["dump_gib_s"] == pytest.approx(3.0, abs=0.01)  # median of 4 and 2
+    assert bench.plan_inputs(mixed[:1], "n")["dump_gib_s"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_the_model_adds_the_dump_and_the_write():
+    """planner.final_seconds, shared by `ckpt plan` and the benches' check of the model against measured times."""
+    full = final_seconds(memory_bytes=12 * GIB, changed_bytes=12 * GIB, write_bytes=12 * GIB, bandwidth=GIB,
+                         tracked=False, dump_gib_s=2.0, scan_gib_s=4.0)
+    assert full == pytest.approx((6.0, 18.0))
+    final = final_seconds(memory_bytes=12 * GIB, changed_bytes=0.6 * GIB, write_bytes=0.3 * GIB,
+                          bandwidth=GIB, tracked=True, dump_gib_s=2.0, scan_gib_s=4.0)
+    assert final == pytest.approx((3.3, 3.6))
+    bench = _bench_module()
+    line = bench.model_check(memory_bytes=12 * GIB, changed_bytes=12 * GIB, write_bytes=12 * GIB,
+                             store_mb_s=GIB / 1e6, tracked=False, rates={}, measured=12.0)
+    assert line == "predicted 18.00 s, measured 12.00 s (1.50x)"
 
 
 def test_the_bench_writes_what_plan_reads(tmp_path, capsys):
     """bench/checkpoint_bench.py --plan-inputs: the store's dd bandwidth, the dump rate and, where a dump sent only the
     written pages, the memory walked per second; `ckpt plan --measured` plans with them."""
     bench = _bench_module()
-    results = [_case(0.5, 0.5, {"pages_unchanged": 250000}), _case(1.0, 1.0, {"pages_unchanged": 250000}),
-               _case(2.0, 0.25, {})]
+    results = [_case(0.5, 0.5, {"pages_unchanged": 250000}, ckpt_wall=0.6),
+               _case(1.0, 1.0, {"pages_unchanged": 250000}, ckpt_wall=0.6), _case(2.0, 0.25, {}, ckpt_wall=0.6)]
     record = bench.plan_inputs(results, "node1, 2 CPUs")
     assert record["store_mb_s"] == pytest.approx(GIB / 1.0 / MB, abs=0.1)  # the median case's dd
     assert record["dump_gib_s"] == pytest.approx(2.0, abs=0.01)
@@ -184,6 +232,26 @@ def test_validate_warns_when_the_example_cannot_fit_its_largest_jobs(capsys):
     captured = capsys.readouterr()
     assert "valid: cluster eda-spot" in captured.out
     assert "warning: queue sim-spot: a final checkpoint of a 115.2 GiB job does NOT fit" in captured.err
+
+
+def test_validate_sizes_with_a_nodes_measured_figures(tmp_path, capsys):
+    """`ckpt validate --measured FILE`: the worst case (a full final) with what a node measured; a bad record is one
+    line, exit 78, as in `ckpt plan`."""
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(measured_record(where="node1", when="now", store_mb_s=50, dump_gib_s=2.0,
+                                               scan_gib_s=4.0, dirty_tracking=True)))
+    assert cli.main(["validate", str(EXAMPLE), "--measured", str(slow)]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if line.startswith("warning: queue ")]
+    assert warned and all(line.endswith(f"(see `ckpt plan`; node figures from {slow})") for line in warned), err
+    assert all("limited by measured store bandwidth" in line for line in warned), err
+    assert len(warned) > 1  # at 50 MB/s a node's store, not FSx, bounds every queue's largest job
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": 1, "store_mb_s": -1}')
+    assert cli.main(["validate", str(EXAMPLE), "--measured", str(bad)]) == 78
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # --- the wrapper's deadline plan -----------------------------------------------------------------------------------

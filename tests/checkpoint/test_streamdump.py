@@ -60,6 +60,8 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
     assert not any("slices" in i for i in pages_images(second) + pages_images(third))
     assert all("pagetable" in i for i in pages_images(first))
     assert first["stats"]["bytes_written"] > 64 << 20
+    # the manifest says how each dump went (bench/checkpoint_bench.py takes CRIU's dump rate from staged ones)
+    assert [m["stats"]["streamed"] for m in (first, second, third)] == [stream == "always"] * 3
     # 5% of the pages rewritten, a new 1 MiB buffer (1.6%), and what the interpreter wrote meanwhile: far from a full
     # copy (measured: 7.5% staged, where pages are deduplicated one by one; 9.2% streamed, by chunk)
     assert second["stats"]["bytes_written"] <= 0.12 * first["stats"]["bytes_written"], second["stats"]
