@@ -48,6 +48,7 @@ TESTS=(
   tests/checkpoint/test_restore_tracking.py
   tests/checkpoint/test_streamdump.py
   tests/checkpoint/test_stopped_processes.py
+  tests/checkpoint/test_huge_pages.py  # THP `always` there, the default of Debian's cloud kernels (CRIU patch 0005)
 )
 UFFD_TESTS=(tests/adapters/test_uffd.py)  # on the newer kernel only (on 6.1 they are skipped)
 # on 6.1 only: an ordinary user's job moved by a Spot notice (about 5 min under emulation)
