@@ -19,6 +19,7 @@ from ckpt_helpers import (
     start_ckpt,
     stop_ckpt_run,
     wait_for,
+    whole_huge_pages_tracked,
     written_only_here,
 )
 
@@ -71,8 +72,12 @@ def test_the_first_checkpoint_after_a_restore_sends_only_the_pages_written_since
     _run_until_final(env, tmp_path, work, job, argv, 2, restored_then_mutated)
     assert "from checkpoint 1 taken" in (tmp_path / "e2").read_text()
     # 5% of 16384 pages rewritten and a new 1 MiB buffer: the rest is taken from checkpoint 1, not sent by CRIU
-    second = _manifest(store, job, 2)
-    assert second["stats"].get("pages_unchanged", 0) >= 0.9 * 16384, second["stats"]
+    # (soft-dirty marks a whole 2 MiB huge page written at a write to any of its pages, and the restored tool has its
+    # huge pages back with CRIU's patch 0005: a change at random places then touches nearly all of them, and what is
+    # stored is kept small by content instead)
+    first, second = _manifest(store, job, 1), _manifest(store, job, 2)
+    assert second["stats"].get("pages_unchanged", 0) >= 0.9 * 16384 or whole_huge_pages_tracked(), second["stats"]
+    assert second["stats"]["bytes_written"] <= 0.12 * first["stats"]["bytes_written"], second["stats"]
 
     restore_page_tool_and_check(job, argv, env, work, tmp_path / "o3", tmp_path / "e3")
     assert "from checkpoint 2 taken" in (tmp_path / "e3").read_text()
