@@ -17,7 +17,7 @@ pagemap last), so incrementals here are by content, not by address:
 Compaction follows pagedelta's rules where they can be applied to a stream: after MAX_DELTA_DEPTH generations that
 reuse old pages, the next stores all pages anew; a generation whose restore would read more than
 MAX_READ_AMPLIFICATION times its size marks itself so that the next one is stored anew. Every chunk is still named
-and checked by its sha256 on restore.
+and checked by its digest on restore.
 
 Restore: the images are served from verified chunks through the serve socket, read ahead by the chunk workers
 (StoreSource); only cpuinfo.img is written to the images directory (for `criu cpuinfo check`).
@@ -735,7 +735,7 @@ class StoreSource:
     """Images of one manifest, served from verified chunks (restore through the serve socket).
 
     The chunks of an image are read, decompressed and checked by the pool, up to PREFETCH_CHUNKS ahead of the one
-    being written to CRIU's pipe, in the order the image's slices first need them: the store's reads and the sha256
+    being written to CRIU's pipe, in the order the image's slices first need them: the store's reads and the digest
     work overlap each other and CRIU, as a staged restore's parallel chunk reads do. A chunk that later slices of a
     delta come back to is kept (up to HELD_CHUNKS) until its last use."""
 

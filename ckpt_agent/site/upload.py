@@ -48,7 +48,7 @@ DIST_NAME = "ckpt-agent"
 # What a node's venv needs beyond the agent: the core dependencies (compute and head), and the `aws` extra (boto3,
 # for `ckpt prices --update` and `ckpt report --cloudwatch`) on the head node only. Jinja2 stays on the machine
 # that renders and uploads.
-NODE_PACKAGES = ("PyYAML", "zstandard", "xxhash")
+NODE_PACKAGES = ("PyYAML", "zstandard", "xxhash", "blake3")
 HEAD_PACKAGES = ("boto3",)
 # pip platform tags per architecture: manylinux2014 (glibc 2.17) covers every OS ParallelCluster supports.
 PLATFORM_TAGS = {

@@ -5,7 +5,7 @@ Layout (job directories are mode 0700):
     <store>/<job-id>/                 one job (array tasks: <array-job>_<task>)
         lock                          writers hold it shared, `ckpt gc` exclusive (flock)
         events.jsonl                  lifecycle events (run segments, checkpoints, restores, notices, requeues)
-        chunks/<xx>/<sha256><suffix>  content-addressed data shared by all steps and generations of the job
+        chunks/<xx>/<digest><suffix>  content-addressed data shared by all steps and generations of the job
         <step>/
             gen-000003/manifest.json  a committed checkpoint; a generation directory appears only when complete
             gen-000003/summary.json   a few facts of the generation for `ckpt list` (written before the manifest)

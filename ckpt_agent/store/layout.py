@@ -3,7 +3,8 @@
     <store>/<job-id>/                     job_dir (array tasks: <array-job>_<task>); mode 0700
         lock                              LOCK: writers hold it shared, `ckpt gc` exclusive (flock)
         events.jsonl                      EVENTS: lifecycle events
-        chunks/<xx>/<sha256><suffix>      CHUNKS_DIR, chunk_name: the suffix names the codec (CODEC_SUFFIXES)
+        chunks/<xx>/<digest><suffix>      CHUNKS_DIR, chunk_name: BLAKE3 (sha256 before format 4) hex; the suffix
+                                          names the codec (CODEC_SUFFIXES)
         <step>/                           step_dir
             run.lock                      RUN_LOCK: the one live `ckpt run` of the step holds it (flock)
             gen-000003/                   generation_name: a committed checkpoint

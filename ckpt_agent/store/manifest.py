@@ -1,7 +1,7 @@
 """The manifest of a checkpoint generation: what it holds, written and read here only.
 
 A manifest lists the CRIU images and captured files of one generation, each as chunk references
-([sha256 hex, raw size, codec]), plus the facts of the checkpoint (job, step, when, why, where, statistics).
+([digest hex, raw size, codec]), plus the facts of the checkpoint (job, step, when, why, where, statistics).
 On disk (format 2) it is one JSON object, keys sorted, no spaces, inside an envelope:
 
     {"manifest": {...}, "signature": "<HMAC-SHA256 hex of the manifest's own JSON>"}   (no "signature" without a key)
@@ -16,7 +16,9 @@ Format 1 differs only in that images are never slices of chunks; format 2 images
 image's slices in chunks of their own (`slicetable`: count and chunks, 12 bytes a slice, like the page tables):
 inline, a delta of a 500 GiB job after a 5% random change would list ~13 million slices, ~300 MB of JSON, more than
 a reader accepts and parsed before every dump. A manifest's size is then linear in its chunks only (~85 bytes per
-MiB of image). Format 3 readers read formats 1 and 2; older agents refuse format 3 (and format 2).
+MiB of image). Format 4 is format 3 with the chunks it writes named by BLAKE3 instead of sha256 (store/chunks.py:
+the chunks it shares with older generations keep their sha256 names). Each reader reads the formats before its own;
+older agents pass over a newer format (NewerFormatError) rather than take BLAKE3-named chunks for damaged ones.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from ckpt_agent.store.chunks import CHUNK_BYTES, ChunkRef, WriteStats
 if TYPE_CHECKING:
     from ckpt_agent.store.generations import Signer
 
-FORMAT_VERSION = 3  # 3: slices in chunks (slicetable); 2: slices inline; older agents refuse a newer format
-READABLE_FORMATS = (1, 2, FORMAT_VERSION)
+# 4: chunks named by BLAKE3; 3: slices in chunks (slicetable); 2: slices inline; older agents refuse a newer format
+FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, FORMAT_VERSION)
 # read bound: a manifest lists ~85 bytes per MiB of image (1 MiB for 12 GiB), so 256 MiB covers 3 TiB of memory
 MAX_MANIFEST_BYTES = 256 << 20
 PAGE_TABLE_ENTRY_BYTES = 24  # one page of a page table: vaddr (8) and hash (16), pagedelta._ENTRY
@@ -420,7 +423,7 @@ def parse(body: Dict[str, Any], where: str) -> Manifest:
 
 
 def _check_refs(refs: Any, where: str) -> int:
-    """Chunk references as stored ([sha256 hex, raw size, codec]); returns their total size."""
+    """Chunk references as stored ([digest hex, raw size, codec]); returns their total size."""
     if not isinstance(refs, list):
         raise DamagedCheckpointError(f"{where}: malformed manifest: a chunk list is not a list")
     total = 0

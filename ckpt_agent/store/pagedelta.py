@@ -7,10 +7,10 @@ the freshly dumped pages and compares them, by address, with the previous genera
 changed are written, packed together into new chunks; the image is then described as slices of chunks (`slices`:
 [chunk index, offset, length] over the image's `chunks`, stored in chunks of their own: the entry's slice table,
 manifest format 3), the unchanged runs pointing into chunks the previous generation already uses. Every chunk is
-still named and checked by its sha256, so a restore reads only verified data, and a generation referring to a
-damaged chunk of an older one is damaged itself (the restore falls back to an older generation). Slices are always
-resolved to chunks, never to an older manifest: a restore reads no chain of generations, and gc keeps whatever a
-kept manifest lists.
+still named and checked by its digest (chunks.chunk_digest), so a restore reads only verified data, and a generation
+referring to a damaged chunk of an older one is damaged itself (the restore falls back to an older generation). Slices
+are always resolved to chunks, never to an older manifest: a restore reads no chain of generations, and gc keeps
+whatever a kept manifest lists.
 
 Compaction: a delta image is written in full instead (address-window chunks, as without a previous generation) when
 more than MAX_CHANGED_SHARE of its pages changed, when MAX_DELTA_DEPTH deltas already follow the last full one, or

@@ -20,6 +20,8 @@ from ckpt_helpers import (
     written_only_here,
 )
 
+from ckpt_agent.store.manifest import FORMAT_VERSION
+
 pytestmark = pytest.mark.criu
 TOOLS = DATA / "runner"
 
@@ -56,7 +58,8 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
     first, second, third = manifest(1), manifest(2), manifest(3)
     # a first checkpoint's pages images are whole chunks, streamed or staged; deltas are slices in a slice table
     assert not any("slices" in i or "slicetable" in i for i in pages_images(first)), pages_images(first)
-    assert first["format"] == 3 and any("slicetable" in i for i in pages_images(second)), pages_images(second)
+    assert first["format"] == FORMAT_VERSION
+    assert any("slicetable" in i for i in pages_images(second)), pages_images(second)
     assert not any("slices" in i for i in pages_images(second) + pages_images(third))
     assert all("pagetable" in i for i in pages_images(first))
     assert first["stats"]["bytes_written"] > 64 << 20

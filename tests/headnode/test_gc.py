@@ -337,8 +337,9 @@ def test_link_planted_as_job_dir_is_not_followed(store, outside):
 def test_link_planted_as_step_and_chunk_dir_is_not_followed(store, outside):
     make_job(store, "6101", gens=3, seconds_old=30 * DAY)
     os.symlink(outside, os.path.join(store.job_dir("6101"), "evil"))  # a "step"
-    os.symlink(outside, os.path.join(store.chunk_dir("6101"), "ab"))  # a chunk prefix dir
-    os.symlink(outside / "precious", os.path.join(store.chunk_dir("6101"), "cd"))
+    free = [p for p in (f"{i:02x}" for i in range(256)) if not os.path.exists(os.path.join(store.chunk_dir("6101"), p))]
+    os.symlink(outside, os.path.join(store.chunk_dir("6101"), free[0]))  # a chunk prefix dir
+    os.symlink(outside / "precious", os.path.join(store.chunk_dir("6101"), free[1]))
     before = snapshot(outside)
     run_gc(store, FakeSlurm({"6101": "RUNNING"}))
     assert snapshot(outside) == before

@@ -96,7 +96,8 @@ def test_bundle_contents_and_checksums(tmp_path, site_dir):
                  "head/agent.yaml", "head/ckpt-gc.cron", "nodes/sim-spot/agent.yaml", "nodes/ondemand/node.env",
                  "systemd/ckpt-agent.service"):
         assert name in files
-    assert [f for f in files if f.startswith("wheels/")][0].endswith("-py3-none-any.whl")
+    agent = [f for f in files if f.startswith("wheels/ckpt_agent-")]
+    assert len(agent) == 1 and agent[0].endswith("-py3-none-any.whl"), agent
     sums = (tmp_path / "b" / "SHA256SUMS").read_text().splitlines()
     assert len(sums) == len(files) - 1
     for line in sums:
@@ -128,7 +129,7 @@ def test_upload_puts_the_bundle_in_s3_and_prints_the_command(s3, site_dir, tmp_p
     assert f"{prefix}/nodes/sim-spot-xl/agent.yaml" in keys and f"{prefix}/criu/criu_4.2.1.orig.tar.xz" in keys
     assert f"{prefix}/patches/criu-4.2.1/0001-rlimits-from-proc.patch" in keys
     wheels = {k.rsplit("/", 1)[1].split("-")[0].lower() for k in keys if "/wheels/" in k}
-    assert {"ckpt_agent", "pyyaml", "zstandard", "boto3", "botocore"} <= wheels, wheels
+    assert {"ckpt_agent", "pyyaml", "zstandard", "xxhash", "blake3", "boto3", "botocore"} <= wheels, wheels
     assert "jinja2" not in wheels, "Jinja2 is for the machine that renders, not for nodes"
     sums = s3.get_object(Bucket=BUCKET, Key=f"{prefix}/SHA256SUMS")["Body"].read().decode().splitlines()
     assert {f"{prefix}/{line.split('  ')[1]}" for line in sums} | {f"{prefix}/SHA256SUMS"} == keys
@@ -218,7 +219,7 @@ def test_wheelhouse_serves_an_older_python_than_the_installed_versions_support(t
     for it (boto3 dropped 3.9), the newest that has one, within the agent's requirements."""
     names = upload.build_wheelhouse(tmp_path / "w", ["3.9"], ["aarch64"])
     lowered = [n.lower() for n in names]
-    for package in ("pyyaml", "zstandard", "boto3", "botocore"):
+    for package in ("pyyaml", "zstandard", "xxhash", "blake3", "boto3", "botocore"):
         assert any(n.startswith(package + "-") for n in lowered), (package, names)
     binary = [n for n in lowered if not n.endswith("-none-any.whl")]
     assert binary and all("cp39" in n and "aarch64" in n for n in binary), binary

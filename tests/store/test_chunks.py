@@ -9,6 +9,7 @@ import random
 import threading
 from pathlib import Path
 
+import blake3
 import pytest
 from ckpt_helpers import CallCounter
 
@@ -48,10 +49,10 @@ def chunk_files(store: ChunkStore):
     return sorted(p for _, p in iter_chunk_files(store.root))
 
 
-def test_put_get_round_trip_names_chunk_by_sha256(chunks):
+def test_put_get_round_trip_names_chunk_by_blake3(chunks):
     data = random_bytes(300_000)
     ref, stats = chunks.put(data)
-    assert ref.digest == hashlib.sha256(data).hexdigest()
+    assert ref.digest == blake3.blake3(data).hexdigest()
     assert ref.size == len(data)
     assert chunks.get(ref) == data
     assert os.path.exists(os.path.join(chunks.root, ref.digest[:2], ref.digest))
@@ -239,7 +240,7 @@ def test_temporary_chunk_names_never_count_as_chunks(chunks, monkeypatch):
     with pytest.raises(StoreError, match="cannot write chunk .*: No space left on device"):
         chunks.put(data)
     monkeypatch.undo()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = blake3.blake3(data).hexdigest()
     final = chunks.path(ChunkRef(digest, len(data), CODEC_RAW))
     assert not os.path.exists(final)
     assert digest not in chunks.known
@@ -265,15 +266,15 @@ def test_iter_chunk_files_on_missing_root_is_empty(tmp_path):
 
 
 def test_all_zero_chunk_is_recognised_without_hashing(chunks, monkeypatch):
-    """A full all-zero chunk gets the sha256 of zeros by a compare (the fast path); anything else is hashed."""
+    """A full all-zero chunk gets the BLAKE3 digest of zeros by a compare (the fast path); anything else is hashed."""
     calls = []
-    real = hashlib.sha256
+    real = blake3.blake3
 
     def counting(data=b""):
         calls.append(len(data))
         return real(data)
 
-    monkeypatch.setattr(chunkstore.hashlib, "sha256", counting)
+    monkeypatch.setattr(chunkstore.blake3, "blake3", counting)
     ref, _ = chunks.put(bytes(CHUNK_BYTES))
     assert ref.digest == real(bytes(CHUNK_BYTES)).hexdigest() == chunkstore.ZERO_CHUNK_DIGEST
     assert calls == []
@@ -285,6 +286,60 @@ def test_all_zero_chunk_is_recognised_without_hashing(chunks, monkeypatch):
     assert other.digest == real(bytes(almost)).hexdigest()
     assert short.digest == real(bytes(CHUNK_BYTES - 1)).hexdigest()
     assert calls == [CHUNK_BYTES, CHUNK_BYTES - 1]
+
+
+def plant_sha256_chunk(store: ChunkStore, data: bytes, codec: str = CODEC_RAW) -> ChunkRef:
+    """A chunk as formats 1-3 wrote it: named by the sha256 of its bytes."""
+    ref = ChunkRef(hashlib.sha256(data).hexdigest(), len(data), codec)
+    path = Path(store.path(ref))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(chunkstore.zstandard.ZstdCompressor().compress(data) if codec == CODEC_ZSTD else data)
+    return ref
+
+
+@pytest.mark.parametrize("codec", [CODEC_RAW, CODEC_ZSTD])
+def test_a_chunk_named_by_sha256_before_format_4_still_reads_and_is_still_checked(chunks, codec):
+    data = text_bytes(300_000, seed=11)
+    ref = plant_sha256_chunk(chunks, data, codec)
+    assert chunks.get(ref) == data
+    damaged = bytearray(data)
+    damaged[1234] ^= 1
+    Path(chunks.path(ref)).write_bytes(chunkstore.zstandard.ZstdCompressor().compress(bytes(damaged))
+                                       if codec == CODEC_ZSTD else bytes(damaged))
+    with pytest.raises(DamagedCheckpointError, match=f"chunk {ref.digest[:16]} fails its checksum"):
+        chunks.get(ref)
+
+
+def test_a_chunk_is_not_accepted_under_another_chunks_digest(chunks):
+    """Either hash must give the referenced digest of the bytes read: another chunk's bytes in its place, whatever
+    that one was named by, are refused."""
+    a, b = random_bytes(50_000, seed=12), random_bytes(50_000, seed=13)
+    ref_a = plant_sha256_chunk(chunks, a)
+    ref_b, _ = chunks.put(b)
+    for victim, intruder in ((ref_a, b), (ref_b, a)):
+        Path(chunks.path(victim)).write_bytes(intruder)
+        with pytest.raises(DamagedCheckpointError, match="fails its checksum"):
+            chunks.get(victim)
+
+
+def test_new_data_is_not_deduplicated_against_a_sha256_named_chunk(chunks):
+    data = random_bytes(40_000, seed=14)
+    old = plant_sha256_chunk(chunks, data)
+    chunks.known[old.digest] = old.codec
+    ref, stats = chunks.put(data)
+    assert ref.digest == blake3.blake3(data).hexdigest() != old.digest
+    assert (stats.chunks_new, stats.chunks_reused) == (1, 0)
+    assert chunks.get(ref) == chunks.get(old) == data
+
+
+def test_a_sparse_file_restored_from_sha256_named_zero_chunks_keeps_its_holes(chunks, pool, tmp_path):
+    zero = plant_sha256_chunk(chunks, bytes(CHUNK_BYTES))
+    assert zero.digest == chunkstore.SHA256_ZERO_CHUNK_DIGEST
+    tail = plant_sha256_chunk(chunks, b"end")
+    dest = tmp_path / "sparse"
+    restore_file(chunks, [zero, zero, tail], str(dest), pool)
+    assert dest.read_bytes() == bytes(2 * CHUNK_BYTES) + b"end"
+    assert os.stat(dest).st_blocks * 512 < CHUNK_BYTES, "the zero chunks are holes, not written"
 
 
 def test_zero_chunk_with_wrong_content_fails_its_checksum(chunks):
@@ -330,7 +385,7 @@ def test_chunk_is_stored_raw_instead_of_waiting_for_a_busy_cpu(chunks, monkeypat
 
 def test_temp_chunk_name_planted_as_a_link_is_not_written_through(chunks, tmp_path):
     data = random_bytes(20_000, seed=7)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = blake3.blake3(data).hexdigest()
     final = chunks.path(ChunkRef(digest, len(data), CODEC_RAW))
     os.makedirs(os.path.dirname(final))
     victim = tmp_path / "victim"

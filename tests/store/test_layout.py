@@ -3,9 +3,9 @@ knows every codec's suffix (a chunk of any codec survives the sweep after a comm
 
 from __future__ import annotations
 
-import hashlib
 import os
 
+import blake3
 import pytest
 from ckpt_helpers import store_with_job
 
@@ -23,7 +23,7 @@ def store(tmp_path):
 
 
 def digest_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return blake3.blake3(data).hexdigest()
 
 
 def test_paths_of_a_job(tmp_path):

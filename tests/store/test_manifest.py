@@ -215,7 +215,7 @@ def test_an_unsigned_manifest_is_refused_where_a_key_exists_and_unverifiable_wit
         decode(unsigned, WHERE, Signer(None), require_signature=True)
 
 
-@pytest.mark.parametrize("fmt", [4, 0, "2", None, True, 2.0], ids=repr)
+@pytest.mark.parametrize("fmt", [FORMAT_VERSION + 1, 0, "2", None, True, 2.0], ids=repr)
 def test_an_unknown_format_is_named(fmt):
     data = edited(lambda m: m.update(format=fmt))
     with pytest.raises(DamagedCheckpointError, match=f"unsupported manifest format {fmt!r}"):

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import random
 
+import blake3
 import pytest
 
 from ckpt_agent.errors import DamagedCheckpointError
+from ckpt_agent.store import chunks as chunkstore
 from ckpt_agent.store import pagedelta
 from ckpt_agent.store.chunks import ChunkStore, restore_file, store_file
 from ckpt_agent.store.generations import CheckpointStore
@@ -213,3 +216,30 @@ def test_a_page_table_reads_back_as_address_and_hash_columns(tmp_path, pool):
     assert list(vaddrs) == list(pagedelta.run_vaddrs(RUNS))
     assert hashes == b"".join(pagedelta.page_hash(data[i * PAGE:(i + 1) * PAGE]) for i in range(NPAGES))
     assert pagedelta.load_columns(chunks, dataclasses.replace(entry, pagetable=None), "x") is None
+
+
+def test_a_delta_over_a_generation_whose_chunks_sha256_named_restores_exactly(tmp_path, pool, monkeypatch):
+    """An agent of this version checkpoints a job whose last generation an older one wrote (manifest format 3,
+    chunks named by sha256): the delta's unchanged runs point into those chunks, and its new chunks are named by
+    BLAKE3; the restore checks each by the digest it is referenced by."""
+    chunks = ChunkStore(str(tmp_path / "chunks"), compression="none")
+    data = bytearray(random.Random(1).randbytes(NPAGES * PAGE))
+    with monkeypatch.context() as m:
+        m.setattr(chunkstore, "chunk_digest", lambda b: hashlib.sha256(b).hexdigest())
+        entry = full_entry(chunks, pool, write_pages(tmp_path / "p0", data))
+    assert all(r.digest == hashlib.sha256(chunks.get(r)).hexdigest() for r in entry.chunks)
+    data = changed(data, 0.05, 7)
+    delta, _ = pagedelta.store_delta(chunks, pool, write_pages(tmp_path / "p1", data), RUNS, entry, "x")
+    assert delta is not None and delta.slices is not None
+    old = {r.digest for r in entry.chunks}
+    shared = [r for r in delta.chunks if r.digest in old]
+    fresh = [r for r in delta.chunks if r.digest not in old]
+    assert shared and fresh, "the delta both reuses the old chunks and writes new ones"
+    assert all(r.digest == blake3.blake3(chunks.get(r)).hexdigest() for r in fresh)
+    assert restored(chunks, delta, tmp_path / "r", pool) == bytes(data)
+    victim = shared[0]
+    with open(chunks.path(victim), "r+b") as fh:
+        fh.write(b"\xff" * 16)
+    chunkstore.CHECKED.forget(chunks.root, victim)
+    with pytest.raises(DamagedCheckpointError, match="fails its checksum"):
+        restored(chunks, delta, tmp_path / "r2", pool)
