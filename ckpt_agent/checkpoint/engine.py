@@ -385,7 +385,8 @@ class Engine:
                 held.enter_context(store.job_lock(job.job_id))
                 number, partial = store.begin(job.job_id, job.step)
             previous = self._previous_manifest(job, signed_only=owner is not None)
-            chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner)
+            chunks = store.chunks_for(job.job_id, self.settings.compression, store.known_chunks(job.job_id), owner,
+                                      self.settings.chunk_digest)
             chunks.verify_reused, chunks.scrub = reuse_checks(number, final)
             stage = self._staging_dir(job)
             stopped: List[int] = []

@@ -44,6 +44,7 @@ class CheckpointSettings:
     interval: int = F.INTERVAL.default
     keep: int = F.KEEP.default
     compression: str = F.COMPRESSION.default
+    chunk_digest: str = F.CHUNK_DIGEST.default  # blake3 | sha256: what names new chunks (store/chunks.py)
     staging_dir: str = F.STAGING_DIR.default
     stream: str = F.STREAM.default  # auto | always | off: images stream into the store as CRIU dumps (streamdump.py)
     recent_periodic: Optional[int] = None  # see node/fields.py RECENT_PERIODIC (None: one interval)
@@ -142,7 +143,8 @@ def _section(cls: type, specs: Dict[str, Any], rules=()) -> Map:
 
 
 CHECKPOINT = _section(CheckpointSettings, {
-    "interval": F.INTERVAL, "keep": F.KEEP, "compression": F.COMPRESSION, "staging_dir": F.STAGING_DIR,
+    "interval": F.INTERVAL, "keep": F.KEEP, "compression": F.COMPRESSION, "chunk_digest": F.CHUNK_DIGEST,
+    "staging_dir": F.STAGING_DIR,
     "stream": F.STREAM, "recent_periodic": F.RECENT_PERIODIC, "dirty_tracking": F.DIRTY_TRACKING,
     "extra_paths": F.EXTRA_PATHS, "ghost_limit": F.GHOST_LIMIT, "tcp_close": Bool(),
 }, rules=[F.rule_extra_paths])

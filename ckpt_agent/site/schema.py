@@ -284,6 +284,7 @@ CHECKPOINT = Map(
         "interval": F.INTERVAL,
         "keep": F.KEEP,
         "compression": F.COMPRESSION,
+        "chunk_digest": F.CHUNK_DIGEST,
         "extra_paths": F.EXTRA_PATHS,
         "rebalance_action": F.REBALANCE_ACTION,
         "poll_interval": F.POLL_INTERVAL,

@@ -38,7 +38,8 @@ CPU time and of a restore's. A chunk is accepted when its bytes have the referen
 (`digest_matches`), so a generation written before, and the chunks a newer generation still shares with it (the
 unchanged runs of a delta, unchanged captured files), restore as before; a chunk matches a digest it was not written
 under only by a preimage of BLAKE3 or of sha256. New data is never deduplicated against a sha256-named chunk: the
-same bytes are stored once more, under their BLAKE3 name.
+same bytes are stored once more, under their BLAKE3 name. A site whose policy admits only FIPS-approved hashes sets
+`checkpoint.chunk_digest: sha256` (a ChunkStore's `digest`): its chunks are then named by sha256, as before.
 
 Speed on small machines: WORKERS threads (at least 4, even on 2 CPUs) keep the store's disk busy while chunks are
 hashed. Compression, the CPU-bound part, runs on at most CPUs - 1 chunks at a time (process-wide; one CPU stays free
@@ -99,9 +100,13 @@ CHECK_BATCHES = 4 * WORKERS  # ChunkStore.rotten: reused chunks are checked in t
 # chunks compressed at once, process-wide: zstd is CPU-bound; one CPU stays free for hashing, copying and writeback
 COMPRESS_SLOTS = max(1, CPUS - 1)
 ZERO_CHUNK = bytes(CHUNK_BYTES)
+# the hashes that name chunks (node/fields.py CHUNK_DIGESTS, checkpoint.chunk_digest)
+BLAKE3, SHA256 = "blake3", "sha256"
+DEFAULT_DIGEST = BLAKE3
 ZERO_CHUNK_DIGEST = blake3.blake3(ZERO_CHUNK).hexdigest()
 SHA256_ZERO_CHUNK_DIGEST = hashlib.sha256(ZERO_CHUNK).hexdigest()  # the same, as formats 1-3 named it
 ZERO_CHUNK_DIGESTS = frozenset((ZERO_CHUNK_DIGEST, SHA256_ZERO_CHUNK_DIGEST))
+_ZERO_DIGEST = {BLAKE3: ZERO_CHUNK_DIGEST, SHA256: SHA256_ZERO_CHUNK_DIGEST}
 # sync_file_range(2) flag: start writeback of the file's dirty pages without waiting for it
 SYNC_FILE_RANGE_WRITE = 2
 # zstd frames are never stored unless they save 10%; this slack only covers frame headers of tiny chunks
@@ -343,19 +348,24 @@ def choose_level(bandwidth: Optional[float], speeds: Dict[int, float], slots: in
     return max(speeds, key=speeds.get) if speeds else ZSTD_LEVELS[-1]
 
 
-def chunk_digest(data: bytes) -> str:
-    """The name of a chunk: the BLAKE3 hex digest of its bytes (the module docstring says why); a full all-zero chunk
-    (untouched-but-present memory, sparse files) by a compare instead. blake3 releases the GIL, as hashlib does, so
-    the chunk workers hash on every core."""
+def chunk_digest(data: bytes, algorithm: str = DEFAULT_DIGEST) -> str:
+    """The name of a chunk: the hex digest of its bytes, BLAKE3 unless `algorithm` is SHA256 (the module docstring
+    says why); a full all-zero chunk (untouched-but-present memory, sparse files) by a compare instead. blake3
+    releases the GIL, as hashlib does, so the chunk workers hash on every core."""
     if len(data) == CHUNK_BYTES and data == ZERO_CHUNK:
-        return ZERO_CHUNK_DIGEST
+        return _ZERO_DIGEST[algorithm]
+    if algorithm == SHA256:
+        return hashlib.sha256(data).hexdigest()
     return blake3.blake3(data).hexdigest()
 
 
-def digest_matches(data: bytes, digest: str) -> bool:
-    """Whether `data` is the chunk `digest` names: its BLAKE3 digest, or the sha256 digest that named chunks before
-    manifest format 4 (tried second, so only such chunks and damaged ones cost the second hash)."""
-    return chunk_digest(data) == digest or hashlib.sha256(data).hexdigest() == digest
+def digest_matches(data: bytes, digest: str, first: str = DEFAULT_DIGEST) -> bool:
+    """Whether `data` is the chunk `digest` names, by BLAKE3 or by sha256 (which named chunks before manifest format
+    4, and does where checkpoint.chunk_digest says so); `first` is tried first, so only chunks named by the other hash,
+    and damaged ones, cost a second hash."""
+    if chunk_digest(data, first) == digest:
+        return True
+    return chunk_digest(data, SHA256 if first == BLAKE3 else BLAKE3) == digest
 
 
 def syncfs(path: str) -> None:
@@ -378,8 +388,12 @@ class ChunkStore:
         compression: str = "zstd",
         known: Optional[Dict[str, str]] = None,
         owner: Optional[Tuple[int, int]] = None,
+        digest: str = DEFAULT_DIGEST,
     ):
+        if digest not in _ZERO_DIGEST:
+            raise ValueError(f"unknown chunk digest {digest!r}")
         self.root = root
+        self.digest = digest  # what names the chunks this store writes (BLAKE3 or SHA256); reads accept either
         self._dir = os.path.join(root, "")  # the root with one separator after it: chunk paths are built on it
         self.owner = owner  # (uid, gid) of an ordinary user's job the agent writes chunks for
         # ... with the user's file-system identity: chunks are the user's, and a link the user plants in the job
@@ -455,7 +469,7 @@ class ChunkStore:
         Identical chunks met by several threads at once (zero pages, repeated blocks) are written once: the first
         thread claims the digest, the others wait for it and reuse its codec.
         """
-        digest = chunk_digest(data)
+        digest = chunk_digest(data, self.digest)
         stats = WriteStats(bytes_in=len(data))
         while True:
             with self._lock:
@@ -630,7 +644,7 @@ class ChunkStore:
                 raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} is corrupt ({path}): {e}") from e
         else:
             data = payload
-        if len(data) != ref.size or not digest_matches(data, ref.digest):
+        if len(data) != ref.size or not digest_matches(data, ref.digest, self.digest):
             CHECKED.forget(self.root, ref)
             raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} fails its checksum ({path})")
         CHECKED.record(self.root, ref, st)

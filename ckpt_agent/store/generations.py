@@ -56,6 +56,7 @@ from ckpt_agent.errors import (
 from ckpt_agent.store import layout
 from ckpt_agent.store import manifest as manifest_file
 from ckpt_agent.store.chunks import (
+    DEFAULT_DIGEST,
     ChunkStore,
     present_chunks,
     sweep_chunk_dir,
@@ -474,9 +475,10 @@ class CheckpointStore:
         compression: str = "zstd",
         known: Optional[Dict[str, str]] = None,
         owner: Optional[Tuple[int, int]] = None,
+        digest: str = DEFAULT_DIGEST,
     ) -> ChunkStore:
         self.read_job_dir(job_id)
-        return ChunkStore(self._no_link(self.chunk_dir(job_id)), compression, known, owner)
+        return ChunkStore(self._no_link(self.chunk_dir(job_id)), compression, known, owner, digest)
 
     def known_chunks(self, job_id: str) -> Dict[str, str]:
         """digest -> codec of every chunk referenced by a committed manifest of the job (what need not be rewritten).

@@ -4,11 +4,13 @@ one, and a restore that gives the tool exactly its memory back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import zstandard
 from ckpt_helpers import (
     DATA,
     pages_images,
@@ -80,6 +82,41 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
 
     restore_page_tool_and_check(job, argv, env, work, tmp_path / "o2", tmp_path / "e2")
     assert "from checkpoint 3 taken" in (tmp_path / "e2").read_text()
+
+
+def test_a_site_that_admits_only_sha256_gets_chunks_named_by_sha256_and_restores(ck, tmp_path):
+    """checkpoint.chunk_digest: sha256 (a FIPS-only site): every chunk a full and an incremental checkpoint write is
+    named by the sha256 of its bytes, and the job restores from them."""
+    env, store, runtime = ck
+    config = Path(env["CKPT_CONFIG"])
+    settings = {"stream": "always", "chunk_digest": "sha256"}
+    config.write_text(json.dumps({**json.loads(config.read_text()), "checkpoint": settings}) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    job = "123"
+    argv = ["python3", str(TOOLS / "pagetool.py"), "16", "5"]
+    proc = start_ckpt("run", "--job-id", job, "--interval", "1000", "--", *argv, env=env, cwd=work,
+                      out=tmp_path / "o", err=tmp_path / "e")
+    try:
+        wait_for(lambda: (work / "ready").exists(), 60, "the tool to fill its memory")
+        assert run_ckpt("checkpoint", "--job-id", job, env=env, timeout=120).returncode == 0
+        (work / "mutate").touch()
+        wait_for(lambda: (work / "mutated").exists(), 30, "the tool to change 5% of its pages")
+        assert run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120).returncode == 0
+        assert proc.wait(timeout=30) == 75
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    chunk_files = [p for p in (store / job / "chunks").rglob("*") if p.is_file()]
+    assert len(chunk_files) >= 8, chunk_files
+    for path in chunk_files:
+        data = path.read_bytes()
+        if path.name.endswith(".zst"):
+            data = zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 21)
+        assert hashlib.sha256(data).hexdigest() == path.name.split(".")[0], path
+    restore_page_tool_and_check(job, argv, env, work, tmp_path / "o2", tmp_path / "e2")
+    assert "from checkpoint 2 taken" in (tmp_path / "e2").read_text()
 
 
 class _Criu:

@@ -188,6 +188,8 @@ def test_minimum_itself_is_accepted(tmp_path):
     [
         pytest.param("checkpoint:\n  compression: lz4\n",
                      "checkpoint.compression: must be one of zstd, none, got 'lz4'", id="compression"),
+        pytest.param("checkpoint:\n  chunk_digest: md5\n",
+                     "checkpoint.chunk_digest: must be one of blake3, sha256, got 'md5'", id="chunk_digest"),
         pytest.param("agent:\n  rebalance_action: reboot\n",
                      "agent.rebalance_action: must be one of checkpoint, drain, ignore, got 'reboot'", id="rebalance"),
     ],

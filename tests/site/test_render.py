@@ -74,7 +74,7 @@ def test_every_agent_yaml_loads_with_the_agent_config_loader(tmp_path):
 
 
 def test_stream_and_recent_periodic_reach_the_queues_agent_yaml(tmp_path):
-    added = "      stream: always\n      dirty_tracking: false\n"
+    added = "      stream: always\n      dirty_tracking: false\n      chunk_digest: sha256\n"
     text = EXAMPLE.read_text().replace("      keep: 3\n", "      keep: 3\n" + added, 1)
     text = text.replace("recent_periodic: 5m ", "recent_periodic: 0  ", 1)
     site_file = tmp_path / "site.yaml"
@@ -83,9 +83,12 @@ def test_stream_and_recent_periodic_reach_the_queues_agent_yaml(tmp_path):
     xl = load_agent_config(str(tmp_path / "out" / "nodes/sim-spot-xl/agent.yaml"))
     assert (xl.checkpoint.stream, xl.checkpoint.recent_periodic) == ("always", 0)  # 0: always try the final
     assert xl.checkpoint.dirty_tracking is False
+    assert xl.checkpoint.chunk_digest == "sha256"
     spot = load_agent_config(str(tmp_path / "out" / "nodes/sim-spot/agent.yaml"))
     assert (spot.checkpoint.stream, spot.checkpoint.recent_periodic) == ("auto", None)
     assert spot.checkpoint.dirty_tracking is True  # the default is not written out
+    assert spot.checkpoint.chunk_digest == "blake3"
+    assert "chunk_digest" not in (tmp_path / "out" / "nodes/sim-spot/agent.yaml").read_text()
 
 
 def test_cluster_yaml_content():

@@ -132,6 +132,8 @@ def test_rules(old, new, expected):
 
 @pytest.mark.parametrize("setting, expected", [
     ("stream: fast", "queues[0].checkpoint.stream: must be one of auto, always, off, got 'fast'"),
+    ("chunk_digest: sha1", "queues[0].checkpoint.chunk_digest: must be one of blake3, sha256, got 'sha1' (did you "
+                           "mean 'sha256'?)"),
     ("dirty_tracking: sometimes", "queues[0].checkpoint.dirty_tracking: must be true or false, got a string "
                                   "('sometimes')"),
     ("recent_periodic: -5", "queues[0].checkpoint.recent_periodic: must be >= 0 s, got -5"),

@@ -322,6 +322,23 @@ def test_a_chunk_is_not_accepted_under_another_chunks_digest(chunks):
             chunks.get(victim)
 
 
+def test_a_store_set_to_sha256_names_chunks_by_sha256_and_reads_both(tmp_path, pool):
+    """checkpoint.chunk_digest: sha256, for a site that admits only FIPS-approved hashes."""
+    fips = ChunkStore(str(tmp_path / "c"), digest="sha256")
+    data = text_bytes(3 * MIB + 5, seed=15)
+    src = tmp_path / "src"
+    src.write_bytes(data + bytes(CHUNK_BYTES))
+    refs, _, _ = store_file(fips, str(src), pool)
+    assert [r.digest for r in refs] == [hashlib.sha256(d).hexdigest() for d in (
+        data[:MIB], data[MIB:2 * MIB], data[2 * MIB:3 * MIB], data[3 * MIB:] + bytes(MIB - 5), bytes(5))]
+    zero, _ = fips.put(bytes(CHUNK_BYTES))
+    assert zero.digest == chunkstore.SHA256_ZERO_CHUNK_DIGEST == hashlib.sha256(bytes(CHUNK_BYTES)).hexdigest()
+    other, _ = ChunkStore(str(tmp_path / "c")).put(b"blake3-named")
+    assert fips.get(other) == b"blake3-named" and fips.get(refs[0]) == data[:MIB]
+    with pytest.raises(ValueError, match="unknown chunk digest 'md5'"):
+        ChunkStore(str(tmp_path / "c"), digest="md5")
+
+
 def test_new_data_is_not_deduplicated_against_a_sha256_named_chunk(chunks):
     data = random_bytes(40_000, seed=14)
     old = plant_sha256_chunk(chunks, data)

@@ -218,15 +218,15 @@ def test_a_page_table_reads_back_as_address_and_hash_columns(tmp_path, pool):
     assert pagedelta.load_columns(chunks, dataclasses.replace(entry, pagetable=None), "x") is None
 
 
-def test_a_delta_over_a_generation_whose_chunks_sha256_named_restores_exactly(tmp_path, pool, monkeypatch):
+def test_a_delta_over_a_generation_whose_chunks_sha256_named_restores_exactly(tmp_path, pool):
     """An agent of this version checkpoints a job whose last generation an older one wrote (manifest format 3,
-    chunks named by sha256): the delta's unchanged runs point into those chunks, and its new chunks are named by
-    BLAKE3; the restore checks each by the digest it is referenced by."""
+    chunks named by sha256, as checkpoint.chunk_digest: sha256 still names them): the delta's unchanged runs point
+    into those chunks, and its new chunks are named by BLAKE3; the restore checks each by the digest it is referenced
+    by."""
+    older = ChunkStore(str(tmp_path / "chunks"), compression="none", digest="sha256")
     chunks = ChunkStore(str(tmp_path / "chunks"), compression="none")
     data = bytearray(random.Random(1).randbytes(NPAGES * PAGE))
-    with monkeypatch.context() as m:
-        m.setattr(chunkstore, "chunk_digest", lambda b: hashlib.sha256(b).hexdigest())
-        entry = full_entry(chunks, pool, write_pages(tmp_path / "p0", data))
+    entry = full_entry(older, pool, write_pages(tmp_path / "p0", data))
     assert all(r.digest == hashlib.sha256(chunks.get(r)).hexdigest() for r in entry.chunks)
     data = changed(data, 0.05, 7)
     delta, _ = pagedelta.store_delta(chunks, pool, write_pages(tmp_path / "p1", data), RUNS, entry, "x")
