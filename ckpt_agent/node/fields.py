@@ -14,6 +14,7 @@ import posixpath
 from typing import Any, Dict
 
 from ckpt_agent.node.actions import DEFAULT_REBALANCE_ACTION, REBALANCE_ACTIONS
+from ckpt_agent.store.layout import CHUNK_DIGESTS
 from ckpt_agent.util.yamlschema import Bool, Context, Duration, Field, Float, Int, List, Map, Path, Str
 
 YEAR = 365 * 24 * 3600  # the largest interval or duration anywhere (larger values overflow timers)
@@ -24,8 +25,7 @@ KEEP = Field(Int(min=1, max=10), default=2)  # the newest plus one fallback if i
 COMPRESSION = Field(Str(choices=("zstd", "none")), default="zstd")  # zstd only where it saves space, per chunk
 # what names the chunks a checkpoint writes (store/chunks.py): BLAKE3, 4-5x the speed of sha256 on one core; sha256
 # where site policy admits only FIPS-approved hashes. A restore accepts chunks named by either.
-CHUNK_DIGESTS = ("blake3", "sha256")
-CHUNK_DIGEST = Field(Str(choices=CHUNK_DIGESTS), default="blake3")
+CHUNK_DIGEST = Field(Str(choices=CHUNK_DIGESTS), default=CHUNK_DIGESTS[0])
 EXTRA_PATHS = Field(List(Str(), unique=True), default=list)  # more directories captured with the working directory
 STAGING_DIR = Field(Str(), default="auto")  # where CRIU writes images before the store; auto = tmpfs if RAM allows
 # whether images stream into the store as CRIU dumps (checkpoint/streamdump.py: auto streams finals and restores)

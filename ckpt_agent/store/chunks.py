@@ -100,8 +100,7 @@ CHECK_BATCHES = 4 * WORKERS  # ChunkStore.rotten: reused chunks are checked in t
 # chunks compressed at once, process-wide: zstd is CPU-bound; one CPU stays free for hashing, copying and writeback
 COMPRESS_SLOTS = max(1, CPUS - 1)
 ZERO_CHUNK = bytes(CHUNK_BYTES)
-# the hashes that name chunks (node/fields.py CHUNK_DIGESTS, checkpoint.chunk_digest)
-BLAKE3, SHA256 = "blake3", "sha256"
+BLAKE3, SHA256 = layout.CHUNK_DIGESTS  # the hashes that name chunks (checkpoint.chunk_digest)
 DEFAULT_DIGEST = BLAKE3
 ZERO_CHUNK_DIGEST = blake3.blake3(ZERO_CHUNK).hexdigest()
 SHA256_ZERO_CHUNK_DIGEST = hashlib.sha256(ZERO_CHUNK).hexdigest()  # the same, as formats 1-3 named it

@@ -39,6 +39,9 @@ HISTORY_DIR = ".history"  # events of removed jobs, for `ckpt report`; a dot nam
 CODEC_RAW = "r"
 CODEC_ZSTD = "z"
 CODEC_SUFFIXES: Dict[str, str] = {CODEC_RAW: "", CODEC_ZSTD: ".zst"}
+# the hashes that name chunks, the default first (store/chunks.py chunk_digest; checkpoint.chunk_digest chooses, and a
+# reader accepts either): 64 hex digits each
+CHUNK_DIGESTS = ("blake3", "sha256")
 TMP_MARK = ".tmp-"  # a chunk being written: `<name>.tmp-<pid>-<n>`, never a chunk
 
 GEN_RE = re.compile(r"^gen-(\d{6,})\Z")
