@@ -632,7 +632,8 @@ class Engine:
 
     def _restore_generation(self, gen: Generation, manifest: Manifest, pipe_fds, skipped, creds, cgroup_pid, t0,
                             ) -> RestoreResult:
-        chunks = self.store.chunks_for(gen.job_id)
+        # each chunk is checked by the hash this node names chunks by first, by the other if that fails
+        chunks = self.store.chunks_for(gen.job_id, digest=self.settings.chunk_digest)
         stage = tempfile.mkdtemp(prefix=f"{gen.job_id}.{gen.step}.restore.", dir=_restore_base(manifest))
         try:
             pagedelta.load_slices(chunks, manifest.images)  # a damaged slice table: the next older generation
