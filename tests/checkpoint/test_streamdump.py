@@ -28,16 +28,11 @@ pytestmark = pytest.mark.criu
 TOOLS = DATA / "runner"
 
 
-@pytest.mark.parametrize("stream", ["always", "off"], ids=["streamed", "staged"])
-def test_full_incremental_final_and_restore(ck, tmp_path, stream):
-    env, store, runtime = ck
-    config = Path(env["CKPT_CONFIG"])
-    settings = {"stream": stream, "keep": 4}
-    config.write_text(json.dumps({**json.loads(config.read_text()), "checkpoint": settings}) + "\n")
-    work = tmp_path / "work"
+def checkpoint_page_tool(env, tmp_path, work, job, mib, periodic_after_change):
+    """Run the page tool (`mib` MiB) under `ckpt run`: a checkpoint, 5% of its pages changed, another checkpoint
+    (when `periodic_after_change`), and a final one. Returns the tool's argv."""
     work.mkdir()
-    job = "121" if stream == "always" else "122"
-    argv = ["python3", str(TOOLS / "pagetool.py"), "64", "5"]
+    argv = ["python3", str(TOOLS / "pagetool.py"), str(mib), "5"]
     proc = start_ckpt("run", "--job-id", job, "--interval", "1000", "--", *argv, env=env, cwd=work,
                       out=tmp_path / "o", err=tmp_path / "e")
     try:
@@ -46,13 +41,26 @@ def test_full_incremental_final_and_restore(ck, tmp_path, stream):
         assert first_run.returncode == 0, first_run.stderr
         (work / "mutate").touch()
         wait_for(lambda: (work / "mutated").exists(), 30, "the tool to change 5% of its pages")
-        assert run_ckpt("checkpoint", "--job-id", job, env=env, timeout=120).returncode == 0
+        if periodic_after_change:
+            assert run_ckpt("checkpoint", "--job-id", job, env=env, timeout=120).returncode == 0
         assert run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120).returncode == 0
         assert proc.wait(timeout=30) == 75
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return argv
+
+
+@pytest.mark.parametrize("stream", ["always", "off"], ids=["streamed", "staged"])
+def test_full_incremental_final_and_restore(ck, tmp_path, stream):
+    env, store, runtime = ck
+    config = Path(env["CKPT_CONFIG"])
+    settings = {"stream": stream, "keep": 4}
+    config.write_text(json.dumps({**json.loads(config.read_text()), "checkpoint": settings}) + "\n")
+    work = tmp_path / "work"
+    job = "121" if stream == "always" else "122"
+    argv = checkpoint_page_tool(env, tmp_path, work, job, 64, periodic_after_change=True)
 
     def manifest(n):
         return json.loads((store / job / "main" / f"gen-{n:06d}" / "manifest.json").read_text())["manifest"]
@@ -92,22 +100,8 @@ def test_a_site_that_admits_only_sha256_gets_chunks_named_by_sha256_and_restores
     settings = {"stream": "always", "chunk_digest": "sha256"}
     config.write_text(json.dumps({**json.loads(config.read_text()), "checkpoint": settings}) + "\n")
     work = tmp_path / "work"
-    work.mkdir()
     job = "123"
-    argv = ["python3", str(TOOLS / "pagetool.py"), "16", "5"]
-    proc = start_ckpt("run", "--job-id", job, "--interval", "1000", "--", *argv, env=env, cwd=work,
-                      out=tmp_path / "o", err=tmp_path / "e")
-    try:
-        wait_for(lambda: (work / "ready").exists(), 60, "the tool to fill its memory")
-        assert run_ckpt("checkpoint", "--job-id", job, env=env, timeout=120).returncode == 0
-        (work / "mutate").touch()
-        wait_for(lambda: (work / "mutated").exists(), 30, "the tool to change 5% of its pages")
-        assert run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120).returncode == 0
-        assert proc.wait(timeout=30) == 75
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    argv = checkpoint_page_tool(env, tmp_path, work, job, 16, periodic_after_change=False)
     chunk_files = [p for p in (store / job / "chunks").rglob("*") if p.is_file()]
     assert len(chunk_files) >= 8, chunk_files
     for path in chunk_files:
