@@ -104,8 +104,8 @@ BLAKE3, SHA256 = layout.CHUNK_DIGESTS  # the hashes that name chunks (checkpoint
 DEFAULT_DIGEST = BLAKE3
 ZERO_CHUNK_DIGEST = blake3.blake3(ZERO_CHUNK).hexdigest()
 SHA256_ZERO_CHUNK_DIGEST = hashlib.sha256(ZERO_CHUNK).hexdigest()  # the same, as formats 1-3 named it
-ZERO_CHUNK_DIGESTS = frozenset((ZERO_CHUNK_DIGEST, SHA256_ZERO_CHUNK_DIGEST))
 _ZERO_DIGEST = {BLAKE3: ZERO_CHUNK_DIGEST, SHA256: SHA256_ZERO_CHUNK_DIGEST}
+ZERO_CHUNK_DIGESTS = frozenset(_ZERO_DIGEST.values())
 # sync_file_range(2) flag: start writeback of the file's dirty pages without waiting for it
 SYNC_FILE_RANGE_WRITE = 2
 # zstd frames are never stored unless they save 10%; this slack only covers frame headers of tiny chunks
