@@ -501,17 +501,16 @@ def report(results: List[Dict[str, Any]], profile: Dict[str, Dict[str, float]],
           + (f"; store bandwidth {bandwidth / 1e6:.0f} MB/s" if bandwidth else "; store bandwidth unknown")
           + f"; {chunkstore.COMPRESS_SLOTS} compression slot(s): level {level} chosen")
     print()
-    print("where the full checkpoint's time goes (seconds, from the manifest's stats; rest = commit with syncfs, "
-          "prune, sweep, CLI):")
-    print(f"  {'case':<14} {'prepare':>8} {'dump':>7} {'capture':>8} {'store':>7} {'rest':>7} {'total':>7}")
+    print("where the checkpoints' time goes (seconds, from the manifests' stats; rest = commit with syncfs, "
+          "prune, sweep, CLI; a final checkpoint's prune and sweep run after its reply):")
+    print(f"  {'case':<24} {'prepare':>8} {'dump':>7} {'capture':>8} {'store':>7} {'rest':>7} {'total':>7}")
     for r in results:
-        s = r["stats1"]
-        parts = [s.get(k, 0.0) for k in ("prepare_seconds", "dump_seconds", "capture_seconds",
-                                         "store_images_seconds")]
-        rest = r["ckpt_wall"] - sum(parts)
-        print(f"  {r['kind'] + ' ' + str(r['mib']) + 'M':<14} " + " ".join(f"{p:>7.2f}" for p in parts[:1])
-              + " " + " ".join(f"{p:>7.2f}" for p in parts[1:2]) + f" {parts[2]:>8.2f} {parts[3]:>7.2f}"
-              f" {rest:>7.2f} {r['ckpt_wall']:>7.2f}")
+        for label, s, wall in (("full", r["stats1"], r["ckpt_wall"]), ("incremental", r["stats2"], r["incr_wall"])):
+            parts = [s.get(k, 0.0) for k in ("prepare_seconds", "dump_seconds", "capture_seconds",
+                                             "store_images_seconds")]
+            case = f"{r['kind']} {r['mib']}M {label}"
+            print(f"  {case:<24} {parts[0]:>8.2f} {parts[1]:>7.2f} {parts[2]:>8.2f} {parts[3]:>7.2f}"
+                  f" {wall - sum(parts):>7.2f} {wall:>7.2f}")
     if profile:
         print()
         print(f"chunk pipeline profile ({PROFILE_MIB} MiB per kind in tmpfs, {chunkstore.WORKERS} workers; "

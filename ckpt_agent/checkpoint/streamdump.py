@@ -251,10 +251,19 @@ class PagesSink:
                     for key, off, length in self.slices]
         page, hb = pagedelta.PAGE, pagedelta.HASH_BYTES
         pv, total = parent.vaddrs, len(parent.vaddrs)
-        words, refs, starts = parent.piece_words, parent.entry.chunks, parent.starts
+        words, prefs, starts = parent.piece_words, parent.entry.chunks, parent.starts
         mine = self.hashes
-        out: List[list] = []  # [ref, offset, length], runs that follow on in one chunk merged
+        # The new image's pieces, made as pagedelta.sliced_entry makes them (each chunk listed once, in the order
+        # first used; a piece that follows on from the last in the same chunk extends it) but with no list per piece
+        # first: a written-only final of a big job has a piece per scattered write, millions of them.
+        refs: List[ChunkRef] = []
+        index: Dict[str, int] = {}
+        pieces = Slices()
+        pw = pieces.words
+        last_ref: Optional[ChunkRef] = None  # the last piece's chunk, and where that piece ends in it
+        last_end = -1
         parts: List[Any] = []  # the pages' hashes, in order
+        part = parts.append
         zero: Optional[ChunkRef] = None  # a chunk of zeros, for pages that were not there (ParentImage)
         k = inner = at = 0  # cursor in the previous image's pieces: piece k, `inner` bytes into it, at page `at`
         guess = 0  # where in the previous image's pages the next entry is expected
@@ -263,11 +272,18 @@ class PagesSink:
         si = used = hpos = parent_bytes = npages = 0  # cursors: streamed slice, bytes used of it, own hashes
 
         def add(ref: ChunkRef, off: int, n: int) -> None:
-            last = out[-1] if out else None
-            if last is not None and last[0] is ref and last[1] + last[2] == off:
-                last[2] += n
+            """A piece that does not follow on from the last one (those extend it in place, inline below)."""
+            nonlocal last_ref, last_end
+            if ref is last_ref and off == last_end:
+                pw[-1] += n
             else:
-                out.append([ref, off, n])
+                i = index.get(ref.digest)
+                if i is None:
+                    i = index[ref.digest] = len(refs)
+                    refs.append(ref)
+                pw.extend((i, off, n))
+                last_ref = ref
+            last_end = off + n
 
         for vaddr, nr, in_parent in entries:
             end = guess + nr
@@ -285,26 +301,29 @@ class PagesSink:
                         zero = zero or self.putter.chunks.put(bytes(CHUNK_BYTES))[0]
                         for z in range(0, n * page, CHUNK_BYTES):
                             add(zero, 0, min(CHUNK_BYTES, n * page - z))
-                        parts.append(pagedelta.page_hash(bytes(page)) * n)
+                        part(pagedelta.page_hash(bytes(page)) * n)
                         continue
                     if i != at:
                         k = bisect.bisect_right(starts, i * page) - 1
                         inner, at = i * page - starts[k], i
-                    parts.append(parent.hashes[i * hb:(i + n) * hb])
+                    part(parent.hashes[i * hb:(i + n) * hb])
                     want = n * page
                     while want:
-                        length = words[3 * k + 2]
-                        step = min(want, length - inner)
-                        ref = refs[words[3 * k]]
+                        k3 = 3 * k
+                        length = words[k3 + 2]
+                        step = length - inner
+                        if step > want:
+                            step = want
+                        ref = prefs[words[k3]]
                         if dropped and ref.digest in dropped:
                             raise ParentPagesMissing(f"{self.name}: pages at {vaddr:#x} lie in rotten chunk "
                                                      f"{ref.digest}")
-                        off = words[3 * k + 1] + inner
-                        last = out[-1] if out else None
-                        if last is not None and last[0] is ref and last[1] + last[2] == off:
-                            last[2] += step
+                        off = words[k3 + 1] + inner
+                        if ref is last_ref and off == last_end:
+                            pw[-1] += step
+                            last_end += step
                         else:
-                            out.append([ref, off, step])
+                            add(ref, off, step)
                         inner += step
                         want -= step
                         if inner == length:
@@ -312,19 +331,22 @@ class PagesSink:
                     at += n
                 parent_bytes += nr * page
             else:
-                parts.append(mine[hpos:hpos + nr * hb])
+                part(mine[hpos:hpos + nr * hb])
                 hpos += nr * hb
                 want = nr * page
                 while want:
                     if si >= len(streamed):
                         raise ParentPagesMissing(f"{self.name}: the pagemap names more pages than CRIU sent")
                     ref, off, length = streamed[si]
-                    step = min(want, length - used)
-                    last = out[-1] if out else None
-                    if last is not None and last[0] is ref and last[1] + last[2] == off + used:
-                        last[2] += step
+                    step = length - used
+                    if step > want:
+                        step = want
+                    off += used
+                    if ref is last_ref and off == last_end:
+                        pw[-1] += step
+                        last_end += step
                     else:
-                        out.append([ref, off + used, step])
+                        add(ref, off, step)
                     used += step
                     want -= step
                     if used == length:
@@ -339,7 +361,11 @@ class PagesSink:
             vaddrs = array.array("Q")
             for known, a, b in segments:
                 vaddrs.extend(pv[a:b] if known else range(a, a + b * page, page))
-        entry = pagedelta.sliced_entry(self.name, npages * page, out)
+        if all(pw[j + 1] == 0 and pw[j + 2] == refs[pw[j]].size for j in range(0, len(pw), 3)):
+            # every piece a whole chunk (a full image: no slices), as sliced_entry makes it
+            entry = ImageEntry(name=self.name, size=npages * page, chunks=[refs[i] for i in pw[::3]])
+        else:
+            entry = ImageEntry(name=self.name, size=npages * page, chunks=refs, slices=pieces)
         _mark_depth(entry, new_refs, depth)
         self.reused_bytes += parent_bytes
         return entry, (vaddrs, b"".join(parts))

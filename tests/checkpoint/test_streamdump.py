@@ -288,6 +288,9 @@ def test_holes_are_filled_from_the_previous_image_page_for_page(case, seed):
     assert entry.size == len(image) and rebuilt == image
     assert list(got_vaddrs) == vaddrs and bytes(got_hashes) == hashes
     assert entry.slices is not None
+    pieces = list(entry.pieces())  # as few as can be: a piece never follows on from the last in the same chunk
+    assert not [p for p, q in zip(pieces, pieces[1:]) if q[0] == p[0] and q[1] == p[1] + p[2]], pieces
+    assert len({r.digest for r in entry.chunks}) == len(entry.chunks), "each chunk listed once"
     rotten = {parent.entry.chunks[0].digest}
     with pytest.raises(ParentPagesMissing, match="lie in rotten chunk"):
         sink.entry_with_parents(entries, parent, 1, rotten)
