@@ -19,6 +19,9 @@
 - `ck`: for tests that drive the real `ckpt` command as root with real CRIU: (environment, store dir, runtime dir),
   an empty store and an environment whose config keeps the signing key in the test's tmp dir (`ckpt_env`).
 - `pool`: a 4-thread executor for chunk work; `chunks`: an empty `ChunkStore` in the test's tmp dir.
+- Every test's stores (in the test's own process) take bytes at STORE_BANDWIDTH_IN_TESTS, slower than zstd, as a
+  reclaimed node's share of FSx does, so whether a chunk is compressed (chunks.choose_level) does not depend on how
+  fast this machine's disk is; a test of the measurement itself carries the marker `real_store_bandwidth`.
 - `slurm_user`: the name of an ordinary local user ("ckpt-user1", created if missing) for submitting jobs;
   `slurm_user2` a second one ("ckpt-user2").
 
@@ -45,6 +48,7 @@ from typing import Dict, Set
 import pytest
 
 from ckpt_agent.adapters.imds import ImdsClient
+from ckpt_agent.store import chunks as chunkstore
 from ckpt_agent.store.chunks import ChunkStore
 from ckpt_dev.imds_server import ImdsServer
 
@@ -246,3 +250,12 @@ def pool():
 @pytest.fixture
 def chunks(tmp_path):
     return ChunkStore(str(tmp_path / "chunks"))
+
+
+STORE_BANDWIDTH_IN_TESTS = 1e6  # bytes/s: below the speed of every zstd level, even in an emulated guest
+
+
+@pytest.fixture(autouse=True)
+def _store_slower_than_zstd(request, monkeypatch):
+    if request.node.get_closest_marker("real_store_bandwidth") is None:
+        monkeypatch.setattr(chunkstore, "store_bandwidth", lambda _root: STORE_BANDWIDTH_IN_TESTS)

@@ -44,13 +44,17 @@ same bytes are stored once more, under their BLAKE3 name. A site whose policy ad
 Speed on small machines: WORKERS threads (at least 4, even on 2 CPUs) keep the store's disk busy while chunks are
 hashed. Compression, the CPU-bound part, runs on at most CPUs - 1 chunks at a time (process-wide; one CPU stays free
 for hashing, copying and the kernel's writeback), and a chunk that would have to wait for a compression slot is
-stored raw instead: with many cores nearly every compressible chunk is compressed; on 2 vCPUs, where zstd -1
-(~200 MiB/s per core) cannot outrun a local disk, only a few are, so compression never queues a checkpoint behind
-the CPU (see bench/ for the numbers). All-zero chunks are recognised by a compare, not hashed.
+stored raw instead: with many cores nearly every compressible chunk is compressed, and compression never queues a
+checkpoint behind the CPU. All-zero chunks are recognised by a compare, not hashed.
 
 The codec outruns the disk where it can: once per process, zstd's speed at levels 1, -1, -3 and -5 is measured on
 netlist-like text and the store's durable write bandwidth with a small probe file; a store uses the best-compressing
-level whose speed on the compression slots keeps up with that bandwidth (choose_level). Whether a chunk is worth
+level whose speed on the compression slots keeps up with that bandwidth (choose_level), and none where no level
+does: there compressing the chunks a free slot could take cost more time than the bytes it saved (on the 2-vCPU dev
+VM against its local disk, 1.5 GB/s, zstd -3 at 0.7 GB/s a core: a full checkpoint of 1 GiB of netlist-like text
+took 0.98-1.02 s compressing a chunk in eight, 0.75-0.79 s storing all raw; bench/checkpoint_bench.py). FSx gives
+each node far less than a core's zstd speed, so nodes compress there. The all-zero chunk (once per job) is always
+compressed: zstd takes it at memory speed. Whether a chunk is worth
 compressing at all is decided from a 64 KiB sample in four pieces spread over it (probe): random data costs one
 small compression, not a whole chunk's. `warm_up` takes both measurements in the background when a job starts on the
 node (`ckpt run` as root, the node agent's launch and restore), so that they are not taken inside the job's first
@@ -331,20 +335,20 @@ def _warm(root: str) -> None:
     except Exception as e:  # noqa: BLE001 - best effort: the first checkpoint measures again and reports
         log.debug("measuring ahead of the first checkpoint failed: %s", e)
         return
-    log.debug("measured ahead of the first checkpoint in %.2f s: %s takes %s, zstd level %d chosen",
+    log.debug("measured ahead of the first checkpoint in %.2f s: %s takes %s, zstd level %s chosen",
               time.perf_counter() - t, root, "unknown bytes/s" if bandwidth is None else f"{bandwidth / 1e6:.0f} MB/s",
               choose_level(bandwidth, speeds))
 
 
-def choose_level(bandwidth: Optional[float], speeds: Dict[int, float], slots: int = COMPRESS_SLOTS) -> int:
+def choose_level(bandwidth: Optional[float], speeds: Dict[int, float], slots: int = COMPRESS_SLOTS) -> Optional[int]:
     """The best-compressing zstd level whose measured speed on `slots` cores keeps up with the store's bandwidth;
-    the fastest level when none does; level 1 when the bandwidth is unknown."""
+    None (store raw) when none does; level 1 when the bandwidth is unknown."""
     if not bandwidth:
         return ZSTD_LEVELS[0]
     for level in ZSTD_LEVELS:
         if speeds.get(level, 0) * slots >= bandwidth:
             return level
-    return max(speeds, key=speeds.get) if speeds else ZSTD_LEVELS[-1]
+    return None
 
 
 def chunk_digest(data: bytes, algorithm: str = DEFAULT_DIGEST) -> str:
@@ -410,7 +414,8 @@ class ChunkStore:
         self.scrub: Optional[Callable[[str], bool]] = None
         self._verified: Set[str] = set()  # digests already checked (or written) in this checkpoint
         self._checked: set = set()  # prefix directories found to be real directories
-        self._level: Optional[int] = None
+        self._level: Optional[int] = None  # the zstd level, None for raw (choose_level), once `_measured`
+        self._measured = False
 
     def _check_prefix(self, prefix: str) -> None:
         """A chunk prefix directory is read only when it is a directory, not a link (checked once per store)."""
@@ -425,20 +430,22 @@ class ChunkStore:
         return self._dir + layout.chunk_relpath(ref.digest, ref.codec)
 
     @property
-    def level(self) -> int:
-        """The zstd level for this store on this machine (choose_level), measured at the first compression."""
-        if self._level is None:
+    def level(self) -> Optional[int]:
+        """The zstd level for this store on this machine, None where chunks are stored raw (choose_level); measured
+        at the first compression."""
+        if self._level is None and not self._measured:
             with acting_as(self._creds):
                 bandwidth = store_bandwidth(self.root)
             level = choose_level(bandwidth, codec_speeds())
-            log.debug("zstd level %d for %s", level, self.root)
-            self._level = level
+            log.debug("zstd level %s for %s", level, self.root)
+            self._level, self._measured = level, True
         return self._level
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "cctx", None)
         if c is None:
-            c = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+            c = self._local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVELS[-1] if self.level is None
+                                                            else self.level)
         return c
 
     def _encode(self, data: bytes, wait: bool = True) -> Tuple[bytes, str]:
@@ -453,6 +460,8 @@ class ChunkStore:
             _compress_slots.release()
 
     def _compress(self, data: bytes) -> Tuple[bytes, str]:
+        if self.level is None and data != ZERO_CHUNK:  # no level outruns the store here: raw is faster
+            return data, CODEC_RAW
         cctx = self._compressor()
         sample = probe(data)
         if len(sample) < len(data) and len(cctx.compress(sample)) > len(sample) * (1 - COMPRESS_MIN_SAVING):

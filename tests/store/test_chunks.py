@@ -555,7 +555,24 @@ def test_level_is_the_best_ratio_that_keeps_up_with_the_store():
     assert chunkstore.choose_level(150e6, speeds, slots=1) == 1  # FSx at 150 MB/s: level 1 keeps up
     assert chunkstore.choose_level(500e6, speeds, slots=1) == -3  # a local NVMe disk: a fast level
     assert chunkstore.choose_level(500e6, speeds, slots=4) == 1  # ... unless many cores compress at once
-    assert chunkstore.choose_level(5e9, speeds, slots=1) == -5  # nothing keeps up: the fastest
+    assert chunkstore.choose_level(5e9, speeds, slots=1) is None  # nothing keeps up: raw
+    assert chunkstore.choose_level(5e9, speeds, slots=9) == -3  # ... unless enough cores compress at once
+
+
+def test_a_store_that_no_level_keeps_up_with_stores_chunks_raw_but_the_zero_chunk(tmp_path, monkeypatch):
+    """Where the store takes bytes faster than zstd's fastest level on the free cores, compressing costs more time than
+    it saves: compressible chunks are stored raw. The all-zero chunk (once per job) is still compressed."""
+    monkeypatch.setattr(chunkstore, "store_bandwidth", lambda _root: 1e12)
+    chunks = ChunkStore(str(tmp_path / "c"))
+    text, _ = chunks.put(text_bytes(MIB))
+    zero, _ = chunks.put(bytes(MIB))
+    assert chunks.level is None
+    assert (text.codec, zero.codec) == (CODEC_RAW, CODEC_ZSTD)
+    assert os.path.getsize(chunks.path(text)) == MIB and os.path.getsize(chunks.path(zero)) < 4096
+    assert chunks.get(text) == text_bytes(MIB) and chunks.get(zero) == bytes(MIB)
+    slow = ChunkStore(str(tmp_path / "d"))
+    monkeypatch.setattr(chunkstore, "store_bandwidth", lambda _root: 1e6)  # FSx's share of a reclaimed node, say
+    assert slow.put(text_bytes(MIB))[0].codec == CODEC_ZSTD and slow.level in chunkstore.ZSTD_LEVELS
 
 
 def test_the_compression_probe_samples_the_whole_chunk():
@@ -569,6 +586,7 @@ def test_the_compression_probe_samples_the_whole_chunk():
     assert chunks._compress(data)[1] == CODEC_RAW
 
 
+@pytest.mark.real_store_bandwidth
 def test_store_bandwidth_is_measured_once_and_leaves_nothing(tmp_path):
     first = chunkstore.store_bandwidth(str(tmp_path))
     assert first and first > 0
@@ -591,6 +609,7 @@ def _listing_at_fdatasync(monkeypatch, root):
     return seen
 
 
+@pytest.mark.real_store_bandwidth
 def test_the_bandwidth_probe_has_no_name_a_killed_process_could_leave_behind(tmp_path, monkeypatch):
     seen = _listing_at_fdatasync(monkeypatch, tmp_path)
     assert chunkstore.store_bandwidth(str(tmp_path)) > 0
@@ -598,6 +617,7 @@ def test_the_bandwidth_probe_has_no_name_a_killed_process_could_leave_behind(tmp
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.real_store_bandwidth
 def test_the_bandwidth_probe_falls_back_to_a_named_file(tmp_path, monkeypatch):
     """A file system without unnamed files (EOPNOTSUPP): a named probe, removed afterwards."""
     seen = _listing_at_fdatasync(monkeypatch, tmp_path)
@@ -614,6 +634,7 @@ def test_the_bandwidth_probe_falls_back_to_a_named_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.real_store_bandwidth
 def test_warm_up_measures_ahead_so_the_first_compression_does_not(tmp_path, monkeypatch):
     monkeypatch.setattr(chunkstore, "_speeds", {})
     monkeypatch.setattr(chunkstore, "_bandwidths", {})
@@ -633,7 +654,8 @@ def test_warm_up_measures_ahead_so_the_first_compression_does_not(tmp_path, monk
     monkeypatch.setattr(chunkstore, "_text_sample", measuring_again)
     monkeypatch.setattr(chunkstore, "_probe_file", measuring_again)
     chunks = ChunkStore(str(tmp_path))
-    assert chunks.level in chunkstore.ZSTD_LEVELS
+    dev = os.stat(tmp_path).st_dev
+    assert chunks.level == chunkstore.choose_level(chunkstore._bandwidths[dev], chunkstore._speeds)  # as measured
 
 
 @pytest.mark.parametrize("level", chunkstore.ZSTD_LEVELS)
