@@ -52,7 +52,7 @@ netlist-like text and the store's durable write bandwidth with a small probe fil
 level whose speed on the compression slots keeps up with that bandwidth (choose_level), and none where no level
 does: there compressing the chunks a free slot could take cost more time than the bytes it saved (on the 2-vCPU dev
 VM against its local disk, 1.5 GB/s, zstd -3 at 0.7 GB/s a core: a full checkpoint of 1 GiB of netlist-like text
-took 0.98-1.02 s compressing a chunk in eight, 0.75-0.79 s storing all raw; bench/checkpoint_bench.py). FSx gives
+took 0.98-1.02 s compressing about one chunk in six, 0.75-0.79 s storing all raw; bench/checkpoint_bench.py). FSx gives
 each node far less than a core's zstd speed, so nodes compress there. The all-zero chunk (once per job) is always
 compressed: zstd takes it at memory speed. Whether a chunk is worth
 compressing at all is decided from a 64 KiB sample in four pieces spread over it (probe): random data costs one
