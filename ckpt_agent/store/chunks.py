@@ -452,6 +452,8 @@ class ChunkStore:
         """(payload, codec). wait=False: store raw rather than wait for a free CPU (see the module docstring)."""
         if not self.compress or len(data) < 512:
             return data, CODEC_RAW
+        if self.level is None and data != ZERO_CHUNK:  # no level outruns the store here: raw is faster
+            return data, CODEC_RAW
         if not _compress_slots.acquire(blocking=wait):
             return data, CODEC_RAW
         try:
@@ -460,8 +462,6 @@ class ChunkStore:
             _compress_slots.release()
 
     def _compress(self, data: bytes) -> Tuple[bytes, str]:
-        if self.level is None and data != ZERO_CHUNK:  # no level outruns the store here: raw is faster
-            return data, CODEC_RAW
         cctx = self._compressor()
         sample = probe(data)
         if len(sample) < len(data) and len(cctx.compress(sample)) > len(sample) * (1 - COMPRESS_MIN_SAVING):
