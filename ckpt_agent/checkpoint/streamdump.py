@@ -41,7 +41,7 @@ from ckpt_agent.adapters.criu import CORE_IMAGE, PagemapReader, pagemap_pages_id
 from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.node.fields import STREAM_MODES
 from ckpt_agent.store import imgstream, pagedelta
-from ckpt_agent.store.chunks import CHUNK_BYTES, WORKERS, ChunkRef, ChunkStore, WriteStats
+from ckpt_agent.store.chunks import CHUNK_BYTES, WORKERS, ChunkRef, ChunkStore, ReadBuffers, WriteStats
 from ckpt_agent.store.manifest import ImageEntry, Manifest, Slices
 
 log = logging.getLogger(__name__)
@@ -771,14 +771,17 @@ class StoreSource:
         self.pool = pool
         self.images = {os.path.basename(i.name): i for i in images}
         self.kept = kept  # core images served go here too (which processes were stopped: engine.py)
+        # every chunk is read once, cold on a new node: around the page cache, into buffers reused (get_direct)
+        self.buffers = ReadBuffers()
 
     def exists(self, name: str) -> bool:
         return name in self.images
 
     def _fetch(self, ref: ChunkRef, where: str):
+        """A future of (the chunk's bytes, the ReadBuffers buffer holding them or None)."""
         if self.pool is None:
-            return _Done(self.chunks.get, ref, where)
-        return self.pool.submit(self.chunks.get, ref, where)
+            return _Done(lambda: (self.chunks.get(ref, where), None))
+        return self.pool.submit(self.chunks.get_direct, ref, where, self.buffers)
 
     def write_to(self, name: str, fd: int) -> None:
         img = self.images[name]
@@ -792,9 +795,20 @@ class StoreSource:
         rank = {idx: r for r, idx in enumerate(order)}
         held: Dict[int, Any] = {}  # chunk index -> its read (a future), in the order fetched
         ahead = 0
-        batch: List[memoryview] = []  # pieces not yet written, up to WRITE_BATCH_BYTES (writev_all)
+        # a pages image's chunks read into buffers of ours are lent to CRIU's pipe (CRIU reads pages, nothing else)
+        feed = imgstream.PipeFeed(fd, sum(length for _i, _o, length in pieces) if name.startswith("pages-") else 0,
+                                  self.buffers.give)
+        batch: List[Tuple[memoryview, Optional[int]]] = []  # pieces not yet written, up to WRITE_BATCH_BYTES
         batched = 0
+        done_with: List[Any] = []  # buffers of chunks whose last piece is in `batch`
         keep = bytearray() if self.kept is not None and CORE_IMAGE.match(name) else None
+
+        def flush() -> None:
+            nonlocal batch, batched
+            feed.write(batch, done_with)
+            batch, batched = [], 0
+            done_with.clear()
+
         try:
             for n, (idx, off, length) in enumerate(pieces):
                 while ahead < len(order) and ahead <= rank[idx] + PREFETCH_CHUNKS:
@@ -806,23 +820,26 @@ class StoreSource:
                 if fut is None:  # evicted while later slices still needed it
                     fut = held[idx] = self._fetch(refs[idx], where)
                 if not fut.done() and batch:  # CRIU gets what is ready before this waits for a chunk
-                    imgstream.writev_all(fd, batch)
-                    batch, batched = [], 0
-                batch.append(memoryview(fut.result())[off:off + length])
+                    flush()
+                data, buf = fut.result()
+                batch.append((memoryview(data)[off:off + length],
+                              None if buf is None else imgstream.buffer_address(buf) + off))
                 batched += length
                 if keep is not None:
-                    keep += batch[-1]
-                if batched >= WRITE_BATCH_BYTES or len(batch) >= imgstream.IOV_BATCH:
-                    imgstream.writev_all(fd, batch)
-                    batch, batched = [], 0
+                    keep += batch[-1][0]
                 if last_use[idx] == n:
                     del held[idx]
-                while len(held) > HELD_CHUNKS + PREFETCH_CHUNKS:
+                    if buf is not None:
+                        done_with.append(buf)
+                if batched >= WRITE_BATCH_BYTES or len(batch) >= imgstream.IOV_BATCH:
+                    flush()
+                while len(held) > HELD_CHUNKS + PREFETCH_CHUNKS:  # an evicted chunk's buffer is not reused
                     held.pop(next(iter(held))).cancel()
             if batch:
-                imgstream.writev_all(fd, batch)
+                flush()
             if keep is not None:
                 self.kept[name] = bytes(keep)
+            log.debug("served %s: %d bytes, %d of them lent", name, feed.pos, feed.lent_bytes)
         finally:
             for fut in held.values():
                 fut.cancel()
@@ -909,8 +926,8 @@ def check_cpu(criu, chunks: ChunkStore, images: List[ImageEntry], images_dir: st
 class _Done:
     """A chunk read in the calling thread (no pool), with a Future's result()/done()/cancel()."""
 
-    def __init__(self, fn, *args):
-        self.value = fn(*args)
+    def __init__(self, fn):
+        self.value = fn()
 
     def result(self):
         return self.value

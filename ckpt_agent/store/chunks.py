@@ -69,6 +69,7 @@ import ctypes
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import stat
 import struct
@@ -76,7 +77,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import blake3
 import zstandard
@@ -84,7 +85,15 @@ import zstandard
 from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.store import layout
 from ckpt_agent.store.layout import CODEC_RAW, CODEC_ZSTD
-from ckpt_agent.util.safeio import NotRegularFile, open_dir_nofollow, read_regular_stat, scandir_names
+from ckpt_agent.util.safeio import (
+    DirectIOUnsupported,
+    NotRegularFile,
+    direct_buffer_bytes,
+    open_dir_nofollow,
+    read_regular_direct,
+    read_regular_stat,
+    scandir_names,
+)
 from ckpt_agent.util.usercreds import Creds, acting_as
 
 log = logging.getLogger(__name__)
@@ -639,12 +648,52 @@ class ChunkStore:
         try:
             self._check_prefix(os.path.dirname(path))
             payload, st = read_regular_stat(path, bound)
-        except FileNotFoundError:
-            raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} is missing ({path})") from None
-        except NotRegularFile as e:
-            raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]}: {e.strerror}") from None
-        except OSError as e:
-            raise StoreError(f"{label}cannot read chunk {path}: {e.strerror}") from e
+        except (FileNotFoundError, NotRegularFile, OSError) as e:
+            raise self._read_error(e, ref, label, path) from None
+        return self._decode_checked(ref, payload, st, label, path)
+
+    def get_direct(self, ref: ChunkRef, where: str, buffers: ReadBuffers) -> Tuple[Any, Optional[Any]]:
+        """get(), the file read around the page cache into one of `buffers` (safeio.read_regular_direct), for
+        chunks read once, as a restore reads them: (the chunk's bytes, the buffer holding them, for the caller to
+        give back once done with them; None when they are a bytes object of their own: decompressed, or read
+        through the page cache where the file system refuses O_DIRECT)."""
+        if not buffers.direct:
+            return self.get(ref, where), None
+        path = self.path(ref)
+        label = f"{where}: " if where else ""
+        bound = ref.size + (ZSTD_SLACK_BYTES if ref.codec == CODEC_ZSTD else 0)
+        buf = buffers.take()
+        try:
+            self._check_prefix(os.path.dirname(path))
+            n, st = read_regular_direct(path, bound, buf)
+        except DirectIOUnsupported:
+            buffers.give(buf)
+            buffers.direct = False
+            log.debug("%s refuses O_DIRECT: chunks are read through the page cache", self.root)
+            return self.get(ref, where), None
+        except (FileNotFoundError, NotRegularFile, OSError) as e:
+            buffers.give(buf)
+            raise self._read_error(e, ref, label, path) from None
+        try:
+            data = self._decode_checked(ref, memoryview(buf)[:n], st, label, path)
+        except BaseException:
+            buffers.give(buf)
+            raise
+        if ref.codec == CODEC_ZSTD:  # decompressed into bytes of their own
+            buffers.give(buf)
+            return data, None
+        return data, buf
+
+    @staticmethod
+    def _read_error(e: OSError, ref: ChunkRef, label: str, path: str) -> Exception:
+        if isinstance(e, FileNotFoundError):
+            return DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} is missing ({path})")
+        if isinstance(e, NotRegularFile):
+            return DamagedCheckpointError(f"{label}chunk {ref.digest[:16]}: {e.strerror}")
+        return StoreError(f"{label}cannot read chunk {path}: {e.strerror}")
+
+    def _decode_checked(self, ref: ChunkRef, payload, st: os.stat_result, label: str, path: str):
+        """The chunk's bytes from its file's `payload`, decompressed and checked against its digest."""
         if ref.codec == CODEC_ZSTD:
             try:
                 data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=ref.size)
@@ -657,6 +706,30 @@ class ChunkStore:
             raise DamagedCheckpointError(f"{label}chunk {ref.digest[:16]} fails its checksum ({path})")
         CHECKED.record(self.root, ref, st)
         return data
+
+
+class ReadBuffers:
+    """Page-aligned buffers a chunk is read into around the page cache (ChunkStore.get_direct), reused: a fresh
+    buffer costs its page faults, as much as the page cache it saves. `direct` turns False once the store's file
+    system refuses O_DIRECT."""
+
+    KEEP = 64  # idle buffers kept for reuse at most
+
+    def __init__(self, max_chunk: int = CHUNK_BYTES + ZSTD_SLACK_BYTES):
+        self.size = direct_buffer_bytes(max_chunk)
+        self.direct = True
+        self._idle: List[Any] = []
+
+    def take(self):
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    def give(self, buf) -> None:
+        """Back for reuse: nothing may read it any more."""
+        if buf is not None and len(self._idle) < self.KEEP:
+            self._idle.append(buf)
 
 
 def file_ranges(size: int, cuts: Optional[Iterable[int]] = None) -> List[Tuple[int, int]]:

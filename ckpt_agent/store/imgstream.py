@@ -19,12 +19,15 @@ at most a few chunks in flight. An error in a sink closes that pipe, so CRIU fai
 from __future__ import annotations
 
 import array
+import collections
+import ctypes
+import errno
 import logging
 import os
 import socket
 import struct
 import threading
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from ckpt_agent.adapters.criu import read_varint
 from ckpt_agent.errors import CriuError
@@ -324,6 +327,7 @@ class CaptureServer(_Server):
 
 
 F_SETPIPE_SZ = 1031  # fcntl(2), Linux
+F_GETPIPE_SZ = 1032
 PIPE_BYTES = 1 << 20  # what CRIU's pipes are widened to (the default 64 KiB costs a wake-up per 16 pages)
 
 
@@ -430,3 +434,91 @@ def writev_all(fd: int, views: List[memoryview]) -> None:
             i += 1
         if n:
             views[i] = views[i][n:]
+
+
+# --- handing pages to CRIU by reference --------------------------------------------------------------------------
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+try:
+    _vmsplice = _libc.vmsplice
+    _vmsplice.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_size_t, ctypes.c_uint]
+    _vmsplice.restype = ctypes.c_ssize_t
+except AttributeError:  # not glibc: every image is copied into its pipe
+    _vmsplice = None
+
+
+def pipe_bytes(fd: int) -> Optional[int]:
+    """The pipe's capacity in bytes, or None when `fd` is not a pipe."""
+    import fcntl
+
+    try:
+        return fcntl.fcntl(fd, F_GETPIPE_SZ)
+    except OSError:
+        return None
+
+
+def buffer_address(buf) -> int:
+    """Where a writable buffer (an anonymous mmap) starts in memory."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+class PipeFeed:
+    """One image of `total` bytes written into the pipe CRIU reads it from, with pieces that lie in buffers of the
+    caller's own handed over by reference (vmsplice(2)) instead of copied in. CRIU's read() then copies each page
+    once, out of those buffers, straight into the restored memory. Copied in, a page was allocated for the pipe,
+    written, read and freed again, 4 KiB at a time.
+
+    A spliced piece is the buffer itself until CRIU has read it. So a buffer is reused (`reuse`, called with it)
+    only once CRIU has certainly read every piece of it: a pipe holds at most its capacity (F_GETPIPE_SZ; CRIU never
+    resizes these pipes), so every byte written that many bytes before the last one written has been read out. The
+    image's last capacity's worth is copied in, so when the image ends nothing is still lent. A buffer that is lent
+    when the image is cut short (an error) is never reused; dropped, its pages keep their bytes for as long as the
+    pipe holds them."""
+
+    def __init__(self, fd: int, total: int, reuse: Callable[[Any], None]):
+        self.fd = fd
+        self.reuse = reuse
+        capacity = pipe_bytes(fd) if _vmsplice is not None else None
+        self.capacity = capacity or 0
+        self.splice_until = total - capacity if capacity else 0  # bytes before this may be lent
+        self.pos = 0  # bytes written or lent so far
+        self.lent_bytes = 0
+        self._lent: collections.deque = collections.deque()  # (end position, buffers done with after it)
+
+    def write(self, pieces: Sequence[Tuple[memoryview, Optional[int]]], done_with: Sequence[Any] = ()) -> None:
+        """Write these (view, address of its first byte in a caller's buffer, or None) pieces in order; the buffers
+        in `done_with` are not needed after them."""
+        n = sum(len(v) for v, _a in pieces)
+        if self.pos + n <= self.splice_until and all(a is not None for _v, a in pieces):
+            self._splice([(a, len(v)) for v, a in pieces])
+            self.lent_bytes += n
+            self.pos += n
+            if done_with:
+                self._lent.append((self.pos, list(done_with)))
+        else:
+            writev_all(self.fd, [v for v, _a in pieces])
+            self.pos += n
+            for buf in done_with:
+                self.reuse(buf)
+        while self._lent and self._lent[0][0] <= self.pos - self.capacity:
+            for buf in self._lent.popleft()[1]:
+                self.reuse(buf)
+
+    def _splice(self, iovs: List[Tuple[int, int]]) -> None:
+        i = 0
+        while i < len(iovs):
+            batch = iovs[i:i + IOV_BATCH]
+            got = _vmsplice(self.fd, (_IOVec * len(batch))(*batch), len(batch), 0)
+            if got < 0:
+                err = ctypes.get_errno()
+                if err == errno.EINTR:
+                    continue
+                raise OSError(err, os.strerror(err))
+            while i < len(iovs) and got >= iovs[i][1]:
+                got -= iovs[i][1]
+                i += 1
+            if got:
+                iovs[i] = (iovs[i][0] + got, iovs[i][1] - got)

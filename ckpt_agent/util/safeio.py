@@ -21,11 +21,9 @@ def read_regular(path: str, max_bytes: int, dir_fd: Optional[int] = None, follow
     return read_regular_stat(path, max_bytes, dir_fd, follow)[0]
 
 
-def read_regular_stat(path: str, max_bytes: int, dir_fd: Optional[int] = None,
-                      follow: bool = False) -> Tuple[bytes, os.stat_result]:
-    """read_regular(), and the file's fstat taken before reading: a write after that stat changes its ctime, so
-    a caller that checks the content may trust the file for as long as it stats the same (chunks.py)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+def _open_regular(path: str, max_bytes: int, flags: int, dir_fd: Optional[int] = None) -> Tuple[int, os.stat_result]:
+    """An open descriptor of the regular file at `path`, of at most `max_bytes`, and its fstat; NotRegularFile for a
+    link (without O_NOFOLLOW's consent), FIFO, device or directory, or a larger file."""
     try:
         fd = os.open(path, flags, dir_fd=dir_fd)
     except OSError as e:
@@ -38,6 +36,19 @@ def read_regular_stat(path: str, max_bytes: int, dir_fd: Optional[int] = None,
             raise NotRegularFile(errno.EINVAL, f"{path} is not a regular file")
         if st.st_size > max_bytes:
             raise NotRegularFile(errno.EFBIG, f"{path} is {st.st_size} bytes, more than the {max_bytes} expected")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_regular_stat(path: str, max_bytes: int, dir_fd: Optional[int] = None,
+                      follow: bool = False) -> Tuple[bytes, os.stat_result]:
+    """read_regular(), and the file's fstat taken before reading: a write after that stat changes its ctime, so
+    a caller that checks the content may trust the file for as long as it stats the same (chunks.py)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd, st = _open_regular(path, max_bytes, flags, dir_fd)
+    try:
         chunks = []
         left = max_bytes + 1
         while left > 0:
@@ -50,6 +61,62 @@ def read_regular_stat(path: str, max_bytes: int, dir_fd: Optional[int] = None,
         if len(data) > max_bytes:
             raise NotRegularFile(errno.EFBIG, f"{path} grew beyond the {max_bytes} bytes expected")
         return data, st
+    finally:
+        os.close(fd)
+
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer, offset and length in multiples of this (every logical block size up to 4 KiB)
+
+
+class DirectIOUnsupported(Exception):
+    """The file system refuses O_DIRECT (tmpfs, some FUSE and overlay file systems): read through the page cache."""
+
+
+def direct_buffer_bytes(max_bytes: int) -> int:
+    """The size a read_regular_direct() buffer needs for files of up to `max_bytes` (and one block more, which shows
+    a file beyond the bound)."""
+    return (max_bytes // DIRECT_ALIGN + 1) * DIRECT_ALIGN
+
+
+def read_regular_direct(path: str, max_bytes: int, buf) -> Tuple[int, os.stat_result]:
+    """read_regular_stat() into `buf` (page-aligned and writable, e.g. an anonymous mmap, of at least
+    direct_buffer_bytes(max_bytes)) around the page cache (O_DIRECT): (bytes read, the fstat taken before reading).
+
+    A file read once, as a restore reads every chunk, costs no page-cache pages: on a 2-vCPU VM, reading 1 GiB of
+    1 MiB chunk files cold took 0.74-0.76 CPU-s buffered and 0.1 direct, most of it allocating, charging and then
+    freeing the cache's pages. The bytes land in the caller's own buffer, so nobody can change them between the
+    caller's check and its use (through the page cache, a writer of the file could). Dirty cached pages of the file
+    are written back first by the kernel, so a file written a moment ago reads as written. DirectIOUnsupported
+    where the file system refuses O_DIRECT."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_DIRECT
+    try:
+        fd, st = _open_regular(path, max_bytes, flags)
+    except NotRegularFile:
+        raise
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise DirectIOUnsupported(path) from None
+        raise
+    try:
+        cap = direct_buffer_bytes(max_bytes)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < cap:
+                n = os.preadv(fd, [view[got:cap]], got)
+                got += n
+                if n == 0 or got % DIRECT_ALIGN:  # the end of the file (a short read ends on it)
+                    break
+        except OSError as e:
+            if e.errno == errno.EINVAL and got == 0:  # alignment the file system wants beyond ours
+                raise DirectIOUnsupported(path) from None
+            raise
+        finally:
+            view.release()
+        if got > max_bytes:
+            raise NotRegularFile(errno.EFBIG, f"{path} grew beyond the {max_bytes} bytes expected")
+        return got, st
     finally:
         os.close(fd)
 

@@ -21,6 +21,7 @@ from ckpt_agent.store.chunks import (
     CODEC_ZSTD,
     ChunkRef,
     ChunkStore,
+    ReadBuffers,
     file_ranges,
     iter_chunk_files,
     restore_file,
@@ -153,6 +154,77 @@ def test_damaged_compressed_chunk_is_named(chunks, how):
         chunks.get(ref, "file /scratch/x")
     assert ref.digest[:16] in str(exc.value)
     assert "/scratch/x" in str(exc.value)
+
+
+@pytest.mark.parametrize("make, size", [(random_bytes, MIB), (random_bytes, 4095), (random_bytes, 4096),
+                                        (random_bytes, 1), (text_bytes, MIB)])
+def test_a_chunk_read_around_the_page_cache_is_the_chunk_get_reads(chunks, make, size):
+    """A restore reads chunks with O_DIRECT into reused buffers: a raw chunk comes back as a view of the buffer (the
+    caller gives it back once done), a compressed one as bytes of its own (its buffer already given back)."""
+    data = make(size)
+    ref, _ = chunks.put(data)
+    buffers = ReadBuffers()
+    got, buf = chunks.get_direct(ref, "image pages-1.img", buffers)
+    assert bytes(got) == data == chunks.get(ref) and buffers.direct
+    if ref.codec == CODEC_ZSTD:
+        assert buf is None and len(buffers._idle) == 1
+    else:
+        assert buf is not None and not buffers._idle
+        buffers.give(buf)
+        again, buf2 = chunks.get_direct(ref, "", buffers)
+        assert buf2 is buf and bytes(again) == data  # the buffer is reused
+
+
+@pytest.mark.parametrize("how, words", [("missing", "is missing"), ("truncated", "fails its checksum"),
+                                        ("flipped", "fails its checksum")])
+@pytest.mark.parametrize("make", [random_bytes, text_bytes])
+def test_a_damaged_chunk_read_around_the_page_cache_is_named_and_its_buffer_kept(chunks, how, words, make):
+    ref, _ = chunks.put(make(MIB))
+    damage(chunks.path(ref), how)
+    buffers = ReadBuffers()
+    with pytest.raises(DamagedCheckpointError) as exc:
+        chunks.get_direct(ref, "image pages-1.img", buffers)
+    assert str(exc.value).startswith("image pages-1.img: chunk " + ref.digest[:16])
+    assert words in str(exc.value) or (ref.codec == CODEC_ZSTD and "corrupt" in str(exc.value))
+    assert len(buffers._idle) == 1  # taken and given back
+
+
+def test_a_chunk_grown_beyond_its_size_or_a_link_or_fifo_in_its_place_is_refused_around_the_page_cache(chunks,
+                                                                                                    tmp_path):
+    ref, _ = chunks.put(random_bytes(MIB))
+    path = chunks.path(ref)
+    with open(path, "ab") as fh:
+        fh.write(b"x" * 5000)
+    with pytest.raises(DamagedCheckpointError, match="more than the"):
+        chunks.get_direct(ref, "", ReadBuffers())
+    other = tmp_path / "elsewhere"
+    other.write_bytes(random_bytes(MIB))
+    os.unlink(path)
+    os.symlink(other, path)
+    with pytest.raises(DamagedCheckpointError, match="symbolic link"):
+        chunks.get_direct(ref, "", ReadBuffers())
+    os.unlink(path)
+    os.mkfifo(path)  # never waited on
+    with pytest.raises(DamagedCheckpointError, match="special file|not a regular file"):
+        chunks.get_direct(ref, "", ReadBuffers())
+
+
+def test_a_file_system_that_refuses_o_direct_is_read_through_the_page_cache(chunks, monkeypatch):
+    data = random_bytes(MIB)
+    ref, _ = chunks.put(data)
+    real_open = os.open
+
+    def no_direct(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    buffers = ReadBuffers()
+    got, buf = chunks.get_direct(ref, "", buffers)
+    assert got == data and buf is None and not buffers.direct
+    got, buf = chunks.get_direct(ref, "", buffers)  # the store is not tried again
+    assert got == data and buf is None
 
 
 def test_chunk_swapped_for_another_valid_chunk_fails_its_checksum(chunks):

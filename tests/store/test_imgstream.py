@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import threading
@@ -460,3 +461,76 @@ def test_writev_all_writes_every_buffer_in_order_through_short_writes(monkeypatc
         reader.join()
         os.close(r)
     assert bytes(got) == expected and len(calls) > 1
+
+
+def _lend_an_image(nbufs: int, size: int, capacity: int, scribble: bool = True):
+    """Feed an image of `nbufs` buffers of `size` bytes through a pipe of `capacity` bytes, each buffer lent as
+    one piece, and read it back only once the pipe is full (CRIU lagging as far as it can): (bytes read, the
+    expected bytes, buffers reused in order, the feed). A reused buffer is scribbled over at once, as a chunk read
+    into it next would: a buffer reused while its bytes were still in the pipe shows as wrong bytes read."""
+    import fcntl
+    import mmap
+    import termios
+
+    bufs = []
+    for _ in range(nbufs):
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m[:] = os.urandom(size)
+        bufs.append(m)
+    expected = b"".join(bytes(m) for m in bufs)
+    r, w = os.pipe()
+    fcntl.fcntl(w, imgstream.F_SETPIPE_SZ, capacity)
+    reused = []
+
+    def reuse(buf):
+        reused.append(buf)
+        if scribble:
+            buf[:] = b"\xff" * size
+
+    got = bytearray()
+    done = threading.Event()
+
+    def reader():
+        level = array.array("i", [0])
+        while not done.is_set():  # the pipe full, or the whole image written into it
+            fcntl.ioctl(r, termios.FIONREAD, level)
+            if level[0] >= capacity:
+                break
+            threading.Event().wait(0.001)
+        got.extend(b"".join(iter(lambda: os.read(r, 1 << 16), b"")))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        feed = imgstream.PipeFeed(w, nbufs * size, reuse)
+        for m in bufs:
+            feed.write([(memoryview(m), imgstream.buffer_address(m))], [m])
+        done.set()
+    finally:
+        os.close(w)
+        t.join()
+        os.close(r)
+    return bytes(got), expected, reused, feed
+
+
+def test_a_lent_buffer_is_reused_only_once_criu_has_read_it():
+    """Restore lends the chunks' buffers to CRIU's pipe (vmsplice): a buffer is reused only after a pipe's capacity
+    more has been written behind it, and the image's last capacity's worth is copied, so every buffer is reused by
+    its end and CRIU reads exactly what was checked."""
+    got, expected, reused, feed = _lend_an_image(nbufs=48, size=16 << 10, capacity=64 << 10)
+    assert got == expected
+    assert feed.capacity == 64 << 10
+    assert 0 < feed.lent_bytes <= len(expected) - feed.capacity
+    assert len(reused) == 48  # nothing left lent at the end
+
+
+def test_pieces_that_are_not_in_a_lent_buffer_are_copied():
+    r, w = os.pipe()
+    data = [os.urandom(5000), os.urandom(7000)]
+    reused = []
+    feed = imgstream.PipeFeed(w, 12000, reused.append)
+    feed.write([(memoryview(d), None) for d in data], ["buffer"])
+    os.close(w)
+    assert os.read(r, 1 << 20) == b"".join(data)
+    os.close(r)
+    assert feed.lent_bytes == 0 and reused == ["buffer"]  # copied: reusable at once
