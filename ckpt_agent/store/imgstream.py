@@ -471,10 +471,12 @@ class PipeFeed:
     once, out of those buffers, straight into the restored memory. Copied in, a page was allocated for the pipe,
     written, read and freed again, 4 KiB at a time.
 
-    A spliced piece is the buffer itself until CRIU has read it. So a buffer is reused (`reuse`, called with it)
-    only once CRIU has certainly read every piece of it: a pipe holds at most its capacity (F_GETPIPE_SZ; CRIU never
-    resizes these pipes), so every byte written that many bytes before the last one written has been read out. The
-    image's last capacity's worth is copied in, so when the image ends nothing is still lent. A buffer that is lent
+    A spliced piece is the buffer itself until CRIU has read it. So a buffer the caller is done with is reused
+    (`reuse`, called with it) only once CRIU has certainly read every piece lent so far, its own among them (a
+    buffer's earlier pieces may have been lent while its last one is copied): a pipe holds at most its capacity
+    (F_GETPIPE_SZ; CRIU never resizes these pipes), so every byte written that many bytes before the last one written
+    has been read out. The image's last capacity's worth is copied in, so when the image ends nothing is still
+    lent. A buffer that is lent
     when the image is cut short (an error) is never reused; dropped, its pages keep their bytes for as long as the
     pipe holds them."""
 
@@ -486,7 +488,8 @@ class PipeFeed:
         self.splice_until = total - capacity if capacity else 0  # bytes before this may be lent
         self.pos = 0  # bytes written or lent so far
         self.lent_bytes = 0
-        self._lent: collections.deque = collections.deque()  # (end position, buffers done with after it)
+        self._lent_end = 0  # where the last piece lent ends
+        self._lent: collections.deque = collections.deque()  # (position, buffers reusable once it is read)
 
     def write(self, pieces: Sequence[Tuple[memoryview, Optional[int]]], done_with: Sequence[Any] = ()) -> None:
         """Write these (view, address of its first byte in a caller's buffer, or None) pieces in order; the buffers
@@ -496,13 +499,16 @@ class PipeFeed:
             self._splice([(a, len(v)) for v, a in pieces])
             self.lent_bytes += n
             self.pos += n
-            if done_with:
-                self._lent.append((self.pos, list(done_with)))
+            self._lent_end = self.pos
         else:
             writev_all(self.fd, [v for v, _a in pieces])
             self.pos += n
+        if done_with and not self.lent_bytes:
             for buf in done_with:
                 self.reuse(buf)
+        elif done_with:
+            # any piece of these buffers lent so far ends by the last piece lent: reused once that one is read
+            self._lent.append((self._lent_end, list(done_with)))
         while self._lent and self._lent[0][0] <= self.pos - self.capacity:
             for buf in self._lent.popleft()[1]:
                 self.reuse(buf)

@@ -534,3 +534,59 @@ def test_pieces_that_are_not_in_a_lent_buffer_are_copied():
     assert os.read(r, 1 << 20) == b"".join(data)
     os.close(r)
     assert feed.lent_bytes == 0 and reused == ["buffer"]  # copied: reusable at once
+
+
+def test_a_buffer_whose_last_piece_is_copied_waits_for_its_pieces_lent_before():
+    """A delta image takes several pieces from one chunk: its early pieces may be lent and its last one copied (the
+    image's tail). The buffer is reused only once the lent ones are read, whatever the copied one's position."""
+    import fcntl
+    import mmap
+    import termios
+
+    k, cap = 16 << 10, 64 << 10
+    bufs = {}
+    for name in ("b0", "b1", "b2", "x", "b3", "b4", "b5", "b6"):
+        bufs[name] = mmap.mmap(-1, k, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        bufs[name][:] = os.urandom(k)
+    h = k // 2
+    # (buffer, offset, length, done with it after this write); 128 KiB in all, so the last 64 KiB are copied
+    writes = [("b0", 0, k, True), ("b1", 0, k, True), ("b2", 0, k, True), ("x", 0, h, False), ("b3", 0, h, False),
+              ("x", h, h, True), ("b3", h, h, True), ("b4", 0, k, True), ("b5", 0, k, True), ("b6", 0, k, True)]
+    expected = b"".join(bytes(bufs[b][o:o + n]) for b, o, n, _d in writes)
+    r, w = os.pipe()
+    fcntl.fcntl(w, imgstream.F_SETPIPE_SZ, cap)
+    reused = []
+
+    def reuse(buf):  # the next chunk read into it
+        reused.append(buf)
+        buf[:] = b"\xff" * k
+
+    got = bytearray()
+    done = threading.Event()
+
+    def reader():  # CRIU lagging: a page at a time, and only when the pipe is full
+        level = array.array("i", [0])
+        while True:
+            fcntl.ioctl(r, termios.FIONREAD, level)
+            if done.is_set():
+                break
+            if level[0] < cap:
+                threading.Event().wait(0.001)
+                continue
+            got.extend(os.read(r, 4096))
+        got.extend(b"".join(iter(lambda: os.read(r, 1 << 16), b"")))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        feed = imgstream.PipeFeed(w, len(expected), reuse)
+        for b, o, n, last in writes:
+            piece = (memoryview(bufs[b])[o:o + n], imgstream.buffer_address(bufs[b]) + o)
+            feed.write([piece], [bufs[b]] if last else [])
+        done.set()
+    finally:
+        os.close(w)
+        t.join()
+        os.close(r)
+    assert bytes(got) == expected
+    assert feed.lent_bytes == cap and len(reused) == 8
