@@ -822,8 +822,7 @@ class StoreSource:
                 if not fut.done() and batch:  # CRIU gets what is ready before this waits for a chunk
                     flush()
                 data, buf = fut.result()
-                batch.append((memoryview(data)[off:off + length],
-                              None if buf is None else imgstream.buffer_address(buf) + off))
+                batch.append((memoryview(data)[off:off + length], None if buf is None else buf.address + off))
                 batched += length
                 if keep is not None:
                     keep += batch[-1][0]

@@ -648,7 +648,7 @@ class ChunkStore:
         try:
             self._check_prefix(os.path.dirname(path))
             payload, st = read_regular_stat(path, bound)
-        except (FileNotFoundError, NotRegularFile, OSError) as e:
+        except OSError as e:
             raise self._read_error(e, ref, label, path) from None
         return self._decode_checked(ref, payload, st, label, path)
 
@@ -671,7 +671,7 @@ class ChunkStore:
             buffers.direct = False
             log.debug("%s refuses O_DIRECT: chunks are read through the page cache", self.root)
             return self.get(ref, where), None
-        except (FileNotFoundError, NotRegularFile, OSError) as e:
+        except OSError as e:
             buffers.give(buf)
             raise self._read_error(e, ref, label, path) from None
         try:
@@ -708,6 +708,12 @@ class ChunkStore:
         return data
 
 
+class ReadBuffer(mmap.mmap):
+    """A page-aligned buffer a chunk is read into, and where it lies in memory (`address`, for vmsplice)."""
+
+    address: int
+
+
 class ReadBuffers:
     """Page-aligned buffers a chunk is read into around the page cache (ChunkStore.get_direct), reused: a fresh
     buffer costs its page faults, as much as the page cache it saves. `direct` turns False once the store's file
@@ -718,15 +724,17 @@ class ReadBuffers:
     def __init__(self, max_chunk: int = CHUNK_BYTES + ZSTD_SLACK_BYTES):
         self.size = direct_buffer_bytes(max_chunk)
         self.direct = True
-        self._idle: List[Any] = []
+        self._idle: List[ReadBuffer] = []
 
-    def take(self):
+    def take(self) -> ReadBuffer:
         try:
             return self._idle.pop()
         except IndexError:
-            return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            buf = ReadBuffer(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            buf.address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            return buf
 
-    def give(self, buf) -> None:
+    def give(self, buf: Optional[ReadBuffer]) -> None:
         """Back for reuse: nothing may read it any more."""
         if buf is not None and len(self._idle) < self.KEEP:
             self._idle.append(buf)

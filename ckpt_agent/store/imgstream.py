@@ -460,11 +460,6 @@ def pipe_bytes(fd: int) -> Optional[int]:
         return None
 
 
-def buffer_address(buf) -> int:
-    """Where a writable buffer (an anonymous mmap) starts in memory."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
-
-
 class PipeFeed:
     """One image of `total` bytes written into the pipe CRIU reads it from, with pieces that lie in buffers of the
     caller's own handed over by reference (vmsplice(2)) instead of copied in. CRIU's read() then copies each page
@@ -476,9 +471,8 @@ class PipeFeed:
     buffer's earlier pieces may have been lent while its last one is copied): a pipe holds at most its capacity
     (F_GETPIPE_SZ; CRIU never resizes these pipes), so every byte written that many bytes before the last one written
     has been read out. The image's last capacity's worth is copied in, so when the image ends nothing is still
-    lent. A buffer that is lent
-    when the image is cut short (an error) is never reused; dropped, its pages keep their bytes for as long as the
-    pipe holds them."""
+    lent. A buffer that is lent when the image is cut short (an error) is never reused; dropped, its pages keep
+    their bytes for as long as the pipe holds them."""
 
     def __init__(self, fd: int, total: int, reuse: Callable[[Any], None]):
         self.fd = fd

@@ -65,7 +65,6 @@ def read_regular_stat(path: str, max_bytes: int, dir_fd: Optional[int] = None,
         os.close(fd)
 
 
-
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer, offset and length in multiples of this (every logical block size up to 4 KiB)
 
 

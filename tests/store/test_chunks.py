@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -170,6 +171,7 @@ def test_a_chunk_read_around_the_page_cache_is_the_chunk_get_reads(chunks, make,
         assert buf is None and len(buffers._idle) == 1
     else:
         assert buf is not None and not buffers._idle
+        assert buf.address == ctypes.addressof(ctypes.c_char.from_buffer(buf))  # what vmsplice is handed
         buffers.give(buf)
         again, buf2 = chunks.get_direct(ref, "", buffers)
         assert buf2 is buf and bytes(again) == data  # the buffer is reused

@@ -463,6 +463,13 @@ def test_writev_all_writes_every_buffer_in_order_through_short_writes(monkeypatc
     assert bytes(got) == expected and len(calls) > 1
 
 
+def _address(buf) -> int:
+    """Where an anonymous mmap lies in memory (what chunks.ReadBuffer.address holds)."""
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
 def _lend_an_image(nbufs: int, size: int, capacity: int, scribble: bool = True):
     """Feed an image of `nbufs` buffers of `size` bytes through a pipe of `capacity` bytes, each buffer lent as
     one piece, and read it back only once the pipe is full (CRIU lagging as far as it can): (bytes read, the
@@ -504,7 +511,7 @@ def _lend_an_image(nbufs: int, size: int, capacity: int, scribble: bool = True):
     try:
         feed = imgstream.PipeFeed(w, nbufs * size, reuse)
         for m in bufs:
-            feed.write([(memoryview(m), imgstream.buffer_address(m))], [m])
+            feed.write([(memoryview(m), _address(m))], [m])
         done.set()
     finally:
         os.close(w)
@@ -581,7 +588,7 @@ def test_a_buffer_whose_last_piece_is_copied_waits_for_its_pieces_lent_before():
     try:
         feed = imgstream.PipeFeed(w, len(expected), reuse)
         for b, o, n, last in writes:
-            piece = (memoryview(bufs[b])[o:o + n], imgstream.buffer_address(bufs[b]) + o)
+            piece = (memoryview(bufs[b])[o:o + n], _address(bufs[b]) + o)
             feed.write([piece], [bufs[b]] if last else [])
         done.set()
     finally:
