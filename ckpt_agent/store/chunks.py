@@ -652,7 +652,7 @@ class ChunkStore:
             raise self._read_error(e, ref, label, path) from None
         return self._decode_checked(ref, payload, st, label, path)
 
-    def get_direct(self, ref: ChunkRef, where: str, buffers: ReadBuffers) -> Tuple[Any, Optional[Any]]:
+    def get_direct(self, ref: ChunkRef, where: str, buffers: ReadBuffers) -> Tuple[Any, Optional[ReadBuffer]]:
         """get(), the file read around the page cache into one of `buffers` (safeio.read_regular_direct), for
         chunks read once, as a restore reads them: (the chunk's bytes, the buffer holding them, for the caller to
         give back once done with them; None when they are a bytes object of their own: decompressed, or read

@@ -220,13 +220,15 @@ def load_columns(chunks: ChunkStore, entry: ImageEntry, where: str) -> Optional[
     if sys.byteorder != "little":
         rows = [_ENTRY.unpack_from(blob, i * _ENTRY.size) for i in range(n)]
         return array.array("Q", (v for v, _ in rows)), b"".join(h for _, h in rows)
-    words = memoryview(blob).cast("Q")  # 3 words an entry: vaddr, hash[:8], hash[8:]
-    vaddrs = array.array("Q", words[0::3])
-    hashes = array.array("Q", bytes(HASH_BYTES * n))
-    hashes[0::2] = array.array("Q", words[1::3])
-    hashes[1::2] = array.array("Q", words[2::3])
-    words.release()
-    return vaddrs, hashes.tobytes()
+    # 3 words an entry: vaddr, hash[:8], hash[8:]. An array's extended slices are copied in C: the vaddrs are every
+    # third word, and deleting them leaves the hashes packed in order (a memoryview's strided slice, iterated into
+    # an array, took 45-60 ms a GiB of pages where this takes 3-4 ms; 2-vCPU Xeon VM, 2026-12-06)
+    words = array.array("Q")
+    words.frombytes(blob)
+    del blob  # 24 bytes a page: a big job's table is GiBs
+    vaddrs = words[0::3]
+    del words[0::3]
+    return vaddrs, words.tobytes()
 
 
 def store_delta(
