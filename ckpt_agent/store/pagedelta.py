@@ -115,11 +115,14 @@ def pack_table(vaddrs: Sequence[int], packed_hashes: bytes) -> bytes:
                         for i, v in enumerate(vaddrs))
     blob = bytearray(_ENTRY.size * n)
     words = memoryview(blob).cast("Q")  # 3 words an entry: vaddr, hash[:8], hash[8:]
-    hashes = memoryview(bytes(packed_hashes)).cast("Q")
+    # (no copy of a bytearray's hashes first: a written-only final's come as one, and a big job's are GiBs)
+    hashes = memoryview(packed_hashes if isinstance(packed_hashes, (bytes, bytearray)) else bytes(packed_hashes))
+    hashes = hashes.cast("Q")
     words[0::3] = vaddrs if isinstance(vaddrs, array.array) else array.array("Q", vaddrs)
     words[1::3] = hashes[0::2]
     words[2::3] = hashes[1::2]
     words.release()
+    hashes.release()
     return bytes(blob)
 
 

@@ -204,7 +204,8 @@ def _written_only_case(case: str, seed: int):
     dump of the same tool: the pages CRIU sent (about 10%, streamed into new chunks of 5 pages) and the pagemap
     naming them among holes. `case`: "same" pages as before; "mapped": a page mapped since, after the second
     mapping; "grown": pages mapped since inside the first mapping's address range; "zero": a hole over pages the
-    previous image does not hold (write-protection markers where no page was)."""
+    previous image does not hold (write-protection markers where no page was); "shrunk": the last pages unmapped
+    since; "unmapped": pages inside the first mapping unmapped since."""
     import array
     import random
 
@@ -234,6 +235,10 @@ def _written_only_case(case: str, seed: int):
         vaddrs.append(old_vaddrs[-1] + page)
     if case in ("grown", "zero"):
         vaddrs = sorted(vaddrs + [0x100000 + i * page for i in range(90, 95)])
+    if case == "shrunk":
+        vaddrs = vaddrs[:-7]
+    if case == "unmapped":
+        vaddrs = vaddrs[:40] + vaddrs[52:]
     # (vaddr, sent): a page not in the previous image is sent, but for "zero", where it is a hole
     pages = [(v, rng.random() < 0.1 or (v not in old_at and case != "zero")) for v in vaddrs]
     entries, sent_pages = [], []
@@ -274,7 +279,7 @@ def _written_only_case(case: str, seed: int):
     return sink, [tuple(e) for e in entries], parent, store, (b"".join(expected), vaddrs, b"".join(hashes))
 
 
-@pytest.mark.parametrize("case", ["same", "mapped", "grown", "zero"])
+@pytest.mark.parametrize("case", ["same", "mapped", "grown", "zero", "shrunk", "unmapped"])
 @pytest.mark.parametrize("seed", [1, 2])
 def test_holes_are_filled_from_the_previous_image_page_for_page(case, seed):
     """A written-only dump's image, built in one walk of the pagemap (each entry expected where the last one ended
