@@ -397,6 +397,39 @@ def test_a_pagemap_read_as_it_arrives_equals_the_whole_image():
         criu_mod.pagemap_pages_id(blob[:10])
 
 
+def test_a_pagemap_reads_alike_whatever_the_sizes_of_its_vaddrs_and_page_counts():
+    """The reader decodes CRIU 4.x's usual entry (a vaddr of 7 varint bytes, nr_pages in 1 or 2) from three words
+    and every other entry field by field: vaddrs at the edges of each varint size, page counts of 1 to 3 bytes, the
+    flags a dump writes, and entries in older layouts, read whole and in pieces, give the entries they hold and
+    fill the same holes."""
+    import random
+
+    rng = random.Random(5)
+    vaddrs = [0x1000, (1 << 42) - 0x1000, 1 << 42, 0x55D0C0DE0000, 0x7FFFFFFFF000, 1 << 48, (1 << 49) - 0x1000,
+              1 << 49, (1 << 56) + 0x1000]
+    entries, expected = [], []
+    for k in range(600):
+        vaddr = rng.choice(vaddrs) if k % 3 else rng.randrange(1 << 42, 1 << 49) & ~0xFFF
+        nr = rng.choice([1, 2, 127, 128, 129, 16383, 16384, 1 << 21])
+        flags = rng.choice([PE_PARENT, PE_PRESENT, PE_PRESENT | 2])
+        if k % 50 == 7:  # images before flags existed: in_parent (3), no flags
+            entries.append([(1, vaddr), (3, 1), (5, nr)])
+            expected.append((vaddr, nr, True))
+            continue
+        entries.append([(1, vaddr), (2, 0), (4, flags), (5, nr)])
+        expected.append((vaddr, nr, flags == PE_PARENT))
+    entries.insert(10, [(1, 0x7F0000001000), (2, 0), (4, PE_PARENT), (5, 0)])  # no pages: not an entry to read
+    blob = _pagemap(9, *entries)
+    assert criu_mod.pagemap_entries(blob) == (9, expected)
+    for step in (7, 20, 4096):
+        reader = criu_mod.PagemapReader()
+        for at in range(0, len(blob), step):
+            reader.feed(blob[at:at + step])
+        assert reader.result() == (9, expected)
+        filled = reader.without_parents(blob)
+        assert criu_mod.pagemap_entries(filled)[1] == [(v, n, False) for v, n, _ in expected]
+
+
 def test_a_pagemap_in_another_layout_is_filled_by_reencoding_and_garbage_is_refused():
     old_style = _pagemap(1, [(1, 0x1000), (3, 1), (5, 4)])  # in_parent (3), no flags: images before flags existed
     reader = criu_mod.PagemapReader()
