@@ -376,13 +376,7 @@ class PagesSink:
                     part(mine[hpos:hpos + nr * hb])
                 hpos += nr * hb
                 if used + n < s_len and s_j >= 0:  # the usual: within the streamed piece, which it does not finish
-                    off = s_off + used
-                    if s_j == last_j and off == last_end:
-                        pw[-1] += n
-                    else:
-                        pw.extend((s_j, off, n))
-                        last_j = s_j
-                    last_end = off + n
+                    emit(s_j, s_off + used, n)
                     used += n
                 else:
                     from_streamed(n)
@@ -395,13 +389,7 @@ class PagesSink:
                     j = p_index[c]
                     if j < 0:
                         j = parent_index(c, vaddr)
-                    off = p_off[k] + b - ks
-                    if j == last_j and off == last_end:
-                        pw[-1] += n
-                    else:
-                        pw.extend((j, off, n))
-                        last_j = j
-                    last_end = off + n
+                    emit(j, p_off[k] + b - ks, n)
                 else:
                     from_parent(b, n, vaddr)
                 parent_bytes += n
