@@ -252,8 +252,8 @@ class PagesSink:
                     for key, off, length in self.slices]
         page, hb = pagedelta.PAGE, pagedelta.HASH_BYTES
         pv, total = parent.vaddrs, len(parent.vaddrs)
-        words, prefs, starts = parent.piece_words, parent.entry.chunks, parent.starts
-        p_chunk, p_off, p_len = words[0::3], words[1::3], words[2::3]  # the previous image's pieces, as columns
+        prefs, starts = parent.entry.chunks, parent.starts
+        p_chunk, p_off, p_len = parent.piece_chunk, parent.piece_off, parent.piece_len  # its pieces, as columns
         n_pieces = len(p_len)
         phashes, mine = parent.hashes, self.hashes
         # The new image's pieces, made as pagedelta.sliced_entry makes them (each chunk listed once, in the order
@@ -462,10 +462,11 @@ class ParentImage:
         self.vaddrs = vaddrs
         self.hashes = hashes
         pieces = entry.pieces()
-        # the pieces as three words each (chunk index, offset, length), and the byte offset where each begins
-        self.piece_words = (pieces.words if isinstance(pieces, Slices)
-                            else array.array("Q", itertools.chain.from_iterable(pieces)))
-        lengths = self.piece_words[2::3]
+        # the pieces as columns (chunk index, offset in it, length), and the byte offset where each begins
+        words = (pieces.words if isinstance(pieces, Slices)
+                 else array.array("Q", itertools.chain.from_iterable(pieces)))
+        self.piece_chunk, self.piece_off, self.piece_len = words[0::3], words[1::3], words[2::3]
+        lengths = self.piece_len
         self.starts = array.array("Q", itertools.accumulate(lengths[:-1], initial=0) if lengths else ())
         self.size = sum(lengths)
         if len(vaddrs) * pagedelta.PAGE != self.size or len(hashes) != len(vaddrs) * pagedelta.HASH_BYTES:
