@@ -223,18 +223,6 @@ class Criu:
         except (OSError, ValueError) as e:
             raise CriuError(f"CRIU restored but wrote no pid to {pidfile}") from e
 
-    def cpuinfo_check(self, images_dir: str) -> None:
-        if not os.path.exists(os.path.join(images_dir, "cpuinfo.img")):
-            return
-        try:
-            self.run([self.binary, "cpuinfo", "check", "-D", images_dir, "-o", "cpuinfo.log"], timeout=60)
-        except CommandError as e:
-            detail = _log_errors(os.path.join(images_dir, "cpuinfo.log"))
-            raise IncompatibleCpuError(
-                "this machine's CPU lacks features the checkpointed tool uses; restore it on the same instance "
-                f"family{': ' + detail if detail else ''}"
-            ) from e
-
     def _run_logged(
         self, argv: List[str], images_dir: str, log_name: str, timeout: Optional[float], pass_fds: Sequence[int] = (),
         env: Optional[Dict[str, str]] = None,
@@ -252,8 +240,18 @@ class Criu:
                            "bootstrap/install-criu.sh, whose patch 0001 reads them from /proc/PID/limits)")
             action = "dump" if "dump" in argv else "restore"
             kept = _keep_log(os.path.join(images_dir, log_name))
+            if action == "restore" and _CPU_REFUSAL.search(detail):
+                raise IncompatibleCpuError(
+                    "this machine's CPU lacks features the checkpointed tool uses; restore it on the same instance "
+                    f"family: {detail} (log: {kept})"
+                ) from e
             raise CriuError(f"criu {action} failed: {detail} (log: {kept})") from e
 
+
+# A restore's first error from CRIU's CPU check (criu/arch/<arch>/cpu.c, cpu_validate_cpuinfo(), which `criu restore`
+# runs with --cpu-cap before it restores anything): this machine's CPU lacks what the image records (x86: an
+# instruction set, an FPU feature, xsave features or sizes).
+_CPU_REFUSAL = re.compile(r"Error \(criu/(?:arch/[\w-]+/)?cpu\.c:\d+\)")
 
 # Logged on machines whose root lacks CAP_SYS_RESOURCE, then worked around by CRIU: never the cause of a failure.
 _HARMLESS = ("Can't setup RLIMIT_NOFILE",)

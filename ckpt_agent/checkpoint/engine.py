@@ -646,15 +646,13 @@ class Engine:
                     name = os.path.basename(img.name)
                     restore_file(chunks, img.chunks, os.path.join(stage, name), pool, where=f"image {name}",
                                  slices=img.slices)
-                if streamed:
-                    streamdump.check_cpu(self.criu, chunks, manifest.images, stage)
-                else:
-                    self.criu.cpuinfo_check(stage)
                 # only below the job's working directory and extra paths; a signed checkpoint (whenever the store
                 # holds a key, every one) may also put back files the tool had open elsewhere
                 roots = [p for p in [manifest.cwd] + list(self.settings.extra_paths) if p]
                 written, _ = capture.restore_files(chunks, pool, manifest.files, creds, roots=roots,
                                                    trusted=bool(self.store.signer.key))
+            # `criu restore` checks this machine's CPU against the images first (IncompatibleCpuError): a refusal
+            # leaves the files as this checkpoint had them, as the restore on a compatible node puts them back
             inherit = {}
             for key, ino in manifest.pipes.items():
                 if key in pipe_fds:

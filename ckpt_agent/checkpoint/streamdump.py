@@ -20,7 +20,8 @@ MAX_READ_AMPLIFICATION times its size marks itself so that the next one is store
 and checked by its digest on restore.
 
 Restore: the images are served from verified chunks through the serve socket, read ahead by the chunk workers
-(StoreSource); only cpuinfo.img is written to the images directory (for `criu cpuinfo check`).
+(StoreSource); none is written to the images directory, which holds the socket and CRIU's log. CRIU checks this
+machine's CPU against cpuinfo.img before it restores anything (adapters/criu.py: IncompatibleCpuError).
 """
 
 from __future__ import annotations
@@ -972,14 +973,6 @@ def begin(settings, criu, chunks: ChunkStore, pool, images_dir: str, previous, *
 def stream_written_only(settings, criu, images_dir: str, previous: Optional[Manifest]) -> bool:
     """Whether a dump may be written-only: streaming allowed, CRIU patched, and `previous` usable as its parent."""
     return wanted(settings, criu, images_dir) and criu.can_dump_written_only() and parents_usable(previous)
-
-
-def check_cpu(criu, chunks: ChunkStore, images: List[ImageEntry], images_dir: str) -> None:
-    """`criu cpuinfo check` against the checkpoint's cpuinfo.img, the one image written to images_dir."""
-    source = StoreSource(chunks, images)
-    if source.exists("cpuinfo.img"):
-        source.write_file("cpuinfo.img", os.path.join(images_dir, "cpuinfo.img"))
-    criu.cpuinfo_check(images_dir)
 
 
 class _Done:

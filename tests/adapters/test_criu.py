@@ -15,7 +15,7 @@ from ckpt_helpers import criu_binary, require_criu, wait_for
 
 from ckpt_agent.adapters import criu as criu_mod
 from ckpt_agent.adapters.criu import Criu, pages_cut_points
-from ckpt_agent.errors import EXIT_CRIU, CommandError, CriuError
+from ckpt_agent.errors import EXIT_CRIU, CommandError, CriuError, IncompatibleCpuError
 from ckpt_agent.store.chunks import CHUNK_BYTES, ChunkStore, store_file
 from ckpt_agent.util.proc import Result
 
@@ -216,17 +216,92 @@ def test_failure_without_a_log_reports_the_command_error(tmp_path, monkeypatch):
         Criu("criu", run=FakeRun(fail=lambda argv: True)).dump(99, str(tmp_path))
 
 
-def test_cpuinfo_check_runs_only_when_the_image_has_cpu_info(tmp_path):
-    run = FakeRun()
-    Criu("criu", run=run).cpuinfo_check(str(tmp_path))
-    assert run.calls == []
-    (tmp_path / "cpuinfo.img").write_bytes(b"x")
-    (tmp_path / "cpuinfo.log").write_text("(00.01) Error (criu/cpu.c:1): cpu: avx512f is missing\n")
-    failing = Criu("criu", run=FakeRun(fail=lambda argv: True))
+@pytest.mark.parametrize("first_error, refused", [
+    ("Error (criu/arch/x86/cpu.c:274): CPU xsave size mismatch (2696/2440)", True),
+    ("Error (criu/arch/aarch64/cpu.c:30): CPU feature mismatch", True),
+    ("Error (criu/cpu.c:1): cpu: avx512f is missing", True),
+    ("Error (criu/files-reg.c:2175): File tmp/job.w has bad size", False),
+    ("Error (criu/cr-restore.c:1): cpu.c:12 mentioned elsewhere", False),
+])
+def test_a_restore_refused_by_the_cpu_check_is_told_apart(tmp_path, monkeypatch, first_error, refused):
+    """`criu restore` checks the CPU first (there is no `criu cpuinfo check` of our own): its first error from
+    cpu.c is an IncompatibleCpuError (its own kind within exit code 69: the job is requeued to a compatible node),
+    any other a CriuError; both name the error and the kept log."""
+    monkeypatch.setattr(criu_mod, "FAILED_LOG_DIR", str(tmp_path / "failed"))
+    (tmp_path / "restore.log").write_text(f"(00.001) Version: 4.2.1\n(00.012345) {first_error}\n"
+                                          "(00.02) Error (criu/cr-restore.c:2400): Restoring FAILED.\n")
+    run = FakeRun(fail=lambda argv: True)
     with pytest.raises(CriuError) as exc:
-        failing.cpuinfo_check(str(tmp_path))
-    assert "same instance family" in str(exc.value) and "avx512f is missing" in str(exc.value)
-    assert failing.run.calls[0][0][:3] == ["criu", "cpuinfo", "check"]
+        Criu("criu", run=run).restore(str(tmp_path), pidfile=str(tmp_path / "pid"))
+    assert isinstance(exc.value, IncompatibleCpuError) == refused
+    assert exc.value.exit_code == EXIT_CRIU
+    assert first_error in str(exc.value) and "(log: " in str(exc.value)
+    assert ("same instance family" in str(exc.value)) == refused
+    assert [argv[:2] for argv, _ in run.calls] == [["criu", "restore"]]
+
+
+def test_a_dump_failing_in_the_cpu_code_is_no_refusal(tmp_path, monkeypatch):
+    monkeypatch.setattr(criu_mod, "FAILED_LOG_DIR", str(tmp_path / "failed"))
+    (tmp_path / "dump.log").write_text("(00.01) Error (criu/arch/x86/cpu.c:99): cpuid failed\n")
+    with pytest.raises(CriuError) as exc:
+        Criu("criu", run=FakeRun(fail=lambda argv: True)).dump(99, str(tmp_path))
+    assert not isinstance(exc.value, IncompatibleCpuError)
+
+
+def _xsave_size_changed(image: bytes) -> bytes:
+    """cpuinfo.img (two magics, the entry's size, a cpuinfo_entry) with its x86 entry's xsave_size (field 9) changed
+    in place, its varint's length kept: what CRIU reads as an image from a CPU with another xsave area."""
+    buf = bytearray(image)
+    assert buf[12] == 0x0A, "a cpuinfo_entry whose first field is its x86 entry"
+    length, pos = criu_mod.read_varint(buf, 13)
+    end = pos + length
+    while pos < end:
+        key, pos = criu_mod.read_varint(buf, pos)
+        if key == (9 << 3):
+            buf[pos] ^= 0x08  # the varint's low bits: the size differs by 8 bytes
+            return bytes(buf)
+        if key & 7 == 0:
+            _, pos = criu_mod.read_varint(buf, pos)
+        elif key & 7 == 2:
+            n, pos = criu_mod.read_varint(buf, pos)
+            pos += n
+        else:
+            raise AssertionError(f"field type {key & 7} in cpuinfo.img")
+    raise AssertionError("cpuinfo.img records no xsave_size")
+
+
+@pytest.mark.criu
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="edits the image's x86 entry")
+def test_criu_restore_refuses_an_image_of_another_cpu_before_it_restores_anything(tmp_path, monkeypatch):
+    """For real: the images of a dumped process, their cpuinfo.img as another CPU's (its xsave size), are refused by
+    `criu restore` as an IncompatibleCpuError, and no process is restored; the same images with this CPU's cpuinfo
+    restore."""
+    require_criu()
+    monkeypatch.setattr(criu_mod, "FAILED_LOG_DIR", str(tmp_path / "failed"))
+    images = tmp_path / "img"
+    images.mkdir()
+    tool = subprocess.Popen(["setsid", "sleep", "600"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    restored = None
+    try:
+        criu = Criu(criu_binary())
+        criu.dump(tool.pid, str(images), leave_stopped=False, timeout=60)  # the tree is killed after the dump
+        tool.wait(timeout=30)
+        own = (images / "cpuinfo.img").read_bytes()
+        (images / "cpuinfo.img").write_bytes(_xsave_size_changed(own))
+        with pytest.raises(IncompatibleCpuError, match="same instance family: Error .*cpu\\.c.*xsave size mismatch"):
+            criu.restore(str(images), pidfile=str(images / "pid"), sibling=False, timeout=60)
+        assert not (images / "pid").exists()
+        (images / "cpuinfo.img").write_bytes(own)
+        restored = criu.restore(str(images), pidfile=str(images / "pid"), sibling=False, timeout=60)
+        with open(f"/proc/{restored}/cmdline", "rb") as fh:
+            assert fh.read().split(b"\0")[0] == b"sleep"
+    finally:
+        if restored:
+            os.kill(restored, signal.SIGKILL)
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
 
 
 def test_cut_points_fall_back_to_none_without_a_usable_pagemap(tmp_path):

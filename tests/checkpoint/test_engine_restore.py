@@ -28,7 +28,7 @@ class RefusingCriu(Criu):
         self.error = error
         self.saw_images = []
 
-    def cpuinfo_check(self, images_dir):
+    def restore(self, images_dir, **_kw):
         self.saw_images = sorted(os.listdir(images_dir))
         raise self.error
 
@@ -60,7 +60,7 @@ def test_a_refused_or_failed_restore_leaves_no_images_behind(staged, error):
     criu = RefusingCriu(error)
     with pytest.raises(type(error)):
         Engine(criu, store, CheckpointSettings()).restore(JOB, STEP, {})
-    assert criu.saw_images == ["cpuinfo.img", "pages-1.img"]  # the images were rebuilt, then the check refused
+    assert criu.saw_images == ["cpuinfo.img", "pages-1.img"]  # the images were rebuilt, then CRIU refused
     left = [os.path.join(b, n) for b in bases if os.path.isdir(b) for n in os.listdir(b)]
     assert left == []
 

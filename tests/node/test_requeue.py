@@ -8,7 +8,8 @@
 - a job that lands on a CPU that cannot restore it anyway (requeued by Slurm itself, without a constraint) is
   requeued to its family (its wrapper asks the node agent), and resumes there: it neither fails nor starts from
   zero. node2's "CPU"
-  refusing is CRIU's own `cpuinfo check` failing there (its criu is a wrapper that fails that one command).
+  refusing is `criu restore` failing there with the first error its CPU check logs on another CPU (its criu is a
+  wrapper that fails that one command so).
 """
 
 from __future__ import annotations
@@ -174,12 +175,13 @@ def rq(request):
         f'exec {real} "$@"\n')
     (slow / "scontrol").chmod(0o755)
     real_criu = shutil.which("criu", path="/usr/local/sbin:/usr/sbin:/usr/bin")
-    other_cpu = Path(workdir) / "other-cpu"  # node2's CRIU: its CPU check fails, as on another CPU family
+    other_cpu = Path(workdir) / "other-cpu"  # node2's CRIU: its restore fails, as on another CPU family
     other_cpu.mkdir()
     (other_cpu / "criu").write_text(
         "#!/bin/bash\nset -euo pipefail\n"
-        'if [ "${1:-}" = cpuinfo ] && [ "${2:-}" = check ]; then\n'
-        '  echo "Error (criu/cpuinfo.c:1): cpu: stand-in for a CPU of another family" > "$4/$6"; exit 1\n'
+        'if [ "${1:-}" = restore ] && [ "${2:-}" = -D ] && [ "${4:-}" = -o ]; then\n'
+        '  echo "(00.01) Error (criu/arch/x86/cpu.c:274): CPU xsave size mismatch (a stand-in for another family)" \\\n'
+        '    > "$3/$5"; exit 1\n'
         "fi\n"
         f'exec {real_criu} "$@"\n')
     (other_cpu / "criu").chmod(0o755)
