@@ -904,13 +904,6 @@ class StoreSource:
             for fut in held.values():
                 fut.cancel()
 
-    def write_file(self, name: str, path: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            self.write_to(name, fd)
-        finally:
-            os.close(fd)
-
 
 MODES = STREAM_MODES  # checkpoint.stream in agent.yaml and the site file (node/fields.py)
 
