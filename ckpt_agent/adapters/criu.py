@@ -651,3 +651,75 @@ def pages_cut_points(images_dir: str, pages_name: str, chunk_bytes: int) -> List
         last_window = (end - 1) // chunk_bytes
         offset += nr_pages * PAGE_SIZE
     return cuts
+
+
+_MM_MAGIC = 0x57492820  # criu/include/magic.h
+# vma_entry.status bits (criu/include/image.h): a plain private anonymous mapping has VMA_AREA_REGULAR and
+# VMA_ANON_PRIVATE (and may be the stack or the heap); any of _VMA_SPECIAL makes it something CRIU restores its own way
+_VMA_AREA_REGULAR = 1 << 0
+_VMA_ANON_PRIVATE = 1 << 9
+_VMA_SPECIAL = (1 << 2 | 1 << 3 | 1 << 6 | 1 << 7 | 1 << 8 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 13 | 1 << 14
+                | 1 << 15 | 1 << 16 | 1 << 17 | 1 << 27 | 1 << 31)
+_MAP_HUGETLB = 0x40000
+
+
+def anon_private_vmas(image: bytes) -> List[Tuple[int, int]]:
+    """(start, end) of the plain private anonymous mappings of an mm-N.img, in address order: where a page that the
+    pagemap leaves out is restored as zeros. CRIU (criu/mem.c) maps such a mapping afresh (anonymous memory reads as
+    zeros), or, when it is inherited from a parent process, drops with MADV_DONTNEED each page that the child's
+    pagemap does not list. A file-backed private mapping would show the file instead, so it is never one of them;
+    neither are huge page mappings, shadow stacks, AIO rings, SysV and other special ones. ValueError when `image` is
+    not a whole mm image."""
+    if len(image) < 12 or struct.unpack_from("<I", image, 4)[0] != _MM_MAGIC:
+        raise ValueError("not an mm image")
+    (size,) = struct.unpack_from("<I", image, 8)
+    if 12 + size > len(image):
+        raise ValueError("mm image ends inside its entry")
+    out = []
+    for field, value in _protobuf_fields(image[12:12 + size]):
+        if field != 14 or not isinstance(value, bytes):  # mm_entry.vmas
+            continue
+        vma = {k: v for k, v in _protobuf_fields(value) if isinstance(v, int)}
+        status, flags = vma.get(7, 0), vma.get(6, 0)
+        if status & _VMA_AREA_REGULAR and status & _VMA_ANON_PRIVATE and not status & _VMA_SPECIAL \
+                and not flags & _MAP_HUGETLB and vma.get(1, 0) < vma.get(2, 0):
+            out.append((vma[1], vma[2]))
+    return sorted(out)
+
+
+def pagemap_present_entries(buf: bytes) -> Tuple[bytes, List[Tuple[int, int, int]]]:
+    """(the image's magic and head, [(vaddr, nr_pages, flags)]) of a pagemap image whose entries all hold pages of its
+    pages image (PE_PRESENT, as a restore's images have them: no PE_PARENT holes). ValueError otherwise."""
+    if len(buf) < 12 or struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
+        raise ValueError("not a pagemap image")
+    (size,) = struct.unpack_from("<I", buf, 8)
+    pos = 12 + size
+    if pos > len(buf):
+        raise ValueError("pagemap image ends inside its head")
+    head, entries = bytes(buf[:pos]), []
+    while pos + 4 <= len(buf):
+        (size,) = struct.unpack_from("<I", buf, pos)
+        end = pos + 4 + size
+        if end > len(buf):
+            break
+        f = _fields(buf[pos + 4:end])
+        pos = end
+        flags = f.get(4)
+        if flags is None or f.get(3) or flags & _PE_PARENT or not flags & _PE_PRESENT or set(f) - {1, 2, 4, 5}:
+            raise ValueError(f"pagemap entry {f} is not a plain present one")
+        nr = f.get(5, f.get(2, 0))
+        if nr:
+            entries.append((f.get(1, 0), nr, flags))
+    if pos != len(buf):
+        raise ValueError("pagemap image ends inside an entry")
+    return head, entries
+
+
+def encode_pagemap(head: bytes, entries: Sequence[Tuple[int, int, int]]) -> bytes:
+    """A pagemap image of `head` (pagemap_present_entries') and entries (vaddr, nr_pages, flags), laid out as CRIU
+    4.x writes them (vaddr, compat_nr_pages 0, flags, nr_pages)."""
+    out = bytearray(head)
+    for vaddr, nr, flags in entries:
+        msg = b"\x08" + _varint(vaddr) + b"\x10\x00\x20" + _varint(flags) + b"\x28" + _varint(nr)
+        out += struct.pack("<I", len(msg)) + msg
+    return bytes(out)

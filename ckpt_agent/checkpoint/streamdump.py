@@ -39,6 +39,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from ckpt_agent.adapters.criu import CORE_IMAGE, PagemapReader, pagemap_pages_id, pages_runs_from
+from ckpt_agent.checkpoint import zeropages
 from ckpt_agent.errors import DamagedCheckpointError, StoreError
 from ckpt_agent.node.fields import STREAM_MODES
 from ckpt_agent.store import imgstream, pagedelta
@@ -824,7 +825,11 @@ class StoreSource:
     The chunks of an image are read, decompressed and checked by the pool, up to PREFETCH_CHUNKS ahead of the one
     being written to CRIU's pipe, in the order the image's slices first need them: the store's reads and the digest
     work overlap each other and CRIU, as a staged restore's parallel chunk reads do. A chunk that later slices of a
-    delta come back to is kept (up to HELD_CHUNKS) until its last use."""
+    delta come back to is kept (up to HELD_CHUNKS) until its last use.
+
+    A task's pagemap is served without the runs of zero pages that CRIU restores as zeros anyway, and its pages
+    image without their bytes (zeropages.py): decided when CRIU asks for the pagemap, which it reads before it asks
+    for the pages."""
 
     def __init__(self, chunks: ChunkStore, images: List[ImageEntry],
                  pool: Optional[concurrent.futures.Executor] = None, kept: Optional[Dict[str, bytes]] = None):
@@ -834,6 +839,43 @@ class StoreSource:
         self.kept = kept  # core images served go here too (which processes were stopped: engine.py)
         # every chunk is read once, cold on a new node: around the page cache, into buffers reused (get_direct)
         self.buffers = ReadBuffers()
+        self.cuts: Dict[str, List[Tuple[int, int]]] = {}  # pages image -> byte ranges left out (zeropages.Plan)
+        self.zero_pages = 0  # pages left out, all tasks
+
+    def _image_bytes(self, name: str) -> bytes:
+        """A (small) image's bytes, read whole from its verified chunks."""
+        img = self.images[name]
+        where = f"image {name}"
+        data: Dict[int, bytes] = {}
+        out = bytearray()
+        for idx, off, length in img.pieces():
+            if idx not in data:
+                data[idx] = self.chunks.get(img.chunks[idx], where)
+            out += memoryview(data[idx])[off:off + length]
+        return bytes(out)
+
+    def _task_pagemap(self, name: str, pid: str) -> bytes:
+        """The pagemap image to serve for task `pid`: without its zero runs where zeropages finds any (recording the
+        cut of its pages image first), else as stored."""
+        pagemap = self._image_bytes(name)
+        mm = f"mm-{pid}.img"
+        try:
+            pages = f"pages-{pagemap_pages_id(pagemap)}.img"
+            if pages not in self.images or mm not in self.images:
+                return pagemap
+            img = self.images[pages]
+            spans = zeropages.zero_spans(img.pieces(), img.chunks)
+            plan = zeropages.plan(pagemap, self._image_bytes(mm), spans) if spans else None
+        except ValueError as e:
+            log.debug("%s served as stored: %s", name, e)
+            return pagemap
+        if plan is None:
+            return pagemap
+        if pages not in self.cuts:  # (CRIU reads each pagemap once; the same plan again changes nothing)
+            self.zero_pages += plan.pages
+        self.cuts[pages] = plan.cut
+        log.debug("%s: %d zero pages left out of %s", name, plan.pages, pages)
+        return plan.pagemap
 
     def exists(self, name: str) -> bool:
         return name in self.images
@@ -845,9 +887,15 @@ class StoreSource:
         return self.pool.submit(self.chunks.get_direct, ref, where, self.buffers)
 
     def write_to(self, name: str, fd: int) -> None:
+        task = _PAGEMAP_NAME.match(name)
+        if task:
+            imgstream.write_all(fd, self._task_pagemap(name, task.group(1)))
+            return
         img = self.images[name]
         refs = img.chunks
         pieces = img.pieces()
+        if name in self.cuts:
+            pieces = zeropages.cut_pieces(pieces, self.cuts[name])
         where = f"image {name}"
         last_use: Dict[int, int] = {}
         for n, (idx, _off, _len) in enumerate(pieces):
@@ -989,10 +1037,11 @@ def restore_streamed(criu, chunks: ChunkStore, images: List[ImageEntry], images_
     """`criu restore --stream` fed from the store through the serve socket. Returns the restored root's pid; the
     core images CRIU read are copied into `core_images` when given."""
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-        server = imgstream.ServeServer(images_dir, StoreSource(chunks, images, pool, core_images)).start()
+        source = StoreSource(chunks, images, pool, core_images)
+        server = imgstream.ServeServer(images_dir, source).start()
         try:
             pid = criu.restore(images_dir, stream=True, **restore_args)
         finally:
             served = server.finish()
-            log.debug("served %d images to CRIU", len(served))
+            log.debug("served %d images to CRIU, %d zero pages left out", len(served), source.zero_pages)
     return pid
