@@ -139,50 +139,47 @@ def test_a_restore_leaves_zero_runs_of_anonymous_memory_unmapped_and_every_mappi
             (work / f"checked-{r}").unlink()
         return reports
 
-    argv = ["python3", str(DATA / "runner" / "zerotool.py")]
-    proc = start_ckpt("run", "--job-id", job, "--interval", "1000", "--", *argv, env=env, cwd=work,
-                      out=tmp_path / "o1", err=tmp_path / "e1")
-    try:
+    def segment(n, *run_args, then):
+        """`ckpt run` of the tool (a fresh start, or a restore), `then(proc)` done with it, stopped on every path."""
+        proc = start_ckpt("run", "--job-id", job, *run_args, "--", "python3", str(DATA / "runner" / "zerotool.py"),
+                          env=env, cwd=work, out=tmp_path / f"o{n}", err=tmp_path / f"e{n}")
+        try:
+            if n > 1:
+                wait_for(lambda: "resumed job" in (tmp_path / f"e{n}").read_text(), 60, f"restore {n - 1}")
+            return then(proc)
+        finally:
+            stop_ckpt_run(proc, runtime, job)
+
+    def final(proc):
+        done = run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert proc.wait(timeout=30) == 75
+
+    def first(proc):
         wait_for(lambda: all((work / f"ready-{r}").exists() for r in roles), 60, "the tool and its child")
         before = check()
         for r in roles:  # the zeros were written: every page is there, and the check can tell a left-out one
             assert before[r]["differs"] == [], before
             assert before[r]["resident"] == before[r]["pages"], before
-        final = run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120)
-        assert final.returncode == 0, final.stderr
-        assert proc.wait(timeout=30) == 75
-    finally:
-        stop_ckpt_run(proc, runtime, job)
+        final(proc)
 
-    proc = start_ckpt("run", "--job-id", job, "--", *argv, env=env, cwd=work, out=tmp_path / "o2",
-                      err=tmp_path / "e2")
-    try:
-        wait_for(lambda: "resumed job" in (tmp_path / "e2").read_text(), 60, "the restore")
+    def second(proc):
         after = check()
         # the pages left out, written now, are in the next checkpoint (written-only where this kernel tracks)
         (work / "scribble").touch()
         wait_for(lambda: all((work / f"scribbled-{r}").exists() for r in roles), 60, "both processes to write")
         (work / "scribble").unlink()
-        final = run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120)
-        assert final.returncode == 0, final.stderr
-        assert proc.wait(timeout=30) == 75
-    finally:
-        stop_ckpt_run(proc, runtime, job)
+        final(proc)
+        return after
 
-    stats = json.loads((store / job / "main" / "gen-000002" / "manifest.json").read_text())["manifest"]["stats"]
-    if written_only_here():  # the pages left out and not written since were no pages to CRIU, not holes
-        assert stats.get("pages_unchanged", 0) > 0, stats
-    proc = start_ckpt("run", "--job-id", job, "--", *argv, env=env, cwd=work, out=tmp_path / "o3",
-                      err=tmp_path / "e3")
-    try:
-        wait_for(lambda: "resumed job" in (tmp_path / "e3").read_text(), 60, "the second restore")
+    def third(proc):
         again = check()
         (work / "stop").touch()
         assert proc.wait(timeout=60) == 0
-    finally:
-        stop_ckpt_run(proc, runtime, job)
-    for r in roles:
-        assert again[r]["differs"] == [], again
+        return again
+
+    segment(1, "--interval", "1000", then=first)
+    after = segment(2, then=second)
     for r in roles:
         assert after[r]["differs"] == [], after
         # the file mapping's zeros are copies over a file of 0xAB: restored page by page
@@ -191,3 +188,9 @@ def test_a_restore_leaves_zero_runs_of_anonymous_memory_unmapped_and_every_mappi
     # (a dump cuts its chunks every CHUNK_BYTES of the pages image), so it is restored
     for role, run in (("parent", "anon"), ("child", "anon"), ("parent", "after"), ("child", "before")):
         assert after[role]["resident"][run] <= 2 * CHUNK_BYTES // PAGE < after[role]["pages"][run], (role, run, after)
+    stats = json.loads((store / job / "main" / "gen-000002" / "manifest.json").read_text())["manifest"]["stats"]
+    if written_only_here():  # the pages left out and not written since were no pages to CRIU, not holes
+        assert stats.get("pages_unchanged", 0) > 0, stats
+    again = segment(3, then=third)
+    for r in roles:
+        assert again[r]["differs"] == [], again
