@@ -49,6 +49,7 @@ TESTS=(
   tests/checkpoint/test_streamdump.py
   tests/checkpoint/test_stopped_processes.py
   tests/checkpoint/test_huge_pages.py  # THP `always` there, the default of Debian's cloud kernels (CRIU patch 0005)
+  tests/checkpoint/test_zeropages.py  # zero pages a restore left out, then written: tracked by each kernel's tracker
 )
 UFFD_TESTS=(tests/adapters/test_uffd.py)  # on the newer kernel only (on 6.1 they are skipped)
 # on 6.1 only: an ordinary user's job moved by a Spot notice (about 5 min under emulation)

@@ -58,6 +58,8 @@ maps = {
     "after": mmap.mmap(-1, REGION, flags=PRIVATE_ANON),
 }
 os.close(fd)
+for m in maps.values():  # residency page by page, also where THP is `always` (a fault would map 2 MiB at once)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
 maps["anon"][:] = with_zeros(pattern(1), *ZEROED)
 maps["file"][ZEROED[0]:ZEROED[1]] = bytes(ZEROED[1] - ZEROED[0])
 maps["before"][:] = pattern(2)
