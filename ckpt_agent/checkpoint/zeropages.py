@@ -14,8 +14,8 @@ read (the plan is then None, and the images are served as stored).
 Runs are left out down to a single page (a run splits a pagemap entry in two, and CRIU walks an entry for less than
 it copies a page), where there are enough of them to pay for rewriting the pagemap (PAGES_PER_ENTRY). A cold restore
 of 1 GiB of zeros after a final checkpoint that changed 5% of the pages at random places (the runs between them about
-20 pages) took 0.27-0.28 s with every run left out, 0.41-0.42 s with runs of 16 pages and more, and 0.82-0.88 s with
-none (scratch runs on the 2-vCPU dev VM, alternating).
+20 pages) took 0.27-0.30 s with every run left out (four runs), 0.41-0.45 s with runs of 16 pages and more (five),
+and 0.80-0.88 s with none (five; scratch runs on the 2-vCPU dev VM, alternating).
 
 What CRIU does with a page its pagemap leaves out (criu/mem.c, 4.2.1): a mapping restored in place, or premapped
 afresh, is anonymous memory that reads as zeros; one inherited from the parent process (copy-on-write) has each such
