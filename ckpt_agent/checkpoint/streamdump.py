@@ -515,6 +515,12 @@ def parents_usable(previous: Optional[Manifest]) -> bool:
     return 1 + max(i.delta_depth or 0 for i in pages) <= pagedelta.MAX_DELTA_DEPTH
 
 
+def whole_image(chunks: ChunkStore, img: ImageEntry) -> bytes:
+    """A small image's bytes (a pagemap, an mm image), read whole from its verified chunks: such an image is always
+    stored as whole chunks (only pages images become slices of older chunks, pagedelta.sliced_entry)."""
+    return b"".join(chunks.get(r, f"image {img.name}") for r in img.chunks)
+
+
 def parent_images(chunks: ChunkStore, previous: Manifest) -> Dict[str, ParentImage]:
     """pagemap image name (pagemap-<pid>.img, one a task) -> that task's pages image in `previous`."""
     by_name = {i.name: i for i in previous.images}
@@ -522,7 +528,7 @@ def parent_images(chunks: ChunkStore, previous: Manifest) -> Dict[str, ParentIma
     for name, img in by_name.items():
         if not _PAGEMAP_NAME.match(name):
             continue
-        blob = b"".join(chunks.get(r, f"image {name}") for r in img.chunks)
+        blob = whole_image(chunks, img)
         try:
             pages_id = pagemap_pages_id(blob)
         except ValueError as e:
@@ -843,16 +849,7 @@ class StoreSource:
         self.zero_pages = 0  # pages left out, all tasks
 
     def _image_bytes(self, name: str) -> bytes:
-        """A (small) image's bytes, read whole from its verified chunks."""
-        img = self.images[name]
-        where = f"image {name}"
-        data: Dict[int, bytes] = {}
-        out = bytearray()
-        for idx, off, length in img.pieces():
-            if idx not in data:
-                data[idx] = self.chunks.get(img.chunks[idx], where)
-            out += memoryview(data[idx])[off:off + length]
-        return bytes(out)
+        return whole_image(self.chunks, self.images[name])
 
     def _task_pagemap(self, name: str, pid: str) -> bytes:
         """The pagemap image to serve for task `pid`: without its zero runs where zeropages finds any (recording the

@@ -29,7 +29,7 @@ import logging
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ckpt_agent.adapters import criu
-from ckpt_agent.store.chunks import CHUNK_BYTES, ZERO_CHUNK_DIGESTS, ChunkRef
+from ckpt_agent.store.chunks import ChunkRef
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Plan:
 
 def zero_spans(pieces: Iterable[Tuple[int, int, int]], refs: Sequence[ChunkRef]) -> List[Tuple[int, int]]:
     """(start, end) in an image's file of the bytes its pieces take from the all-zero chunk, merged, in order."""
-    zero = {i for i, r in enumerate(refs) if r.digest in ZERO_CHUNK_DIGESTS and r.size == CHUNK_BYTES}
+    zero = {i for i, r in enumerate(refs) if r.all_zero()}
     spans: List[Tuple[int, int]] = []
     if not zero:
         return spans

@@ -189,6 +189,10 @@ class ChunkRef(NamedTuple):
     def to_json(self) -> list:
         return [self.digest, self.size, self.codec]
 
+    def all_zero(self) -> bool:
+        """Whether this is the all-zero chunk (known from its name: nothing needs reading)."""
+        return self.digest in ZERO_CHUNK_DIGESTS and self.size == CHUNK_BYTES
+
     @classmethod
     def from_json(cls, value: Sequence) -> ChunkRef:
         digest, size, codec = value
@@ -818,7 +822,7 @@ def restore_file(
         def one(item: Tuple[int, List[Tuple[int, int, int]]]) -> None:
             idx, pieces = item
             ref = refs[idx]
-            if ref.digest in ZERO_CHUNK_DIGESTS and ref.size == CHUNK_BYTES:
+            if ref.all_zero():
                 return  # leave all-zero chunks as holes: restored sparse files stay sparse
             data = chunks.get(ref, where or dest)
             view = memoryview(data)
