@@ -328,7 +328,8 @@ class CaptureServer(_Server):
 
 F_SETPIPE_SZ = 1031  # fcntl(2), Linux
 F_GETPIPE_SZ = 1032
-PIPE_BYTES = 1 << 20  # what CRIU's pipes are widened to (the default 64 KiB costs a wake-up per 16 pages)
+PIPE_BYTES = 1 << 20  # what CRIU's pipes are widened to (the default 64 KiB costs a wake-up per 16 pages; 4 MiB and
+# 512 KiB made full checkpoints slower, 4 MiB restores too: docs/performance.md)
 
 
 def widen_pipe(fd: int) -> None:
