@@ -516,9 +516,16 @@ def parents_usable(previous: Optional[Manifest]) -> bool:
 
 
 def whole_image(chunks: ChunkStore, img: ImageEntry) -> bytes:
-    """A small image's bytes (a pagemap, an mm image), read whole from its verified chunks: such an image is always
-    stored as whole chunks (only pages images become slices of older chunks, pagedelta.sliced_entry)."""
-    return b"".join(chunks.get(r, f"image {img.name}") for r in img.chunks)
+    """A small image's bytes (a pagemap, an mm image), read whole from its verified chunks, piece by piece: such an
+    image is stored as whole chunks (only pages images become slices of older chunks, pagedelta.sliced_entry), and
+    one that were not would still read right (its slices loaded first: ImageEntry.pieces)."""
+    data: Dict[int, bytes] = {}
+    out = bytearray()
+    for idx, off, length in img.pieces():
+        if idx not in data:
+            data[idx] = chunks.get(img.chunks[idx], f"image {img.name}")
+        out += memoryview(data[idx])[off:off + length]
+    return bytes(out)
 
 
 def parent_images(chunks: ChunkStore, previous: Manifest) -> Dict[str, ParentImage]:
@@ -848,13 +855,10 @@ class StoreSource:
         self.cuts: Dict[str, List[Tuple[int, int]]] = {}  # pages image -> byte ranges left out (zeropages.Plan)
         self.zero_pages = 0  # pages left out, all tasks
 
-    def _image_bytes(self, name: str) -> bytes:
-        return whole_image(self.chunks, self.images[name])
-
     def _task_pagemap(self, name: str, pid: str) -> bytes:
         """The pagemap image to serve for task `pid`: without its zero runs where zeropages finds any (recording the
         cut of its pages image first), else as stored."""
-        pagemap = self._image_bytes(name)
+        pagemap = whole_image(self.chunks, self.images[name])
         mm = f"mm-{pid}.img"
         try:
             pages = f"pages-{pagemap_pages_id(pagemap)}.img"
@@ -862,7 +866,7 @@ class StoreSource:
                 return pagemap
             img = self.images[pages]
             spans = zeropages.zero_spans(img.pieces(), img.chunks)
-            plan = zeropages.plan(pagemap, self._image_bytes(mm), spans) if spans else None
+            plan = zeropages.plan(pagemap, whole_image(self.chunks, self.images[mm]), spans) if spans else None
         except ValueError as e:
             log.debug("%s served as stored: %s", name, e)
             return pagemap

@@ -305,6 +305,21 @@ def test_a_damaged_chunk_read_ahead_fails_the_image(tmp_path, chunks, pool):
         _read_back(chunks, gen1, "inventory.img", pool)
 
 
+def test_whole_image_reads_whole_chunks_and_slices(chunks):
+    """A small image read whole (a pagemap, an mm image): from its chunks one after the other, and right too if it
+    were slices of chunks (taken out of order, one chunk twice)."""
+    from ckpt_agent.checkpoint import streamdump
+    from ckpt_agent.store import pagedelta
+
+    a, b = os.urandom(5000), os.urandom(3000)
+    ra, rb = chunks.put(a)[0], chunks.put(b)[0]
+    whole = pagedelta.sliced_entry("pagemap-1.img", 8000, [(ra, 0, 5000), (rb, 0, 3000)])
+    assert whole.slices is None and streamdump.whole_image(chunks, whole) == a + b
+    sliced = pagedelta.sliced_entry("mm-1.img", 3100, [(rb, 1000, 600), (ra, 10, 2000), (rb, 0, 500)])
+    assert sliced.slices is not None
+    assert streamdump.whole_image(chunks, sliced) == b[1000:1600] + a[10:2010] + b[:500]
+
+
 def test_reuse_map_points_each_page_hash_into_its_chunk():
     from ckpt_agent.checkpoint.streamdump import ReuseMap
     from ckpt_agent.store import pagedelta
