@@ -39,8 +39,8 @@ KERNEL_VM_CACHE="${KERNEL_VM_CACHE:-/var/cache/ckpt-kernel-vm}"
 KERNEL_VM_WORKDIR="${KERNEL_VM_WORKDIR:-/var/tmp}"
 VM_ACCEL="${VM_ACCEL:-tcg}"
 VM_MEMORY="${VM_MEMORY:-4G}"
-# A safety net against a hung guest, not a performance target: each guest's tests took 3-5 min under emulation on
-# 2 cores.
+# A safety net against a hung guest, not a performance target: under emulation on the 2-vCPU dev VM the guests' tests
+# took 7-8 min, and 17 min for the 6.1 guest while its user test still simulated the whole transient (2026-12-06).
 VM_TIMEOUT_SECONDS="${VM_TIMEOUT_SECONDS:-2400}"
 TESTS=(
   tests/adapters/test_softdirty.py
@@ -52,7 +52,8 @@ TESTS=(
   tests/checkpoint/test_zeropages.py  # zero pages a restore left out, then written: tracked by each kernel's tracker
 )
 UFFD_TESTS=(tests/adapters/test_uffd.py)  # on the newer kernel only (on 6.1 they are skipped)
-# on 6.1 only: an ordinary user's job moved by a Spot notice (about 5 min under emulation)
+# on 6.1 only: an ordinary user's job moved by a Spot notice (5 min under emulation, where floating point is slow:
+# the test cuts its simulation to about 90 s there)
 USER_TESTS=("tests/system/test_slurm_e2e.py::test_spot_notice_moves_an_ngspice_job_to_another_node[ordinary-user]")
 SHARED_VENV="${CKPT_SHARED_VENV:-/opt/ckpt-agent-dev/venv}"  # ckpt_dev/shared_venv.py's, made by `make setup`
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)  # or built in
