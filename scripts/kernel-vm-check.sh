@@ -243,7 +243,7 @@ facts = dict(soft_dirty=SoftDirtyTracker.supported() and criu.can_dump_soft_dirt
 print("guest:", facts, "expected:", $expected)
 sys.exit(0 if facts == $expected else 1)
 PY
-.venv/bin/python -m pytest -p no:cacheprovider -q -rs $(printf '%q ' "$@") 2>&1 | tee /tmp/data/pytest.log
+.venv/bin/python -m pytest -p no:cacheprovider -q -rs --durations=10 $(printf '%q ' "$@") 2>&1 | tee /tmp/data/pytest.log
 rc=\${PIPESTATUS[0]}
 if [ "\$rc" = 0 ] && grep -q " skipped" /tmp/data/pytest.log; then rc=4; fi
 echo "\$rc" >/tmp/data/rc
@@ -315,7 +315,9 @@ boot_guest() {
   QEMU_PID=$!
   wait "$QEMU_PID" || log "qemu exited $?"
   QEMU_PID=""
-  grep -a '^guest:\|passed\|failed\|error' "$WORK/$label.console.log" | tail -n 20 >&2 || true
+  # the verdict lines and the ten slowest steps (a test near its backstop shows here first)
+  grep -a '^guest:\|passed\|failed\|error\|^[0-9.]*s \(call\|setup\|teardown\) ' "$WORK/$label.console.log" \
+    | tail -n 30 >&2 || true
   mkdir -p "$WORK/out-$label"
   debugfs -R "dump /rc $WORK/out-$label/rc" "$WORK/$label.data.img" >/dev/null 2>&1 || true
   rc="$(cat "$WORK/out-$label/rc" 2>/dev/null || echo none)"

@@ -133,7 +133,7 @@ def test_spot_notice_moves_an_ngspice_job_to_another_node(cluster, agents, slurm
 
     agents.imds["node1"].inject_spot_notice("terminate", seconds_from_now=120)
     cluster.wait_node("node1", "DRAIN", timeout=backstop)
-    # the rest of the run, a final checkpoint and a restore: generous, where emulation slows them more than ngspice
+    # the rest of the run, a final checkpoint and a restore: generous, as these weigh more where the transient was cut
     done = cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=int(full * 5) + 60)
     assert done.state == "COMPLETED", (done, (work / "job.err").read_text(), agents.log_tail("node1"))
     assert done.restart_count == 1
