@@ -17,7 +17,7 @@ from ckpt_agent.store import event_names as ev
 from ckpt_agent.store.generations import CheckpointStore
 from ckpt_dev import shared_venv
 from ckpt_dev.agents import NodeAgents
-from ckpt_dev.demo import with_stop_time
+from ckpt_dev.demo import NETLIST, ngspice_seconds_per_ns, with_stop_time
 
 pytestmark = [pytest.mark.slurm, pytest.mark.criu]
 
@@ -40,29 +40,23 @@ def _no_notice_left(request):
         imds.clear()
 
 
-# The example's transient, and the share of it a probe runs to size the reference run.
-RINGOSC_NS, PROBE_NS = 1200.0, 100.0
+RINGOSC_NS = 1200.0  # the example's transient (examples/ringosc.cir's .tran), in simulated ns
 # Where ngspice is so slow that the whole transient would take longer than this, the test simulates less. The kernel
 # check's emulated guest does floating point in software: in one CI run the whole transient took more than 300 s there,
 # where the dev VM takes 6.6 s. The job's interval is a fifth of the reference run, so its checkpoints, notice and
 # restore keep their share of the run; a minute and a half leaves room for them even at emulated speed.
 REFERENCE_CAP_SECONDS = 90.0
-# A safety net for the probe alone (a hung ngspice), not an expected time: the other waits scale with what it measured.
-PROBE_BACKSTOP_SECONDS = 1800
 
 
 def ringosc_for_this_machine(probe_dir: Path) -> tuple[str, float]:
     """The ring oscillator's netlist and the seconds its run is expected to take here: the example's whole transient,
-    or less where a probe of its first PROBE_NS says that the whole would outlast REFERENCE_CAP_SECONDS."""
-    netlist = (REPO / "examples" / "ringosc.cir").read_text()
-    (probe_dir / "ringosc.cir").write_text(with_stop_time(netlist, PROBE_NS))
-    t0 = time.monotonic()
-    subprocess.run(["ngspice", "-b", "ringosc.cir"], cwd=probe_dir, capture_output=True, check=True,
-                   timeout=PROBE_BACKSTOP_SECONDS)
-    projected = (time.monotonic() - t0) * RINGOSC_NS / PROBE_NS
+    or less where one calibration run (ngspice_seconds_per_ns) says that the whole would outlast
+    REFERENCE_CAP_SECONDS."""
+    netlist = NETLIST.read_text()
+    projected = ngspice_seconds_per_ns(probe_dir, runs=1) * RINGOSC_NS
     if projected <= REFERENCE_CAP_SECONDS:
         return netlist, projected
-    stop_ns = max(PROBE_NS, round(RINGOSC_NS * REFERENCE_CAP_SECONDS / projected / 50) * 50)
+    stop_ns = max(50, round(RINGOSC_NS * REFERENCE_CAP_SECONDS / projected / 50) * 50)
     return with_stop_time(netlist, stop_ns), projected * stop_ns / RINGOSC_NS
 
 
