@@ -42,6 +42,12 @@ VM_MEMORY="${VM_MEMORY:-4G}"
 # A safety net against a hung guest, not a performance target: under emulation on the 2-vCPU dev VM the guests' tests
 # took 7-8 min, and 17 min for the 6.1 guest while its user test still simulated the whole transient (2026-12-06).
 VM_TIMEOUT_SECONDS="${VM_TIMEOUT_SECONDS:-2400}"
+# The guests' tests' per-step safety nets (tests/ckpt_helpers.py backstop), multiplied: emulated, a step takes 10-40x
+# what it takes natively, and the nets were sized for a machine a few times slower than the dev VM. The slowest guest
+# test under emulation took 49 s in all (6.1, 2026-12-06) against nets of 30-120 s a step; 4x keeps that margin at
+# several times over. A net only: a test that works never waits for it.
+if [ "$VM_ACCEL" = tcg ]; then default_scale=4; else default_scale=1; fi
+VM_BACKSTOP_SCALE="${VM_BACKSTOP_SCALE:-$default_scale}"
 TESTS=(
   tests/adapters/test_softdirty.py
   tests/checkpoint/test_fork_tracking.py
@@ -230,7 +236,7 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin HOME=/root PYTHOND
 # no accounting database under emulation
 hostname "$(hostname)"
 ip link add ckpt0 type dummy && ip addr add 192.0.2.1/24 dev ckpt0 && ip link set ckpt0 up || echo "guest: no dummy interface"
-export CKPT_CLUSTER_ACCOUNTING=0 CKPT_SHARED_VENV="$SHARED_VENV"
+export CKPT_CLUSTER_ACCOUNTING=0 CKPT_SHARED_VENV="$SHARED_VENV" CKPT_TEST_BACKSTOP_SCALE="$VM_BACKSTOP_SCALE"
 cd "$REPO"
 .venv/bin/python - <<'PY' || { echo 3 >/tmp/data/rc; exit 0; }
 import sys

@@ -16,6 +16,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
+BACKSTOP_SCALE_ENV = "CKPT_TEST_BACKSTOP_SCALE"
+
+
+def backstop(seconds: float) -> float:
+    """A step's safety net (a wait that ends on an event long before it), times CKPT_TEST_BACKSTOP_SCALE: at least 1,
+    set by scripts/kernel-vm-check.sh for guests under qemu's software emulation, where a step takes 10-40x what it
+    takes here. A net only: no test waits for it to pass, so a larger one slows nothing that works."""
+    raw = os.environ.get(BACKSTOP_SCALE_ENV) or "1"
+    try:
+        scale = float(raw)
+    except ValueError:
+        scale = 0.0
+    if not scale >= 1:  # also NaN
+        raise pytest.UsageError(f"{BACKSTOP_SCALE_ENV}={raw!r}: must be a number of at least 1")
+    return seconds * scale
 
 
 def criu_binary() -> str:
@@ -54,7 +69,7 @@ def ckpt_cmd(*args: str) -> List[str]:
 
 def run_ckpt(*args: str, env: Dict[str, str], cwd: Optional[Path] = None, timeout: float = 120,
              stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
-    return subprocess.run(ckpt_cmd(*args), env=env, cwd=cwd, timeout=timeout, stdout=stdout,
+    return subprocess.run(ckpt_cmd(*args), env=env, cwd=cwd, timeout=backstop(timeout), stdout=stdout,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -64,6 +79,8 @@ def start_ckpt(*args: str, env: Dict[str, str], cwd: Path, out: Path, err: Path)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """`predicate`'s first true value, polled; a failure after backstop(timeout)."""
+    timeout = backstop(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -110,7 +127,7 @@ def kill_job(proc: subprocess.Popen, runtime: Path, job: str, step: str = "main"
             os.kill(pid, signal.SIGKILL)  # killing the namespace init kills every process of the tool
         except ProcessLookupError:
             pass
-    proc.wait(timeout=10)
+    proc.wait(timeout=backstop(10))
 
 
 def stop_ckpt_run(proc: subprocess.Popen, runtime: Path, job: str, step: str = "main") -> None:
@@ -188,7 +205,7 @@ def restore_page_tool_and_check(job: str, argv: List[str], env: Dict[str, str], 
     try:
         assert page_tool_verdict(work) == "intact mutated=True"
         (work / "stop").touch()
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=backstop(60)) == 0
     finally:
         stop_ckpt_run(proc, Path(env["CKPT_RUNTIME_DIR"]), job)
 

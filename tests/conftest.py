@@ -46,6 +46,7 @@ import uuid
 from typing import Dict, Set
 
 import pytest
+from ckpt_helpers import backstop
 
 from ckpt_agent.adapters.imds import ImdsClient
 from ckpt_agent.store import chunks as chunkstore
@@ -92,6 +93,10 @@ def _carries(pid: int, mark: str) -> bool:
 # The machine's own configuration directory: tests keep keys and configs in their tmp dirs, never here.
 MACHINE_CONFIG_DIR = "/etc/ckpt-agent"
 _etc_key = pytest.StashKey()
+
+
+def pytest_configure(config):
+    backstop(1)  # a malformed CKPT_TEST_BACKSTOP_SCALE stops the run before any test, in one line
 
 
 def pytest_sessionstart(session):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import wait_for
+from ckpt_helpers import backstop, wait_for
 
 from ckpt_agent.adapters import uffd
 
@@ -69,7 +69,7 @@ class Child:
         if self.proc.poll() is None:
             os.kill(self.pid, signal.SIGCONT)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=backstop(30))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -112,7 +112,7 @@ def test_exactly_the_pages_written_since_arming_read_as_written(child):
         tracker.close()
     os.kill(child.pid, signal.SIGCONT)
     (child.work / "stop").touch()
-    assert child.proc.wait(timeout=30) == 0  # its sleep, interrupted by the arming, went on
+    assert child.proc.wait(timeout=backstop(30)) == 0  # its sleep, interrupted by the arming, went on
 
 
 @pytest.mark.parametrize("restored", [True, False], ids=["restored", "after-a-dump"])

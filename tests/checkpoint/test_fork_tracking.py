@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ckpt_helpers import DATA, run_ckpt, start_ckpt, stop_ckpt_run, wait_for, written_only_here
+from ckpt_helpers import DATA, backstop, run_ckpt, start_ckpt, stop_ckpt_run, wait_for, written_only_here
 
 pytestmark = pytest.mark.criu
 
@@ -32,7 +32,7 @@ def test_a_child_forked_since_the_arming_under_a_checkpointed_pid_keeps_its_memo
         assert (work / "swapped").read_text().strip() == "same-pid"
         final = run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120)
         assert final.returncode == 0, final.stderr
-        assert proc.wait(timeout=30) == 75
+        assert proc.wait(timeout=backstop(30)) == 75
     finally:
         stop_ckpt_run(proc, runtime, job)
 
@@ -48,6 +48,6 @@ def test_a_child_forked_since_the_arming_under_a_checkpointed_pid_keeps_its_memo
         wait_for(lambda: (work / "checked").exists(), 60, "the second child to check its memory")
         assert (work / "checked").read_text().startswith("intact"), (work / "checked").read_text()
         (work / "stop").touch()
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=backstop(60)) == 0
     finally:
         stop_ckpt_run(proc, runtime, job)

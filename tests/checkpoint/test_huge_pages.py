@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import DATA, ckpt_cmd, run_ckpt, stop_ckpt_run, wait_for
+from ckpt_helpers import DATA, backstop, ckpt_cmd, run_ckpt, stop_ckpt_run, wait_for
 
 pytestmark = pytest.mark.criu
 TOOL = DATA / "runner" / "hugetool.py"
@@ -67,7 +67,7 @@ def test_a_restored_tool_keeps_its_huge_pages(ck, tmp_path, stream, fixed):
             pytest.skip(f"the kernel gave the tool no huge pages to begin with: {before}")
         final = run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120)
         assert final.returncode == 0, final.stderr
-        assert proc.wait(timeout=30) == 75
+        assert proc.wait(timeout=backstop(30)) == 75
     finally:
         stop_ckpt_run(proc, runtime, job)
 
@@ -77,7 +77,7 @@ def test_a_restored_tool_keeps_its_huge_pages(ck, tmp_path, stream, fixed):
         wait_for(lambda: "resumed job" in (tmp_path / "e2").read_text(), 60, "the restore")
         after = _report(work)
         (work / "stop").touch()
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=backstop(60)) == 0
     finally:
         stop_ckpt_run(proc, runtime, job)
     assert after["huge"]["intact"] and after["small"]["intact"], after

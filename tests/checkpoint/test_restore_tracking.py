@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from ckpt_helpers import (
     DATA,
+    backstop,
     restore_page_tool_and_check,
     run_ckpt,
     start_ckpt,
@@ -46,7 +47,7 @@ def _run_until_final(env, tmp_path: Path, work: Path, job: str, argv, n: int, be
         before_final(err)
         final = run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120)
         assert final.returncode == 0, final.stderr
-        assert proc.wait(timeout=30) == 75
+        assert proc.wait(timeout=backstop(30)) == 75
     finally:
         stop_ckpt_run(proc, Path(env["CKPT_RUNTIME_DIR"]), job)
 
@@ -119,7 +120,7 @@ def test_signal_frames_written_before_the_restored_tree_stops_are_kept_by_its_ne
     work = tmp_path / "work"
     work.mkdir()
     tool = tmp_path / "sigframes"
-    subprocess.run([cc, "-O1", "-o", str(tool), str(TOOLS / "sigframes.c")], check=True, timeout=120)
+    subprocess.run([cc, "-O1", "-o", str(tool), str(TOOLS / "sigframes.c")], check=True, timeout=backstop(120))
     job = "125"
 
     def stopped_with_signals_pending(err: Path) -> None:
@@ -151,7 +152,7 @@ def test_signal_frames_written_before_the_restored_tree_stops_are_kept_by_its_ne
         _resumed(tmp_path / "e3")
         (work / "leave").touch()
         (work / "stop").touch()
-        code = proc.wait(timeout=60)
+        code = proc.wait(timeout=backstop(60))
     finally:
         stop_ckpt_run(proc, Path(env["CKPT_RUNTIME_DIR"]), job)
     out = (tmp_path / "o3").read_text()

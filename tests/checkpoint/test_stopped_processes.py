@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from ckpt_helpers import run_ckpt, start_ckpt, stop_ckpt_run, wait_for, written_only_here
+from ckpt_helpers import backstop, run_ckpt, start_ckpt, stop_ckpt_run, wait_for, written_only_here
 
 pytestmark = pytest.mark.criu
 
@@ -112,7 +112,7 @@ def _final_then_restored(env, runtime: Path, tmp_path: Path, mode: str, job: str
         before_final()
         final = run_ckpt("checkpoint", "--job-id", job, "--final", env=env)
         assert final.returncode == 0, final.stderr
-        assert proc.wait(timeout=30) == 75
+        assert proc.wait(timeout=backstop(30)) == 75
         assert _stopped_one(work) is None
         proc = start_ckpt(*argv, env=env, cwd=work, out=tmp_path / "out2", err=tmp_path / "err2")
         wait_for(lambda: "resumed job" in (tmp_path / "err2").read_text(), 60, "the restore")

@@ -13,6 +13,7 @@ import pytest
 import zstandard
 from ckpt_helpers import (
     DATA,
+    backstop,
     pages_images,
     restore_page_tool_and_check,
     run_ckpt,
@@ -44,7 +45,7 @@ def checkpoint_page_tool(env, tmp_path, work, job, mib, periodic_after_change):
         if periodic_after_change:
             assert run_ckpt("checkpoint", "--job-id", job, env=env, timeout=120).returncode == 0
         assert run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120).returncode == 0
-        assert proc.wait(timeout=30) == 75
+        assert proc.wait(timeout=backstop(30)) == 75
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -331,7 +332,7 @@ def test_a_previous_page_table_that_cannot_be_read_makes_the_dump_read_every_pag
         if not final:
             assert proc.poll() is None, "the tool runs on after the periodic checkpoint"
             assert run_ckpt("checkpoint", "--job-id", "123", "--final", env=env, timeout=120).returncode == 0
-        assert proc.wait(timeout=30) == 75
+        assert proc.wait(timeout=backstop(30)) == 75
     finally:
         if proc.poll() is None:
             proc.kill()

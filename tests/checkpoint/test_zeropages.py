@@ -6,7 +6,7 @@ import json
 import struct
 
 import pytest
-from ckpt_helpers import DATA, run_ckpt, start_ckpt, stop_ckpt_run, wait_for, written_only_here
+from ckpt_helpers import DATA, backstop, run_ckpt, start_ckpt, stop_ckpt_run, wait_for, written_only_here
 
 from ckpt_agent.adapters import criu
 from ckpt_agent.checkpoint import zeropages
@@ -153,7 +153,7 @@ def test_a_restore_leaves_zero_runs_of_anonymous_memory_unmapped_and_every_mappi
     def final(proc):
         done = run_ckpt("checkpoint", "--job-id", job, "--final", env=env, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert proc.wait(timeout=30) == 75
+        assert proc.wait(timeout=backstop(30)) == 75
 
     def first(proc):
         wait_for(lambda: all((work / f"ready-{r}").exists() for r in roles), 60, "the tool and its child")
@@ -175,7 +175,7 @@ def test_a_restore_leaves_zero_runs_of_anonymous_memory_unmapped_and_every_mappi
     def third(proc):
         again = check()
         (work / "stop").touch()
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=backstop(60)) == 0
         return again
 
     segment(1, "--interval", "1000", then=first)
