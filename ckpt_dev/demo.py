@@ -46,8 +46,8 @@ from ckpt_dev.slurm_cluster import ClusterError, LocalCluster
 REPO = Path(__file__).resolve().parent.parent
 NETLIST = REPO / "examples" / "ringosc.cir"
 DEMO_USER = "ckpt-demo"  # an ordinary local user, created by the demo (LocalCluster.ensure_user) when missing
-# simulated time of a calibration run: 0.6 s of ngspice on the 2-vCPU dev VM, about 25 s in the kernel check's
-# emulated guest (there 350 ns took 88 s; 2026-12-06)
+# simulated time of a calibration run: 0.5-0.6 s of ngspice on the 2-vCPU dev VM (the demo prints it), about 25 s in
+# the kernel check's emulated guest (there 350 ns took 88 s; 2026-12-06)
 CALIBRATION_NS = 100
 CALIBRATION_RUNS = 2  # the faster one counts
 CALIBRATION_TIMEOUT_SECONDS = 600  # a safety net against a hung ngspice, not an expected time
@@ -108,9 +108,26 @@ def ngspice_seconds_per_ns(workdir: Path, runs: int = CALIBRATION_RUNS, env: Opt
     return min(seconds) / CALIBRATION_NS
 
 
+TRAN_LINE = re.compile(r"(?im)^(\.tran[ \t]+\S+[ \t]+)(\S+)")  # `.tran TSTEP TSTOP ...`: TSTOP, the second field
+# SPICE's scale factors (case-insensitive; "meg" before "m", which is milli); letters after one are ignored ("1.2us")
+SPICE_SCALE = re.compile(r"^([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)(meg|[tgkmunpf])?[a-z]*$", re.IGNORECASE)
+SPICE_FACTORS = {None: 1.0, "t": 1e12, "g": 1e9, "meg": 1e6, "k": 1e3, "m": 1e-3, "u": 1e-6, "n": 1e-9, "p": 1e-12,
+                 "f": 1e-15}
+
+
+def stop_time_ns(netlist: str) -> float:
+    """Where the netlist's transient analysis ends, in nanoseconds (its `.tran` line's TSTOP, SPICE's units)."""
+    tran = TRAN_LINE.search(netlist)
+    value = SPICE_SCALE.match(tran.group(2)) if tran else None
+    if not value:
+        raise ConfigError(f"{NETLIST}: no .tran line with a stop time to size the simulation with")
+    suffix = value.group(2).lower() if value.group(2) else None
+    return float(value.group(1)) * SPICE_FACTORS[suffix] * 1e9
+
+
 def with_stop_time(netlist: str, stop_ns: float) -> str:
     """The netlist with its transient analysis (`.tran TSTEP TSTOP ...`) ending at `stop_ns` nanoseconds."""
-    text, count = re.subn(r"(?m)^(\.tran\s+\S+\s+)\S+", lambda m: f"{m.group(1)}{stop_ns:.0f}n", netlist, count=1)
+    text, count = TRAN_LINE.subn(lambda m: f"{m.group(1)}{stop_ns:.0f}n", netlist, count=1)
     if count != 1:
         raise ConfigError(f"{NETLIST}: no .tran line to size the simulation with")
     return text

@@ -18,7 +18,7 @@ from ckpt_helpers import REPO, processes_of, require_criu, wait_for
 
 from ckpt_agent.errors import CkptError
 from ckpt_dev import reaper
-from ckpt_dev.demo import DEMO_USER, with_stop_time
+from ckpt_dev.demo import DEMO_USER, stop_time_ns, with_stop_time
 
 DEMO = [sys.executable, "-m", "ckpt_dev.demo", "--quick"]
 SAFETY_SECONDS = 900  # a safety net only: the demo's steps wait for events
@@ -91,6 +91,29 @@ def test_the_simulation_is_sized_by_its_stop_time():
     assert "\n.tran 50p 2346n 0 1p uic\n" in text
     with pytest.raises(CkptError, match="no .tran line"):
         with_stop_time("* no analysis\n.end\n", 100)
+
+
+@pytest.mark.parametrize(("tstop", "ns"), [("1.2u", 1200), ("1.2us", 1200), ("350n", 350), ("2.5e-7", 250),
+                                           ("1500P", 1.5), ("1m", 1e6), ("2meg", 2e15), (".5u", 500)])
+def test_the_stop_time_is_read_in_spice_s_units(tstop, ns):
+    assert stop_time_ns(f"* x\n.tran 50p {tstop} 0 1p uic\n.end\n") == pytest.approx(ns)
+
+
+def test_the_example_s_stop_time_is_what_with_stop_time_writes():
+    example = (REPO / "examples" / "ringosc.cir").read_text()
+    assert stop_time_ns(example) == pytest.approx(1200)
+    assert stop_time_ns(with_stop_time(example, 350)) == pytest.approx(350)
+
+
+@pytest.mark.parametrize("netlist", ["* no analysis\n.end\n", ".tran 50p\n.end\n", ".tran 50p soon\n"])
+def test_a_netlist_without_a_stop_time_is_one_clear_error(netlist):
+    with pytest.raises(CkptError, match="no .tran line with a stop time"):
+        stop_time_ns(netlist)
+
+
+def test_the_line_after_a_tran_without_a_stop_time_is_not_taken_for_one():
+    with pytest.raises(CkptError, match="no .tran line to size"):
+        with_stop_time(".tran 50p\n.end\n", 100)
 
 
 @pytest.mark.slurm

@@ -17,7 +17,7 @@ from ckpt_agent.store import event_names as ev
 from ckpt_agent.store.generations import CheckpointStore
 from ckpt_dev import shared_venv
 from ckpt_dev.agents import NodeAgents
-from ckpt_dev.demo import NETLIST, ngspice_seconds_per_ns, with_stop_time
+from ckpt_dev.demo import NETLIST, ngspice_seconds_per_ns, stop_time_ns, with_stop_time
 
 pytestmark = [pytest.mark.slurm, pytest.mark.criu]
 
@@ -40,7 +40,6 @@ def _no_notice_left(request):
         imds.clear()
 
 
-RINGOSC_NS = 1200.0  # the example's transient (examples/ringosc.cir's .tran), in simulated ns
 # Where ngspice is so slow that the whole transient would take longer than this, the test simulates less. The kernel
 # check's emulated guest does floating point in software: in one CI run the whole transient took more than 300 s there,
 # where the dev VM takes 6.6 s. The job's interval is a fifth of the reference run, so its checkpoints, notice and
@@ -53,11 +52,12 @@ def ringosc_for_this_machine(probe_dir: Path) -> tuple[str, float]:
     or less where one calibration run (ngspice_seconds_per_ns) says that the whole would outlast
     REFERENCE_CAP_SECONDS."""
     netlist = NETLIST.read_text()
-    projected = ngspice_seconds_per_ns(probe_dir, runs=1) * RINGOSC_NS
+    whole_ns = stop_time_ns(netlist)
+    projected = ngspice_seconds_per_ns(probe_dir, runs=1) * whole_ns
     if projected <= REFERENCE_CAP_SECONDS:
         return netlist, projected
-    stop_ns = max(50, round(RINGOSC_NS * REFERENCE_CAP_SECONDS / projected / 50) * 50)
-    return with_stop_time(netlist, stop_ns), projected * stop_ns / RINGOSC_NS
+    stop_ns = max(50, round(whole_ns * REFERENCE_CAP_SECONDS / projected / 50) * 50)
+    return with_stop_time(netlist, stop_ns), projected * stop_ns / whole_ns
 
 
 def job_script(bin_dir: str, workdir: Path, tool: str, out: str = "job.out", err: str = "job.err",
