@@ -42,6 +42,7 @@ bench: setup
 	$(PY) bench/checkpoint_bench.py --sizes 1 --kinds random,text --no-profile --stream always --repeat 3
 	$(PY) bench/notice_bench.py
 	$(PY) bench/verify_bench.py
+	$(PY) bench/codec_bench.py
 	$(PY) bench/big_job_bench.py --gib $(BIG_JOB_GIB)
 	$(PY) bench/memory_bench.py
 

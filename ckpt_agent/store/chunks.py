@@ -60,6 +60,15 @@ small compression, not a whole chunk's. `warm_up` takes both measurements in the
 node (`ckpt run` as root, the node agent's launch and restore), so that they are not taken inside the job's first
 checkpoint: on a node that has just restored a job, that one may be the final checkpoint of a Spot notice, and the
 probe writes to the shared file system every reclaimed node is writing to at that moment.
+
+The probe is taken once, when the job starts; a final checkpoint may meet a different store: FSx shared by every
+node reclaimed at the same moment, or a job bigger than the kernel's dirty page limits. So each store also times
+its own chunk writes (WritePace: the median of the last 16), and where the probe chose raw, a chunk is compressed
+once the writes have slowed down enough that compressing it on a free slot and writing the rest is sooner than
+writing it raw (paced_level, from the levels' speeds and ratios on netlist-like text; the chunk's own sample must
+then compress well enough that this still holds for it). Writes into the page cache went at 0.77-1.9 GB/s a worker
+on the 2-vCPU dev VM during a full streamed checkpoint (the median of 16, 1 GiB of text), where compressing starts
+to pay below about 0.25 GB/s: there nothing changes (bench/codec_bench.py holds a store back to show the rest).
 """
 
 from __future__ import annotations
@@ -75,9 +84,9 @@ import stat
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import blake3
 import zstandard
@@ -106,6 +115,8 @@ ZSTD_LEVELS = (1, -1, -3, -5)
 SPEED_SAMPLE_BYTES = 2 << 20  # netlist-like text each level compresses once per process to measure its speed
 BANDWIDTH_PROBE_BYTES = 8 << 20  # written and fdatasync'ed once per process and store file system
 COMPRESS_MIN_SAVING = 0.10  # store compressed only when it saves at least 10%
+PACE_WINDOW = 16  # WritePace: the chunk writes whose median pace counts
+PACE_MIN_BYTES = 256 << 10  # ... writes smaller than this are not timed: their fixed costs would pass for a slow store
 CPUS = os.cpu_count() or 2
 # threads per checkpoint: at least 4 so the disk always has writes queued while other chunks are hashed, even on 2 CPUs
 WORKERS = max(4, min(8, CPUS))
@@ -262,6 +273,7 @@ def _text_sample(nbytes: int) -> bytes:
 
 
 _speeds: Dict[int, float] = {}
+_ratios: Dict[int, float] = {}  # zstd level -> compressed/raw size of the same sample (codec_ratios)
 _bandwidths: Dict[int, float] = {}
 _measure_lock = threading.Lock()
 _warm_lock = threading.Lock()
@@ -276,9 +288,17 @@ def codec_speeds() -> Dict[int, float]:
             for level in ZSTD_LEVELS:
                 cctx = zstandard.ZstdCompressor(level=level)
                 t = time.perf_counter()
-                cctx.compress(sample)
+                packed = cctx.compress(sample)
                 _speeds[level] = len(sample) / max(time.perf_counter() - t, 1e-6)
+                _ratios[level] = len(packed) / len(sample)
         return dict(_speeds)
+
+
+def codec_ratios() -> Dict[int, float]:
+    """zstd level -> compressed size / raw size of the netlist-like text codec_speeds times (measured with it)."""
+    codec_speeds()
+    with _measure_lock:
+        return dict(_ratios)
 
 
 def _probe_file(root: str) -> Tuple[int, Optional[str]]:
@@ -364,6 +384,52 @@ def choose_level(bandwidth: Optional[float], speeds: Dict[int, float], slots: in
     return None
 
 
+class WritePace:
+    """Seconds per byte that one chunk worker's writes into the store take in this checkpoint: the median of the
+    last PACE_WINDOW chunk files written (each its write and the start of its writeback). While the file system
+    keeps up, that is the page cache's pace; once the kernel holds writers back (the dirty page limits, a Lustre
+    client's dirty cache, every reclaimed node writing to the same FSx) it is the file system's share, whatever the
+    probe found when the job started. A median, not a mean: a worker that waited for a CPU in the middle of a write
+    (two vCPUs shared with CRIU and the hashing) is one slow write among fast ones, where a file system that holds
+    writers back makes every write slow."""
+
+    def __init__(self, window: int = PACE_WINDOW):
+        self._lock = threading.Lock()
+        self._recent: Deque[float] = deque(maxlen=window)
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        if nbytes < PACE_MIN_BYTES:
+            return
+        with self._lock:
+            self._recent.append(max(seconds, 0.0) / nbytes)
+
+    @property
+    def seconds_per_byte(self) -> Optional[float]:
+        """None until a chunk file was timed."""
+        with self._lock:
+            recent = sorted(self._recent)
+        return recent[len(recent) // 2] if recent else None
+
+
+def paced_level(seconds_per_byte: Optional[float], speeds: Dict[int, float],
+                ratios: Dict[int, float]) -> Optional[int]:
+    """The zstd level that stores a byte soonest at this write pace (the time to compress it on one core plus the
+    time to write what is left of it, at the ratio the level gets on netlist-like text), or None where writing the
+    byte raw is sooner. For a store that no level keeps up with by its probe (choose_level gave None): it still pays
+    to compress once the writes themselves slow down."""
+    if not seconds_per_byte:
+        return None
+    best, best_cost = None, seconds_per_byte  # raw: the write alone
+    for level in ZSTD_LEVELS:
+        speed, ratio = speeds.get(level), ratios.get(level)
+        if not speed or ratio is None:
+            continue
+        cost = 1 / speed + ratio * seconds_per_byte
+        if cost < best_cost:
+            best, best_cost = level, cost
+    return best
+
+
 def chunk_digest(data: bytes, algorithm: str = DEFAULT_DIGEST) -> str:
     """The name of a chunk: the hex digest of its bytes, BLAKE3 unless `algorithm` is SHA256 (the module docstring
     says why); a full all-zero chunk (untouched-but-present memory, sparse files) by a compare instead. blake3
@@ -429,6 +495,8 @@ class ChunkStore:
         self._checked: set = set()  # prefix directories found to be real directories
         self._level: Optional[int] = None  # the zstd level, None for raw (choose_level), once `_measured`
         self._measured = False
+        self.pace = WritePace()  # how fast this store's chunk files are written now (paced_level)
+        self._paced_level: Optional[int] = None  # the last level paced_level chose, to log its changes
 
     def _check_prefix(self, prefix: str) -> None:
         """A chunk prefix directory is read only when it is a directory, not a link (checked once per store)."""
@@ -444,8 +512,8 @@ class ChunkStore:
 
     @property
     def level(self) -> Optional[int]:
-        """The zstd level for this store on this machine, None where chunks are stored raw (choose_level); measured
-        at the first compression."""
+        """The zstd level for this store on this machine, None where chunks are stored raw (choose_level; then
+        paced_level may still compress some); measured at the first compression."""
         if self._level is None and not self._measured:
             with acting_as(self._creds):
                 bandwidth = store_bandwidth(self.root)
@@ -454,33 +522,57 @@ class ChunkStore:
             self._level, self._measured = level, True
         return self._level
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        c = getattr(self._local, "cctx", None)
+    def _compressor(self, level: Optional[int] = None) -> zstandard.ZstdCompressor:
+        """This thread's compressor at `level`, by default the store's (the fastest where it stores raw)."""
+        if level is None:
+            level = ZSTD_LEVELS[-1] if self.level is None else self.level
+        cctxs = getattr(self._local, "cctx", None)
+        if cctxs is None:
+            cctxs = self._local.cctx = {}
+        c = cctxs.get(level)
         if c is None:
-            c = self._local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVELS[-1] if self.level is None
-                                                            else self.level)
+            c = cctxs[level] = zstandard.ZstdCompressor(level=level)
         return c
 
     def _encode(self, data: bytes, wait: bool = True) -> Tuple[bytes, str]:
         """(payload, codec). wait=False: store raw rather than wait for a free CPU (see the module docstring)."""
         if not self.compress or len(data) < 512:
             return data, CODEC_RAW
-        if self.level is None and data != ZERO_CHUNK:  # no level outruns the store here: raw is faster
-            return data, CODEC_RAW
+        level, max_ratio = self.level, 1 - COMPRESS_MIN_SAVING
+        if level is None and data != ZERO_CHUNK:  # no level outran the store's probe: raw, unless writes slowed down
+            spb = self.pace.seconds_per_byte
+            level = self._pace(spb)
+            if level is None:
+                return data, CODEC_RAW
+            # ... and only data that compresses well enough to win: compressing costs 1/speed, saves (1-ratio)*spb
+            max_ratio = min(max_ratio, 1 - 1 / (codec_speeds()[level] * spb))
         if not _compress_slots.acquire(blocking=wait):
             return data, CODEC_RAW
         try:
-            return self._compress(data)
+            return self._compress(data, level, max_ratio)
         finally:
             _compress_slots.release()
 
-    def _compress(self, data: bytes) -> Tuple[bytes, str]:
-        cctx = self._compressor()
+    def _pace(self, seconds_per_byte: Optional[float]) -> Optional[int]:
+        """paced_level for this store's write pace, and a log line when its choice changes."""
+        level = paced_level(seconds_per_byte, codec_speeds(), codec_ratios())
+        if level != self._paced_level:
+            self._paced_level = level
+            log.debug("chunk writes into %s take %.0f MB/s a worker now: %s", self.root,
+                      1e-6 / seconds_per_byte if seconds_per_byte else 0,
+                      "stored raw" if level is None else f"compressed at zstd level {level} where it saves time")
+        return level
+
+    def _compress(self, data: bytes, level: Optional[int] = None,
+                  max_ratio: float = 1 - COMPRESS_MIN_SAVING) -> Tuple[bytes, str]:
+        """`data` compressed at `level` (the store's by default) where that makes it at most `max_ratio` of its size
+        (its probe first: data that does not compress costs one small compression), else raw."""
+        cctx = self._compressor(level)
         sample = probe(data)
-        if len(sample) < len(data) and len(cctx.compress(sample)) > len(sample) * (1 - COMPRESS_MIN_SAVING):
+        if len(sample) < len(data) and len(cctx.compress(sample)) > len(sample) * max_ratio:
             return data, CODEC_RAW
         packed = cctx.compress(data)
-        if len(packed) > len(data) * (1 - COMPRESS_MIN_SAVING):
+        if len(packed) > len(data) * max_ratio:
             return data, CODEC_RAW
         return packed, CODEC_ZSTD
 
@@ -631,8 +723,10 @@ class ChunkStore:
                 # never write through a link planted under the temp name
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
                 try:
+                    started = time.perf_counter()
                     _write_all(fd, payload)
                     start_writeback(fd)
+                    self.pace.record(len(payload), time.perf_counter() - started)
                     os.rename(tmp, final)  # over a rotten chunk, or a link planted in its place, not through it
                     st = os.fstat(fd)  # after the rename, which sets the ctime: any later write changes it again
                 finally:

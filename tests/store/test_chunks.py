@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import blake3
@@ -647,6 +648,90 @@ def test_a_store_that_no_level_keeps_up_with_stores_chunks_raw_but_the_zero_chun
     slow = ChunkStore(str(tmp_path / "d"))
     monkeypatch.setattr(chunkstore, "store_bandwidth", lambda _root: 1e6)  # FSx's share of a reclaimed node, say
     assert slow.put(text_bytes(MIB))[0].codec == CODEC_ZSTD and slow.level in chunkstore.ZSTD_LEVELS
+
+
+SPEEDS = {1: 200e6, -1: 400e6, -3: 600e6, -5: 800e6}  # bytes/s a core, as codec_speeds measures them
+RATIOS = {1: 0.30, -1: 0.40, -3: 0.45, -5: 0.50}  # compressed/raw on netlist-like text, as codec_ratios measures them
+
+
+def test_the_write_pace_is_the_median_of_the_recent_chunk_writes():
+    pace = chunkstore.WritePace(window=4)
+    assert pace.seconds_per_byte is None
+    pace.record(MIB, 0.001)
+    pace.record(4096, 10.0)  # too small to time: its fixed costs would pass for a slow store
+    assert pace.seconds_per_byte == pytest.approx(0.001 / MIB)
+    for seconds in (0.5, 0.001, 0.002):  # one write that waited for a CPU among fast ones
+        pace.record(MIB, seconds)
+    assert pace.seconds_per_byte == pytest.approx(0.002 / MIB)
+    for seconds in (0.04, 0.05, 0.06):  # the file system holds every writer back: the older ones drop out
+        pace.record(MIB, seconds)
+    assert pace.seconds_per_byte == pytest.approx(0.05 / MIB)
+
+
+def test_the_paced_level_is_the_one_that_stores_a_byte_soonest_or_none():
+    assert chunkstore.paced_level(None, SPEEDS, RATIOS) is None  # nothing timed yet
+    assert chunkstore.paced_level(1 / 1e9, SPEEDS, RATIOS) is None  # 1 GB/s: the page cache; raw is sooner
+    # 100 MB/s a worker: -3 takes 1/600e6 + 0.45/100e6 s a byte, less than raw's 1/100e6 and than the other levels
+    assert chunkstore.paced_level(1 / 100e6, SPEEDS, RATIOS) == -3
+    assert chunkstore.paced_level(1 / 10e6, SPEEDS, RATIOS) == 1  # 10 MB/s: the best ratio wins
+    assert chunkstore.paced_level(1 / 10e6, SPEEDS, {}) is None  # no measured ratio: no model, raw
+
+
+@pytest.fixture
+def fast_probe_slow_writes(monkeypatch):
+    """A store whose probe found it faster than every level (choose_level: raw), with the codecs' figures fixed, and
+    a switch that makes each chunk write take 20 ms more (50 MB/s or less for a MiB): FSx at a mass reclaim."""
+    monkeypatch.setattr(chunkstore, "store_bandwidth", lambda _root: 1e12)
+    monkeypatch.setattr(chunkstore, "_speeds", dict(SPEEDS))
+    monkeypatch.setattr(chunkstore, "_ratios", dict(RATIOS))
+    slow = threading.Event()
+    write_all = chunkstore._write_all
+
+    def paced_write(fd, data):
+        write_all(fd, data)
+        if slow.is_set():
+            time.sleep(0.02)
+
+    monkeypatch.setattr(chunkstore, "_write_all", paced_write)
+    return slow
+
+
+def test_a_store_raw_by_its_probe_compresses_once_its_writes_slow_down(tmp_path, fast_probe_slow_writes):
+    chunks = ChunkStore(str(tmp_path / "c"))
+    texts = [text_bytes(MIB, seed=10 + i) for i in range(6)]
+    first, _ = chunks.put(texts[0])
+    assert chunks.level is None and first.codec == CODEC_RAW  # the page cache's pace: raw, as the probe chose
+    fast_probe_slow_writes.set()
+    refs = [chunks.put(t)[0] for t in texts[1:]]
+    # the first slow write is one of two timed: the median is then the slow one, and every later chunk compresses
+    assert [r.codec for r in refs] == [CODEC_RAW] + [CODEC_ZSTD] * 4
+    assert all(os.path.getsize(chunks.path(r)) < MIB * (1 - chunkstore.COMPRESS_MIN_SAVING) for r in refs[1:])
+    assert [chunks.get(r) for r in refs] == texts[1:]
+    random_ref, stats = chunks.put(random_bytes(MIB, seed=5))  # incompressible: its sample says so, raw
+    assert random_ref.codec == CODEC_RAW and stats.bytes_written == MIB
+
+
+def test_a_store_raw_by_its_probe_stays_raw_while_its_writes_keep_up(tmp_path, fast_probe_slow_writes, monkeypatch):
+    monkeypatch.setattr(chunkstore, "_speeds", {level: 1e3 for level in SPEEDS})  # no write is slower than this
+    chunks = ChunkStore(str(tmp_path / "c"))
+    refs = [chunks.put(text_bytes(MIB, seed=20 + i))[0] for i in range(4)]
+    assert chunks.pace.seconds_per_byte is not None
+    assert {r.codec for r in refs} == {CODEC_RAW}
+
+
+def test_a_paced_chunk_is_stored_raw_when_no_compression_slot_is_free(tmp_path, fast_probe_slow_writes):
+    fast_probe_slow_writes.set()
+    chunks = ChunkStore(str(tmp_path / "c"))
+    chunks.put(text_bytes(MIB, seed=30))  # timed: slow
+    held = 0
+    try:
+        while chunkstore._compress_slots.acquire(blocking=False):
+            held += 1
+        assert chunks.put(text_bytes(MIB, seed=31))[0].codec == CODEC_RAW
+    finally:
+        for _ in range(held):
+            chunkstore._compress_slots.release()
+    assert chunks.put(text_bytes(MIB, seed=32))[0].codec == CODEC_ZSTD
 
 
 def test_the_compression_probe_samples_the_whole_chunk():
