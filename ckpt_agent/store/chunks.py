@@ -61,14 +61,15 @@ node (`ckpt run` as root, the node agent's launch and restore), so that they are
 checkpoint: on a node that has just restored a job, that one may be the final checkpoint of a Spot notice, and the
 probe writes to the shared file system every reclaimed node is writing to at that moment.
 
-The probe is taken once, when the job starts; a final checkpoint may meet a different store: FSx shared by every
-node reclaimed at the same moment, or a job bigger than the kernel's dirty page limits. So each store also times
-its own chunk writes (WritePace: the median of the last 16), and where the probe chose raw, a chunk is compressed
-once the writes have slowed down enough that compressing it on a free slot and writing the rest is sooner than
-writing it raw (paced_level, from the levels' speeds and ratios on netlist-like text; the chunk's own sample must
-then compress well enough that this still holds for it). Writes into the page cache went at 0.77-1.9 GB/s a worker
-on the 2-vCPU dev VM during a full streamed checkpoint (the median of 16, 1 GiB of text), where compressing starts
-to pay below about 0.25 GB/s: there nothing changes (bench/codec_bench.py holds a store back to show the rest).
+The probe is taken once per process, when the job starts; a final checkpoint may meet a different store: FSx shared
+by every node reclaimed at the same moment, or a job bigger than the kernel's dirty page limits. So each store also
+times its own chunk writes (WritePace: the median of the last 16), and where the probe chose raw, a chunk is
+compressed once the writes have slowed down enough that compressing it on a free slot and writing the rest is sooner
+than writing it raw (paced_level, from the levels' speeds and ratios on netlist-like text; the chunk's own sample
+must then compress well enough that this still holds for it). Writes into the page cache went at 0.77-1.9 GB/s a
+worker on the 2-vCPU dev VM during a full streamed checkpoint (the median of 16, 1 GiB of text), where compressing
+starts to pay below about 0.25 GB/s: there nothing changes (bench/codec_bench.py holds a store back to show the
+rest).
 """
 
 from __future__ import annotations
