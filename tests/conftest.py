@@ -46,7 +46,6 @@ import uuid
 from typing import Dict, Set
 
 import pytest
-from ckpt_helpers import backstop
 
 from ckpt_agent.adapters.imds import ImdsClient
 from ckpt_agent.store import chunks as chunkstore
@@ -96,6 +95,10 @@ _etc_key = pytest.StashKey()
 
 
 def pytest_configure(config):
+    # imported here: tests/ckpt_dev/test_session_check.py loads this module from a session of its own, where the
+    # suite's helpers are not importable (it takes only the session hooks)
+    from ckpt_helpers import backstop
+
     backstop(1)  # a malformed CKPT_TEST_BACKSTOP_SCALE stops the run before any test, in one line
 
 
