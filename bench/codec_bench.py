@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--mib", type=int, default=256, help="MiB stored per run (default 256)")
     p.add_argument("--rates", default="100,400,1000,0", help="MB/s the store takes in all; 0: not held back")
     p.add_argument("--kinds", default="text,random")
-    p.add_argument("--repeat", type=int, default=3, metavar="N", help="alternating pairs of runs (default 3)")
+    p.add_argument("--repeat", type=int, default=3, metavar="N", help="rounds of off, on, on, off (default 3)")
     p.add_argument("--dir", default="/var/tmp/ckpt-bench", help="working directory on the disk under test")
     args = p.parse_args(argv)
     try:
