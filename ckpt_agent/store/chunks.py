@@ -498,6 +498,8 @@ class ChunkStore:
         self._measured = False
         self.pace = WritePace()  # how fast this store's chunk files are written now (paced_level)
         self._paced_level: Optional[int] = None  # the last level paced_level chose, to log its changes
+        self._speeds: Dict[int, float] = {}  # codec_speeds and codec_ratios, taken with the level (they never change)
+        self._ratios: Dict[int, float] = {}
 
     def _check_prefix(self, prefix: str) -> None:
         """A chunk prefix directory is read only when it is a directory, not a link (checked once per store)."""
@@ -518,7 +520,8 @@ class ChunkStore:
         if self._level is None and not self._measured:
             with acting_as(self._creds):
                 bandwidth = store_bandwidth(self.root)
-            level = choose_level(bandwidth, codec_speeds())
+            self._speeds, self._ratios = codec_speeds(), codec_ratios()
+            level = choose_level(bandwidth, self._speeds)
             log.debug("zstd level %s for %s", level, self.root)
             self._level, self._measured = level, True
         return self._level
@@ -546,7 +549,7 @@ class ChunkStore:
             if level is None:
                 return data, CODEC_RAW
             # ... and only data that compresses well enough to win: compressing costs 1/speed, saves (1-ratio)*spb
-            max_ratio = min(max_ratio, 1 - 1 / (codec_speeds()[level] * spb))
+            max_ratio = min(max_ratio, 1 - 1 / (self._speeds[level] * spb))
         if not _compress_slots.acquire(blocking=wait):
             return data, CODEC_RAW
         try:
@@ -556,7 +559,7 @@ class ChunkStore:
 
     def _pace(self, seconds_per_byte: Optional[float]) -> Optional[int]:
         """paced_level for this store's write pace, and a log line when its choice changes."""
-        level = paced_level(seconds_per_byte, codec_speeds(), codec_ratios())
+        level = paced_level(seconds_per_byte, self._speeds, self._ratios)
         if level != self._paced_level:
             self._paced_level = level
             log.debug("chunk writes into %s take %.0f MB/s a worker now: %s", self.root,

@@ -107,17 +107,17 @@ def test_spot_notice_moves_an_ngspice_job_to_another_node(cluster, agents, slurm
     ref_out = subprocess.run(["ngspice", "-b", "ringosc.cir"], cwd=ref, capture_output=True, check=True,
                              timeout=expected * 10 + 60).stdout
     full = time.monotonic() - t0
-    backstop = max(60.0, full)  # for Slurm's and the agent's steps: a minute here, more where everything is slow
+    step_net = max(60.0, full)  # for Slurm's and the agent's steps: a minute here, more where everything is slow
 
     work = user_workdir(cluster, user, f"sim-{submitter}")
     (work / "ringosc.cir").write_text(netlist)
     shutil.chown(work / "ringosc.cir", user, user)
     job = cluster.sbatch(job_script(agents.bin_dir, work, "ngspice -b ringosc.cir", interval=max(1.0, full / 5)),
                          user=user, cwd=str(work))
-    info = cluster.wait_job(job, "RUNNING", timeout=backstop)
+    info = cluster.wait_job(job, "RUNNING", timeout=step_net)
     assert info.nodes == "node1"
     reg = Path(cluster.runtime_dir("node1")) / "jobs" / f"{job}.main.json"
-    wait_for(reg.exists, backstop, "the wrapper to register on node1")
+    wait_for(reg.exists, step_net, "the wrapper to register on node1")
     # or the tool ended first (it failed, or outran the interval): then say so at once, with its stderr
     wait_for(lambda: committed(cluster.store, job, final=False) or ended(cluster.store, job),
              full * 3 + 60, "a periodic checkpoint on node1")
@@ -126,7 +126,7 @@ def test_spot_notice_moves_an_ngspice_job_to_another_node(cluster, agents, slurm
     assert cluster.job_info(job).state == "RUNNING"
 
     agents.imds["node1"].inject_spot_notice("terminate", seconds_from_now=120)
-    cluster.wait_node("node1", "DRAIN", timeout=backstop)
+    cluster.wait_node("node1", "DRAIN", timeout=step_net)
     # the rest of the run, a final checkpoint and a restore: generous, as these weigh more where the transient was cut
     done = cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=int(full * 5) + 60)
     assert done.state == "COMPLETED", (done, (work / "job.err").read_text(), agents.log_tail("node1"))
