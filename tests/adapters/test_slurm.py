@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from datetime import datetime
 
 import pytest
+from ckpt_helpers import wait_for
 
 from ckpt_agent.adapters.slurm import JobNotFound, Slurm, job_info_from_record, parse_record
 from ckpt_agent.errors import CommandError, SlurmError
@@ -215,13 +215,6 @@ sleep 300
 """
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def read(path):
     try:
         with open(path, encoding="utf-8") as fh:
@@ -315,9 +308,8 @@ def test_job_states_from_accounting_once_slurmctld_forgot(cluster, slurm_user):
         return proc.run(argv, **kwargs)
 
     slurm = Slurm(run=forgetful_run, env={"SLURM_CONF": cluster.conf_path})
-    deadline = time.monotonic() + 15  # slurmctld sends the job's end to slurmdbd asynchronously
-    while slurm.job_states([done])[done] != "COMPLETED" and time.monotonic() < deadline:
-        time.sleep(0.3)
+    # slurmctld sends the job's end to slurmdbd asynchronously
+    wait_for(lambda: slurm.job_states([done])[done] == "COMPLETED", 15, "sacct to report the job COMPLETED")
     unknown = str(int(done) + 100000)
     assert slurm.job_states([done, unknown]) == {done: "COMPLETED", unknown: "UNKNOWN"}
 
