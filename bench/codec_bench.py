@@ -53,10 +53,9 @@ class HeldStore:
         self.rate = rate
         self._lock = threading.Lock()
         self._free_at = 0.0
-        self._write_all = chunkstore._write_all
 
     def write_all(self, fd: int, data) -> None:
-        self._write_all(fd, data)
+        chunkstore.write_all(fd, data)
         if not self.rate:
             return
         with self._lock:
@@ -74,13 +73,13 @@ def blocks_of(kind: str, mib: int):
     return [pool[o:o + MIB] for o in (rng.randrange(len(pool) - MIB) for _ in range(mib))]
 
 
-def store_once(base: str, blocks, paced: bool) -> tuple:
+def store_once(base: str, blocks, paced: bool, held: HeldStore) -> tuple:
     root = tempfile.mkdtemp(prefix="codec.", dir=base)
     real_paced_level = chunkstore.paced_level
     if not paced:
         chunkstore.paced_level = lambda *_args: None
     try:
-        store = chunkstore.ChunkStore(root, "zstd")
+        store = chunkstore.ChunkStore(root, "zstd", writer=held.write_all)
         t = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(chunkstore.WORKERS) as pool:
             results = list(pool.map(store.put, blocks))
@@ -121,13 +120,9 @@ def main(argv=None) -> int:
             blocks = blocks_of(kind, args.mib)
             for rate in rates:
                 held = HeldStore(rate * 1e6)
-                chunkstore._write_all = held.write_all
-                try:
-                    runs = {"off": [], "on": []}
-                    for mode in ORDER * (max(1, args.repeat) * (1 if rate else UNHELD_ROUNDS)):
-                        runs[mode].append(store_once(base, blocks, paced=mode == "on"))
-                finally:
-                    chunkstore._write_all = held._write_all
+                runs = {"off": [], "on": []}
+                for mode in ORDER * (max(1, args.repeat) * (1 if rate else UNHELD_ROUNDS)):
+                    runs[mode].append(store_once(base, blocks, paced=mode == "on", held=held))
                 med = {m: (statistics.median(r[0] for r in runs[m]), statistics.median(r[1] for r in runs[m]),
                            statistics.median(r[2] for r in runs[m])) for m in runs}
                 time_ratio = med["on"][0] / med["off"][0]

@@ -677,31 +677,38 @@ def test_the_paced_level_is_the_one_that_stores_a_byte_soonest_or_none():
     assert chunkstore.paced_level(1 / 10e6, SPEEDS, {}) is None  # no measured ratio: no model, raw
 
 
+class SlowWrites:
+    """A store's writer (ChunkStore's `writer`) with a switch that makes each chunk write take 20 ms more (50 MB/s
+    or less for a MiB): FSx at a mass reclaim. `store(root)` is a ChunkStore writing through it."""
+
+    def __init__(self):
+        self.slow = threading.Event()
+
+    def write(self, fd, data):
+        chunkstore.write_all(fd, data)
+        if self.slow.is_set():
+            time.sleep(0.02)
+
+    def store(self, root):
+        return ChunkStore(str(root), writer=self.write)
+
+
 @pytest.fixture
 def fast_probe_slow_writes(monkeypatch):
-    """A store whose probe found it faster than every level (choose_level: raw), with the codecs' figures fixed, and
-    a switch that makes each chunk write take 20 ms more (50 MB/s or less for a MiB): FSx at a mass reclaim."""
+    """A store whose probe found it faster than every level (choose_level: raw), with the codecs' figures fixed,
+    written through SlowWrites."""
     monkeypatch.setattr(chunkstore, "store_bandwidth", lambda _root: 1e12)
     monkeypatch.setattr(chunkstore, "_speeds", dict(SPEEDS))
     monkeypatch.setattr(chunkstore, "_ratios", dict(RATIOS))
-    slow = threading.Event()
-    write_all = chunkstore._write_all
-
-    def paced_write(fd, data):
-        write_all(fd, data)
-        if slow.is_set():
-            time.sleep(0.02)
-
-    monkeypatch.setattr(chunkstore, "_write_all", paced_write)
-    return slow
+    return SlowWrites()
 
 
 def test_a_store_raw_by_its_probe_compresses_once_its_writes_slow_down(tmp_path, fast_probe_slow_writes):
-    chunks = ChunkStore(str(tmp_path / "c"))
+    chunks = fast_probe_slow_writes.store(tmp_path / "c")
     texts = [text_bytes(MIB, seed=10 + i) for i in range(6)]
     first, _ = chunks.put(texts[0])
     assert chunks.level is None and first.codec == CODEC_RAW  # the page cache's pace: raw, as the probe chose
-    fast_probe_slow_writes.set()
+    fast_probe_slow_writes.slow.set()
     refs = [chunks.put(t)[0] for t in texts[1:]]
     # the first slow write is one of two timed: the median is then the slow one, and every later chunk compresses
     assert [r.codec for r in refs] == [CODEC_RAW] + [CODEC_ZSTD] * 4
@@ -713,15 +720,15 @@ def test_a_store_raw_by_its_probe_compresses_once_its_writes_slow_down(tmp_path,
 
 def test_a_store_raw_by_its_probe_stays_raw_while_its_writes_keep_up(tmp_path, fast_probe_slow_writes, monkeypatch):
     monkeypatch.setattr(chunkstore, "_speeds", {level: 1e3 for level in SPEEDS})  # no write is slower than this
-    chunks = ChunkStore(str(tmp_path / "c"))
+    chunks = fast_probe_slow_writes.store(tmp_path / "c")
     refs = [chunks.put(text_bytes(MIB, seed=20 + i))[0] for i in range(4)]
     assert chunks.pace.seconds_per_byte is not None
     assert {r.codec for r in refs} == {CODEC_RAW}
 
 
 def test_a_paced_chunk_is_stored_raw_when_no_compression_slot_is_free(tmp_path, fast_probe_slow_writes):
-    fast_probe_slow_writes.set()
-    chunks = ChunkStore(str(tmp_path / "c"))
+    fast_probe_slow_writes.slow.set()
+    chunks = fast_probe_slow_writes.store(tmp_path / "c")
     chunks.put(text_bytes(MIB, seed=30))  # timed: slow
     held = 0
     try:
