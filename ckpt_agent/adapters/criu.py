@@ -350,16 +350,23 @@ def _protobuf_fields(msg: bytes) -> Iterator[Tuple[int, Union[int, bytes, None]]
         yield key >> 3, value
 
 
+def _head_entry(image: bytes, magic: int, kind: str, entry: str = "entry") -> Tuple[bytes, int]:
+    """(the first entry's message, the offset after it) of a CRIU image: its magic (after the 4-byte image set magic),
+    then length-prefixed protobuf messages. ValueError naming `kind` when the magic is not `magic` or the image ends
+    inside that first entry (`entry`: what the first message is, for the message)."""
+    if len(image) < 12 or struct.unpack_from("<I", image, 4)[0] != magic:
+        raise ValueError(f"not {kind}")
+    (size,) = struct.unpack_from("<I", image, 8)
+    if 12 + size > len(image):
+        raise ValueError(f"{kind} ends inside its {entry}")
+    return image[12:12 + size], 12 + size
+
+
 def core_task_state(image: bytes) -> Optional[int]:
     """task_core_entry.task_state of a core-N.img (CRIU writes it for each process; a thread's core has none:
     None). ValueError for anything that is not a core image."""
-    if len(image) < 12 or struct.unpack_from("<I", image, 4)[0] != _CORE_MAGIC:
-        raise ValueError("not a core image")
-    size = struct.unpack_from("<I", image, 8)[0]
-    if 12 + size > len(image):
-        raise ValueError("core image ends inside its entry")
     tc = None
-    for field, value in _protobuf_fields(image[12:12 + size]):
+    for field, value in _protobuf_fields(_head_entry(image, _CORE_MAGIC, "a core image")[0]):
         if field == 3 and isinstance(value, bytes):  # core_entry.tc
             tc = value
     if tc is None:
@@ -557,12 +564,7 @@ def pagemap_entries(buf: bytes) -> Tuple[int, List[Tuple[int, int, bool]]]:
 def pagemap_pages_id(buf: bytes) -> int:
     """Which pages-<id>.img a pagemap image's data is in (its head only). ValueError when it is not a pagemap
     image."""
-    if len(buf) < 12 or struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
-        raise ValueError("not a pagemap image")
-    (size,) = struct.unpack_from("<I", buf, 8)
-    if 12 + size > len(buf):
-        raise ValueError("pagemap image ends inside its head")
-    return _fields(buf[12:12 + size]).get(1, 0)
+    return _fields(_head_entry(buf, _PAGEMAP_MAGIC, "a pagemap image", "head")[0]).get(1, 0)
 
 
 def pagemap_without_parents(buf: bytes) -> bytes:
@@ -670,13 +672,8 @@ def anon_private_vmas(image: bytes) -> List[Tuple[int, int]]:
     pagemap does not list. A file-backed private mapping would show the file instead, so it is never one of them;
     neither are huge page mappings, shadow stacks, AIO rings, SysV and other special ones. ValueError when `image` is
     not a whole mm image."""
-    if len(image) < 12 or struct.unpack_from("<I", image, 4)[0] != _MM_MAGIC:
-        raise ValueError("not an mm image")
-    (size,) = struct.unpack_from("<I", image, 8)
-    if 12 + size > len(image):
-        raise ValueError("mm image ends inside its entry")
     out = []
-    for field, value in _protobuf_fields(image[12:12 + size]):
+    for field, value in _protobuf_fields(_head_entry(image, _MM_MAGIC, "an mm image")[0]):
         if field != 14 or not isinstance(value, bytes):  # mm_entry.vmas
             continue
         vma = {k: v for k, v in _protobuf_fields(value) if isinstance(v, int)}
@@ -690,12 +687,7 @@ def anon_private_vmas(image: bytes) -> List[Tuple[int, int]]:
 def pagemap_present_entries(buf: bytes) -> Tuple[bytes, List[Tuple[int, int, int]]]:
     """(the image's magic and head, [(vaddr, nr_pages, flags)]) of a pagemap image whose entries all hold pages of its
     pages image (PE_PRESENT, as a restore's images have them: no PE_PARENT holes). ValueError otherwise."""
-    if len(buf) < 12 or struct.unpack_from("<I", buf, 4)[0] != _PAGEMAP_MAGIC:
-        raise ValueError("not a pagemap image")
-    (size,) = struct.unpack_from("<I", buf, 8)
-    pos = 12 + size
-    if pos > len(buf):
-        raise ValueError("pagemap image ends inside its head")
+    pos = _head_entry(buf, _PAGEMAP_MAGIC, "a pagemap image", "head")[1]
     head, entries = bytes(buf[:pos]), []
     while pos + 4 <= len(buf):
         (size,) = struct.unpack_from("<I", buf, pos)

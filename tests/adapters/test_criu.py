@@ -472,6 +472,24 @@ def test_a_pagemap_read_as_it_arrives_equals_the_whole_image():
         criu_mod.pagemap_pages_id(blob[:10])
 
 
+@pytest.mark.parametrize("read, magic, kind", [
+    (criu_mod.core_task_state, criu_mod._CORE_MAGIC, "core image"),
+    (criu_mod.anon_private_vmas, criu_mod._MM_MAGIC, "mm image"),
+    (criu_mod.pagemap_pages_id, criu_mod._PAGEMAP_MAGIC, "pagemap image"),
+    (criu_mod.pagemap_present_entries, criu_mod._PAGEMAP_MAGIC, "pagemap image"),
+])
+def test_an_image_of_another_kind_or_cut_inside_its_first_entry_is_refused_by_name(read, magic, kind):
+    head = b"\0" * 4 + magic.to_bytes(4, "little")
+    entry = b"\x08\x07"  # field 1 = 7: a short first message, whole
+    read(head + len(entry).to_bytes(4, "little") + entry)  # whole: read without complaint
+    with pytest.raises(ValueError, match=f"^not an? {kind}$"):
+        read(b"\0" * 4 + (magic ^ 1).to_bytes(4, "little") + len(entry).to_bytes(4, "little") + entry)
+    with pytest.raises(ValueError, match=f"^not an? {kind}$"):
+        read(head[:7])
+    with pytest.raises(ValueError, match=f"^an? {kind} ends inside its (entry|head)$"):
+        read(head + (len(entry) + 1).to_bytes(4, "little") + entry)
+
+
 def test_a_pagemap_reads_alike_whatever_the_sizes_of_its_vaddrs_and_page_counts():
     """The reader decodes CRIU 4.x's usual entry (a vaddr of 7 varint bytes, nr_pages in 1 or 2) from three words
     and every other entry field by field: vaddrs at the edges of each varint size, page counts of 1 to 3 bytes, the
